@@ -1,0 +1,39 @@
+# The two commands a new user needs: `make demo` (set up + main job) and `make test` (set up + tests).
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := g++-aarch64-linux-gnu gcc-aarch64-linux-gnu qemu-user espeak-ng flite sox
+PYTEST_ARGS ?=
+
+.PHONY: setup apt venv demo test test-slow clean
+
+setup: apt venv
+
+# Debian packages: the aarch64 cross compiler and qemu for the Raspberry Pi targets, TTS engines for speech data.
+apt:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing apt packages:$$missing"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+venv: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/nativeq demo
+
+test: setup
+	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
+
+test-slow: setup
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info demo-out
