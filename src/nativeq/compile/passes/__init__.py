@@ -1,0 +1,1 @@
+"""Relax passes of nativeq's compile pipeline, one pass per file."""
