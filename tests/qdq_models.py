@@ -129,3 +129,189 @@ def qdq_conv2d(c_in: int = 8, c_out: int = 16, kernel: int = 3, h: int = 20, w: 
     ho = (h + 2 - kernel) // stride + 1
     wo = (w + 2 - kernel) // stride + 1
     return _model(nodes, inits, [1, c_in, h, w], [1, c_out, ho, wo], "qdq_conv2d")
+
+
+# ---------------------------------------------------------------------------------------------
+# The model zoo: standard ONNX integer ops, 4-bit and blocked weights, Gemm, and an ORT-quantized
+# transformer encoder. Builders below take quantized tensors from a QuantizeLinear of the float
+# input `x` and end in a DequantizeLinear (float `y`), unless the op's output is int32 (`y` int32).
+
+
+def _finish(nodes, inits, inputs, outputs, name: str, opset: int = OPSET) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, name, inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="nativeq-tests")
+    model.ir_version = 10
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _quantize_input(nodes, inits, scale: float, act_dtype: str) -> tuple[str, str, str]:
+    """x -> QuantizeLinear; returns (quantized name, scale name, zero-point name)."""
+    _, npdt, zp = _act_qtype(act_dtype)
+    inits.append(numpy_helper.from_array(np.array(scale, np.float32), "x_scale"))
+    inits.append(numpy_helper.from_array(np.array(zp, npdt), "x_zp"))
+    nodes.append(helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zp"], ["x_q"], name="x_Q"))
+    return "x_q", "x_scale", "x_zp"
+
+
+def _int8_weight(rng, shape, axis: int, per_channel: bool, inits, name: str, zero_point: bool = False):
+    """Random int8 weight with per-channel (along `axis`) or per-tensor scale; adds initializers, returns names."""
+    wq = rng.integers(-127, 128, shape).astype(np.int8)
+    n = shape[axis]
+    scale = rng.uniform(0.002, 0.02, n).astype(np.float32) if per_channel else np.array(0.01, np.float32)
+    zp = (rng.integers(-3, 4, n) if per_channel else np.array(rng.integers(-3, 4))).astype(np.int8) if zero_point else \
+        np.zeros(scale.shape, np.int8)
+    inits += [numpy_helper.from_array(wq, f"{name}_wq"), numpy_helper.from_array(scale, f"{name}_wscale"),
+              numpy_helper.from_array(zp, f"{name}_wzp")]
+    return f"{name}_wq", f"{name}_wscale", f"{name}_wzp"
+
+
+def qlinear_matmul(k: int = 64, n: int = 48, t="T", act_dtype: str = "uint8", per_channel: bool = True,
+                   seed: int = 0) -> onnx.ModelProto:
+    """x[t, k] -> QuantizeLinear -> QLinearMatMul(W[k, n] int8) -> DequantizeLinear -> y[t, n]."""
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+    xq, xs, xzp = _quantize_input(nodes, inits, 0.05, act_dtype)
+    wq, ws, wzp = _int8_weight(rng, (k, n), 1, per_channel, inits, "fc")
+    _, npdt, zp = _act_qtype(act_dtype)
+    inits += [numpy_helper.from_array(np.array(0.25, np.float32), "y_scale"), numpy_helper.from_array(np.array(zp, npdt), "y_zp")]
+    nodes.append(helper.make_node("QLinearMatMul", [xq, xs, xzp, wq, ws, wzp, "y_scale", "y_zp"], ["y_q"], name="fc_QLinearMatMul"))
+    nodes.append(helper.make_node("DequantizeLinear", ["y_q", "y_scale", "y_zp"], ["y"], name="y_DQ"))
+    qt = _act_qtype(act_dtype)[0]
+    del qt
+    return _finish(nodes, inits, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [t, k])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [t, n])], "qlinear_matmul")
+
+
+def qlinear_conv(c_in: int = 16, c_out: int = 24, kernel=(3,), spatial=("T",), act_dtype: str = "uint8", groups: int = 1,
+                 stride: int = 1, bias: bool = True, per_channel: bool = True, seed: int = 0) -> onnx.ModelProto:
+    """x[1, c_in, *spatial] -> QuantizeLinear -> QLinearConv(int8 W, int32 bias) -> DequantizeLinear -> y.
+
+    One kernel entry gives a 1-D conv, two a 2-D conv; groups=c_in=c_out gives a depthwise conv.
+    """
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+    xq, xs, xzp = _quantize_input(nodes, inits, 0.05, act_dtype)
+    wq, ws, wzp = _int8_weight(rng, (c_out, c_in // groups, *kernel), 0, per_channel, inits, "conv")
+    _, npdt, zp = _act_qtype(act_dtype)
+    inits += [numpy_helper.from_array(np.array(0.1, np.float32), "y_scale"), numpy_helper.from_array(np.array(zp, npdt), "y_zp")]
+    inputs = [xq, xs, xzp, wq, ws, wzp, "y_scale", "y_zp"]
+    if bias:
+        inits.append(numpy_helper.from_array(rng.integers(-2000, 2000, c_out).astype(np.int32), "conv_bias"))
+        inputs.append("conv_bias")
+    pads = [k // 2 for k in kernel] * 2
+    nodes.append(helper.make_node("QLinearConv", inputs, ["y_q"], name="conv_QLinearConv", kernel_shape=list(kernel),
+                                  pads=pads, strides=[stride] * len(kernel), group=groups))
+    nodes.append(helper.make_node("DequantizeLinear", ["y_q", "y_scale", "y_zp"], ["y"], name="y_DQ"))
+    out_spatial = [s if (isinstance(s, str) and stride == 1) else (f"{s}_out" if isinstance(s, str) else
+                   (s + 2 * (k // 2) - k) // stride + 1) for s, k in zip(spatial, kernel)]
+    return _finish(nodes, inits, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c_in, *spatial])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c_out, *out_spatial])], "qlinear_conv")
+
+
+def matmul_integer(k: int = 4096, n: int = 32, t="T", act_dtype: str = "uint8", per_channel_zp: bool = True,
+                   seed: int = 0) -> onnx.ModelProto:
+    """x[t, k] -> QuantizeLinear -> MatMulInteger(W[k, n] int8, zero points) -> y[t, n] int32.
+
+    The default K=4096 makes |sum| reach ~1e8 > 2**24, so float32 accumulation would not be exact.
+    """
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+    xq, _, xzp = _quantize_input(nodes, inits, 0.01, act_dtype)
+    wq, _, wzp = _int8_weight(rng, (k, n), 1, per_channel_zp, inits, "fc", zero_point=True)
+    nodes.append(helper.make_node("MatMulInteger", [xq, wq, xzp, wzp], ["y"], name="fc_MatMulInteger"))
+    inits[:] = [i for i in inits if i.name != "fc_wscale"]
+    return _finish(nodes, inits, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [t, k])],
+                   [helper.make_tensor_value_info("y", TensorProto.INT32, [t, n])], "matmul_integer")
+
+
+def conv_integer(c_in: int = 64, c_out: int = 32, kernel=(3,), spatial=("T",), act_dtype: str = "uint8",
+                 groups: int = 1, seed: int = 0) -> onnx.ModelProto:
+    """x[1, c_in, *spatial] -> QuantizeLinear -> ConvInteger(int8 W, zero points) -> y int32.
+
+    Full-range weights: C_in * prod(kernel) * 255 * 127 exceeds 2**24 for the defaults, so an exact
+    rewrite has to split the accumulation.
+    """
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+    xq, _, xzp = _quantize_input(nodes, inits, 0.01, act_dtype)
+    wq = rng.choice(np.array([-127, 127], np.int8), (c_out, c_in // groups, *kernel))
+    inits += [numpy_helper.from_array(wq, "conv_wq"), numpy_helper.from_array(np.array(1, np.int8), "conv_wzp")]
+    pads = [k // 2 for k in kernel] * 2
+    nodes.append(helper.make_node("ConvInteger", [xq, "conv_wq", xzp, "conv_wzp"], ["y"], name="conv_ConvInteger",
+                                  kernel_shape=list(kernel), pads=pads, group=groups))
+    return _finish(nodes, inits, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c_in, *spatial])],
+                   [helper.make_tensor_value_info("y", TensorProto.INT32, [1, c_out, *spatial])], "conv_integer")
+
+
+def dynamic_quantize_matmul(k: int = 256, n: int = 64, t="T", seed: int = 0) -> onnx.ModelProto:
+    """The ORT dynamic-quantization pattern: DynamicQuantizeLinear(x) -> MatMulInteger -> Cast -> Mul(scales) -> y."""
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+    wq, ws, _ = _int8_weight(rng, (k, n), 1, True, inits, "fc")
+    inits[:] = [i for i in inits if i.name != "fc_wzp"]
+    nodes += [
+        helper.make_node("DynamicQuantizeLinear", ["x"], ["x_q", "x_scale", "x_zp"], name="x_DynamicQuantizeLinear"),
+        helper.make_node("MatMulInteger", ["x_q", wq, "x_zp"], ["acc"], name="fc_MatMulInteger"),
+        helper.make_node("Cast", ["acc"], ["acc_f"], name="fc_Cast", to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["x_scale", ws], ["out_scale"], name="fc_scale_Mul"),
+        helper.make_node("Mul", ["acc_f", "out_scale"], ["y"], name="fc_Mul"),
+    ]
+    return _finish(nodes, inits, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [t, k])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [t, n])], "dynamic_quantize_matmul")
+
+
+def int4_matmul(k: int = 64, n: int = 48, t="T", act_dtype: str = "int8", per_channel: bool = True, signed: bool = True,
+                block_size: int = 0, seed: int = 0) -> onnx.ModelProto:
+    """QDQ MatMul whose weight is an INT4 (or UINT4) initializer behind DequantizeLinear (opset 21).
+
+    per_channel: scales along N; block_size > 0: blocked quantization along K (axis 0) instead.
+    """
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+    xa = _q_dq(nodes, inits, "x", "x", 0.05, act_dtype)
+    lo, hi, dtype = (-8, 7, TensorProto.INT4) if signed else (0, 15, TensorProto.UINT4)
+    wq = rng.integers(lo, hi + 1, (k, n))
+    if block_size:
+        scale = rng.uniform(0.01, 0.05, (-(-k // block_size), n)).astype(np.float32)
+        zp = rng.integers(lo, hi + 1, scale.shape) if not signed else np.zeros(scale.shape, np.int64)
+        attrs = {"axis": 0, "block_size": block_size}
+    elif per_channel:
+        scale = rng.uniform(0.01, 0.05, n).astype(np.float32)
+        zp = rng.integers(lo, hi + 1, n) if not signed else np.zeros(n, np.int64)
+        attrs = {"axis": 1}
+    else:
+        scale = np.array(0.03, np.float32)
+        zp = np.array(8 if not signed else 0)
+        attrs = {}
+    inits.append(helper.make_tensor("fc_wq", dtype, list(wq.shape), wq.flatten().tolist()))
+    inits.append(numpy_helper.from_array(scale, "fc_wscale"))
+    inits.append(helper.make_tensor("fc_wzp", dtype, list(zp.shape), np.asarray(zp).flatten().tolist()))
+    nodes.append(helper.make_node("DequantizeLinear", ["fc_wq", "fc_wscale", "fc_wzp"], ["fc_w"], name="fc_wDQ", **attrs))
+    nodes.append(helper.make_node("MatMul", [xa, "fc_w"], ["mm"], name="fc_MatMul"))
+    yq = _q_dq(nodes, inits, "y", "mm", 0.1, act_dtype)
+    nodes.append(helper.make_node("Identity", [yq], ["y"], name="out"))
+    return _finish(nodes, inits, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, t, k])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, t, n])], "int4_matmul")
+
+
+def qdq_gemm(k: int = 64, n: int = 48, m: int = 8, act_dtype: str = "uint8", per_channel: bool = True,
+             seed: int = 0) -> onnx.ModelProto:
+    """x[m, k] -> Q/DQ -> Gemm(DQ(W[n, k]), bias, transB=1) -> Q/DQ -> y[m, n] (the torch Linear export form)."""
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+    xa = _q_dq(nodes, inits, "x", "x", 0.05, act_dtype)
+    w = _weight_dq(nodes, inits, "fc", rng.normal(0, 0.2, (n, k)).astype(np.float32), axis=0, per_channel=per_channel)
+    inits.append(numpy_helper.from_array(rng.normal(0, 0.1, n).astype(np.float32), "fc_b"))
+    nodes.append(helper.make_node("Gemm", [xa, w, "fc_b"], ["mm"], name="fc_Gemm", transB=1))
+    yq = _q_dq(nodes, inits, "y", "mm", 0.1, act_dtype)
+    nodes.append(helper.make_node("Identity", [yq], ["y"], name="out"))
+    return _model(nodes, inits, [m, k], [m, n], "qdq_gemm")
+
+
+def unsupported_op_model() -> onnx.ModelProto:
+    """A valid model with an op TVM's ONNX importer has no converter for (ReverseSequence)."""
+    nodes = [helper.make_node("ReverseSequence", ["x", "lens"], ["y"], name="rev", batch_axis=1, time_axis=0)]
+    inits = [numpy_helper.from_array(np.array([4, 3], np.int64), "lens")]
+    return _finish(nodes, inits, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 2, 8])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 2, 8])], "unsupported")

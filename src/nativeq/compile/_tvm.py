@@ -15,3 +15,17 @@ try:
     from tvm.s_tir import meta_schedule  # noqa: F401
 except ImportError:  # pragma: no cover
     meta_schedule = None
+
+# Scheduling (TensorIR) names used by nativeq.compile.schedules.
+from tvm import s_tir, te, tirx  # noqa: F401,E402
+from tvm.s_tir import Schedule, TensorIntrin  # noqa: F401,E402
+from tvm.s_tir.dlight import ApplyDefaultSchedule  # noqa: F401,E402
+from tvm.s_tir.dlight.cpu import Reduction as DlightCpuReduction  # noqa: F401,E402
+from tvm.script import tirx as T  # noqa: F401,E402
+
+
+def onnx_convert_map() -> dict:
+    """The ONNX importer's op -> converter table (private in TVM 0.27; read-only use)."""
+    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+
+    return _get_convert_map()

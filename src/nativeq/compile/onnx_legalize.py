@@ -1,0 +1,444 @@
+"""ONNX front-end legalization: the first stage of `compile/`, before `from_onnx`.
+
+TVM 0.27's ONNX importer has no converter for some standard integer ops and fails on some
+QDQ encodings users bring. `legalize(model)` rewrites those into equivalent standard ONNX
+that the importer (and ONNX Runtime) accept, so the legalized model is still a model a
+user could run anywhere:
+
+- INT4/UINT4 initializers -> INT8/UINT8 holding the same values (the importer fails with
+  `TensorCopyFromBytes: size mismatch`); a QuantizeLinear producing INT4 becomes an 8-bit
+  QuantizeLinear followed by a Clip to the 4-bit range.
+- blocked DequantizeLinear (`block_size`) of constants -> a float initializer, folded here
+  exactly as ONNX Runtime computes it, `(x - zero_point) * scale` in float32.
+- QLinearMatMul / QLinearConv -> the QDQ form DequantizeLinear -> MatMul/Conv ->
+  QuantizeLinear, the form the int8 lowering pass recognizes. The integer bias of
+  QLinearConv becomes an int32 DequantizeLinear with scale `x_scale * w_scale`. Results
+  may differ from ORT's integer kernels by one quantization step on rounding ties.
+- ConvInteger -> DequantizeLinear(scale 1) -> float Conv -> Cast(int32). This is exact
+  because every partial sum is an integer below 2**24; when the constant weights could
+  exceed that, the input channels are split into slices whose float Convs are each exact
+  and the slices are summed in int32.
+
+MatMulInteger and DynamicQuantizeLinear are left alone: TVM's converters compute them
+exactly (int32 matmul; the same rounding as ORT).
+
+`check_importable(model)` raises a one-line `NativeqError` naming every op (and node) the
+TVM importer cannot convert.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from nativeq.errors import NativeqError
+
+# NOTE: float32 represents every integer of magnitude <= 2**24 exactly; ConvInteger slices keep
+# every partial sum at or below this bound.
+FLOAT32_EXACT_INT = 1 << 24
+
+_INT4_TO_INT8 = {TensorProto.INT4: TensorProto.INT8, TensorProto.UINT4: TensorProto.UINT8}
+_INT4_RANGE = {TensorProto.INT4: (-8, 7), TensorProto.UINT4: (0, 15)}
+
+# Ops the importer handles outside its converter table, and ops `legalize` removes.
+_IMPORTER_BUILTIN_OPS = {"If", "Constant"}
+
+
+def legalize(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Return a copy of `model` in which every node is one TVM's ONNX importer can convert exactly."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    _check_default_opset(out)
+    ctx = _Context(out)
+    widen_int4_initializers(ctx)
+    new_nodes = []
+    for node in out.graph.node:
+        replacement = None
+        for rewrite in _NODE_REWRITES:
+            replacement = rewrite(node, ctx)
+            if replacement is not None:
+                break
+        new_nodes.extend(replacement if replacement is not None else [node])
+    del out.graph.node[:]
+    out.graph.node.extend(new_nodes)
+    ctx.flush_initializers()
+    _drop_stale_value_info(out)
+    if ctx.opset < ctx.needs_opset:
+        out = _upgrade_opset(out, ctx.needs_opset)
+    return out
+
+
+def check_importable(model: onnx.ModelProto) -> None:
+    """Raise NativeqError listing every op (with its nodes) that TVM's ONNX importer cannot convert."""
+    from nativeq.compile._tvm import onnx_convert_map
+
+    known = set(onnx_convert_map()) | _IMPORTER_BUILTIN_OPS
+    missing: dict[str, list[str]] = {}
+    for node in _all_nodes(model.graph):
+        op = node.op_type
+        if op not in known:
+            missing.setdefault(op, []).append(node.name or node.output[0])
+        elif op in ("QuantizeLinear", "DequantizeLinear") and _attr(node, "block_size", 0):
+            missing.setdefault(f"{op} with block_size", []).append(node.name or node.output[0])
+    for init in model.graph.initializer:
+        if init.data_type in _INT4_TO_INT8:
+            missing.setdefault(f"{TensorProto.DataType.Name(init.data_type)} initializer", []).append(init.name)
+    if not missing:
+        return
+    parts = []
+    for op, nodes in missing.items():
+        shown = ", ".join(f"'{n}'" for n in nodes[:3]) + (f" and {len(nodes) - 3} more" if len(nodes) > 3 else "")
+        parts.append(f"op '{op}' (node{'s' if len(nodes) > 1 else ''} {shown})")
+    raise NativeqError("; ".join(parts) + " " + ("is" if len(parts) == 1 else "are") +
+                       " not supported by the TVM ONNX importer")
+
+
+# ---------------------------------------------------------------------------------------------
+# Graph bookkeeping
+
+
+class _Context:
+    """Initializers by name, fresh names, and the opset a rewrite needs."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.graph = model.graph
+        self.opset = _default_opset(model)
+        self.needs_opset = 0
+        self.widened_int4: dict[str, int] = {}
+        self.initializers = {t.name: t for t in self.graph.initializer}
+        self._new_inits: list[onnx.TensorProto] = []
+        self._used = {t.name for t in self.graph.initializer} | {i.name for i in self.graph.input}
+        for node in _all_nodes(self.graph):
+            self._used.update(node.output)
+            self._used.add(node.name)
+        self.shapes = _infer_shapes(model)
+
+    def fresh(self, base: str) -> str:
+        name, i = base, 0
+        while name in self._used:
+            i += 1
+            name = f"{base}_{i}"
+        self._used.add(name)
+        return name
+
+    def const(self, base: str, value: np.ndarray) -> str:
+        name = self.fresh(base)
+        tensor = numpy_helper.from_array(np.asarray(value), name)
+        self.initializers[name] = tensor
+        self._new_inits.append(tensor)
+        return name
+
+    def array(self, name: str) -> np.ndarray | None:
+        """The value of initializer `name`, or None if it is computed at run time."""
+        init = self.initializers.get(name)
+        return None if init is None else numpy_helper.to_array(init)
+
+    def rank(self, name: str) -> int | None:
+        if name in self.initializers:
+            return len(self.initializers[name].dims)
+        return self.shapes.get(name)
+
+    def require_opset(self, version: int) -> None:
+        self.needs_opset = max(self.needs_opset, version)
+
+    def flush_initializers(self) -> None:
+        self.graph.initializer.extend(self._new_inits)
+        self._new_inits = []
+        used = {i for node in _all_nodes(self.graph) for i in node.input} | {o.name for o in self.graph.output}
+        keep = [t for t in self.graph.initializer if t.name in used]
+        if len(keep) != len(self.graph.initializer):
+            del self.graph.initializer[:]
+            self.graph.initializer.extend(keep)
+
+
+def _all_nodes(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _all_nodes(g)
+
+
+def _attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            return o.version
+    return 1
+
+
+def _check_default_opset(model: onnx.ModelProto) -> None:
+    if not any(o.domain in ("", "ai.onnx") for o in model.opset_import):
+        raise NativeqError("model imports no default ONNX opset (opset_import has no '' / 'ai.onnx' entry)")
+
+
+def _infer_shapes(model: onnx.ModelProto) -> dict[str, int]:
+    """Rank of every tensor shape inference can type (used for negative-free axes)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - a model shape inference cannot type just gets fewer ranks
+        inferred = model
+    ranks = {}
+    g = inferred.graph
+    for vi in list(g.value_info) + list(g.input) + list(g.output):
+        t = vi.type.tensor_type
+        if t.HasField("shape"):
+            ranks[vi.name] = len(t.shape.dim)
+    return ranks
+
+
+def _drop_stale_value_info(model: onnx.ModelProto) -> None:
+    """Remove value_info entries for tensors no node produces any more or whose type changed."""
+    produced = {o for node in model.graph.node for o in node.output}
+    keep = [vi for vi in model.graph.value_info
+            if vi.name in produced and vi.type.tensor_type.elem_type not in _INT4_TO_INT8]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(keep)
+
+
+def _upgrade_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
+    from onnx import version_converter
+
+    try:
+        return version_converter.convert_version(model, version)
+    except Exception as err:  # noqa: BLE001
+        raise NativeqError(
+            f"model opset {_default_opset(model)} is too old for per-channel DequantizeLinear and "
+            f"converting it to opset {version} failed: {str(err).splitlines()[0]}") from None
+
+
+def _is_absent(node: onnx.NodeProto, index: int) -> bool:
+    return len(node.input) <= index or node.input[index] == ""
+
+
+def _scale_axis(ctx: _Context, scale: str, data: str, axis_from_end: int) -> dict:
+    """DequantizeLinear/QuantizeLinear attributes for `scale` applied to `data`.
+
+    A scalar or one-element scale is per-tensor (no attribute); a 1-D scale is per-axis on
+    the dimension `axis_from_end` counted from the end of `data`.
+    """
+    value = ctx.array(scale)
+    if value is not None and value.size == 1:
+        return {}
+    if value is None and ctx.rank(scale) == 0:
+        return {}
+    ctx.require_opset(13)
+    rank = ctx.rank(data)
+    return {"axis": rank - axis_from_end if rank is not None else -axis_from_end}
+
+
+def _as_scalar(ctx: _Context, name: str) -> str:
+    """A one-element initializer as a scalar initializer (DequantizeLinear's per-tensor form)."""
+    value = ctx.array(name)
+    if value is None or value.ndim == 0 or value.size != 1:
+        return name
+    return ctx.const(name + "_scalar", value.reshape(()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Rewrites: each returns the replacement nodes, or None when it does not apply.
+
+
+def widen_int4_initializers(ctx: _Context) -> None:
+    """INT4/UINT4 initializers -> INT8/UINT8 with the same values (the importer cannot read 4-bit data)."""
+    for i, init in enumerate(ctx.graph.initializer):
+        if init.data_type in _INT4_TO_INT8:
+            ctx.widened_int4[init.name] = init.data_type
+            wide_dtype = helper.tensor_dtype_to_np_dtype(_INT4_TO_INT8[init.data_type])
+            wide = numpy_helper.from_array(numpy_helper.to_array(init).astype(wide_dtype), init.name)
+            ctx.graph.initializer[i].CopyFrom(wide)
+            ctx.initializers[init.name] = ctx.graph.initializer[i]
+
+
+def quantize_int4_to_int8_clip(node: onnx.NodeProto, ctx: _Context):
+    """QuantizeLinear to INT4/UINT4 -> QuantizeLinear to INT8/UINT8 -> Clip to the 4-bit range."""
+    if node.op_type != "QuantizeLinear":
+        return None
+    out_type = _attr(node, "output_dtype", 0)
+    four_bit = out_type if out_type in _INT4_TO_INT8 else None
+    if four_bit is None and not _is_absent(node, 2):
+        four_bit = ctx.widened_int4.get(node.input[2])  # the zero point's type before widening
+    if four_bit is None:
+        return None
+    lo, hi = _INT4_RANGE[four_bit]
+    wide = helper.tensor_dtype_to_np_dtype(_INT4_TO_INT8[four_bit])
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name != "output_dtype"}
+    if out_type:
+        attrs["output_dtype"] = _INT4_TO_INT8[four_bit]
+    q8 = ctx.fresh(node.output[0] + "_q8")
+    lo_name = ctx.const(node.output[0] + "_lo", np.array(lo, wide))
+    hi_name = ctx.const(node.output[0] + "_hi", np.array(hi, wide))
+    return [
+        helper.make_node("QuantizeLinear", list(node.input), [q8], name=ctx.fresh(node.name + "_q8"), **attrs),
+        helper.make_node("Clip", [q8, lo_name, hi_name], list(node.output), name=ctx.fresh(node.name + "_clip4")),
+    ]
+
+
+def fold_blocked_dequantize(node: onnx.NodeProto, ctx: _Context):
+    """Blocked DequantizeLinear of constants -> float initializer `(x - zp) * scale` (as ORT computes it)."""
+    if node.op_type != "DequantizeLinear" or not _attr(node, "block_size", 0):
+        return None
+    block = _attr(node, "block_size")
+    x = ctx.array(node.input[0])
+    scale = ctx.array(node.input[1])
+    zp = None if _is_absent(node, 2) else ctx.array(node.input[2])
+    if x is None or scale is None or (not _is_absent(node, 2) and zp is None):
+        raise NativeqError(f"DequantizeLinear node '{node.name}' uses block_size on a run-time tensor; "
+                           "only constant (initializer) blocked weights are supported")
+    axis = _attr(node, "axis", 1) % x.ndim
+
+    def expand(v):
+        return np.repeat(v, block, axis=axis).take(range(x.shape[axis]), axis=axis)
+
+    centered = x.astype(np.int32) - (expand(zp).astype(np.int32) if zp is not None else 0)
+    out_dtype = scale.dtype
+    if _attr(node, "output_dtype", 0):
+        out_dtype = helper.tensor_dtype_to_np_dtype(_attr(node, "output_dtype"))
+    value = (centered.astype(np.float32) * expand(scale).astype(np.float32)).astype(out_dtype)
+    folded = ctx.const(node.output[0] + "_folded", value)
+    return [helper.make_node("Identity", [folded], list(node.output), name=node.name or ctx.fresh("blocked_dq"))]
+
+
+def qlinear_matmul_to_qdq(node: onnx.NodeProto, ctx: _Context):
+    """QLinearMatMul -> DequantizeLinear(a), DequantizeLinear(b) -> MatMul -> QuantizeLinear."""
+    if node.op_type != "QLinearMatMul":
+        return None
+    a, a_s, a_zp, b, b_s, b_zp, y_s, y_zp = node.input
+    a_s, b_s, y_s = (_as_scalar(ctx, s) for s in (a_s, b_s, y_s))
+    a_f, b_f, y_f = (ctx.fresh(f"{node.output[0]}_{t}") for t in ("a_f", "b_f", "f"))
+    base = node.name or node.output[0]
+    return [
+        helper.make_node("DequantizeLinear", [a, a_s, a_zp], [a_f], name=ctx.fresh(base + "_DQ_a"),
+                         **_scale_axis(ctx, a_s, a, 2)),
+        helper.make_node("DequantizeLinear", [b, b_s, b_zp], [b_f], name=ctx.fresh(base + "_DQ_b"),
+                         **_scale_axis(ctx, b_s, b, 1)),
+        helper.make_node("MatMul", [a_f, b_f], [y_f], name=ctx.fresh(base + "_MatMul")),
+        helper.make_node("QuantizeLinear", [y_f, y_s, y_zp], list(node.output), name=ctx.fresh(base + "_Q")),
+    ]
+
+
+def qlinear_conv_to_qdq(node: onnx.NodeProto, ctx: _Context):
+    """QLinearConv -> DequantizeLinear(x, w, int32 bias) -> Conv -> QuantizeLinear."""
+    if node.op_type != "QLinearConv":
+        return None
+    x, x_s, x_zp, w, w_s, w_zp, y_s, y_zp = (list(node.input) + [""] * 8)[:8]
+    x_s, w_s, y_s = (_as_scalar(ctx, s) for s in (x_s, w_s, y_s))
+    base = node.name or node.output[0]
+    x_f, w_f, y_f = (ctx.fresh(f"{node.output[0]}_{t}") for t in ("x_f", "w_f", "f"))
+    nodes = [
+        helper.make_node("DequantizeLinear", [x, x_s] + ([x_zp] if x_zp else []), [x_f], name=ctx.fresh(base + "_DQ_x")),
+        helper.make_node("DequantizeLinear", [w, w_s] + ([w_zp] if w_zp else []), [w_f], name=ctx.fresh(base + "_DQ_w"),
+                         **({"axis": 0} if _scale_axis(ctx, w_s, w, 1) else {})),
+    ]
+    conv_inputs = [x_f, w_f]
+    if not _is_absent(node, 8):
+        bias_scale = _bias_scale(node, ctx, x_s, w_s, nodes)
+        b_f = ctx.fresh(f"{node.output[0]}_bias_f")
+        nodes.append(helper.make_node("DequantizeLinear", [node.input[8], bias_scale], [b_f],
+                                      name=ctx.fresh(base + "_DQ_bias"),
+                                      **({"axis": 0} if _scale_axis(ctx, bias_scale, node.input[8], 1) else {})))
+        conv_inputs.append(b_f)
+    conv_attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    nodes.append(helper.make_node("Conv", conv_inputs, [y_f], name=ctx.fresh(base + "_Conv"), **conv_attrs))
+    nodes.append(helper.make_node("QuantizeLinear", [y_f, y_s] + ([y_zp] if y_zp else []), list(node.output),
+                                  name=ctx.fresh(base + "_Q")))
+    return nodes
+
+
+def _bias_scale(node, ctx: _Context, x_s: str, w_s: str, nodes: list) -> str:
+    """The scale of QLinearConv's int32 bias, `x_scale * w_scale` (a constant when both are)."""
+    xv, wv = ctx.array(x_s), ctx.array(w_s)
+    if xv is not None and wv is not None:
+        return ctx.const(f"{node.output[0]}_bias_scale", (xv.astype(np.float32) * wv.astype(np.float32)).astype(np.float32))
+    out = ctx.fresh(f"{node.output[0]}_bias_scale")
+    nodes.append(helper.make_node("Mul", [x_s, w_s], [out], name=ctx.fresh((node.name or out) + "_bias_scale")))
+    return out
+
+
+def conv_integer_to_exact_float(node: onnx.NodeProto, ctx: _Context):
+    """ConvInteger -> DequantizeLinear(scale 1) -> float Conv (sliced over input channels) -> Cast(int32) (-> Add)."""
+    if node.op_type != "ConvInteger":
+        return None
+    x, w = node.input[0], node.input[1]
+    x_zp = "" if _is_absent(node, 2) else node.input[2]
+    w_zp = "" if _is_absent(node, 3) else node.input[3]
+    base = node.name or node.output[0]
+    wv = ctx.array(w)
+    if wv is None:
+        raise NativeqError(f"ConvInteger node '{base}': the weight '{w}' must be an initializer "
+                           "(needed to prove the float rewrite exact)")
+    zpv = np.zeros((), np.int32) if not w_zp else ctx.array(w_zp)
+    if zpv is None:
+        raise NativeqError(f"ConvInteger node '{base}': the weight zero point '{w_zp}' must be an initializer")
+    group = _attr(node, "group", 1)
+    zp_full = zpv.astype(np.int32).reshape((-1,) + (1,) * (wv.ndim - 1))
+    centered = np.abs(wv.astype(np.int32) - zp_full)  # |w - w_zp|, [M, C/group, k...]
+    # Largest |x - x_zp| is 255 for 8-bit data; the bound is per output channel over one slice.
+    slices = _channel_slices(centered, max_abs_x=255)
+    if len(slices) > 1 and group != 1:
+        raise NativeqError(f"ConvInteger node '{base}': grouped convolution with more than "
+                           f"{FLOAT32_EXACT_INT} possible accumulation is not supported")
+    one = ctx.const(f"{node.output[0]}_one", np.array(1.0, np.float32))
+    x_f = ctx.fresh(f"{node.output[0]}_x_f")
+    nodes = [helper.make_node("DequantizeLinear", [x, one] + ([x_zp] if x_zp else []), [x_f],
+                              name=ctx.fresh(base + "_DQ_x"))]
+    conv_attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    w_float = (wv.astype(np.int32) - zp_full).astype(np.float32)  # exact: |w - zp| <= 255
+    partials = []
+    for lo, hi in slices:
+        x_in = x_f
+        if len(slices) > 1:
+            x_in = ctx.fresh(f"{node.output[0]}_x_f_{lo}_{hi}")
+            nodes.append(helper.make_node(
+                "Slice", [x_f, ctx.const("slice_start", np.array([lo], np.int64)),
+                          ctx.const("slice_end", np.array([hi], np.int64)), ctx.const("slice_axis", np.array([1], np.int64))],
+                [x_in], name=ctx.fresh(f"{base}_slice_{lo}_{hi}")))
+        w_name = ctx.const(f"{w}_f_{lo}_{hi}" if len(slices) > 1 else f"{w}_f", w_float[:, lo:hi])
+        conv_out, cast_out = ctx.fresh(f"{node.output[0]}_conv_{lo}"), ctx.fresh(f"{node.output[0]}_i32_{lo}")
+        nodes.append(helper.make_node("Conv", [x_in, w_name], [conv_out], name=ctx.fresh(f"{base}_Conv_{lo}"), **conv_attrs))
+        nodes.append(helper.make_node("Cast", [conv_out], [cast_out], name=ctx.fresh(f"{base}_Cast_{lo}"), to=TensorProto.INT32))
+        partials.append(cast_out)
+    total = partials[0]
+    for k, p in enumerate(partials[1:], start=1):
+        out = node.output[0] if k == len(partials) - 1 else ctx.fresh(f"{node.output[0]}_sum_{k}")
+        nodes.append(helper.make_node("Add", [total, p], [out], name=ctx.fresh(f"{base}_Add_{k}")))
+        total = out
+    if len(partials) == 1:
+        nodes[-1].output[0] = node.output[0]
+    return nodes
+
+
+def _channel_slices(centered_w: np.ndarray, max_abs_x: int) -> list[tuple[int, int]]:
+    """Split input channels so that, per output channel, sum |x - zx| * |w - zw| <= 2**24 in each slice."""
+    per_channel = centered_w.reshape(centered_w.shape[0], centered_w.shape[1], -1).sum(axis=2) * max_abs_x  # [M, C]
+    slices, start, acc = [], 0, np.zeros(per_channel.shape[0], np.int64)
+    for c in range(per_channel.shape[1]):
+        if c > start and (acc + per_channel[:, c]).max() > FLOAT32_EXACT_INT:
+            slices.append((start, c))
+            start, acc = c, np.zeros_like(acc)
+        acc += per_channel[:, c]
+        if acc.max() > FLOAT32_EXACT_INT:
+            raise NativeqError("ConvInteger: one input channel alone can exceed the float32-exact range "
+                               f"({FLOAT32_EXACT_INT}); kernel too large for an exact rewrite")
+    slices.append((start, per_channel.shape[1]))
+    return slices
+
+
+_NODE_REWRITES = (
+    quantize_int4_to_int8_clip,
+    fold_blocked_dequantize,
+    qlinear_matmul_to_qdq,
+    qlinear_conv_to_qdq,
+    conv_integer_to_exact_float,
+)
