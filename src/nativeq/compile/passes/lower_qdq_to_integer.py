@@ -1,0 +1,159 @@
+"""LowerQDQToInteger: dequantize -> matmul/conv -> float  becomes  integer matmul/conv -> int32 -> float.
+
+Where it sits: first int8 pass, right after ONNX import and before any FoldConstant (which would fold
+the weight dequantize into a float tensor and hide the int8 weights).
+
+For every site found by `qdq_sites.match_site` it emits, in canonical Relax ops (the form the int8
+schedules match):
+
+    x_k  = x_q shifted to the kernel activation dtype (see `activation_dtype`)
+    x_k  = R.nn.pad(x_k, pad_value=zx_k)            # conv only, when it pads and zx_k != 0
+    acc  = R.matmul(x_k, W, out_dtype="int32")      # or R.nn.conv1d/conv2d(..., out_dtype="int32")
+    acc  = R.subtract(acc, zx_k * sum_k W)          # zero-point correction, precomputed per output channel
+    y    = R.multiply(R.astype(acc, "float32"), sx * sw)
+
+`y` replaces the float contraction, so whatever consumed it (bias Add, Relu, QuantizeLinear, a float
+op) is unchanged and stays exact: the requantize is the importer's own `R.quantize` (round half to
+even, saturate, as in ONNX Runtime), which operator fusion folds into the kernel's epilogue.
+W stays an int8 constant in its natural layout ([K, N] for matmul, OIW/OIHW for conv).
+
+`activation_dtype` is the dtype the integer kernel reads:
+  - "uint8": x86 (VNNI `vpdpbusd` is u8 x s8); int8 activations are shifted by +128,
+  - "int8": ARM (`sdot`/`smull` are s8 x s8); uint8 activations are shifted by -128,
+  - None: keep the model's activation dtype.
+The shift changes the activation zero point by the same amount, so the correction term absorbs it.
+If the activation comes straight from a QuantizeLinear, the shift is that quantize with the shifted
+zero point (exactly the same values); otherwise it is an explicit add on the integers.
+Padding is done with the (shifted) zero point so padded positions contribute exactly zero, as the
+float graph's zero padding does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from nativeq.compile._tvm import relax, tvm
+from nativeq.compile.passes.qdq_sites import QdqSite, _const_array, match_site, op_name
+
+ACTIVATION_DTYPES = ("uint8", "int8", None)
+_SHIFT = {("int8", "uint8"): 128, ("uint8", "int8"): -128}
+
+
+def _shift_activation(x_q: relax.Expr, producer, x_dtype: str, kernel_dtype: str) -> relax.Expr:
+    shift = _SHIFT[(x_dtype, kernel_dtype)]
+    if op_name(producer) == "relax.quantize":
+        zero_point = _const_array(producer.args[2])
+        if zero_point is not None and zero_point.size == 1:
+            shifted_zp = relax.const(int(zero_point.reshape(())) + shift, kernel_dtype)
+            return relax.op.quantize(producer.args[0], producer.args[1], shifted_zp, producer.attrs.axis, kernel_dtype)
+    widened = relax.op.add(relax.op.astype(x_q, "int32"), relax.const(shift, "int32"))
+    return relax.op.astype(widened, kernel_dtype)
+
+
+def _channel_shape(site: QdqSite) -> tuple[int, ...]:
+    """Shape that broadcasts a per-output-channel vector against the contraction's output."""
+    n = site.out_channels
+    return (n,) if site.op == "matmul" else (1, n) + (1,) * (site.weight.ndim - 2)
+
+
+def _pad_width(site: QdqSite) -> list[int]:
+    padding = [int(p) for p in site.call.attrs.padding]
+    spatial = len(padding) // 2
+    width = [0, 0, 0, 0]
+    for i in range(spatial):  # TVM order: all "before" pads, then all "after" pads
+        width += [padding[i], padding[i + spatial]]
+    return width
+
+
+def _integer_contraction(site: QdqSite, x_k: relax.Expr, zero_point: int, kernel_dtype: str) -> relax.Expr:
+    weight = relax.const(site.weight, "int8")
+    if site.op == "matmul":
+        return relax.op.matmul(x_k, weight, out_dtype="int32")
+    attrs = site.call.attrs
+    padding = [int(p) for p in attrs.padding]
+    if zero_point != 0 and any(padding):
+        x_k = relax.op.nn.pad(x_k, _pad_width(site), pad_value=float(zero_point))
+        padding = [0] * len(padding)
+    conv = relax.op.nn.conv1d if site.op == "conv1d" else relax.op.nn.conv2d
+    return conv(
+        x_k,
+        weight,
+        strides=[int(s) for s in attrs.strides],
+        padding=padding,
+        dilation=[int(d) for d in attrs.dilation],
+        groups=int(attrs.groups),
+        data_layout=attrs.data_layout,
+        kernel_layout=attrs.kernel_layout,
+        out_layout=attrs.out_layout,
+        out_dtype="int32",
+    )
+
+
+def lower_site(site: QdqSite, x_k: relax.Expr, kernel_dtype: str) -> relax.Expr:
+    """The integer expression replacing `site.call`; `x_k` is the activation already in `kernel_dtype`."""
+    zero_point = site.x_zero_point + _SHIFT.get((site.x_dtype, kernel_dtype), 0)
+    acc = _integer_contraction(site, x_k, zero_point, kernel_dtype)
+    correction = zero_point * site.weight_sums()
+    if np.abs(correction).max(initial=0) > np.iinfo(np.int32).max:  # pragma: no cover - needs K > 2**16
+        raise OverflowError("zero-point correction overflows int32")
+    if correction.any():
+        acc = relax.op.subtract(acc, relax.const(correction.astype(np.int32).reshape(_channel_shape(site))))
+    scale = np.float32(site.x_scale) * site.w_scale
+    if scale.ndim:
+        scale = scale.reshape(_channel_shape(site))
+    return relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(scale.astype(np.float32)))
+
+
+@relax.expr_functor.mutator
+class _Rewriter(relax.PyExprMutator):
+    def __init__(self, mod, activation_dtype):
+        super().__init__(mod)
+        self.mod_ = mod
+        self.activation_dtype = activation_dtype
+        self.var2val = {}
+        self.shifted = {}  # original activation var -> var of its shifted copy (reused by all its sites)
+
+    def transform(self):
+        for gvar, func in self.mod_.functions_items():
+            if not isinstance(func, relax.Function):
+                continue
+            self.var2val = relax.analysis.get_var2val(func)
+            self.shifted = {}
+            new_func = self.visit_expr(func)
+            self.builder_.update_func(gvar, relax.analysis.remove_all_unused(new_func))
+        return self.builder_.get()
+
+    def _kernel_activation(self, site: QdqSite, kernel_dtype: str) -> relax.Expr:
+        x_q = self.visit_expr(site.x_q)
+        if kernel_dtype == site.x_dtype:
+            return x_q
+        key = site.x_q
+        if key not in self.shifted:
+            producer = self.var2val.get(site.x_q) if isinstance(site.x_q, relax.Var) else None
+            if producer is not None and op_name(producer) == "relax.quantize":
+                producer = relax.Call(producer.op, [self.visit_expr(a) for a in producer.args], producer.attrs)
+            self.shifted[key] = self.builder_.emit(_shift_activation(x_q, producer, site.x_dtype, kernel_dtype))
+        return self.shifted[key]
+
+    def visit_call_(self, call):
+        site = match_site(call, self.var2val)
+        if not isinstance(site, QdqSite):
+            return super().visit_call_(call)
+        kernel_dtype = self.activation_dtype or site.x_dtype
+        return lower_site(site, self._kernel_activation(site, kernel_dtype), kernel_dtype)
+
+
+@tvm.transform.module_pass(opt_level=0, name="nativeq.LowerQDQToInteger")
+class LowerQDQToInteger:
+    """Rewrite every matching dequantize -> matmul/conv site into an int32-accumulating integer op.
+
+    activation_dtype: "uint8" (x86 VNNI), "int8" (ARM sdot/smull) or None (keep the model's).
+    """
+
+    def __init__(self, activation_dtype: str | None = None):
+        if activation_dtype not in ACTIVATION_DTYPES:
+            raise ValueError(f"activation_dtype must be one of {ACTIVATION_DTYPES}, got {activation_dtype!r}")
+        self.activation_dtype = activation_dtype
+
+    def transform_module(self, mod, _ctx):
+        return _Rewriter(mod, self.activation_dtype).transform()
