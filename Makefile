@@ -5,9 +5,9 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := g++-aarch64-linux-gnu gcc-aarch64-linux-gnu qemu-user espeak-ng flite sox
 PYTEST_ARGS ?=
 
-.PHONY: setup apt venv demo test test-slow clean
+.PHONY: setup apt venv arm-runtime demo test test-slow clean
 
-setup: apt venv
+setup: apt venv arm-runtime
 
 # Debian packages: the aarch64 cross compiler and qemu for the Raspberry Pi targets, TTS engines for speech data.
 apt:
@@ -25,6 +25,10 @@ $(VENV)/.installed: pyproject.toml
 	@touch $@
 
 venv: $(VENV)/.installed
+
+# The aarch64 TVM runtime (from the aarch64 wheels of the installed versions) + the aarch64 runner, for the Pi targets.
+arm-runtime: apt venv
+	$(PY) scripts/fetch_arm_runtime.py
 
 demo: setup
 	$(VENV)/bin/nativeq demo

@@ -1,0 +1,187 @@
+"""Run an aarch64 artifact on this x86 machine under `qemu-aarch64`, for `nativeq verify`.
+
+The artifact's library is executed by `nativeq_runner` (C++, `runtime/runner/`), cross-built
+for aarch64 and linked against the aarch64 `libtvm_runtime.so`/`libtvm_ffi.so` taken from the
+aarch64 TVM wheels (`make arm-runtime`). qemu emulates the target's CPU model
+(`manifest["target"]["qemu_cpu"]`: cortex-a72 for the Pi 4, cortex-a76 for the Pi 5), so an
+instruction the device lacks faults here as it would on the device; the runner checks the
+artifact's required features with `getauxval(AT_HWCAP)` first and refuses with a clear
+message instead of dying with SIGILL.
+
+Imports only numpy and the standard library (this is `runtime/`: no TVM compiler, no torch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from nativeq._fs import write_bytes_atomic
+from nativeq.errors import NativeqError
+from nativeq.runtime.manifest import check_files, input_specs, output_specs, read_manifest
+from nativeq.runtime.model import check_inputs
+
+RUNNER_SOURCE = Path(__file__).with_name("runner") / "nativeq_runner.cc"
+CROSS_CXX = ("aarch64-linux-gnu-g++", "g++-aarch64-linux-gnu")  # (tool, Debian package)
+QEMU = ("qemu-aarch64", "qemu-user")
+QEMU_SYSROOT = Path("/usr/aarch64-linux-gnu")  # aarch64 glibc/libstdc++ of the cross toolchain
+DEFAULT_TIMEOUT_S = 900.0
+
+# Runner exit codes (see nativeq_runner.cc).
+_EXIT_USAGE, _EXIT_CPU, _EXIT_TVM = 2, 3, 4
+
+
+def arm_runtime_dir() -> Path:
+    """Where `make arm-runtime` puts the aarch64 TVM runtime and the runner ($NATIVEQ_ARM_RUNTIME overrides)."""
+    override = os.environ.get("NATIVEQ_ARM_RUNTIME")
+    return Path(override) if override else Path(sys.prefix) / "share" / "nativeq" / "aarch64"
+
+
+def require_tool(tool: str, package: str) -> str:
+    """Absolute path of `tool`, or a NativeqError naming the apt package that provides it."""
+    path = shutil.which(tool)
+    if path is None:
+        raise NativeqError(f"{tool} not found: install it with `sudo apt-get install {package}` (or `make setup`)")
+    return path
+
+
+def _runtime_libs(runtime_dir: Path) -> Path:
+    lib = runtime_dir / "lib"
+    for name in ("libtvm_runtime.so", "libtvm_ffi.so"):
+        if not (lib / name).is_file():
+            raise NativeqError(f"the aarch64 TVM runtime is not installed ({lib / name} is missing): run `make arm-runtime`")
+    return lib
+
+
+def _runner_hash(runtime_dir: Path, cxx: str) -> str:
+    h = hashlib.sha256(RUNNER_SOURCE.read_bytes())
+    versions = runtime_dir / "versions.json"
+    h.update(versions.read_bytes() if versions.is_file() else b"")
+    h.update(cxx.encode())
+    return h.hexdigest()
+
+
+def build_runner(force: bool = False) -> Path:
+    """Cross-compile `nativeq_runner` for aarch64 (cached; rebuilt when its source or the runtime changes)."""
+    runtime_dir = arm_runtime_dir()
+    lib = _runtime_libs(runtime_dir)
+    cxx = require_tool(*CROSS_CXX)
+    binary = runtime_dir / "bin" / "nativeq_runner"
+    stamp = binary.with_suffix(".sha256")
+    digest = _runner_hash(runtime_dir, cxx)
+    if not force and binary.is_file() and stamp.is_file() and stamp.read_text().strip() == digest:
+        return binary
+    with tempfile.TemporaryDirectory(prefix="nativeq-runner-") as tmp:
+        out = Path(tmp) / "nativeq_runner"
+        cmd = [
+            cxx, "-std=c++17", "-O2", "-o", str(out), str(RUNNER_SOURCE),
+            "-I", str(runtime_dir / "include"), "-L", str(lib),
+            # NOTE: libtvm_runtime registers the Relax VM loaders in static initializers; keep it linked.
+            "-Wl,--no-as-needed", "-ltvm_runtime", "-ltvm_ffi", "-Wl,--as-needed",
+            "-Wl,-rpath,$ORIGIN/../lib",
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            first = next((line for line in proc.stderr.splitlines() if "error" in line), proc.stderr.strip()[:200])
+            raise NativeqError(f"cross-compiling {RUNNER_SOURCE.name} with {CROSS_CXX[0]} failed: {first}")
+        write_bytes_atomic(binary, out.read_bytes())
+    binary.chmod(0o755)
+    write_bytes_atomic(stamp, (digest + "\n").encode())
+    return binary
+
+
+def _write_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+
+
+def _qemu_command(cpu: str, program: list[str], plugin: list[str] | None = None) -> list[str]:
+    qemu = require_tool(*QEMU)
+    if not QEMU_SYSROOT.is_dir():
+        raise NativeqError(
+            f"the aarch64 sysroot {QEMU_SYSROOT} is missing: install it with `sudo apt-get install {CROSS_CXX[1]}`"
+        )
+    return [qemu, "-L", str(QEMU_SYSROOT), "-cpu", cpu, *(plugin or []), *program]
+
+
+def _runner_failure(artifact: Path, target: dict, cpu: str, proc: subprocess.CompletedProcess) -> NativeqError:
+    lines = [line for line in (proc.stderr or "").splitlines() if line.strip()]
+    message = next((line for line in lines if line.startswith("nativeq_runner:")), lines[-1] if lines else "")
+    message = message.removeprefix("nativeq_runner:").strip()
+    where = f"artifact {artifact} (target {target.get('name')}) under qemu-aarch64 -cpu {cpu}"
+    if proc.returncode == _EXIT_CPU:
+        return NativeqError(f"{where}: {message}; emulate a CPU that has it (e.g. cpu='max') or compile for this one")
+    if proc.returncode < 0:
+        name = signal.Signals(-proc.returncode).name
+        return NativeqError(f"{where} died with {name}{': ' + message if message else ''}")
+    return NativeqError(f"{where} failed (exit {proc.returncode}): {message or 'no message'}")
+
+
+def _prepare(artifact_dir, inputs: Mapping[str, object], cpu: str | None, workdir: Path):
+    """Check the artifact and inputs; write the inputs as .npy; return (manifest, runner argv, cpu)."""
+    artifact = Path(artifact_dir)
+    manifest = read_manifest(artifact)
+    check_files(artifact, manifest)
+    target = manifest["target"]
+    if target.get("arch") != "aarch64":
+        raise NativeqError(
+            f"artifact {artifact} is for {target.get('arch')} (target {target.get('name')}); emulation runs aarch64 only"
+        )
+    cpu = cpu or target.get("qemu_cpu") or "max"
+    arrays = check_inputs(input_specs(manifest), inputs)
+    runner = build_runner()
+    argv = [str(runner), str((artifact / manifest["library"]).resolve()), str(workdir)]
+    features = list(target.get("cpu_features") or [])
+    if features:
+        argv += ["--require", ",".join(features)]
+    argv += ["--entry", manifest.get("entry", "main")]
+    for i, array in enumerate(arrays):
+        path = workdir / f"in{i}.npy"
+        _write_npy(path, array)
+        argv.append(str(path))
+    return manifest, argv, cpu
+
+
+def _child_env(threads: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env["TVM_NUM_THREADS"] = str(threads)
+    env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def _run(argv: list[str], timeout: float, threads: int, artifact, cpu: str) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=_child_env(threads))
+    except subprocess.TimeoutExpired:
+        raise NativeqError(f"artifact {artifact} under qemu-aarch64 -cpu {cpu} did not finish in {timeout:.0f} s") from None
+
+
+def run_emulated(artifact_dir, inputs: Mapping[str, object], *, cpu: str | None = None,
+                 timeout: float = DEFAULT_TIMEOUT_S, threads: int = 1) -> list[np.ndarray]:
+    """Run the aarch64 artifact on `inputs` (name -> array) under qemu; return its outputs in manifest order.
+
+    `cpu` overrides the emulated CPU model (default: the target's `qemu_cpu`), e.g. to show
+    that a Pi 5 artifact refuses to run on a Pi 4's cortex-a72.
+    """
+    with tempfile.TemporaryDirectory(prefix="nativeq-emulate-") as tmp:
+        workdir = Path(tmp)
+        manifest, argv, cpu = _prepare(artifact_dir, inputs, cpu, workdir)
+        proc = _run(_qemu_command(cpu, argv), timeout, threads, artifact_dir, cpu)
+        if proc.returncode != 0:
+            raise _runner_failure(Path(artifact_dir), manifest["target"], cpu, proc)
+        outputs = sorted(workdir.glob("out*.npy"), key=lambda p: int(p.stem[3:]))
+        expected = len(output_specs(manifest))
+        if len(outputs) != expected:
+            raise NativeqError(
+                f"artifact {artifact_dir} returned {len(outputs)} outputs under qemu, its manifest lists {expected}"
+            )
+        return [np.load(p, allow_pickle=False) for p in outputs]
