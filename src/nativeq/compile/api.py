@@ -1,0 +1,241 @@
+"""`compile_model`: a (QDQ) ONNX file -> an artifact directory (library + manifest.json).
+
+Steps, each failing with one line naming the problem: read and check the ONNX file, rewrite
+what TVM's importer cannot take (`onnx_legalize`), import to Relax, run the target's pass
+list (`pipeline.py`), build, export the library (cross-compiled for ARM targets), write the
+manifest. Everything is written into a temporary directory renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+
+from nativeq._fs import atomic_directory, sha256_file
+from nativeq.errors import NativeqError
+from nativeq.targets import Target, get_target
+
+LIBRARY_NAME = "model.so"
+DATABASE_FILES = ("database_workload.json", "database_tuning_record.json")
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    """How to compile: the target name (see `nativeq targets`) and build options.
+
+    int8: run nativeq's int8 lowering and kernels (False: TVM's own float QDQ path).
+    tuning_log: a MetaSchedule JSON database directory; default `tuning_logs/<target>/`
+        (relative to the working directory) when it exists.
+    use_tuning: False ignores any tuning database.
+    explain: report which matmul/conv sites became int8 and which stayed float, and why.
+    """
+
+    target: str
+    int8: bool = True
+    tuning_log: str | None = None
+    use_tuning: bool = True
+    explain: bool = False
+
+
+@dataclass(frozen=True)
+class CompileResult:
+    out_dir: Path
+    manifest: dict
+    explain: list = field(default_factory=list)
+
+    def explain_table(self) -> str:
+        if not self.explain:
+            return "int8 report: not available (no int8 lowering ran)"
+        rows = [(str(s.get("site", s.get("node", "?"))), str(s.get("op", "?")), str(s.get("status", "?")),
+                 str(s.get("reason", ""))) for s in self.explain]
+        header = ("site", "op", "status", "reason")
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
+        lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)) + "  reason"]
+        for row in rows:
+            lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[3])
+        return "\n".join(lines)
+
+    def summary(self) -> str:
+        m = self.manifest
+        target = m["target"]
+        size = sum((self.out_dir / name).stat().st_size for name in m["files"])
+        lines = [
+            f"compiled {m['source']['file']} for {target['name']} ({target['arch']}, int8 {target['int8']}) "
+            f"in {m['compile_seconds']:.1f} s",
+            f"  artifact: {self.out_dir} ({', '.join(m['files'])}, {size / 1024:.0f} KiB)",
+            "  inputs:  " + "; ".join(_spec_text(s) for s in m["inputs"]),
+            "  outputs: " + "; ".join(_spec_text(s) for s in m["outputs"]),
+        ]
+        report = m.get("int8_report")
+        if not m["build"]["int8"]:
+            lines.append("  int8 lowering: off (--no-int8)")
+        elif report:
+            lines.append(f"  int8 sites: {report.get('int8', 0)} int8, {report.get('float', 0)} float")
+        lines.append(f"  tuning database: {m['tuning']['database'] or 'none'}")
+        if self.explain:
+            lines.append(self.explain_table())
+        return "\n".join(lines)
+
+
+def _spec_text(spec: dict) -> str:
+    shape = "?" if spec.get("shape") is None else ", ".join(str(d) for d in spec["shape"])
+    text = f"{spec['name']}: {spec['dtype']}[{shape}]"
+    if spec.get("quant"):
+        text += f" (from {spec['quant']['dtype']} DequantizeLinear)"
+    return text
+
+
+def first_line(error: BaseException) -> str:
+    """The first informative line of an exception message (TVM's carry tracebacks)."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    for ln in lines:
+        if not ln.startswith(("Traceback", "File ", "File:", "[bt]", "  ")) and not ln[:1].isdigit():
+            return ln
+    return lines[0] if lines else type(error).__name__
+
+
+def load_onnx(path: str | Path) -> onnx.ModelProto:
+    """Read `path` as ONNX and run the full `onnx.checker` on it."""
+    path = Path(path)
+    if not path.exists():
+        raise NativeqError(f"model file {path} does not exist")
+    if not path.is_file():
+        raise NativeqError(f"model file {path} is not a file")
+    try:
+        model = onnx.load(str(path))
+    except Exception as e:  # noqa: BLE001  (protobuf raises several types on garbage)
+        raise NativeqError(f"{path} is not an ONNX model (cannot parse it: {first_line(e)})") from None
+    if not model.HasField("graph") or not model.opset_import or model.ir_version <= 0:
+        raise NativeqError(f"{path} is not an ONNX model (no graph, opset or IR version)")
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as e:  # noqa: BLE001  (ValidationError, InferenceError, ...)
+        raise NativeqError(f"{path} fails onnx.checker: {first_line(e)}") from None
+    return model
+
+
+def legalize_onnx(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Rewrite ops TVM's importer lacks (QLinear*, *Integer, INT4 initializers); refuse what remains."""
+    from nativeq.compile import onnx_legalize
+
+    model = onnx_legalize.legalize(model)
+    onnx_legalize.check_importable(model)
+    return model
+
+
+def import_onnx(model: onnx.ModelProto, path: Path):
+    """ONNX -> Relax IRModule with weights as constants (so the int8 passes see them)."""
+    from nativeq.compile._tvm import from_onnx
+
+    try:
+        return from_onnx(model, keep_params_in_input=False)
+    except NativeqError:
+        raise
+    except Exception as e:  # noqa: BLE001  (the importer raises anything from KeyError to TVMError)
+        raise NativeqError(f"TVM's ONNX importer failed on {path}: {first_line(e)}") from None
+
+
+def tuning_database(cfg: CompileConfig, target: Target) -> Path | None:
+    """The MetaSchedule database directory to apply, or None."""
+    if not cfg.use_tuning:
+        return None
+    if cfg.tuning_log is None:
+        default = Path("tuning_logs") / target.name
+        return default if all((default / f).is_file() for f in DATABASE_FILES) else None
+    path = Path(cfg.tuning_log)
+    if not path.is_dir():
+        raise NativeqError(f"tuning database {path} does not exist (expected a directory with {' and '.join(DATABASE_FILES)})")
+    missing = [f for f in DATABASE_FILES if not (path / f).is_file()]
+    if missing:
+        raise NativeqError(f"tuning database {path} lacks {', '.join(missing)}")
+    return path
+
+
+def check_cross_compiler(target: Target) -> str | None:
+    """The cross compiler command for `target`, or None when building for this machine."""
+    if not target.is_cross:
+        return None
+    if not target.cross_compiler:
+        raise NativeqError(f"target {target.name} is for {target.arch} but names no cross_compiler")
+    if shutil.which(target.cross_compiler) is None:
+        package = target.cross_package or target.cross_compiler
+        raise NativeqError(f"{target.cross_compiler} not found; install it with: apt-get install {package}")
+    return target.cross_compiler
+
+
+def explain_int8(mod, target: Target) -> list[dict] | None:
+    """Per-site int8/float report of the int8 lowering, if the pass package provides one."""
+    from nativeq.compile.passes import int8 as int8_passes_module
+
+    explain_sites = getattr(int8_passes_module, "explain_sites", None)
+    if explain_sites is None:
+        return None
+    return list(explain_sites(mod, target))
+
+
+def _int8_counts(sites: list[dict] | None) -> dict | None:
+    if sites is None:
+        return None
+    counts: dict[str, int] = {}
+    for site in sites:
+        status = str(site.get("status", "?"))
+        counts[status] = counts.get(status, 0) + 1
+    return {"int8": counts.pop("int8", 0), "float": counts.pop("float", 0), **counts}
+
+
+def compile_model(model_path, out_dir, cfg: CompileConfig, force: bool = False) -> CompileResult:
+    """Compile the ONNX file `model_path` for `cfg.target` into the artifact directory `out_dir`."""
+    started = time.perf_counter()
+    model_path, out_dir = Path(model_path), Path(out_dir)
+    target = get_target(cfg.target)
+    if out_dir.exists() and not force:
+        raise NativeqError(f"output {out_dir} already exists (use --force to replace it)")
+    cross_compiler = check_cross_compiler(target)
+    database = tuning_database(cfg, target)
+    model = load_onnx(model_path)
+    mod = import_onnx(legalize_onnx(model), model_path)
+
+    from nativeq.compile._tvm import TVMTarget, cc, relax, tvm
+    from nativeq.compile.pipeline import compile_passes
+
+    sites = explain_int8(mod, target) if cfg.int8 else None
+    passes = compile_passes(target, int8=cfg.int8, tuning_database=database)
+    tvm_target = TVMTarget(target.tvm_dict())
+    with tvm.transform.PassContext(opt_level=3):
+        executable = relax.build(
+            mod, tvm_target, relax_pipeline=tvm.transform.Sequential(passes, name="nativeq_compile")
+        )
+
+    from nativeq.compile.artifact import build_manifest, write_manifest
+
+    with atomic_directory(out_dir, force=force) as tmp:
+        fcompile = cc.cross_compiler(cross_compiler) if cross_compiler else None
+        executable.export_library(str(tmp / LIBRARY_NAME), fcompile=fcompile)
+        manifest = build_manifest(
+            out_dir=tmp,
+            library=LIBRARY_NAME,
+            target=target,
+            model_path=model_path,
+            model=model,
+            build={
+                "int8": cfg.int8,
+                "pipeline": [p.info.name for p in passes],
+                "opt_level": 3,
+                "exec_mode": "bytecode",
+                "compiler": cross_compiler or "host",
+            },
+            tuning={
+                "database": str(database) if database else None,
+                "files": {} if database is None else {
+                    f: sha256_file(database / f) for f in DATABASE_FILES
+                },
+            },
+            int8_report=_int8_counts(sites),
+            compile_seconds=time.perf_counter() - started,
+        )
+        write_manifest(tmp, manifest)
+    return CompileResult(out_dir=out_dir, manifest=manifest, explain=sites or [])

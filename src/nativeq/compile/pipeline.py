@@ -1,0 +1,69 @@
+"""The per-target Relax compile pipeline, as a plain list of passes read top to bottom.
+
+Modelled on `tvm/relax/backend/cpu_generic/pipeline.py`, with nativeq's three hooks:
+
+1. `int8_passes(target)` (compile/passes/int8.py): right after ONNX import, before any
+   constant folding, rewrite dequantize -> matmul/conv -> quantize into integer ops;
+2. `kernel_relax_passes(target)` (compile/schedules): choose int8 kernel layouts (e.g. pack
+   constant weights) while the ops are still high level;
+3. `schedule_passes(target)` (compile/schedules): after FuseTIR, give every PrimFunc a
+   default schedule for the target (tensorized int8 dot products, parallel loops).
+
+A MetaSchedule tuning database, when one is used, is applied right before the default
+schedules, so tuned functions keep their tuned schedule.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nativeq.compile._tvm import relax, tvm
+from nativeq.compile.passes.int8 import int8_passes
+from nativeq.compile.schedules import kernel_relax_passes, schedule_passes
+
+
+def tuning_passes(database_dir: Path | None) -> list:
+    """Apply the best schedules recorded in a MetaSchedule JSON database directory."""
+    if database_dir is None:
+        return []
+    return [relax.transform.MetaScheduleApplyDatabase(work_dir=str(database_dir))]
+
+
+def compile_passes(target, *, int8: bool = True, tuning_database: Path | None = None) -> list:
+    """Every Relax pass `nativeq compile` runs for `target` (a `nativeq.targets.Target`), in order."""
+    return [
+        # int8 lowering and kernel layouts (skipped with --no-int8: TVM's float QDQ path)
+        *(int8_passes(target) if int8 else []),
+        *(kernel_relax_passes(target) if int8 else []),
+        # library dispatch and legalization to TIR, then fusion
+        relax.backend.DispatchSampling(),
+        relax.backend.DispatchSortScan(),
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+        # schedules: tuned ones first, then nativeq's defaults for the rest
+        *tuning_passes(tuning_database),
+        *schedule_passes(target),
+        # dataflow lowering (TVM's CPU backend)
+        relax.transform.RewriteDataflowReshape(),
+        relax.transform.ToNonDataflow(),
+        relax.transform.RemovePurityChecking(),
+        relax.transform.CallTIRRewrite(),
+        # finalization: memory planning and the VM calling convention (TVM's CPU backend)
+        relax.transform.StaticPlanBlockMemory(),
+        relax.transform.LowerAllocTensor(),
+        relax.transform.KillAfterLastUse(),
+        relax.transform.LowerRuntimeBuiltin(),
+        relax.transform.ComputePrimValue(),
+        relax.transform.VMShapeLower(),
+        relax.transform.AttachGlobalSymbol(),
+    ]
+
+
+def compile_pipeline(target, *, int8: bool = True, tuning_database: Path | None = None) -> tvm.transform.Pass:
+    """`compile_passes` as one Sequential pass, for `relax.build(..., relax_pipeline=...)`."""
+    return tvm.transform.Sequential(
+        compile_passes(target, int8=int8, tuning_database=tuning_database), name="nativeq_compile"
+    )
