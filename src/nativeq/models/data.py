@@ -1,0 +1,361 @@
+"""Speech corpus: synthesis from offline TTS engines, manifests, WAV reading.
+
+A data directory holds one manifest per split, `<split>.tsv`, each line
+`relative/path.wav<TAB>duration_seconds<TAB>transcript`, and the WAVs (16 kHz mono 16-bit).
+Users can evaluate on their own recordings by writing such a file.
+
+`synthesize_corpus` builds the splits from Debian TTS engines, deterministically from a seed:
+
+- train: espeak-ng (8 English accents x ~80 voice variants) and flite (awb, rms, slt);
+- dev / test: espeak-ng voice variants that never occur in train (disjoint sets);
+- other: festival's diphone voices (ked, kal): an engine and speakers absent from train.
+  flite's kal16 shares its diphone database with festival's kal, so it is kept out of
+  train too. Holding out a whole engine (instead of only voices) is the closest
+  synthetic stand-in for "a voice the model never heard".
+
+Every utterance is augmented: speed perturbation, reverberation, telephone band (8 kHz),
+gain, additive white/pink/brown noise at 5-30 dB SNR, and padded with noise plus dither
+(never digital silence, which stalled CTC training in a trial).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import subprocess
+import tempfile
+import wave
+from pathlib import Path
+
+import numpy as np
+
+from nativeq._fs import atomic_directory, write_text_atomic
+from nativeq.errors import NativeqError
+from nativeq.models.text import normalize_text
+
+SAMPLE_RATE = 16000
+
+ESPEAK_ACCENTS = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-rp", "en-gb-x-gbcwmd", "en-029", "en-us-nyc")
+# espeak-ng voice variants ("speakers"). Novelty voices (Demonic, whisper, fast) are left out.
+ESPEAK_VARIANTS = tuple(
+    """adam Alex Alicia Andrea Andy Annie antonio aunty belinda benjamin boris caleb david Denis Diogo ed
+    edward edward2 Gene Gene2 gustave announcer Henrique Hugo iven iven2 iven3 iven4 Jacky john kaukovalta Lee
+    linda marcelo Marco Mario max Michael michel miguel Mike Mr Nguyen pablo paul pedro quincy RicishayMax
+    RicishayMax2 RicishayMax3 rob robert robosoft robosoft2 robosoft3 robosoft4 robosoft5 robosoft6 robosoft7
+    robosoft8 steph steph2 steph3 Storm Tweaky UniRobot zac anika anikaRobot AnxiousAndy f1 f2 f3 f4 f5 grandpa
+    klatt klatt2 klatt3 klatt4 klatt5 klatt6 m1 m2 m3 m4 m5 m6 m7 m8 norbert sandro shelby travis victor croak
+    grandma""".split()
+)
+TEST_VARIANTS = ("f2", "m3", "klatt2", "Andy", "belinda", "john", "max", "steph2", "travis", "grandma", "iven3", "Gene2")
+DEV_VARIANTS = ("f4", "m5", "klatt4", "Annie", "edward", "paul", "linda", "robosoft3")
+TRAIN_VARIANTS = tuple(v for v in ESPEAK_VARIANTS if v not in TEST_VARIANTS and v not in DEV_VARIANTS)
+FLITE_TRAIN_VOICES = ("awb", "rms", "slt")
+FESTIVAL_OTHER_VOICES = ("ked_diphone", "kal_diphone")
+
+# Which voices each split draws from: (engine, voice) pairs.
+SPLIT_VOICES: dict[str, tuple[tuple[str, str], ...]] = {
+    "train": tuple(("espeak-ng", v) for v in TRAIN_VARIANTS) + tuple(("flite", v) for v in FLITE_TRAIN_VOICES),
+    "dev": tuple(("espeak-ng", v) for v in DEV_VARIANTS),
+    "test": tuple(("espeak-ng", v) for v in TEST_VARIANTS),
+    "other": tuple(("festival", v) for v in FESTIVAL_OTHER_VOICES),
+}
+_INSTALL = {
+    "espeak-ng": "apt-get install espeak-ng",
+    "flite": "apt-get install flite",
+    "text2wave": "apt-get install festival festvox-kdlpc16k festvox-kallpc16k",
+    "sox": "apt-get install sox",
+}
+
+# ----------------------------------------------------------------------------- text
+_DIGIT_WORDS = "zero one two three four five six seven eight nine".split()
+_COMMANDS = """yes|no|stop|go|up|down|left|right|on|off|play|pause|next|back|cancel|okay|help|repeat|start|finish
+turn on the lights|turn off the lights|volume up|volume down|open the door|close the door|lock the door
+play some music|stop the music|next song|previous song|call home|answer the call|hang up|take a picture
+start recording|stop recording|what time is it|set an alarm|cancel the alarm|turn left|turn right|go forward
+go back|move up|move down|show the map|read my messages|send a message|mute|unmute|louder|quieter|open settings
+switch on the fan|switch off the fan|make it warmer|make it cooler|find my phone|good morning|good night""".replace(
+    "\n", "|"
+).split("|")
+_SUBJECTS = "the cat|the dog|my friend|the teacher|a small bird|the old man|her brother|the children|our team|the driver|my sister|the farmer".split("|")
+_VERBS = "found|saw|wanted|carried|painted|opened|bought|cleaned|dropped|followed|liked|moved|called|fixed|washed".split("|")
+_OBJECTS = "a red box|the blue car|some fresh bread|the heavy bag|a green apple|the window|the front door|an old book|the yellow kite|a warm coat|the wooden chair|the map|a cup of tea|the bright lamp".split("|")
+_PLACES = "in the kitchen|near the river|at the station|under the table|by the window|in the garden|on the hill|at school|in the city|after dinner|before lunch|on monday|in the morning|at night".split("|")
+_NOUNS = "minutes|hours|seconds|days|people|apples|miles|degrees|dollars|pages".split("|")
+_CITIES = "london|paris|boston|tokyo|berlin|madrid|chicago|sydney|toronto|dublin|seattle|denver".split("|")
+
+
+def _random_text(rng: np.random.Generator) -> str:
+    kind = rng.random()
+    pick = lambda xs: xs[int(rng.integers(len(xs)))]  # noqa: E731
+    if kind < 0.3:  # digit strings (phone numbers, PINs)
+        return " ".join(pick(_DIGIT_WORDS) for _ in range(int(rng.integers(2, 8))))
+    if kind < 0.55:
+        return pick(_COMMANDS)
+    if kind < 0.7:
+        n = int(rng.integers(1, 100)) if rng.random() < 0.7 else int(rng.integers(100, 2000))
+        templates = [
+            f"set a timer for {n} {pick(_NOUNS)}",
+            f"what is the weather in {pick(_CITIES)}",
+            f"call {pick(_SUBJECTS).split()[-1]} at {n}",
+            f"there are {n} {pick(_NOUNS)} left",
+            f"book a table for {n % 12 + 1} in {pick(_CITIES)}",
+            f"turn the volume to {n % 100}",
+        ]
+        return normalize_text(pick(templates))
+    sentence = f"{pick(_SUBJECTS)} {pick(_VERBS)} {pick(_OBJECTS)}"
+    if rng.random() < 0.6:
+        sentence += " " + pick(_PLACES)
+    return sentence
+
+
+# ----------------------------------------------------------------------------- audio
+def _require_tool(tool: str) -> None:
+    if shutil.which(tool) is None:
+        raise NativeqError(f"missing tool {tool!r} for speech synthesis (install with: {_INSTALL[tool]})")
+
+
+def _run(cmd: list[str], what: str, stdin: bytes | None = None) -> bytes:
+    proc = subprocess.run(cmd, input=stdin, capture_output=True)
+    if proc.returncode != 0:
+        err = proc.stderr.decode(errors="replace").strip().splitlines()
+        raise NativeqError(f"{what} failed ({cmd[0]} exit {proc.returncode}): {err[-1] if err else ''}")
+    return proc.stdout
+
+
+def _synthesize_raw(engine: str, voice: str, text: str, rng: np.random.Generator, tmp: Path) -> Path:
+    raw = tmp / "tts.wav"
+    if engine == "espeak-ng":
+        accent = ESPEAK_ACCENTS[int(rng.integers(len(ESPEAK_ACCENTS)))]
+        cmd = ["espeak-ng", "-v", f"{accent}+{voice}", "-s", str(int(rng.integers(120, 200))),
+               "-p", str(int(rng.integers(25, 75))), "-g", str(int(rng.integers(0, 6))), "-w", str(raw), text]
+        _run(cmd, f"espeak-ng voice {accent}+{voice}")
+    elif engine == "flite":
+        stretch = rng.uniform(0.85, 1.25)
+        _run(["flite", "-voice", voice, "--setf", f"duration_stretch={stretch:.3f}", "-t", text, "-o", str(raw)],
+             f"flite voice {voice}")
+    elif engine == "festival":
+        stretch = rng.uniform(0.85, 1.2)
+        script = tmp / "text.txt"
+        script.write_text(text + "\n")
+        _run(["text2wave", "-eval", f"(voice_{voice})", "-eval", f"(Parameter.set 'Duration_Stretch {stretch:.3f})",
+              "-o", str(raw), str(script)], f"festival voice {voice}")
+    else:
+        raise NativeqError(f"unknown TTS engine {engine!r}")
+    return raw
+
+
+def _sox_effects(rng: np.random.Generator) -> list[str]:
+    effects: list[str] = []
+    if rng.random() < 0.5:
+        effects += ["speed", f"{rng.uniform(0.88, 1.12):.3f}"]
+    if rng.random() < 0.2:
+        effects += ["tempo", "-s", f"{rng.uniform(0.85, 1.15):.3f}"]
+    if rng.random() < 0.3:
+        effects += ["reverb", str(int(rng.integers(20, 80))), "50", str(int(rng.integers(20, 100)))]
+    if rng.random() < 0.15:  # telephone band: 300-3400 Hz through an 8 kHz channel
+        effects += ["sinc", "300-3400", "rate", "8000"]
+    effects += ["rate", str(SAMPLE_RATE)]
+    return effects
+
+
+def _colored_noise(rng: np.random.Generator, n: int) -> np.ndarray:
+    white = rng.standard_normal(n)
+    color = rng.integers(3)
+    if color == 0:
+        return white
+    spectrum = np.fft.rfft(white)
+    freqs = np.maximum(np.fft.rfftfreq(n), 1.0 / max(n, 1))
+    spectrum /= freqs ** (0.5 if color == 1 else 1.0)  # pink (1/f) or brown (1/f^2) power
+    noise = np.fft.irfft(spectrum, n)
+    return noise / (noise.std() + 1e-12)
+
+
+def _augment(speech: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Gain, noise padding, additive noise at 5-30 dB SNR, dither; returns int16."""
+    peak = np.abs(speech).max() + 1e-9
+    speech = speech / peak * (10 ** (rng.uniform(-18, -1) / 20))
+    pad_l, pad_r = (int(rng.uniform(0.05, 0.5) * SAMPLE_RATE) for _ in range(2))
+    x = np.concatenate([np.zeros(pad_l), speech, np.zeros(pad_r)])
+    power = float(np.mean(speech**2)) + 1e-12
+    snr_db = rng.uniform(5, 30) if rng.random() < 0.7 else rng.uniform(35, 50)
+    x = x + _colored_noise(rng, len(x)) * np.sqrt(power / 10 ** (snr_db / 10))
+    x = x * 32767.0 + rng.uniform(-1, 1, len(x))  # dither: never exact digital silence
+    return np.clip(np.round(x), -32768, 32767).astype(np.int16)
+
+
+def write_wav(path: str | os.PathLike, samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
+    """Write int16 mono samples (callers inside an atomic directory, or use write_wav_atomic)."""
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sample_rate)
+        w.writeframes(np.asarray(samples, dtype="<i2").tobytes())
+
+
+def _make_utterance(task: tuple) -> tuple[int, str, float, str, str]:
+    split, index, seed, engine, voice, out_dir = task
+    rng = np.random.default_rng([seed, _SPLIT_SALT[split], index])
+    text = _random_text(rng)
+    with tempfile.TemporaryDirectory(prefix="nativeq-tts-") as tmp:
+        raw = _synthesize_raw(engine, voice, text, rng, Path(tmp))
+        pcm = _run(["sox", "-D", "-R", str(raw), "-t", "f32", "-c", "1", "-", *_sox_effects(rng)], "sox")
+    speech = np.frombuffer(pcm, dtype=np.float32).astype(np.float64)
+    if speech.size < SAMPLE_RATE // 10:
+        raise NativeqError(f"{engine} voice {voice} produced no audio for {text!r}")
+    samples = _augment(speech, rng)
+    rel = f"wav/{split}/{split}-{index:06d}.wav"
+    write_wav(Path(out_dir) / rel, samples)
+    return index, rel, len(samples) / SAMPLE_RATE, text, f"{engine}:{voice}"
+
+
+_SPLIT_SALT = {"train": 1, "dev": 2, "test": 3, "other": 4}
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthConfig:
+    """How many utterances per split, the seed, and the number of parallel workers."""
+
+    train: int = 6000
+    dev: int = 300
+    test: int = 300
+    other: int = 300
+    seed: int = 0
+    jobs: int = 2
+
+
+def synthesize_corpus(out: str | os.PathLike, cfg: SynthConfig, force: bool = False, progress: bool = True) -> dict:
+    """Synthesize all splits into `out` (atomically); returns {split: (utterances, hours)}."""
+    import multiprocessing
+
+    from tqdm import tqdm
+
+    counts = {"train": cfg.train, "dev": cfg.dev, "test": cfg.test, "other": cfg.other}
+    for split, n in counts.items():
+        if n < 0:
+            raise NativeqError(f"--{split} must be >= 0, got {n}")
+    engines = {engine for split, n in counts.items() if n for engine, _ in SPLIT_VOICES[split]}
+    for tool in sorted({"sox"} | {"text2wave" if e == "festival" else e for e in engines}):
+        _require_tool(tool)
+    summary = {}
+    with atomic_directory(out, force=force) as tmp_dir:
+        tasks = []
+        for split, n in counts.items():
+            if not n:
+                continue
+            (tmp_dir / "wav" / split).mkdir(parents=True)
+            voices = SPLIT_VOICES[split]
+            for i in range(n):
+                engine, voice = voices[int(np.random.default_rng([cfg.seed, _SPLIT_SALT[split], i, 7]).integers(len(voices)))]
+                tasks.append((split, i, cfg.seed, engine, voice, str(tmp_dir)))
+        rows: dict[str, list] = {s: [] for s in counts}
+        with multiprocessing.get_context("fork").Pool(max(1, cfg.jobs)) as pool:
+            it = pool.imap_unordered(_make_utterance_tagged, tasks, chunksize=8)
+            for split, row in tqdm(it, total=len(tasks), desc="synthesizing", unit="utt", disable=not progress):
+                rows[split].append(row)
+        for split, split_rows in rows.items():
+            if not counts[split]:
+                continue
+            split_rows.sort()
+            lines = [f"{rel}\t{dur:.3f}\t{text}" for _, rel, dur, text, _ in split_rows]
+            write_text_atomic(tmp_dir / f"{split}.tsv", "\n".join(lines) + "\n")
+            write_text_atomic(tmp_dir / f"{split}.voices.tsv",
+                              "\n".join(f"{rel}\t{voice}" for _, rel, _, _, voice in split_rows) + "\n")
+            summary[split] = (len(split_rows), sum(r[2] for r in split_rows) / 3600)
+    return summary
+
+
+def _make_utterance_tagged(task):
+    return task[0], _make_utterance(task)
+
+
+# ----------------------------------------------------------------------------- reading
+@dataclasses.dataclass(frozen=True)
+class Utterance:
+    path: Path
+    duration: float
+    text: str
+
+
+def read_manifest(data_dir: str | os.PathLike, split: str) -> list[Utterance]:
+    """Parse `<data_dir>/<split>.tsv`; transcripts are normalized and checked against the vocabulary."""
+    data_dir = Path(data_dir)
+    manifest = data_dir / f"{split}.tsv"
+    if not manifest.is_file():
+        have = sorted(p.stem for p in data_dir.glob("*.tsv") if "." not in p.stem) if data_dir.is_dir() else []
+        raise NativeqError(f"no manifest {manifest} (splits in {data_dir}: {', '.join(have) or 'none'})")
+    out = []
+    for lineno, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        where = f"{manifest}:{lineno}"
+        if len(parts) != 3:
+            raise NativeqError(f"{where}: expected 'path<TAB>duration<TAB>transcript', got {len(parts)} field(s)")
+        rel, dur, text = parts
+        try:
+            duration = float(dur)
+        except ValueError:
+            raise NativeqError(f"{where}: duration {dur!r} is not a number") from None
+        out.append(Utterance(data_dir / rel, duration, normalize_text(text, where)))
+    if not out:
+        raise NativeqError(f"{manifest} lists no utterances")
+    return out
+
+
+def read_wav(path: str | os.PathLike) -> np.ndarray:
+    """16 kHz mono float32 samples in [-1, 1]; other sample rates are resampled, other formats refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise NativeqError(f"missing audio file {path}")
+    try:
+        with wave.open(str(path), "rb") as w:
+            channels, width, rate, n = w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()
+            data = w.readframes(n)
+    except (wave.Error, EOFError) as e:
+        raise NativeqError(f"corrupt or unsupported WAV {path}: {e}") from None
+    if width != 2:
+        raise NativeqError(f"{path}: {8 * width}-bit samples; expected 16-bit PCM (convert: sox {path.name} -b 16 out.wav)")
+    x = np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
+    if channels > 1:
+        x = x.reshape(-1, channels).mean(axis=1)
+    if x.size == 0:
+        raise NativeqError(f"{path}: no audio samples")
+    if rate != SAMPLE_RATE:
+        x = resample(x, rate, SAMPLE_RATE)
+    return x
+
+
+def resample(x: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
+    """Band-limited resampling by FFT (whole-signal; fine for utterance-length audio)."""
+    n_out = int(round(len(x) * dst_rate / src_rate))
+    spectrum = np.fft.rfft(x)
+    keep = min(len(spectrum), n_out // 2 + 1)
+    out = np.fft.irfft(spectrum[:keep], n_out) * (n_out / len(x))
+    return out.astype(np.float32)
+
+
+def check_audio(utts: list[Utterance], skip_bad: bool = False) -> list[Utterance]:
+    """Open every WAV header once: a missing or corrupt file is an error naming it, or skipped with `skip_bad`."""
+    import warnings
+
+    good = []
+    for u in utts:
+        try:
+            if not u.path.is_file():
+                raise NativeqError(f"missing audio file {u.path}")
+            try:
+                with wave.open(str(u.path), "rb") as w:
+                    if w.getnframes() == 0 or w.getsampwidth() != 2:
+                        raise NativeqError(f"{u.path}: empty or not 16-bit PCM")
+            except (wave.Error, EOFError) as e:
+                raise NativeqError(f"corrupt or unsupported WAV {u.path}: {e}") from None
+        except NativeqError as e:
+            if not skip_bad:
+                raise NativeqError(f"{e} (pass --skip-bad to skip such files)") from None
+            warnings.warn(f"skipping: {e}", stacklevel=2)
+            continue
+        good.append(u)
+    if not good:
+        raise NativeqError("no readable utterances left after skipping bad audio files")
+    return good
