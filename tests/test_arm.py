@@ -1,0 +1,211 @@
+"""Raspberry Pi targets, proven without a Pi: artifacts cross-compiled for rpi4/rpi5 run under
+qemu-aarch64 (emulating the device's CPU model) through the aarch64 C++ runner and must match
+ONNX Runtime on this x86 host within one quantization step.
+
+Needs the cross toolchain, qemu-user and `make arm-runtime` (all part of `make setup`).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import qdq_models
+from nativeq.compile import CompileConfig, compile_model
+from nativeq.errors import NativeqError
+from nativeq.runtime import emulate
+from nativeq.runtime.emulate import run_emulated
+from nativeq.verify import VerifyConfig, verify_artifact
+from nativeq.verify.api import ort_session
+
+pytestmark = pytest.mark.arm
+
+MODELS = {"matmul": (qdq_models.qdq_matmul, lambda t: (1, t, 64)), "conv1d": (qdq_models.qdq_conv1d, lambda t: (1, 32, t))}
+OUT_SCALE = 0.1  # the output QuantizeLinear scale of both builders
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """{(model, target): (artifact dir, onnx path)} compiled once for the module."""
+    root = tmp_path_factory.mktemp("arm")
+    out = {}
+    for name, (builder, _) in MODELS.items():
+        onnx_path = root / f"{name}.onnx"
+        onnx.save(builder(), onnx_path)
+        for target in ("rpi4", "rpi5"):
+            artifact = root / f"{name}_{target}"
+            compile_model(onnx_path, artifact, CompileConfig(target=target))
+            out[name, target] = (artifact, onnx_path)
+    return out
+
+
+def _ort(onnx_path, inputs):
+    return ort_session(onnx_path, "disable").run(None, inputs)
+
+
+@pytest.mark.parametrize("target", ["rpi4", "rpi5"])
+@pytest.mark.parametrize("model", ["matmul", "conv1d"])
+def test_emulated_artifact_matches_onnxruntime(built, model, target):
+    artifact, onnx_path = built[model, target]
+    shape = MODELS[model][1](37)
+    x = np.random.default_rng(1).normal(0, 1.5, shape).astype(np.float32)
+    (got,) = run_emulated(artifact, {"x": x})
+    (ref,) = _ort(onnx_path, {"x": x})
+    assert got.shape == ref.shape and got.dtype == np.float32
+    steps = np.abs(got - ref) / OUT_SCALE
+    assert steps.max() <= 1.0 + 1e-4, f"max {steps.max():.3f} steps"
+    assert (steps < 1e-3).mean() >= 0.99
+    assert np.abs(ref).max() > 10 * OUT_SCALE  # the comparison is not between two all-zero tensors
+
+
+@pytest.mark.parametrize("t", [1, 200])
+def test_symbolic_time_axis_under_emulation(built, t):
+    artifact, onnx_path = built["conv1d", "rpi4"]
+    x = np.random.default_rng(t).normal(0, 1.5, (1, 32, t)).astype(np.float32)
+    (got,) = run_emulated(artifact, {"x": x})
+    (ref,) = _ort(onnx_path, {"x": x})
+    assert got.shape == (1, 48, t)
+    assert np.abs(got - ref).max() <= OUT_SCALE * (1 + 1e-4)
+
+
+def test_verify_runs_rpi5_artifact_emulated(built):
+    artifact, onnx_path = built["matmul", "rpi5"]
+    report = verify_artifact(artifact, onnx_path, VerifyConfig(runs=2, dims={"T": 50}))
+    assert report.execution.startswith("emulated") and "cortex-a76" in report.execution
+    assert report.passed, report.table()
+    (out,) = report.outputs
+    assert out.max_steps is not None and out.max_steps <= 1.0
+
+
+def test_verify_cli_on_rpi4_artifact(built, nativeq_cli):
+    artifact, onnx_path = built["conv1d", "rpi4"]
+    proc = nativeq_cli("verify", artifact, "--onnx", onnx_path, "--dim", "T=64")
+    assert proc.returncode == 0, proc.stderr
+    assert "emulated, qemu -cpu cortex-a72" in proc.stdout and "PASS" in proc.stdout
+
+
+def _count(objdump_text: str, mnemonics: tuple[str, ...]) -> int:
+    count = 0
+    for line in objdump_text.splitlines():
+        fields = line.split("\t")
+        if len(fields) >= 3 and fields[2].strip().split(" ")[0] in mnemonics:
+            count += 1
+    return count
+
+
+def _disassemble(artifact) -> str:
+    objdump = shutil.which("aarch64-linux-gnu-objdump")
+    assert objdump, "aarch64-linux-gnu-objdump missing: apt-get install binutils-aarch64-linux-gnu"
+    return subprocess.run([objdump, "-d", str(artifact / "model.so")], capture_output=True, text=True, check=True).stdout
+
+
+def test_rpi4_libraries_never_contain_sdot(built):
+    """`sdot` is an illegal instruction on the Pi 4's Cortex-A72; the rpi5 count is reported, not asserted."""
+    for model in MODELS:
+        rpi4 = _disassemble(built[model, "rpi4"][0])
+        rpi5 = _disassemble(built[model, "rpi5"][0])
+        assert _count(rpi4, ("fmla", "fmul", "fadd", "ldr", "str", "ret")) > 0  # the parser sees instructions
+        assert _count(rpi4, ("sdot", "udot", "usdot")) == 0
+        widening = ("smull", "smull2", "smlal", "smlal2", "sadalp", "saddlp")
+        print(f"{model}: rpi4 NEON widening int8 ops {_count(rpi4, widening)}, rpi5 sdot {_count(rpi5, ('sdot',))}")
+
+
+def test_rpi5_artifact_on_cortex_a72_is_refused_not_sigill(built):
+    artifact, _ = built["matmul", "rpi5"]
+    x = np.zeros((1, 4, 64), np.float32)
+    with pytest.raises(NativeqError, match=r"cortex-a72: this CPU lacks dotprod \(asimddp\)"):
+        run_emulated(artifact, {"x": x}, cpu="cortex-a72")
+    (y,) = run_emulated(artifact, {"x": x}, cpu="max")  # a CPU with dotprod runs it
+    assert y.shape == (1, 4, 48)
+
+
+def _two_output_uint8_model() -> onnx.ModelProto:
+    """uint8 input -> DQ -> MatMul(DQ(W)) -> Q (uint8 output `yq`) and -> Relu -> Q/DQ (float output `r`)."""
+    rng = np.random.default_rng(3)
+    wq = rng.integers(-127, 128, (16, 8), dtype=np.int8)
+    inits = [
+        numpy_helper.from_array(np.array(0.02, np.float32), "xs"), numpy_helper.from_array(np.array(128, np.uint8), "xz"),
+        numpy_helper.from_array(wq, "wq"), numpy_helper.from_array(np.array(0.01, np.float32), "ws"),
+        numpy_helper.from_array(np.array(0, np.int8), "wz"),
+        numpy_helper.from_array(np.array(0.05, np.float32), "ys"), numpy_helper.from_array(np.array(120, np.uint8), "yz"),
+    ]
+    nodes = [
+        helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["x"]),
+        helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["w"]),
+        helper.make_node("MatMul", ["x", "w"], ["mm"]),
+        helper.make_node("QuantizeLinear", ["mm", "ys", "yz"], ["yq"]),
+        helper.make_node("Relu", ["mm"], ["relu"]),
+        helper.make_node("QuantizeLinear", ["relu", "ys", "yz"], ["rq"]),
+        helper.make_node("DequantizeLinear", ["rq", "ys", "yz"], ["r"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "two_outputs", [helper.make_tensor_value_info("xq", TensorProto.UINT8, [1, "T", 16])],
+        [helper.make_tensor_value_info("yq", TensorProto.UINT8, [1, "T", 8]),
+         helper.make_tensor_value_info("r", TensorProto.FLOAT, [1, "T", 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_tuple_outputs_and_integer_dtypes_round_trip(tmp_path):
+    """Integer .npy inputs/outputs and a tuple result go through the runner intact (generic aarch64 target)."""
+    onnx_path = tmp_path / "two.onnx"
+    onnx.save(_two_output_uint8_model(), onnx_path)
+    artifact = tmp_path / "two_aarch64"
+    compile_model(onnx_path, artifact, CompileConfig(target="aarch64"))
+    xq = np.random.default_rng(4).integers(0, 256, (1, 9, 16), dtype=np.uint8)
+    got = run_emulated(artifact, {"xq": xq})
+    ref = _ort(onnx_path, {"xq": xq})
+    assert [g.dtype for g in got] == [np.uint8, np.float32]
+    assert [g.shape for g in got] == [(1, 9, 8), (1, 9, 8)]
+    assert np.abs(got[0].astype(np.int32) - ref[0].astype(np.int32)).max() <= 1
+    assert np.abs(got[1] - ref[1]).max() <= 0.05 * (1 + 1e-4)
+    assert len(np.unique(ref[0])) > 10
+
+
+def test_missing_qemu_names_the_apt_package(built, monkeypatch):
+    which = shutil.which
+    monkeypatch.setattr(emulate.shutil, "which", lambda tool: None if tool == "qemu-aarch64" else which(tool))
+    with pytest.raises(NativeqError, match=r"qemu-aarch64 not found: install it with `sudo apt-get install qemu-user`"):
+        run_emulated(built["matmul", "rpi4"][0], {"x": np.zeros((1, 2, 64), np.float32)})
+
+
+def test_missing_aarch64_runtime_says_make_arm_runtime(built, monkeypatch, tmp_path):
+    monkeypatch.setenv("NATIVEQ_ARM_RUNTIME", str(tmp_path / "nothing"))
+    with pytest.raises(NativeqError, match=r"aarch64 TVM runtime is not installed .* run `make arm-runtime`"):
+        run_emulated(built["matmul", "rpi4"][0], {"x": np.zeros((1, 2, 64), np.float32)})
+
+
+def test_host_artifact_is_not_emulated(tmp_path):
+    onnx_path = tmp_path / "mm.onnx"
+    onnx.save(qdq_models.qdq_matmul(k=8, n=4), onnx_path)
+    compile_model(onnx_path, tmp_path / "host", CompileConfig(target="x86-avx2"))
+    with pytest.raises(NativeqError, match="is for x86_64 .* emulation runs aarch64 only"):
+        run_emulated(tmp_path / "host", {"x": np.zeros((1, 2, 8), np.float32)})
+
+
+def test_runner_is_rebuilt_when_its_source_changes(monkeypatch, tmp_path):
+    cache = emulate.arm_runtime_dir()
+    private = tmp_path / "aarch64"
+    private.mkdir()
+    for name in ("lib", "include", "versions.json"):
+        (private / name).symlink_to(cache / name)
+    source = tmp_path / "nativeq_runner.cc"
+    source.write_text(emulate.RUNNER_SOURCE.read_text())
+    monkeypatch.setenv("NATIVEQ_ARM_RUNTIME", str(private))
+    monkeypatch.setattr(emulate, "RUNNER_SOURCE", source)
+
+    first = emulate.build_runner()
+    stamp = first.with_suffix(".sha256").read_text()
+    assert emulate.build_runner().stat().st_mtime_ns == first.stat().st_mtime_ns  # cached
+    source.write_text(source.read_text() + "\n// changed\n")
+    emulate.build_runner()
+    assert first.with_suffix(".sha256").read_text() != stamp
+    info = subprocess.run(["file", str(first)], capture_output=True, text=True).stdout if shutil.which("file") else ""
+    assert not info or "aarch64" in info or "ARM aarch64" in info
