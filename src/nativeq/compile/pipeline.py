@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nativeq.compile._tvm import relax, tvm
+from nativeq.compile._tvm import TVMTarget, relax, tvm
 from nativeq.compile.passes.int8 import int8_passes
 from nativeq.compile.schedules import kernel_relax_passes, schedule_passes
 
@@ -30,7 +30,15 @@ def tuning_passes(database_dir: Path | None) -> list:
 
 
 def compile_passes(target, *, int8: bool = True, tuning_database: Path | None = None) -> list:
-    """Every Relax pass `nativeq compile` runs for `target` (a `nativeq.targets.Target`), in order."""
+    """Every Relax pass `nativeq compile` runs for `target` (a `nativeq.targets.Target`), in order.
+
+    Built inside the TVM target's context: some passes read the current target when created.
+    """
+    with TVMTarget(target.tvm_dict()):
+        return _passes(target, int8=int8, tuning_database=tuning_database)
+
+
+def _passes(target, *, int8: bool, tuning_database: Path | None) -> list:
     return [
         # int8 lowering and kernel layouts (skipped with --no-int8: TVM's float QDQ path)
         *(int8_passes(target) if int8 else []),
