@@ -24,3 +24,21 @@ def nativeq_cli(tmp_path):
                               cwd=kw.pop("cwd", tmp_path), **kw)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def matmul_artifact(tmp_path_factory):
+    """`tests/qdq_models.qdq_matmul()` (symbolic T) compiled for `host`: (onnx_path, artifact_dir).
+
+    Shared read-only: copy the directory before modifying it.
+    """
+    import onnx
+    import qdq_models
+
+    from nativeq.compile import CompileConfig, compile_model
+
+    root = tmp_path_factory.mktemp("matmul_artifact")
+    onnx_path = root / "qdq_matmul.onnx"
+    onnx.save(qdq_models.qdq_matmul(), onnx_path)
+    compile_model(onnx_path, root / "artifact", CompileConfig(target="host"))
+    return onnx_path, root / "artifact"

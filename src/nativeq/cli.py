@@ -73,15 +73,9 @@ def targets(as_json):
     if as_json:
         click.echo(json.dumps([t.to_json() for t in ts], indent=2))
         return
-    from rich.console import Console
-    from rich.table import Table
+    from nativeq.targets.table import targets_table
 
-    table = Table(title="nativeq targets")
-    for col in ("name", "int8", "cores", "cross compiler", "TVM target", "description"):
-        table.add_column(col, overflow="fold")
-    for t in ts:
-        table.add_row(t.name, t.int8, str(t.cores), t.cross_compiler or "(host)", json.dumps(t.tvm), t.description)
-    Console().print(table)
+    click.echo(targets_table(ts))
 
 
 # ----------------------------------------------------------------------------- compile

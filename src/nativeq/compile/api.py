@@ -167,6 +167,16 @@ def check_cross_compiler(target: Target) -> str | None:
     return target.cross_compiler
 
 
+def make_tvm_target(target: Target):
+    """The TVM target of `target`; a dict TVM refuses is a one-line error naming the target."""
+    from nativeq.compile._tvm import TVMTarget
+
+    try:
+        return TVMTarget(target.tvm_dict())
+    except Exception as e:  # noqa: BLE001  (ValueError / TVMError from the target parser)
+        raise NativeqError(f"target {target.name}: TVM refuses its target {target.tvm_dict()}: {first_line(e)}") from None
+
+
 def explain_int8(mod, target: Target) -> list[dict] | None:
     """Per-site int8/float report of the int8 lowering, if the pass package provides one."""
     from nativeq.compile.passes import int8 as int8_passes_module
@@ -199,12 +209,12 @@ def compile_model(model_path, out_dir, cfg: CompileConfig, force: bool = False) 
     model = load_onnx(model_path)
     mod = import_onnx(legalize_onnx(model), model_path)
 
-    from nativeq.compile._tvm import TVMTarget, cc, relax, tvm
+    from nativeq.compile._tvm import cc, relax, tvm
     from nativeq.compile.pipeline import compile_passes
 
+    tvm_target = make_tvm_target(target)
     sites = explain_int8(mod, target) if cfg.int8 else None
     passes = compile_passes(target, int8=cfg.int8, tuning_database=database)
-    tvm_target = TVMTarget(target.tvm_dict())
     with tvm.transform.PassContext(opt_level=3):
         executable = relax.build(
             mod, tvm_target, relax_pipeline=tvm.transform.Sequential(passes, name="nativeq_compile")

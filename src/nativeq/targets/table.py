@@ -1,0 +1,28 @@
+"""The text table `nativeq targets` prints: one line per target, TVM target dict last, then descriptions."""
+
+from __future__ import annotations
+
+import json
+
+
+def targets_table(targets) -> str:
+    header = ("name", "arch", "int8", "cores", "cross compiler", "needs CPU features", "TVM target")
+    rows = [
+        (
+            t.name,
+            t.arch,
+            t.int8,
+            str(t.cores),
+            t.cross_compiler or "-",
+            ",".join(t.cpu_features) or "-",
+            json.dumps(t.tvm_dict(), separators=(",", ":")),
+        )
+        for t in targets
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+    lines.append("")
+    for t in targets:
+        source = "" if t.source == "builtin" or t.source.startswith("detected") else f" (from {t.source})"
+        lines.append(f"{t.name}: {t.description}{source}")
+    return "\n".join(lines)
