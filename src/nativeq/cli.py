@@ -128,5 +128,111 @@ def verify(artifact, onnx_path, inputs, runs, seed, tol_steps, rtol, dims, ort_o
 # (each: parse options, build one config, call one library function)
 
 
+# ----------------------------------------------------------------------------- speech data, training (models/)
+@main.group()
+def data():
+    """Speech corpora: synthesize one from offline TTS engines."""
+
+
+@data.command("synth")
+@click.option("-o", "--out", required=True, type=click.Path(), help="Output data directory.")
+@click.option("--train", "n_train", default=6000, show_default=True, help="Train utterances (espeak-ng + flite voices).")
+@click.option("--dev", "n_dev", default=300, show_default=True, help="Dev utterances (held-out espeak-ng voices).")
+@click.option("--test", "n_test", default=300, show_default=True, help="Test utterances (other held-out espeak-ng voices).")
+@click.option("--other", "n_other", default=300, show_default=True, help="'other' split: festival voices, an engine not in train.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--jobs", "-j", default=2, show_default=True, help="Parallel synthesis processes.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+def data_synth(out, n_train, n_dev, n_test, n_other, seed, jobs, force):
+    """Synthesize a reproducible speech corpus with manifests <split>.tsv into OUT."""
+    from nativeq.models.data import SynthConfig, synthesize_corpus
+
+    cfg = SynthConfig(train=n_train, dev=n_dev, test=n_test, other=n_other, seed=seed, jobs=jobs)
+    for split, (n, hours) in synthesize_corpus(out, cfg, force=force).items():
+        click.echo(f"{split}: {n} utterances, {hours:.2f} h -> {out}/{split}.tsv")
+
+
+@main.command()
+@click.option("--model", "model_name", default="conformer-tiny", show_default=True, help="Model preset.")
+@click.option("--data", "data_dir", required=True, type=click.Path(), help="Data directory with train.tsv and dev.tsv.")
+@click.option("-o", "--out", required=True, type=click.Path(), help="Run directory.")
+@click.option("--epochs", default=20, show_default=True)
+@click.option("--steps", default=0, show_default=True, help="Total optimizer steps (overrides --epochs when > 0).")
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--lr", default=1.5e-3, show_default=True, help="Peak learning rate (AdamW, warmup + cosine).")
+@click.option("--warmup", default=500, show_default=True, help="Warmup steps.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--threads", default=1, show_default=True, help="torch threads per process.")
+@click.option("--chunk-size", default=-1, show_default=True, help="Streaming attention chunk in 40 ms frames (0 = full context; -1 = preset).")
+@click.option("--no-spec-augment", is_flag=True)
+@click.option("--skip-bad", is_flag=True, help="Skip missing/corrupt WAVs (with a warning) instead of failing.")
+@click.option("--resume", is_flag=True, help="Continue the run in OUT from its last checkpoint.")
+def train(model_name, data_dir, out, epochs, steps, batch_size, lr, warmup, seed, threads, chunk_size, no_spec_augment,
+          skip_bad, resume):
+    """Train a Conformer-CTC recognizer (DDP when launched with torchrun)."""
+    from nativeq.models.train import TrainConfig, train as train_model
+
+    cfg = TrainConfig(model=model_name, data=data_dir, out=out, epochs=epochs, steps=steps, batch_size=batch_size, lr=lr,
+                      warmup_steps=warmup, seed=seed, threads=threads, chunk_size=chunk_size,
+                      spec_augment=not no_spec_augment, skip_bad=skip_bad, resume=resume)
+    metrics = train_model(cfg)
+    click.echo(f"done: dev WER {metrics.get('wer', float('nan')):.4f} CER {metrics.get('cer', float('nan')):.4f} -> {out}")
+
+
+@main.command("eval")
+@click.argument("run_or_name")
+@click.option("--data", "data_dir", required=True, type=click.Path(), help="Data directory with <split>.tsv.")
+@click.option("--split", default="test", show_default=True)
+@click.option("--limit", default=0, show_default=True, help="Only the first N utterances (0 = all).")
+@click.option("--threads", default=1, show_default=True)
+@click.option("--skip-bad", is_flag=True, help="Skip missing/corrupt WAVs instead of failing.")
+@click.option("--json", "as_json", is_flag=True)
+def eval_cmd(run_or_name, data_dir, split, limit, threads, skip_bad, as_json):
+    """WER/CER of a run directory or shipped model (e.g. conformer-tiny) on one split."""
+    from nativeq.models.evaluate import EvalConfig, evaluate_run
+
+    result = evaluate_run(EvalConfig(model=run_or_name, data=data_dir, split=split, threads=threads, skip_bad=skip_bad,
+                                     limit=limit))
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{run_or_name} on {data_dir}/{split}.tsv")
+    for col in ("split", "utterances", "hours", "WER", "CER"):
+        table.add_column(col, justify="right")
+    table.add_row(split, str(result["utterances"]), f"{result['hours']:.2f}", f"{100 * result['wer']:.2f}%",
+                  f"{100 * result['cer']:.2f}%")
+    Console().print(table)
+
+
+@main.command("export-float")
+@click.argument("run_or_name")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Output .onnx file.")
+@click.option("--opset", default=17, show_default=True)
+def export_float_cmd(run_or_name, out, opset):
+    """Export the float encoder (input feats [B,T,80], output logits) to ONNX, checked against PyTorch in ORT."""
+    from nativeq.export.float_onnx import FloatExportConfig, export_float
+
+    result = export_float(run_or_name, out, FloatExportConfig(opset=opset))
+    click.echo(f"wrote {result['path']} (opset {result['opset']}; ORT vs PyTorch max |diff| "
+               f"{result['max_abs_diff']:.2e} at T={result['lengths']})")
+
+
+# ----------------------------------------------------------------------------- bundle
+@main.command()
+@click.argument("artifact", type=click.Path())
+@click.option("-o", "--out", required=True, type=click.Path(), help="Output FILE.tar.gz to copy to the device.")
+@click.option("--no-cpp-runner", is_flag=True, help="Leave out the C++ runner and the TVM runtime libraries.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+def bundle(artifact, out, no_cpp_runner, force):
+    """Pack ARTIFACT with runners and a README into one .tar.gz for the device."""
+    from nativeq.runtime.bundle import BundleConfig, bundle_artifact
+
+    result = bundle_artifact(artifact, out, BundleConfig(cpp_runner=not no_cpp_runner, force=force))
+    click.echo(result.summary())
+
+
 if __name__ == "__main__":
     main()
