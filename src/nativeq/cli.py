@@ -234,5 +234,49 @@ def bundle(artifact, out, no_cpp_runner, force):
     click.echo(result.summary())
 
 
+# ----------------------------------------------------------------------------- finetune / export (QAT)
+@main.command()
+@click.argument("source")
+@click.option("--data", "data_dir", required=True, type=click.Path(), help="Corpus directory (train.tsv, dev.tsv).")
+@click.option("-o", "--out", required=True, type=click.Path(), help="Run directory to write.")
+@click.option("--weight-bits", default=8, show_default=True, type=int, help="Weight bits (8, 4 or 2).")
+@click.option("--act-bits", default=8, show_default=True, type=int, help="Activation bits (8).")
+@click.option("--act-scale", type=click.Choice(["ema", "lsq"]), default="ema", show_default=True,
+              help="Activation scales: EMA of the absmax, or learned (LSQ).")
+@click.option("--mixed", is_flag=True, help="Keep the subsampling convs and the output head at 8 bits.")
+@click.option("--sparsity", default=None, help="2:4, 1:4 (N:M), 0.5 (unstructured), 1x4:0.5 / 4x1:0.5 (blocks).")
+@click.option("--steps", default=0, show_default=True, help="Optimizer steps (0 = --epochs passes).")
+@click.option("--epochs", default=1, show_default=True)
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--lr", default=3e-4, show_default=True)
+@click.option("--threads", default=1, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue the run in OUT from its last checkpoint.")
+def finetune(source, data_dir, out, weight_bits, act_bits, act_scale, mixed, sparsity, steps, epochs, batch_size, lr,
+             threads, seed, resume):
+    """Quantization- (and sparsity-) aware fine-tuning of SOURCE (a run directory or shipped model) with integer ops."""
+    from nativeq.qat.finetune import FinetuneConfig, finetune as run_finetune
+
+    cfg = FinetuneConfig(source=source, data=data_dir, out=out, weight_bits=weight_bits, act_bits=act_bits,
+                         act_scale=act_scale, mixed=mixed, sparsity=sparsity, steps=steps, epochs=epochs,
+                         batch_size=batch_size, lr=lr, threads=threads, seed=seed, resume=resume)
+    metrics = run_finetune(cfg)
+    click.echo(f"wrote {out}: dev WER {metrics.get('wer', float('nan')):.3f} CER {metrics.get('cer', float('nan')):.3f}")
+
+
+@main.command("export")
+@click.argument("run")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Output QDQ .onnx file.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+def export_cmd(run, out, force):
+    """Export a finetune RUN as QDQ ONNX (INT8/INT4 weights, int8 activations, symbolic time axis)."""
+    from nativeq.qat.finetune import ExportRunConfig, export_run
+
+    result = export_run(ExportRunConfig(run=run, out=out, force=force))
+    lint = "clean" if not result["lint"] else f"{len(result['lint'])} float product operand(s)"
+    click.echo(f"wrote {result['path']} ({result['bytes'] / 1e6:.2f} MB, weights {result['weight_bits']}-bit, "
+               f"sparsity {result['sparsity']}; QDQ lint: {lint})")
+
+
 if __name__ == "__main__":
     main()

@@ -90,6 +90,16 @@ class ExportConfig:
     output_names: tuple[str, ...] = ("y",)
     dynamic_axes: dict = field(default_factory=dict)  # {"x": {1: "T"}, ...}
     metadata: dict = field(default_factory=dict)  # extra metadata_props (str -> str)
+    output_index: int | None = None  # export only this element of a tuple-returning forward
+
+
+class _SelectOutput(nn.Module):
+    def __init__(self, model: nn.Module, index: int):
+        super().__init__()
+        self.model, self.index = model, index
+
+    def forward(self, *args):
+        return self.model(*args)[self.index]
 
 
 def _tensor(name: str, array: np.ndarray, dtype: int) -> onnx.TensorProto:
@@ -170,11 +180,12 @@ def to_qdq_onnx(model: nn.Module, example_inputs: tuple, config: ExportConfig = 
     if not int_layers(model):
         raise NativeqError(f"export: {type(model).__name__} has no quantized layers (quantize_ or load a QAT run first)")
     model = model.eval()
+    traced_module = model if config.output_index is None else _SelectOutput(model, config.output_index)
     buf = io.BytesIO()
     with _markers(model), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model, tuple(example_inputs), buf, dynamo=False, opset_version=TRACE_OPSET,
+            traced_module, tuple(example_inputs), buf, dynamo=False, opset_version=TRACE_OPSET,
             input_names=list(config.input_names), output_names=list(config.output_names),
             dynamic_axes=dict(config.dynamic_axes), do_constant_folding=True,
             custom_opsets={MARKER_DOMAIN: 1},

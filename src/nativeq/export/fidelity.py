@@ -1,0 +1,78 @@
+"""Export fidelity: ONNX Runtime on the QDQ file vs the PyTorch integer model, layer by layer.
+
+Where it sits: after `export`, as its acceptance check (and the test of it). Every
+quantized layer's int8 output (`<layer>.output_q` in the QDQ graph) is compared with the
+integer the PyTorch layer produced, in steps. ORT runs with graph optimizations disabled
+(its optimized graph swaps in its own integer kernels, which round differently).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from nativeq.qat.convert import int_layers
+
+
+@dataclass(frozen=True)
+class LayerAgreement:
+    name: str
+    elements: int
+    exact: float  # fraction of int8 values that are equal
+    max_steps: int
+
+
+def ort_session(proto: onnx.ModelProto, extra_outputs: list[str] = (), threads: int = 1):
+    import onnxruntime as ort
+
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    have = {o.name for o in model.graph.output}
+    for name in extra_outputs:
+        if name not in have:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT8, None))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def compare_layers(int_model: nn.Module, proto: onnx.ModelProto, inputs: list[dict[str, np.ndarray]],
+                   forward=None) -> list[LayerAgreement]:
+    """Per quantized layer: agreement of its int8 output between ORT and PyTorch over `inputs`.
+
+    `inputs` are ORT feeds; `forward(model, feed)` runs the PyTorch model on one feed
+    (default: `model(*feed.values())`).
+    """
+    layers = [(n, m) for n, m in int_layers(int_model) if m.output_scale is not None]
+    names = [f"{n}.output_q" for n, _ in layers]
+    sess = ort_session(proto, names)
+    captured: dict[str, torch.Tensor] = {}
+    hooks = [
+        m.register_forward_hook(lambda mod, args, out, n=n: captured.__setitem__(n, torch.round(out / mod.output_scale)))
+        for n, m in layers
+    ]
+    totals = {n: [0, 0, 0] for n, _ in layers}  # elements, equal, max steps
+    try:
+        for feed in inputs:
+            with torch.no_grad():
+                tensors = [torch.from_numpy(v) for v in feed.values()]
+                forward(int_model, tensors) if forward else int_model(*tensors)
+            outs = dict(zip(names, sess.run(names, feed)))
+            for n, _ in layers:
+                ref = outs[f"{n}.output_q"].astype(np.int32)
+                got = captured[n].numpy().astype(np.int32)
+                diff = np.abs(ref - got)
+                t = totals[n]
+                t[0] += diff.size
+                t[1] += int((diff == 0).sum())
+                t[2] = max(t[2], int(diff.max(initial=0)))
+    finally:
+        for h in hooks:
+            h.remove()
+    return [LayerAgreement(n, t[0], t[1] / max(1, t[0]), t[2]) for n, t in totals.items()]
