@@ -16,6 +16,9 @@ library plus `tvm.runtime.load_module` and `tvm.runtime.vm.VirtualMachine` are a
 needs. nativeq does not set the variable itself, because a process that also compiles
 (tests, `nativeq verify` after `nativeq compile` in one Python session) needs the compiler.
 On a device, run with `TVM_USE_RUNTIME_LIB=1` (or install a runtime-only TVM build).
+Note that tvm-ffi 0.1.14's `__init__` itself does `import torch` when torch is installed (a
+workaround for a symbol clash), so on a development machine `import tvm` also pays torch's
+import time; nativeq's runtime never imports torch, and on a device without torch nothing does.
 """
 
 from __future__ import annotations
