@@ -209,3 +209,17 @@ def test_runner_is_rebuilt_when_its_source_changes(monkeypatch, tmp_path):
     assert first.with_suffix(".sha256").read_text() != stamp
     info = subprocess.run(["file", str(first)], capture_output=True, text=True).stdout if shutil.which("file") else ""
     assert not info or "aarch64" in info or "ARM aarch64" in info
+
+
+def test_instruction_count_per_inference_scales_with_the_work(built):
+    """The qemu plugin's per-inference count is deterministic and grows with the sequence length."""
+    artifact, _ = built["matmul", "rpi4"]
+    rng = np.random.default_rng(7)
+    short = emulate.count_instructions(artifact, {"x": rng.normal(0, 1, (1, 32, 64)).astype(np.float32)}, repeat=2)
+    long = emulate.count_instructions(artifact, {"x": rng.normal(0, 1, (1, 128, 64)).astype(np.float32)}, repeat=2)
+    again = emulate.count_instructions(artifact, {"x": rng.normal(0, 1, (1, 32, 64)).astype(np.float32)}, repeat=2)
+    print(short.summary(), long.summary(), sep="\n")
+    assert short.cpu == "cortex-a72" and short.per_inference > 10_000
+    assert abs(again.per_inference - short.per_inference) <= 0.01 * short.per_inference
+    assert 2.5 <= long.per_inference / short.per_inference <= 4.5  # 4x the rows of a matmul, plus fixed VM overhead
+    assert short.startup > short.per_inference  # loading the library and the VM dominate one short run

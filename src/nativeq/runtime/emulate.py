@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,8 @@ from nativeq.runtime.manifest import check_files, input_specs, output_specs, rea
 from nativeq.runtime.model import check_inputs
 
 RUNNER_SOURCE = Path(__file__).with_name("runner") / "nativeq_runner.cc"
+PLUGIN_SOURCE = Path(__file__).with_name("runner") / "insn_count.c"
+HOST_CC = ("gcc", "gcc")
 CROSS_CXX = ("aarch64-linux-gnu-g++", "g++-aarch64-linux-gnu")  # (tool, Debian package)
 QEMU = ("qemu-aarch64", "qemu-user")
 QEMU_SYSROOT = Path("/usr/aarch64-linux-gnu")  # aarch64 glibc/libstdc++ of the cross toolchain
@@ -165,17 +168,16 @@ def _run(argv: list[str], timeout: float, threads: int, artifact, cpu: str) -> s
         raise NativeqError(f"artifact {artifact} under qemu-aarch64 -cpu {cpu} did not finish in {timeout:.0f} s") from None
 
 
-def run_emulated(artifact_dir, inputs: Mapping[str, object], *, cpu: str | None = None,
-                 timeout: float = DEFAULT_TIMEOUT_S, threads: int = 1) -> list[np.ndarray]:
-    """Run the aarch64 artifact on `inputs` (name -> array) under qemu; return its outputs in manifest order.
-
-    `cpu` overrides the emulated CPU model (default: the target's `qemu_cpu`), e.g. to show
-    that a Pi 5 artifact refuses to run on a Pi 4's cortex-a72.
-    """
+def _emulate(artifact_dir, inputs: Mapping[str, object], cpu: str | None, timeout: float, threads: int,
+             runner_args: list[str] = (), plugin: Path | None = None) -> tuple[list[np.ndarray], str]:
+    """Run the artifact once under qemu; return (outputs, the plugin log text or "")."""
     with tempfile.TemporaryDirectory(prefix="nativeq-emulate-") as tmp:
         workdir = Path(tmp)
         manifest, argv, cpu = _prepare(artifact_dir, inputs, cpu, workdir)
-        proc = _run(_qemu_command(cpu, argv), timeout, threads, artifact_dir, cpu)
+        argv[3:3] = list(runner_args)
+        log = workdir / "plugin.log"
+        plugin_args = ["-plugin", str(plugin), "-d", "plugin", "-D", str(log)] if plugin else None
+        proc = _run(_qemu_command(cpu, argv, plugin_args), timeout, threads, artifact_dir, cpu)
         if proc.returncode != 0:
             raise _runner_failure(Path(artifact_dir), manifest["target"], cpu, proc)
         outputs = sorted(workdir.glob("out*.npy"), key=lambda p: int(p.stem[3:]))
@@ -184,4 +186,89 @@ def run_emulated(artifact_dir, inputs: Mapping[str, object], *, cpu: str | None 
             raise NativeqError(
                 f"artifact {artifact_dir} returned {len(outputs)} outputs under qemu, its manifest lists {expected}"
             )
-        return [np.load(p, allow_pickle=False) for p in outputs]
+        return [np.load(p, allow_pickle=False) for p in outputs], log.read_text() if log.is_file() else ""
+
+
+def run_emulated(artifact_dir, inputs: Mapping[str, object], *, cpu: str | None = None,
+                 timeout: float = DEFAULT_TIMEOUT_S, threads: int = 1) -> list[np.ndarray]:
+    """Run the aarch64 artifact on `inputs` (name -> array) under qemu; return its outputs in manifest order.
+
+    `cpu` overrides the emulated CPU model (default: the target's `qemu_cpu`), e.g. to show
+    that a Pi 5 artifact refuses to run on a Pi 4's cortex-a72.
+    """
+    outputs, _ = _emulate(artifact_dir, inputs, cpu, timeout, threads)
+    return outputs
+
+
+# ----------------------------------------------------------------------------- instruction counts
+def build_insn_plugin(force: bool = False) -> Path:
+    """Build the qemu instruction-counting TCG plugin with the host C compiler (cached by source hash).
+
+    Debian's qemu-user supports `-plugin` but ships no plugin library, so nativeq carries its own.
+    """
+    cc = require_tool(*HOST_CC)
+    library = arm_runtime_dir() / "plugins" / "libnativeq_insn.so"
+    stamp = library.with_suffix(".sha256")
+    digest = hashlib.sha256(PLUGIN_SOURCE.read_bytes() + cc.encode()).hexdigest()
+    if not force and library.is_file() and stamp.is_file() and stamp.read_text().strip() == digest:
+        return library
+    with tempfile.TemporaryDirectory(prefix="nativeq-plugin-") as tmp:
+        out = Path(tmp) / library.name
+        proc = subprocess.run([cc, "-shared", "-fPIC", "-O2", "-o", str(out), str(PLUGIN_SOURCE)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            first = next((line for line in proc.stderr.splitlines() if "error" in line), proc.stderr.strip()[:200])
+            raise NativeqError(f"building the qemu plugin {PLUGIN_SOURCE.name} with {HOST_CC[0]} failed: {first}")
+        write_bytes_atomic(library, out.read_bytes())
+    write_bytes_atomic(stamp, (digest + "\n").encode())
+    return library
+
+
+@dataclass(frozen=True)
+class InstructionCount:
+    """Guest instructions executed under qemu: per inference, and for the process around it."""
+
+    artifact: str
+    target: str
+    cpu: str
+    per_inference: int  # one call of the entry function (VM dispatch + kernels), steady state
+    startup: int  # everything else in a one-inference run: loading, VM init, .npy I/O, first call
+    repeat: int
+
+    def summary(self) -> str:
+        return (f"{self.artifact} (target {self.target}, qemu -cpu {self.cpu}): "
+                f"{self.per_inference / 1e6:.3f} M instructions per inference "
+                f"(mean of {self.repeat}; startup and first call {self.startup / 1e6:.1f} M)")
+
+
+def _insns(log: str, artifact) -> int:
+    for line in log.splitlines():
+        name, _, value = line.partition(" ")
+        if name == "insns" and value.strip().isdigit():
+            return int(value)
+    raise NativeqError(f"the qemu instruction-count plugin reported nothing for artifact {artifact}")
+
+
+def count_instructions(artifact_dir, inputs: Mapping[str, object], *, cpu: str | None = None, repeat: int = 5,
+                       timeout: float = DEFAULT_TIMEOUT_S) -> InstructionCount:
+    """Dynamic aarch64 instruction count of one inference, the only speed signal available without a device.
+
+    Runs the artifact twice under qemu with the counting plugin: one inference, then 1 + `repeat`
+    inferences; the difference divided by `repeat` is the steady-state count per inference.
+    """
+    if repeat < 1:
+        raise NativeqError(f"repeat must be at least 1, got {repeat}")
+    plugin = build_insn_plugin()
+    _, once = _emulate(artifact_dir, inputs, cpu, timeout, 1, plugin=plugin)
+    _, many = _emulate(artifact_dir, inputs, cpu, timeout, 1, runner_args=["--repeat", str(repeat)], plugin=plugin)
+    base, total = _insns(once, artifact_dir), _insns(many, artifact_dir)
+    manifest = read_manifest(artifact_dir)
+    target = manifest["target"]
+    return InstructionCount(
+        artifact=str(artifact_dir),
+        target=str(target.get("name")),
+        cpu=cpu or target.get("qemu_cpu") or "max",
+        per_inference=round((total - base) / repeat),
+        startup=base,
+        repeat=repeat,
+    )
