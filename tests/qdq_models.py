@@ -315,3 +315,108 @@ def unsupported_op_model() -> onnx.ModelProto:
     inits = [numpy_helper.from_array(np.array([4, 3], np.int64), "lens")]
     return _finish(nodes, inits, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 2, 8])],
                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 2, 8])], "unsupported")
+
+
+# ---------------------------------------------------------------------------------------------
+# An ORT-quantized transformer encoder, as a user would bring it: PyTorch float model ->
+# torch.onnx.export (TorchScript exporter, opset 17, dynamic T) -> onnxruntime quantize_static.
+
+ENCODER_FEATS = 80
+ENCODER_DIM = 64
+
+
+def _encoder_module(seed: int):
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, d: int, heads: int):
+            super().__init__()
+            self.heads = heads
+            self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+            self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+            self.ff_in, self.ff_out = nn.Linear(d, 4 * d), nn.Linear(2 * d, d)
+
+        def forward(self, x):
+            b, t, d = x.shape
+            q, k, v = self.qkv(self.norm1(x)).chunk(3, dim=-1)
+            split = lambda z: z.reshape(b, t, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
+            att = torch.softmax(split(q) @ split(k).transpose(-1, -2) * (d // self.heads) ** -0.5, dim=-1)
+            x = x + self.proj((att @ split(v)).transpose(1, 2).reshape(b, t, d))
+            h = self.ff_in(self.norm2(x))
+            gated = nn.functional.gelu(h[..., : 2 * d]) * torch.relu(h[..., 2 * d:])  # Slice, Erf-GELU, Relu, Mul
+            return x + self.ff_out(gated)
+
+    class Encoder(nn.Module):
+        def __init__(self, feats: int, d: int, blocks: int = 2, heads: int = 4, vocab: int = 32):
+            super().__init__()
+            self.subsample = nn.Conv1d(feats, d, kernel_size=3, stride=2, padding=1)
+            self.pos = nn.Embedding(512, d)
+            self.blocks = nn.ModuleList(Block(d, heads) for _ in range(blocks))
+            self.head = nn.Linear(d, vocab)
+
+        def forward(self, feats):  # [1, T, feats]
+            x = torch.relu(self.subsample(feats.transpose(1, 2))).transpose(1, 2)  # [1, T', d]
+            x = x + self.pos(torch.arange(x.shape[1]))  # Gather
+            x = torch.cat([x[:, :1], x[:, :-1]], dim=1) * 0.5 + x * 0.5  # time shift: Slice, Concat
+            for block in self.blocks:
+                x = block(x)
+            return torch.log_softmax(self.head(x[0]), dim=-1).unsqueeze(0)  # 2-D Linear: Gemm
+
+    torch.manual_seed(seed)
+    return Encoder(ENCODER_FEATS, ENCODER_DIM).eval()
+
+
+def float_encoder(seed: int = 0) -> onnx.ModelProto:
+    """The float transformer encoder exported to ONNX: feats[1, T, 80] -> logprobs[1, T_out, 32]."""
+    import io
+
+    import torch
+
+    module = _encoder_module(seed)
+    buf = io.BytesIO()
+    with torch.no_grad():
+        torch.onnx.export(module, (torch.randn(1, 40, ENCODER_FEATS),), buf, input_names=["feats"],
+                          output_names=["logprobs"], dynamic_axes={"feats": {1: "T"}, "logprobs": {1: "T_out"}},
+                          opset_version=17, dynamo=False)
+    model = onnx.load_from_string(buf.getvalue())
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+_ENCODER_CACHE: dict = {}
+
+
+def ort_quantized_encoder(act_dtype: str = "uint8", seed: int = 0) -> onnx.ModelProto:
+    """`float_encoder` quantized by `onnxruntime.quantization.quantize_static` (QDQ, per-channel int8 weights,
+    uint8 or int8 activations, calibrated on random features of a few lengths). Built once per process."""
+    key = (act_dtype, seed)
+    if key not in _ENCODER_CACHE:
+        _ENCODER_CACHE[key] = _quantize_encoder(act_dtype, seed)
+    return onnx.load_from_string(_ENCODER_CACHE[key])
+
+
+def _quantize_encoder(act_dtype: str, seed: int) -> bytes:
+    import tempfile
+    from pathlib import Path
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class RandomFeatures(CalibrationDataReader):
+        def __init__(self):
+            rng = np.random.default_rng(seed)
+            self._batches = iter([{"feats": rng.normal(0, 1, (1, t, ENCODER_FEATS)).astype(np.float32)}
+                                  for t in (24, 40, 64, 40, 32, 48)])
+
+        def get_next(self):
+            return next(self._batches, None)
+
+    with tempfile.TemporaryDirectory(prefix="nativeq-encoder-") as tmp:
+        src, dst = Path(tmp, "float.onnx"), Path(tmp, "qdq.onnx")
+        onnx.save(float_encoder(seed), src)
+        quantize_static(str(src), str(dst), RandomFeatures(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8 if act_dtype == "uint8" else QuantType.QInt8,
+                        weight_type=QuantType.QInt8)
+        model = onnx.load(dst)
+    onnx.checker.check_model(model, full_check=True)
+    return model.SerializeToString()

@@ -29,3 +29,6 @@ def onnx_convert_map() -> dict:
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
     return _get_convert_map()
+
+
+from tvm.relax.frontend.onnx import onnx_frontend  # noqa: F401,E402  (the importer nativeq extends)

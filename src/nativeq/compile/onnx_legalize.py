@@ -52,6 +52,7 @@ def legalize(model: onnx.ModelProto) -> onnx.ModelProto:
     _check_default_opset(out)
     ctx = _Context(out)
     widen_int4_initializers(ctx)
+    fold_static_shape_arithmetic(ctx)
     new_nodes = []
     for node in out.graph.node:
         replacement = None
@@ -113,7 +114,7 @@ class _Context:
         for node in _all_nodes(self.graph):
             self._used.update(node.output)
             self._used.add(node.name)
-        self.shapes = _infer_shapes(model)
+        self.shapes, self.static_dims = _infer_shapes(model)
 
     def fresh(self, base: str) -> str:
         name, i = base, 0
@@ -183,19 +184,20 @@ def _check_default_opset(model: onnx.ModelProto) -> None:
         raise NativeqError("model imports no default ONNX opset (opset_import has no '' / 'ai.onnx' entry)")
 
 
-def _infer_shapes(model: onnx.ModelProto) -> dict[str, int]:
-    """Rank of every tensor shape inference can type (used for negative-free axes)."""
+def _infer_shapes(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, list]]:
+    """Rank, and dims (an int, or None when symbolic), of every tensor shape inference can type."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:  # noqa: BLE001 - a model shape inference cannot type just gets fewer ranks
         inferred = model
-    ranks = {}
+    ranks, dims = {}, {}
     g = inferred.graph
     for vi in list(g.value_info) + list(g.input) + list(g.output):
         t = vi.type.tensor_type
         if t.HasField("shape"):
             ranks[vi.name] = len(t.shape.dim)
-    return ranks
+            dims[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+    return ranks, dims
 
 
 def _drop_stale_value_info(model: onnx.ModelProto) -> None:
@@ -244,6 +246,83 @@ def _as_scalar(ctx: _Context, name: str) -> str:
     if value is None or value.ndim == 0 or value.size != 1:
         return name
     return ctx.const(name + "_scalar", value.reshape(()))
+
+
+_SHAPE_ARITHMETIC_OPS = {
+    "Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Cast", "Add", "Sub", "Mul", "Div", "Slice", "Reshape",
+    "Range", "Equal", "Where", "Expand", "ConstantOfShape", "Identity", "Floor", "Ceil", "Sqrt", "Pow", "Neg",
+    "ReduceProd", "Max", "Min", "Mod", "Less", "Greater", "Not", "Size",
+}
+# NOTE: only tensors this small are folded: shape arithmetic, never weights (their Q/DQ must stay visible).
+_FOLD_MAX_ELEMENTS = 64
+
+
+def fold_static_shape_arithmetic(ctx: _Context) -> None:
+    """Replace shape computations whose result is static (e.g. `x.shape[-1] // 3` of a dynamic-T tensor) by constants.
+
+    Exporters compute slice bounds and reshape targets from `Shape` even when the dimension
+    is static; TVM's importer then emits dynamic strided slices it cannot build. Only small
+    tensors produced by shape-arithmetic ops are folded.
+    """
+    from onnx.reference import ReferenceEvaluator
+
+    consts: dict[str, np.ndarray] = {
+        name: numpy_helper.to_array(t) for name, t in ctx.initializers.items() if np.prod(t.dims) <= _FOLD_MAX_ELEMENTS
+    }
+    static_dims = ctx.static_dims
+    partial_shapes: dict[str, list] = {}  # Shape outputs with some symbolic dims: int or None per dim
+    graph_outputs = {o.name for o in ctx.graph.output}
+    kept = []
+    for node in ctx.graph.node:
+        value = None
+        if node.domain in ("", "ai.onnx") and not any(o in graph_outputs for o in node.output):
+            if node.op_type == "Constant":
+                value = [numpy_helper.to_array(_attr(node, "value"))] if _attr(node, "value") is not None else None
+            elif node.op_type == "Shape":
+                value = _static_shape(node, static_dims, partial_shapes)
+            elif node.op_type == "Gather" and node.input[0] in partial_shapes and node.input[1] in consts:
+                value = _gather_static_dims(partial_shapes[node.input[0]], consts[node.input[1]])
+            elif node.op_type in _SHAPE_ARITHMETIC_OPS and node.input and all(i == "" or i in consts for i in node.input):
+                value = _evaluate(ReferenceEvaluator, node, consts)
+        if value is None or any(v.size > _FOLD_MAX_ELEMENTS and node.op_type != "Constant" for v in value):
+            kept.append(node)
+            continue
+        for name, v in zip(node.output, value):
+            tensor = numpy_helper.from_array(np.asarray(v), name)
+            ctx.initializers[name] = tensor
+            ctx._new_inits.append(tensor)
+            if v.size <= _FOLD_MAX_ELEMENTS:
+                consts[name] = np.asarray(v)
+    del ctx.graph.node[:]
+    ctx.graph.node.extend(kept)
+
+
+def _static_shape(node: onnx.NodeProto, static_dims: dict[str, list], partial_shapes: dict) -> list[np.ndarray] | None:
+    dims = static_dims.get(node.input[0])
+    if dims is None:
+        return None
+    start, end = _attr(node, "start", 0), _attr(node, "end", None)
+    selected = dims[start:end]
+    if any(d is None for d in selected):
+        partial_shapes[node.output[0]] = selected
+        return None
+    return [np.array(selected, np.int64)]
+
+
+def _gather_static_dims(dims: list, indices: np.ndarray) -> list[np.ndarray] | None:
+    """`Gather(Shape(x), indices)` when every gathered dimension is static."""
+    picked = np.asarray(indices).reshape(-1)
+    if any(not -len(dims) <= i < len(dims) or dims[i] is None for i in picked):
+        return None
+    return [np.array([dims[i] for i in picked], np.int64).reshape(np.asarray(indices).shape)]
+
+
+def _evaluate(evaluator_cls, node: onnx.NodeProto, consts: dict[str, np.ndarray]) -> list[np.ndarray] | None:
+    try:
+        feeds = {i: consts[i] for i in node.input if i}
+        return [np.asarray(v) for v in evaluator_cls(node).run(None, feeds)]
+    except Exception:  # noqa: BLE001 - a node the reference evaluator cannot fold stays in the graph
+        return None
 
 
 # ---------------------------------------------------------------------------------------------

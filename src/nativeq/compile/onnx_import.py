@@ -1,0 +1,118 @@
+"""ONNX -> Relax import: `legalize`, `check_importable`, then TVM's importer with four fixes.
+
+This is the entry of `compile/`: everything after it works on the Relax module it returns.
+TVM 0.27's ONNX importer loses the static shape of typical exported models with a dynamic
+time axis (`pos_emb(arange(T))`, `x[:, :-1]`), after which it cannot build them
+("shape_of expects a tensor input", "CodeGenVM cannot emit this Relax operator"). The
+importer used here differs from `tvm.relax.frontend.onnx.from_onnx` only in:
+
+- `Range` with a constant start and delta and a symbolic limit keeps the symbolic length
+  (TVM's converter creates a fresh, unrelated length variable);
+- `Gather` on a shape value that is not a literal `ShapeExpr` converts it to a tensor first;
+- scalar immediates folded from shape arithmetic become constants of the other operand's
+  dtype (TVM keeps `(d // heads) ** -0.5` as a float64 immediate and then refuses the Mul);
+- operands of a broadcasting elementwise op whose shapes are equal but not provably so are
+  `match_cast` to one spelling of each dimension (checked at run time by the VM).
+"""
+
+from __future__ import annotations
+
+import onnx
+
+from nativeq.compile._tvm import onnx_frontend, relax, tvm
+from nativeq.compile.onnx_legalize import check_importable, legalize
+
+_BROADCAST_OPS = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Where", "Equal", "Less", "Greater", "And", "Or"}
+
+
+def import_onnx(model: onnx.ModelProto, shape_dict: dict | None = None) -> "tvm.IRModule":
+    """Legalize `model`, check every op is importable, and import it into a Relax IRModule."""
+    model = legalize(model)
+    check_importable(model)
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    importer = _Importer(shape_dict or {}, "float32", keep_params_in_input=False, sanitize=True)
+    return importer.from_onnx(model.graph, opset)
+
+
+class _Range(onnx_frontend.Range):
+    @classmethod
+    def _impl_v12(cls, bb, inputs, attr, params):
+        start, limit, delta = (onnx_frontend.get_constant(i, params) for i in inputs[:3])
+        start_value, delta_value = _int_scalar(start), _int_scalar(delta)
+        if start_value is not None and delta_value is not None and tvm.ir.is_prim_expr(limit):
+            return relax.op.arange(start_value, limit, delta_value, str(start.ty.dtype))
+        return super()._impl_v12(bb, inputs, attr, params)
+
+
+class _Gather(onnx_frontend.Gather):
+    @classmethod
+    def _impl_v13(cls, bb, inputs, attr, params):
+        data = inputs[0]
+        if isinstance(data.ty, relax.ShapeType) and not isinstance(data, relax.ShapeExpr):
+            inputs[0] = bb.normalize(relax.op.shape_to_tensor(data))
+        return super()._impl_v13(bb, inputs, attr, params)
+
+
+_CONVERTER_FIXES = {"Range": _Range, "Gather": _Gather}
+
+
+class _Importer(onnx_frontend.ONNXGraphImporter):
+    def _convert_operator(self, op_name, inputs, attrs, opset):
+        if op_name in _BROADCAST_OPS:
+            inputs = _unify_operand_shapes(self.bb, _immediates_as_tensor_constants(inputs))
+        fixed = _CONVERTER_FIXES.get(op_name)
+        if fixed is None:
+            result = super()._convert_operator(op_name, inputs, attrs, opset)
+        else:
+            result = self.bb.normalize(fixed.get_converter(opset)(self.bb, inputs, attrs, [self._nodes, self._params]))
+        return result
+
+
+def _immediates_as_tensor_constants(inputs):
+    """Scalar immediates folded from shape arithmetic (e.g. `T.float64(0.25)`) as constants of the tensor operand's dtype."""
+    dtypes = [str(i.ty.dtype) for i in inputs if isinstance(getattr(i, "ty", None), relax.TensorType)]
+    if not dtypes:
+        return inputs
+    for k, inp in enumerate(inputs):
+        if isinstance(inp, (tvm.tirx.FloatImm, tvm.tirx.IntImm)):
+            inputs[k] = relax.const(inp.value, dtypes[0])
+    return inputs
+
+
+def _int_scalar(expr) -> int | None:
+    if isinstance(expr, tvm.ir.GenericConst) and expr.value.numpy().size == 1 and "int" in str(expr.ty.dtype):
+        return int(expr.value.numpy().item())
+    return None
+
+
+def _unify_operand_shapes(bb, inputs):
+    """Match-cast operands of a broadcasting op to one spelling of each dimension.
+
+    The importer's shape arithmetic can spell one runtime length two ways (`T` and
+    `min(1, T) + min(max(T - 1, 0), T)` after a slice and concat); the op's result shape
+    is then unknown and cannot be built. Each non-1 dimension takes its shortest spelling;
+    the VM checks the match at run time.
+    """
+    shapes = {}
+    for k, inp in enumerate(inputs):
+        ty = getattr(inp, "ty", None)
+        if isinstance(ty, relax.TensorType) and ty.shape is not None:
+            shapes[k] = list(ty.shape.values)
+    if len(shapes) < 2:
+        return inputs
+    ndim = max(len(s) for s in shapes.values())
+
+    def is_one(d):
+        return isinstance(d, tvm.tirx.IntImm) and d.value == 1
+
+    chosen = []
+    for axis in range(ndim):
+        dims = [s[axis - ndim + len(s)] for s in shapes.values() if axis - ndim + len(s) >= 0]
+        non_one = [d for d in dims if not is_one(d)]
+        chosen.append(min(non_one, key=lambda d: len(str(d))) if non_one else None)
+    for k, dims in shapes.items():
+        offset = ndim - len(dims)
+        new_dims = [d if is_one(d) else chosen[offset + i] for i, d in enumerate(dims)]
+        if [str(d) for d in new_dims] != [str(d) for d in dims]:
+            inputs[k] = bb.match_cast(inputs[k], relax.TensorType(new_dims, inputs[k].ty.dtype))
+    return inputs
