@@ -278,5 +278,25 @@ def export_cmd(run, out, force):
                f"sparsity {result['sparsity']}; QDQ lint: {lint})")
 
 
+@main.command()
+@click.argument("model", type=click.Path())
+@click.option("--target", "-t", default="host", show_default=True, help="Target to compile for (must run on this machine).")
+@click.option("--artifact", type=click.Path(), default=None, help="Time this compiled artifact instead of compiling MODEL.")
+@click.option("--float-onnx", type=click.Path(), default=None, help="The float model, timed in ORT too.")
+@click.option("--dim", "dims", multiple=True, help="Fix a symbolic dim, e.g. --dim T=200 (default: 64).")
+@click.option("--threads", default=2, show_default=True, help="Threads for every engine.")
+@click.option("--warmup", default=3, show_default=True)
+@click.option("--repeat", default=20, show_default=True, help="Timed runs per engine, interleaved.")
+@click.option("--json", "as_json", is_flag=True)
+def bench(model, target, artifact, float_onnx, dims, threads, warmup, repeat, as_json):
+    """Latency of the compiled MODEL next to ONNX Runtime (QDQ and float), side by side in one run."""
+    from nativeq.verify.bench import BenchConfig, bench_model
+
+    cfg = BenchConfig(target=target, artifact=artifact, float_onnx=float_onnx, dims=_parse_dims(dims), threads=threads,
+                      warmup=warmup, repeat=repeat)
+    report = bench_model(model, cfg)
+    click.echo(report.to_json() if as_json else report.table())
+
+
 if __name__ == "__main__":
     main()

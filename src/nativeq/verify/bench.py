@@ -1,0 +1,174 @@
+"""`nativeq bench`: latency of a compiled artifact next to ONNX Runtime, measured side by side.
+
+Every engine runs on the same inputs with the same thread count, and the timed runs are
+interleaved round-robin (engine A, B, C, A, B, C, ...) so that noise from a shared machine
+hits all engines alike. The report gives median, p10 and p90 per engine and the ratio of the
+compiled artifact's median to the best ONNX Runtime median. Numbers belong in benchmarks
+and the README, never in timed unit tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from nativeq.errors import NativeqError
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """target: compile MODEL for it (ignored when `artifact` names an existing artifact).
+    float_onnx: the float model the QDQ one came from, timed in ORT too.
+    dims: sizes of symbolic dims (default 64 each). threads: for every engine.
+    warmup / repeat: untimed and timed runs per engine.
+    """
+
+    target: str = "host"
+    artifact: str | None = None
+    float_onnx: str | None = None
+    dims: dict = field(default_factory=dict)
+    threads: int = 2
+    warmup: int = 3
+    repeat: int = 20
+    seed: int = 0
+
+
+@dataclass
+class EngineTiming:
+    name: str
+    times_ms: list[float]
+
+    @property
+    def median(self) -> float:
+        return float(np.median(self.times_ms))
+
+    @property
+    def p10(self) -> float:
+        return float(np.percentile(self.times_ms, 10))
+
+    @property
+    def p90(self) -> float:
+        return float(np.percentile(self.times_ms, 90))
+
+
+@dataclass
+class BenchReport:
+    model: str
+    target: str
+    threads: int
+    dims: dict
+    engines: list[EngineTiming]
+
+    @property
+    def compiled(self) -> EngineTiming:
+        return self.engines[0]
+
+    @property
+    def ort_best(self) -> EngineTiming:
+        return min((e for e in self.engines if e.name.startswith("ort")), key=lambda e: e.median)
+
+    @property
+    def ratio(self) -> float:
+        """compiled median / best ORT median (< 1: the compiled artifact is faster)."""
+        return self.compiled.median / self.ort_best.median
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "target": self.target,
+            "threads": self.threads,
+            "dims": self.dims,
+            "engines": [
+                {"name": e.name, "median_ms": e.median, "p10_ms": e.p10, "p90_ms": e.p90, "runs": len(e.times_ms)}
+                for e in self.engines
+            ],
+            "ort_best": self.ort_best.name,
+            "ratio_compiled_to_ort_best": self.ratio,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def table(self) -> str:
+        dims = ", ".join(f"{k}={v}" for k, v in self.dims.items()) or "static"
+        lines = [
+            f"model {self.model}  target {self.target}  threads {self.threads}  dims {dims}",
+            f"{'engine':<28} {'median ms':>10} {'p10 ms':>10} {'p90 ms':>10}",
+        ]
+        for e in self.engines:
+            lines.append(f"{e.name:<28} {e.median:>10.3f} {e.p10:>10.3f} {e.p90:>10.3f}")
+        lines.append(f"compiled / ORT best ({self.ort_best.name}): {self.ratio:.3f}x")
+        return "\n".join(lines)
+
+
+def _ort_runner(path: str, level: str, threads: int, feeds: dict):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[level]
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
+    missing = names - set(feeds)
+    if missing:
+        raise NativeqError(f"{path}: inputs {sorted(missing)} are not inputs of the compiled model; cannot time it on the same inputs")
+    own_feeds = {k: v for k, v in feeds.items() if k in names}
+    return lambda: session.run(None, own_feeds)
+
+
+def _time_interleaved(runners: dict, warmup: int, repeat: int) -> list[EngineTiming]:
+    for run in runners.values():
+        for _ in range(warmup):
+            run()
+    times = {name: [] for name in runners}
+    for _ in range(repeat):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return [EngineTiming(name, t) for name, t in times.items()]
+
+
+def bench_model(model_path, cfg: BenchConfig) -> BenchReport:
+    """Compile (unless cfg.artifact is given) and time MODEL against ONNX Runtime."""
+    if cfg.threads < 1:
+        raise NativeqError(f"--threads must be ≥ 1, got {cfg.threads}")
+    # NOTE: the TVM thread pool reads TVM_NUM_THREADS when it first starts, so set it before any run.
+    os.environ["TVM_NUM_THREADS"] = str(cfg.threads)
+    model_path = Path(model_path)
+    from nativeq.compile import CompileConfig, compile_model, load_onnx
+    from nativeq.runtime import load
+    from nativeq.verify.inputs import check_dims, random_inputs
+
+    onnx_model = load_onnx(model_path)
+    with tempfile.TemporaryDirectory(prefix="nativeq-bench-") as tmp:
+        if cfg.artifact:
+            artifact = Path(cfg.artifact)
+        else:
+            artifact = Path(tmp) / "artifact"
+            compile_model(model_path, artifact, CompileConfig(target=cfg.target))
+        compiled = load(artifact)
+        check_dims(compiled.inputs, cfg.dims)
+        feeds = random_inputs(compiled.inputs, onnx_model, cfg.dims, cfg.seed)
+        runners = {f"nativeq int8 ({compiled.target})": lambda: compiled.run(feeds)}
+        runners["ort qdq (opt all)"] = _ort_runner(str(model_path), "all", cfg.threads, feeds)
+        runners["ort qdq (opt disabled)"] = _ort_runner(str(model_path), "disable", cfg.threads, feeds)
+        if cfg.float_onnx:
+            load_onnx(cfg.float_onnx)  # a clear error for a missing or broken file
+            runners["ort fp32 (opt all)"] = _ort_runner(str(cfg.float_onnx), "all", cfg.threads, feeds)
+        engines = _time_interleaved(runners, cfg.warmup, cfg.repeat)
+    dims = {s: cfg.dims.get(s, None) for spec in compiled.inputs for s in spec.shape if isinstance(s, str)}
+    from nativeq.verify.inputs import DEFAULT_DIM
+
+    dims = {k: (v if v is not None else DEFAULT_DIM) for k, v in dims.items()}
+    return BenchReport(str(model_path), compiled.target, cfg.threads, dims, engines)

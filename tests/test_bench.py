@@ -1,0 +1,39 @@
+"""`nativeq bench`: the report's structure and arithmetic (no timing assertions: machines are noisy)."""
+
+import json
+
+import onnx
+import pytest
+
+import qdq_models
+
+
+@pytest.fixture(scope="module")
+def qdq_model_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "mm.onnx"
+    onnx.save(qdq_models.qdq_matmul(k=32, n=16), str(path))
+    return path
+
+
+def test_bench_json_reports_every_engine_and_the_ratio(nativeq_cli, qdq_model_path):
+    proc = nativeq_cli("bench", qdq_model_path, "--dim", "T=8", "--repeat", "3", "--warmup", "1", "--threads", "1",
+                       "--float-onnx", qdq_model_path, "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    names = [e["name"] for e in report["engines"]]
+    assert names[0].startswith("nativeq int8")
+    assert {"ort qdq (opt all)", "ort qdq (opt disabled)", "ort fp32 (opt all)"} <= set(names)
+    assert report["dims"] == {"T": 8} and report["threads"] == 1
+    for e in report["engines"]:
+        assert e["runs"] == 3
+        assert 0 < e["p10_ms"] <= e["median_ms"] <= e["p90_ms"]
+    ort = [e for e in report["engines"] if e["name"].startswith("ort")]
+    best = min(ort, key=lambda e: e["median_ms"])
+    assert report["ort_best"] == best["name"]
+    assert report["ratio_compiled_to_ort_best"] == pytest.approx(report["engines"][0]["median_ms"] / best["median_ms"])
+
+
+def test_bench_rejects_unknown_dim(nativeq_cli, qdq_model_path):
+    proc = nativeq_cli("bench", qdq_model_path, "--dim", "Q=8", "--repeat", "1")
+    assert proc.returncode != 0
+    assert proc.stderr.startswith("error:") and "Q" in proc.stderr and "Traceback" not in proc.stderr
