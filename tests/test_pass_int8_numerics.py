@@ -1,6 +1,6 @@
 """The int8 rewrite against ONNX Runtime: real QDQ models, TVM's default build, ORT with optimizations off.
 
-Every model goes ONNX -> (onnx_legalize) -> from_onnx -> LowerQDQToInteger -> tvm.compile, in both
+Every model goes ONNX -> (onnx_legalize) -> from_onnx -> the int8 passes -> tvm.compile, in both
 kernel activation forms (uint8 as on x86, int8 as on ARM), and must agree with ORT within one
 quantization step, with nearly all outputs exact. Also: no matmul/conv fed by a dequantize is left,
 the legalized kernels accumulate in int32, and TVM's quantize rounds half to even like ORT.
@@ -16,7 +16,7 @@ import tvm
 from tvm import relax
 
 from nativeq.compile.onnx_legalize import legalize
-from nativeq.compile.passes.int8 import explain_sites
+from nativeq.compile.passes.int8 import explain_sites, lowering_passes
 from nativeq.compile.passes.lower_qdq_to_integer import LowerQDQToInteger
 from nativeq.compile.passes.qdq_sites import CONTRACTION_OPS, op_name
 from nativeq.targets.registry import get_target
@@ -73,7 +73,7 @@ def contractions_fed_by_dequantize(mod) -> list[str]:
 def test_integer_rewrite_matches_onnxruntime(name, build, shape, step, activation_dtype):
     original = build()
     mod = relax.frontend.onnx.from_onnx(legalize(original), keep_params_in_input=False)
-    lowered = LowerQDQToInteger(activation_dtype)(mod)
+    lowered = tvm.transform.Sequential(lowering_passes(activation_dtype))(mod)
 
     assert contractions_fed_by_dequantize(lowered) == []
     sites = explain_sites(lowered, get_target("x86-avx512-vnni" if activation_dtype == "uint8" else "rpi5"))
@@ -121,3 +121,17 @@ def test_legalized_kernel_accumulates_in_int32():
     update = re.search(r"(\w+)\[[^\]]*\] = \1\[[^\]]*\] \+ (.*)", script)
     assert update is not None and update.group(2).count('T.Cast("int32"') == 2
     assert "float" not in script
+
+
+def test_requantize_epilogue_fuses_into_the_integer_kernel():
+    """TVM's FuseOps puts correction, rescale, bias, relu and the next quantize in the conv's kernel:
+    no int32 intermediate is written to memory."""
+    mod = relax.frontend.onnx.from_onnx(qm.qdq_conv2d(act_dtype="int8"), keep_params_in_input=False)
+    mod = tvm.transform.Sequential(lowering_passes("uint8"))(mod)
+    fused = tvm.transform.Sequential([relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                                      relax.transform.FoldConstant(), relax.transform.FuseOps(),
+                                      relax.transform.FuseTIR()])(mod)
+    kernels = [str(gv) for gv, f in fused.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    (conv,) = [k for k in kernels if "conv2d" in k]
+    for op in ("subtract", "cast", "multiply", "add", "relu", "quantize"):
+        assert op in conv, (op, kernels)

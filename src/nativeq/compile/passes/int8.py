@@ -7,6 +7,7 @@ every matmul/conv, whether that list turns it into an integer kernel or leaves i
 from __future__ import annotations
 
 from nativeq.compile._tvm import relax
+from nativeq.compile.passes.fold_bias_into_accumulator import FoldBiasIntoAccumulator
 from nativeq.compile.passes.lower_qdq_to_integer import LowerQDQToInteger
 from nativeq.compile.passes.qdq_sites import CONTRACTION_OPS, QdqSite, match_site, op_name
 
@@ -18,9 +19,17 @@ def activation_dtype(target) -> str | None:
     return {"x86_64": "uint8", "aarch64": "int8"}.get(target.arch)
 
 
+def lowering_passes(kernel_activation_dtype: str | None) -> list:
+    """The int8 passes in pipeline order, for kernels reading `kernel_activation_dtype` activations."""
+    return [
+        LowerQDQToInteger(kernel_activation_dtype),
+        FoldBiasIntoAccumulator(require_exact=True),
+    ]
+
+
 def int8_passes(target) -> list:
     """Relax passes that turn dequantize -> matmul/conv -> quantize into integer kernels for `target`."""
-    return [LowerQDQToInteger(activation_dtype(target))]
+    return lowering_passes(activation_dtype(target))
 
 
 def _name(var) -> str:

@@ -164,3 +164,30 @@ def match_site(call, var2val) -> QdqSite | str:
     x_q, x_dtype, x_scale, x_zero_point = activation
     w, w_scale = weight
     return QdqSite(op, call, x_q, x_dtype, x_scale, x_zero_point, w, w_scale)
+
+
+def static_value(expr, var2val) -> np.ndarray | None:
+    """The value of `expr` if it is computable at compile time from constants alone.
+
+    Covers what the importer puts around constants before FoldConstant runs: reshape, and
+    dequantize (evaluated as ONNX Runtime does, `(q - zero_point) * scale` in float32).
+    """
+    expr = _resolve(expr, var2val)
+    value = _const_array(expr)
+    if value is not None:
+        return value
+    name = op_name(expr)
+    if name == "relax.reshape" and isinstance(expr.args[1], relax.ShapeExpr):
+        data = static_value(expr.args[0], var2val)
+        shape = [int(d) for d in expr.args[1].values]
+        return None if data is None else data.reshape(shape)
+    if name == "relax.dequantize" and str(expr.attrs.out_dtype) == "float32":
+        data, scale, zero_point = (static_value(a, var2val) for a in expr.args)
+        if data is None or scale is None or zero_point is None:
+            return None
+        shape = [1] * data.ndim
+        if scale.size > 1 or zero_point.size > 1:
+            shape[int(expr.attrs.axis) % data.ndim] = -1
+        centered = data.astype(np.int64) - zero_point.astype(np.int64).reshape(shape if zero_point.size > 1 else ())
+        return (centered.astype(np.float32) * scale.astype(np.float32).reshape(shape if scale.size > 1 else ()))
+    return None
