@@ -4,7 +4,7 @@ Run by `make arm-runtime` (part of `make setup`). Downloads the aarch64 `apache-
 `apache-tvm-ffi` wheels of exactly the versions installed in this venv, keeps only
 `libtvm_runtime.so`, `libtvm_ffi.so` and the tvm-ffi C++ headers in the cache directory (see
 `nativeq.runtime.emulate.arm_runtime_dir`), then cross-compiles `nativeq_runner` against
-them. Idempotent: does nothing when the cache already holds the matching versions.
+them, and builds nativeq's qemu instruction-count plugin. Idempotent: does nothing when the cache already holds the matching versions.
 
     python scripts/fetch_arm_runtime.py [--force]
 """
@@ -95,6 +95,8 @@ def main() -> int:
         fetch(force=args.force)
         runner = emulate.build_runner()
         print(f"aarch64 runner: {runner}")
+        plugin = emulate.build_insn_plugin()
+        print(f"qemu instruction-count plugin: {plugin}")
     except NativeqError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

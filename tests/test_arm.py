@@ -7,6 +7,7 @@ Needs the cross toolchain, qemu-user and `make arm-runtime` (all part of `make s
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 
@@ -223,3 +224,21 @@ def test_instruction_count_per_inference_scales_with_the_work(built):
     assert abs(again.per_inference - short.per_inference) <= 0.01 * short.per_inference
     assert 2.5 <= long.per_inference / short.per_inference <= 4.5  # 4x the rows of a matmul, plus fixed VM overhead
     assert short.startup > short.per_inference  # loading the library and the VM dominate one short run
+
+
+def test_bench_emulated_cli_compares_int8_and_float_builds(built, nativeq_cli, tmp_path):
+    _, onnx_path = built["matmul", "rpi4"]
+    float_build = tmp_path / "matmul_rpi4_float"
+    compile_model(onnx_path, float_build, CompileConfig(target="rpi4", int8=False))
+    proc = nativeq_cli("bench-emulated", built["matmul", "rpi4"][0], built["matmul", "rpi5"][0], float_build,
+                       "--dim", "T=64", "--repeat", "2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["artifact"]: r for r in json.loads(proc.stdout)["rows"]}
+    int8_rpi4 = rows[str(built["matmul", "rpi4"][0])]
+    assert int8_rpi4["int8"] and not rows[str(float_build)]["int8"]
+    assert [r["cpu"] for r in rows.values()] == ["cortex-a72", "cortex-a76", "cortex-a72"]
+    assert all(r["insns_per_inference"] > 10_000 for r in rows.values())
+    print({name: r["insns_per_inference"] for name, r in rows.items()})
+
+    bad = nativeq_cli("bench-emulated", built["matmul", "rpi4"][0], "--dim", "S=3")
+    assert bad.returncode == 2 and "error: --dim S: the model has no symbolic dim 'S'" in bad.stderr

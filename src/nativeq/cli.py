@@ -298,5 +298,20 @@ def bench(model, target, artifact, float_onnx, dims, threads, warmup, repeat, as
     click.echo(report.to_json() if as_json else report.table())
 
 
+# ----------------------------------------------------------------------------- bench-emulated
+@main.command("bench-emulated")
+@click.argument("artifacts", nargs=-1, required=True, type=click.Path())
+@click.option("--dim", "dims", multiple=True, help="Fix a symbolic dim, e.g. --dim T=200 (default: 64).")
+@click.option("--repeat", default=5, show_default=True, help="Inferences counted per artifact (mean).")
+@click.option("--cpu", default=None, help="qemu CPU model for every artifact (default: each target's own).")
+@click.option("--json", "as_json", is_flag=True)
+def bench_emulated_cmd(artifacts, dims, repeat, cpu, as_json):
+    """aarch64 instructions per inference of ARTIFACTS under qemu (e.g. rpi4, rpi5 and float builds)."""
+    from nativeq.runtime.insn_bench import InsnBenchConfig, bench_emulated
+
+    result = bench_emulated(artifacts, InsnBenchConfig(dims=_parse_dims(dims), repeat=repeat, cpu=cpu))
+    click.echo(result.to_json() if as_json else result.table())
+
+
 if __name__ == "__main__":
     main()
