@@ -242,3 +242,24 @@ def test_bench_emulated_cli_compares_int8_and_float_builds(built, nativeq_cli, t
 
     bad = nativeq_cli("bench-emulated", built["matmul", "rpi4"][0], "--dim", "S=3")
     assert bad.returncode == 2 and "error: --dim S: the model has no symbolic dim 'S'" in bad.stderr
+
+
+def test_runner_signal_becomes_one_line_error(tmp_path):
+    """Should an instruction still fault (a hand-edited manifest without the feature), the user sees the signal."""
+    proc = subprocess.CompletedProcess(args=[], returncode=-4, stdout="", stderr="qemu: uncaught target signal 4 (Illegal instruction) - core dumped\n")
+    error = emulate._runner_failure(tmp_path, {"name": "rpi5"}, "cortex-a72", proc)
+    assert str(error) == (f"artifact {tmp_path} (target rpi5) under qemu-aarch64 -cpu cortex-a72 died with SIGILL: "
+                          "qemu: uncaught target signal 4 (Illegal instruction) - core dumped")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["rpi4", "rpi5"])
+def test_ort_quantized_encoder_verifies_under_qemu(tmp_path, target):
+    onnx_path = tmp_path / "encoder.onnx"
+    onnx.save(qdq_models.ort_quantized_encoder("uint8"), onnx_path)
+    artifact = tmp_path / target
+    compile_model(onnx_path, artifact, CompileConfig(target=target))
+    report = verify_artifact(artifact, onnx_path, VerifyConfig(runs=2, dims={"T": 48}))
+    print(report.table())
+    assert report.execution.startswith("emulated")
+    assert report.passed, report.table()
