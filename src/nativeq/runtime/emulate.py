@@ -129,7 +129,7 @@ def _runner_failure(artifact: Path, target: dict, cpu: str, proc: subprocess.Com
     return NativeqError(f"{where} failed (exit {proc.returncode}): {message or 'no message'}")
 
 
-def _prepare(artifact_dir, inputs: Mapping[str, object], cpu: str | None, workdir: Path):
+def _prepare(artifact_dir, inputs: Mapping[str, object], cpu: str | None, workdir: Path, runner_args=()):
     """Check the artifact and inputs; write the inputs as .npy; return (manifest, runner argv, cpu)."""
     artifact = Path(artifact_dir)
     manifest = read_manifest(artifact)
@@ -146,7 +146,7 @@ def _prepare(artifact_dir, inputs: Mapping[str, object], cpu: str | None, workdi
     features = list(target.get("cpu_features") or [])
     if features:
         argv += ["--require", ",".join(features)]
-    argv += ["--entry", manifest.get("entry", "main")]
+    argv += ["--entry", manifest.get("entry", "main"), *runner_args]
     for i, array in enumerate(arrays):
         path = workdir / f"in{i}.npy"
         _write_npy(path, array)
@@ -173,8 +173,7 @@ def _emulate(artifact_dir, inputs: Mapping[str, object], cpu: str | None, timeou
     """Run the artifact once under qemu; return (outputs, the plugin log text or "")."""
     with tempfile.TemporaryDirectory(prefix="nativeq-emulate-") as tmp:
         workdir = Path(tmp)
-        manifest, argv, cpu = _prepare(artifact_dir, inputs, cpu, workdir)
-        argv[3:3] = list(runner_args)
+        manifest, argv, cpu = _prepare(artifact_dir, inputs, cpu, workdir, runner_args)
         log = workdir / "plugin.log"
         plugin_args = ["-plugin", str(plugin), "-d", "plugin", "-D", str(log)] if plugin else None
         proc = _run(_qemu_command(cpu, argv, plugin_args), timeout, threads, artifact_dir, cpu)
