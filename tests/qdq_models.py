@@ -370,12 +370,14 @@ def _encoder_module(seed: int):
 def float_encoder(seed: int = 0) -> onnx.ModelProto:
     """The float transformer encoder exported to ONNX: feats[1, T, 80] -> logprobs[1, T_out, 32]."""
     import io
+    import warnings
 
     import torch
 
     module = _encoder_module(seed)
     buf = io.BytesIO()
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter is what works offline
         torch.onnx.export(module, (torch.randn(1, 40, ENCODER_FEATS),), buf, input_names=["feats"],
                           output_names=["logprobs"], dynamic_axes={"feats": {1: "T"}, "logprobs": {1: "T_out"}},
                           opset_version=17, dynamo=False)
@@ -420,3 +422,13 @@ def _quantize_encoder(act_dtype: str, seed: int) -> bytes:
         model = onnx.load(dst)
     onnx.checker.check_model(model, full_check=True)
     return model.SerializeToString()
+
+
+def int4_activation_qdq(c: int = 32, t="T", signed: bool = True) -> onnx.ModelProto:
+    """x -> QuantizeLinear to INT4/UINT4 (4-bit zero point) -> DequantizeLinear -> y: saturates to the 4-bit range."""
+    dtype, zp = (TensorProto.INT4, 0) if signed else (TensorProto.UINT4, 8)
+    inits = [numpy_helper.from_array(np.array(0.1, np.float32), "x_scale"), helper.make_tensor("x_zp", dtype, [], [zp])]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zp"], ["x_q"], name="x_Q"),
+             helper.make_node("DequantizeLinear", ["x_q", "x_scale", "x_zp"], ["y"], name="x_DQ")]
+    return _finish(nodes, inits, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, t, c])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, t, c])], "int4_activation_qdq")

@@ -29,7 +29,12 @@ def import_onnx(model: onnx.ModelProto, shape_dict: dict | None = None) -> "tvm.
     """Legalize `model`, check every op is importable, and import it into a Relax IRModule."""
     model = legalize(model)
     check_importable(model)
-    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    return from_onnx_fixed(model, shape_dict)
+
+
+def from_onnx_fixed(model: onnx.ModelProto, shape_dict: dict | None = None) -> "tvm.IRModule":
+    """`tvm.relax.frontend.onnx.from_onnx(model, keep_params_in_input=False)` with the fixes above."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
     importer = _Importer(shape_dict or {}, "float32", keep_params_in_input=False, sanitize=True)
     return importer.from_onnx(model.graph, opset)
 

@@ -1,0 +1,215 @@
+"""ONNX legalization and import: every zoo model, legalized, computes what ORT computes on the
+original, imports into TVM, and (built with TVM's default llvm pipeline) agrees with ORT."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import qdq_models as zoo
+from nativeq.compile.onnx_legalize import FLOAT32_EXACT_INT, check_importable, legalize
+from nativeq.errors import NativeqError
+
+
+def ort_run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def tvm_run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
+    """Import with nativeq's importer and build with TVM's default pipeline for llvm (no nativeq passes)."""
+    import tvm
+    from tvm import relax
+
+    from nativeq.compile.onnx_import import import_onnx
+
+    executable = tvm.compile(import_onnx(model), target=tvm.target.Target({"kind": "llvm"}))
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    out = vm["main"](*[tvm.runtime.tensor(v) for v in feeds.values()])
+    return [o.numpy() for o in out] if isinstance(out, (list, tuple, tvm.ir.Array)) else [out.numpy()]
+
+
+def _x(shape, seed=0, spread=2.0):
+    return {"x": np.random.default_rng(seed).normal(0, spread, shape).astype(np.float32)}
+
+
+# (builder, input shape, output quantization step or None for an exact integer/float output,
+#  ops the stock TVM importer lacks in the original)
+ZOO = {
+    "qlinear_matmul_u8": (lambda: zoo.qlinear_matmul(), (37, 64), 0.25, {"QLinearMatMul"}),
+    "qlinear_matmul_s8_per_tensor": (lambda: zoo.qlinear_matmul(act_dtype="int8", per_channel=False), (37, 64), 0.25,
+                                     {"QLinearMatMul"}),
+    "qlinear_conv1d_u8": (lambda: zoo.qlinear_conv(), (1, 16, 50), 0.1, {"QLinearConv"}),
+    "qlinear_conv1d_s8_no_bias": (lambda: zoo.qlinear_conv(act_dtype="int8", bias=False), (1, 16, 50), 0.1, {"QLinearConv"}),
+    "qlinear_conv2d_s8_stride2": (lambda: zoo.qlinear_conv(kernel=(3, 3), spatial=(14, 14), stride=2, act_dtype="int8"),
+                                  (1, 16, 14, 14), 0.1, {"QLinearConv"}),
+    "qlinear_conv1d_depthwise": (lambda: zoo.qlinear_conv(c_in=24, c_out=24, groups=24, kernel=(5,)), (1, 24, 50), 0.1,
+                                 {"QLinearConv"}),
+    "qlinear_conv2d_per_tensor": (lambda: zoo.qlinear_conv(kernel=(3, 3), spatial=(10, 10), per_channel=False),
+                                  (1, 16, 10, 10), 0.1, {"QLinearConv"}),
+    "matmul_integer_k4096": (lambda: zoo.matmul_integer(), (9, 4096), None, set()),
+    "matmul_integer_s8_per_tensor_zp": (lambda: zoo.matmul_integer(k=512, act_dtype="int8", per_channel_zp=False),
+                                        (9, 512), None, set()),
+    "conv_integer_1d": (lambda: zoo.conv_integer(), (1, 64, 40), None, {"ConvInteger"}),
+    "conv_integer_2d_split": (lambda: zoo.conv_integer(c_in=256, kernel=(3, 3), spatial=(6, 6)), (1, 256, 6, 6), None,
+                              {"ConvInteger"}),
+    "dynamic_quantize_matmul": (lambda: zoo.dynamic_quantize_matmul(), (9, 256), None, set()),
+    "int4_matmul_per_channel": (lambda: zoo.int4_matmul(), (1, 21, 64), 0.1, {"INT4 initializer"}),
+    "uint4_matmul_per_tensor": (lambda: zoo.int4_matmul(per_channel=False, signed=False), (1, 21, 64), 0.1,
+                                {"UINT4 initializer"}),
+    "uint4_matmul_blocked": (lambda: zoo.int4_matmul(block_size=16, signed=False), (1, 21, 64), 0.1,
+                             {"DequantizeLinear with block_size"}),
+    "int4_activation": (lambda: zoo.int4_activation_qdq(), (1, 21, 32), 0.1, {"INT4 initializer"}),
+    "qdq_gemm_transb": (lambda: zoo.qdq_gemm(), (8, 64), 0.1, set()),
+    "qdq_gemm_per_tensor_s8": (lambda: zoo.qdq_gemm(act_dtype="int8", per_channel=False), (8, 64), 0.1, set()),
+}
+
+
+def _compare(name, reference, got, step):
+    assert reference.dtype == got.dtype and reference.shape == got.shape, name
+    if step is None:
+        np.testing.assert_array_equal(got, reference, err_msg=name)
+        return
+    steps = np.abs(got.astype(np.float64) - reference.astype(np.float64)) / step
+    assert steps.max() <= 1 + 1e-6, f"{name}: {steps.max()} steps"
+    assert (steps < 1e-6).mean() >= 0.99, f"{name}: only {(steps < 1e-6).mean():.2%} exact"
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_legalized_model_matches_original_in_ort(name):
+    build, shape, step, lacking = ZOO[name]
+    model = build()
+    legal = legalize(model)
+    onnx.checker.check_model(legal, full_check=True)
+    check_importable(legal)
+    feeds = _x(shape, seed=len(name))
+    _compare(name, ort_run(model, feeds)[0], ort_run(legal, feeds)[0], step)
+    if lacking:
+        with pytest.raises(NativeqError) as err:
+            check_importable(model)
+        assert all(op in str(err.value) for op in lacking), str(err.value)
+        assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_tvm_agrees_with_ort(name):
+    build, shape, step, _ = ZOO[name]
+    model = build()
+    feeds = _x(shape, seed=1 + len(name))
+    _compare(name, ort_run(model, feeds)[0], tvm_run(model, feeds)[0], step)
+
+
+def test_qlinear_ops_become_qdq_and_conv_integer_exact_float():
+    ops = [n.op_type for n in legalize(zoo.qlinear_conv()).graph.node]
+    assert ops == ["QuantizeLinear", "DequantizeLinear", "DequantizeLinear", "DequantizeLinear", "Conv",
+                   "QuantizeLinear", "DequantizeLinear"]
+    ops = [n.op_type for n in legalize(zoo.qlinear_matmul()).graph.node]
+    assert ops == ["QuantizeLinear", "DequantizeLinear", "DequantizeLinear", "MatMul", "QuantizeLinear", "DequantizeLinear"]
+    # The default conv_integer fits one float32-exact Conv; 256 channels x 3x3 of full-range weights need slices.
+    assert [n.op_type for n in legalize(zoo.conv_integer()).graph.node].count("Conv") == 1
+    assert [n.op_type for n in legalize(zoo.conv_integer(c_in=256, kernel=(3, 3), spatial=(6, 6))).graph.node].count("Conv") > 1
+
+
+def _adversarial_uint8_input(weights_sign: np.ndarray, shape, scale: float = 0.01) -> np.ndarray:
+    """A float input that QuantizeLinear(scale, zp=128) maps to 255 where the weight is positive, 0 where negative."""
+    return np.where(weights_sign > 0, 1.27, -1.28).astype(np.float32).reshape(shape) * (scale / 0.01)
+
+
+def test_integer_ops_exact_beyond_float32_range():
+    """Accumulations above 2**24, where float32 would round, stay exact in ORT(legalized) and TVM."""
+    model = zoo.conv_integer(c_in=256, kernel=(3, 3), spatial=(3, 3))
+    w = onnx.numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "conv_wq")).astype(np.int32) - 1
+    # Output channel 0 at the centre pixel sees the whole 3x3 input: align it with the weights' signs.
+    feeds = {"x": _adversarial_uint8_input(w[0], (1, 256, 3, 3))}
+    reference = ort_run(model, feeds)[0]
+    assert np.abs(reference).max() > FLOAT32_EXACT_INT
+    np.testing.assert_array_equal(ort_run(legalize(model), feeds)[0], reference)
+    np.testing.assert_array_equal(tvm_run(model, feeds)[0], reference)
+
+    model = zoo.matmul_integer(k=4096, n=8)
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    w = inits["fc_wq"].astype(np.int32) - inits["fc_wzp"].astype(np.int32)
+    feeds = {"x": np.stack([_adversarial_uint8_input(w[:, j], (4096,)) for j in range(8)])}
+    reference = ort_run(model, feeds)[0]
+    assert np.abs(reference).max() > FLOAT32_EXACT_INT
+    np.testing.assert_array_equal(tvm_run(model, feeds)[0], reference)
+
+
+def test_int4_widening_keeps_values_and_saturation():
+    model = zoo.int4_activation_qdq()
+    feeds = {"x": np.linspace(-3, 3, 21 * 32, dtype=np.float32).reshape(1, 21, 32)}
+    reference = ort_run(model, feeds)[0]
+    assert reference.min() == pytest.approx(-0.8) and reference.max() == pytest.approx(0.7)  # the int4 range
+    np.testing.assert_array_equal(ort_run(legalize(model), feeds)[0], reference)
+    legal = legalize(model)
+    assert not any(t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4) for t in legal.graph.initializer)
+
+
+def test_unsupported_op_is_named_with_its_node():
+    with pytest.raises(NativeqError) as err:
+        check_importable(legalize(zoo.unsupported_op_model()))
+    assert str(err.value) == "op 'ReverseSequence' (node 'rev') is not supported by the TVM ONNX importer"
+
+
+def test_all_unsupported_ops_listed_in_one_line():
+    model = zoo.qlinear_conv()
+    extra = onnx.helper.make_node("ReverseSequence", ["y", "lens"], ["y2"], name="rev", batch_axis=0, time_axis=1)
+    model.graph.node.append(extra)
+    with pytest.raises(NativeqError) as err:
+        check_importable(model)
+    message = str(err.value)
+    assert "op 'QLinearConv' (node 'conv_QLinearConv')" in message and "op 'ReverseSequence' (node 'rev')" in message
+    assert message.endswith("are not supported by the TVM ONNX importer") and "\n" not in message
+
+
+def test_static_shape_arithmetic_is_folded_but_weights_are_not():
+    """`x.shape[-1] // 3`-style slice bounds become constants; Q/DQ weights stay as they are."""
+    def slices_with_computed_bounds(m):
+        constant = {i.name for i in m.graph.initializer} | {o for n in m.graph.node if n.op_type == "Constant" for o in n.output}
+        return [n.name for n in m.graph.node if n.op_type == "Slice" and not set(n.input[1:]) <= constant]
+
+    model = zoo.float_encoder()
+    legal = legalize(model)
+    assert slices_with_computed_bounds(model)  # torch's chunk() computes the bounds from Shape
+    assert slices_with_computed_bounds(legal) == []
+    assert "Constant" not in [n.op_type for n in legal.graph.node]
+    q = zoo.qdq_matmul()
+    assert [n.op_type for n in legalize(q).graph.node] == [n.op_type for n in q.graph.node]
+
+
+@pytest.fixture(scope="module", params=["uint8", "int8"])
+def encoder(request):
+    return request.param, zoo.ort_quantized_encoder(request.param)
+
+
+def test_ort_quantized_encoder_legalizes_exactly(encoder):
+    act_dtype, model = encoder
+    zps = [onnx.numpy_helper.to_array(i) for i in model.graph.initializer if i.name.endswith("_zero_point")]
+    assert {z.dtype for z in zps if z.ndim == 0} >= {np.dtype(act_dtype)}
+    legal = legalize(model)
+    check_importable(legal)
+    for t in (40, 77):
+        feeds = {"feats": np.random.default_rng(t).normal(0, 1, (1, t, zoo.ENCODER_FEATS)).astype(np.float32)}
+        np.testing.assert_array_equal(ort_run(legal, feeds)[0], ort_run(model, feeds)[0])
+
+
+def test_ort_quantized_encoder_runs_in_tvm_at_two_lengths(encoder):
+    """Dynamic T: compiled once, run at two lengths, within float rounding of ORT (the output is a float log-softmax)."""
+    import tvm
+    from tvm import relax
+
+    from nativeq.compile.onnx_import import import_onnx
+
+    _, model = encoder
+    vm = relax.VirtualMachine(tvm.compile(import_onnx(model), target=tvm.target.Target({"kind": "llvm"})), tvm.cpu())
+    for t in (40, 77):
+        feats = np.random.default_rng(t).normal(0, 1, (1, t, zoo.ENCODER_FEATS)).astype(np.float32)
+        reference = ort_run(model, {"feats": feats})[0]
+        got = vm["main"](tvm.runtime.tensor(feats)).numpy()
+        assert got.shape == reference.shape == (1, (t + 1) // 2, 32)
+        np.testing.assert_allclose(got, reference, atol=1e-4)
