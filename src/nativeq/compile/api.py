@@ -1,7 +1,7 @@
 """`compile_model`: a (QDQ) ONNX file -> an artifact directory (library + manifest.json).
 
 Steps, each failing with one line naming the problem: read and check the ONNX file, rewrite
-what TVM's importer cannot take (`onnx_legalize`), import to Relax, run the target's pass
+what TVM's importer cannot take and import to Relax (`onnx_import`), run the target's pass
 list (`pipeline.py`), build, export the library (cross-compiled for ARM targets), write the
 manifest. Everything is written into a temporary directory renamed into place at the end.
 """
@@ -118,25 +118,20 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
     return model
 
 
-def legalize_onnx(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Rewrite ops TVM's importer lacks (QLinear*, *Integer, INT4 initializers); refuse what remains."""
-    from nativeq.compile import onnx_legalize
+def import_model(model: onnx.ModelProto, path: Path):
+    """ONNX -> Relax IRModule with weights as constants (so the int8 passes see them).
 
-    model = onnx_legalize.legalize(model)
-    onnx_legalize.check_importable(model)
-    return model
-
-
-def import_onnx(model: onnx.ModelProto, path: Path):
-    """ONNX -> Relax IRModule with weights as constants (so the int8 passes see them)."""
-    from nativeq.compile._tvm import from_onnx
+    `onnx_import.import_onnx` first rewrites what TVM's importer lacks (QLinear*, *Integer,
+    INT4 initializers) and refuses, naming op and node, what remains unsupported.
+    """
+    from nativeq.compile.onnx_import import import_onnx
 
     try:
-        return from_onnx(model, keep_params_in_input=False)
+        return import_onnx(model)
     except NativeqError:
         raise
     except Exception as e:  # noqa: BLE001  (the importer raises anything from KeyError to TVMError)
-        raise NativeqError(f"TVM's ONNX importer failed on {path}: {first_line(e)}") from None
+        raise NativeqError(f"TVM's ONNX importer failed on {path}: {first_line(e)}") from e
 
 
 def tuning_database(cfg: CompileConfig, target: Target) -> Path | None:
@@ -207,7 +202,7 @@ def compile_model(model_path, out_dir, cfg: CompileConfig, force: bool = False) 
     cross_compiler = check_cross_compiler(target)
     database = tuning_database(cfg, target)
     model = load_onnx(model_path)
-    mod = import_onnx(legalize_onnx(model), model_path)
+    mod = import_model(model, model_path)
 
     from nativeq.compile._tvm import cc, relax, tvm
     from nativeq.compile.pipeline import compile_passes

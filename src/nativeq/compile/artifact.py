@@ -15,6 +15,7 @@ from onnx import helper, numpy_helper
 
 import nativeq
 from nativeq._fs import sha256_file, write_json_atomic
+from nativeq.runtime import tvm_ffi_version, tvm_version
 from nativeq.runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, TensorSpec
 
 
@@ -103,9 +104,6 @@ def io_specs(model: onnx.ModelProto) -> tuple[list[TensorSpec], list[TensorSpec]
 def build_manifest(*, out_dir: Path, library: str, target, model_path: Path, model: onnx.ModelProto,
                    build: dict, tuning: dict, int8_report: dict | None, compile_seconds: float) -> dict:
     """The manifest of the artifact being written in `out_dir` (all other files already there)."""
-    import tvm
-    import tvm_ffi
-
     inputs, outputs = io_specs(model)
     files = {
         p.name: sha256_file(p)
@@ -115,8 +113,8 @@ def build_manifest(*, out_dir: Path, library: str, target, model_path: Path, mod
     return {
         "schema": SCHEMA_VERSION,
         "nativeq_version": nativeq.__version__,
-        "tvm_version": tvm.__version__,
-        "tvm_ffi_version": tvm_ffi.__version__,
+        "tvm_version": tvm_version(),
+        "tvm_ffi_version": tvm_ffi_version(),
         "library": library,
         "entry": "main",
         "target": {

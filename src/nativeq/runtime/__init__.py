@@ -23,6 +23,7 @@ import time; nativeq's runtime never imports torch, and on a device without torc
 
 from __future__ import annotations
 
+import importlib.metadata
 from pathlib import Path
 
 from nativeq.errors import NativeqError
@@ -35,6 +36,25 @@ def _major_minor(version: str) -> str:
     return ".".join(version.split(".")[:2])
 
 
+def tvm_version() -> str:
+    """The installed TVM version, read from package metadata so no TVM library gets loaded."""
+    try:
+        return importlib.metadata.version("apache-tvm")
+    except importlib.metadata.PackageNotFoundError:  # a source build: ask the module
+        import tvm
+
+        return tvm.__version__
+
+
+def tvm_ffi_version() -> str:
+    try:
+        return importlib.metadata.version("apache-tvm-ffi")
+    except importlib.metadata.PackageNotFoundError:
+        import tvm_ffi
+
+        return tvm_ffi.__version__
+
+
 def check_versions(path: Path, manifest: dict) -> None:
     """Refuse an artifact built by another nativeq major.minor, TVM or tvm-ffi version."""
     import nativeq
@@ -44,10 +64,7 @@ def check_versions(path: Path, manifest: dict) -> None:
         raise NativeqError(
             f"artifact {path} was built by nativeq {built}; this is nativeq {nativeq.__version__}: recompile it"
         )
-    import tvm
-    import tvm_ffi
-
-    for what, have in (("tvm_version", tvm.__version__), ("tvm_ffi_version", tvm_ffi.__version__)):
+    for what, have in (("tvm_version", tvm_version()), ("tvm_ffi_version", tvm_ffi_version())):
         built = manifest.get(what, "?")
         if built != have:
             label = "TVM" if what == "tvm_version" else "tvm-ffi"

@@ -99,8 +99,6 @@ def _artifact_runner(artifact: Path, manifest: dict):
         model = load(artifact)
         names = [s.name for s in model.outputs]
         return (lambda inputs: [model.run(inputs)[n] for n in names]), "native"
-    check_versions(artifact, manifest)
-    check_files(artifact, manifest)
     try:
         from nativeq.runtime.emulate import run_emulated
     except ImportError:
@@ -129,6 +127,15 @@ def verify_artifact(artifact, onnx_path, cfg: VerifyConfig = VerifyConfig()) -> 
             f"{onnx_path.name} is not byte-identical to the model the artifact was compiled from "
             f"({manifest.get('source', {}).get('file')})"
         )
+    check_versions(artifact, manifest)
+    check_files(artifact, manifest)
+    if cfg.inputs:
+        input_sets = [_load_npz(Path(cfg.inputs), in_specs)]
+        inputs_from = str(cfg.inputs)
+    else:
+        input_sets = [random_inputs(in_specs, model, cfg.dims, cfg.seed + run) for run in range(cfg.runs)]
+        inputs_from = "seeded random (quantizer range for float inputs feeding a QuantizeLinear)"
+
     run_artifact, execution = _artifact_runner(artifact, manifest)
     session = ort_session(onnx_path, cfg.ort_opt)
     ort_inputs = {i.name for i in session.get_inputs()}
@@ -138,13 +145,6 @@ def verify_artifact(artifact, onnx_path, cfg: VerifyConfig = VerifyConfig()) -> 
             f"{onnx_path} has inputs {sorted(ort_inputs)} and outputs {ort_outputs}, but artifact {artifact} has "
             f"inputs {[s.name for s in in_specs]} and outputs {[s.name for s in out_specs]}: not the same model"
         )
-
-    if cfg.inputs:
-        input_sets = [_load_npz(Path(cfg.inputs), in_specs)]
-        inputs_from = str(cfg.inputs)
-    else:
-        input_sets = [random_inputs(in_specs, model, cfg.dims, cfg.seed + run) for run in range(cfg.runs)]
-        inputs_from = "seeded random (quantizer range for float inputs feeding a QuantizeLinear)"
 
     comparisons = [OutputComparison(name=s.name, dtype=s.dtype) for s in out_specs]
     for inputs in input_sets:
