@@ -445,3 +445,49 @@ def test_int8_passes_pick_activation_dtype_from_target_arch(target_name, act):
         mod = p(mod)
     (site,) = explain_sites(mod, target)
     assert site["status"] == "int8" and site["reason"].startswith(f"integer {act} x int8")
+
+
+def test_matmulinteger_with_unfoldable_weight_zero_point_uses_activation_row_sums():
+    """TVM's MatMulInteger form (int32 operands). W - zw leaves int8 (-127 - 3), so the weight stays
+    as is and the zw * Σ_k x term is computed from the activation at run time."""
+    zw = np.resize(np.array([3, -3, 1, 0], np.int8), 48)
+    w = W_MM.copy()
+    w[0, :] = -127
+
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(xq: R.Tensor((8, 64), "uint8"), w: R.Tensor((64, 48), "int8"), wzp: R.Tensor((48,), "int8")):
+            with R.dataflow():
+                xi = R.astype(xq, "int32")
+                xz = R.astype(R.const(130, "uint8"), "int32")
+                xc = R.subtract(xi, xz)
+                wi = R.astype(w, "int32")
+                wz = R.astype(wzp, "int32")
+                wz2 = R.expand_dims(wz, axis=[0])
+                wc = R.subtract(wi, wz2)
+                y = R.matmul(xc, wc, out_dtype="int32")
+                R.output(y)
+            return y
+
+    @I.ir_module
+    class Expected:
+        @R.function
+        def main(xq: R.Tensor((8, 64), "uint8"), w: R.Tensor((64, 48), "int8"), corr: R.Tensor((48,), "int32"),
+                 zw: R.Tensor((48,), "int32")):
+            with R.dataflow():
+                wide = R.astype(xq, "int32")
+                moved = R.add(wide, R.const(-128, "int32"))
+                xs = R.astype(moved, "int8")
+                acc = R.matmul(xs, w, out_dtype="int32")
+                acc_c = R.subtract(acc, corr)
+                xs32 = R.astype(xs, "int32")
+                row_sums = R.sum(xs32, axis=[-1], keepdims=True)
+                zw_rows = R.multiply(row_sums, zw)
+                y = R.subtract(acc_c, zw_rows)
+                R.output(y)
+            return y
+
+    corr = (2 * (w.astype(np.int64).sum(axis=0) - 64 * zw.astype(np.int64))).astype(np.int32)
+    after = lower(bind(Before, w=w, wzp=zw), "int8")
+    tvm.ir.assert_structural_equal(after, bind(Expected, w=w, corr=corr, zw=zw.astype(np.int32)))

@@ -8,6 +8,7 @@ from tvm import relax
 from tvm.script import ir as I
 from tvm.script import relax as R
 
+from nativeq.compile._tvm import from_onnx
 from nativeq.compile.onnx_legalize import legalize
 from nativeq.compile.passes.fold_bias_into_accumulator import FoldBiasIntoAccumulator
 from nativeq.compile.passes.lower_qdq_to_integer import LowerQDQToInteger
@@ -75,7 +76,7 @@ def test_bias_off_the_accumulator_grid_stays_a_float_add():
 
 
 def _run(model, passes, x):
-    mod = relax.frontend.onnx.from_onnx(legalize(model), keep_params_in_input=False)
+    mod = from_onnx(legalize(model), keep_params_in_input=False)
     mod = tvm.transform.Sequential(passes)(mod)
     vm = relax.VirtualMachine(tvm.compile(mod, target=tvm.target.Target({"kind": "llvm"})), tvm.cpu())
     return mod, vm["main"](tvm.runtime.tensor(x)).numpy()

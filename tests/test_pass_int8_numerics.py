@@ -15,6 +15,7 @@ import qdq_models as qm
 import tvm
 from tvm import relax
 
+from nativeq.compile._tvm import from_onnx
 from nativeq.compile.onnx_legalize import legalize
 from nativeq.compile.passes.int8 import explain_sites, lowering_passes
 from nativeq.compile.passes.lower_qdq_to_integer import LowerQDQToInteger
@@ -72,7 +73,7 @@ def contractions_fed_by_dequantize(mod) -> list[str]:
 @pytest.mark.parametrize("name, build, shape, step", MODELS, ids=[m[0] for m in MODELS])
 def test_integer_rewrite_matches_onnxruntime(name, build, shape, step, activation_dtype):
     original = build()
-    mod = relax.frontend.onnx.from_onnx(legalize(original), keep_params_in_input=False)
+    mod = from_onnx(legalize(original), keep_params_in_input=False)
     lowered = tvm.transform.Sequential(lowering_passes(activation_dtype))(mod)
 
     assert contractions_fed_by_dequantize(lowered) == []
@@ -89,6 +90,30 @@ def test_integer_rewrite_matches_onnxruntime(name, build, shape, step, activatio
     assert exact >= 0.995, f"{name}: only {100 * exact:.2f}% exact"
 
 
+INTEGER_MODELS = [
+    ("matmulinteger-u8-k4096-channel-zp", lambda: qm.matmul_integer(t=8), (8, 4096)),
+    ("matmulinteger-s8-tensor-zp", lambda: qm.matmul_integer(k=512, t=8, act_dtype="int8", per_channel_zp=False),
+     (8, 512)),
+    ("dynamicquantize-matmulinteger", lambda: qm.dynamic_quantize_matmul(t=8), (8, 256)),
+    ("convinteger-u8", lambda: qm.conv_integer(spatial=(30,)), (1, 64, 30)),
+]
+
+
+@pytest.mark.parametrize("activation_dtype", ["uint8", "int8"])
+@pytest.mark.parametrize("name, build, shape", INTEGER_MODELS, ids=[m[0] for m in INTEGER_MODELS])
+def test_integer_onnx_ops_lower_bit_exact(name, build, shape, activation_dtype):
+    """MatMulInteger (incl. runtime zero points from DynamicQuantizeLinear, weight zero points that do not
+    fit int8) and ConvInteger: the integer kernels reproduce ORT exactly."""
+    original = build()
+    mod = from_onnx(legalize(original), keep_params_in_input=False)
+    lowered = tvm.transform.Sequential(lowering_passes(activation_dtype))(mod)
+    sites = explain_sites(lowered, get_target("x86-avx2" if activation_dtype == "uint8" else "rpi4"))
+    assert [s["status"] for s in sites] == ["int8"] and f"{activation_dtype} x int8" in sites[0]["reason"]
+    vm = relax.VirtualMachine(tvm.compile(lowered, target=HOST), tvm.cpu())
+    x = np.random.default_rng(5).normal(0, 2.0, shape).astype(np.float32)
+    np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(x)).numpy(), ort_reference(original, x))
+
+
 def test_quantize_rounds_half_to_even_and_saturates_like_onnxruntime():
     """The requantize is TVM's legalized R.quantize: ties must go to even, out-of-range values saturate."""
     from onnx import TensorProto, helper, numpy_helper
@@ -102,7 +127,7 @@ def test_quantize_rounds_half_to_even_and_saturates_like_onnxruntime():
             [numpy_helper.from_array(np.array(1.0, np.float32), "s"), numpy_helper.from_array(np.array(zp, dtype), "z")])
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
         model.ir_version = 10
-        vm = relax.VirtualMachine(tvm.compile(relax.frontend.onnx.from_onnx(model), target=HOST), tvm.cpu())
+        vm = relax.VirtualMachine(tvm.compile(from_onnx(model), target=HOST), tvm.cpu())
         got = vm["main"](tvm.runtime.tensor(values)).numpy()
         want = ort_reference(model, values)
         np.testing.assert_array_equal(got, want)
@@ -110,7 +135,7 @@ def test_quantize_rounds_half_to_even_and_saturates_like_onnxruntime():
 
 
 def test_legalized_kernel_accumulates_in_int32():
-    mod = relax.frontend.onnx.from_onnx(qm.qdq_conv1d(t=40, act_dtype="int8"), keep_params_in_input=False)
+    mod = from_onnx(qm.qdq_conv1d(t=40, act_dtype="int8"), keep_params_in_input=False)
     legalized = relax.transform.LegalizeOps()(LowerQDQToInteger("uint8")(mod))
     convs = [f for gv, f in legalized.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and "conv1d" in str(gv)]
     assert len(convs) == 1
@@ -126,7 +151,7 @@ def test_legalized_kernel_accumulates_in_int32():
 def test_requantize_epilogue_fuses_into_the_integer_kernel():
     """TVM's FuseOps puts correction, rescale, bias, relu and the next quantize in the conv's kernel:
     no int32 intermediate is written to memory."""
-    mod = relax.frontend.onnx.from_onnx(qm.qdq_conv2d(act_dtype="int8"), keep_params_in_input=False)
+    mod = from_onnx(qm.qdq_conv2d(act_dtype="int8"), keep_params_in_input=False)
     mod = tvm.transform.Sequential(lowering_passes("uint8"))(mod)
     fused = tvm.transform.Sequential([relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
                                       relax.transform.FoldConstant(), relax.transform.FuseOps(),

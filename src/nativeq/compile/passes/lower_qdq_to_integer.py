@@ -65,13 +65,13 @@ def _pad_width(site: QdqSite) -> list[int]:
     return width
 
 
-def _integer_contraction(site: QdqSite, x_k: relax.Expr, zero_point: int, kernel_dtype: str) -> relax.Expr:
+def _integer_contraction(site: QdqSite, x_k: relax.Expr, zero_point) -> relax.Expr:
     weight = relax.const(site.weight, "int8")
     if site.op == "matmul":
         return relax.op.matmul(x_k, weight, out_dtype="int32")
     attrs = site.call.attrs
     padding = [int(p) for p in attrs.padding]
-    if zero_point != 0 and any(padding):
+    if zero_point != 0 and any(padding):  # NOTE: match_site refuses padded convs with a runtime zero point
         x_k = relax.op.nn.pad(x_k, _pad_width(site), pad_value=float(zero_point))
         padding = [0] * len(padding)
     conv = relax.op.nn.conv1d if site.op == "conv1d" else relax.op.nn.conv2d
@@ -89,19 +89,48 @@ def _integer_contraction(site: QdqSite, x_k: relax.Expr, zero_point: int, kernel
     )
 
 
-def lower_site(site: QdqSite, x_k: relax.Expr, kernel_dtype: str) -> relax.Expr:
-    """The integer expression replacing `site.call`; `x_k` is the activation already in `kernel_dtype`."""
-    zero_point = site.x_zero_point + _SHIFT.get((site.x_dtype, kernel_dtype), 0)
-    acc = _integer_contraction(site, x_k, zero_point, kernel_dtype)
-    correction = zero_point * site.weight_sums()
-    if np.abs(correction).max(initial=0) > np.iinfo(np.int32).max:  # pragma: no cover - needs K > 2**16
+def _int32_const(values: np.ndarray, shape) -> relax.Expr:
+    if np.abs(values).max(initial=0) > np.iinfo(np.int32).max:  # pragma: no cover - needs K > 2**16
         raise OverflowError("zero-point correction overflows int32")
-    if correction.any():
-        acc = relax.op.subtract(acc, relax.const(correction.astype(np.int32).reshape(_channel_shape(site))))
-    scale = np.float32(site.x_scale) * site.w_scale
-    if scale.ndim:
-        scale = scale.reshape(_channel_shape(site))
-    return relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(scale.astype(np.float32)))
+    per_channel = np.broadcast_to(values, (int(np.prod(shape)),))
+    return relax.const(per_channel.astype(np.int32).reshape(shape))
+
+
+def lower_site(site: QdqSite, x_k: relax.Expr, kernel_dtype: str, visit=lambda e: e) -> relax.Expr:
+    """The integer expression replacing `site.call`; `x_k` is the activation already in `kernel_dtype`.
+
+    acc = Σ_k (x - zx)(W - zw) = Σ_k x·W - zx·(Σ_k W - K·zw) - zw·Σ_k x; the middle term is a
+    compile-time constant per output channel (times zx when zx is a runtime scalar), the last one a
+    row sum of the activation, only needed when the weight zero point could not be folded into W.
+    `visit` maps expressions of the original function (runtime scales, zero points) to the new one.
+    """
+    shift = _SHIFT.get((site.x_dtype, kernel_dtype), 0)
+    if isinstance(site.x_zero_point, relax.Expr):
+        zero_point = visit(site.x_zero_point)
+        if str(zero_point.ty.dtype) != "int32":
+            zero_point = relax.op.astype(zero_point, "int32")
+        if shift:
+            zero_point = relax.op.add(zero_point, relax.const(shift, "int32"))
+    else:
+        zero_point = site.x_zero_point + shift
+    channels = _channel_shape(site)
+    acc = _integer_contraction(site, x_k, zero_point)
+    weight_terms = site.weight_sums() - site.reduction_size * site.weight_zero_point
+    if isinstance(zero_point, relax.Expr):
+        acc = relax.op.subtract(acc, relax.op.multiply(zero_point, _int32_const(weight_terms, channels)))
+    elif zero_point != 0 and weight_terms.any():
+        acc = relax.op.subtract(acc, _int32_const(zero_point * weight_terms, channels))
+    if site.weight_zero_point.any():  # matmul only (match_site)
+        row_sums = relax.op.sum(relax.op.astype(x_k, "int32"), axis=[-1], keepdims=True)
+        acc = relax.op.subtract(acc, relax.op.multiply(row_sums, _int32_const(site.weight_zero_point, channels)))
+    if site.x_scale is None:  # MatMulInteger: the int32 accumulator is the result
+        return acc
+    w_scale = site.w_scale.reshape(channels) if site.w_scale.ndim else site.w_scale
+    if isinstance(site.x_scale, relax.Expr):
+        scale = relax.op.multiply(visit(site.x_scale), relax.const(w_scale.astype(np.float32)))
+    else:
+        scale = relax.const((np.float32(site.x_scale) * w_scale).astype(np.float32))
+    return relax.op.multiply(relax.op.astype(acc, "float32"), scale)
 
 
 @relax.expr_functor.mutator
@@ -140,7 +169,7 @@ class _Rewriter(relax.PyExprMutator):
         if not isinstance(site, QdqSite):
             return super().visit_call_(call)
         kernel_dtype = self.activation_dtype or site.x_dtype
-        return lower_site(site, self._kernel_activation(site, kernel_dtype), kernel_dtype)
+        return lower_site(site, self._kernel_activation(site, kernel_dtype), kernel_dtype, self.visit_expr)
 
 
 @tvm.transform.module_pass(opt_level=0, name="nativeq.LowerQDQToInteger")
