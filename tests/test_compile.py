@@ -36,6 +36,8 @@ def _compile(tmp_path, model, name, **cfg):
 )
 def test_compile_and_verify_qdq_models(tmp_path, name, build, dims):
     onnx_path, result = _compile(tmp_path, build(), name)
+    assert result.manifest["int8_report"]["int8"] == 1  # the one matmul/conv site became int8
+    assert result.explain == [] and "reason" not in result.summary()  # the table only with --explain
     report = verify_artifact(result.out_dir, onnx_path, VerifyConfig(runs=2, seed=3, dims=dims))
     (out,) = report.outputs
     assert report.passed, report.table()

@@ -180,3 +180,6 @@ def test_npz_inputs_are_used_as_given(matmul_artifact, tmp_path):
     report = verify_artifact(artifact, onnx_path, VerifyConfig(inputs=str(tmp_path / "in.npz"), runs=5))
     assert report.passed and report.runs == 1 and report.outputs[0].shape == (1, 11, 48)
     assert report.inputs_from.endswith("in.npz")
+    np.save(tmp_path / "x.npy", x)  # a one-input model also takes a plain .npy
+    again = verify_artifact(artifact, onnx_path, VerifyConfig(inputs=str(tmp_path / "x.npy")))
+    assert again.outputs[0].max_abs == report.outputs[0].max_abs and again.outputs[0].shape == (1, 11, 48)

@@ -45,7 +45,7 @@ class CompileConfig:
 class CompileResult:
     out_dir: Path
     manifest: dict
-    explain: list = field(default_factory=list)
+    explain: list = field(default_factory=list)  # with cfg.explain: one dict per matmul/conv site
 
     def explain_table(self) -> str:
         if not self.explain:
@@ -65,7 +65,8 @@ class CompileResult:
         size = sum((self.out_dir / name).stat().st_size for name in m["files"])
         lines = [
             f"compiled {m['source']['file']} for {target['name']} ({target['arch']}, int8 {target['int8']}) "
-            f"in {m['compile_seconds']:.1f} s",
+            f"in {m['compile_seconds']:.1f} s ("
+            + ", ".join(f"{stage} {value:.1f} s" for stage, value in m["build"].get("seconds", {}).items()) + ")",
             f"  artifact: {self.out_dir} ({', '.join(m['files'])}, {size / 1024:.0f} KiB)",
             "  inputs:  " + "; ".join(_spec_text(s) for s in m["inputs"]),
             "  outputs: " + "; ".join(_spec_text(s) for s in m["outputs"]),
@@ -203,6 +204,7 @@ def compile_model(model_path, out_dir, cfg: CompileConfig, force: bool = False) 
     database = tuning_database(cfg, target)
     model = load_onnx(model_path)
     mod = import_model(model, model_path)
+    seconds = {"import": time.perf_counter() - started}
 
     from nativeq.compile._tvm import cc, relax, tvm
     from nativeq.compile.pipeline import compile_passes
@@ -214,12 +216,14 @@ def compile_model(model_path, out_dir, cfg: CompileConfig, force: bool = False) 
         executable = relax.build(
             mod, tvm_target, relax_pipeline=tvm.transform.Sequential(passes, name="nativeq_compile")
         )
+    seconds["build"] = time.perf_counter() - started - seconds["import"]
 
     from nativeq.compile.artifact import build_manifest, write_manifest
 
     with atomic_directory(out_dir, force=force) as tmp:
         fcompile = cc.cross_compiler(cross_compiler) if cross_compiler else None
         executable.export_library(str(tmp / LIBRARY_NAME), fcompile=fcompile)
+        seconds["export"] = time.perf_counter() - started - seconds["import"] - seconds["build"]
         manifest = build_manifest(
             out_dir=tmp,
             library=LIBRARY_NAME,
@@ -232,15 +236,14 @@ def compile_model(model_path, out_dir, cfg: CompileConfig, force: bool = False) 
                 "opt_level": 3,
                 "exec_mode": "bytecode",
                 "compiler": cross_compiler or "host",
+                "seconds": {stage: round(value, 3) for stage, value in seconds.items()},
             },
             tuning={
                 "database": str(database) if database else None,
-                "files": {} if database is None else {
-                    f: sha256_file(database / f) for f in DATABASE_FILES
-                },
+                "files": {} if database is None else {f: sha256_file(database / f) for f in DATABASE_FILES},
             },
             int8_report=_int8_counts(sites),
             compile_seconds=time.perf_counter() - started,
         )
         write_manifest(tmp, manifest)
-    return CompileResult(out_dir=out_dir, manifest=manifest, explain=sites or [])
+    return CompileResult(out_dir=out_dir, manifest=manifest, explain=(sites or []) if cfg.explain else [])

@@ -79,14 +79,23 @@ def ort_session(path: Path, level: str):
         raise NativeqError(f"ONNX Runtime cannot load {path}: {_first_line(e)}") from None
 
 
-def _load_npz(path: Path, specs) -> dict[str, np.ndarray]:
+def _load_inputs(path: Path, specs) -> dict[str, np.ndarray]:
+    """Inputs by name from an .npz, or the one input of a one-input model from an .npy."""
     if not path.is_file():
         raise NativeqError(f"inputs file {path} does not exist")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            inputs = {k: data[k] for k in data.files}
+        if path.suffix == ".npy":
+            if len(specs) != 1:
+                names = ", ".join(s.name for s in specs)
+                raise NativeqError(f"inputs file {path}: an .npy holds one array but the model has inputs {names}; use an .npz")
+            inputs = {specs[0].name: np.load(path, allow_pickle=False)}
+        else:
+            with np.load(path, allow_pickle=False) as data:
+                inputs = {k: data[k] for k in data.files}
+    except NativeqError:
+        raise
     except Exception as e:  # noqa: BLE001
-        raise NativeqError(f"inputs file {path} is not a readable .npz: {_first_line(e)}") from None
+        raise NativeqError(f"inputs file {path} is not a readable .npz/.npy: {_first_line(e)}") from None
     check_inputs(specs, inputs)
     return inputs
 
@@ -130,7 +139,7 @@ def verify_artifact(artifact, onnx_path, cfg: VerifyConfig = VerifyConfig()) -> 
     check_versions(artifact, manifest)
     check_files(artifact, manifest)
     if cfg.inputs:
-        input_sets = [_load_npz(Path(cfg.inputs), in_specs)]
+        input_sets = [_load_inputs(Path(cfg.inputs), in_specs)]
         inputs_from = str(cfg.inputs)
     else:
         input_sets = [random_inputs(in_specs, model, cfg.dims, cfg.seed + run) for run in range(cfg.runs)]
