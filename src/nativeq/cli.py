@@ -103,11 +103,11 @@ def compile_cmd(model, target, out, force, explain, no_int8, tuning_log, no_tuni
 @main.command()
 @click.argument("artifact", type=click.Path())
 @click.option("--onnx", "onnx_path", required=True, type=click.Path(), help="The ONNX model the artifact was compiled from.")
-@click.option("--inputs", type=click.Path(), default=None, help=".npz of inputs by name (default: seeded random).")
+@click.option("--inputs", type=click.Path(), default=None, help=".npz of inputs by name, or .npy for a one-input model (default: seeded random).")
 @click.option("--runs", default=1, show_default=True, help="Number of random input sets.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--tol-steps", default=1.0, show_default=True, help="Tolerance in quantization steps for quantized outputs.")
-@click.option("--rtol", default=None, type=float, help="Relative tolerance for plain float outputs (default 1e-3 of the output range).")
+@click.option("--rtol", default=None, type=float, help="Tolerance for plain float outputs, relative to max |reference| (default 1e-3).")
 @click.option("--dim", "dims", multiple=True, help="Fix a symbolic dim, e.g. --dim T=200 (default: 64).")
 @click.option("--ort-opt", type=click.Choice(["disable", "basic", "extended", "all"]), default="disable", show_default=True,
               help="ONNX Runtime graph optimization level of the reference.")
