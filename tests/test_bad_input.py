@@ -102,6 +102,14 @@ def test_missing_cross_compiler_names_the_apt_package(nativeq_cli, tmp_path, mat
     assert _no_leftovers(tmp_path, "out")
 
 
+def test_missing_host_compiler_names_the_apt_package(nativeq_cli, tmp_path, matmul_onnx):
+    empty_bin = tmp_path / "empty-bin"
+    empty_bin.mkdir()
+    res = nativeq_cli("compile", matmul_onnx, "--target", "host", "-o", "out", env={"PATH": str(empty_bin)})
+    assert_one_line_error(res, "no C/C++ compiler found to link the library; install one with: apt-get install g++")
+    assert _no_leftovers(tmp_path, "out")
+
+
 def test_missing_tuning_database(nativeq_cli, matmul_onnx):
     res = nativeq_cli("compile", matmul_onnx, "--target", "host", "-o", "out", "--tuning-log", "no-db")
     assert_one_line_error(res, "tuning database no-db does not exist")

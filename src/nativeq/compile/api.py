@@ -8,6 +8,7 @@ manifest. Everything is written into a temporary directory renamed into place at
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -152,8 +153,16 @@ def tuning_database(cfg: CompileConfig, target: Target) -> Path | None:
 
 
 def check_cross_compiler(target: Target) -> str | None:
-    """The cross compiler command for `target`, or None when building for this machine."""
+    """The cross compiler command for `target`, or None when building for this machine.
+
+    Building for this machine needs a host C/C++ compiler to link the library (TVM looks for
+    $CXX, $CC, g++, gcc, clang++, clang, c++, cc on PATH).
+    """
     if not target.is_cross:
+        if not (os.environ.get("CXX") or os.environ.get("CC")) and not any(
+            shutil.which(name) for name in ("g++", "gcc", "clang++", "clang", "c++", "cc")
+        ):
+            raise NativeqError("no C/C++ compiler found to link the library; install one with: apt-get install g++")
         return None
     if not target.cross_compiler:
         raise NativeqError(f"target {target.name} is for {target.arch} but names no cross_compiler")
