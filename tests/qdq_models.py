@@ -361,14 +361,14 @@ def _encoder_module(seed: int):
             x = torch.cat([x[:, :1], x[:, :-1]], dim=1) * 0.5 + x * 0.5  # time shift: Slice, Concat
             for block in self.blocks:
                 x = block(x)
-            return torch.log_softmax(self.head(x[0]), dim=-1).unsqueeze(0)  # 2-D Linear: Gemm
+            return self.head(x[0])  # 2-D Linear: Gemm; quantized logits [T', vocab]
 
     torch.manual_seed(seed)
     return Encoder(ENCODER_FEATS, ENCODER_DIM).eval()
 
 
 def float_encoder(seed: int = 0) -> onnx.ModelProto:
-    """The float transformer encoder exported to ONNX: feats[1, T, 80] -> logprobs[1, T_out, 32]."""
+    """The float transformer encoder exported to ONNX: feats[1, T, 80] -> logits[T_out, 32]."""
     import io
     import warnings
 
@@ -379,7 +379,7 @@ def float_encoder(seed: int = 0) -> onnx.ModelProto:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter is what works offline
         torch.onnx.export(module, (torch.randn(1, 40, ENCODER_FEATS),), buf, input_names=["feats"],
-                          output_names=["logprobs"], dynamic_axes={"feats": {1: "T"}, "logprobs": {1: "T_out"}},
+                          output_names=["logits"], dynamic_axes={"feats": {1: "T"}, "logits": {0: "T_out"}},
                           opset_version=17, dynamo=False)
     model = onnx.load_from_string(buf.getvalue())
     onnx.checker.check_model(model, full_check=True)

@@ -187,6 +187,12 @@ def encoder(request):
     return request.param, zoo.ort_quantized_encoder(request.param)
 
 
+# ~30 s per TVM build of the encoder: int8 activations only in the slow suite (test_model_zoo compiles both).
+@pytest.fixture(scope="module", params=["uint8", pytest.param("int8", marks=pytest.mark.slow)])
+def encoder_for_tvm(request):
+    return request.param, zoo.ort_quantized_encoder(request.param)
+
+
 def test_ort_quantized_encoder_legalizes_exactly(encoder):
     act_dtype, model = encoder
     zps = [onnx.numpy_helper.to_array(i) for i in model.graph.initializer if i.name.endswith("_zero_point")]
@@ -198,18 +204,28 @@ def test_ort_quantized_encoder_legalizes_exactly(encoder):
         np.testing.assert_array_equal(ort_run(legal, feeds)[0], ort_run(model, feeds)[0])
 
 
-def test_ort_quantized_encoder_runs_in_tvm_at_two_lengths(encoder):
-    """Dynamic T: compiled once, run at two lengths, within float rounding of ORT (the output is a float log-softmax)."""
+def test_ort_quantized_encoder_runs_in_tvm_at_two_lengths(encoder_for_tvm):
+    """Dynamic T: compiled once, run at two lengths, within one quantization step of ORT's logits."""
     import tvm
     from tvm import relax
 
     from nativeq.compile.onnx_import import import_onnx
 
-    _, model = encoder
+    _, model = encoder_for_tvm
     vm = relax.VirtualMachine(tvm.compile(import_onnx(model), target=tvm.target.Target({"kind": "llvm"})), tvm.cpu())
     for t in (40, 77):
         feats = np.random.default_rng(t).normal(0, 1, (1, t, zoo.ENCODER_FEATS)).astype(np.float32)
         reference = ort_run(model, {"feats": feats})[0]
         got = vm["main"](tvm.runtime.tensor(feats)).numpy()
-        assert got.shape == reference.shape == (1, (t + 1) // 2, 32)
-        np.testing.assert_allclose(got, reference, atol=1e-4)
+        assert got.shape == reference.shape == ((t + 1) // 2, 32)
+        step = _output_scale(model)
+        steps = np.abs(got.astype(np.float64) - reference) / step
+        assert steps.max() <= 1 + 1e-4 and (steps < 1e-4).mean() >= 0.99
+
+
+def _output_scale(model: onnx.ModelProto) -> float:
+    """The scale of the DequantizeLinear producing the (single) graph output."""
+    producer = next(n for n in model.graph.node if n.output[0] == model.graph.output[0].name)
+    assert producer.op_type == "DequantizeLinear"
+    scale = next(i for i in model.graph.initializer if i.name == producer.input[1])
+    return float(onnx.numpy_helper.to_array(scale))
