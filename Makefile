@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := g++-aarch64-linux-gnu gcc-aarch64-linux-gnu qemu-user espeak-ng flite sox
+APT_PACKAGES := g++-aarch64-linux-gnu gcc-aarch64-linux-gnu qemu-user espeak-ng flite sox festival festvox-kdlpc16k festvox-kallpc16k pocketsphinx-testdata alsa-utils
 PYTEST_ARGS ?=
 
 .PHONY: setup apt venv arm-runtime demo test test-slow clean

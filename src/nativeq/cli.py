@@ -152,6 +152,17 @@ def data_synth(out, n_train, n_dev, n_test, n_other, seed, jobs, force):
         click.echo(f"{split}: {n} utterances, {hours:.2f} h -> {out}/{split}.tsv")
 
 
+@data.command("human")
+@click.option("--data", "data_dir", required=True, type=click.Path(), help="Data directory to add the split to.")
+@click.option("--split", default="eval-human", show_default=True, help="Name of the manifest to write.")
+def data_human(data_dir, split):
+    """Add a split of recorded human speech from Debian packages (evaluation only, never training)."""
+    from nativeq.models.data import build_human_eval
+
+    n, hours = build_human_eval(data_dir, split)
+    click.echo(f"{split}: {n} recorded utterances, {hours * 60:.1f} min -> {data_dir}/{split}.tsv")
+
+
 @main.command()
 @click.option("--model", "model_name", default="conformer-tiny", show_default=True, help="Model preset.")
 @click.option("--data", "data_dir", required=True, type=click.Path(), help="Data directory with train.tsv and dev.tsv.")
@@ -188,7 +199,9 @@ def train(model_name, data_dir, out, epochs, steps, batch_size, lr, warmup, seed
 @click.option("--skip-bad", is_flag=True, help="Skip missing/corrupt WAVs instead of failing.")
 @click.option("--json", "as_json", is_flag=True)
 def eval_cmd(run_or_name, data_dir, split, limit, threads, skip_bad, as_json):
-    """WER/CER of a run directory or shipped model (e.g. conformer-tiny) on one split."""
+    """WER/CER of a run directory or shipped model (e.g. conformer-tiny) on one split.
+
+    RUN_OR_NAME `pocketsphinx` scores that offline baseline recognizer the same way."""
     from nativeq.models.evaluate import EvalConfig, evaluate_run
 
     result = evaluate_run(EvalConfig(model=run_or_name, data=data_dir, split=split, threads=threads, skip_bad=skip_bad,

@@ -21,6 +21,7 @@ gain, additive white/pink/brown noise at 5-30 dB SNR, and padded with noise plus
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import shutil
 import subprocess
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nativeq._fs import atomic_directory, write_text_atomic
+from nativeq._fs import atomic_directory, write_bytes_atomic, write_text_atomic
 from nativeq.errors import NativeqError
 from nativeq.models.text import normalize_text
 
@@ -184,9 +185,9 @@ def _augment(speech: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(np.round(x), -32768, 32767).astype(np.int16)
 
 
-def write_wav(path: str | os.PathLike, samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
-    """Write int16 mono samples (callers inside an atomic directory, or use write_wav_atomic)."""
-    with wave.open(str(path), "wb") as w:
+def write_wav(path, samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
+    """Write int16 mono samples to a path inside an atomic directory, or to a file object."""
+    with wave.open(path if hasattr(path, "write") else str(path), "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
         w.setframerate(sample_rate)
@@ -359,3 +360,52 @@ def check_audio(utts: list[Utterance], skip_bad: bool = False) -> list[Utterance
     if not good:
         raise NativeqError("no readable utterances left after skipping bad audio files")
     return good
+
+
+# ----------------------------------------------------------------------------- recorded human speech
+# Small sets of recorded human speech shipped in Debian packages, with their transcripts.
+# Used ONLY for evaluation (never training or tuning): the only check on real voices here.
+_PS_DATA = Path("/usr/share/pocketsphinx/test/data")
+_ALSA_SOUNDS = Path("/usr/share/sounds/alsa")
+HUMAN_SOURCES: tuple[tuple[str, Path, str], ...] = (
+    *((f"cards-{i:03d}", _PS_DATA / f"cards/{i:03d}.wav", text) for i, text in enumerate(
+        ["ten of clubs", "four queen of clubs", "seven of clubs", "five five",
+         "eight of spades four of clubs seven of hearts"], 1)),
+    ("goforward", _PS_DATA / "goforward.raw", "go forward ten meters"),
+    ("tidigits-2934z", _PS_DATA / "tidigits/dhd.2934z.raw", "two nine three four zero"),
+    *((f"alsa-{name.lower()}", _ALSA_SOUNDS / f"{name}.wav", name.replace("_", " ").lower()) for name in
+      ("Front_Center", "Front_Left", "Front_Right", "Rear_Center", "Rear_Left", "Rear_Right", "Side_Left", "Side_Right")),
+    *((f"librivox-{n}", _PS_DATA / f"librivox/sense_and_sensibility_01_austen_64kb-{n}.wav", text) for n, text in (
+        ("0870", "and mister john dashwood had then leisure to consider how much there might be prudently in his power to do for them"),
+        ("0880", "he was not an ill disposed young man"),
+        ("0890", "unless to be rather cold hearted and rather selfish is to be ill disposed"),
+        ("0920", "had he married a more a amiable woman he might have been made still more respectable than he was"),
+        ("0930", "he might even have been made amiable himself"),
+    )),
+)
+HUMAN_PACKAGES = "apt-get install pocketsphinx-testdata alsa-utils"
+
+
+def build_human_eval(data_dir: str | os.PathLike, split: str = "eval-human") -> tuple[int, float]:
+    """Write `<data_dir>/<split>.tsv` from the recorded speech in Debian packages; returns (n, hours)."""
+    data_dir = Path(data_dir)
+    available = [(name, path, text) for name, path, text in HUMAN_SOURCES if path.is_file()]
+    if not available:
+        raise NativeqError(f"no recorded speech found under {_PS_DATA} or {_ALSA_SOUNDS} (install with: {HUMAN_PACKAGES})")
+    wav_dir = data_dir / "wav" / split
+    wav_dir.mkdir(parents=True, exist_ok=True)
+    lines, seconds = [], 0.0
+    for name, path, text in available:
+        if path.suffix == ".raw":  # headerless 16 kHz 16-bit little-endian mono (pocketsphinx test data)
+            samples = np.frombuffer(path.read_bytes(), dtype="<i2").astype(np.float32) / 32768.0
+        else:
+            samples = read_wav(path)
+        pcm = np.clip(np.round(samples * 32768.0), -32768, 32767).astype(np.int16)
+        rel = f"wav/{split}/{name}.wav"
+        buf = io.BytesIO()
+        write_wav(buf, pcm)
+        write_bytes_atomic(data_dir / rel, buf.getvalue())
+        lines.append(f"{rel}\t{len(pcm) / SAMPLE_RATE:.3f}\t{normalize_text(text)}")
+        seconds += len(pcm) / SAMPLE_RATE
+    write_text_atomic(data_dir / f"{split}.tsv", "\n".join(lines) + "\n")
+    return len(lines), seconds / 3600

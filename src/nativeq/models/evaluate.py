@@ -68,8 +68,16 @@ def evaluate(model, data_dir: str | os.PathLike, split: str = "test", batch_size
 
 
 def evaluate_run(cfg: EvalConfig) -> dict:
-    """`nativeq eval`: load a run directory or shipped model and evaluate it on one split."""
+    """`nativeq eval`: load a run directory or shipped model and evaluate it on one split.
+
+    The name `pocketsphinx` evaluates that baseline recognizer instead (see baseline.py).
+    """
     from nativeq.models.pretrained import load_model
+
+    if cfg.model == "pocketsphinx" and not os.path.isdir(cfg.model):
+        from nativeq.models.baseline import evaluate_pocketsphinx
+
+        return evaluate_pocketsphinx(cfg.data, cfg.split, cfg.limit, cfg.skip_bad)
 
     torch.set_num_threads(max(1, cfg.threads))
     model, _ = load_model(cfg.model)

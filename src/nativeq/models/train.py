@@ -253,7 +253,7 @@ def train_loop(
             step += 1
             if after_step is not None:
                 after_step(model, step)
-            losses.append(float(loss))
+            losses.append(loss.item())
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.3f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}",
                             dev_wer=f"{best.get('wer', float('nan')):.3f}")
         if dist_info.main:

@@ -1,0 +1,117 @@
+"""Training: smoke epoch, learning on a tiny corpus, resume, run-dir loading, CLI errors, DDP."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nativeq.errors import NativeqError
+from nativeq.models.conformer import ConformerConfig, ConformerCTC
+from nativeq.models.data import read_manifest
+from nativeq.models.evaluate import EvalConfig, evaluate, evaluate_run
+from nativeq.models.pretrained import load_model
+from nativeq.models.train import TrainConfig, save_run, train, train_loop
+from speech_fixtures import synth_tiny_corpus
+
+SMALL = ConformerConfig(d_model=48, n_layers=2, n_heads=4, conv_kernel=7, subsample_channels=8, dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return synth_tiny_corpus(tmp_path_factory.mktemp("t") / "speech", train=8, dev=3, test=3, seed=1)
+
+
+def _cfg(corpus, out, **kw):
+    base = dict(model="conformer-tiny", data=str(corpus), out=str(out), epochs=1, batch_size=4, warmup_steps=2,
+                progress=False, max_dev=3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_one_epoch_smoke_train_then_eval_and_export(corpus, tmp_path, nativeq_cli):
+    run = tmp_path / "run"
+    metrics = train(_cfg(corpus, run))
+    assert set(metrics) >= {"wer", "cer"}
+    for name in ("config.json", "model.safetensors", "checkpoint.pt", "log.jsonl"):
+        assert (run / name).is_file()
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1] and log[0]["step"] == 2
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 2
+    model, cfg = load_model(run)
+    assert cfg.d_model == 144
+    assert model.feat_mean.abs().sum() > 0  # normalization statistics from the training audio
+
+    result = evaluate_run(EvalConfig(model=str(run), data=str(corpus), split="test"))
+    assert result["utterances"] == 3 and 0 <= result["cer"]
+    r = nativeq_cli("export-float", run, "-o", tmp_path / "float.onnx")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "float.onnx").stat().st_size > 1e6 and "max |diff|" in r.stdout
+
+
+def test_training_learns_a_tiny_corpus(corpus, tmp_path):
+    torch.manual_seed(0)
+    model = ConformerCTC(SMALL)
+    utts = read_manifest(corpus, "train")[:4]
+    before = evaluate(model, corpus, "train", limit=4)
+    losses = []
+
+    def record(m, step):
+        losses.append(step)
+
+    cfg = _cfg(corpus, tmp_path / "fit", steps=60, epochs=60, lr=3e-3, warmup_steps=5, spec_augment=False, max_dev=2)
+    train_loop(model, utts, utts[:2], cfg, tmp_path / "fit", after_step=record)
+    log = [json.loads(line) for line in (tmp_path / "fit" / "log.jsonl").read_text().splitlines()]
+    assert losses == list(range(1, 61))
+    assert log[-1]["train_loss"] < 0.5 * log[0]["train_loss"]
+    after = evaluate(model, corpus, "train", limit=4)
+    assert after["cer"] < before["cer"]
+
+
+def test_resume_continues_from_the_last_checkpoint(corpus, tmp_path):
+    run = tmp_path / "run"
+    train(_cfg(corpus, run, epochs=1, steps=4))  # "crashes" after epoch 1 of a 2-epoch schedule
+    with pytest.raises(NativeqError, match="already holds a run"):
+        train(_cfg(corpus, run, epochs=2, steps=4))
+    train(_cfg(corpus, run, epochs=2, steps=4, resume=True))
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["step"]) for r in log] == [(1, 2), (2, 4)]
+
+
+def test_checkpoint_of_another_config_is_one_line_error(corpus, tmp_path, nativeq_cli):
+    run = tmp_path / "mixed"
+    run.mkdir()
+    save_run(run, ConformerCTC(SMALL))
+    config = json.loads((run / "config.json").read_text())
+    config["model"]["d_model"] = 64
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(NativeqError, match="different model config"):
+        load_model(run)
+    r = nativeq_cli("eval", run, "--data", corpus)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "different model config" in r.stderr
+    with pytest.raises(NativeqError, match="neither a run directory nor a shipped model"):
+        load_model(tmp_path / "nothing-here")
+    with pytest.raises(NativeqError, match="no manifest"):
+        train(_cfg(tmp_path, tmp_path / "r"))
+
+
+@pytest.mark.slow
+def test_ddp_with_two_cpu_processes(corpus, tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    nativeq = Path(sys.executable).with_name("nativeq")
+    run = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node=2", str(nativeq), "train", "--data", str(corpus), "-o", str(run),
+         "--epochs", "2", "--batch-size", "2", "--warmup", "2"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    # 8 utterances in batches of 2 = 4 batches, split over 2 ranks: 2 steps per epoch
+    assert [(r["epoch"], r["step"]) for r in log] == [(1, 2), (2, 4)]
+    load_model(run)
