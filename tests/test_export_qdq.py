@@ -23,9 +23,10 @@ torch.set_num_threads(1)
 DYN = {"x": {0: "B", 1: "T"}, "y": {0: "B", 1: "T_out"}}
 
 
-def _qat_toy(bits=4, sparsity=None, steps=4, seed=0):
+def _qat_toy(bits=4, sparsity=None, steps=4, seed=0, matmuls=False):
     torch.manual_seed(seed)
-    model = quantize_(ToyEncoder(), QuantConfig(weight_bits=bits, bits_rules=(("sub", 8), ("head", 8))))
+    model = quantize_(ToyEncoder(), QuantConfig(weight_bits=bits, bits_rules=(("sub", 8), ("head", 8)), quantize_matmuls=matmuls),
+                      example_inputs=(toy_batches(1)[0],))
     if sparsity:
         sparsify_(model, SparsityConfig(sparsity, end_step=2), filter_fn=lambda m, n: n not in ("sub", "depthwise"))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -86,6 +87,15 @@ def test_lint_flags_exactly_the_float_products(exported):
         check_qdq(proto)
 
 
+def test_lint_is_clean_when_activation_products_are_quantized():
+    model = _qat_toy(bits=4, matmuls=True, steps=2)
+    proto = to_qdq_onnx(model, (toy_batches(1)[0],), ExportConfig(dynamic_axes=DYN))
+    assert lint_qdq(proto) == []
+    check_qdq(proto)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(meta["nativeq.activation_products"]) == ["matmul0", "matmul1"]
+
+
 def test_lint_on_hand_built_graphs():
     assert lint_qdq(qdq_matmul()) == []
     float_mm = helper.make_graph(
@@ -106,14 +116,14 @@ def test_export_is_written_atomically(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["toy.onnx"]
 
 
-@pytest.mark.parametrize("bits,sparsity", [(8, None), (4, "2:4"), (2, None)])
-def test_ort_fidelity_every_layer_output(bits, sparsity):
-    model = _qat_toy(bits=bits, sparsity=sparsity, steps=6, seed=bits)
+@pytest.mark.parametrize("bits,sparsity,matmuls", [(8, None, True), (4, "2:4", True), (2, None, False)])
+def test_ort_fidelity_every_layer_output(bits, sparsity, matmuls):
+    model = _qat_toy(bits=bits, sparsity=sparsity, steps=6, seed=bits, matmuls=matmuls)
     proto = to_qdq_onnx(model, (toy_batches(1)[0],), ExportConfig(dynamic_axes=DYN))
     int_model = convert(model)
     feeds = [{"x": x[:1].numpy()} for x in toy_batches(6, t=30, seed=11)] + [{"x": toy_batches(1, t=57)[0].numpy()}]
     result = compare_layers(int_model, proto, feeds)
-    assert len(result) == 8
+    assert len(result) == (10 if matmuls else 8)
     total = sum(r.elements for r in result)
     exact = sum(r.exact * r.elements for r in result) / total
     assert exact >= 0.9999, result

@@ -91,7 +91,7 @@ def test_export_cli_writes_a_linted_qdq_file(qat_run, nativeq_cli, tmp_path):
     out = tmp_path / "asr.onnx"
     r = nativeq_cli("export", qat_run, "-o", out)
     assert r.returncode == 0, r.stderr
-    assert "weights 4-bit" in r.stdout and "sparsity 2:4" in r.stdout
+    assert "weights 4-bit" in r.stdout and "sparsity 2:4" in r.stdout and "QDQ lint: clean" in r.stdout
     proto = onnx.load(str(out))
     onnx.checker.check_model(proto, full_check=True)
     meta = {p.key: p.value for p in proto.metadata_props}

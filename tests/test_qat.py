@@ -190,3 +190,36 @@ def test_integer_qat_stays_close_to_float_at_8_bits():
     with torch.no_grad():
         err = (model(x) - ref(x)).abs().max() / ref(x).abs().max()
     assert err < 0.1
+
+
+def test_activation_products_are_integer_and_convert_bit_exact():
+    from nativeq.qat.matmul import IntMatmulSite, matmul_sites
+
+    torch.manual_seed(0)
+    x0 = toy_batches(1)[0]
+    model = quantize_(ToyEncoder(), QuantConfig(weight_bits=4, quantize_matmuls=True), example_inputs=(x0,))
+    sites = matmul_sites(model)
+    assert [s.site_name for s in sites] == ["matmul0", "matmul1"]  # Q·Kᵀ and P·V, made by the root module
+    calibrate(model, toy_batches(3))
+    model.eval()
+    # the product is exact: compare one site against int64 numpy on its quantized operands
+    captured = {}
+    sites[0].register_forward_hook(lambda mod, args, out: captured.update(a=args[0], b=args[1], y=out))
+    with torch.no_grad():
+        model(x0)
+    site = sites[0]
+    sa, sb, sy = (q.scale for q in (site.a_quant, site.b_quant, site.output_quant))
+    aq = nx.quantize(captured["a"], sa, -128, 127).numpy().astype(np.int64)
+    bq = nx.quantize(captured["b"], sb, -128, 127).numpy().astype(np.int64)
+    acc = torch.from_numpy(aq @ bq).to(torch.float32)
+    assert torch.equal(captured["y"], nx.quantize(acc * (sa * sb), sy, -128, 127) * sy)
+    int_model = convert(model)
+    assert all(isinstance(s, IntMatmulSite) for s in matmul_sites(int_model))
+    for x in toy_batches(2, seed=4):
+        with torch.no_grad():
+            assert torch.equal(int_model(x), model(x))
+
+
+def test_activation_products_need_example_inputs():
+    with pytest.raises(NativeqError, match="needs example_inputs"):
+        quantize_(ToyEncoder(), QuantConfig(quantize_matmuls=True))

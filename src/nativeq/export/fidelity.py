@@ -1,5 +1,7 @@
 """Export fidelity: ONNX Runtime on the QDQ file vs the PyTorch integer model, layer by layer.
 
+Also covers the integer activation products (`qat.matmul` sites, `<site>.output_q`).
+
 Where it sits: after `export`, as its acceptance check (and the test of it). Every
 quantized layer's int8 output (`<layer>.output_q` in the QDQ graph) is compared with the
 integer the PyTorch layer produced, in steps. ORT runs with graph optimizations disabled
@@ -16,6 +18,7 @@ import torch
 from torch import nn
 
 from nativeq.qat.convert import int_layers
+from nativeq.qat.matmul import matmul_sites
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ def compare_layers(int_model: nn.Module, proto: onnx.ModelProto, inputs: list[di
     (default: `model(*feed.values())`).
     """
     layers = [(n, m) for n, m in int_layers(int_model) if m.output_scale is not None]
+    layers += [(site.site_name, site) for site in matmul_sites(int_model)]
     names = [f"{n}.output_q" for n, _ in layers]
     sess = ort_session(proto, names)
     captured: dict[str, torch.Tensor] = {}

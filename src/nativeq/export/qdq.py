@@ -33,6 +33,7 @@ from torch import nn
 
 from nativeq.errors import NativeqError
 from nativeq.qat.convert import IntLayer, convert, int_layers
+from nativeq.qat.matmul import matmul_sites
 from nativeq.qat.quantize import quant_layers
 
 OPSET = 21
@@ -66,10 +67,36 @@ class _Marker(torch.autograd.Function):
         return out
 
 
+class _MatmulMarker(torch.autograd.Function):
+    """Runs an integer activation product; exports as one `nativeq::QMatMul` node."""
+
+    registry: dict[int, nn.Module] = {}
+
+    @staticmethod
+    def forward(ctx, a, b, index):
+        state = torch._C._get_tracing_state()
+        torch._C._set_tracing_state(None)
+        try:
+            return _MatmulMarker.registry[index](a, b)
+        finally:
+            torch._C._set_tracing_state(state)
+
+    @staticmethod
+    def symbolic(g, a, b, index):
+        out = g.op(f"{MARKER_DOMAIN}::QMatMul", a, b, site_i=index)
+        rank = a.type().dim() if hasattr(a.type(), "dim") else None
+        if rank is not None:
+            out.setType(a.type().with_sizes([None] * rank))
+        return out
+
+
 @contextlib.contextmanager
 def _markers(model: nn.Module):
     layers = int_layers(model)
     saved = {}
+    for i, site in enumerate(matmul_sites(model)):
+        _MatmulMarker.registry[i] = site
+    model._nativeq_route = lambda i, a, b: _MatmulMarker.apply(a, b, i)
     try:
         for name, layer in layers:
             _Marker.registry[name] = layer
@@ -82,6 +109,8 @@ def _markers(model: nn.Module):
             del layer.forward
             del layer._real_forward
             _Marker.registry.pop(name, None)
+        _MatmulMarker.registry.clear()
+        del model._nativeq_route
 
 
 @dataclass(frozen=True)
@@ -159,6 +188,28 @@ def _qdq_nodes(layer: IntLayer, name: str, x: str, y: str) -> tuple[list, list]:
     return nodes, inits
 
 
+def _act_qdq(nodes, inits, prefix: str, src: str, scale: torch.Tensor, zp: str, out: str | None = None) -> str:
+    """QuantizeLinear -> DequantizeLinear of activation `src`; returns the dequantized tensor's name."""
+    inits.append(numpy_helper.from_array(scale.numpy().astype(np.float32), f"{prefix}_scale"))
+    out = out or f"{prefix}_dq"
+    nodes.append(helper.make_node("QuantizeLinear", [src, f"{prefix}_scale", zp], [f"{prefix}_q"], name=f"{prefix}_Q"))
+    nodes.append(helper.make_node("DequantizeLinear", [f"{prefix}_q", f"{prefix}_scale", zp], [out], name=f"{prefix}_DQ"))
+    return out
+
+
+def _matmul_qdq_nodes(site, a: str, b: str, y: str) -> tuple[list, list]:
+    """Q/DQ on both operands, MatMul, Q/DQ on the product (an IntMatmulSite's arithmetic)."""
+    nodes, inits = [], []
+    p = site.site_name
+    zp = f"{p}.act_zero_point"
+    inits.append(numpy_helper.from_array(np.array(0, np.int8), zp))
+    a_dq = _act_qdq(nodes, inits, f"{p}.a", a, site.a_scale, zp)
+    b_dq = _act_qdq(nodes, inits, f"{p}.b", b, site.b_scale, zp)
+    nodes.append(helper.make_node("MatMul", [a_dq, b_dq], [f"{p}.product"], name=f"{p}.MatMul"))
+    _act_qdq(nodes, inits, f"{p}.output", f"{p}.product", site.output_scale, zp, out=y)
+    return nodes, inits
+
+
 def layer_metadata(model: nn.Module) -> dict[str, dict]:
     meta = {}
     for name, layer in int_layers(model):
@@ -192,12 +243,19 @@ def to_qdq_onnx(model: nn.Module, example_inputs: tuple, config: ExportConfig = 
         )
     traced = onnx.load_from_string(buf.getvalue())
     layers = dict(int_layers(model))
+    sites = matmul_sites(model)
     graph = traced.graph
     new_nodes, new_inits = [], []
     seen = set()
     for node in graph.node:
         if node.domain != MARKER_DOMAIN:
             new_nodes.append(node)
+            continue
+        if node.op_type == "QMatMul":
+            index = next(a.i for a in node.attribute if a.name == "site")
+            nodes, inits = _matmul_qdq_nodes(sites[index], node.input[0], node.input[1], node.output[0])
+            new_nodes += nodes
+            new_inits += inits
             continue
         name = next(a.s.decode() for a in node.attribute if a.name == "layer")
         if name in seen:
@@ -223,6 +281,7 @@ def to_qdq_onnx(model: nn.Module, example_inputs: tuple, config: ExportConfig = 
         "nativeq.weight_bits": ",".join(sorted({str(m["weight_bits"]) for m in meta.values()})),
         "nativeq.act_bits": ",".join(sorted({str(m["act_bits"]) for m in meta.values()})),
         "nativeq.sparsity": ",".join(sorted({m["sparsity"] for m in meta.values()})),
+        "nativeq.activation_products": json.dumps([s.site_name for s in sites]),
         **{str(k): str(v) for k, v in config.metadata.items()},
     }
     del traced.metadata_props[:]

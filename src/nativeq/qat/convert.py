@@ -69,9 +69,12 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Replace every QuantLayer with its IntLayer (on a copy unless `inplace`); returns the eval-mode model."""
     if not quant_layers(model):
         raise NativeqError("convert: the model has no quantized layers (call quantize_ first)")
+    from nativeq.qat.matmul import convert_matmul_sites
+
     out = model if inplace else copy.deepcopy(model)
     for name, layer in quant_layers(out):
         _set_submodule(out, name, IntLayer(layer))
+    convert_matmul_sites(out)
     return out.eval()
 
 

@@ -51,6 +51,7 @@ class FinetuneConfig:
     act_bits: int = 8
     act_scale: str = "ema"
     mixed: bool = False  # 8-bit subsampling and head (MIXED_RULES)
+    quantize_attention: bool = True  # integer Q·Kᵀ and P·V too (every product int8 for the compiler)
     sparsity: str | None = None  # see parse_sparsity
     sparsity_ramp: float = 0.5  # fraction of the steps over which sparsity ramps up (cubic)
     mask_updates: int = 10  # mask recomputations during the ramp
@@ -74,7 +75,7 @@ class FinetuneConfig:
 
     def quant_config(self) -> QuantConfig:
         return QuantConfig(weight_bits=self.weight_bits, act_bits=self.act_bits, act_scale=self.act_scale,
-                           bits_rules=MIXED_RULES if self.mixed else ())
+                           bits_rules=MIXED_RULES if self.mixed else (), quantize_matmuls=self.quantize_attention)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -89,9 +90,15 @@ def _sparsity_schedule(cfg: FinetuneConfig, total_steps: int) -> SparsityConfig 
     return dataclasses.replace(base, start_step=0, end_step=end, update_every=every)
 
 
+def example_features(model: nn.Module, frames: int = 64) -> tuple[torch.Tensor]:
+    """A deterministic feature batch [1, frames, n_mels] for the Conformer's forward."""
+    return (torch.randn(1, frames, model.config.n_mels, generator=torch.Generator().manual_seed(0)),)
+
+
 def build_qat_model(model: nn.Module, qat: dict) -> nn.Module:
     """Apply the quantization and sparsity recorded in a run's "qat" section to a float model."""
-    quantize_(model, QuantConfig(**{**qat["quant"], "bits_rules": tuple(map(tuple, qat["quant"]["bits_rules"]))}))
+    quant = QuantConfig(**{**qat["quant"], "bits_rules": tuple(map(tuple, qat["quant"]["bits_rules"]))})
+    quantize_(model, quant, example_inputs=example_features(model))
     if qat.get("sparsity"):
         sparsify_(model, SparsityConfig(**qat["sparsity"]))
     return model
@@ -148,7 +155,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         if (run_dir / "checkpoint.pt").exists():
             raise NativeqError(f"{run_dir} already holds a run (use --resume to continue it, or another -o)")
         model, _ = load_model(cfg.source)
-        quantize_(model, quant)
+        quantize_(model, quant, example_inputs=example_features(model))
         calib = make_batches(train_utts, cfg.batch_size, cfg.seed + 12345)[: cfg.calibration_batches]
         calibrate(model, (collate([utterance_features(train_utts[i]) for i in b]) for b in calib))
         if sparsity is not None:

@@ -41,6 +41,8 @@ class QuantConfig:
         wins, e.g. (("subsampling.*", 8), ("head*", 8)) for the mixed 4/8-bit recipe.
     quantize_output: also quantize each layer's output to int8 (what the compiler's
         int8 lowering consumes: quantize(matmul(dq(x), dq(w)) + b)).
+    quantize_matmuls: also make activation x activation products (attention) integer,
+        found by running `example_inputs` through the model (see `qat.matmul`).
     """
 
     weight_bits: int = 8
@@ -49,6 +51,7 @@ class QuantConfig:
     ema_decay: float = 0.9
     bits_rules: tuple[tuple[str, int], ...] = ()
     quantize_output: bool = True
+    quantize_matmuls: bool = False
 
     def __post_init__(self):
         nx.check_weight_bits(self.weight_bits)
@@ -307,11 +310,16 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def quantize_(model: nn.Module, config: QuantConfig,
-              filter_fn: Callable[[nn.Module, str], bool] | None = None) -> nn.Module:
+              filter_fn: Callable[[nn.Module, str], bool] | None = None,
+              example_inputs: tuple | None = None) -> nn.Module:
     """Swap the selected Linear/Conv1d/Conv2d layers of `model` (in place) for integer QAT layers.
 
-    `filter_fn(module, name)` picks layers (default: all of them). Returns `model`.
+    `filter_fn(module, name)` picks layers (default: all of them). With
+    `config.quantize_matmuls`, `example_inputs` (a tuple of model inputs) is run once to
+    find the activation products. Returns `model`.
     """
+    if config.quantize_matmuls and example_inputs is None:
+        raise NativeqError("quantize_: quantize_matmuls needs example_inputs to find the model's activation products")
     chosen = [
         (name, m) for name, m in model.named_modules()
         if isinstance(m, QUANTIZABLE) and (filter_fn is None or filter_fn(m, name))
@@ -323,6 +331,10 @@ def quantize_(model: nn.Module, config: QuantConfig,
     for pattern, _ in config.bits_rules:
         if not any(fnmatch.fnmatchcase(name, pattern) for name, _ in chosen):
             raise NativeqError(f"quantize_: bits rule {pattern!r} matches no quantized layer")
+    if config.quantize_matmuls:
+        from nativeq.qat.matmul import attach_matmul_sites
+
+        attach_matmul_sites(model, config.act_bits, config.act_scale, config.ema_decay, tuple(example_inputs))
     for name, m in chosen:
         _set_submodule(model, name, QuantLayer(m, name, config.bits_for(name), config))
     return model
@@ -341,7 +353,10 @@ def calibrate(model: nn.Module, batches) -> nn.Module:
     layers = quant_layers(model)
     if not layers:
         raise NativeqError("calibrate: the model has no quantized layers (call quantize_ first)")
+    from nativeq.qat.matmul import matmul_sites
+
     quantizers = [q for _, m in layers for q in (m.input_quant, m.output_quant) if q is not None]
+    quantizers += [q for site in matmul_sites(model) for q in (site.a_quant, site.b_quant, site.output_quant)]
     was_training = model.training
     model.eval()
     for q in quantizers:
