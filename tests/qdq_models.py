@@ -389,16 +389,20 @@ def float_encoder(seed: int = 0) -> onnx.ModelProto:
 _ENCODER_CACHE: dict = {}
 
 
-def ort_quantized_encoder(act_dtype: str = "uint8", seed: int = 0) -> onnx.ModelProto:
-    """`float_encoder` quantized by `onnxruntime.quantization.quantize_static` (QDQ, per-channel int8 weights,
-    uint8 or int8 activations, calibrated on random features of a few lengths). Built once per process."""
-    key = (act_dtype, seed)
+def ort_quantized_encoder(act_dtype: str = "uint8", seed: int = 0, quant_format: str = "qdq") -> onnx.ModelProto:
+    """`float_encoder` quantized by `onnxruntime.quantization.quantize_static` (per-channel int8 weights, uint8
+    or int8 activations, calibrated on random features of a few lengths). Built once per process.
+
+    quant_format "qdq": QuantizeLinear/DequantizeLinear around float ops; "qoperator": QLinearMatMul,
+    QLinearConv and com.microsoft QLinearAdd/QLinearMul/QLinearSoftmax/QLinearConcat/QGemm.
+    """
+    key = (act_dtype, seed, quant_format)
     if key not in _ENCODER_CACHE:
-        _ENCODER_CACHE[key] = _quantize_encoder(act_dtype, seed)
+        _ENCODER_CACHE[key] = _quantize_encoder(act_dtype, seed, quant_format)
     return onnx.load_from_string(_ENCODER_CACHE[key])
 
 
-def _quantize_encoder(act_dtype: str, seed: int) -> bytes:
+def _quantize_encoder(act_dtype: str, seed: int, quant_format: str) -> bytes:
     import tempfile
     from pathlib import Path
 
@@ -416,7 +420,8 @@ def _quantize_encoder(act_dtype: str, seed: int) -> bytes:
     with tempfile.TemporaryDirectory(prefix="nativeq-encoder-") as tmp:
         src, dst = Path(tmp, "float.onnx"), Path(tmp, "qdq.onnx")
         onnx.save(float_encoder(seed), src)
-        quantize_static(str(src), str(dst), RandomFeatures(), quant_format=QuantFormat.QDQ, per_channel=True,
+        fmt = {"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}[quant_format]
+        quantize_static(str(src), str(dst), RandomFeatures(), quant_format=fmt, per_channel=True,
                         activation_type=QuantType.QUInt8 if act_dtype == "uint8" else QuantType.QInt8,
                         weight_type=QuantType.QInt8)
         model = onnx.load(dst)

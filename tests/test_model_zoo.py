@@ -45,9 +45,9 @@ def test_integer_op_model_compiles_and_verifies(name, tmp_path):
             assert out.max_steps <= 1 + 1e-4 and out.exact_pct >= 99.0, report.table()
 
 
-@pytest.mark.parametrize("act_dtype", ["uint8", "int8"])
-def test_ort_quantized_encoder_compiles_and_verifies_at_two_lengths(act_dtype, tmp_path):
-    model = zoo.ort_quantized_encoder(act_dtype)
+@pytest.mark.parametrize("act_dtype, quant_format", [("uint8", "qdq"), ("int8", "qdq"), ("uint8", "qoperator")])
+def test_ort_quantized_encoder_compiles_and_verifies_at_two_lengths(act_dtype, quant_format, tmp_path):
+    model = zoo.ort_quantized_encoder(act_dtype, quant_format=quant_format)
     path = tmp_path / "encoder.onnx"
     onnx.save(model, path)
     compile_model(path, tmp_path / "out", CompileConfig(target="host"))

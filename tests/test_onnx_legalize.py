@@ -229,3 +229,38 @@ def _output_scale(model: onnx.ModelProto) -> float:
     assert producer.op_type == "DequantizeLinear"
     scale = next(i for i in model.graph.initializer if i.name == producer.input[1])
     return float(onnx.numpy_helper.to_array(scale))
+
+
+@pytest.mark.parametrize("act_dtype", ["uint8", "int8"])
+def test_ort_qoperator_encoder_legalizes_within_one_step(act_dtype):
+    """ORT's QOperator format (QLinearMatMul/QLinearConv + com.microsoft QLinearAdd/Mul/Softmax/Concat, QGemm)."""
+    model = zoo.ort_quantized_encoder(act_dtype, quant_format="qoperator")
+    ms_ops = {n.op_type for n in model.graph.node if n.domain == "com.microsoft"}
+    assert ms_ops >= {"QLinearAdd", "QLinearMul", "QLinearSoftmax", "QLinearConcat", "QGemm"}
+    with pytest.raises(NativeqError) as err:
+        check_importable(model)
+    assert "op 'com.microsoft.QLinearAdd'" in str(err.value) and "op 'QLinearMatMul'" in str(err.value)
+    legal = legalize(model)
+    check_importable(legal)
+    assert not any(n.domain == "com.microsoft" for n in legal.graph.node)
+    step = _output_scale(model)
+    for t in (40, 77):
+        feeds = {"feats": np.random.default_rng(t).normal(0, 1, (1, t, zoo.ENCODER_FEATS)).astype(np.float32)}
+        steps = np.abs(ort_run(legal, feeds)[0].astype(np.float64) - ort_run(model, feeds)[0]) / step
+        assert steps.max() <= 1 + 1e-4 and (steps < 1e-4).mean() >= 0.99
+
+
+@pytest.mark.slow
+def test_ort_qoperator_encoder_runs_in_tvm():
+    import tvm
+    from tvm import relax
+
+    from nativeq.compile.onnx_import import import_onnx
+
+    model = zoo.ort_quantized_encoder("uint8", quant_format="qoperator")
+    vm = relax.VirtualMachine(tvm.compile(import_onnx(model), target=tvm.target.Target({"kind": "llvm"})), tvm.cpu())
+    step = _output_scale(model)
+    for t in (40, 77):
+        feats = np.random.default_rng(t).normal(0, 1, (1, t, zoo.ENCODER_FEATS)).astype(np.float32)
+        steps = np.abs(vm["main"](tvm.runtime.tensor(feats)).numpy().astype(np.float64) - ort_run(model, {"feats": feats})[0])
+        assert (steps / step).max() <= 1 + 1e-4

@@ -14,6 +14,8 @@ user could run anywhere:
   QuantizeLinear, the form the int8 lowering pass recognizes. The integer bias of
   QLinearConv becomes an int32 DequantizeLinear with scale `x_scale * w_scale`. Results
   may differ from ORT's integer kernels by one quantization step on rounding ties.
+- com.microsoft QLinearAdd/Mul/Sigmoid/LeakyRelu/Softmax/Concat/(Global)AveragePool and
+  QGemm (ORT's QOperator format) -> the same QDQ form around the float op.
 - ConvInteger -> DequantizeLinear(scale 1) -> float Conv -> Cast(int32). This is exact
   because every partial sum is an integer below 2**24; when the constant weights could
   exceed that, the input channels are split into slices whose float Convs are each exact
@@ -78,8 +80,11 @@ def check_importable(model: onnx.ModelProto) -> None:
     missing: dict[str, list[str]] = {}
     for node in _all_nodes(model.graph):
         op = node.op_type
-        if op not in known:
-            missing.setdefault(op, []).append(node.name or node.output[0])
+        if node.domain not in ("", "ai.onnx") and node.domain != "com.microsoft":
+            missing.setdefault(f"{node.domain}.{op}", []).append(node.name or node.output[0])
+        elif op not in known:
+            qualified = op if node.domain in ("", "ai.onnx") else f"{node.domain}.{op}"
+            missing.setdefault(qualified, []).append(node.name or node.output[0])
         elif op in ("QuantizeLinear", "DequantizeLinear") and _attr(node, "block_size", 0):
             missing.setdefault(f"{op} with block_size", []).append(node.name or node.output[0])
     for init in model.graph.initializer:
@@ -514,10 +519,112 @@ def _channel_slices(centered_w: np.ndarray, max_abs_x: int) -> list[tuple[int, i
     return slices
 
 
+# com.microsoft QOperator ops (what `quantize_static(quant_format=QOperator)` writes): the
+# positions of the (tensor, scale, zero point) triplets among the inputs, the (scale, zero
+# point) of the output, and the float op computed in between.
+_MS_QLINEAR = {
+    "QLinearAdd": ([(0, 1, 2), (3, 4, 5)], (6, 7), "Add"),
+    "QLinearMul": ([(0, 1, 2), (3, 4, 5)], (6, 7), "Mul"),
+    "QLinearSigmoid": ([(0, 1, 2)], (3, 4), "Sigmoid"),
+    "QLinearLeakyRelu": ([(0, 1, 2)], (3, 4), "LeakyRelu"),
+    "QLinearSoftmax": ([(0, 1, 2)], (3, 4), "Softmax"),
+    "QLinearGlobalAveragePool": ([(0, 1, 2)], (3, 4), "GlobalAveragePool"),
+    "QLinearAveragePool": ([(0, 1, 2)], (3, 4), "AveragePool"),
+}
+_MS_DROPPED_ATTRS = {"opset", "channels_last"}
+
+
+def ms_qlinear_to_qdq(node: onnx.NodeProto, ctx: _Context):
+    """com.microsoft QLinearAdd/Mul/Sigmoid/LeakyRelu/Softmax/(Global)AveragePool -> DequantizeLinear -> float op -> QuantizeLinear."""
+    if node.domain != "com.microsoft" or node.op_type not in _MS_QLINEAR:
+        return None
+    triplets, (y_s, y_zp), float_op = _MS_QLINEAR[node.op_type]
+    base = node.name or node.output[0]
+    if _attr(node, "channels_last", 0):
+        raise NativeqError(f"{node.op_type} node '{base}' with channels_last=1 is not supported")
+    if node.op_type == "QLinearSoftmax" and _attr(node, "opset", 13) < 13:
+        raise NativeqError(f"QLinearSoftmax node '{base}' uses opset-{_attr(node, 'opset')} Softmax semantics; "
+                           "only opset >= 13 is supported")
+    nodes, float_inputs = [], []
+    for k, (x, scale, zp) in enumerate(triplets):
+        float_inputs.append(_dequantize(ctx, node, nodes, x, scale, zp, f"in{k}"))
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name not in _MS_DROPPED_ATTRS}
+    y_f = ctx.fresh(f"{node.output[0]}_f")
+    nodes.append(helper.make_node(float_op, float_inputs, [y_f], name=ctx.fresh(f"{base}_{float_op}"), **attrs))
+    nodes.append(_quantize(ctx, node, y_f, node.input[y_s], _input(node, y_zp)))
+    return nodes
+
+
+def ms_qlinear_concat_to_qdq(node: onnx.NodeProto, ctx: _Context):
+    """com.microsoft QLinearConcat(y_s, y_zp, (x, x_s, x_zp)...) -> DequantizeLinear each -> Concat -> QuantizeLinear."""
+    if node.domain != "com.microsoft" or node.op_type != "QLinearConcat":
+        return None
+    nodes, float_inputs = [], []
+    for k in range(2, len(node.input), 3):
+        float_inputs.append(_dequantize(ctx, node, nodes, k, k + 1, k + 2, f"in{(k - 2) // 3}"))
+    y_f = ctx.fresh(f"{node.output[0]}_f")
+    nodes.append(helper.make_node("Concat", float_inputs, [y_f], name=ctx.fresh(f"{node.name or y_f}_Concat"),
+                                  axis=_attr(node, "axis")))
+    nodes.append(_quantize(ctx, node, y_f, node.input[0], _input(node, 1)))
+    return nodes
+
+
+def ms_qgemm_to_qdq(node: onnx.NodeProto, ctx: _Context):
+    """com.microsoft QGemm -> DequantizeLinear(A, B, int32 bias) -> Gemm (-> QuantizeLinear when y_scale is given)."""
+    if node.domain != "com.microsoft" or node.op_type != "QGemm":
+        return None
+    base = node.name or node.output[0]
+    alpha, trans_b = _attr(node, "alpha", 1.0), _attr(node, "transB", 0)
+    if alpha != 1.0:
+        raise NativeqError(f"QGemm node '{base}' has alpha={alpha}; only alpha=1 is supported")
+    nodes = []
+    a_f = _dequantize(ctx, node, nodes, 0, 1, 2, "a")
+    b_scale = _as_scalar(ctx, node.input[4])
+    b_f = ctx.fresh(f"{node.output[0]}_b_f")
+    b_axis = {"axis": 0 if trans_b else 1} if _scale_axis(ctx, b_scale, node.input[3], 1) else {}
+    nodes.append(helper.make_node("DequantizeLinear", [node.input[3], b_scale] + ([node.input[5]] if _input(node, 5) else []),
+                                  [b_f], name=ctx.fresh(f"{base}_DQ_b"), **b_axis))
+    gemm_inputs = [a_f, b_f]
+    if _input(node, 6):
+        bias_scale = _bias_scale(node, ctx, _as_scalar(ctx, node.input[1]), b_scale, nodes)
+        c_f = ctx.fresh(f"{node.output[0]}_c_f")
+        nodes.append(helper.make_node("DequantizeLinear", [node.input[6], bias_scale], [c_f], name=ctx.fresh(f"{base}_DQ_c"),
+                                      **({"axis": 0} if _scale_axis(ctx, bias_scale, node.input[6], 1) else {})))
+        gemm_inputs.append(c_f)
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    quantized_output = bool(_input(node, 7))
+    y_f = ctx.fresh(f"{node.output[0]}_f") if quantized_output else node.output[0]
+    nodes.append(helper.make_node("Gemm", gemm_inputs, [y_f], name=ctx.fresh(f"{base}_Gemm"), **attrs))
+    if quantized_output:
+        nodes.append(_quantize(ctx, node, y_f, node.input[7], _input(node, 8)))
+    return nodes
+
+
+def _input(node: onnx.NodeProto, index: int) -> str:
+    return "" if _is_absent(node, index) else node.input[index]
+
+
+def _dequantize(ctx: _Context, node, nodes: list, x, scale, zp, tag: str) -> str:
+    """Append a per-tensor DequantizeLinear of input positions (x, scale, zp) of `node`; return its output."""
+    x, scale, zp = node.input[x], _as_scalar(ctx, node.input[scale]), _input(node, zp)
+    out = ctx.fresh(f"{node.output[0]}_{tag}_f")
+    nodes.append(helper.make_node("DequantizeLinear", [x, scale] + ([zp] if zp else []), [out],
+                                  name=ctx.fresh(f"{node.name or out}_DQ_{tag}")))
+    return out
+
+
+def _quantize(ctx: _Context, node, y_f: str, scale: str, zp: str) -> onnx.NodeProto:
+    return helper.make_node("QuantizeLinear", [y_f, _as_scalar(ctx, scale)] + ([zp] if zp else []), [node.output[0]],
+                            name=ctx.fresh(f"{node.name or node.output[0]}_Q"))
+
+
 _NODE_REWRITES = (
     quantize_int4_to_int8_clip,
     fold_blocked_dequantize,
     qlinear_matmul_to_qdq,
     qlinear_conv_to_qdq,
     conv_integer_to_exact_float,
+    ms_qlinear_to_qdq,
+    ms_qlinear_concat_to_qdq,
+    ms_qgemm_to_qdq,
 )
