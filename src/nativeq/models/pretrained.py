@@ -54,6 +54,11 @@ def load_model(run_or_name: str | os.PathLike):
         raise NativeqError(f"{config_path}: not a nativeq model config ({type(e).__name__}: {e})") from None
     if config.get("vocab", CHARS) != CHARS:
         raise NativeqError(f"{config_path}: vocabulary {config.get('vocab')!r} differs from this version's {CHARS!r}")
+    if "qat" in config:  # a `nativeq finetune` run: the integer QAT model (eval mode)
+        from nativeq.qat.finetune import load_qat_model
+
+        model, model_cfg, _ = load_qat_model(model_dir)
+        return model, model_cfg
     try:
         state = load_file(str(weights_path))
     except (SafetensorError, OSError) as e:
