@@ -67,6 +67,11 @@ def test_finetune_writes_a_quantized_sparse_run(qat_run):
     assert all(r["violations"] == 0 for r in report.values())
     assert report["blocks.1.attn.q_proj"]["zeros"] >= 0.5  # the ramp ends at step 2 of 3: masks final and frozen
     assert all(bool(l.mask_frozen) for _, l in quant_layers(model))
+    # `nativeq eval` (models.load_model) reads a finetune run as its integer QAT model
+    from nativeq.models.pretrained import load_model
+
+    loaded, _ = load_model(qat_run)
+    assert len(quant_layers(loaded)) == len(quant_layers(model)) and not loaded.training
 
 
 def test_resume_continues_from_the_checkpoint(qat_run, corpus, tmp_path):
@@ -137,6 +142,9 @@ def test_bad_inputs_are_one_line_errors(qat_run, float_run, corpus, nativeq_cli,
     code, err = _cli("finetune", "x", "--data", corpus, "--weight-bits", "4", "--sparsity", "2:4", "--steps", "4",
                      "--resume", "-o", other)
     assert code == 2 and "different model config" in err and len(err.strip().splitlines()) == 1
+    # fine-tuning a finetune run again
+    code, err = _cli("finetune", qat_run, "--data", corpus, "-o", tmp_path / "again")
+    assert code == 2 and "already a finetune run" in err
     # bad configs
     for args, msg in [(["--weight-bits", "3"], "weight bits 3 not supported"),
                       (["--sparsity", "4:2"], "need 1 <= N < M"),

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from nativeq.errors import NativeqError
-from nativeq.qat.quantize import QuantConfig, calibrate, quantize_
+from nativeq.qat.quantize import QuantConfig, calibrate, quant_layers, quantize_
 from nativeq.qat.sparsity import SparsityConfig, sparsify_, update_masks
 
 # The paper's mixed 4/8-bit recipe: the subsampling convs and the output head stay 8-bit.
@@ -155,6 +155,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
         if (run_dir / "checkpoint.pt").exists():
             raise NativeqError(f"{run_dir} already holds a run (use --resume to continue it, or another -o)")
         model, _ = load_model(cfg.source)
+        if quant_layers(model):
+            raise NativeqError(f"{cfg.source} is already a finetune run: fine-tune from its float source, or --resume it")
         quantize_(model, quant, example_inputs=example_features(model))
         calib = make_batches(train_utts, cfg.batch_size, cfg.seed + 12345)[: cfg.calibration_batches]
         calibrate(model, (collate([utterance_features(train_utts[i]) for i in b]) for b in calib))
