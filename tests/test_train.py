@@ -115,3 +115,37 @@ def test_ddp_with_two_cpu_processes(corpus, tmp_path):
     # 8 utterances in batches of 2 = 4 batches, split over 2 ranks: 2 steps per epoch
     assert [(r["epoch"], r["step"]) for r in log] == [(1, 2), (2, 4)]
     load_model(run)
+
+
+# ----------------------------------------------------------------------------- the shipped model
+def _card_metrics():
+    from nativeq.models.pretrained import PRETRAINED_DIR
+
+    path = PRETRAINED_DIR / "conformer-tiny" / "metrics.json"
+    if not path.is_file():
+        pytest.fail("the shipped conformer-tiny has no metrics.json")
+    return json.loads(path.read_text())
+
+
+def test_shipped_model_loads_by_name_and_matches_its_card_on_fresh_audio(tmp_path):
+    model, cfg = load_model("conformer-tiny")
+    card = _card_metrics()
+    assert card["parameters"] == sum(p.numel() for p in model.parameters())
+    # Fresh utterances from the test voices, a seed the card's numbers were not measured on.
+    data = synth_tiny_corpus(tmp_path / "fresh", train=0, dev=0, test=24, seed=1234)
+    result = evaluate(model, data, "test")
+    # 24 utterances (~100 words): allow sampling noise around the card's 300-utterance WER.
+    assert result["wer"] <= card["test"]["wer"] + 0.12, (result, card["test"])
+
+
+def test_shipped_model_reproduces_its_card_on_recorded_human_speech(tmp_path):
+    from nativeq.models.data import HUMAN_SOURCES, build_human_eval
+
+    if not all(path.is_file() for _, path, _ in HUMAN_SOURCES):
+        pytest.skip("recorded speech packages not installed (apt-get install pocketsphinx-testdata alsa-utils)")
+    build_human_eval(tmp_path)
+    model, _ = load_model("conformer-tiny")
+    result = evaluate(model, tmp_path, "eval-human")
+    card = _card_metrics()["eval-human"]
+    assert result["utterances"] == card["utterances"]
+    assert abs(result["wer"] - card["wer"]) < 1e-6 and abs(result["cer"] - card["cer"]) < 1e-6
