@@ -125,6 +125,20 @@ def test_rpi5_artifact_on_cortex_a72_is_refused_not_sigill(built):
     assert y.shape == (1, 4, 48)
 
 
+def test_without_the_feature_check_sdot_code_dies_with_sigill(built, tmp_path):
+    """What the runner's HWCAP check prevents: rpi5 code with `sdot` on a cortex-a72 is an illegal instruction."""
+    artifact, _ = built["matmul", "rpi5"]
+    if _count(_disassemble(artifact), ("sdot",)) == 0:
+        pytest.skip("the rpi5 library has no sdot yet (no ARM int8 dot-product kernels in the pipeline)")
+    unchecked = tmp_path / "unchecked"
+    shutil.copytree(artifact, unchecked)
+    manifest = json.loads((unchecked / "manifest.json").read_text())
+    manifest["target"]["cpu_features"] = ["asimd"]  # lie: claim the code needs no dotprod
+    (unchecked / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(NativeqError, match="died with SIGILL"):
+        run_emulated(unchecked, {"x": np.ones((1, 8, 64), np.float32)}, cpu="cortex-a72")
+
+
 def _two_output_uint8_model() -> onnx.ModelProto:
     """uint8 input -> DQ -> MatMul(DQ(W)) -> Q (uint8 output `yq`) and -> Relu -> Q/DQ (float output `r`)."""
     rng = np.random.default_rng(3)
