@@ -277,3 +277,14 @@ def test_ort_quantized_encoder_verifies_under_qemu(tmp_path, target):
     print(report.table())
     assert report.execution.startswith("emulated")
     assert report.passed, report.table()
+
+
+def test_runtime_of_another_tvm_release_is_refused(built, tmp_path):
+    artifact, _ = built["matmul", "rpi4"]
+    older = tmp_path / "older"
+    shutil.copytree(artifact, older)
+    manifest = json.loads((older / "manifest.json").read_text())
+    manifest["tvm_version"] = "0.26.0"
+    (older / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(NativeqError, match=r"built with apache-tvm 0\.26\.0 but the aarch64 runtime .* run `make arm-runtime`"):
+        run_emulated(older, {"x": np.zeros((1, 2, 64), np.float32)})

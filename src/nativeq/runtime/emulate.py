@@ -14,6 +14,7 @@ Imports only numpy and the standard library (this is `runtime/`: no TVM compiler
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -63,6 +64,22 @@ def _runtime_libs(runtime_dir: Path) -> Path:
         if not (lib / name).is_file():
             raise NativeqError(f"the aarch64 TVM runtime is not installed ({lib / name} is missing): run `make arm-runtime`")
     return lib
+
+
+def _check_runtime_matches(artifact: Path, manifest: dict) -> None:
+    """The aarch64 runtime in the cache is the TVM / tvm-ffi release the artifact was built with."""
+    stamp = arm_runtime_dir() / "versions.json"
+    try:
+        cached = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        return  # _runtime_libs reports a missing runtime
+    for package, key in (("apache-tvm", "tvm_version"), ("apache-tvm-ffi", "tvm_ffi_version")):
+        built, have = manifest.get(key), cached.get(package)
+        if built and have and built != have:
+            raise NativeqError(
+                f"artifact {artifact} was built with {package} {built} but the aarch64 runtime in {stamp.parent} is "
+                f"{have}: run `make arm-runtime` (it fetches the installed versions) or recompile the artifact"
+            )
 
 
 def _runner_hash(runtime_dir: Path, cxx: str) -> str:
@@ -142,6 +159,7 @@ def _prepare(artifact_dir, inputs: Mapping[str, object], cpu: str | None, workdi
     cpu = cpu or target.get("qemu_cpu") or "max"
     arrays = check_inputs(input_specs(manifest), inputs)
     runner = build_runner()
+    _check_runtime_matches(artifact, manifest)
     argv = [str(runner), str((artifact / manifest["library"]).resolve()), str(workdir)]
     features = list(target.get("cpu_features") or [])
     if features:
