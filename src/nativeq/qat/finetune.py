@@ -65,6 +65,7 @@ class FinetuneConfig:
     threads: int = 1
     max_dev: int = 300
     resume: bool = False
+    calibrate_only: bool = False  # post-training quantization: calibrate the scales, no training
     progress: bool = True
 
     def __post_init__(self):  # bad options fail before any data is read
@@ -85,7 +86,7 @@ def _sparsity_schedule(cfg: FinetuneConfig, total_steps: int) -> SparsityConfig 
     base = parse_sparsity(cfg.sparsity)
     if base is None:
         return None
-    end = int(round(cfg.sparsity_ramp * total_steps))
+    end = 0 if cfg.calibrate_only else int(round(cfg.sparsity_ramp * total_steps))
     every = max(1, end // max(1, cfg.mask_updates))
     return dataclasses.replace(base, start_step=0, end_step=end, update_every=every)
 
@@ -158,10 +159,21 @@ def finetune(cfg: FinetuneConfig) -> dict:
         if quant_layers(model):
             raise NativeqError(f"{cfg.source} is already a finetune run: fine-tune from its float source, or --resume it")
         quantize_(model, quant, example_inputs=example_features(model))
+        if sparsity is not None:  # prune (at the schedule's step-0 sparsity), then calibrate
+            sparsify_(model, sparsity)
         calib = make_batches(train_utts, cfg.batch_size, cfg.seed + 12345)[: cfg.calibration_batches]
         calibrate(model, (collate([utterance_features(train_utts[i]) for i in b]) for b in calib))
-        if sparsity is not None:
-            sparsify_(model, sparsity)
+
+    if cfg.calibrate_only:
+        from nativeq._fs import write_json_atomic
+        from nativeq.models.evaluate import evaluate_utterances
+        from nativeq.models.train import save_run
+
+        metrics = evaluate_utterances(model, dev_utts[: cfg.max_dev], batch_size=cfg.batch_size)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_run(run_dir, model, {"qat": qat, "dev": {"wer": metrics["wer"], "cer": metrics["cer"], "step": 0}})
+        write_json_atomic(run_dir / "train_config.json", cfg.to_json())
+        return metrics
 
     train_cfg = TrainConfig(
         data=cfg.data, out=str(run_dir), steps=total_steps, batch_size=cfg.batch_size, lr=cfg.lr,

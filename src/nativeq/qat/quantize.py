@@ -218,15 +218,35 @@ class _IntegerProduct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         xq, wq = ctx.saved_tensors
-        with torch.enable_grad():
-            x = xq.detach().requires_grad_(ctx.needs_input_grad[0])
-            w = wq.detach().requires_grad_(ctx.needs_input_grad[1])
-            y = float_product(x, w, ctx.spec)
-            wanted = [t for t in (x, w) if t.requires_grad]
-            grads = iter(torch.autograd.grad(y, wanted, grad)) if wanted else iter(())
-        gx = next(grads) if ctx.needs_input_grad[0] else None
-        gw = next(grads) if ctx.needs_input_grad[1] else None
+        gx, gw = product_gradients(xq, wq, grad, ctx.spec, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         return gx, gw, None
+
+
+def product_gradients(x, w, grad, spec: LayerSpec, need_x: bool = True, need_w: bool = True):
+    """Gradients of the float product `float_product(x, w, spec)` for an output gradient `grad`."""
+    gx = gw = None
+    if spec.kind == "linear":
+        g2 = grad.reshape(-1, w.shape[0])
+        if need_x:
+            gx = (g2 @ w).reshape(x.shape)
+        if need_w:
+            gw = g2.t() @ x.reshape(-1, w.shape[1])
+        return gx, gw
+    pad = []
+    for left, right in reversed(spec.padding):
+        pad += [left, right]
+    xp = F.pad(x, pad) if any(pad) else x
+    nd = w.dim() - 2
+    gxp, gw, _ = torch.ops.aten.convolution_backward(
+        grad, xp, w, None, list(spec.stride), [0] * nd, list(spec.dilation), False, [0] * nd, spec.groups,
+        [need_x, need_w, False],
+    )
+    if need_x and any(pad):
+        index = [slice(None), slice(None)] + [slice(left, left + x.shape[2 + d]) for d, (left, _) in enumerate(spec.padding)]
+        gx = gxp[tuple(index)]
+    elif need_x:
+        gx = gxp
+    return gx, (gw if need_w else None)
 
 
 def _channel_view(scale: torch.Tensor, like: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
