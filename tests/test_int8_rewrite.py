@@ -404,9 +404,10 @@ class _FloatSites:
             xf = R.dequantize(xq, R.const(0.05, "float32"), R.const(0, "int8"), axis=1, out_dtype="float32")
             w_rows = R.dequantize(w, sw_k, R.const(0, "int8"), axis=0, out_dtype="float32")
             per_k = R.matmul(xf, w_rows)  # scale varies along K: cannot be factored out of the sum
-            both = R.matmul(xf, R.permute_dims(xf, [1, 0]))  # activation x activation
+            x_rows = R.dequantize(xq, sw_k, R.const(0, "int8"), axis=1, out_dtype="float32")
+            per_k_act = R.matmul(x_rows, w_rows)  # per-channel activation scale: along K again
             plain = R.matmul(per_k, f)  # float x float
-            out = (per_k, both, plain)
+            out = (per_k, per_k_act, plain)
             R.output(out)
         return out
 
@@ -419,7 +420,7 @@ def test_unmatched_sites_stay_float_and_are_explained():
     assert [(r["op"], r["status"]) for r in report] == [("matmul", "float")] * 3
     reasons = [r["reason"] for r in report]
     assert "reduction axis" in reasons[0]
-    assert "not a constant" in reasons[1]
+    assert "not per-tensor" in reasons[1]
     assert "not a DequantizeLinear" in reasons[2]
 
 
@@ -491,3 +492,44 @@ def test_matmulinteger_with_unfoldable_weight_zero_point_uses_activation_row_sum
     corr = (2 * (w.astype(np.int64).sum(axis=0) - 64 * zw.astype(np.int64))).astype(np.int32)
     after = lower(bind(Before, w=w, wzp=zw), "int8")
     tvm.ir.assert_structural_equal(after, bind(Expected, w=w, corr=corr, zw=zw.astype(np.int32)))
+
+
+def test_activation_times_activation_matmul_uses_runtime_sums():
+    """Attention's Q·Kᵀ: both operands are dequantized activations. x86 form: lhs to uint8 (+128), rhs
+    stays int8; acc - zb·Σ_k a - za·Σ_k (b - zb), here zb = 0 and za = 128 (the shift)."""
+
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(q: R.Tensor((1, 24, 32), "float32"), k: R.Tensor((1, 24, 32), "float32")):
+            with R.dataflow():
+                qq = R.quantize(q, R.const(0.08, "float32"), R.const(0, "int8"), axis=1, out_dtype="int8")
+                qf = R.dequantize(qq, R.const(0.08, "float32"), R.const(0, "int8"), axis=1, out_dtype="float32")
+                kq = R.quantize(k, R.const(0.04, "float32"), R.const(0, "int8"), axis=1, out_dtype="int8")
+                kf = R.dequantize(kq, R.const(0.04, "float32"), R.const(0, "int8"), axis=1, out_dtype="float32")
+                kt = R.permute_dims(kf, [0, 2, 1])
+                s = R.matmul(qf, kt)
+                R.output(s)
+            return s
+
+    @I.ir_module
+    class Expected:
+        @R.function
+        def main(q: R.Tensor((1, 24, 32), "float32"), k: R.Tensor((1, 24, 32), "float32")):
+            with R.dataflow():
+                kq = R.quantize(k, R.const(0.04, "float32"), R.const(0, "int8"), axis=1, out_dtype="int8")
+                qu = R.quantize(q, R.const(0.08, "float32"), R.const(128, "uint8"), axis=1, out_dtype="uint8")
+                kt = R.permute_dims(kq, [0, 2, 1])
+                acc = R.matmul(qu, kt, out_dtype="int32")
+                kt32 = R.astype(kt, "int32")
+                col_sums = R.sum(kt32, axis=[-2], keepdims=True)
+                za_cols = R.multiply(col_sums, R.const(128, "int32"))
+                acc_c = R.subtract(acc, za_cols)
+                acc_f = R.astype(acc_c, "float32")
+                s = R.multiply(acc_f, R.const(np.float32(0.08) * np.float32(0.04), "float32"))
+                R.output(s)
+            return s
+
+    tvm.ir.assert_structural_equal(lower(Before, "uint8"), Expected)
+    (site,) = explain_sites(Before, get_target("x86-avx512-vnni"))
+    assert site["status"] == "int8" and "activation x activation" in site["reason"]

@@ -46,6 +46,8 @@ MODELS = [
                                                           spatial=(12, 12), act_dtype="int8"), (1, 16, 12, 12), 0.1),
     ("int4-matmul-s4-channel", lambda: qm.int4_matmul(t=16), (1, 16, 64), 0.1),
     ("int4-matmul-u4-zero-points", lambda: qm.int4_matmul(t=16, signed=False), (1, 16, 64), 0.1),
+    ("attention-s8", lambda: qdq_attention(act_dtype="int8"), (1, 24, 32), 0.05),
+    ("attention-u8", lambda: qdq_attention(act_dtype="uint8"), (1, 24, 32), 0.05),
 ]
 
 
@@ -88,6 +90,35 @@ def test_integer_rewrite_matches_onnxruntime(name, build, shape, step, activatio
     exact = float(np.mean(steps < 1e-3))
     assert steps.max() <= 1.0 + 1e-3, f"{name}: {steps.max():.2f} steps off"
     assert exact >= 0.995, f"{name}: only {100 * exact:.2f}% exact"
+
+
+def qdq_attention(d: int = 32, t: int = 24, act_dtype: str = "int8", seed: int = 0):
+    """One attention head as quantize_static leaves it: QDQ projections, then Q·Kᵀ and softmax(·)·V with
+    both operands dequantized activations (softmax output quantized to [0, 1])."""
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+    x = qm._q_dq(nodes, inits, "x", "x", 0.05, act_dtype)
+    heads = {}
+    for name in ("q", "k", "v"):
+        w = qm._weight_dq(nodes, inits, name, rng.normal(0, 0.2, (d, d)).astype(np.float32), axis=1)
+        nodes.append(helper.make_node("MatMul", [x, w], [f"{name}_mm"], name=f"{name}_MatMul"))
+        heads[name] = qm._q_dq(nodes, inits, f"{name}_out", f"{name}_mm", 0.08, act_dtype)
+    nodes.append(helper.make_node("Transpose", [heads["k"]], ["kt"], perm=[0, 2, 1], name="k_T"))
+    nodes.append(helper.make_node("MatMul", [heads["q"], "kt"], ["scores"], name="qk_MatMul"))
+    inits.append(numpy_helper.from_array(np.array(d ** -0.5, np.float32), "inv_sqrt_d"))
+    nodes.append(helper.make_node("Mul", ["scores", "inv_sqrt_d"], ["scaled"], name="scale_Mul"))
+    nodes.append(helper.make_node("Softmax", ["scaled"], ["probs"], axis=-1, name="softmax"))
+    probs_zp = (np.uint8(0) if act_dtype == "uint8" else np.int8(-128))
+    inits += [numpy_helper.from_array(np.array(1 / 255, np.float32), "p_scale"),
+              numpy_helper.from_array(np.array(probs_zp), "p_zp")]
+    nodes.append(helper.make_node("QuantizeLinear", ["probs", "p_scale", "p_zp"], ["p_q"], name="p_Q"))
+    nodes.append(helper.make_node("DequantizeLinear", ["p_q", "p_scale", "p_zp"], ["p_dq"], name="p_DQ"))
+    nodes.append(helper.make_node("MatMul", ["p_dq", heads["v"]], ["ctx"], name="pv_MatMul"))
+    y = qm._q_dq(nodes, inits, "y", "ctx", 0.05, act_dtype)
+    nodes.append(helper.make_node("Identity", [y], ["y"], name="out"))
+    return qm._model(nodes, inits, [1, t, d], [1, t, d], "qdq_attention")
 
 
 INTEGER_MODELS = [

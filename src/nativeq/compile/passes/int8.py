@@ -9,7 +9,14 @@ from __future__ import annotations
 from nativeq.compile._tvm import relax
 from nativeq.compile.passes.fold_bias_into_accumulator import FoldBiasIntoAccumulator
 from nativeq.compile.passes.lower_qdq_to_integer import LowerQDQToInteger
-from nativeq.compile.passes.qdq_sites import CONTRACTION_OPS, QdqSite, match_site, op_name
+from nativeq.compile.passes.qdq_sites import (
+    CONTRACTION_OPS,
+    ActivationProductSite,
+    QdqSite,
+    match_activation_product,
+    match_site,
+    op_name,
+)
 
 _INTEGER_DTYPES = ("int8", "uint8")
 
@@ -66,6 +73,10 @@ def explain_sites(mod, target) -> list[dict]:
                 act = kernel_dtype or site.x_dtype
                 granularity = "per-channel" if site.w_scale.ndim else "per-tensor"
                 reason = f"{act} x int8 -> int32, {granularity} weight scale"
+                sites.append({"site": name, "op": op, "status": "int8", "reason": reason})
+            elif isinstance(product := match_activation_product(value, var2val), ActivationProductSite):
+                act = kernel_dtype or product.lhs_dtype
+                reason = f"{act} x int8 -> int32, activation x activation (run-time zero-point sums)"
                 sites.append({"site": name, "op": op, "status": "int8", "reason": reason})
             else:
                 sites.append({"site": name, "op": op, "status": "float", "reason": site})

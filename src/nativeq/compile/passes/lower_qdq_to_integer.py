@@ -33,7 +33,14 @@ from __future__ import annotations
 import numpy as np
 
 from nativeq.compile._tvm import relax, tvm
-from nativeq.compile.passes.qdq_sites import QdqSite, _const_array, match_site, op_name
+from nativeq.compile.passes.qdq_sites import (
+    ActivationProductSite,
+    QdqSite,
+    _const_array,
+    match_activation_product,
+    match_site,
+    op_name,
+)
 
 ACTIVATION_DTYPES = ("uint8", "int8", None)
 _SHIFT = {("int8", "uint8"): 128, ("uint8", "int8"): -128}
@@ -133,6 +140,31 @@ def lower_site(site: QdqSite, x_k: relax.Expr, kernel_dtype: str, visit=lambda e
     return relax.op.multiply(relax.op.astype(acc, "float32"), scale)
 
 
+def lower_activation_product(site: ActivationProductSite, lhs: relax.Expr, rhs: relax.Expr,
+                             kernel_dtype: str) -> relax.Expr:
+    """Integer form of dequantize(a) @ dequantize(b) with `lhs` in `kernel_dtype` and `rhs` in int8.
+
+    acc = Σ_k (a - za)(b - zb) = Σ_k a·b - zb·Σ_k a - za·Σ_k (b - zb): a row sum of a and a column
+    sum of b at run time (each only when its zero point is non-zero; K may be symbolic, as in P·V).
+    """
+    lhs_zp = site.lhs_zero_point + _SHIFT.get((site.lhs_dtype, kernel_dtype), 0)
+    rhs_zp = site.rhs_zero_point + _SHIFT.get((site.rhs_dtype, "int8"), 0)
+    if site.rhs_axes is not None:
+        rhs = relax.op.permute_dims(rhs, list(site.rhs_axes))
+    acc = relax.op.matmul(lhs, rhs, out_dtype="int32")
+    if rhs_zp:
+        row_sums = relax.op.sum(relax.op.astype(lhs, "int32"), axis=[-1], keepdims=True)
+        acc = relax.op.subtract(acc, relax.op.multiply(row_sums, relax.const(rhs_zp, "int32")))
+    if lhs_zp:
+        rhs_centered = relax.op.astype(rhs, "int32")
+        if rhs_zp:
+            rhs_centered = relax.op.subtract(rhs_centered, relax.const(rhs_zp, "int32"))
+        col_sums = relax.op.sum(rhs_centered, axis=[-2], keepdims=True)
+        acc = relax.op.subtract(acc, relax.op.multiply(col_sums, relax.const(lhs_zp, "int32")))
+    scale = relax.const(np.float32(site.lhs_scale) * np.float32(site.rhs_scale), "float32")
+    return relax.op.multiply(relax.op.astype(acc, "float32"), scale)
+
+
 @relax.expr_functor.mutator
 class _Rewriter(relax.PyExprMutator):
     def __init__(self, mod, activation_dtype):
@@ -140,7 +172,7 @@ class _Rewriter(relax.PyExprMutator):
         self.mod_ = mod
         self.activation_dtype = activation_dtype
         self.var2val = {}
-        self.shifted = {}  # original activation var -> var of its shifted copy (reused by all its sites)
+        self.shifted = {}  # (activation, dtype) -> var of its shifted copy, shared by all its sites
 
     def transform(self):
         for gvar, func in self.mod_.functions_items():
@@ -152,24 +184,32 @@ class _Rewriter(relax.PyExprMutator):
             self.builder_.update_func(gvar, relax.analysis.remove_all_unused(new_func))
         return self.builder_.get()
 
-    def _kernel_activation(self, site: QdqSite, kernel_dtype: str) -> relax.Expr:
-        x_q = self.visit_expr(site.x_q)
-        if kernel_dtype == site.x_dtype:
-            return x_q
-        key = site.x_q
+    def _as_dtype(self, x_q: relax.Expr, x_dtype: str, dtype: str) -> relax.Expr:
+        """`x_q` (of the original function) shifted to `dtype`; one shifted copy per tensor and dtype."""
+        if dtype == x_dtype:
+            return self.visit_expr(x_q)
+        key = (x_q, dtype)
         if key not in self.shifted:
-            producer = self.var2val.get(site.x_q) if isinstance(site.x_q, relax.Var) else None
+            producer = self.var2val.get(x_q) if isinstance(x_q, relax.Var) else None
             if producer is not None and op_name(producer) == "relax.quantize":
                 producer = relax.Call(producer.op, [self.visit_expr(a) for a in producer.args], producer.attrs)
-            self.shifted[key] = self.builder_.emit(_shift_activation(x_q, producer, site.x_dtype, kernel_dtype))
+            shifted = _shift_activation(self.visit_expr(x_q), producer, x_dtype, dtype)
+            self.shifted[key] = self.builder_.emit(shifted)
         return self.shifted[key]
 
     def visit_call_(self, call):
         site = match_site(call, self.var2val)
-        if not isinstance(site, QdqSite):
-            return super().visit_call_(call)
-        kernel_dtype = self.activation_dtype or site.x_dtype
-        return lower_site(site, self._kernel_activation(site, kernel_dtype), kernel_dtype, self.visit_expr)
+        if isinstance(site, QdqSite):
+            kernel_dtype = self.activation_dtype or site.x_dtype
+            x_k = self._as_dtype(site.x_q, site.x_dtype, kernel_dtype)
+            return lower_site(site, x_k, kernel_dtype, self.visit_expr)
+        product = match_activation_product(call, self.var2val)
+        if isinstance(product, ActivationProductSite):
+            kernel_dtype = self.activation_dtype or product.lhs_dtype
+            lhs = self._as_dtype(product.lhs_q, product.lhs_dtype, kernel_dtype)
+            rhs = self._as_dtype(product.rhs_q, product.rhs_dtype, "int8")
+            return lower_activation_product(product, lhs, rhs, kernel_dtype)
+        return super().visit_call_(call)
 
 
 @tvm.transform.module_pass(opt_level=0, name="nativeq.LowerQDQToInteger")

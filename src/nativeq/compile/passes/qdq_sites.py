@@ -273,3 +273,49 @@ def static_value(expr, var2val) -> np.ndarray | None:
         centered = data.astype(np.int64) - zero_point.astype(np.int64).reshape(shape if zero_point.size > 1 else ())
         return centered.astype(np.float32) * scale.astype(np.float32).reshape(shape if scale.size > 1 else ())
     return None
+
+
+@dataclass(frozen=True)
+class ActivationProductSite:
+    """A matmul of two dequantized activations (attention's Q·Kᵀ and P·V), per-tensor constant parameters."""
+
+    call: relax.Call
+    lhs_q: relax.Expr  # int8/uint8 [..., M, K]
+    lhs_dtype: str
+    lhs_scale: float
+    lhs_zero_point: int
+    rhs_q: relax.Expr  # int8/uint8, before `rhs_axes`
+    rhs_dtype: str
+    rhs_scale: float
+    rhs_zero_point: int
+    rhs_axes: tuple[int, ...] | None  # permute_dims applied to the rhs between its dequantize and the matmul
+
+
+def match_activation_product(call, var2val) -> ActivationProductSite | str:
+    """`call` as a matmul of two dequantized activations, or why it is not one."""
+    if op_name(call) != "relax.matmul" or _dtype(call) != "float32":
+        return "not a float matmul"
+    lhs = _match_activation(call.args[0], var2val, "float32")
+    if isinstance(lhs, str):
+        return lhs
+    rhs_value = _resolve(call.args[1], var2val)
+    axes = None
+    if op_name(rhs_value) == "relax.permute_dims":
+        axes = tuple(int(a) for a in rhs_value.attrs.axes) if rhs_value.attrs.axes is not None else None
+        if axes is None:
+            return "rhs permute_dims without explicit axes"
+        rhs_value = _resolve(rhs_value.args[0], var2val)
+        if not isinstance(call.args[1], relax.Var):
+            return "rhs is not bound"
+    rhs = _match_activation(rhs_value, var2val, "float32") if op_name(rhs_value) == "relax.dequantize" else \
+        "rhs is not a DequantizeLinear output"
+    if isinstance(rhs, str):
+        return rhs
+    parameters = (lhs[2], lhs[3], rhs[2], rhs[3])
+    if any(isinstance(p, relax.Expr) for p in parameters):
+        return "activation x activation product with runtime quantization parameters"
+    if static_value(rhs[0], var2val) is not None:
+        return "rhs is a constant (handled as a weight)"
+    if len(call.args[0].ty.shape) < 2 or len(call.args[1].ty.shape) < 2:
+        return "matrix-vector product"
+    return ActivationProductSite(call, lhs[0], lhs[1], lhs[2], lhs[3], rhs[0], rhs[1], rhs[2], rhs[3], axes)
