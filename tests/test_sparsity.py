@@ -162,3 +162,23 @@ def test_bad_sparsity_configs(make, match):
     with pytest.raises(NativeqError, match=match) as e:
         make()
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("bits,pattern,weight_bytes", [
+    (8, None, 64 * 32),
+    (4, None, 64 * 32 // 2),
+    (4, "2:4", 64 * 32 // 2 * (4 + 2) // 8),  # half the slots, 4-bit value + 2-bit position each
+    (8, "1:4", 64 * 32 // 4 * (8 + 2) // 8),
+])
+def test_storage_bytes_of_one_layer(bits, pattern, weight_bytes):
+    from nativeq.qat.convert import storage_bytes
+
+    model = quantize_(nn.Sequential(nn.Linear(64, 32)), QuantConfig(weight_bits=bits))
+    if pattern:
+        sparsify_(model, SparsityConfig(pattern))
+    calibrate(model, [torch.randn(4, 64)])
+    size = storage_bytes(model)
+    overhead = 32 * 4 + 32 * 4 + 2 * 4  # per-channel scales, bias, input and output scales
+    assert size["bytes"] == weight_bytes + overhead
+    assert size["float_bytes"] == 4 * (64 * 32 + 32)
+    assert storage_bytes(convert(model))["bytes"] == size["bytes"]

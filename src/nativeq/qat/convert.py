@@ -80,3 +80,54 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
 
 def int_layers(model: nn.Module) -> list[tuple[str, IntLayer]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, IntLayer)]
+
+
+def _index_bits(pattern: str) -> tuple[str, float]:
+    """How a sparse pattern's positions are stored: ("nm", bits per kept weight) or ("bitmap", bits per unit)."""
+    if ":" in pattern and pattern.split(":")[0].isdigit():
+        m = int(pattern.split(":")[1])
+        return "nm", float(max(1, (m - 1).bit_length()))  # a position inside the group of M per kept weight
+    return "bitmap", 1.0
+
+
+def _layer_weight_bytes(layer) -> float:
+    q = layer.integer_weight()
+    n, bits, pattern = q.numel(), layer.weight_bits, layer.sparsity_pattern
+    if pattern == "dense":
+        return n * bits / 8
+    kind, index_bits = _index_bits(pattern)
+    if kind == "nm":
+        keep, group = map(int, pattern.split(":"))
+        return n * keep / group * (bits + index_bits) / 8  # N slots per group of M, each with its position
+    kept = int((q != 0).sum())
+    if pattern.startswith("unstructured"):
+        return kept * bits / 8 + n / 8  # values + a 1-bit-per-weight bitmap
+    r, c = map(int, pattern.split("x"))
+    kept_blocks = -(-kept // (r * c))
+    return kept_blocks * r * c * bits / 8 + n / (r * c) / 8  # values + a 1-bit-per-block bitmap
+
+
+def storage_bytes(model: nn.Module) -> dict:
+    """Stored size of a QAT or converted model vs the float32 model it came from.
+
+    Integer weights cost bits/8 bytes each; sparse layers store only kept weights plus their
+    positions (N:M: log2(M) bits per kept slot; unstructured: a 1-bit-per-weight bitmap;
+    RxC blocks: a 1-bit-per-block bitmap). Per-channel weight scales, activation scales,
+    biases and every other float tensor cost 4 bytes per value.
+    """
+    from nativeq.qat.matmul import matmul_sites
+
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (QuantLayer, IntLayer))]
+    weight_keys = {f"{n}.weight" for n, _ in layers} | {f"{n}.packed_weight" for n, _ in layers}
+    overhead = ("weight_mask", "mask_frozen", "initialized", "scale", "weight_scale", "input_scale", "output_scale",
+                "a_scale", "b_scale")
+    rest = sum(t.numel() for k, t in model.state_dict().items()
+               if k not in weight_keys and not k.split(".")[-1] in overhead)
+    n_weights = sum(m.integer_weight().numel() for _, m in layers)
+    n_act_scales = sum(2 if getattr(m, "output_quant", getattr(m, "output_scale", None)) is not None else 1 for _, m in layers)
+    n_act_scales += 3 * len(matmul_sites(model))
+    quantized = sum(_layer_weight_bytes(m) + m.weight_scale.numel() * 4 if isinstance(m, IntLayer)
+                    else _layer_weight_bytes(m) + m.weight_scale().numel() * 4 for _, m in layers)
+    total = quantized + 4 * (rest + n_act_scales)
+    float_bytes = 4 * (n_weights + rest)
+    return {"bytes": int(round(total)), "float_bytes": float_bytes, "fraction_of_float": total / float_bytes}

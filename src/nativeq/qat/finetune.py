@@ -25,7 +25,7 @@ from nativeq.qat.quantize import QuantConfig, calibrate, quant_layers, quantize_
 from nativeq.qat.sparsity import SparsityConfig, sparsify_, update_masks
 
 # The paper's mixed 4/8-bit recipe: the subsampling convs and the output head stay 8-bit.
-MIXED_RULES: tuple[tuple[str, int], ...] = (("subsample.*", 8), ("head", 8))
+MIXED_RULES: tuple[tuple[str, int], ...] = (("subsample.conv*", 8), ("head", 8))
 
 
 def parse_sparsity(text: str | None) -> SparsityConfig | None:
