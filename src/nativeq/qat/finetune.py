@@ -63,7 +63,7 @@ class FinetuneConfig:
     calibration_batches: int = 8
     seed: int = 0
     threads: int = 1
-    max_dev: int = 300
+    max_dev: int = 100  # dev utterances decoded at the end of each epoch
     resume: bool = False
     calibrate_only: bool = False  # post-training quantization: calibrate the scales, no training
     progress: bool = True
