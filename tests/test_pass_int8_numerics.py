@@ -191,3 +191,20 @@ def test_requantize_epilogue_fuses_into_the_integer_kernel():
     (conv,) = [k for k in kernels if "conv2d" in k]
     for op in ("subtract", "cast", "multiply", "add", "relu", "quantize"):
         assert op in conv, (op, kernels)
+
+
+@pytest.mark.parametrize("name, build, shapes, step", [
+    ("matmul", lambda: qm.qdq_matmul(), [(1, 7, 64), (1, 33, 64)], 0.1),
+    ("conv1d-stride2", lambda: qm.qdq_conv1d(stride=2), [(1, 32, 9), (1, 32, 40)], 0.1),
+    ("attention", lambda: qdq_attention(t="T"), [(1, 5, 32), (1, 29, 32)], 0.05),  # P·V reduces over T
+], ids=["matmul", "conv1d-stride2", "attention"])
+def test_symbolic_time_axis(name, build, shapes, step):
+    model = build()
+    mod = from_onnx(legalize(model), keep_params_in_input=False)
+    lowered = tvm.transform.Sequential(lowering_passes("uint8"))(mod)
+    assert contractions_fed_by_dequantize(lowered) == []
+    vm = relax.VirtualMachine(tvm.compile(lowered, target=HOST), tvm.cpu())
+    for shape in shapes:
+        x = np.random.default_rng(4).normal(0, 2.0, shape).astype(np.float32)
+        got = vm["main"](tvm.runtime.tensor(x)).numpy()
+        np.testing.assert_array_equal(got, ort_reference(model, x), err_msg=f"{name} at {shape}")

@@ -40,11 +40,16 @@ def _use_counts(func) -> dict:
     return counts
 
 
-def _channel_shape(contraction) -> tuple[int, ...]:
-    shape = [int(d) for d in contraction.ty.shape]
+def _channel_shape(contraction) -> tuple[int, ...] | None:
+    """Shape of a per-output-channel vector against the contraction's output; None if the channel count is symbolic."""
+    shape = list(contraction.ty.shape)
+    channel_axis = len(shape) - 1 if op_name(contraction) == "relax.matmul" else 1
+    if not isinstance(shape[channel_axis], tvm.tirx.IntImm):
+        return None
+    channels = int(shape[channel_axis])
     if op_name(contraction) == "relax.matmul":
-        return (shape[-1],)
-    return (1, shape[1]) + (1,) * (len(shape) - 2)
+        return (channels,)
+    return (1, channels) + (1,) * (len(shape) - 2)
 
 
 class _Epilogue:
@@ -78,6 +83,8 @@ class _Epilogue:
 def fold_bias(epilogue: _Epilogue, bias: np.ndarray, require_exact: bool) -> np.ndarray | None:
     """The new correction term (corr - round(bias / scale)) in the channel shape, or None if not foldable."""
     channel_shape = _channel_shape(epilogue.contraction)
+    if channel_shape is None:
+        return None
     while bias.ndim > len(channel_shape) and bias.shape[0] == 1:
         bias = bias[0]
     try:
