@@ -437,3 +437,72 @@ def int4_activation_qdq(c: int = 32, t="T", signed: bool = True) -> onnx.ModelPr
              helper.make_node("DequantizeLinear", ["x_q", "x_scale", "x_zp"], ["y"], name="x_DQ")]
     return _finish(nodes, inits, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, t, c])],
                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, t, c])], "int4_activation_qdq")
+
+
+def ort_qoperator_activations(act_dtype: str = "uint8", seed: int = 0) -> onnx.ModelProto:
+    """A small float Conv2d net with Sigmoid, LeakyRelu, AveragePool and GlobalAveragePool, quantized by
+    `quantize_static(quant_format=QOperator)` into com.microsoft QLinearSigmoid/QLinearLeakyRelu/
+    QLinearAveragePool/QLinearGlobalAveragePool around a QLinearConv. x[1, 8, 16, 16] -> y[1, 16, 1, 1]."""
+    import tempfile
+    from pathlib import Path
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (16, 8, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.normal(0, 0.1, 16).astype(np.float32), "b")]
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Sigmoid", ["c"], ["s"], name="sigmoid"),
+        helper.make_node("LeakyRelu", ["s"], ["l"], name="leaky", alpha=0.1),
+        helper.make_node("AveragePool", ["l"], ["p"], name="avgpool", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("GlobalAveragePool", ["p"], ["y"], name="gap"),
+    ]
+    float_model = _finish(nodes, inits, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 16, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 1, 1])], "activations", opset=17)
+
+    class RandomInputs(CalibrationDataReader):
+        def __init__(self):
+            self._batches = iter([{"x": rng.normal(0, 1, (1, 8, 16, 16)).astype(np.float32)} for _ in range(4)])
+
+        def get_next(self):
+            return next(self._batches, None)
+
+    with tempfile.TemporaryDirectory(prefix="nativeq-qop-") as tmp:
+        src, dst = Path(tmp, "float.onnx"), Path(tmp, "qop.onnx")
+        onnx.save(float_model, src)
+        quantize_static(str(src), str(dst), RandomInputs(), quant_format=QuantFormat.QOperator, per_channel=True,
+                        activation_type=QuantType.QUInt8 if act_dtype == "uint8" else QuantType.QInt8,
+                        weight_type=QuantType.QInt8)
+        model = onnx.load(dst)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def dynamic_shape_arithmetic(c: int = 8, max_t: int = 64, seed: int = 0) -> onnx.ModelProto:
+    """The shape idioms of exported dynamic-T models: pos_table[arange(T)], a time shift
+    concat(x[:, :1], x[:, :-1]) added back to x, and a chunk whose bounds come from x.shape[-1] // 2.
+    x[1, T, c] -> y[1, T, c // 2]."""
+    rng = np.random.default_rng(seed)
+    i64 = lambda name, v: numpy_helper.from_array(np.array(v, np.int64), name)  # noqa: E731
+    inits = [numpy_helper.from_array(rng.normal(0, 1, (max_t, c)).astype(np.float32), "pos_table"),
+             i64("zero", 0), i64("one", 1), i64("two", 2), i64("axis1", [1]), i64("axis2", [2]), i64("s0", [0]),
+             i64("s1", [1]), i64("sm1", [-1]), i64("ax_last", 2), i64("unsq_axes", [0])]
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"], name="shape"),
+        helper.make_node("Gather", ["shape", "one"], ["t"], name="t", axis=0),
+        helper.make_node("Range", ["zero", "t", "one"], ["positions"], name="range"),
+        helper.make_node("Gather", ["pos_table", "positions"], ["pos"], name="pos_gather", axis=0),
+        helper.make_node("Add", ["x", "pos"], ["xp"], name="add_pos"),
+        helper.make_node("Slice", ["xp", "s0", "s1", "axis1"], ["head"], name="slice_head"),
+        helper.make_node("Slice", ["xp", "s0", "sm1", "axis1"], ["body"], name="slice_body"),
+        helper.make_node("Concat", ["head", "body"], ["shifted"], name="concat", axis=1),
+        helper.make_node("Add", ["shifted", "xp"], ["mixed"], name="add_shift"),
+        helper.make_node("Shape", ["mixed"], ["mixed_shape"], name="mixed_shape"),
+        helper.make_node("Gather", ["mixed_shape", "ax_last"], ["width"], name="width", axis=0),
+        helper.make_node("Div", ["width", "two"], ["half"], name="half"),
+        helper.make_node("Unsqueeze", ["half", "unsq_axes"], ["half_1d"], name="half_1d"),
+        helper.make_node("Slice", ["mixed", "s0", "half_1d", "axis2"], ["y"], name="chunk"),
+    ]
+    return _finish(nodes, inits, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "T", c])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "T", c // 2])], "dynamic_shape_arithmetic")

@@ -12,7 +12,7 @@ importer used here differs from `tvm.relax.frontend.onnx.from_onnx` only in:
 - scalar immediates folded from shape arithmetic become constants of the other operand's
   dtype (TVM keeps `(d // heads) ** -0.5` as a float64 immediate and then refuses the Mul);
 - operands of a broadcasting elementwise op whose shapes are equal but not provably so are
-  `match_cast` to one spelling of each dimension (checked at run time by the VM).
+  reshaped (a free view) to one spelling of each dimension.
 """
 
 from __future__ import annotations
@@ -91,12 +91,12 @@ def _int_scalar(expr) -> int | None:
 
 
 def _unify_operand_shapes(bb, inputs):
-    """Match-cast operands of a broadcasting op to one spelling of each dimension.
+    """Reshape operands of a broadcasting op to one spelling of each dimension.
 
     The importer's shape arithmetic can spell one runtime length two ways (`T` and
     `min(1, T) + min(max(T - 1, 0), T)` after a slice and concat); the op's result shape
     is then unknown and cannot be built. Each non-1 dimension takes its shortest spelling;
-    the VM checks the match at run time.
+    a reshape keeps the data and is free at run time.
     """
     shapes = {}
     for k, inp in enumerate(inputs):
@@ -119,5 +119,6 @@ def _unify_operand_shapes(bb, inputs):
         offset = ndim - len(dims)
         new_dims = [d if is_one(d) else chosen[offset + i] for i, d in enumerate(dims)]
         if [str(d) for d in new_dims] != [str(d) for d in dims]:
-            inputs[k] = bb.match_cast(inputs[k], relax.TensorType(new_dims, inputs[k].ty.dtype))
+            # NOTE: a reshape, not a match_cast: TVM 0.27's KillAfterLastUse segfaults on a match_cast alias.
+            inputs[k] = bb.normalize(relax.op.reshape(inputs[k], relax.ShapeExpr(new_dims)))
     return inputs
