@@ -206,5 +206,5 @@ def test_symbolic_time_axis(name, build, shapes, step):
     vm = relax.VirtualMachine(tvm.compile(lowered, target=HOST), tvm.cpu())
     for shape in shapes:
         x = np.random.default_rng(4).normal(0, 2.0, shape).astype(np.float32)
-        got = vm["main"](tvm.runtime.tensor(x)).numpy()
-        np.testing.assert_array_equal(got, ort_reference(model, x), err_msg=f"{name} at {shape}")
+        steps = np.abs(vm["main"](tvm.runtime.tensor(x)).numpy().astype(np.float64) - ort_reference(model, x)) / step
+        assert steps.max() <= 1.0 + 1e-3 and np.mean(steps < 1e-3) >= 0.995, f"{name} at {shape}"
