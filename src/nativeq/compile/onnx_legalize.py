@@ -130,11 +130,16 @@ class _Context:
         return name
 
     def const(self, base: str, value: np.ndarray) -> str:
+        """A new initializer holding `value`, named after `base`."""
         name = self.fresh(base)
+        self.add_initializer(name, value)
+        return name
+
+    def add_initializer(self, name: str, value: np.ndarray) -> None:
+        """Make `name` (the output of a node being removed) an initializer holding `value`."""
         tensor = numpy_helper.from_array(np.asarray(value), name)
         self.initializers[name] = tensor
         self._new_inits.append(tensor)
-        return name
 
     def array(self, name: str) -> np.ndarray | None:
         """The value of initializer `name`, or None if it is computed at run time."""
@@ -245,6 +250,15 @@ def _scale_axis(ctx: _Context, scale: str, data: str, axis_from_end: int) -> dic
     return {"axis": rank - axis_from_end if rank is not None else -axis_from_end}
 
 
+def _axis_attr(ctx: _Context, scale: str, axis: int) -> dict:
+    """`{"axis": axis}` when `scale` is a 1-D per-axis scale, `{}` when it is per-tensor."""
+    value = ctx.array(scale)
+    if (value is not None and value.size == 1) or (value is None and ctx.rank(scale) == 0):
+        return {}
+    ctx.require_opset(13)
+    return {"axis": axis}
+
+
 def _as_scalar(ctx: _Context, name: str) -> str:
     """A one-element initializer as a scalar initializer (DequantizeLinear's per-tensor form)."""
     value = ctx.array(name)
@@ -293,9 +307,7 @@ def fold_static_shape_arithmetic(ctx: _Context) -> None:
             kept.append(node)
             continue
         for name, v in zip(node.output, value):
-            tensor = numpy_helper.from_array(np.asarray(v), name)
-            ctx.initializers[name] = tensor
-            ctx._new_inits.append(tensor)
+            ctx.add_initializer(name, v)
             if v.size <= _FOLD_MAX_ELEMENTS:
                 consts[name] = np.asarray(v)
     del ctx.graph.node[:]
@@ -423,15 +435,14 @@ def qlinear_conv_to_qdq(node: onnx.NodeProto, ctx: _Context):
     nodes = [
         helper.make_node("DequantizeLinear", [x, x_s] + ([x_zp] if x_zp else []), [x_f], name=ctx.fresh(base + "_DQ_x")),
         helper.make_node("DequantizeLinear", [w, w_s] + ([w_zp] if w_zp else []), [w_f], name=ctx.fresh(base + "_DQ_w"),
-                         **({"axis": 0} if _scale_axis(ctx, w_s, w, 1) else {})),
+                         **_axis_attr(ctx, w_s, 0)),
     ]
     conv_inputs = [x_f, w_f]
     if not _is_absent(node, 8):
         bias_scale = _bias_scale(node, ctx, x_s, w_s, nodes)
         b_f = ctx.fresh(f"{node.output[0]}_bias_f")
         nodes.append(helper.make_node("DequantizeLinear", [node.input[8], bias_scale], [b_f],
-                                      name=ctx.fresh(base + "_DQ_bias"),
-                                      **({"axis": 0} if _scale_axis(ctx, bias_scale, node.input[8], 1) else {})))
+                                      name=ctx.fresh(base + "_DQ_bias"), **_axis_attr(ctx, bias_scale, 0)))
         conv_inputs.append(b_f)
     conv_attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     nodes.append(helper.make_node("Conv", conv_inputs, [y_f], name=ctx.fresh(base + "_Conv"), **conv_attrs))
@@ -581,7 +592,7 @@ def ms_qgemm_to_qdq(node: onnx.NodeProto, ctx: _Context):
     a_f = _dequantize(ctx, node, nodes, 0, 1, 2, "a")
     b_scale = _as_scalar(ctx, node.input[4])
     b_f = ctx.fresh(f"{node.output[0]}_b_f")
-    b_axis = {"axis": 0 if trans_b else 1} if _scale_axis(ctx, b_scale, node.input[3], 1) else {}
+    b_axis = _axis_attr(ctx, b_scale, 0 if trans_b else 1)
     nodes.append(helper.make_node("DequantizeLinear", [node.input[3], b_scale] + ([node.input[5]] if _input(node, 5) else []),
                                   [b_f], name=ctx.fresh(f"{base}_DQ_b"), **b_axis))
     gemm_inputs = [a_f, b_f]
@@ -589,7 +600,7 @@ def ms_qgemm_to_qdq(node: onnx.NodeProto, ctx: _Context):
         bias_scale = _bias_scale(node, ctx, _as_scalar(ctx, node.input[1]), b_scale, nodes)
         c_f = ctx.fresh(f"{node.output[0]}_c_f")
         nodes.append(helper.make_node("DequantizeLinear", [node.input[6], bias_scale], [c_f], name=ctx.fresh(f"{base}_DQ_c"),
-                                      **({"axis": 0} if _scale_axis(ctx, bias_scale, node.input[6], 1) else {})))
+                                      **_axis_attr(ctx, bias_scale, 0)))
         gemm_inputs.append(c_f)
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     quantized_output = bool(_input(node, 7))
