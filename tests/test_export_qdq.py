@@ -141,3 +141,27 @@ def test_ort_fidelity_every_layer_output(bits, sparsity, matmuls):
 def test_export_of_a_model_without_quantized_layers_is_an_error():
     with pytest.raises(NativeqError, match="has no quantized layers"):
         to_qdq_onnx(ToyEncoder(), (toy_batches(1)[0],))
+
+
+def test_power_of_two_scales_make_the_export_bit_exact():
+    """With power-of-two scales ORT's float QDQ arithmetic reproduces the integer model exactly."""
+    from nativeq.export.fidelity import compare_layers_isolated
+
+    torch.manual_seed(3)
+    model = quantize_(ToyEncoder(), QuantConfig(weight_bits=4, quantize_matmuls=True, power_of_two_scales=True),
+                      example_inputs=(toy_batches(1)[0],))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.train()
+    for x in toy_batches(4, seed=3):
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    proto = to_qdq_onnx(model, (toy_batches(1)[0],), ExportConfig(dynamic_axes=DYN))
+    scales = [onnx.numpy_helper.to_array(t) for t in proto.graph.initializer if t.name.endswith("scale")]
+    assert all(np.all(np.log2(s) == np.round(np.log2(s))) for s in scales)
+    int_model = convert(model)
+    feeds = [{"x": x[:1].numpy()} for x in toy_batches(6, t=35, seed=12)]
+    for result in (compare_layers(int_model, proto, feeds), compare_layers_isolated(int_model, proto, feeds)):
+        assert all(r.exact == 1.0 for r in result), result

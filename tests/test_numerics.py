@@ -179,3 +179,13 @@ def test_lsq_scale_gradient_matches_formula():
     q = torch.clamp(torch.round(v), -8, 7)
     expected = torch.where((v >= -8) & (v <= 7), q - v, q).sum()
     assert torch.allclose(s.grad, expected, atol=1e-5)
+
+
+def test_power_of_two_scale_table():
+    table = [(0.3, 0.5), (0.5, 0.5), (0.51, 1.0), (1.0, 1.0), (3.0, 4.0), (1e-3, 2.0 ** -9)]
+    for scale, expected in table:
+        assert float(nx.power_of_two(torch.tensor(scale))) == expected, scale
+    w = torch.tensor([[0.7, -0.1], [3.5, 1.0]])
+    s = nx.weight_scale(w, 4, pow2=True)
+    assert s.tolist() == [0.125, 0.5]  # 0.7/7 = 0.1 -> 1/8; 3.5/7 = 0.5
+    assert nx.quantize(w, s[:, None], -7, 7).tolist() == [[6.0, -1.0], [7.0, 2.0]]  # never saturates

@@ -266,14 +266,17 @@ def bundle(artifact, out, no_cpp_runner, force):
 @click.option("--seed", default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run in OUT from its last checkpoint.")
 @click.option("--ptq", is_flag=True, help="Post-training quantization only: calibrate the scales, no training.")
+@click.option("--float-scales", is_flag=True,
+              help="Arbitrary float scales instead of powers of two (finer range; the QDQ export is then exact only up to float rounding).")
 def finetune(source, data_dir, out, weight_bits, act_bits, act_scale, mixed, sparsity, steps, epochs, batch_size, lr,
-             threads, seed, resume, ptq):
+             threads, seed, resume, ptq, float_scales):
     """Quantization- (and sparsity-) aware fine-tuning of SOURCE (a run directory or shipped model) with integer ops."""
     from nativeq.qat.finetune import FinetuneConfig, finetune as run_finetune
 
     cfg = FinetuneConfig(source=source, data=data_dir, out=out, weight_bits=weight_bits, act_bits=act_bits,
                          act_scale=act_scale, mixed=mixed, sparsity=sparsity, steps=steps, epochs=epochs,
-                         batch_size=batch_size, lr=lr, threads=threads, seed=seed, resume=resume, calibrate_only=ptq)
+                         batch_size=batch_size, lr=lr, threads=threads, seed=seed, resume=resume, calibrate_only=ptq,
+                         power_of_two_scales=not float_scales and act_scale != "lsq")
     metrics = run_finetune(cfg)
     click.echo(f"wrote {out}: dev WER {metrics.get('wer', float('nan')):.3f} CER {metrics.get('cer', float('nan')):.3f}")
 

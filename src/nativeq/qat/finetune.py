@@ -52,6 +52,7 @@ class FinetuneConfig:
     act_scale: str = "ema"
     mixed: bool = False  # 8-bit subsampling and head (MIXED_RULES)
     quantize_attention: bool = True  # integer Q·Kᵀ and P·V too (every product int8 for the compiler)
+    power_of_two_scales: bool = True  # QDQ export then runs bit-exactly in float executors (see numerics)
     sparsity: str | None = None  # see parse_sparsity
     sparsity_ramp: float = 0.5  # fraction of the steps over which sparsity ramps up (cubic)
     mask_updates: int = 10  # mask recomputations during the ramp
@@ -76,7 +77,8 @@ class FinetuneConfig:
 
     def quant_config(self) -> QuantConfig:
         return QuantConfig(weight_bits=self.weight_bits, act_bits=self.act_bits, act_scale=self.act_scale,
-                           bits_rules=MIXED_RULES if self.mixed else (), quantize_matmuls=self.quantize_attention)
+                           bits_rules=MIXED_RULES if self.mixed else (), quantize_matmuls=self.quantize_attention,
+                           power_of_two_scales=self.power_of_two_scales)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

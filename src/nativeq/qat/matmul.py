@@ -58,15 +58,15 @@ class _IntegerMatmul(torch.autograd.Function):
 class MatmulSite(nn.Module):
     """One activation product: scales of both operands and of the result."""
 
-    def __init__(self, name: str, act_bits: int, mode: str, ema_decay: float):
+    def __init__(self, name: str, act_bits: int, mode: str, ema_decay: float, pow2: bool = False):
         super().__init__()
         from nativeq.qat.quantize import ActQuantizer
 
         self.site_name = name
         self.act_bits = act_bits
-        self.a_quant = ActQuantizer(act_bits, mode, ema_decay)
-        self.b_quant = ActQuantizer(act_bits, mode, ema_decay)
-        self.output_quant = ActQuantizer(act_bits, mode, ema_decay)
+        self.a_quant = ActQuantizer(act_bits, mode, ema_decay, pow2)
+        self.b_quant = ActQuantizer(act_bits, mode, ema_decay, pow2)
+        self.output_quant = ActQuantizer(act_bits, mode, ema_decay, pow2)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         lo, hi = nx.act_range(self.act_bits)
@@ -188,10 +188,10 @@ def _install_router(model: nn.Module) -> None:
 
 
 def attach_matmul_sites(model: nn.Module, act_bits: int, act_scale: str, ema_decay: float,
-                        example_inputs: tuple) -> list[str]:
+                        example_inputs: tuple, pow2: bool = False) -> list[str]:
     """Record the activation products of `model` and quantize them from now on; returns the site names."""
     names = _discover(model, example_inputs)
-    setattr(model, SITES_ATTR, nn.ModuleList(MatmulSite(n, act_bits, act_scale, ema_decay) for n in names))
+    setattr(model, SITES_ATTR, nn.ModuleList(MatmulSite(n, act_bits, act_scale, ema_decay, pow2) for n in names))
     _install_router(model)
     return names
 

@@ -12,6 +12,12 @@ takes its rounding, clipping and scale rules from here.
     accumulator         32    int32           -           s_act * s_weight               exact (no rounding)
     layer output        8     [-128, 127]     0           absmax / 127 (EMA or LSQ)      half to even, then saturate
 
+Optionally (QuantConfig.power_of_two_scales) every scale is rounded up to a power of two.
+Then a QDQ graph's float arithmetic is exact: DequantizeLinear's products are exact, and a
+float MatMul/Conv of dequantized operands sums exact multiples of s_x*s_w, so ONNX Runtime
+(or any float QDQ executor) reproduces the integer accumulator bit for bit while
+|acc| < 2^24, and requantization becomes a shift.
+
 `q = saturate(round_half_even(x / scale))` is exactly ONNX `QuantizeLinear` with a zero
 point of 0 (tested against ONNX Runtime on a table of ties); dequantization is `q * scale`.
 Weights use the symmetric narrow range (no -2^(b-1)) so that negating a weight never
@@ -70,11 +76,17 @@ def scale_from_absmax(absmax: torch.Tensor, qmax: int) -> torch.Tensor:
     return torch.clamp(absmax.to(torch.float32) / qmax, min=MIN_SCALE)
 
 
-def weight_scale(weight: torch.Tensor, bits: int) -> torch.Tensor:
+def power_of_two(scale: torch.Tensor) -> torch.Tensor:
+    """The smallest power of two >= scale (so nothing inside absmax saturates)."""
+    return torch.exp2(torch.ceil(torch.log2(scale)))
+
+
+def weight_scale(weight: torch.Tensor, bits: int, pow2: bool = False) -> torch.Tensor:
     """Per-output-channel scale (dim 0) from the absolute maximum of each channel."""
     _, qmax = weight_range(bits)
     absmax = weight.detach().abs().reshape(weight.shape[0], -1).amax(dim=1)
-    return scale_from_absmax(absmax, qmax)
+    scale = scale_from_absmax(absmax, qmax)
+    return power_of_two(scale) if pow2 else scale
 
 
 class _QuantizeSTE(torch.autograd.Function):

@@ -43,6 +43,8 @@ class QuantConfig:
         int8 lowering consumes: quantize(matmul(dq(x), dq(w)) + b)).
     quantize_matmuls: also make activation x activation products (attention) integer,
         found by running `example_inputs` through the model (see `qat.matmul`).
+    power_of_two_scales: round every scale up to a power of two (see `numerics`): the
+        exported QDQ graph then runs bit-exactly in float executors; costs up to 1 bit of range.
     """
 
     weight_bits: int = 8
@@ -52,12 +54,15 @@ class QuantConfig:
     bits_rules: tuple[tuple[str, int], ...] = ()
     quantize_output: bool = True
     quantize_matmuls: bool = False
+    power_of_two_scales: bool = False
 
     def __post_init__(self):
         nx.check_weight_bits(self.weight_bits)
         nx.check_act_bits(self.act_bits)
         if self.act_scale not in ACT_SCALE_MODES:
             raise NativeqError(f"act_scale {self.act_scale!r} not supported (choose one of {', '.join(ACT_SCALE_MODES)})")
+        if self.power_of_two_scales and self.act_scale == "lsq":
+            raise NativeqError("power_of_two_scales works with act_scale='ema' only (LSQ learns arbitrary scales)")
         if not 0.0 <= self.ema_decay < 1.0:
             raise NativeqError(f"ema_decay {self.ema_decay} must be in [0, 1)")
         for rule in self.bits_rules:
@@ -77,9 +82,9 @@ class QuantConfig:
 class ActQuantizer(nn.Module):
     """Per-tensor symmetric scale of one activation: EMA of the absmax, or learned (LSQ)."""
 
-    def __init__(self, bits: int, mode: str, ema_decay: float):
+    def __init__(self, bits: int, mode: str, ema_decay: float, pow2: bool = False):
         super().__init__()
-        self.bits, self.mode, self.ema_decay = bits, mode, ema_decay
+        self.bits, self.mode, self.ema_decay, self.pow2 = bits, mode, ema_decay, pow2
         self.qmin, self.qmax = nx.act_range(bits)
         self.observing = False  # set by `calibrate`: update the EMA in eval mode too
         self.register_buffer("initialized", torch.tensor(False))
@@ -111,7 +116,8 @@ class ActQuantizer(nn.Module):
             g = 1.0 / math.sqrt(x.numel() * self.qmax)
             s = self.scale * g + (self.scale - self.scale * g).detach()
             return torch.clamp(s, min=nx.MIN_SCALE)
-        return torch.clamp(self.scale.detach() if not self.training else self.scale, min=nx.MIN_SCALE)
+        scale = torch.clamp(self.scale.detach(), min=nx.MIN_SCALE)
+        return nx.power_of_two(scale) if self.pow2 else scale
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, mode={self.mode}"
@@ -278,9 +284,10 @@ class QuantLayer(nn.Module):
         self.weight = module.weight
         self.bias = module.bias
         self.in_features_shape = tuple(module.weight.shape)
-        self.input_quant = ActQuantizer(config.act_bits, config.act_scale, config.ema_decay)
+        self.pow2 = config.power_of_two_scales
+        self.input_quant = ActQuantizer(config.act_bits, config.act_scale, config.ema_decay, self.pow2)
         self.output_quant = (
-            ActQuantizer(config.act_bits, config.act_scale, config.ema_decay) if config.quantize_output else None
+            ActQuantizer(config.act_bits, config.act_scale, config.ema_decay, self.pow2) if config.quantize_output else None
         )
         self.register_buffer("weight_mask", None)
         self.sparsity_pattern = "dense"
@@ -290,7 +297,7 @@ class QuantLayer(nn.Module):
         return self.weight if self.weight_mask is None else self.weight * self.weight_mask
 
     def weight_scale(self) -> torch.Tensor:
-        return nx.weight_scale(self.masked_weight(), self.weight_bits)
+        return nx.weight_scale(self.masked_weight(), self.weight_bits, self.pow2)
 
     @torch.no_grad()
     def integer_weight(self) -> torch.Tensor:
@@ -354,7 +361,8 @@ def quantize_(model: nn.Module, config: QuantConfig,
     if config.quantize_matmuls:
         from nativeq.qat.matmul import attach_matmul_sites
 
-        attach_matmul_sites(model, config.act_bits, config.act_scale, config.ema_decay, tuple(example_inputs))
+        attach_matmul_sites(model, config.act_bits, config.act_scale, config.ema_decay, tuple(example_inputs),
+                            pow2=config.power_of_two_scales)
     for name, m in chosen:
         _set_submodule(model, name, QuantLayer(m, name, config.bits_for(name), config))
     return model
