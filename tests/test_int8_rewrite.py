@@ -533,3 +533,22 @@ def test_activation_times_activation_matmul_uses_runtime_sums():
     tvm.ir.assert_structural_equal(lower(Before, "uint8"), Expected)
     (site,) = explain_sites(Before, get_target("x86-avx512-vnni"))
     assert site["status"] == "int8" and "activation x activation" in site["reason"]
+
+
+def test_reduction_that_could_overflow_int32_stays_float():
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((2, 70000), "float32"), w: R.Tensor((70000, 2), "int8")):
+            with R.dataflow():
+                xq = R.quantize(x, R.const(0.05, "float32"), R.const(0, "int8"), axis=1, out_dtype="int8")
+                xf = R.dequantize(xq, R.const(0.05, "float32"), R.const(0, "int8"), axis=1, out_dtype="float32")
+                wf = R.dequantize(w, R.const(0.01, "float32"), R.const(0, "int8"), axis=1, out_dtype="float32")
+                y = R.matmul(xf, wf)
+                R.output(y)
+            return y
+
+    before = bind(Before, w=np.full((70000, 2), 127, np.int8))
+    tvm.ir.assert_structural_equal(lower(before, "uint8"), before)
+    (site,) = explain_sites(before, get_target("x86-avx2"))
+    assert site["status"] == "float" and "overflow the int32 accumulator" in site["reason"]

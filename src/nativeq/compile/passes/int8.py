@@ -71,8 +71,12 @@ def explain_sites(mod, target) -> list[dict]:
             site = match_site(value, var2val)
             if isinstance(site, QdqSite):
                 act = kernel_dtype or site.x_dtype
-                granularity = "per-channel" if site.w_scale.ndim else "per-tensor"
-                reason = f"{act} x int8 -> int32, {granularity} weight scale"
+                weight = f"W{list(site.weight.shape)}"
+                if site.w_scale is None:
+                    reason = f"{act} x int8 -> int32, {weight}, int32 result"
+                else:
+                    granularity = "per-channel" if site.w_scale.ndim else "per-tensor"
+                    reason = f"{act} x int8 -> int32, {weight}, {granularity} weight scale"
                 sites.append({"site": name, "op": op, "status": "int8", "reason": reason})
             elif isinstance(product := match_activation_product(value, var2val), ActivationProductSite):
                 act = kernel_dtype or product.lhs_dtype

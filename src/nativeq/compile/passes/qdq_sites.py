@@ -32,6 +32,7 @@ from nativeq.compile._tvm import relax, tvm
 CONTRACTION_OPS = {"relax.matmul": "matmul", "relax.nn.conv1d": "conv1d", "relax.nn.conv2d": "conv2d"}
 _CONV_LAYOUTS = {"conv1d": ("NCW", "OIW"), "conv2d": ("NCHW", "OIHW")}
 _ACT_DTYPES = ("int8", "uint8")
+_MAX_PRODUCT = 255 * 128  # |x - zx| * |w - zw| for 8-bit operands with an int8-centered weight
 
 
 @dataclass(frozen=True)
@@ -242,7 +243,10 @@ def match_site(call, var2val) -> QdqSite | str:
         return "mixes a float and an integer operand"
     if op != "matmul" and isinstance(x_zero_point, relax.Expr) and any(int(p) for p in call.attrs.padding):
         return "padded conv with a runtime activation zero point"
-    return QdqSite(op, call, x_q, x_dtype, x_scale, x_zero_point, w, w_zero_point, w_scale)
+    site = QdqSite(op, call, x_q, x_dtype, x_scale, x_zero_point, w, w_zero_point, w_scale)
+    if site.reduction_size * _MAX_PRODUCT > np.iinfo(np.int32).max:
+        return f"reduction over {site.reduction_size} products may overflow the int32 accumulator"
+    return site
 
 
 def static_value(expr, var2val) -> np.ndarray | None:
