@@ -31,10 +31,11 @@ ROWS = [
 ]
 
 
-def _evaluate(model, data: str, splits: list[str]) -> dict:
+def _evaluate(model, data: str, splits: list[str], limit: int) -> dict:
     from nativeq.models.evaluate import evaluate
 
-    return {s: {k: v for k, v in evaluate(model, data, s).items() if k in ("wer", "cer", "utterances")} for s in splits}
+    return {s: {k: v for k, v in evaluate(model, data, s, limit=limit).items() if k in ("wer", "cer", "utterances")}
+            for s in splits}
 
 
 def main() -> None:
@@ -43,6 +44,7 @@ def main() -> None:
     ap.add_argument("--data", required=True)
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--limit", type=int, default=0, help="evaluate the first N utterances of each split (0 = all)")
     ap.add_argument("--only", nargs="*", default=None, help="row names to run (default: all)")
     ap.add_argument("-o", "--out", required=True)
     args = ap.parse_args()
@@ -82,7 +84,7 @@ def main() -> None:
                        + (" --mixed" if bits == 4 else "") + (f" --sparsity {sparsity}" if sparsity else "")
                        + (" --ptq" if ptq else f" --steps {args.steps}") + f" -o {run}")
         train_seconds = time.time() - t0
-        metrics = _evaluate(model, args.data, splits)
+        metrics = _evaluate(model, args.data, splits, args.limit)
         results[name] = {"metrics": metrics, "size": size, "seconds": round(train_seconds, 1), "command": command}
         write_json_atomic(results_path, results)
         print(name, json.dumps(results[name]), flush=True)

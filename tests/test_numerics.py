@@ -1,7 +1,6 @@
 """The numerics table of nativeq.qat.numerics, checked against ONNX QuantizeLinear (ORT) and exact integer math."""
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 import torch

@@ -8,7 +8,7 @@ from torch import nn
 from nativeq.errors import NativeqError
 from nativeq.qat import numerics as nx
 from nativeq.qat.convert import IntLayer, convert, int_layers
-from nativeq.qat.quantize import QuantConfig, QuantLayer, calibrate, quant_layers, quantize_
+from nativeq.qat.quantize import QuantConfig, calibrate, quant_layers, quantize_
 from toy_encoder import ToyEncoder, toy_batches
 
 torch.set_num_threads(1)

@@ -120,7 +120,7 @@ class ActQuantizer(nn.Module):
         return nx.power_of_two(scale) if self.pow2 else scale
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, mode={self.mode}"
+        return f"bits={self.bits}, mode={self.mode}" + (", pow2" if self.pow2 else "")
 
 
 # ---------------------------------------------------------------- integer products of a layer

@@ -19,7 +19,6 @@ each group's M weights are pruned (round(s(t) * M), reaching M - N at the end).
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from typing import Callable
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nativeq.errors import NativeqError
-from nativeq.qat.quantize import QuantLayer, quant_layers
+from nativeq.qat.quantize import quant_layers
 
 _NM = re.compile(r"^(\d+):(\d+)$")
 _BLOCK = re.compile(r"^(\d+)x(\d+)$")
