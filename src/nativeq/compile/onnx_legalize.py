@@ -54,7 +54,10 @@ def legalize(model: onnx.ModelProto) -> onnx.ModelProto:
     _check_default_opset(out)
     ctx = _Context(out)
     widen_int4_initializers(ctx)
-    fold_static_shape_arithmetic(ctx)
+    # Each folding round can make more dimensions static for shape inference: repeat to a fixed point.
+    while fold_static_shape_arithmetic(ctx):
+        ctx.flush_initializers()
+        ctx.shapes, ctx.static_dims = _infer_shapes(out)
     new_nodes = []
     for node in out.graph.node:
         replacement = None
@@ -276,12 +279,12 @@ _SHAPE_ARITHMETIC_OPS = {
 _FOLD_MAX_ELEMENTS = 64
 
 
-def fold_static_shape_arithmetic(ctx: _Context) -> None:
+def fold_static_shape_arithmetic(ctx: _Context) -> bool:
     """Replace shape computations whose result is static (e.g. `x.shape[-1] // 3` of a dynamic-T tensor) by constants.
 
     Exporters compute slice bounds and reshape targets from `Shape` even when the dimension
     is static; TVM's importer then emits dynamic strided slices it cannot build. Only small
-    tensors produced by shape-arithmetic ops are folded.
+    tensors produced by shape-arithmetic ops are folded. Returns whether anything was folded.
     """
     from onnx.reference import ReferenceEvaluator
 
@@ -310,8 +313,10 @@ def fold_static_shape_arithmetic(ctx: _Context) -> None:
             ctx.add_initializer(name, v)
             if v.size <= _FOLD_MAX_ELEMENTS:
                 consts[name] = np.asarray(v)
+    folded = len(kept) != len(ctx.graph.node)
     del ctx.graph.node[:]
     ctx.graph.node.extend(kept)
+    return folded
 
 
 def _static_shape(node: onnx.NodeProto, static_dims: dict[str, list], partial_shapes: dict) -> list[np.ndarray] | None:
