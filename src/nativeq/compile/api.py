@@ -17,6 +17,7 @@ from pathlib import Path
 import onnx
 
 from nativeq._fs import atomic_directory, sha256_file
+from nativeq._text import aligned_table, first_line
 from nativeq.errors import NativeqError
 from nativeq.targets import Target, get_target
 
@@ -53,12 +54,7 @@ class CompileResult:
             return "int8 report: not available (no int8 lowering ran)"
         rows = [(str(s.get("site", s.get("node", "?"))), str(s.get("op", "?")), str(s.get("status", "?")),
                  str(s.get("reason", ""))) for s in self.explain]
-        header = ("site", "op", "status", "reason")
-        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
-        lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)) + "  reason"]
-        for row in rows:
-            lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[3])
-        return "\n".join(lines)
+        return aligned_table(("site", "op", "status", "reason"), rows)
 
     def summary(self) -> str:
         m = self.manifest
@@ -89,15 +85,6 @@ def _spec_text(spec: dict) -> str:
     if spec.get("quant"):
         text += f" (from {spec['quant']['dtype']} DequantizeLinear)"
     return text
-
-
-def first_line(error: BaseException) -> str:
-    """The first informative line of an exception message (TVM's carry tracebacks)."""
-    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
-    for ln in lines:
-        if not ln.startswith(("Traceback", "File ", "File:", "[bt]", "  ")) and not ln[:1].isdigit():
-            return ln
-    return lines[0] if lines else type(error).__name__
 
 
 def load_onnx(path: str | Path) -> onnx.ModelProto:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from nativeq._text import aligned_table
+
 
 def targets_table(targets) -> str:
     header = ("name", "arch", "int8", "cores", "cross compiler", "needs CPU features", "TVM target")
@@ -19,9 +21,7 @@ def targets_table(targets) -> str:
         )
         for t in targets
     ]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows]]
-    lines.append("")
+    lines = [aligned_table(header, rows), ""]
     for t in targets:
         source = "" if t.source == "builtin" or t.source.startswith("detected") else f" (from {t.source})"
         lines.append(f"{t.name}: {t.description}{source}")

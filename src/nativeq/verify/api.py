@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 
 from nativeq._fs import sha256_file
+from nativeq._text import first_line
 from nativeq.errors import NativeqError
 from nativeq.runtime import check_files, check_inputs, check_versions, machine_arch, read_manifest
 from nativeq.runtime.manifest import input_specs, output_specs
@@ -42,18 +43,13 @@ class VerifyConfig:
     inputs: str | None = None
 
 
-def _first_line(error: BaseException) -> str:
-    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
-    return lines[0] if lines else type(error).__name__
-
-
 def _read_onnx(path: Path) -> onnx.ModelProto:
     if not path.is_file():
         raise NativeqError(f"model file {path} does not exist")
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # noqa: BLE001
-        raise NativeqError(f"{path} is not an ONNX model (cannot parse it: {_first_line(e)})") from None
+        raise NativeqError(f"{path} is not an ONNX model (cannot parse it: {first_line(e)})") from None
     if not model.HasField("graph"):
         raise NativeqError(f"{path} is not an ONNX model (no graph)")
     return model
@@ -76,7 +72,7 @@ def ort_session(path: Path, level: str):
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001
-        raise NativeqError(f"ONNX Runtime cannot load {path}: {_first_line(e)}") from None
+        raise NativeqError(f"ONNX Runtime cannot load {path}: {first_line(e)}") from None
 
 
 def _load_inputs(path: Path, specs) -> dict[str, np.ndarray]:
@@ -95,7 +91,7 @@ def _load_inputs(path: Path, specs) -> dict[str, np.ndarray]:
     except NativeqError:
         raise
     except Exception as e:  # noqa: BLE001
-        raise NativeqError(f"inputs file {path} is not a readable .npz/.npy: {_first_line(e)}") from None
+        raise NativeqError(f"inputs file {path} is not a readable .npz/.npy: {first_line(e)}") from None
     check_inputs(specs, inputs)
     return inputs
 
@@ -161,7 +157,7 @@ def verify_artifact(artifact, onnx_path, cfg: VerifyConfig = VerifyConfig()) -> 
         try:
             ref = session.run(ort_outputs, inputs)
         except Exception as e:  # noqa: BLE001
-            raise NativeqError(f"ONNX Runtime failed to run {onnx_path}: {_first_line(e)}") from None
+            raise NativeqError(f"ONNX Runtime failed to run {onnx_path}: {first_line(e)}") from None
         for comp, spec, g, r in zip(comparisons, out_specs, got, ref):
             accumulate(comp, np.asarray(g), np.asarray(r), spec.quant, cfg.tol_steps, rtol)
 

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from nativeq._text import aligned_table
 from nativeq.errors import VerificationFailed
 
 DEFAULT_RTOL = 1e-3
@@ -139,9 +140,7 @@ class VerifyReport:
                 o.tolerance,
                 ("ok" if o.passed else "FAIL") + (f": {o.problem}" if o.problem else ""),
             ))
-        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-        lines = [head, "  ".join(h.ljust(w) for h, w in zip(header, widths))]
-        lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+        lines = [head, aligned_table(header, rows)]
         lines += [f"note: {n}" for n in self.notes]
         failed = [o.name for o in self.outputs if not o.passed]
         lines.append("PASS" if not failed else f"FAIL: {', '.join(failed)} beyond tolerance")
