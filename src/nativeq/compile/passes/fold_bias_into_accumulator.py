@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from nativeq.compile._tvm import relax, tvm
-from nativeq.compile.passes.qdq_sites import CONTRACTION_OPS, _const_array, _resolve, op_name, static_value
+from nativeq.compile.passes.qdq_sites import CONTRACTION_OPS, const_array, op_name, resolve, static_value
 
 
 def _use_counts(func) -> dict:
@@ -57,23 +57,23 @@ class _Epilogue:
 
     def __init__(self, expr, var2val, uses):
         self.matched = False
-        multiply = _resolve(expr, var2val)
+        multiply = resolve(expr, var2val)
         if op_name(multiply) != "relax.multiply" or uses.get(expr, 0) != 1:
             return
-        self.scale = _const_array(multiply.args[1])
-        cast = _resolve(multiply.args[0], var2val)
+        self.scale = const_array(multiply.args[1])
+        cast = resolve(multiply.args[0], var2val)
         if self.scale is None or op_name(cast) != "relax.astype" or uses.get(multiply.args[0], 0) != 1:
             return
         acc = cast.args[0]
-        value = _resolve(acc, var2val)
+        value = resolve(acc, var2val)
         self.correction = np.zeros((), np.int64)
         if op_name(value) == "relax.subtract":
-            correction = _const_array(value.args[1])
+            correction = const_array(value.args[1])
             if correction is None or uses.get(acc, 0) != 1:
                 return
             self.correction = correction.astype(np.int64)
             acc = value.args[0]
-            value = _resolve(acc, var2val)
+            value = resolve(acc, var2val)
         if op_name(value) not in CONTRACTION_OPS or str(value.ty.dtype) != "int32":
             return
         self.accumulator, self.contraction = acc, value
@@ -83,7 +83,7 @@ class _Epilogue:
 def fold_bias(epilogue: _Epilogue, bias: np.ndarray, require_exact: bool) -> np.ndarray | None:
     """The new correction term (corr - round(bias / scale)) in the channel shape, or None if not foldable."""
     channel_shape = _channel_shape(epilogue.contraction)
-    if channel_shape is None:
+    if channel_shape is None or bias.ndim > len(epilogue.contraction.ty.shape):  # the add would broadcast up
         return None
     while bias.ndim > len(channel_shape) and bias.shape[0] == 1:
         bias = bias[0]

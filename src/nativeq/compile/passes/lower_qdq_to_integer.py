@@ -1,7 +1,7 @@
 """LowerQDQToInteger: dequantize -> matmul/conv -> float  becomes  integer matmul/conv -> int32 -> float.
 
 Where it sits: first int8 pass, right after ONNX import and before any FoldConstant (which would fold
-the weight dequantize into a float tensor and hide the int8 weights).
+the weight dequantize into a float tensor and hide the int8 weights). FoldBiasIntoAccumulator follows.
 
 For every site found by `qdq_sites.match_site` it emits, in canonical Relax ops (the form the int8
 schedules match):
@@ -16,6 +16,14 @@ schedules match):
 op) is unchanged and stays exact: the requantize is the importer's own `R.quantize` (round half to
 even, saturate, as in ONNX Runtime), which operator fusion folds into the kernel's epilogue.
 W stays an int8 constant in its natural layout ([K, N] for matmul, OIW/OIHW for conv).
+
+Variants of the same algebra, Σ_k (x - zx)(w - zw) expanded:
+  - a weight zero point that cannot be folded into int8 W (matmul only): - zw * Σ_k x, a row sum;
+  - a run-time activation zero point / scale (DynamicQuantizeLinear): the correction is zx * const,
+    the scale sx * const, computed in the graph;
+  - MatMulInteger (int32 result): no rescale, the corrected accumulator is the result;
+  - activation x activation (attention's Q·Kᵀ, P·V; `match_activation_product`): the second operand
+    becomes int8 and both corrections are run-time sums.
 
 `activation_dtype` is the dtype the integer kernel reads:
   - "uint8": x86 (VNNI `vpdpbusd` is u8 x s8); int8 activations are shifted by +128,
@@ -36,7 +44,7 @@ from nativeq.compile._tvm import relax, tvm
 from nativeq.compile.passes.qdq_sites import (
     ActivationProductSite,
     QdqSite,
-    _const_array,
+    const_array,
     match_activation_product,
     match_site,
     op_name,
@@ -49,7 +57,7 @@ _SHIFT = {("int8", "uint8"): 128, ("uint8", "int8"): -128}
 def _shift_activation(x_q: relax.Expr, producer, x_dtype: str, kernel_dtype: str) -> relax.Expr:
     shift = _SHIFT[(x_dtype, kernel_dtype)]
     if op_name(producer) == "relax.quantize":
-        zero_point = _const_array(producer.args[2])
+        zero_point = const_array(producer.args[2])
         if zero_point is not None and zero_point.size == 1:
             shifted_zp = relax.const(int(zero_point.reshape(())) + shift, kernel_dtype)
             return relax.op.quantize(producer.args[0], producer.args[1], shifted_zp, producer.attrs.axis, kernel_dtype)

@@ -73,13 +73,13 @@ def _dtype(expr) -> str:
     return str(expr.ty.dtype)
 
 
-def _const_array(expr) -> np.ndarray | None:
+def const_array(expr) -> np.ndarray | None:
     if isinstance(expr, tvm.ir.GenericConst):
         return expr.value.numpy()
     return None
 
 
-def _resolve(expr, var2val):
+def resolve(expr, var2val):
     """Follow Var -> bound value (the importer binds every call to a var)."""
     while isinstance(expr, relax.Var) and expr in var2val:
         expr = var2val[expr]
@@ -88,7 +88,7 @@ def _resolve(expr, var2val):
 
 def _strip_int32_cast(expr, var2val):
     """`x` if `expr` is R.astype(x, "int32") of an 8-bit x, else None."""
-    value = _resolve(expr, var2val)
+    value = resolve(expr, var2val)
     if op_name(value) == "relax.astype" and str(value.attrs.dtype) == "int32" and _dtype(value.args[0]) in _ACT_DTYPES:
         return value.args[0]
     return None
@@ -110,10 +110,10 @@ def _scalar_param(expr, var2val):
 def _weight_operand(expr, var2val, op: str):
     """(raw weight array in natural layout, zero point, scale or None, zero-point/scale axis) or a reason."""
     axes = None
-    value = _resolve(expr, var2val)
+    value = resolve(expr, var2val)
     if op == "matmul" and op_name(value) == "relax.permute_dims":
         axes = [int(a) for a in value.attrs.axes]
-        value = _resolve(value.args[0], var2val)
+        value = resolve(value.args[0], var2val)
     if op_name(value) == "relax.dequantize":
         w_q = static_value(value.args[0], var2val)
         if w_q is None:
@@ -188,7 +188,7 @@ def _match_weight(expr, var2val, op: str):
 
 def _match_activation(expr, var2val, result_dtype: str):
     """(x_q, dtype, scale or None, zero point) or a reason."""
-    value = _resolve(expr, var2val)
+    value = resolve(expr, var2val)
     if result_dtype == "int32":  # MatMulInteger: astype(x_q, int32) (- zero point)
         zero_point = 0
         x_q = _strip_int32_cast(value, var2val)
@@ -255,8 +255,8 @@ def static_value(expr, var2val) -> np.ndarray | None:
     Covers what the importer puts around constants before FoldConstant runs: reshape, expand_dims,
     astype, and dequantize (evaluated as ONNX Runtime does, `(q - zero_point) * scale` in float32).
     """
-    expr = _resolve(expr, var2val)
-    value = _const_array(expr)
+    expr = resolve(expr, var2val)
+    value = const_array(expr)
     if value is not None:
         return value
     name = op_name(expr)
@@ -302,13 +302,13 @@ def match_activation_product(call, var2val) -> ActivationProductSite | str:
     lhs = _match_activation(call.args[0], var2val, "float32")
     if isinstance(lhs, str):
         return lhs
-    rhs_value = _resolve(call.args[1], var2val)
+    rhs_value = resolve(call.args[1], var2val)
     axes = None
     if op_name(rhs_value) == "relax.permute_dims":
         axes = tuple(int(a) for a in rhs_value.attrs.axes) if rhs_value.attrs.axes is not None else None
         if axes is None:
             return "rhs permute_dims without explicit axes"
-        rhs_value = _resolve(rhs_value.args[0], var2val)
+        rhs_value = resolve(rhs_value.args[0], var2val)
         if not isinstance(call.args[1], relax.Var):
             return "rhs is not bound"
     rhs = _match_activation(rhs_value, var2val, "float32") if op_name(rhs_value) == "relax.dequantize" else \
