@@ -81,8 +81,7 @@ def test_manifest_records_everything(matmul_artifact):
     assert manifest["build"]["pipeline"][-1] == "AttachGlobalSymbol"
     assert manifest["tuning"]["database"] is None
     assert manifest["compile_seconds"] > 0
-    # the library holds no float copies of the int8 weights: it stays small
-    assert (artifact / manifest["library"]).stat().st_size < 2_000_000
+    assert set(manifest["build"]["seconds"]) == {"import", "build", "export"}
 
 
 def test_pipeline_is_a_plain_ordered_list():
