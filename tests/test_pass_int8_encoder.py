@@ -31,6 +31,7 @@ def test_every_encoder_contraction_becomes_an_integer_kernel(act_dtype, target_n
     after = explain_sites(lowered, target)
     kernel_act = "uint8" if target.arch == "x86_64" else "int8"
     assert len(after) == 14 and all(s["reason"].startswith(f"integer {kernel_act} x int8") for s in after)
+    tvm.ir.assert_structural_equal(tvm.transform.Sequential(int8_passes(target))(lowered), lowered)  # idempotent
 
 
 def _output_scale(model) -> float:
