@@ -13,12 +13,15 @@ from nativeq.compile.onnx_import import import_onnx
 from nativeq.compile.passes.int8 import explain_sites, int8_passes
 from nativeq.targets.registry import get_target
 
-CONTRACTIONS = ("MatMul", "Gemm", "Conv")
+CONTRACTIONS = ("MatMul", "Gemm", "Conv", "QLinearMatMul", "QLinearConv", "QGemm")
 
 
-@pytest.mark.parametrize("act_dtype, target_name", [("uint8", "x86-avx512-vnni"), ("int8", "rpi4")])
-def test_every_encoder_contraction_becomes_an_integer_kernel(act_dtype, target_name):
-    model = qm.ort_quantized_encoder(act_dtype)
+@pytest.mark.parametrize("act_dtype, target_name, quant_format", [
+    ("uint8", "x86-avx512-vnni", "qdq"), ("int8", "rpi4", "qdq"),
+    ("uint8", "rpi5", "qoperator"), ("int8", "x86-avx2", "qoperator"),  # QLinearMatMul/QLinearConv/QGemm
+])
+def test_every_encoder_contraction_becomes_an_integer_kernel(act_dtype, target_name, quant_format):
+    model = qm.ort_quantized_encoder(act_dtype, quant_format=quant_format)
     onnx_sites = sum(node.op_type in CONTRACTIONS for node in model.graph.node)
     target = get_target(target_name)
     mod = import_onnx(model)
