@@ -330,5 +330,37 @@ def bench_emulated_cmd(artifacts, dims, repeat, cpu, as_json):
     click.echo(result.to_json() if as_json else result.table())
 
 
+# ----------------------------------------------------------------------------- tune
+@main.command()
+@click.argument("model", required=False, type=click.Path())
+@click.option("--target", "-t", "target", default=None, help="Target name (see `nativeq targets`).")
+@click.option("--trials", default=64, show_default=True, help="Trial budget for the model, split across its tasks.")
+@click.option("--work-dir", type=click.Path(), default=None, help="Database directory (default: tuning_logs/<target>/).")
+@click.option("--rpc-tracker", default=None, help="HOST:PORT of a TVM RPC tracker to measure on its devices.")
+@click.option("--rpc-key", default=None, help="Device key the RPC servers registered at the tracker.")
+@click.option("--rpc", "rpc_server", default=None, help="HOST:PORT of one TVM RPC server (no tracker).")
+@click.option("--rpc-workers", default=1, show_default=True, help="Measurements in flight (servers under the key share them).")
+@click.option("--rpc-timeout", default=60.0, show_default=True, help="Seconds one remote measurement may take.")
+@click.option("--no-int8", is_flag=True, help="Tune TVM's float QDQ path (as compile --no-int8).")
+@click.option("--quiet", is_flag=True, help="No progress display.")
+@click.option("--status", is_flag=True, help="Show what is tuned for which target/model (under --work-dir or tuning_logs/).")
+def tune(model, target, trials, work_dir, rpc_tracker, rpc_key, rpc_server, rpc_workers, rpc_timeout, no_int8, quiet,
+         status):
+    """MetaSchedule-tune MODEL's int8 kernels for TARGET; `compile` then applies tuning_logs/<target>/ automatically."""
+    if status:
+        from nativeq.tuning import tuning_status
+
+        click.echo(tuning_status(work_dir or "tuning_logs"))
+        return
+    if model is None or target is None:
+        raise NativeqError("tune needs MODEL and --target (or --status)")
+    from nativeq.tuning import TuneConfig, tune_model
+
+    cfg = TuneConfig(target=target, trials=trials, work_dir=work_dir, rpc_tracker=rpc_tracker, rpc_key=rpc_key,
+                     rpc=rpc_server, rpc_workers=rpc_workers, rpc_timeout=rpc_timeout, int8=not no_int8,
+                     progress=not quiet)
+    click.echo(tune_model(model, cfg).summary())
+
+
 if __name__ == "__main__":
     main()

@@ -32,3 +32,7 @@ def onnx_convert_map() -> dict:
 
 
 from tvm.relax.frontend.onnx import onnx_frontend  # noqa: F401,E402  (the importer nativeq extends)
+
+# Tuning (nativeq.tuning): RPC client and the decorator for Python MetaSchedule callbacks.
+from tvm import rpc  # noqa: F401,E402
+from tvm.ir.utils import derived_object  # noqa: F401,E402

@@ -23,10 +23,12 @@ from nativeq.compile.schedules import kernel_relax_passes, schedule_passes
 
 
 def tuning_passes(database_dir: Path | None) -> list:
-    """Apply the best schedules recorded in a MetaSchedule JSON database directory."""
+    """Apply the best schedules recorded in a MetaSchedule JSON database directory (corrupt lines skipped)."""
     if database_dir is None:
         return []
-    return [relax.transform.MetaScheduleApplyDatabase(work_dir=str(database_dir))]
+    from nativeq.tuning.apply import ApplyTuningDatabase
+
+    return [ApplyTuningDatabase(database_dir)]
 
 
 def compile_passes(target, *, int8: bool = True, tuning_database: Path | None = None) -> list:

@@ -1,0 +1,101 @@
+"""Progress display for `nativeq tune`: tasks done, trials of the current task, best latency so far.
+
+Trials are counted by a MetaSchedule measure callback, called after each measured batch.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from nativeq.compile._tvm import derived_object, meta_schedule as ms
+from nativeq.tuning.database import FAILED_RUN_SECONDS
+
+
+def _batch_best_seconds(runner_results) -> float | None:
+    best = None
+    for result in runner_results:
+        if result.error_msg is not None or not result.run_secs:
+            continue
+        secs = sum(float(s) for s in result.run_secs) / len(result.run_secs)
+        if secs < FAILED_RUN_SECONDS and (best is None or secs < best):
+            best = secs
+    return best
+
+
+class TuneProgress:
+    """A rich progress display (stderr); plain lines when stderr is not a terminal or disabled."""
+
+    def __init__(self, n_tasks: int, enabled: bool = True):
+        self.n_tasks = n_tasks
+        self.enabled = enabled
+        self.done = 0
+        self.name = ""
+        self.trials = 0
+        self.todo = 0
+        self.failed = 0
+        self.best_seconds: float | None = None
+        self._progress = None
+        self._bar = None
+
+    def __enter__(self):
+        if self.enabled and sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                console=Console(stderr=True), transient=False,
+            )
+            self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+        return False
+
+    def _describe(self) -> str:
+        best = "-" if self.best_seconds is None else f"{self.best_seconds * 1e6:.1f} us"
+        return f"task {self.done + 1}/{self.n_tasks} {self.name}  best {best}  failed {self.failed}"
+
+    def _print(self, text: str) -> None:
+        if self.enabled and self._progress is None:
+            print(text, file=sys.stderr, flush=True)
+
+    def start_task(self, name: str, todo: int, have: int) -> None:
+        self.name, self.trials, self.todo, self.failed, self.best_seconds = name, 0, max(todo, 0), 0, None
+        if todo <= 0:
+            self._print(f"[{self.done + 1}/{self.n_tasks}] {name}: {have} trials in the database, at budget; skipped")
+        else:
+            self._print(f"[{self.done + 1}/{self.n_tasks}] {name}: {have} trials in the database, tuning {todo} more")
+        if self._progress is not None:
+            self._bar = self._progress.add_task(self._describe(), total=max(todo, 1))
+
+    def on_batch(self, runner_results) -> None:
+        self.trials += len(runner_results)
+        self.failed += sum(1 for r in runner_results if r.error_msg is not None)
+        best = _batch_best_seconds(runner_results)
+        if best is not None and (self.best_seconds is None or best < self.best_seconds):
+            self.best_seconds = best
+        if self._progress is not None:
+            self._progress.update(self._bar, completed=self.trials, description=self._describe())
+        else:
+            best_text = "-" if self.best_seconds is None else f"{self.best_seconds * 1e6:.1f} us"
+            self._print(f"    {self.name}: {self.trials}/{self.todo} trials, best {best_text}, failed {self.failed}")
+
+    def finish_task(self, best_us: float | None) -> None:
+        if self._progress is not None and self._bar is not None:
+            self._progress.update(self._bar, completed=max(self.todo, 1), description=self._describe())
+        self.done += 1
+
+    def callback(self):
+        return _ProgressCallback(self)
+
+
+@derived_object
+class _ProgressCallback(ms.measure_callback.PyMeasureCallback):
+    def __init__(self, progress: TuneProgress):
+        self.progress = progress
+
+    def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
+        self.progress.on_batch(runner_results)

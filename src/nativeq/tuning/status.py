@@ -1,0 +1,43 @@
+"""`nativeq tune --status`: what is tuned for which target and model, from the databases on disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nativeq.tuning import database as dbfiles
+
+
+def _database_dirs(root: Path) -> list[Path]:
+    if all((root / f).exists() for f in dbfiles.DATABASE_FILES):
+        return [root]
+    if not root.is_dir():
+        return []
+    return sorted(d for d in root.iterdir() if d.is_dir() and (d / dbfiles.WORKLOAD_FILE).exists())
+
+
+def tuning_status(root: str | Path = "tuning_logs") -> str:
+    """A table per database directory under `root` (or `root` itself if it is one)."""
+    root = Path(root)
+    dirs = _database_dirs(root)
+    if not dirs:
+        return f"no tuning database under {root} (run: nativeq tune MODEL.onnx --target TARGET)"
+    out = []
+    for d in dirs:
+        lines = dbfiles.read_database(d)
+        counts, best = lines.record_counts(), lines.best_seconds()
+        tuned = sum(1 for n in counts.values() if n)
+        out.append(f"{d}: {len(counts)} workloads ({tuned} with records), {len(lines.records)} records")
+        summary = dbfiles.read_summary(d)
+        for model, entry in sorted(summary["models"].items()):
+            tasks = entry.get("tasks", {})
+            done = sum(1 for t in tasks.values() if counts.get(t.get("workload"), 0) >= entry.get("budget_per_task", 0))
+            out.append(f"  model {model} (target {entry.get('target', '?')}): {done}/{len(tasks)} tasks at their "
+                       f"budget of {entry.get('budget_per_task', '?')} trials")
+            width = max([len(n) for n in tasks] + [4])
+            for name, t in tasks.items():
+                key = t.get("workload")
+                secs = best.get(key)
+                best_text = "-" if secs is None else f"{secs * 1e6:.1f} us"
+                out.append(f"    {name.ljust(width)}  kernels {t.get('kernels', '?')}  trials {counts.get(key, 0)}  "
+                           f"best {best_text}")
+    return "\n".join(out)
