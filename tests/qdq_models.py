@@ -177,8 +177,6 @@ def qlinear_matmul(k: int = 64, n: int = 48, t="T", act_dtype: str = "uint8", pe
     inits += [numpy_helper.from_array(np.array(0.25, np.float32), "y_scale"), numpy_helper.from_array(np.array(zp, npdt), "y_zp")]
     nodes.append(helper.make_node("QLinearMatMul", [xq, xs, xzp, wq, ws, wzp, "y_scale", "y_zp"], ["y_q"], name="fc_QLinearMatMul"))
     nodes.append(helper.make_node("DequantizeLinear", ["y_q", "y_scale", "y_zp"], ["y"], name="y_DQ"))
-    qt = _act_qtype(act_dtype)[0]
-    del qt
     return _finish(nodes, inits, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [t, k])],
                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [t, n])], "qlinear_matmul")
 
@@ -220,7 +218,7 @@ def matmul_integer(k: int = 4096, n: int = 32, t="T", act_dtype: str = "uint8", 
     xq, _, xzp = _quantize_input(nodes, inits, 0.01, act_dtype)
     wq, _, wzp = _int8_weight(rng, (k, n), 1, per_channel_zp, inits, "fc", zero_point=True)
     nodes.append(helper.make_node("MatMulInteger", [xq, wq, xzp, wzp], ["y"], name="fc_MatMulInteger"))
-    inits[:] = [i for i in inits if i.name != "fc_wscale"]
+    inits[:] = [i for i in inits if i.name != "fc_wscale"]  # integer op: no weight scale
     return _finish(nodes, inits, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [t, k])],
                    [helper.make_tensor_value_info("y", TensorProto.INT32, [t, n])], "matmul_integer")
 

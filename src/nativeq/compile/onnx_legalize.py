@@ -264,6 +264,8 @@ def _axis_attr(ctx: _Context, scale: str, axis: int) -> dict:
 
 def _as_scalar(ctx: _Context, name: str) -> str:
     """A one-element initializer as a scalar initializer (DequantizeLinear's per-tensor form)."""
+    if not name:
+        return name
     value = ctx.array(name)
     if value is None or value.ndim == 0 or value.size != 1:
         return name
@@ -416,7 +418,7 @@ def qlinear_matmul_to_qdq(node: onnx.NodeProto, ctx: _Context):
     if node.op_type != "QLinearMatMul":
         return None
     a, a_s, a_zp, b, b_s, b_zp, y_s, y_zp = node.input
-    a_s, b_s, y_s = (_as_scalar(ctx, s) for s in (a_s, b_s, y_s))
+    a_s, a_zp, b_s, b_zp, y_s, y_zp = (_as_scalar(ctx, s) for s in (a_s, a_zp, b_s, b_zp, y_s, y_zp))
     a_f, b_f, y_f = (ctx.fresh(f"{node.output[0]}_{t}") for t in ("a_f", "b_f", "f"))
     base = node.name or node.output[0]
     return [
@@ -434,7 +436,7 @@ def qlinear_conv_to_qdq(node: onnx.NodeProto, ctx: _Context):
     if node.op_type != "QLinearConv":
         return None
     x, x_s, x_zp, w, w_s, w_zp, y_s, y_zp = (list(node.input) + [""] * 8)[:8]
-    x_s, w_s, y_s = (_as_scalar(ctx, s) for s in (x_s, w_s, y_s))
+    x_s, x_zp, w_s, w_zp, y_s, y_zp = (_as_scalar(ctx, s) for s in (x_s, x_zp, w_s, w_zp, y_s, y_zp))
     base = node.name or node.output[0]
     x_f, w_f, y_f = (ctx.fresh(f"{node.output[0]}_{t}") for t in ("x_f", "w_f", "f"))
     nodes = [
@@ -598,7 +600,8 @@ def ms_qgemm_to_qdq(node: onnx.NodeProto, ctx: _Context):
     b_scale = _as_scalar(ctx, node.input[4])
     b_f = ctx.fresh(f"{node.output[0]}_b_f")
     b_axis = _axis_attr(ctx, b_scale, 0 if trans_b else 1)
-    nodes.append(helper.make_node("DequantizeLinear", [node.input[3], b_scale] + ([node.input[5]] if _input(node, 5) else []),
+    b_zp = _as_scalar(ctx, _input(node, 5))
+    nodes.append(helper.make_node("DequantizeLinear", [node.input[3], b_scale] + ([b_zp] if b_zp else []),
                                   [b_f], name=ctx.fresh(f"{base}_DQ_b"), **b_axis))
     gemm_inputs = [a_f, b_f]
     if _input(node, 6):
@@ -622,7 +625,7 @@ def _input(node: onnx.NodeProto, index: int) -> str:
 
 def _dequantize(ctx: _Context, node, nodes: list, x, scale, zp, tag: str) -> str:
     """Append a per-tensor DequantizeLinear of input positions (x, scale, zp) of `node`; return its output."""
-    x, scale, zp = node.input[x], _as_scalar(ctx, node.input[scale]), _input(node, zp)
+    x, scale, zp = node.input[x], _as_scalar(ctx, node.input[scale]), _as_scalar(ctx, _input(node, zp))
     out = ctx.fresh(f"{node.output[0]}_{tag}_f")
     nodes.append(helper.make_node("DequantizeLinear", [x, scale] + ([zp] if zp else []), [out],
                                   name=ctx.fresh(f"{node.name or out}_DQ_{tag}")))
@@ -630,6 +633,7 @@ def _dequantize(ctx: _Context, node, nodes: list, x, scale, zp, tag: str) -> str
 
 
 def _quantize(ctx: _Context, node, y_f: str, scale: str, zp: str) -> onnx.NodeProto:
+    zp = _as_scalar(ctx, zp)
     return helper.make_node("QuantizeLinear", [y_f, _as_scalar(ctx, scale)] + ([zp] if zp else []), [node.output[0]],
                             name=ctx.fresh(f"{node.name or node.output[0]}_Q"))
 
