@@ -107,6 +107,7 @@ def test_python_runner_uses_only_the_tvm_runtime(conv, tmp_path):
     assert run.returncode == 2 and "is float64; the model takes float32" in run.stderr
 
 
+@pytest.mark.arm
 def test_bundle_refuses_existing_output_bad_name_and_modified_artifact(conv, tmp_path):
     root, onnx_path = conv
     artifact = tmp_path / "art"
