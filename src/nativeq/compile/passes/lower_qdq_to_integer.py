@@ -18,7 +18,8 @@ even, saturate, as in ONNX Runtime), which operator fusion folds into the kernel
 W stays an int8 constant in its natural layout ([K, N] for matmul, OIW/OIHW for conv).
 
 Variants of the same algebra, Σ_k (x - zx)(w - zw) expanded:
-  - a weight zero point that cannot be folded into int8 W (matmul only): - zw * Σ_k x, a row sum;
+  - a weight zero point that cannot be folded into int8 W: - zw * Σ_k x, a row sum of the activation
+    (matmul) or its sum over each receptive field (conv: a conv with a ones kernel per group);
   - a run-time activation zero point / scale (DynamicQuantizeLinear): the correction is zx * const,
     the scale sx * const, computed in the graph;
   - MatMulInteger (int32 result): no rescale, the corrected accumulator is the result;
@@ -80,28 +81,39 @@ def _pad_width(site: QdqSite) -> list[int]:
     return width
 
 
-def _integer_contraction(site: QdqSite, x_k: relax.Expr, zero_point) -> relax.Expr:
-    weight = relax.const(site.weight, "int8")
-    if site.op == "matmul":
-        return relax.op.matmul(x_k, weight, out_dtype="int32")
-    attrs = site.call.attrs
-    padding = [int(p) for p in attrs.padding]
+def _padded_input(site: QdqSite, x_k: relax.Expr, zero_point) -> tuple[relax.Expr, list[int]]:
+    """The conv input and the padding left to the conv: padded here with the zero point when it is not 0."""
+    padding = [int(p) for p in site.call.attrs.padding]
     if zero_point != 0 and any(padding):  # NOTE: match_site refuses padded convs with a runtime zero point
-        x_k = relax.op.nn.pad(x_k, _pad_width(site), pad_value=float(zero_point))
-        padding = [0] * len(padding)
+        return relax.op.nn.pad(x_k, _pad_width(site), pad_value=float(zero_point)), [0] * len(padding)
+    return x_k, padding
+
+
+def _conv(site: QdqSite, x: relax.Expr, weight: np.ndarray, padding: list[int], groups: int) -> relax.Expr:
+    attrs = site.call.attrs
     conv = relax.op.nn.conv1d if site.op == "conv1d" else relax.op.nn.conv2d
     return conv(
-        x_k,
-        weight,
+        x,
+        relax.const(weight, "int8"),
         strides=[int(s) for s in attrs.strides],
         padding=padding,
         dilation=[int(d) for d in attrs.dilation],
-        groups=int(attrs.groups),
+        groups=groups,
         data_layout=attrs.data_layout,
         kernel_layout=attrs.kernel_layout,
         out_layout=attrs.out_layout,
         out_dtype="int32",
     )
+
+
+def _window_sums(site: QdqSite, x: relax.Expr, padding: list[int]) -> relax.Expr:
+    """Σ of the activation over each output's receptive field (its group's channels x the kernel window),
+    broadcast to every output channel: a conv with a ones kernel, one output channel per group."""
+    groups = int(site.call.attrs.groups)
+    ones = np.ones((groups,) + site.weight.shape[1:], np.int8)
+    sums = _conv(site, x, ones, padding, groups)
+    per_group = site.out_channels // groups
+    return relax.op.repeat(sums, per_group, axis=1) if per_group > 1 else sums
 
 
 def _int32_const(values: np.ndarray, shape) -> relax.Expr:
@@ -115,7 +127,8 @@ def lower_site(site: QdqSite, x_k: relax.Expr, kernel_dtype: str, visit=lambda e
 
     acc = Σ_k (x - zx)(W - zw) = Σ_k x·W - zx·(Σ_k W - K·zw) - zw·Σ_k x; the middle term is a
     compile-time constant per output channel (times zx when zx is a runtime scalar), the last one a
-    row sum of the activation, only needed when the weight zero point could not be folded into W.
+    sum of the activation (per row, or per receptive field for a conv), only needed when the weight
+    zero point could not be folded into W.
     `visit` maps expressions of the original function (runtime scales, zero points) to the new one.
     """
     shift = _SHIFT.get((site.x_dtype, kernel_dtype), 0)
@@ -128,15 +141,22 @@ def lower_site(site: QdqSite, x_k: relax.Expr, kernel_dtype: str, visit=lambda e
     else:
         zero_point = site.x_zero_point + shift
     channels = _channel_shape(site)
-    acc = _integer_contraction(site, x_k, zero_point)
+    if site.op == "matmul":
+        acc = relax.op.matmul(x_k, relax.const(site.weight, "int8"), out_dtype="int32")
+    else:
+        x_k, padding = _padded_input(site, x_k, zero_point)
+        acc = _conv(site, x_k, site.weight, padding, int(site.call.attrs.groups))
     weight_terms = site.weight_sums() - site.reduction_size * site.weight_zero_point
     if isinstance(zero_point, relax.Expr):
         acc = relax.op.subtract(acc, relax.op.multiply(zero_point, _int32_const(weight_terms, channels)))
     elif zero_point != 0 and weight_terms.any():
         acc = relax.op.subtract(acc, _int32_const(zero_point * weight_terms, channels))
-    if site.weight_zero_point.any():  # matmul only (match_site)
-        row_sums = relax.op.sum(relax.op.astype(x_k, "int32"), axis=[-1], keepdims=True)
-        acc = relax.op.subtract(acc, relax.op.multiply(row_sums, _int32_const(site.weight_zero_point, channels)))
+    if site.weight_zero_point.any():
+        if site.op == "matmul":
+            input_sums = relax.op.sum(relax.op.astype(x_k, "int32"), axis=[-1], keepdims=True)
+        else:
+            input_sums = _window_sums(site, x_k, padding)
+        acc = relax.op.subtract(acc, relax.op.multiply(input_sums, _int32_const(site.weight_zero_point, channels)))
     if site.x_scale is None:  # MatMulInteger: the int32 accumulator is the result
         return acc
     w_scale = site.w_scale.reshape(channels) if site.w_scale.ndim else site.w_scale

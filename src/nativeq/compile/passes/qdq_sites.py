@@ -179,8 +179,6 @@ def _match_weight(expr, var2val, op: str):
     centered = weight - zero_point.reshape(shape if zero_point.ndim else ())
     if centered.min() >= -128 and centered.max() <= 127:
         weight, zero_point = centered, np.zeros((), np.int64)
-    elif op != "matmul":
-        return "weight minus its zero point does not fit int8 (handled for matmul only)"
     if scale is not None:
         scale = scale.astype(np.float32)
     return weight.astype(np.int8), zero_point, scale
