@@ -552,3 +552,45 @@ def test_reduction_that_could_overflow_int32_stays_float():
     tvm.ir.assert_structural_equal(lower(before, "uint8"), before)
     (site,) = explain_sites(before, get_target("x86-avx2"))
     assert site["status"] == "float" and "overflow the int32 accumulator" in site["reason"]
+
+
+def test_conv_weight_zero_point_outside_int8_uses_receptive_field_sums():
+    """zw = 100 cannot be folded into int8 W: - zw * Σ(x over each receptive field), computed by a conv with
+    a ones kernel, one output channel per group, repeated to the group's output channels."""
+    w = RNG.integers(-127, 128, (4, 2, 3)).astype(np.int8)
+    zw = np.array([100, -100, 5, 0], np.int8)
+
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(xq: R.Tensor((1, 4, 10), "uint8"), w: R.Tensor((4, 2, 3), "int8"), zw: R.Tensor((4,), "int8")):
+            with R.dataflow():
+                xf = R.dequantize(xq, R.const(0.05, "float32"), R.const(3, "uint8"), axis=1, out_dtype="float32")
+                wf = R.dequantize(w, R.const(0.01, "float32"), zw, axis=0, out_dtype="float32")
+                y = R.nn.conv1d(xf, wf, padding=[1, 1], groups=2)
+                R.output(y)
+            return y
+
+    @I.ir_module
+    class Expected:
+        @R.function
+        def main(xq: R.Tensor((1, 4, 10), "uint8"), w: R.Tensor((4, 2, 3), "int8"), ones: R.Tensor((2, 2, 3), "int8"),
+                 corr: R.Tensor((1, 4, 1), "int32"), zw: R.Tensor((1, 4, 1), "int32"), scale: R.Tensor((), "float32")):
+            with R.dataflow():
+                xp = R.nn.pad(xq, [0, 0, 0, 0, 1, 1], pad_value=3.0)
+                acc = R.nn.conv1d(xp, w, padding=[0, 0], groups=2, out_dtype="int32")
+                acc_c = R.subtract(acc, corr)
+                sums = R.nn.conv1d(xp, ones, padding=[0, 0], groups=2, out_dtype="int32")
+                sums4 = R.repeat(sums, 2, axis=1)
+                zw_sums = R.multiply(sums4, zw)
+                acc_z = R.subtract(acc_c, zw_sums)
+                acc_f = R.astype(acc_z, "float32")
+                y = R.multiply(acc_f, scale)
+                R.output(y)
+            return y
+
+    k = 2 * 3
+    corr = 3 * (w.astype(np.int64).sum(axis=(1, 2)) - k * zw.astype(np.int64))
+    expected = bind(Expected, w=w, ones=np.ones((2, 2, 3), np.int8), corr=corr.astype(np.int32).reshape(1, 4, 1),
+                    zw=zw.astype(np.int32).reshape(1, 4, 1), scale=SX * np.float32(0.01))
+    tvm.ir.assert_structural_equal(lower(bind(Before, w=w, zw=zw), None), expected)
