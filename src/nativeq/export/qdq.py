@@ -224,13 +224,8 @@ def layer_metadata(model: nn.Module) -> dict[str, dict]:
     return meta
 
 
-def to_qdq_onnx(model: nn.Module, example_inputs: tuple, config: ExportConfig = ExportConfig()) -> onnx.ModelProto:
-    """Build the QDQ ONNX model of `model` (a QAT model is converted first)."""
-    if quant_layers(model):
-        model = convert(model)
-    if not int_layers(model):
-        raise NativeqError(f"export: {type(model).__name__} has no quantized layers (quantize_ or load a QAT run first)")
-    model = model.eval()
+def _trace(model: nn.Module, example_inputs: tuple, config: ExportConfig) -> onnx.ModelProto:
+    """The TorchScript ONNX trace of `model` with one marker node per integer layer / product."""
     traced_module = model if config.output_index is None else _SelectOutput(model, config.output_index)
     buf = io.BytesIO()
     with _markers(model), torch.no_grad(), warnings.catch_warnings():
@@ -241,12 +236,14 @@ def to_qdq_onnx(model: nn.Module, example_inputs: tuple, config: ExportConfig = 
             dynamic_axes=dict(config.dynamic_axes), do_constant_folding=True,
             custom_opsets={MARKER_DOMAIN: 1},
         )
-    traced = onnx.load_from_string(buf.getvalue())
+    return onnx.load_from_string(buf.getvalue())
+
+
+def _replace_markers(graph: onnx.GraphProto, model: nn.Module) -> None:
+    """Swap every marker node for its QDQ subgraph (in place)."""
     layers = dict(int_layers(model))
     sites = matmul_sites(model)
-    graph = traced.graph
-    new_nodes, new_inits = [], []
-    seen = set()
+    new_nodes, new_inits, seen = [], [], set()
     for node in graph.node:
         if node.domain != MARKER_DOMAIN:
             new_nodes.append(node)
@@ -254,45 +251,54 @@ def to_qdq_onnx(model: nn.Module, example_inputs: tuple, config: ExportConfig = 
         if node.op_type == "QMatMul":
             index = next(a.i for a in node.attribute if a.name == "site")
             nodes, inits = _matmul_qdq_nodes(sites[index], node.input[0], node.input[1], node.output[0])
-            new_nodes += nodes
-            new_inits += inits
-            continue
-        name = next(a.s.decode() for a in node.attribute if a.name == "layer")
-        if name in seen:
-            raise NativeqError(f"export: layer {name} is called more than once in forward (share-free models only)")
-        seen.add(name)
-        nodes, inits = _qdq_nodes(layers[name], name, node.input[0], node.output[0])
+        else:
+            name = next(a.s.decode() for a in node.attribute if a.name == "layer")
+            if name in seen:
+                raise NativeqError(f"export: layer {name} is called more than once in forward (share-free models only)")
+            seen.add(name)
+            nodes, inits = _qdq_nodes(layers[name], name, node.input[0], node.output[0])
         new_nodes += nodes
         new_inits += inits
     del graph.node[:]
     graph.node.extend(new_nodes)
     graph.initializer.extend(new_inits)
     del graph.value_info[:]
-    for imp in list(traced.opset_import):
+
+
+def to_qdq_onnx(model: nn.Module, example_inputs: tuple, config: ExportConfig = ExportConfig()) -> onnx.ModelProto:
+    """Build the QDQ ONNX model of `model` (a QAT model is converted first)."""
+    if quant_layers(model):
+        model = convert(model)
+    if not int_layers(model):
+        raise NativeqError(f"export: {type(model).__name__} has no quantized layers (quantize_ or load a QAT run first)")
+    model = model.eval()
+    proto = _trace(model, example_inputs, config)
+    _replace_markers(proto.graph, model)
+    for imp in list(proto.opset_import):
         if imp.domain == MARKER_DOMAIN:
-            traced.opset_import.remove(imp)
+            proto.opset_import.remove(imp)
         elif imp.domain in ("", "ai.onnx"):
             imp.version = OPSET
-    traced.ir_version = 10
-    traced.producer_name = "nativeq"
+    proto.ir_version = 10
+    proto.producer_name = "nativeq"
     meta = layer_metadata(model)
     props = {
         "nativeq.layers": json.dumps(meta, sort_keys=True),
         "nativeq.weight_bits": ",".join(sorted({str(m["weight_bits"]) for m in meta.values()})),
         "nativeq.act_bits": ",".join(sorted({str(m["act_bits"]) for m in meta.values()})),
         "nativeq.sparsity": ",".join(sorted({m["sparsity"] for m in meta.values()})),
-        "nativeq.activation_products": json.dumps([s.site_name for s in sites]),
+        "nativeq.activation_products": json.dumps([s.site_name for s in matmul_sites(model)]),
         **{str(k): str(v) for k, v in config.metadata.items()},
     }
-    del traced.metadata_props[:]
+    del proto.metadata_props[:]
     for k, v in props.items():
-        traced.metadata_props.add(key=k, value=v)
-    traced = onnx.shape_inference.infer_shapes(traced, check_type=True, strict_mode=True)
+        proto.metadata_props.add(key=k, value=v)
+    proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
     try:
-        onnx.checker.check_model(traced, full_check=True)
+        onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as e:
         raise NativeqError(f"export: the QDQ model fails onnx.checker: {str(e).splitlines()[0]}") from None
-    return traced
+    return proto
 
 
 def export_qdq(model: nn.Module, example_inputs: tuple, path, config: ExportConfig = ExportConfig()) -> onnx.ModelProto:
