@@ -74,7 +74,7 @@ def test_training_learns_a_tiny_corpus(corpus, tmp_path):
 
 def test_resume_continues_from_the_last_checkpoint(corpus, tmp_path):
     run = tmp_path / "run"
-    train(_cfg(corpus, run, epochs=1, steps=4))  # "crashes" after epoch 1 of a 2-epoch schedule
+    train(_cfg(corpus, run, steps=4, stop_after_epoch=1))  # stops (as if crashed) after epoch 1 of 2
     with pytest.raises(NativeqError, match="already holds a run"):
         train(_cfg(corpus, run, epochs=2, steps=4))
     train(_cfg(corpus, run, epochs=2, steps=4, resume=True))

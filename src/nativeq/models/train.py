@@ -53,6 +53,7 @@ class TrainConfig:
     train_split: str = "train"
     dev_split: str = "dev"
     chunk_size: int = -1  # override the preset's streaming chunk (-1 = keep)
+    stop_after_epoch: int = 0  # end this invocation after that epoch (resume later); 0 = run the schedule out
     progress: bool = True
 
     def to_json(self) -> dict:
@@ -271,6 +272,8 @@ def train_loop(
                       f"CER {metrics['cer']:.3f}  ({record['seconds']} s)", flush=True)
         if dist_info.world > 1:
             torch.distributed.barrier()
+        if cfg.stop_after_epoch and epoch + 1 >= cfg.stop_after_epoch:
+            break
     return metrics
 
 
