@@ -71,3 +71,11 @@ def test_spec_augment_masks_with_mean_and_is_seeded():
     changed = a != feats
     assert changed.any()
     assert torch.allclose(a[changed], feats.mean().expand(int(changed.sum())))
+
+
+def test_numpy_front_end_equals_the_torch_one():
+    from nativeq.models import frontend_np
+
+    x = speech_like(2.1, seed=7)
+    np.testing.assert_allclose(frontend_np.fbank(x), fbank(torch.from_numpy(x)).numpy(), atol=1e-5, rtol=0)
+    assert frontend_np.fbank(x[:399]).shape == (0, N_MELS)

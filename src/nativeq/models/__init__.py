@@ -7,6 +7,7 @@ Public names (import them from their modules; this package imports nothing heavy
   Every matmul/conv is a plain nn.Linear / nn.Conv1d / nn.Conv2d, swappable by name.
 - `features`: `fbank(samples) -> [T, 80]` Kaldi-style log-mel (the front end, outside the
   ONNX encoder), `spec_augment`.
+- `frontend_np`: the same `fbank` in numpy only, for deployment code that cannot import torch.
 - `text`: `VOCAB` (blank = 0, space, a-z, '), `normalize_text`, `encode`, `decode`,
   `ctc_greedy_collapse`.
 - `data`: `SynthConfig` / `synthesize_corpus(out, cfg)`, `read_manifest(data_dir, split)
