@@ -344,11 +344,12 @@ def bench_emulated_cmd(artifacts, dims, repeat, cpu, as_json):
 @click.option("--rpc", "rpc_server", default=None, help="HOST:PORT of one TVM RPC server (no tracker).")
 @click.option("--rpc-workers", default=1, show_default=True, help="Measurements in flight (servers under the key share them).")
 @click.option("--rpc-timeout", default=60.0, show_default=True, help="Seconds one remote measurement may take.")
+@click.option("--trials-per-iter", default=32, show_default=True, help="Candidates measured (and saved) per search round.")
 @click.option("--no-int8", is_flag=True, help="Tune TVM's float QDQ path (as compile --no-int8).")
 @click.option("--quiet", is_flag=True, help="No progress display.")
 @click.option("--status", is_flag=True, help="Show what is tuned for which target/model (under --work-dir or tuning_logs/).")
-def tune(model, target, trials, work_dir, rpc_tracker, rpc_key, rpc_server, rpc_workers, rpc_timeout, no_int8, quiet,
-         status):
+def tune(model, target, trials, work_dir, rpc_tracker, rpc_key, rpc_server, rpc_workers, rpc_timeout, trials_per_iter,
+         no_int8, quiet, status):
     """MetaSchedule-tune MODEL's int8 kernels for TARGET; `compile` then applies tuning_logs/<target>/ automatically."""
     if status:
         from nativeq.tuning import tuning_status
@@ -360,8 +361,8 @@ def tune(model, target, trials, work_dir, rpc_tracker, rpc_key, rpc_server, rpc_
     from nativeq.tuning import TuneConfig, tune_model
 
     cfg = TuneConfig(target=target, trials=trials, work_dir=work_dir, rpc_tracker=rpc_tracker, rpc_key=rpc_key,
-                     rpc=rpc_server, rpc_workers=rpc_workers, rpc_timeout=rpc_timeout, int8=not no_int8,
-                     progress=not quiet)
+                     rpc=rpc_server, rpc_workers=rpc_workers, rpc_timeout=rpc_timeout,
+                     trials_per_iter=trials_per_iter, int8=not no_int8, progress=not quiet)
     click.echo(tune_model(model, cfg).summary())
 
 

@@ -36,3 +36,4 @@ from tvm.relax.frontend.onnx import onnx_frontend  # noqa: F401,E402  (the impor
 # Tuning (nativeq.tuning): RPC client and the decorator for Python MetaSchedule callbacks.
 from tvm import rpc  # noqa: F401,E402
 from tvm.ir.utils import derived_object  # noqa: F401,E402
+from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock  # noqa: F401,E402

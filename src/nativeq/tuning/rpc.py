@@ -130,6 +130,18 @@ def export_cross(mod, compiler: str) -> str:
     return path
 
 
+def build_candidate(mod, target, _params):
+    """MetaSchedule `f_build`: TVM's `default_build` without its `import tvm.s_tir.tensor_intrin`.
+
+    That import registers every tensor intrinsic TVM has (CUDA, ARM, RISC-V, ...), 40-100 s of
+    CPU in each builder worker; a candidate is already tensorized, so it needs none of them.
+    """
+    from nativeq.compile._tvm import RemoveWeightLayoutRewriteBlock, tvm
+
+    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
+    return tvm.driver.build(mod, target=target)
+
+
 def evaluator_config():
     from nativeq.compile._tvm import meta_schedule as ms
 
@@ -141,7 +153,7 @@ def make_builder(cross_compiler: str | None, workers: int = 1):
     from nativeq.compile._tvm import meta_schedule as ms
 
     f_export = functools.partial(export_cross, compiler=cross_compiler) if cross_compiler else None
-    return ms.builder.LocalBuilder(max_workers=workers, timeout_sec=120, f_export=f_export)
+    return ms.builder.LocalBuilder(max_workers=workers, timeout_sec=300, f_build=build_candidate, f_export=f_export)
 
 
 def make_runner(remote: RemoteSpec | None):

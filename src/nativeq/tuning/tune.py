@@ -69,6 +69,7 @@ class TuneResult:
     target: str
     tasks: list[TaskResult] = field(default_factory=list)
     seconds: float = 0.0
+    symbolic: list[str] = field(default_factory=list)  # kernels not tuned: symbolic shapes
 
     def summary(self) -> str:
         lines = [f"tuned {len(self.tasks)} task(s) for {self.target} in {self.seconds:.0f} s; database {self.work_dir}"]
@@ -77,6 +78,8 @@ class TuneResult:
         for t in self.tasks:
             best = "-" if t.best_us is None else f"{t.best_us:.1f} us"
             lines.append(f"  {t.name.ljust(width)}  {t.weight:7d}  {t.trials:6d}  {t.new_trials:3d}  {best}")
+        if self.symbolic:
+            lines.append(f"  not tuned (symbolic shapes, MetaSchedule tunes static shapes only): {', '.join(self.symbolic)}")
         return "\n".join(lines)
 
 
@@ -120,12 +123,30 @@ def lower_for_tuning(model_path: Path, target: Target, int8: bool = True):
     return mod, tvm_target
 
 
-def extract_tasks(mod, tvm_target) -> list:
-    """MetaSchedule tasks of the contraction kernels (PrimFuncs with a reduction block)."""
+def extract_tasks(mod, tvm_target) -> tuple[list, list]:
+    """(tunable tasks, names of symbolic-shape tasks) among the contraction kernels.
+
+    A contraction kernel is a PrimFunc with a reduction block (matmul/conv). MetaSchedule
+    tunes static shapes only (its DisallowDynamicLoop postproc rejects every candidate of a
+    kernel with a symbolic extent), so those are reported, not tuned.
+    """
     from nativeq.compile._tvm import meta_schedule as ms, s_tir
 
     tasks = ms.relax_integration.extract_tasks(mod, tvm_target, module_equality=dbfiles.MODULE_EQUALITY)
-    return [t for t in tasks if _has_reduction(t.dispatched[0], s_tir)]
+    contractions = [t for t in tasks if _has_reduction(t.dispatched[0], s_tir)]
+    static = [t for t in contractions if _is_static(t.dispatched[0])]
+    return static, [t.task_name for t in contractions if t not in static]
+
+
+def _is_static(mod) -> bool:
+    from nativeq.compile._tvm import tirx
+
+    for func in mod.functions.values():
+        for param in func.params:  # NOTE: TVM 0.27 PrimFunc params are the buffers (no buffer_map)
+            shape = getattr(param, "shape", None) or []
+            if not all(isinstance(d, tirx.IntImm) for d in shape):
+                return False
+    return True
 
 
 def _has_reduction(mod, s_tir) -> bool:
@@ -160,7 +181,12 @@ def tune_model(model_path, cfg: TuneConfig) -> TuneResult:
         cross_compiler = check_cross_compiler(target)
 
     mod, tvm_target = lower_for_tuning(model_path, target, cfg.int8)
-    tasks = extract_tasks(mod, tvm_target)
+    tasks, symbolic = extract_tasks(mod, tvm_target)
+    if not tasks and symbolic:
+        raise NativeqError(
+            f"{model_path}: every matmul/conv kernel has a symbolic shape ({len(symbolic)} kernels); MetaSchedule tunes "
+            f"static shapes only: export the model with fixed input dims"
+        )
     if not tasks:
         raise NativeqError(f"{model_path} has no matmul/conv kernel to tune")
 
@@ -199,7 +225,8 @@ def tune_model(model_path, cfg: TuneConfig) -> TuneResult:
                 progress.finish_task(results[-1].best_us)
     finally:
         dbfiles.write_summary(work_dir, summary)
-    return TuneResult(work_dir=work_dir, target=target.name, tasks=results, seconds=time.perf_counter() - started)
+    return TuneResult(work_dir=work_dir, target=target.name, tasks=results, seconds=time.perf_counter() - started,
+                      symbolic=symbolic)
 
 
 def _workload_key(database, mod) -> str:

@@ -1,0 +1,202 @@
+"""Tuning: a real MetaSchedule run on a tiny QDQ matmul, the database compile applies, resume, corrupt lines.
+
+Everything here measures real candidates on this machine (a handful of trials); the compiled
+artifacts are checked against ONNX Runtime.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import qdq_models
+
+from nativeq.compile import CompileConfig, compile_model
+from nativeq.errors import NativeqError
+from nativeq.tuning import TuneConfig, tune_model, tuning_status
+from nativeq.tuning import database as dbfiles
+
+TRIALS = 4
+
+
+def _tiny_model(path, t=16):
+    onnx.save(qdq_models.qdq_matmul(k=64, n=32, t=t, act_dtype="uint8"), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """(onnx path, database dir, TuneResult) of the tiny static-shape matmul tuned for `host`."""
+    root = tmp_path_factory.mktemp("tuned")
+    model = _tiny_model(root / "mm.onnx")
+    result = tune_model(model, TuneConfig(target="host", trials=TRIALS, min_trials_per_task=TRIALS,
+                                          trials_per_iter=TRIALS, work_dir=str(root / "db"), progress=False))
+    return model, root / "db", result
+
+
+def _copy_db(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_tune_writes_json_database_with_measured_records(tuned):
+    _, db, result = tuned
+    assert len(result.tasks) == 1, result.summary()
+    task = result.tasks[0]
+    assert task.trials == TRIALS and task.new_trials == TRIALS
+    lines = dbfiles.read_database(db)
+    assert lines.skipped == 0 and len(lines.records) == TRIALS
+    assert task.best_us is not None and task.best_us > 0, "no candidate built and ran"
+    # The best time is a measured one: it is the minimum over the records' run_secs.
+    secs = [np.mean(json.loads(r)[1][1]) for _, r in lines.records]
+    assert task.best_us == pytest.approx(min(s for s in secs if s < 1e9) * 1e6)
+    assert "mm.onnx" in tuning_status(db)
+
+
+def test_compile_applies_database_and_verifies(tuned, tmp_path):
+    from nativeq.verify import VerifyConfig, verify_artifact
+
+    model, db, _ = tuned
+    out = compile_model(model, tmp_path / "art", CompileConfig(target="host", tuning_log=str(db)))
+    tuning = out.manifest["tuning"]
+    assert tuning["database"] == str(db)
+    assert tuning["files"][dbfiles.RECORD_FILE] == dbfiles_sha(db / dbfiles.RECORD_FILE)
+    report = verify_artifact(tmp_path / "art", model, VerifyConfig(runs=2))
+    assert report.passed, report.table()
+    assert max(o.max_steps for o in report.outputs if o.quantized) <= 1
+
+    untuned = compile_model(model, tmp_path / "plain", CompileConfig(target="host", tuning_log=str(db), use_tuning=False))
+    assert untuned.manifest["tuning"]["database"] is None
+
+
+def dbfiles_sha(path):
+    from nativeq._fs import sha256_file
+
+    return sha256_file(path)
+
+
+def test_database_schedules_the_tuned_kernel(tuned):
+    """After the apply pass, the matmul kernel carries the tuned schedule (marked scheduled, loops parallel)."""
+    from nativeq.compile._tvm import tirx, tvm
+    from nativeq.targets import get_target
+    from nativeq.tuning.apply import ApplyTuningDatabase
+    from nativeq.tuning.tune import lower_for_tuning
+
+    model, db, _ = tuned
+    mod, tvm_target = lower_for_tuning(model, get_target("host"))
+    with tvm_target:
+        applied = ApplyTuningDatabase(db)(mod)
+    scheduled = [gv.name_hint for gv, f in applied.functions_items()
+                 if isinstance(f, tirx.PrimFunc) and f.attrs is not None and "tirx.is_scheduled" in f.attrs]
+    assert any("matmul" in name for name in scheduled), scheduled
+    del tvm
+
+
+def test_rerun_resumes_only_missing_trials(tuned, tmp_path):
+    model, db, _ = tuned
+    db = _copy_db(db, tmp_path / "db")
+    again = tune_model(model, TuneConfig(target="host", trials=TRIALS, min_trials_per_task=TRIALS, work_dir=str(db),
+                                         progress=False))
+    assert [t.new_trials for t in again.tasks] == [0]
+    assert len(dbfiles.read_database(db).records) == TRIALS
+    more = tune_model(model, TuneConfig(target="host", trials=TRIALS + 2, min_trials_per_task=1, trials_per_iter=2,
+                                        work_dir=str(db), progress=False))
+    assert [t.new_trials for t in more.tasks] == [2]
+    assert [t.trials for t in more.tasks] == [TRIALS + 2]
+
+
+def test_corrupt_lines_are_skipped_with_file_and_line(tuned, tmp_path):
+    model, db, _ = tuned
+    db = _copy_db(db, tmp_path / "db")
+    records = (db / dbfiles.RECORD_FILE).read_text().splitlines()
+    good = len(records)
+    records.insert(1, "{not json")
+    records.append(records[0][: len(records[0]) // 2])  # a tuner killed mid-write
+    (db / dbfiles.RECORD_FILE).write_text("\n".join(records))
+    with pytest.warns(dbfiles.DatabaseLineWarning) as caught:
+        lines = dbfiles.read_database(db)
+    messages = [str(w.message) for w in caught]
+    assert any(f"{dbfiles.RECORD_FILE}:2" in m for m in messages), messages
+    assert any(f"{dbfiles.RECORD_FILE}:{good + 2}" in m for m in messages), messages
+    assert len(lines.records) == good and lines.skipped == 2
+
+    # compile still applies the good records and the artifact verifies
+    from nativeq.verify import VerifyConfig, verify_artifact
+
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        compile_model(model, tmp_path / "art", CompileConfig(target="host", tuning_log=str(db)))
+    assert verify_artifact(tmp_path / "art", model, VerifyConfig(runs=1)).passed
+
+    # repair leaves a database TVM itself loads
+    dbfiles.repair_database(db)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dbfiles.read_database(db).skipped == 0
+    assert len(dbfiles.open_database(db).get_all_tuning_records()) == good
+
+
+def test_workload_line_corrupt_drops_its_records(tuned, tmp_path):
+    _, db, _ = tuned
+    db = _copy_db(db, tmp_path / "db")
+    (db / dbfiles.WORKLOAD_FILE).write_text("garbage\n" + (db / dbfiles.WORKLOAD_FILE).read_text())
+    with pytest.warns(dbfiles.DatabaseLineWarning, match=rf"{dbfiles.WORKLOAD_FILE}:1"):
+        lines = dbfiles.read_database(db)
+    # records pointed at workload 0 (now the garbage line at index 0 is skipped, the real one is index 1)
+    assert len(lines.workloads) == 1
+    assert all(index == 0 for index, _ in lines.records)
+
+
+def test_symbolic_shapes_are_refused_with_one_line(tmp_path):
+    model = tmp_path / "dyn.onnx"
+    onnx.save(qdq_models.qdq_matmul(k=64, n=32, t="T", act_dtype="uint8"), model)
+    with pytest.raises(NativeqError, match="symbolic shape"):
+        tune_model(model, TuneConfig(target="host", trials=2, work_dir=str(tmp_path / "db"), progress=False))
+
+
+def test_bad_options_are_one_line_errors(tmp_path):
+    model = _tiny_model(tmp_path / "mm.onnx")
+    with pytest.raises(NativeqError, match="--rpc-key"):
+        tune_model(model, TuneConfig(target="host", rpc_tracker="127.0.0.1:1", progress=False))
+    with pytest.raises(NativeqError, match="HOST:PORT"):
+        tune_model(model, TuneConfig(target="host", rpc="nohostport", progress=False))
+    with pytest.raises(NativeqError, match="tune it on the device"):
+        tune_model(model, TuneConfig(target="rpi5", progress=False))
+
+
+def test_kill_and_resume(tmp_path):
+    """SIGKILL `nativeq tune` mid-run: the database loads, keeps its records, and a rerun resumes."""
+    model = _tiny_model(tmp_path / "mm.onnx")
+    db = tmp_path / "db"
+    exe = os.path.join(os.path.dirname(sys.executable), "nativeq")
+    cmd = [exe, "tune", str(model), "--target", "host", "--trials", "200", "--trials-per-iter", "2", "--work-dir", str(db),
+           "--quiet"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.time() + 400
+        records = db / dbfiles.RECORD_FILE
+        while time.time() < deadline and proc.poll() is None:
+            if records.exists() and records.read_bytes().count(b"\n") >= 2:
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dbfiles.DatabaseLineWarning)  # a record may have been cut mid-line
+        kept = len(dbfiles.read_database(db).records)
+    assert kept >= 2
+    resumed = tune_model(model, TuneConfig(target="host", trials=kept + 2, min_trials_per_task=1, trials_per_iter=2,
+                                           work_dir=str(db), progress=False))
+    assert [t.new_trials for t in resumed.tasks] == [2]
+    assert [t.trials for t in resumed.tasks] == [kept + 2]
