@@ -11,6 +11,8 @@ from tvm import relax
 
 from nativeq.compile.onnx_import import import_onnx
 from nativeq.compile.passes.int8 import explain_sites, int8_passes
+from nativeq.compile.passes.lower_qdq_to_integer import LowerQDQToInteger
+from nativeq.compile.passes.qdq_sites import op_name
 from nativeq.targets.registry import get_target
 
 CONTRACTIONS = ("MatMul", "Gemm", "Conv", "QLinearMatMul", "QLinearConv", "QGemm")
@@ -35,6 +37,18 @@ def test_every_encoder_contraction_becomes_an_integer_kernel(act_dtype, target_n
     kernel_act = "uint8" if target.arch == "x86_64" else "int8"
     assert len(after) == 14 and all(s["reason"].startswith(f"integer {kernel_act} x int8") for s in after)
     tvm.ir.assert_structural_equal(tvm.transform.Sequential(int8_passes(target))(lowered), lowered)  # idempotent
+    # The int32 biases (conv subsampling, head Gemm; scale sx*sw) are folded into the accumulator.
+    assert _bias_adds_after_integer_sites(lowered) == 0 < _bias_adds_after_integer_sites(
+        LowerQDQToInteger(kernel_act)(mod))
+
+
+def _bias_adds_after_integer_sites(mod) -> int:
+    var2val = relax.analysis.get_var2val(mod["main"])
+    adds = 0
+    for value in var2val.values():
+        if op_name(value) == "relax.add" and op_name(rescale := var2val.get(value.args[0])) == "relax.multiply":
+            adds += op_name(var2val.get(rescale.args[0])) == "relax.astype"
+    return adds
 
 
 def _output_scale(model) -> float:
