@@ -107,12 +107,19 @@ def _scalar_param(expr, var2val):
     return expr if _is_scalar(expr) else None
 
 
+def _permutation(permute_dims_call) -> list[int]:
+    axes = permute_dims_call.attrs.axes
+    if axes is None:  # R.permute_dims(x) reverses the axes
+        return list(range(len(permute_dims_call.ty.shape)))[::-1]
+    return [int(a) for a in axes]
+
+
 def _weight_operand(expr, var2val, op: str):
     """(raw weight array in natural layout, zero point, scale or None, zero-point/scale axis) or a reason."""
     axes = None
     value = resolve(expr, var2val)
     if op == "matmul" and op_name(value) == "relax.permute_dims":
-        axes = [int(a) for a in value.attrs.axes]
+        axes = _permutation(value)
         value = resolve(value.args[0], var2val)
     if op_name(value) == "relax.dequantize":
         w_q = static_value(value.args[0], var2val)
@@ -303,12 +310,8 @@ def match_activation_product(call, var2val) -> ActivationProductSite | str:
     rhs_value = resolve(call.args[1], var2val)
     axes = None
     if op_name(rhs_value) == "relax.permute_dims":
-        axes = tuple(int(a) for a in rhs_value.attrs.axes) if rhs_value.attrs.axes is not None else None
-        if axes is None:
-            return "rhs permute_dims without explicit axes"
+        axes = tuple(_permutation(rhs_value))
         rhs_value = resolve(rhs_value.args[0], var2val)
-        if not isinstance(call.args[1], relax.Var):
-            return "rhs is not bound"
     rhs = _match_activation(rhs_value, var2val, "float32") if op_name(rhs_value) == "relax.dequantize" else \
         "rhs is not a DequantizeLinear output"
     if isinstance(rhs, str):
