@@ -126,7 +126,12 @@ def test_tuning_database_is_applied_and_recorded(tmp_path):
     result = compile_model(onnx_path, tmp_path / "out", CompileConfig(target="host", tuning_log=str(db)))
     assert result.manifest["tuning"]["database"] == str(db)
     assert set(result.manifest["tuning"]["files"]) == {"database_workload.json", "database_tuning_record.json"}
-    assert "MetaScheduleApplyDatabase" in result.manifest["build"]["pipeline"]
+    pipeline = result.manifest["build"]["pipeline"]
+    assert any("TuningDatabase" in name or "ApplyDatabase" in name for name in pipeline)
+    assert "TuningDatabase" not in " ".join(
+        compile_model(onnx_path, tmp_path / "untuned", CompileConfig(target="host", tuning_log=str(db), use_tuning=False))
+        .manifest["build"]["pipeline"]
+    )
     assert verify_artifact(result.out_dir, onnx_path, VerifyConfig(dims={"T": 9})).passed
 
 
