@@ -504,3 +504,21 @@ def dynamic_shape_arithmetic(c: int = 8, max_t: int = 64, seed: int = 0) -> onnx
     ]
     return _finish(nodes, inits, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "T", c])],
                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "T", c // 2])], "dynamic_shape_arithmetic")
+
+
+def ort_dynamic_quantized_encoder(weight_dtype: str = "int8", seed: int = 0) -> onnx.ModelProto:
+    """`float_encoder` quantized by `onnxruntime.quantization.quantize_dynamic` (per-channel weights):
+    DynamicQuantizeLinear -> MatMulInteger / ConvInteger -> Cast -> Mul by the scales."""
+    import tempfile
+    from pathlib import Path
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory(prefix="nativeq-dynq-") as tmp:
+        src, dst = Path(tmp, "float.onnx"), Path(tmp, "dynamic.onnx")
+        onnx.save(float_encoder(seed), src)
+        quantize_dynamic(str(src), str(dst), per_channel=True, op_types_to_quantize=["MatMul", "Conv", "Gemm"],
+                         weight_type=QuantType.QInt8 if weight_dtype == "int8" else QuantType.QUInt8)
+        model = onnx.load(dst)
+    onnx.checker.check_model(model, full_check=True)
+    return model

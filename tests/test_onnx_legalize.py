@@ -327,3 +327,23 @@ def test_rewrites_that_cannot_be_exact_are_refused_with_the_node_named():
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])])
     with pytest.raises(NativeqError, match="DequantizeLinear node 'dq_blocked' uses block_size on a run-time tensor"):
         legalize(helper.make_model(blocked, opset_imports=[helper.make_opsetid("", 21)]))
+
+
+@pytest.mark.parametrize("weight_dtype", ["int8", pytest.param("uint8", marks=pytest.mark.slow)])
+def test_ort_dynamic_quantized_encoder_is_bit_exact_in_tvm(weight_dtype):
+    """quantize_dynamic's DynamicQuantizeLinear + MatMulInteger/ConvInteger graph: TVM reproduces ORT bit for bit."""
+    import tvm
+    from tvm import relax
+
+    from nativeq.compile.onnx_import import import_onnx
+
+    model = zoo.ort_dynamic_quantized_encoder(weight_dtype)
+    ops = {n.op_type for n in model.graph.node}
+    assert {"DynamicQuantizeLinear", "MatMulInteger", "ConvInteger"} <= ops
+    legal = legalize(model)
+    vm = relax.VirtualMachine(tvm.compile(import_onnx(model), target=tvm.target.Target({"kind": "llvm"})), tvm.cpu())
+    for t in (40, 77):
+        feats = np.random.default_rng(t).normal(0, 1, (1, t, zoo.ENCODER_FEATS)).astype(np.float32)
+        reference = ort_run(model, {"feats": feats})[0]
+        np.testing.assert_array_equal(ort_run(legal, {"feats": feats})[0], reference)
+        np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(feats)).numpy(), reference)
