@@ -1,0 +1,191 @@
+"""The demo's report: `report.md` and three PNG plots (matplotlib, Agg), from the run summary.
+
+Last stage of `nativeq demo`; reads only the summary dict, so the report can be redrawn
+from a `summary.json` (`write_report(dir, json.load(...))`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nativeq._fs import write_bytes_atomic, write_text_atomic
+
+PLOTS = ("wer_vs_size.png", "latency.png", "verify.png")
+_COLORS = {"float": "#555555", "int8": "#1f77b4", "int4-2to4": "#d62728"}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+def _points(summary: dict) -> list[tuple[str, float, float]]:
+    """(name, stored MB, WER) for the float model and each QAT variant."""
+    points = [("float", summary["float"]["stored_bytes"] / 1e6, summary["float"]["wer"])]
+    points += [(name, v["stored_bytes"] / 1e6, v["wer"]) for name, v in summary["variants"].items()]
+    return points
+
+
+def _pareto(points):
+    """The points no other point beats on both size and WER, by size."""
+    front = [p for p in points if not any(q[1] <= p[1] and q[2] <= p[2] and (q[1], q[2]) != (p[1], p[2]) for q in points)]
+    return sorted(front, key=lambda p: p[1])
+
+
+def plot_wer_vs_size(summary: dict, path: Path) -> None:
+    plt = _pyplot()
+    points = _points(summary)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    front = _pareto(points)
+    ax.plot([p[1] for p in front], [100 * p[2] for p in front], "--", color="#999999", zorder=1, label="Pareto front")
+    for name, mb, wer in points:
+        ax.scatter([mb], [100 * wer], s=90, color=_COLORS.get(name, "#2ca02c"), zorder=2, edgecolor="black")
+        ax.annotate(f"{name}\n{mb:.2f} MB, {100 * wer:.1f}%", (mb, 100 * wer), textcoords="offset points",
+                    xytext=(8, 6), fontsize=9)
+    ax.set_xscale("log")
+    ax.set_xlabel("stored model size (MB, log scale)")
+    ax.set_ylabel(f"test WER (%) on {summary['data']['counts']['test']} utterances" if summary["data"]["counts"]
+                  else "test WER (%)")
+    ax.set_title(f"{summary['float']['model']}: word error rate vs stored size")
+    sizes = [p[1] for p in points]
+    ax.set_xlim(min(sizes) / 1.6, max(sizes) * 2.5)
+    wers = [100 * p[2] for p in points]
+    ax.set_ylim(max(0.0, min(wers) - 10), max(wers) + 12)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def _engine_label(name: str) -> str:
+    if name.startswith("nativeq"):
+        return "compiled int8 (nativeq)"
+    return {"ort qdq (opt all)": "ORT int8 QDQ", "ort qdq (opt disabled)": "ORT int8 QDQ (no graph opt)",
+            "ort fp32 (opt all)": "ORT fp32", "pytorch fp32": "PyTorch fp32"}.get(name, name)
+
+
+def plot_latency(summary: dict, path: Path) -> None:
+    plt = _pyplot()
+    bench = summary["bench"]
+    fig, ax = plt.subplots(figsize=(7.2, 0.9 + 0.55 * max(1, sum(len(b["engines"]) for b in bench.values()))))
+    if not bench:
+        ax.text(0.5, 0.5, "no host artifact was benchmarked", ha="center", va="center")
+        ax.set_axis_off()
+    else:
+        labels, medians, errors, colors = [], [], [[], []], []
+        for key, b in bench.items():
+            for e in b["engines"]:
+                labels.append(f"{b['variant']}: {_engine_label(e['name'])}")
+                medians.append(e["median_ms"])
+                errors[0].append(e["median_ms"] - e["p10_ms"])
+                errors[1].append(e["p90_ms"] - e["median_ms"])
+                colors.append("#2ca02c" if e["name"].startswith("nativeq") else
+                              "#1f77b4" if "qdq" in e["name"] else "#7f7f7f")
+        y = list(range(len(labels)))[::-1]
+        ax.barh(y, medians, xerr=errors, color=colors, capsize=3)
+        ax.set_yticks(y)
+        ax.set_yticklabels(labels, fontsize=9)
+        for yi, m in zip(y, medians):
+            ax.text(m, yi, f"  {m:.1f} ms", va="center", fontsize=8)
+        ax.set_xlim(0, max(medians) * 1.3)
+        first = next(iter(bench.values()))
+        ax.set_xlabel(f"latency per utterance, ms (median, p10-p90 bars; B=1, T={first['frames']} frames, "
+                      f"{first['threads']} threads)")
+        ax.set_title(f"Inference latency on {summary['machine']['cpu']}", fontsize=10)
+        ax.grid(True, axis="x", alpha=0.3)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_verify(summary: dict, path: Path) -> None:
+    plt = _pyplot()
+    rows = [[key, v["execution"], f"{v['max_steps']:g}" if v["max_steps"] is not None else "-",
+             f"{v['exact_pct']:.2f}" if v["exact_pct"] is not None else "-", "pass" if v["passed"] else "FAIL"]
+            for key, v in summary["verify"].items()]
+    fig, ax = plt.subplots(figsize=(8.0, 0.8 + 0.4 * len(rows)))
+    ax.set_axis_off()
+    table = ax.table(cellText=rows, colLabels=["artifact", "execution", "max steps off ORT", "% exact", "result"],
+                     loc="center", cellLoc="center")
+    table.auto_set_font_size(False)
+    table.set_fontsize(9)
+    table.scale(1.0, 1.4)
+    for (r, c), cell in table.get_celld().items():
+        if r == 0:
+            cell.set_facecolor("#dddddd")
+        elif c == 4:
+            cell.set_facecolor("#c9f2c9" if rows[r - 1][4] == "pass" else "#f2c9c9")
+    ax.set_title("Compiled artifacts vs ONNX Runtime (logits, quantization steps)", fontsize=10)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def _md_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def render_markdown(summary: dict) -> str:
+    m, f, cfg = summary["machine"], summary["float"], summary["config"]
+    counts = summary["data"]["counts"]
+    parts = [
+        f"# nativeq demo{' (--quick)' if cfg['quick'] else ''}: {f['model']}",
+        "",
+        f"Machine: {m['cpu']} ({m['arch']}, {m['cores']} cores, {', '.join(m['features']) or 'no AVX2/VNNI'}); "
+        f"{cfg['threads']} threads. Data: {'synthesized' if summary['data']['synthesized'] else summary['data']['dir']} "
+        f"({counts['train']} train / {counts['dev']} dev / {counts['test']} test utterances; every WER below is on "
+        f"the first {min(counts['test'], cfg['budget']['test'])} test utterances).",
+        "",
+        "## Accuracy and size",
+        "",
+    ]
+    rows = [["float (fp32)", "-", f"{100 * f['wer']:.1f}", f"{100 * f['cer']:.1f}", f"{f['stored_bytes'] / 1e6:.2f}", "1.00", "-"]]
+    for name, v in summary["variants"].items():
+        compiled = next((b["compiled_wer"] for b in summary["bench"].values() if b["variant"] == name), None)
+        rows.append([name, f"{v['weight_bits']}-bit, {v['sparsity']}, {v['steps']} QAT steps", f"{100 * v['wer']:.1f}",
+                     f"{100 * v['cer']:.1f}", f"{v['stored_bytes'] / 1e6:.2f}", f"{v['fraction_of_float']:.2f}",
+                     f"{100 * compiled:.1f}" if compiled is not None else "-"])
+    parts += [_md_table(["model", "recipe", "WER %", "CER %", "stored MB", "of float", "compiled host WER %"], rows), "",
+              "![WER vs stored size](wer_vs_size.png)", "", "## Export fidelity (ORT vs PyTorch integer model)", ""]
+    rows = [[n, e["layers"], e["layer_max_steps"], f"{e['layer_exact_pct']:.3f}", e["same_transcript"]]
+            for n, e in summary["export"].items()]
+    parts += [_md_table(["variant", "quantized layers", "max int8 steps (per layer)", "% exact", "same transcript"], rows),
+              "", "## Verification (compiled artifact vs ONNX Runtime, real speech features)", ""]
+    rows = [[k, v["execution"], v["frames"], f"{v['max_steps']:g}" if v["max_steps"] is not None else "-",
+             f"{v['exact_pct']:.2f}" if v["exact_pct"] is not None else "-", "pass" if v["passed"] else "FAIL",
+             f"{summary['artifacts'][k]['bytes'] / 1e6:.2f}", f"{summary['artifacts'][k]['seconds']:.0f}"]
+            for k, v in summary["verify"].items()]
+    parts += [_md_table(["artifact", "execution", "frames", "max steps", "% exact", "result", "artifact MB",
+                         "compile s"], rows), "", "![verification](verify.png)", "", "## Latency on this machine", ""]
+    if summary["bench"]:
+        rows = [[b["variant"], _engine_label(e["name"]), f"{e['median_ms']:.2f}", f"{e['p10_ms']:.2f}", f"{e['p90_ms']:.2f}"]
+                for b in summary["bench"].values() for e in b["engines"]]
+        parts += [_md_table(["variant", "engine", "median ms", "p10 ms", "p90 ms"], rows), "",
+                  "![latency](latency.png)", ""]
+    else:
+        parts += ["No artifact for this machine's architecture was built (see --targets).", ""]
+    rows = [[name, f"{s:.1f}"] for name, s in summary["stage_seconds"].items()]
+    parts += ["## Stage times", "", _md_table(["stage", "seconds"], rows), "",
+              f"Artifacts: `artifacts/<variant>-<target>/` (each a normal `nativeq compile` output; "
+              f"`nativeq transcribe artifacts/{next(iter(summary['artifacts']))} some.wav`). Raw numbers: `summary.json`.", ""]
+    return "\n".join(parts)
+
+
+def write_report(out_dir: Path, summary: dict) -> None:
+    out_dir = Path(out_dir)
+    plot_wer_vs_size(summary, out_dir / PLOTS[0])
+    plot_latency(summary, out_dir / PLOTS[1])
+    plot_verify(summary, out_dir / PLOTS[2])
+    write_text_atomic(out_dir / "report.md", render_markdown(summary))
