@@ -366,5 +366,39 @@ def tune(model, target, trials, work_dir, rpc_tracker, rpc_key, rpc_server, rpc_
     click.echo(tune_model(model, cfg).summary())
 
 
+
+# ----------------------------------------------------------------------------- demo
+@main.command()
+@click.option("--out", "-o", default="demo-out", show_default=True, type=click.Path(), help="Output directory.")
+@click.option("--quick", is_flag=True, help="A ≤3-minute version: tiny data, few steps (every stage still runs).")
+@click.option("--targets", default="host,rpi5", show_default=True, help="Comma-separated targets to compile and verify.")
+@click.option("--variants", default="", help="Comma-separated QAT variants (default: int8,int4-2to4; int8 with --quick).")
+@click.option("--model", default="conformer-tiny", show_default=True, help="Shipped model name or float run directory.")
+@click.option("--data", default=None, type=click.Path(), help="Speech data dir (default: synthesize a small set).")
+@click.option("--threads", default=2, show_default=True, help="Threads for PyTorch, TVM and ONNX Runtime.")
+@click.option("--force", is_flag=True, help="Replace OUT even if it is not a previous demo output.")
+def demo(out, quick, targets, variants, model, data, threads, force):
+    """The whole flow on the shipped model: WER, QAT, export, compile, verify, bench, OUT/report.md."""
+    from nativeq.demo import DemoConfig, run_demo
+
+    split = lambda text: tuple(t.strip() for t in text.split(",") if t.strip())  # noqa: E731
+    cfg = DemoConfig(out=out, model=model, data=data, targets=split(targets), variants=split(variants), quick=quick,
+                     threads=threads, force=force)
+    run_demo(cfg, echo=click.echo)
+
+
+# ----------------------------------------------------------------------------- transcribe
+@main.command()
+@click.argument("artifact", type=click.Path())
+@click.argument("wavs", nargs=-1, required=True, type=click.Path())
+@click.option("--threads", default=1, show_default=True, help="Inference threads.")
+def transcribe(artifact, wavs, threads):
+    """Transcribe WAV files with a compiled speech artifact (aarch64 ones run under qemu); prints path<TAB>text."""
+    from nativeq.demo.transcribe import TranscribeConfig, transcribe as run_transcribe
+
+    for path, text in run_transcribe(TranscribeConfig(artifact=artifact, wavs=tuple(wavs), threads=threads)):
+        click.echo(f"{path}\t{text}")
+
+
 if __name__ == "__main__":
     main()
