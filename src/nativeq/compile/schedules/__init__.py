@@ -1,11 +1,32 @@
-"""CPU kernel selection and default schedules (int8 dot-product tensorization, parallel loops)."""
+"""CPU kernel selection and default schedules (int8 dot-product tensorization, parallel loops).
+
+Two hooks, called by `compile/pipeline.py`:
+
+- `kernel_relax_passes(target)`: Relax passes run before LegalizeOps. Packs the constant
+  weights of int8 matmuls for the target's dot intrinsic (`pack_weights.py`).
+- `schedule_passes(target)`: TIR passes run after FuseOps/FuseTIR. Gives every PrimFunc a
+  schedule without tuning (`default_schedule.py`): tensorized int8 matmuls (`matmul.py`),
+  dlight's CPU reduction rule (softmax, layer norm), and a parallel + vectorized fallback for
+  everything else (`generic.py`).
+
+Code asks the target what it has (`int8` family, `cores`), never its name.
+"""
+
+from __future__ import annotations
+
+from nativeq.compile.schedules.intrinsics import dot_intrin_for
 
 
 def kernel_relax_passes(target) -> list:
-    """Relax-level passes that choose int8 kernel layouts (e.g. pack weights), run before legalization."""
-    return []
+    """Relax-level passes that choose int8 kernel layouts (pack weights), run before legalization."""
+    from nativeq.compile.schedules.pack_weights import PackInt8Weights
+
+    intrin = dot_intrin_for(target)
+    return [PackInt8Weights(intrin)] if intrin is not None else []
 
 
 def schedule_passes(target) -> list:
     """TIR-level passes, run after FuseTIR, that give every PrimFunc a good default schedule for `target`."""
-    return []
+    from nativeq.compile.schedules.default_schedule import DefaultCpuSchedule
+
+    return [DefaultCpuSchedule(target)]

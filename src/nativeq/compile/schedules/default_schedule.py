@@ -1,0 +1,78 @@
+"""Module pass: apply nativeq's CPU schedule rules to every unscheduled PrimFunc.
+
+Pipeline position: `schedule_passes(target)`, after FuseOps/FuseTIR, before `relax.build`
+lowers TIR. Rules, first that applies wins:
+
+1. `matmul.schedule_int8_matmul`: packed int8 matmul + fused epilogue, tensorized with the
+   target's int8 dot intrinsic (`intrinsics.py`);
+2. dlight's CPU `Reduction` rule: softmax / layer norm style reductions;
+3. `generic.schedule_generic`: parallel outer loops, vectorized inner loops.
+
+A function no rule takes keeps TVM's default (naive, correct) code. Scheduled functions are
+marked `tirx.is_scheduled`, so a later tuning database or dlight pass leaves them alone.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from nativeq.compile._tvm import DlightCpuReduction, TVMTarget, tirx, tvm
+from nativeq.compile.schedules.generic import schedule_generic
+from nativeq.compile.schedules.intrinsics import dot_intrin_for
+from nativeq.compile.schedules.matmul import schedule_int8_matmul
+
+logger = logging.getLogger(__name__)
+
+_SCHEDULED = "tirx.is_scheduled"
+
+
+def _vector_bits(target) -> int:
+    """Widest vector register the target's int8 family implies (the schedules' vector width)."""
+    return {"avx512-vnni": 512, "avx2": 256}.get(target.int8, 128)
+
+
+def _is_scheduled(func) -> bool:
+    return func.attrs is not None and _SCHEDULED in func.attrs and int(func.attrs[_SCHEDULED]) == 1
+
+
+@tvm.transform.module_pass(opt_level=0, name="nativeq.DefaultCpuSchedule")
+class DefaultCpuSchedule:
+    """Schedule every PrimFunc of the module for a nativeq `target` (see the module docstring)."""
+
+    def __init__(self, target):
+        self.target = target
+        self.tvm_target = TVMTarget(target.tvm_dict())
+        self.intrin = dot_intrin_for(target)
+        self.applied: dict[str, str] = {}  # PrimFunc name -> rule that scheduled it
+
+    def schedule(self, func):
+        """(rule name, scheduled PrimFunc) or (None, func) when no rule applies."""
+        if self.intrin is not None:
+            sch = schedule_int8_matmul(func, self.intrin)
+            if sch is not None:
+                return "int8-matmul", sch.mod["main"]
+        with self.tvm_target:
+            try:
+                sch = DlightCpuReduction().apply(func, self.tvm_target, False)
+            except (RuntimeError, ValueError) as err:
+                logger.debug("dlight reduction rule failed: %s", err)
+                sch = None
+        if sch is not None:
+            return "reduction", sch.mod["main"]
+        sch = schedule_generic(func, _vector_bits(self.target))
+        if sch is not None:
+            return "generic", sch.mod["main"]
+        return None, func
+
+    def transform_module(self, mod, _ctx):
+        updates = {}
+        for gvar, func in mod.functions_items():
+            if not isinstance(func, tirx.PrimFunc) or _is_scheduled(func):
+                continue
+            rule, new_func = self.schedule(func)
+            self.applied[gvar.name_hint] = rule or "none"
+            if rule is not None:
+                updates[gvar] = new_func.with_attr(_SCHEDULED, True)
+        for gvar, func in updates.items():
+            mod[gvar] = func
+        return mod

@@ -1,0 +1,143 @@
+"""TIR schedule rule: a safe default CPU schedule for any PrimFunc (parallel outer loops, vector inner loops).
+
+Pipeline position: `schedule_passes(target)`, after FuseOps/FuseTIR, as the last rule, after
+the int8 matmul rule (`matmul.py`) and dlight's CPU reduction rule (softmax, layer norm).
+TVM's unscheduled CPU code is a single-threaded scalar loop nest; this rule gives every
+other PrimFunc (elementwise chains, transposes, float matmuls, convolutions, int8 matmuls
+the int8 rule could not take) the basic shape of a CPU kernel:
+
+- non-output elementwise blocks are inlined into their consumers;
+- elementwise blocks: all but the innermost loop fused and parallel, the innermost split by
+  the vector width and vectorized;
+- reduction blocks (`S...S R...R`): the innermost spatial loop is moved below the reduction
+  loops and vectorized (a float matmul becomes rows x vector-of-columns FMAs), the other
+  spatial loops fused and parallel, the reduction init decomposed out.
+
+Every transformation is tried per block; one that TVM refuses leaves that block as it was,
+so the function always stays correct.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from nativeq.compile._tvm import Schedule, s_tir, tirx
+
+logger = logging.getLogger(__name__)
+
+_ERRORS = (s_tir.ScheduleError, RuntimeError, ValueError)
+
+
+def _extent(sch: Schedule, loop) -> int | None:
+    extent = sch.get(loop).extent
+    return int(extent) if isinstance(extent, tirx.IntImm) else None
+
+
+def _block_dtype_bits(sch: Schedule, block) -> int:
+    writes = sch.get(block).writes
+    return writes[0].source.dtype.bits if len(writes) else 32
+
+
+def _iter_kinds(sch: Schedule, block) -> str:
+    kinds = {tirx.IterVar.DataPar: "S", tirx.IterVar.CommReduce: "R"}
+    return "".join(kinds.get(iv.iter_type, "O") for iv in sch.get(block).iter_vars)
+
+
+def _is_perfect_nest(sch: Schedule, block) -> bool:
+    """The block's loops map one to one, in order, onto its iteration variables."""
+    loops = sch.get_loops(block)
+    realize_bindings = sch.get_sref(block).stmt.iter_vars
+    return len(loops) == len(realize_bindings) and len(loops) > 0
+
+
+def inline_elementwise(sch: Schedule) -> None:
+    """Inline every non-output spatial block into its consumers (producers first)."""
+    root = sch.get_sblock("root") if _has_root(sch) else None
+    blocks = sch.get_child_blocks(root) if root is not None else []
+    outputs = {sch.get(b).name_hint for b in sch.get_output_blocks(root)} if root is not None else set()
+    for block in blocks:
+        if sch.get(block).name_hint in outputs or "R" in _iter_kinds(sch, block):
+            continue
+        try:
+            sch.compute_inline(block)
+        except _ERRORS:
+            pass
+
+
+def _has_root(sch: Schedule) -> bool:
+    try:
+        sch.get_sblock("root")
+        return True
+    except _ERRORS:
+        return False
+
+
+def parallel_vectorize(sch: Schedule, block, vector_bits: int) -> None:
+    """Elementwise block: fuse all but the innermost loop -> parallel; innermost -> vectorized."""
+    loops = sch.get_loops(block)
+    lanes = max(2, vector_bits // _block_dtype_bits(sch, block))
+    inner = loops[-1]
+    if len(loops) > 1:
+        sch.parallel(sch.fuse(*loops[:-1]))
+    extent = _extent(sch, inner)
+    if extent is not None and extent <= lanes:
+        if extent > 1:
+            sch.vectorize(inner)
+        return
+    outer, vec = sch.split(inner, factors=[None, lanes])
+    sch.vectorize(vec)
+    if len(loops) == 1:
+        sch.parallel(outer)
+
+
+def reduction_vectorize(sch: Schedule, block, vector_bits: int) -> None:
+    """Reduction block S..S R..R: spatial[:-1] parallel, reductions, innermost spatial vectorized."""
+    kinds = _iter_kinds(sch, block)
+    loops = sch.get_loops(block)
+    n_spatial = len(kinds) - len(kinds.lstrip("S"))
+    if kinds != "S" * n_spatial + "R" * (len(kinds) - n_spatial) or n_spatial == 0 or n_spatial == len(kinds):
+        return
+    spatial, reduction = loops[:n_spatial], loops[n_spatial:]
+    lanes = max(2, vector_bits // _block_dtype_bits(sch, block))
+    last_extent = _extent(sch, spatial[-1])
+    if last_extent is None or last_extent < lanes // 2 or n_spatial == 1:
+        # Vectorizing over a short or symbolic axis is not worth it: only parallelize.
+        sch.parallel(sch.fuse(*spatial) if n_spatial > 1 else spatial[0])
+        return
+    sch.reorder(*spatial[:-1], *reduction, spatial[-1])
+    outer = sch.fuse(*spatial[:-1]) if n_spatial > 2 else spatial[0]
+    sch.parallel(outer)
+    sch.decompose_reduction(block, reduction[0])
+    if last_extent > lanes:
+        _, vec = sch.split(spatial[-1], factors=[None, lanes])
+    else:
+        vec = spatial[-1]
+    sch.vectorize(vec)
+
+
+def schedule_generic(func, vector_bits: int) -> Schedule | None:
+    """The default CPU schedule of any PrimFunc, or None if nothing could be applied."""
+    if not isinstance(func, tirx.PrimFunc):
+        return None
+    sch = Schedule(func)
+    try:
+        inline_elementwise(sch)
+        root = sch.get_sblock("root")
+        blocks = list(sch.get_child_blocks(root))
+    except _ERRORS as err:
+        logger.debug("generic schedule does not apply: %s", err)
+        return None
+    changed = False
+    for block in blocks:
+        if not _is_perfect_nest(sch, block):
+            continue
+        kinds = _iter_kinds(sch, block)
+        step = reduction_vectorize if "R" in kinds else parallel_vectorize
+        trial = sch.copy()
+        try:
+            step(sch, block, vector_bits)
+            changed = True
+        except _ERRORS as err:
+            logger.debug("generic schedule skips block %s: %s", sch.get(block).name_hint, err)
+            sch = trial
+    return sch if changed else None

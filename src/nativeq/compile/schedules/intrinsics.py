@@ -1,0 +1,172 @@
+"""int8 dot-product tensor intrinsics, one per target int8 family, registered under nativeq names.
+
+Every intrinsic computes the same thing: `C[i] += sum_k int32(A[k]) * int32(B[i, k])` for a
+`lanes x kstep` tile, where `B` is a packed weight tile (row `i` = one output channel, `kstep`
+consecutive reduction elements) and `A` the `kstep` activations broadcast to every lane. The
+int8 matmul schedule (`matmul.py`) tensorizes the innermost `(lanes, kstep)` loops with the
+intrinsic of the target's family; weights are packed `[N/lanes, K/kstep, lanes, kstep]` once at
+compile time (`pack_weights.py`).
+
+- `avx512-vnni`: `vpdpbusd` (uint8 x int8, 16 x 4). TVM's own `dot_16x4_vnni` passes the weights
+  as `<16 x i32>` where LLVM 22 declares the intrinsic on `<64 x i8>` operands and fails module
+  verification; ours reinterprets both operands as `int8x64`/`uint8x64`.
+- `avx2`: exact `vpmaddwd` path (uint8 x int8, 8 x 2): activations zero-extended and weights
+  sign-extended to int16, then multiply-add pairs into int32. `vpmaddubsw` is NOT used: it
+  saturates its int16 pair sums for full-range uint8 x int8 (255*127*2 > 32767).
+- `neon` / `sdot` (ARM, int8 x int8, 4 x 4): `smull` + pairwise adds (Pi 4) and `sdot` (Pi 5),
+  the sequences of TVM's ARM intrinsics, registered here so that nativeq never has to import
+  `tvm.s_tir.tensor_intrin` (which loads every backend's intrinsics).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nativeq.compile._tvm import T, TensorIntrin
+
+
+@dataclass(frozen=True)
+class DotIntrin:
+    """A registered int8 dot-product tensor intrinsic and the tile it covers."""
+
+    name: str  # name in TVM's TensorIntrin registry
+    lanes: int  # output channels per call (packed tile rows)
+    kstep: int  # reduction elements per call (packed tile columns)
+    act_dtype: str  # activation dtype the instruction needs ("uint8" on x86, "int8" on ARM)
+
+
+def _desc(lanes: int, kstep: int, act_dtype: str):
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (kstep,), act_dtype, offset_factor=1)
+        B = T.match_buffer(b, (lanes, kstep), "int8", offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:kstep], B[0:lanes, 0:kstep])
+            T.writes(C[0:lanes])
+            for i, k in T.grid(lanes, kstep):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    return desc
+
+
+@T.prim_func(s_tir=True)
+def _vnni_16x4_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+    A = T.match_buffer(a, (4,), "uint8", offset_factor=1)
+    B = T.match_buffer(b, (16, 4), "int8", offset_factor=1)
+    C = T.match_buffer(c, (16,), "int32", offset_factor=1)
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+        T.writes(C[0:16])
+        a_u8x64 = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 16),
+                                dtype="uint8x64")
+        b_i8x64 = B.vload([0, 0], dtype="int8x64")
+        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+            C.vload([0], dtype="int32x16"),
+            a_u8x64,
+            b_i8x64,
+            dtype="int32x16",
+        )
+
+
+@T.prim_func(s_tir=True)
+def _avx2_8x2_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+    A = T.match_buffer(a, (2,), "uint8", offset_factor=1)
+    B = T.match_buffer(b, (8, 2), "int8", offset_factor=1)
+    C = T.match_buffer(c, (8,), "int32", offset_factor=1)
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:2], B[0:8, 0:2])
+        T.writes(C[0:8])
+        # (a0, a1) as two int16 in one int32, broadcast to 8 lanes -> a0 a1 a0 a1 ... (16 x int16)
+        a_pair = T.reinterpret(T.cast(A.vload([0], "uint8x2"), "int16x2"), dtype="int32")
+        a_i16x16 = T.reinterpret(T.broadcast(a_pair, 8), dtype="int16x16")
+        b_i16x16 = T.cast(B.vload([0, 0], dtype="int8x16"), "int16x16")
+        # NOTE: exact: |a*b| <= 255*128, a pair sum fits int32, vpmaddwd never saturates here.
+        C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+            a_i16x16,
+            b_i16x16,
+            dtype="int32x8",
+        )
+
+
+@T.prim_func(s_tir=True)
+def _neon_4x4_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+    A = T.match_buffer(a, (4,), "int8", offset_factor=1)
+    B = T.match_buffer(b, (4, 4), "int8", offset_factor=1)
+    C = T.match_buffer(c, (4,), "int32", offset_factor=1)
+    with T.sblock("root"):
+        T.reads(C[0:4], A[0:4], B[0:4, 0:4])
+        T.writes(C[0:4])
+        a_i8x8 = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 2), dtype="int8x8")
+        b_i8x16 = B.vload([0, 0], dtype="int8x16")
+        # rows 0-1 (low half) and 2-3 (high half): int16 products, pairwise-widened to int32, then paired up.
+        low = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.saddlp.v4i32.v8i16"),
+            T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.smull.v8i16"),
+                                    a_i8x8, T.vectorlow(b_i8x16, dtype="int8x8"), dtype="int16x8"),
+            dtype="int32x4",
+        )
+        high = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.saddlp.v4i32.v8i16"),
+            T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.smull.v8i16"),
+                                    a_i8x8, T.vectorhigh(b_i8x16, dtype="int8x8"), dtype="int16x8"),
+            dtype="int32x4",
+        )
+        C[T.ramp(T.int32(0), 1, 4)] = C.vload([0], dtype="int32x4") + T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.addp.v4i32"), low, high, dtype="int32x4"
+        )
+
+
+@T.prim_func(s_tir=True)
+def _sdot_4x4_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+    A = T.match_buffer(a, (4,), "int8", offset_factor=1)
+    B = T.match_buffer(b, (4, 4), "int8", offset_factor=1)
+    C = T.match_buffer(c, (4,), "int32", offset_factor=1)
+    with T.sblock("root"):
+        T.reads(C[0:4], A[0:4], B[0:4, 0:4])
+        T.writes(C[0:4])
+        a_i8x16 = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 4), dtype="int8x16")
+        C[T.ramp(T.int32(0), 1, 4)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"),
+            C.vload([0], dtype="int32x4"),
+            a_i8x16,
+            B.vload([0, 0], dtype="int8x16"),
+            dtype="int32x4",
+        )
+
+
+VNNI = DotIntrin("nativeq_dot_16x4_u8i8i32_vnni", lanes=16, kstep=4, act_dtype="uint8")
+AVX2 = DotIntrin("nativeq_dot_8x2_u8i8i32_avx2", lanes=8, kstep=2, act_dtype="uint8")
+NEON = DotIntrin("nativeq_dot_4x4_i8i8i32_neon", lanes=4, kstep=4, act_dtype="int8")
+SDOT = DotIntrin("nativeq_dot_4x4_i8i8i32_sdot", lanes=4, kstep=4, act_dtype="int8")
+
+_BY_FAMILY = {"avx512-vnni": VNNI, "avx2": AVX2, "neon": NEON, "sdot": SDOT}
+_registered = False
+
+
+def register_intrinsics() -> None:
+    """Register nativeq's intrinsics with TVM (idempotent).
+
+    NOTE: never import `tvm.s_tir.tensor_intrin`: it registers every intrinsic TVM has
+    (CUDA, ROCm, Hexagon, ...), which takes minutes on a loaded 2-core machine.
+    """
+    global _registered
+    if _registered:
+        return
+    TensorIntrin.register(VNNI.name, _desc(16, 4, "uint8"), _vnni_16x4_impl, override=True)
+    TensorIntrin.register(AVX2.name, _desc(8, 2, "uint8"), _avx2_8x2_impl, override=True)
+    TensorIntrin.register(NEON.name, _desc(4, 4, "int8"), _neon_4x4_impl, override=True)
+    TensorIntrin.register(SDOT.name, _desc(4, 4, "int8"), _sdot_4x4_impl, override=True)
+    _registered = True
+
+
+def dot_intrin_for(target) -> DotIntrin | None:
+    """The int8 dot intrinsic for a nativeq Target (by its `int8` family), or None."""
+    intrin = _BY_FAMILY.get(getattr(target, "int8", None))
+    if intrin is not None:
+        register_intrinsics()
+    return intrin

@@ -1,0 +1,134 @@
+"""TIR schedule rule: int8 packed matmul (+ fused epilogue) -> tiled, parallel, tensorized kernel.
+
+Pipeline position: `schedule_passes(target)`, after FuseOps/FuseTIR. It acts on PrimFuncs
+holding a `nativeq_int8_matmul` block, i.e. the `call_tir` kernels that
+`pack_weights.PackInt8Weights` created, with whatever elementwise epilogue FuseTIR fused in
+(bias add, int32 -> float rescale, round, clip, cast to int8/uint8).
+
+Schedule (rows = all leading spatial axes fused, symbolic time axis allowed):
+
+    for tile in parallel(rows/mr x N/(nr*lanes)):      # one register tile per iteration
+        acc[mr, nr*lanes] = 0                           # decomposed reduction init
+        for k0 in K/kstep:
+            for r in unroll(mr): for c in unroll(nr):
+                acc[r, c*lanes:(c+1)*lanes] += dot(A[r, k0*kstep:], Wp[c, k0])   # tensorized
+        out[tile] = epilogue(acc)                       # reverse_compute_at: no int32 tensor in memory
+
+The int32 accumulator is the fused function's intermediate buffer; after `reverse_compute_at`
+buffer compaction shrinks it to the `mr x nr*lanes` tile. Row tiles divide the rows exactly
+(symbolic rows: mr = 1), because TVM's tensorize rejects predicated blocks. Any step that fails returns None so the generic rule applies.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from nativeq.compile._tvm import Schedule, s_tir, tirx
+from nativeq.compile.schedules.intrinsics import DotIntrin
+from nativeq.compile.schedules.pack_weights import REDUCTION_BLOCK
+
+logger = logging.getLogger(__name__)
+
+# Vector registers the accumulator tile may occupy (x86 has 32 zmm / 16 ymm, aarch64 32 q).
+_ACC_REGISTERS = {16: 24, 8: 12, 4: 24}
+
+
+def _largest_divisor_at_most(n: int, limit: int) -> int:
+    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+def _extent(sch: Schedule, loop) -> int | None:
+    extent = sch.get(loop).extent
+    return int(extent) if isinstance(extent, tirx.IntImm) else None
+
+
+def register_tile(n_blocks: int, lanes: int, rows: int | None) -> tuple[int, int]:
+    """(rows mr, column blocks nr) of the accumulator tile, for `n_blocks` = N/lanes and `rows` (None: symbolic).
+
+    mr divides `rows` exactly: TVM's tensorize rejects the predicate a tail would need, so a
+    symbolic row count gets mr = 1 and a wider column tile instead.
+    """
+    registers = _ACC_REGISTERS.get(lanes, 16)
+    if rows is None:
+        return 1, _largest_divisor_at_most(n_blocks, 8)
+    nr = _largest_divisor_at_most(n_blocks, 4)
+    mr = _largest_divisor_at_most(rows, max(1, min(8, registers // nr)))
+    return mr, nr
+
+
+def is_int8_matmul(func) -> bool:
+    """Whether `func` holds the reduction block of a packed int8 matmul (FuseTIR keeps block names, not attrs)."""
+    if not isinstance(func, tirx.PrimFunc):
+        return False
+    try:
+        Schedule(func).get_sblock(REDUCTION_BLOCK)
+    except (s_tir.ScheduleError, RuntimeError, ValueError):
+        return False
+    return True
+
+
+def schedule_int8_matmul(func, intrin: DotIntrin) -> Schedule | None:
+    """The tensorized schedule of an `nativeq.int8_matmul` PrimFunc, or None if it does not apply."""
+    if not is_int8_matmul(func):
+        return None
+    try:
+        return _schedule(Schedule(func), intrin)
+    except (s_tir.ScheduleError, RuntimeError, ValueError, TypeError) as err:
+        logger.debug("int8 matmul schedule does not apply: %s", err)
+        return None
+
+
+def _schedule(sch: Schedule, intrin: DotIntrin) -> Schedule | None:
+    lanes, kstep = intrin.lanes, intrin.kstep
+    matmul = sch.get_sblock(REDUCTION_BLOCK)
+    packed = [r.source for r in sch.get(matmul).reads if len(r.source.shape) == 4]
+    if len(packed) != 1 or [int(d) for d in packed[0].shape[2:]] != [lanes, kstep]:
+        return None  # packed for another intrinsic
+    *row_loops, j, k = sch.get_loops(matmul)
+    n, kdim = _extent(sch, j), _extent(sch, k)
+    if n is None or kdim is None or n % lanes or kdim % kstep:
+        return None
+
+    # Epilogue: inline every elementwise consumer into the last one, keep that one for reverse_compute_at.
+    epilogue = _consumer_chain(sch, matmul)
+    if epilogue is None:
+        return None
+    for block in epilogue[:-1]:
+        sch.compute_inline(block)
+    last = epilogue[-1] if epilogue else None
+
+    rows = sch.fuse(*row_loops) if len(row_loops) > 1 else row_loops[0]
+    mr, nr = register_tile(n // lanes, lanes, _extent(sch, rows))
+    row_outer, row_inner = sch.split(rows, factors=[None, mr])
+    col_outer, col_block, col_lane = sch.split(j, factors=[None, nr, lanes])
+    k_outer, k_inner = sch.split(k, factors=[None, kstep])
+    sch.reorder(row_outer, col_outer, k_outer, row_inner, col_block, col_lane, k_inner)
+    tile = sch.fuse(row_outer, col_outer)
+    sch.parallel(tile)
+
+    init = sch.decompose_reduction(matmul, k_outer)
+    sch.vectorize(sch.get_loops(init)[-1])
+    if last is not None:
+        # NOTE: before tensorize: reverse_compute_at after it trips over the replaced inner block.
+        sch.reverse_compute_at(last, tile)
+        *_, epi_cols = sch.get_loops(last)
+        _, epi_lane = sch.split(epi_cols, factors=[None, lanes])
+        sch.vectorize(epi_lane)
+    sch.tensorize(col_lane, intrin.name)
+    sch.unroll(row_inner)
+    sch.unroll(col_block)
+    return sch
+
+
+def _consumer_chain(sch: Schedule, block):
+    """Blocks consuming `block`'s output one after another (a straight elementwise chain), or None."""
+    chain = []
+    current = block
+    while True:
+        consumers = sch.get_consumers(current)
+        if len(consumers) == 0:
+            return chain
+        if len(consumers) != 1:
+            return None
+        current = consumers[0]
+        chain.append(current)

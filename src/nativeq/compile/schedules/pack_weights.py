@@ -1,0 +1,113 @@
+"""Relax pass: pack the constant weights of int8 matmuls for the target's dot intrinsic.
+
+Pipeline position: `kernel_relax_passes(target)`, after the int8 rewrite (`compile/passes/`)
+and before LegalizeOps. Input, as the int8 rewrite emits it:
+
+    y = R.matmul(x, W, out_dtype="int32")   # x: [..., K] uint8 (x86) / int8 (ARM), W: int8 constant [K, N]
+
+Output: the weight packed once, at compile time, into `[N/lanes, K/kstep, lanes, kstep]` (the
+tile layout of the intrinsic, see `intrinsics.py`) and the matmul replaced by a `call_tir` to a
+PrimFunc reading the packed constant. The PrimFunc is marked `op_pattern=kOutEWiseFusable`, so
+FuseOps still fuses its elementwise epilogue (requantize, bias, cast) into it, and carries the
+`nativeq.int8_matmul` attribute that the TIR schedule rule (`matmul.py`) keys on.
+
+Matmuls the intrinsic cannot cover (non-constant weights, wrong dtypes, K or N not a
+multiple of the tile) are left alone and get the generic schedule.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from nativeq.compile._tvm import relax, te, tvm
+from nativeq.compile.schedules.intrinsics import DotIntrin
+
+# NOTE: TVM's OpPatternKind enum: kElemWise=0, kBroadcast=1, kInjective=2, kCommReduce=3, kOutEWiseFusable=4.
+_OUT_EWISE_FUSABLE = 4
+INT8_MATMUL_ATTR = "nativeq.int8_matmul"
+REDUCTION_BLOCK = "nativeq_int8_matmul"
+
+
+def pack_weight(w: np.ndarray, lanes: int, kstep: int) -> np.ndarray:
+    """[K, N] int8 -> [N/lanes, K/kstep, lanes, kstep]: packed[n0, k0, n1, k1] = w[k0*kstep + k1, n0*lanes + n1]."""
+    k, n = w.shape
+    return np.ascontiguousarray(w.reshape(k // kstep, kstep, n // lanes, lanes).transpose(2, 0, 3, 1))
+
+
+def packed_matmul_te(x: te.Tensor, wp: te.Tensor, lanes: int, kstep: int) -> te.Tensor:
+    """int32 matmul of `x` [..., K] with a packed weight `wp` [N/lanes, K/kstep, lanes, kstep]."""
+    n = wp.shape[0] * lanes
+    k = te.reduce_axis((0, x.shape[-1]), name="k")
+
+    def compute(*idx):
+        *rows, j = idx
+        return te.sum(
+            x[(*rows, k)].astype("int32")
+            * wp[j // lanes, k // kstep, j % lanes, k % kstep].astype("int32"),
+            axis=k,
+        )
+
+    return te.compute((*x.shape[:-1], n), compute, name=REDUCTION_BLOCK)
+
+
+def _is_packable(call: relax.Call, intrin: DotIntrin) -> bool:
+    if not isinstance(call, relax.Call) or call.op != tvm.ir.Op.get("relax.matmul"):
+        return False
+    x, w = call.args
+    if not isinstance(w, tvm.ir.GenericConst) or call.attrs.out_dtype != "int32":
+        return False
+    x_type, w_type = x.ty, w.ty
+    if x_type.dtype != intrin.act_dtype or w_type.dtype != "int8" or w_type.ndim != 2 or x_type.ndim < 1:
+        return False
+    k, n = (int(v) for v in w_type.shape.values)
+    x_k = x_type.shape.values[-1] if isinstance(x_type.shape, relax.ShapeExpr) else None
+    if not isinstance(x_k, tvm.tirx.IntImm) or int(x_k) != k:
+        return False
+    return k % intrin.kstep == 0 and n % intrin.lanes == 0
+
+
+@relax.expr_functor.mutator
+class _Packer(relax.PyExprMutator):
+    def __init__(self, mod, intrin: DotIntrin):
+        super().__init__(mod)
+        self.intrin = intrin
+        self.packed = 0
+
+    def visit_call_(self, call):
+        call = self.visit_expr_post_order(call)
+        if not _is_packable(call, self.intrin):
+            return call
+        x, w = call.args
+        lanes, kstep = self.intrin.lanes, self.intrin.kstep
+        packed = relax.const(pack_weight(w.value.numpy(), lanes, kstep), "int8")
+        self.packed += 1
+        return self.builder_.call_te(
+            packed_matmul_te,
+            x,
+            packed,
+            lanes=lanes,
+            kstep=kstep,
+            primfunc_name_hint="int8_matmul_packed",
+            primfunc_attrs={
+                "op_pattern": _OUT_EWISE_FUSABLE,
+                INT8_MATMUL_ATTR: f"{self.intrin.name}:{lanes}x{kstep}",
+            },
+        )
+
+
+@tvm.transform.module_pass(opt_level=0, name="nativeq.PackInt8Weights")
+class PackInt8Weights:
+    """Pack constant int8 matmul weights for `intrin` (see the module docstring)."""
+
+    def __init__(self, intrin: DotIntrin):
+        self.intrin = intrin
+        self.packed = 0
+
+    def transform_module(self, mod, _ctx):
+        packer = _Packer(mod, self.intrin)
+        for gvar, func in list(mod.functions_items()):
+            if isinstance(func, relax.Function):
+                new_func = packer.visit_expr(func)
+                packer.builder_.update_func(gvar, new_func)
+        self.packed = packer.packed
+        return packer.builder_.get()
