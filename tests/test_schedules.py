@@ -1,0 +1,164 @@
+"""Default CPU schedules: packed-weight int8 matmuls tensorized with the target's dot instruction.
+
+Numerics are checked against numpy int64 (exact: the int32 accumulation must be bit-exact,
+the requantize epilogue is the same float32 math as the reference), machine code by counting
+instructions in the exported library.
+"""
+
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from nativeq.targets import get_target, host_cpu_features
+
+tvm = pytest.importorskip("tvm")
+from tvm import relax  # noqa: E402
+from tvm.script import relax as R  # noqa: E402
+
+from nativeq.compile.pipeline import compile_pipeline  # noqa: E402
+from nativeq.compile.schedules import schedule_passes  # noqa: E402
+from nativeq.compile.schedules.pack_weights import pack_weight  # noqa: E402
+
+K, N = 128, 96
+
+
+def _requant_module(w, bias, scale, rows, act_dtype="uint8"):
+    """x[1, rows, K] (act_dtype) @ w[K, N] int8 -> +bias -> *scale -> round -> clip -> int8, as the int8 rewrite emits it."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", R.Tensor((1, rows, w.shape[0]), act_dtype))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            acc = bb.emit(R.matmul(x, relax.const(w), out_dtype="int32"))
+            acc = bb.emit(R.add(acc, relax.const(bias)))
+            y = bb.emit(R.multiply(R.astype(acc, "float32"), relax.const(scale)))
+            out = bb.emit_output(R.astype(R.clip(R.round(y), -128, 127), "int8"))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _reference(x, w, bias, scale):
+    acc = x.astype(np.int64) @ w.astype(np.int64) + bias
+    return np.clip(np.round(acc.astype(np.float32) * scale), -128, 127).astype(np.int8)
+
+
+def _build(mod, target, tmp_path):
+    """The project's compile pipeline; returns (VM executable, exported .so path, rule per PrimFunc)."""
+    passes = compile_pipeline(target)
+    ex = relax.build(mod, tvm.target.Target(target.tvm_dict(num_cores=1)), relax_pipeline=passes)
+    lib = tmp_path / "lib.so"
+    ex.export_library(str(lib))
+    return ex, lib
+
+
+def _rules(mod, target):
+    """Which nativeq rule schedules each PrimFunc of `mod` after legalization and fusion."""
+    seq = [p for p in compile_pipeline(target).passes]
+    # everything up to and including FuseTIR
+    upto = next(i for i, p in enumerate(seq) if p.info.name == "FuseTIR") + 1
+    fused = tvm.transform.Sequential(seq[:upto])(mod)
+    (sched,) = schedule_passes(target)
+    sched(fused)
+    return sched.applied
+
+
+def _count(lib, mnemonic):
+    asm = subprocess.run(["objdump", "-d", str(lib)], capture_output=True, text=True, check=True).stdout
+    return sum(1 for line in asm.splitlines() if f"\t{mnemonic} " in line or line.rstrip().endswith(f"\t{mnemonic}"))
+
+
+def _can_run(target):
+    return set(target.cpu_features) <= host_cpu_features()
+
+
+needs_objdump = pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump (binutils) not installed")
+
+
+def _random_layer(seed, k=K, n=N):
+    rng = np.random.default_rng(seed)
+    w = rng.integers(-128, 128, (k, n), dtype=np.int8)  # full range: catches 16-bit saturation
+    bias = rng.integers(-5000, 5000, n).astype(np.int32)
+    scale = (rng.random(n) * 2e-4 + 1e-5).astype(np.float32)
+    return rng, w, bias, scale
+
+
+def test_pack_weight_layout():
+    w = np.arange(8 * 32, dtype=np.int64).reshape(8, 32).astype(np.int8)
+    packed = pack_weight(w, lanes=16, kstep=4)
+    assert packed.shape == (2, 2, 16, 4)
+    for n0, k0, n1, k1 in np.ndindex(*packed.shape):
+        assert packed[n0, k0, n1, k1] == w[k0 * 4 + k1, n0 * 16 + n1]
+
+
+@needs_objdump
+@pytest.mark.parametrize(
+    "target_name, instruction, forbidden",
+    [("x86-avx512-vnni", "vpdpbusd", None), ("x86-avx2", "vpmaddwd", "vpmaddubsw")],
+)
+def test_int8_matmul_symbolic_rows_exact_and_uses_dot_instruction(tmp_path, target_name, instruction, forbidden):
+    target = get_target(target_name)
+    rng, w, bias, scale = _random_layer(0)
+    rows = tvm.tirx.Var("T", "int64")
+    mod = _requant_module(w, bias, scale, rows)
+    assert "int8-matmul" in _rules(mod, target).values()
+    ex, lib = _build(mod, target, tmp_path)
+    assert _count(lib, instruction) > 0
+    if forbidden:
+        assert _count(lib, forbidden) == 0, f"{forbidden} saturates for full-range uint8 x int8"
+    if not _can_run(target):
+        pytest.skip(f"this CPU cannot run {target_name} code")
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    for t in (50, 133):  # two lengths of the symbolic time axis
+        x = rng.integers(0, 256, (1, t, K), dtype=np.uint8)
+        x[0, 0] = 255  # worst case for a saturating int16 pair sum
+        np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(x)).numpy(), _reference(x, w, bias, scale))
+
+
+def test_int8_matmul_static_rows_register_tile_exact(tmp_path):
+    target = get_target("host")
+    if target.int8 not in ("avx512-vnni", "avx2"):
+        pytest.skip("x86 host needed")
+    rng, w, bias, scale = _random_layer(1)
+    mod = _requant_module(w, bias, scale, 48)  # static rows: multi-row register tile
+    ex, _ = _build(mod, target, tmp_path)
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    x = rng.integers(0, 256, (1, 48, K), dtype=np.uint8)
+    np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(x)).numpy(), _reference(x, w, bias, scale))
+
+
+def test_unpackable_matmul_and_float_ops_keep_correct_generic_schedules(tmp_path):
+    """K=30 is not a multiple of the dot tile: no packing, the generic rule must keep it exact."""
+    target = get_target("host")
+    rng, w, bias, scale = _random_layer(2, k=30, n=20)
+    rows = tvm.tirx.Var("T", "int64")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", R.Tensor((1, rows, 30), "uint8"))
+    f = relax.Var("f", R.Tensor((1, rows, 20), "float32"))
+    gamma = relax.const(rng.random(20).astype(np.float32))
+    with bb.function("main", [x, f]):
+        with bb.dataflow():
+            acc = bb.emit(R.matmul(x, relax.const(w), out_dtype="int32"))
+            y = bb.emit(R.multiply(R.astype(R.add(acc, relax.const(bias)), "float32"), relax.const(scale)))
+            z = bb.emit(R.nn.softmax(R.add(y, f), axis=-1))
+            ln = bb.emit(R.nn.layer_norm(z, gamma, gamma, axes=[-1]))
+            tr = bb.emit(R.permute_dims(ln, [0, 2, 1]))
+            out = bb.emit_output((acc, tr))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    rules = _rules(mod, target)
+    assert "int8-matmul" not in rules.values()
+    assert "generic" in rules.values()
+    ex, _ = _build(mod, target, tmp_path)
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    xa = rng.integers(0, 256, (1, 37, 30), dtype=np.uint8)
+    fa = rng.standard_normal((1, 37, 20)).astype(np.float32)
+    acc, tr = vm["main"](tvm.runtime.tensor(xa), tvm.runtime.tensor(fa))
+    ref_acc = xa.astype(np.int64) @ w.astype(np.int64)
+    np.testing.assert_array_equal(acc.numpy(), ref_acc)
+    y = (ref_acc + bias).astype(np.float32) * scale + fa
+    e = np.exp(y - y.max(-1, keepdims=True))
+    sm = e / e.sum(-1, keepdims=True)
+    g = gamma.value.numpy()
+    ln = (sm - sm.mean(-1, keepdims=True)) / np.sqrt(sm.var(-1, keepdims=True) + 1e-5) * g + g
+    np.testing.assert_allclose(tr.numpy(), ln.transpose(0, 2, 1), rtol=1e-4, atol=1e-4)
