@@ -1,7 +1,8 @@
 """Tuning: a real MetaSchedule run on a tiny QDQ matmul, the database compile applies, resume, corrupt lines.
 
 Everything here measures real candidates on this machine (a handful of trials); the compiled
-artifacts are checked against ONNX Runtime.
+artifacts are checked against ONNX Runtime. A tuning run costs minutes on a loaded 2-core
+machine (TVM's TuneContext imports every tensor intrinsic module), so those tests are slow.
 """
 
 import json
@@ -46,6 +47,7 @@ def _copy_db(src, dst):
     return dst
 
 
+@pytest.mark.slow
 def test_tune_writes_json_database_with_measured_records(tuned):
     _, db, result = tuned
     assert len(result.tasks) == 1, result.summary()
@@ -60,6 +62,7 @@ def test_tune_writes_json_database_with_measured_records(tuned):
     assert "mm.onnx" in tuning_status(db)
 
 
+@pytest.mark.slow
 def test_compile_applies_database_and_verifies(tuned, tmp_path):
     from nativeq.verify import VerifyConfig, verify_artifact
 
@@ -82,6 +85,7 @@ def dbfiles_sha(path):
     return sha256_file(path)
 
 
+@pytest.mark.slow
 def test_database_schedules_the_tuned_kernel(tuned):
     """After the apply pass, the matmul kernel carries the tuned schedule (marked scheduled, loops parallel)."""
     from nativeq.compile._tvm import tirx, tvm
@@ -99,6 +103,7 @@ def test_database_schedules_the_tuned_kernel(tuned):
     del tvm
 
 
+@pytest.mark.slow
 def test_rerun_resumes_only_missing_trials(tuned, tmp_path):
     model, db, _ = tuned
     db = _copy_db(db, tmp_path / "db")
@@ -112,6 +117,7 @@ def test_rerun_resumes_only_missing_trials(tuned, tmp_path):
     assert [t.trials for t in more.tasks] == [TRIALS + 2]
 
 
+@pytest.mark.slow
 def test_corrupt_lines_are_skipped_with_file_and_line(tuned, tmp_path):
     model, db, _ = tuned
     db = _copy_db(db, tmp_path / "db")
@@ -143,6 +149,7 @@ def test_corrupt_lines_are_skipped_with_file_and_line(tuned, tmp_path):
     assert len(dbfiles.open_database(db).get_all_tuning_records()) == good
 
 
+@pytest.mark.slow
 def test_workload_line_corrupt_drops_its_records(tuned, tmp_path):
     _, db, _ = tuned
     db = _copy_db(db, tmp_path / "db")
@@ -154,6 +161,7 @@ def test_workload_line_corrupt_drops_its_records(tuned, tmp_path):
     assert all(index == 0 for index, _ in lines.records)
 
 
+@pytest.mark.slow
 def test_symbolic_shapes_are_refused_with_one_line(tmp_path):
     model = tmp_path / "dyn.onnx"
     onnx.save(qdq_models.qdq_matmul(k=64, n=32, t="T", act_dtype="uint8"), model)
@@ -171,6 +179,7 @@ def test_bad_options_are_one_line_errors(tmp_path):
         tune_model(model, TuneConfig(target="rpi5", progress=False))
 
 
+@pytest.mark.slow
 def test_kill_and_resume(tmp_path):
     """SIGKILL `nativeq tune` mid-run: the database loads, keeps its records, and a rerun resumes."""
     model = _tiny_model(tmp_path / "mm.onnx")
@@ -200,3 +209,57 @@ def test_kill_and_resume(tmp_path):
                                            work_dir=str(db), progress=False))
     assert [t.new_trials for t in resumed.tasks] == [2]
     assert [t.trials for t in resumed.tasks] == [kept + 2]
+
+
+SHIPPED = os.path.join(os.path.dirname(__file__), os.pardir, "tuning_logs", "x86-avx512-vnni")
+
+
+def test_shipped_database_is_clean_and_corrupt_copies_are_repaired(tmp_path):
+    """The repo's database reads without warnings; garbage and a cut-off last line are skipped, then repaired."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        shipped = dbfiles.read_database(SHIPPED)
+    assert shipped.workloads and shipped.records and shipped.skipped == 0
+    assert all(n > 0 for n in shipped.record_counts().values() if n)
+    db = _copy_db(SHIPPED, tmp_path / "db")
+    records = (db / dbfiles.RECORD_FILE).read_text().splitlines()
+    records.insert(0, '[0, "not a record"]')
+    records.append(records[1][:50])
+    (db / dbfiles.RECORD_FILE).write_text("\n".join(records))
+    with pytest.warns(dbfiles.DatabaseLineWarning) as caught:
+        lines = dbfiles.repair_database(db)
+    messages = [str(w.message) for w in caught]
+    assert any(m.endswith(f"{dbfiles.RECORD_FILE}:1: not a [workload, record] tuning record; line skipped") for m in messages)
+    assert any(f"{dbfiles.RECORD_FILE}:{len(records)}: not valid JSON" in m for m in messages), messages
+    assert len(lines.records) == len(shipped.records)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = dbfiles.read_database(db)  # repaired in place: no warning any more
+    assert again.records == shipped.records
+    assert "target x86-avx512-vnni" in tuning_status(db)
+
+
+def test_status_without_database(tmp_path):
+    assert "no tuning database" in tuning_status(tmp_path / "none")
+
+
+@pytest.mark.slow
+def test_compile_picks_up_shipped_database(tmp_path, monkeypatch):
+    """`compile --target x86-avx512-vnni` run from the repo applies tuning_logs/x86-avx512-vnni/ by itself."""
+    from nativeq.compile._tvm import tirx
+    from nativeq.targets import get_target
+    from nativeq.tuning.apply import ApplyTuningDatabase
+    from nativeq.tuning.tune import lower_for_tuning
+    from nativeq.verify import VerifyConfig, verify_artifact
+
+    model = tmp_path / "mm.onnx"
+    onnx.save(qdq_models.qdq_matmul(k=256, n=128, t=64, act_dtype="uint8"), model)  # the layer the database holds
+    monkeypatch.chdir(os.path.join(SHIPPED, os.pardir, os.pardir))
+    out = compile_model(model, tmp_path / "art", CompileConfig(target="x86-avx512-vnni"))
+    assert out.manifest["tuning"]["database"] == os.path.join("tuning_logs", "x86-avx512-vnni")
+    assert verify_artifact(tmp_path / "art", model, VerifyConfig(runs=1)).passed
+    mod, tvm_target = lower_for_tuning(model, get_target("x86-avx512-vnni"))
+    with tvm_target:
+        applied = ApplyTuningDatabase(SHIPPED)(mod)
+    assert any("matmul" in gv.name_hint for gv, f in applied.functions_items()
+               if isinstance(f, tirx.PrimFunc) and f.attrs is not None and "tirx.is_scheduled" in f.attrs)
