@@ -171,3 +171,51 @@ def test_extract_keeps_links_inside_the_tree(tmp_path):
     with pytest.raises(NativeqError, match="not a readable tar archive"):
         (tmp_path / "junk.tgz").write_bytes(b"not a tar")
         extract_bundle(tmp_path / "junk.tgz", tmp_path / "dest2")
+
+
+def _write_wav(path, samples: np.ndarray, rate: int = 16000) -> None:
+    import wave
+
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+
+
+def test_speech_bundle_runs_a_wav_file_and_prints_the_ctc_transcript(tmp_path):
+    """A model shaped like nativeq's encoder ([1, T, 80] -> [1, T, 29]) gets the numpy front end and vocabulary;
+    run.py on a WAV equals ORT on `frontend_np.fbank` of the same samples, and its transcript is their CTC decode."""
+    from nativeq.models import frontend_np, text
+
+    onnx_path = tmp_path / "asr.onnx"
+    onnx.save(qdq_models.qdq_matmul(k=80, n=text.VOCAB_SIZE, seed=3), onnx_path)
+    compile_model(onnx_path, tmp_path / "asr", CompileConfig(target="host", int8=False))  # the bundle, not the kernels
+    result = bundle_artifact(tmp_path / "asr", tmp_path / "asr.tar.gz")
+    names = {name for name, _ in result.members}
+    assert {"asr/frontend.py", "asr/vocab.json"} <= names
+    unpacked = extract_bundle(result.path, tmp_path / "device") / "asr"
+
+    rng = np.random.default_rng(8)
+    t = np.arange(16000) / 16000
+    samples = (0.3 * np.sin(2 * np.pi * (200 + 600 * t) * t) + 0.05 * rng.normal(size=t.size)).astype(np.float32)
+    _write_wav(tmp_path / "speech.wav", samples)
+    run = subprocess.run([sys.executable, str(unpacked / "run.py"), str(tmp_path / "speech.wav"), "-o",
+                          str(tmp_path / "out.npz")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+
+    quantized = np.round(samples * 32767).astype(np.float32) / 32768.0  # what the WAV holds
+    feats = frontend_np.fbank(quantized)[None]
+    ref = ort_session(onnx_path, "disable").run(None, {"x": feats})[0]
+    with np.load(tmp_path / "out.npz") as out:
+        got = out["y"]
+    assert got.shape == ref.shape == (1, 98, text.VOCAB_SIZE)
+    assert np.abs(got - ref).max() <= OUT_SCALE * (1 + 1e-4)
+    ids = ref[0].argmax(-1)
+    expected = "".join(text.VOCAB[i] for n, i in enumerate(ids) if i != 0 and (n == 0 or i != ids[n - 1]))
+    assert expected and f"transcript: {expected}\n" in run.stdout
+
+    _write_wav(tmp_path / "8k.wav", samples[:8000], rate=8000)
+    run = subprocess.run([sys.executable, str(unpacked / "run.py"), str(tmp_path / "8k.wav")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "is 8000 Hz" in run.stderr and "sox" in run.stderr

@@ -5,6 +5,7 @@ The bundle (`NAME/` is the archive's file name without `.tar.gz`)::
     NAME/README.md         how to install the runtime on the device and run the model
     NAME/model/            the artifact: the library and manifest.json (checked by sha256 first)
     NAME/run.py            Python runner: numpy + the TVM runtime wheel, nothing else
+    NAME/frontend.py, NAME/vocab.json   WAV -> log-mel features and the CTC vocabulary (speech models)
     NAME/run.sh            C++ runner wrapper: needs nothing installed      (aarch64 artifacts)
     NAME/bin/nativeq_runner, NAME/lib/libtvm_runtime.so, NAME/lib/libtvm_ffi.so   (aarch64 artifacts)
 
@@ -16,6 +17,7 @@ members reached through a link, devices and duplicates, before writing anything.
 from __future__ import annotations
 
 import io
+import json
 import posixpath
 import tarfile
 import time
@@ -27,15 +29,19 @@ from nativeq.errors import NativeqError
 from nativeq.runtime.manifest import MANIFEST_NAME, check_files, read_manifest
 
 RUNNER_DIR = Path(__file__).with_name("runner")
+FRONTEND = Path(__file__).parents[1] / "models" / "frontend_np.py"  # numpy-only log-mel front end
 SUFFIXES = (".tar.gz", ".tgz")
 
 
 @dataclass(frozen=True)
 class BundleConfig:
     """cpp_runner: include the C++ runner and the TVM runtime libraries (aarch64 artifacts only).
+    speech: include the WAV front end and nativeq's CTC vocabulary; None: when the model looks like
+    a nativeq speech model (input [1, T, 80] or [1, 80, T], first output's last dim = vocabulary size).
     force: replace an existing output file."""
 
     cpp_runner: bool = True
+    speech: bool | None = None
     force: bool = False
 
 
@@ -60,6 +66,11 @@ def _bundle_name(out: Path) -> str:
     raise NativeqError(f"bundle output {out} must end in .tar.gz or .tgz")
 
 
+def _looks_like_speech_model(manifest: dict, n_mels: int, vocab_size: int) -> bool:
+    first_in, first_out = manifest["inputs"][0]["shape"] or [], manifest["outputs"][0].get("shape") or []
+    return len(first_in) == 3 and n_mels in first_in[1:] and bool(first_out) and first_out[-1] == vocab_size
+
+
 def _run_sh(library: str, features: list[str], entry: str) -> str:
     require = f" --require {','.join(features)}" if features else ""
     return f"""#!/bin/sh
@@ -80,7 +91,7 @@ def _spec_text(spec: dict) -> str:
     return f"`{spec['name']}`: {spec['dtype']}[{', '.join(str(d) for d in spec['shape'] or [])}]"
 
 
-def _readme(name: str, manifest: dict, cpp: bool) -> str:
+def _readme(name: str, manifest: dict, cpp: bool, speech: bool) -> str:
     target = manifest["target"]
     tvm_version, ffi_version = manifest.get("tvm_version", "?"), manifest.get("tvm_ffi_version", "?")
     first = manifest["inputs"][0]
@@ -111,6 +122,13 @@ def _readme(name: str, manifest: dict, cpp: bool) -> str:
         f".astype('{first['dtype']}'))\"",
         "```",
     ]
+    if speech:
+        lines += [
+            "",
+            "Speech: `run.py speech.wav` (16 kHz mono 16-bit; `sox in.wav -r 16000 -c 1 -b 16 speech.wav` converts)",
+            "computes the log-mel features with `frontend.py` (numpy only) and prints the greedy CTC transcript",
+            "(vocabulary in `vocab.json`).",
+        ]
     if cpp:
         lines += [
             "",
@@ -167,6 +185,13 @@ def bundle_artifact(artifact_dir, out, cfg: BundleConfig = BundleConfig()) -> Bu
     for fname in [*manifest["files"], MANIFEST_NAME]:
         files.append((f"model/{fname}", (artifact_dir / fname).read_bytes(), False))
     files.append(("run.py", (RUNNER_DIR / "run.py").read_bytes(), True))
+    from nativeq.models import text
+    from nativeq.models.frontend_np import N_MELS
+
+    speech = cfg.speech if cfg.speech is not None else _looks_like_speech_model(manifest, N_MELS, text.VOCAB_SIZE)
+    if speech:
+        files.append(("frontend.py", FRONTEND.read_bytes(), False))
+        files.append(("vocab.json", (json.dumps(list(text.VOCAB)) + "\n").encode(), False))
     if cpp:
         from nativeq.runtime.emulate import arm_runtime_dir, build_runner
 
@@ -177,7 +202,7 @@ def bundle_artifact(artifact_dir, out, cfg: BundleConfig = BundleConfig()) -> Bu
         run_sh = _run_sh(manifest["library"], list(manifest["target"].get("cpu_features") or []),
                          manifest.get("entry", "main"))
         files.append(("run.sh", run_sh.encode(), True))
-    files.append(("README.md", _readme(name, manifest, cpp).encode(), False))
+    files.append(("README.md", _readme(name, manifest, cpp, speech).encode(), False))
 
     buffer = io.BytesIO()
     members: list[tuple[str, int]] = []

@@ -5,7 +5,11 @@ Shipped in every `nativeq bundle`; needs numpy and the `apache-tvm` + `apache-tv
 (of the versions in model/manifest.json).
 
     python3 run.py FEATURES.npy [-o outputs.npz] [--repeat 20]
+    python3 run.py SPEECH.wav                          # 16 kHz mono 16-bit; log-mel front end in frontend.py
     python3 run.py NAME=FILE.npy [NAME=FILE.npy ...]   # models with several inputs
+
+With a `vocab.json` beside this file (nativeq speech models), the first output is decoded
+greedily (CTC: best token per frame, repeats merged, blanks dropped) and printed.
 """
 
 from __future__ import annotations
@@ -44,6 +48,39 @@ def cpu_features() -> set[str]:
     return set()
 
 
+def wav_features(path: str, spec: dict) -> np.ndarray:
+    """16 kHz mono 16-bit WAV -> log-mel features shaped like `spec` ([1, T, 80] or [1, 80, T])."""
+    import wave
+
+    sys.path.insert(0, str(HERE))
+    try:
+        import frontend
+    except ImportError:
+        fail("this bundle has no frontend.py: pass features as .npy")
+    try:
+        with wave.open(path, "rb") as w:
+            rate, channels, width, frames = w.getframerate(), w.getnchannels(), w.getsampwidth(), w.readframes(w.getnframes())
+    except (OSError, wave.Error, EOFError) as e:
+        fail(f"cannot read {path} as a WAV file: {e}")
+    if (rate, channels, width) != (frontend.SAMPLE_RATE, 1, 2):
+        fail(f"{path} is {rate} Hz, {channels} channel(s), {8 * width}-bit; the front end takes "
+             f"{frontend.SAMPLE_RATE} Hz mono 16-bit (convert with: sox {path} -r 16000 -c 1 -b 16 out.wav)")
+    feats = frontend.fbank(np.frombuffer(frames, dtype="<i2").astype(np.float32) / 32768.0)  # [T, 80]
+    shape = spec["shape"]
+    if len(shape) == 3 and shape[2] == feats.shape[1]:
+        return feats[None]
+    if len(shape) == 3 and shape[1] == feats.shape[1]:
+        return np.ascontiguousarray(feats.T[None])
+    fail(f"input {spec['name']!r} has shape {shape}: not a [1, T, {feats.shape[1]}] or [1, {feats.shape[1]}, T] feature input")
+
+
+def ctc_greedy(logits: np.ndarray, vocab: list[str]) -> str:
+    """Best token per frame, repeats merged, blanks (id 0) dropped."""
+    ids = logits.reshape(-1, logits.shape[-1]).argmax(axis=-1)
+    kept = [int(i) for n, i in enumerate(ids) if i != 0 and (n == 0 or i != ids[n - 1])]
+    return "".join(vocab[i] for i in kept)
+
+
 def read_inputs(args: list[str], specs: list[dict]) -> list[np.ndarray]:
     """Arrays in the manifest's input order from `FILE.npy` (single input) or `NAME=FILE.npy` arguments."""
     named = {}
@@ -58,8 +95,9 @@ def read_inputs(args: list[str], specs: list[dict]) -> list[np.ndarray]:
     for spec in specs:
         if spec["name"] not in named:
             fail(f"missing input {spec['name']!r} ({spec['dtype']}{spec['shape']})")
+        path = named.pop(spec["name"])
         try:
-            array = np.load(named.pop(spec["name"]), allow_pickle=False)
+            array = wav_features(path, spec) if path.lower().endswith(".wav") else np.load(path, allow_pickle=False)
         except (OSError, ValueError) as e:
             fail(f"cannot read input {spec['name']!r}: {e}")
         if array.dtype != np.dtype(spec["dtype"]):
@@ -76,7 +114,7 @@ def read_inputs(args: list[str], specs: list[dict]) -> list[np.ndarray]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Run a nativeq model with the TVM runtime.")
-    parser.add_argument("inputs", nargs="+", help="FILE.npy, or NAME=FILE.npy per input")
+    parser.add_argument("inputs", nargs="+", help="FILE.npy or SPEECH.wav, or NAME=FILE per input")
     parser.add_argument("-o", "--out", default="outputs.npz", help="where to write the outputs (.npz by output name)")
     parser.add_argument("--model", default=str(HERE / "model"), help="the model directory (default: ./model)")
     parser.add_argument("--repeat", type=int, default=0, help="also time this many runs")
@@ -116,6 +154,12 @@ def main() -> None:
     for name, value in outputs.items():
         print(f"{name}: {value.dtype}{list(value.shape)}")
     print(f"wrote {args.out}")
+    vocab_file = HERE / "vocab.json"
+    if vocab_file.is_file():
+        vocab = json.loads(vocab_file.read_text())
+        first = values[0].numpy()
+        if first.shape[-1] == len(vocab):
+            print(f"transcript: {ctc_greedy(first, vocab)}")
     if args.repeat > 0:
         start = time.perf_counter()
         for _ in range(args.repeat):
