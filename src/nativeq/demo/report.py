@@ -76,34 +76,41 @@ def _engine_label(name: str) -> str:
             "ort fp32 (opt all)": "ORT fp32", "pytorch fp32": "PyTorch fp32"}.get(name, name)
 
 
+def _latency_bars(summary: dict) -> list[tuple[str, dict]]:
+    """(label, engine timing): per variant its compiled and ORT int8 times, then the float baselines once."""
+    bars, baselines = [], {}
+    for b in summary["bench"].values():
+        for e in b["engines"]:
+            if "fp32" in e["name"]:
+                baselines.setdefault(e["name"], e)  # the same float model for every variant
+            else:
+                bars.append((f"{b['variant']}: {_engine_label(e['name'])}", e))
+    return bars + [(f"float: {_engine_label(n)}", e) for n, e in baselines.items()]
+
+
 def plot_latency(summary: dict, path: Path) -> None:
     plt = _pyplot()
-    bench = summary["bench"]
-    fig, ax = plt.subplots(figsize=(7.2, 0.9 + 0.55 * max(1, sum(len(b["engines"]) for b in bench.values()))))
-    if not bench:
+    bars = _latency_bars(summary)
+    fig, ax = plt.subplots(figsize=(7.6, 1.2 + 0.45 * max(1, len(bars))))
+    if not bars:
         ax.text(0.5, 0.5, "no host artifact was benchmarked", ha="center", va="center")
         ax.set_axis_off()
     else:
-        labels, medians, errors, colors = [], [], [[], []], []
-        for key, b in bench.items():
-            for e in b["engines"]:
-                labels.append(f"{b['variant']}: {_engine_label(e['name'])}")
-                medians.append(e["median_ms"])
-                errors[0].append(e["median_ms"] - e["p10_ms"])
-                errors[1].append(e["p90_ms"] - e["median_ms"])
-                colors.append("#2ca02c" if e["name"].startswith("nativeq") else
-                              "#1f77b4" if "qdq" in e["name"] else "#7f7f7f")
-        y = list(range(len(labels)))[::-1]
-        ax.barh(y, medians, xerr=errors, color=colors, capsize=3)
+        y = list(range(len(bars)))[::-1]
+        medians = [e["median_ms"] for _, e in bars]
+        errors = [[e["median_ms"] - e["p10_ms"] for _, e in bars], [e["p90_ms"] - e["median_ms"] for _, e in bars]]
+        colors = ["#2ca02c" if e["name"].startswith("nativeq") else "#1f77b4" if "qdq" in e["name"] else "#7f7f7f"
+                  for _, e in bars]
+        ax.barh(y, medians, xerr=errors, color=colors, capsize=3, height=0.7)
         ax.set_yticks(y)
-        ax.set_yticklabels(labels, fontsize=9)
-        for yi, m in zip(y, medians):
-            ax.text(m, yi, f"  {m:.1f} ms", va="center", fontsize=8)
-        ax.set_xlim(0, max(medians) * 1.3)
-        first = next(iter(bench.values()))
-        ax.set_xlabel(f"latency per utterance, ms (median, p10-p90 bars; B=1, T={first['frames']} frames, "
-                      f"{first['threads']} threads)")
-        ax.set_title(f"Inference latency on {summary['machine']['cpu']}", fontsize=10)
+        ax.set_yticklabels([label for label, _ in bars], fontsize=9)
+        right = max(e["p90_ms"] for _, e in bars)
+        for yi, (_, e) in zip(y, bars):
+            ax.text(e["p90_ms"] + 0.02 * right, yi, f"{e['median_ms']:.1f} ms", va="center", fontsize=8)
+        ax.set_xlim(0, right * 1.25)
+        first = next(iter(summary["bench"].values()))
+        ax.set_xlabel(f"ms per utterance (median; bars p10-p90)  B=1, T={first['frames']} frames, {first['threads']} threads")
+        ax.set_title(f"Inference latency on {summary['machine']['cpu']} ({summary['machine']['arch']})", fontsize=10)
         ax.grid(True, axis="x", alpha=0.3)
     _save(fig, path)
     plt.close(fig)
@@ -111,13 +118,13 @@ def plot_latency(summary: dict, path: Path) -> None:
 
 def plot_verify(summary: dict, path: Path) -> None:
     plt = _pyplot()
-    rows = [[key, v["execution"], f"{v['max_steps']:g}" if v["max_steps"] is not None else "-",
+    rows = [[key, v["execution"].replace("emulated, ", ""), f"{v['max_steps']:g}" if v["max_steps"] is not None else "-",
              f"{v['exact_pct']:.2f}" if v["exact_pct"] is not None else "-", "pass" if v["passed"] else "FAIL"]
             for key, v in summary["verify"].items()]
-    fig, ax = plt.subplots(figsize=(8.0, 0.8 + 0.4 * len(rows)))
+    fig, ax = plt.subplots(figsize=(8.4, 0.8 + 0.4 * len(rows)))
     ax.set_axis_off()
     table = ax.table(cellText=rows, colLabels=["artifact", "execution", "max steps off ORT", "% exact", "result"],
-                     loc="center", cellLoc="center")
+                     loc="center", cellLoc="center", colWidths=[0.24, 0.26, 0.2, 0.14, 0.12])
     table.auto_set_font_size(False)
     table.set_fontsize(9)
     table.scale(1.0, 1.4)
@@ -176,8 +183,12 @@ def render_markdown(summary: dict) -> str:
                   "![latency](latency.png)", ""]
     else:
         parts += ["No artifact for this machine's architecture was built (see --targets).", ""]
-    rows = [[name, f"{s:.1f}"] for name, s in summary["stage_seconds"].items()]
-    parts += ["## Stage times", "", _md_table(["stage", "seconds"], rows), "",
+    cpu = summary.get("stage_cpu_seconds", {})
+    rows = [[name, f"{s:.1f}", f"{cpu[name]:.1f}" if name in cpu else "-"] for name, s in summary["stage_seconds"].items()]
+    rows.append(["total", f"{sum(summary['stage_seconds'].values()):.1f}", f"{sum(cpu.values()):.1f}"])
+    parts += ["## Stage times", "", "Wall time and CPU time (this process and its children, e.g. qemu); on a shared "
+              "machine the wall time is inflated by other load.", "",
+              _md_table(["stage", "wall s", "CPU s"], rows), "",
               f"Artifacts: `artifacts/<variant>-<target>/` (each a normal `nativeq compile` output; "
               f"`nativeq transcribe artifacts/{next(iter(summary['artifacts']))} some.wav`). Raw numbers: `summary.json`.", ""]
     return "\n".join(parts)
