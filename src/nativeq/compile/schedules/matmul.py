@@ -15,8 +15,9 @@ Schedule (rows = all leading spatial axes fused, symbolic time axis allowed):
         out[tile] = epilogue(acc)                       # reverse_compute_at: no int32 tensor in memory
 
 The int32 accumulator is the fused function's intermediate buffer; after `reverse_compute_at`
-buffer compaction shrinks it to the `mr x nr*lanes` tile. Row tiles divide the rows exactly
-(symbolic rows: mr = 1), because TVM's tensorize rejects predicated blocks. Any step that fails returns None so the generic rule applies.
+buffer compaction shrinks it to the `mr x nr*lanes` tile. Row tiles divide the (padded)
+rows exactly, because TVM's tensorize rejects predicated blocks; the zero-padded activation
+rows of a tile are built inside the tile (`compute_at`). Any step that fails returns None so the generic rule applies.
 """
 
 from __future__ import annotations
@@ -24,14 +25,10 @@ from __future__ import annotations
 import logging
 
 from nativeq.compile._tvm import Schedule, s_tir, tirx
-from nativeq.compile.schedules.intrinsics import DotIntrin
-from nativeq.compile.schedules.pack_weights import REDUCTION_BLOCK
+from nativeq.compile.schedules.intrinsics import DotIntrin, row_tile
+from nativeq.compile.schedules.pack_weights import REDUCTION_BLOCK, ROWS_PAD_BLOCK
 
 logger = logging.getLogger(__name__)
-
-# Vector registers the accumulator tile may occupy (x86 has 32 zmm / 16 ymm, aarch64 32 q).
-_ACC_REGISTERS = {16: 24, 8: 12, 4: 24}
-
 
 def _largest_divisor_at_most(n: int, limit: int) -> int:
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
@@ -42,18 +39,13 @@ def _extent(sch: Schedule, loop) -> int | None:
     return int(extent) if isinstance(extent, tirx.IntImm) else None
 
 
-def register_tile(n_blocks: int, lanes: int, rows: int | None) -> tuple[int, int]:
-    """(rows mr, column blocks nr) of the accumulator tile, for `n_blocks` = N/lanes and `rows` (None: symbolic).
+def register_tile(n_blocks: int, intrin: DotIntrin) -> tuple[int, int]:
+    """(rows mr, column blocks nr) of the accumulator tile, for `n_blocks` = N/lanes.
 
-    mr divides `rows` exactly: TVM's tensorize rejects the predicate a tail would need, so a
-    symbolic row count gets mr = 1 and a wider column tile instead.
+    mr is the row tile the packing pass padded the rows to (`intrinsics.row_tile`), so the
+    split is exact: TVM's tensorize rejects the predicate a row tail would need.
     """
-    registers = _ACC_REGISTERS.get(lanes, 16)
-    if rows is None:
-        return 1, _largest_divisor_at_most(n_blocks, 8)
-    nr = _largest_divisor_at_most(n_blocks, 4)
-    mr = _largest_divisor_at_most(rows, max(1, min(8, registers // nr)))
-    return mr, nr
+    return row_tile(intrin), _largest_divisor_at_most(n_blocks, 4)
 
 
 def is_int8_matmul(func) -> bool:
@@ -98,7 +90,7 @@ def _schedule(sch: Schedule, intrin: DotIntrin) -> Schedule | None:
     last = epilogue[-1] if epilogue else None
 
     rows = sch.fuse(*row_loops) if len(row_loops) > 1 else row_loops[0]
-    mr, nr = register_tile(n // lanes, lanes, _extent(sch, rows))
+    mr, nr = register_tile(n // lanes, intrin)
     row_outer, row_inner = sch.split(rows, factors=[None, mr])
     col_outer, col_block, col_lane = sch.split(j, factors=[None, nr, lanes])
     k_outer, k_inner = sch.split(k, factors=[None, kstep])
@@ -114,10 +106,23 @@ def _schedule(sch: Schedule, intrin: DotIntrin) -> Schedule | None:
         *_, epi_cols = sch.get_loops(last)
         _, epi_lane = sch.split(epi_cols, factors=[None, lanes])
         sch.vectorize(epi_lane)
+    pad = _find_block(sch, ROWS_PAD_BLOCK)
+    if pad is not None:
+        # the tile's zero-padded activation rows, built right before the tile needs them
+        sch.compute_at(pad, tile)
+        pad_loops = sch.get_loops(pad)
+        sch.vectorize(sch.split(pad_loops[-1], factors=[None, 64])[1])
     sch.tensorize(col_lane, intrin.name)
     sch.unroll(row_inner)
     sch.unroll(col_block)
     return sch
+
+
+def _find_block(sch: Schedule, name: str):
+    try:
+        return sch.get_sblock(name)
+    except (s_tir.ScheduleError, RuntimeError, ValueError):
+        return None
 
 
 def _consumer_chain(sch: Schedule, block):

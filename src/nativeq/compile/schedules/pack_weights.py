@@ -20,12 +20,14 @@ from __future__ import annotations
 import numpy as np
 
 from nativeq.compile._tvm import relax, te, tvm
-from nativeq.compile.schedules.intrinsics import DotIntrin
+from nativeq.compile.schedules.intrinsics import DotIntrin, row_tile
 
 # NOTE: TVM's OpPatternKind enum: kElemWise=0, kBroadcast=1, kInjective=2, kCommReduce=3, kOutEWiseFusable=4.
 _OUT_EWISE_FUSABLE = 4
 INT8_MATMUL_ATTR = "nativeq.int8_matmul"
 REDUCTION_BLOCK = "nativeq_int8_matmul"
+ROWS_PAD_BLOCK = "nativeq_int8_rows_pad"
+ROWS_CROP_BLOCK = "nativeq_int8_rows_crop"
 
 
 def pack_weight(w: np.ndarray, lanes: int, kstep: int) -> np.ndarray:
@@ -34,20 +36,39 @@ def pack_weight(w: np.ndarray, lanes: int, kstep: int) -> np.ndarray:
     return np.ascontiguousarray(w.reshape(k // kstep, kstep, n // lanes, lanes).transpose(2, 0, 3, 1))
 
 
-def packed_matmul_te(x: te.Tensor, wp: te.Tensor, lanes: int, kstep: int) -> te.Tensor:
-    """int32 matmul of `x` [..., K] with a packed weight `wp` [N/lanes, K/kstep, lanes, kstep]."""
+def packed_matmul_te(x: te.Tensor, wp: te.Tensor, lanes: int, kstep: int, row_tile: int) -> te.Tensor:
+    """int32 matmul of `x` [..., rows, K] with a packed weight `wp` [N/lanes, K/kstep, lanes, kstep].
+
+    When `rows` is symbolic or not a multiple of `row_tile`, the rows are zero-padded to one
+    (`nativeq_int8_rows_pad`, computed per tile by the schedule) and the result cropped
+    (`nativeq_int8_rows_crop`, inlined into the epilogue): TVM's tensorize rejects the
+    predicate a row tail would otherwise put on the tensorized block.
+    """
     n = wp.shape[0] * lanes
-    k = te.reduce_axis((0, x.shape[-1]), name="k")
+    *batch, rows, kdim = x.shape
+    padded = isinstance(rows, tvm.tirx.IntImm) and int(rows) % row_tile == 0
+    if not padded:
+        padded_rows = (rows + (row_tile - 1)) // row_tile * row_tile
+        source = x
+        x = te.compute(
+            (*batch, padded_rows, kdim),
+            lambda *i: tvm.tirx.if_then_else(i[-2] < rows, source[i], tvm.tirx.const(0, source.dtype)),
+            name=ROWS_PAD_BLOCK,
+        )
+    k = te.reduce_axis((0, kdim), name="k")
 
     def compute(*idx):
-        *rows, j = idx
+        *row_idx, j = idx
         return te.sum(
-            x[(*rows, k)].astype("int32")
+            x[(*row_idx, k)].astype("int32")
             * wp[j // lanes, k // kstep, j % lanes, k % kstep].astype("int32"),
             axis=k,
         )
 
-    return te.compute((*x.shape[:-1], n), compute, name=REDUCTION_BLOCK)
+    acc = te.compute((*x.shape[:-1], n), compute, name=REDUCTION_BLOCK)
+    if padded:
+        return acc
+    return te.compute((*batch, rows, n), lambda *i: acc[i], name=ROWS_CROP_BLOCK)
 
 
 def _is_packable(call: relax.Call, intrin: DotIntrin) -> bool:
@@ -87,6 +108,7 @@ class _Packer(relax.PyExprMutator):
             packed,
             lanes=lanes,
             kstep=kstep,
+            row_tile=row_tile(self.intrin),
             primfunc_name_hint="int8_matmul_packed",
             primfunc_attrs={
                 "op_pattern": _OUT_EWISE_FUSABLE,
