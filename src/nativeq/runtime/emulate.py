@@ -41,7 +41,7 @@ QEMU_SYSROOT = Path("/usr/aarch64-linux-gnu")  # aarch64 glibc/libstdc++ of the 
 DEFAULT_TIMEOUT_S = 900.0
 
 # Runner exit codes (see nativeq_runner.cc).
-_EXIT_USAGE, _EXIT_CPU, _EXIT_TVM = 2, 3, 4
+_EXIT_CPU = 3  # this CPU lacks a required feature (2: usage or input error, 4: TVM error)
 
 
 def arm_runtime_dir() -> Path:
