@@ -162,3 +162,21 @@ def test_unpackable_matmul_and_float_ops_keep_correct_generic_schedules(tmp_path
     g = gamma.value.numpy()
     ln = (sm - sm.mean(-1, keepdims=True)) / np.sqrt(sm.var(-1, keepdims=True) + 1e-5) * g + g
     np.testing.assert_allclose(tr.numpy(), ln.transpose(0, 2, 1), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("target_name, instruction, forbidden", [("rpi5", "sdot", None), ("rpi4", "smull", "sdot")])
+def test_arm_int8_matmul_uses_target_dot_instruction(target_name, instruction, forbidden):
+    """aarch64 code generation (no cross linker needed): sdot on the Pi 5, smull on the Pi 4 (no dotprod)."""
+    target = get_target(target_name)
+    _, w, _, _ = _random_layer(3)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", R.Tensor((1, tvm.tirx.Var("T", "int64"), K), "int8"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(R.matmul(x, relax.const(w), out_dtype="int32"))
+        bb.emit_func_output(out)
+    ex = relax.build(bb.get(), tvm.target.Target(target.tvm_dict()), relax_pipeline=compile_pipeline(target))
+    asm = "".join(m.inspect_source("asm") for m in ex.mod.imports if m.kind == "llvm")
+    assert asm.count(f"{instruction}\t") > 0
+    if forbidden:
+        assert asm.count(f"{forbidden}\t") == 0, f"{forbidden} would SIGILL on {target_name}"
