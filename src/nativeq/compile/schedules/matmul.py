@@ -81,10 +81,9 @@ def _schedule(sch: Schedule, intrin: DotIntrin) -> Schedule | None:
     if n is None or kdim is None or n % lanes or kdim % kstep:
         return None
 
-    # Epilogue: inline every elementwise consumer into the last one, keep that one for reverse_compute_at.
-    epilogue = _consumer_chain(sch, matmul)
-    if epilogue is None:
-        return None
+    # Epilogue: inline every block after the matmul into the last one (requantize chains, GELU
+    # diamonds), keep that one for reverse_compute_at.
+    epilogue = _blocks_after(sch, matmul)
     for block in epilogue[:-1]:
         sch.compute_inline(block)
     last = epilogue[-1] if epilogue else None
@@ -125,15 +124,8 @@ def _find_block(sch: Schedule, name: str):
         return None
 
 
-def _consumer_chain(sch: Schedule, block):
-    """Blocks consuming `block`'s output one after another (a straight elementwise chain), or None."""
-    chain = []
-    current = block
-    while True:
-        consumers = sch.get_consumers(current)
-        if len(consumers) == 0:
-            return chain
-        if len(consumers) != 1:
-            return None
-        current = consumers[0]
-        chain.append(current)
+def _blocks_after(sch: Schedule, block) -> list:
+    """The blocks that follow `block` under the root, in program order."""
+    children = list(sch.get_child_blocks(sch.get_sblock("root")))
+    names = [sch.get(b).name_hint for b in children]
+    return children[names.index(sch.get(block).name_hint) + 1:]
