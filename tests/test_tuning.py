@@ -149,16 +149,20 @@ def test_corrupt_lines_are_skipped_with_file_and_line(tuned, tmp_path):
     assert len(dbfiles.open_database(db).get_all_tuning_records()) == good
 
 
-@pytest.mark.slow
-def test_workload_line_corrupt_drops_its_records(tuned, tmp_path):
-    _, db, _ = tuned
-    db = _copy_db(db, tmp_path / "db")
-    (db / dbfiles.WORKLOAD_FILE).write_text("garbage\n" + (db / dbfiles.WORKLOAD_FILE).read_text())
-    with pytest.warns(dbfiles.DatabaseLineWarning, match=rf"{dbfiles.WORKLOAD_FILE}:1"):
+def test_corrupt_workload_line_drops_only_its_records(tmp_path):
+    db = _copy_db(SHIPPED, tmp_path / "db")
+    good = dbfiles.read_database(db)
+    (db / dbfiles.WORKLOAD_FILE).write_text((db / dbfiles.WORKLOAD_FILE).read_text() + "garbage\n")
+    orphan = json.loads(good.records[0][1])
+    orphan[0] = len(good.workloads)  # a record of the garbage workload
+    (db / dbfiles.RECORD_FILE).write_text((db / dbfiles.RECORD_FILE).read_text() + json.dumps(orphan) + "\n")
+    with pytest.warns(dbfiles.DatabaseLineWarning) as caught:
         lines = dbfiles.read_database(db)
-    # records pointed at workload 0 (now the garbage line at index 0 is skipped, the real one is index 1)
-    assert len(lines.workloads) == 1
-    assert all(index == 0 for index, _ in lines.records)
+    messages = [str(w.message) for w in caught]
+    assert any(f"{dbfiles.WORKLOAD_FILE}:{len(good.workloads) + 1}: not valid JSON" in m for m in messages), messages
+    assert any(f"{dbfiles.RECORD_FILE}:{len(good.records) + 1}: refers to workload" in m for m in messages), messages
+    assert lines.skipped == 2
+    assert lines.workloads == good.workloads and lines.records == good.records
 
 
 @pytest.mark.slow
