@@ -79,7 +79,8 @@ def test_quick_demo_report_has_real_numbers(demo_out):
     for key in host:
         nativeq.load(out / "artifacts" / key)
         engines = {e["name"]: e["median_ms"] for e in summary["bench"][key]["engines"]}
-        assert {"ort qdq (opt all)", "ort fp32 (opt all)", "pytorch fp32"} <= set(engines)
+        kinds = {name.split(" (")[0] for name in engines}
+        assert kinds == {"nativeq int8", "ort qdq", "ort fp32", "pytorch fp32"} and len(engines) == 5
         assert all(ms > 0 for ms in engines.values())
         assert 0.0 <= summary["bench"][key]["compiled_wer"] <= 5.0
 

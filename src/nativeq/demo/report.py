@@ -70,10 +70,16 @@ def plot_wer_vs_size(summary: dict, path: Path) -> None:
 
 
 def _engine_label(name: str) -> str:
+    """'ort qdq (opt basic)' -> 'ORT int8 QDQ (graph opt basic)'; the compiled artifact and PyTorch likewise."""
     if name.startswith("nativeq"):
         return "compiled int8 (nativeq)"
-    return {"ort qdq (opt all)": "ORT int8 QDQ", "ort qdq (opt disabled)": "ORT int8 QDQ (no graph opt)",
-            "ort fp32 (opt all)": "ORT fp32", "pytorch fp32": "PyTorch fp32"}.get(name, name)
+    if name == "pytorch fp32":
+        return "PyTorch fp32"
+    for prefix, label in (("ort qdq", "ORT int8 QDQ"), ("ort fp32", "ORT fp32")):
+        if name.startswith(prefix):
+            level = name[len(prefix):].strip(" ()").replace("opt ", "")
+            return f"{label} (graph opt {level})"
+    return name
 
 
 def _latency_bars(summary: dict) -> list[tuple[str, dict]]:
