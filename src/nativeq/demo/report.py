@@ -54,16 +54,15 @@ def plot_wer_vs_size(summary: dict, path: Path) -> None:
         ax.scatter([mb], [100 * wer], s=90, color=_COLORS.get(name, "#2ca02c"), zorder=2, edgecolor="black")
         ax.annotate(f"{name}\n{mb:.2f} MB, {100 * wer:.1f}%", (mb, 100 * wer), textcoords="offset points",
                     xytext=(8, 6), fontsize=9)
-    ax.set_xscale("log")
-    ax.set_xlabel("stored model size (MB, log scale)")
-    ax.set_ylabel(f"test WER (%) on {summary['data']['counts']['test']} utterances" if summary["data"]["counts"]
-                  else "test WER (%)")
-    ax.set_title(f"{summary['float']['model']}: word error rate vs stored size")
+    ax.set_xlabel("stored model size (MB): integer weights, sparse indices, scales")
+    used = min(summary["data"]["counts"]["test"], summary["config"]["budget"]["test"])
+    ax.set_ylabel(f"test WER (%) on {used} utterances")
+    ax.set_title(f"{Path(summary['float']['model']).name}: word error rate vs stored size")
     sizes = [p[1] for p in points]
-    ax.set_xlim(min(sizes) / 1.6, max(sizes) * 2.5)
+    ax.set_xlim(0, max(sizes) * 1.35)
     wers = [100 * p[2] for p in points]
     ax.set_ylim(max(0.0, min(wers) - 10), max(wers) + 12)
-    ax.grid(True, which="both", alpha=0.3)
+    ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     _save(fig, path)
     plt.close(fig)
