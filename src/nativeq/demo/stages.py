@@ -379,12 +379,13 @@ def _check_config(cfg: DemoConfig) -> None:
 
 
 def run_demo(cfg: DemoConfig, echo=print) -> DemoResult:
+    _check_config(cfg)  # before the heavy imports: a bad option fails in a moment
+
     import torch
 
     from nativeq._fs import atomic_directory, write_json_atomic
     from nativeq.demo.report import write_report
 
-    _check_config(cfg)
     out = Path(cfg.out)
     previous_demo = (out / SUMMARY_NAME).is_file()
     torch.set_num_threads(cfg.threads)
