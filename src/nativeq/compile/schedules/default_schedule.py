@@ -5,7 +5,8 @@ lowers TIR. Rules, first that applies wins:
 
 1. `matmul.schedule_int8_matmul`: packed int8 matmul + fused epilogue, tensorized with the
    target's int8 dot intrinsic (`intrinsics.py`);
-2. dlight's CPU `Reduction` rule: softmax / layer norm style reductions;
+2. dlight's CPU `Reduction` rule: softmax / layer norm style reductions (not convolutions:
+   blocks reducing over 2+ axes go to the generic rule, which vectorizes their output axis);
 3. `generic.schedule_generic`: parallel outer loops, vectorized inner loops.
 
 A function no rule takes keeps TVM's default (naive, correct) code. Scheduled functions are
@@ -17,7 +18,7 @@ from __future__ import annotations
 import logging
 
 from nativeq.compile._tvm import DlightCpuReduction, TVMTarget, tirx, tvm
-from nativeq.compile.schedules.generic import schedule_generic
+from nativeq.compile.schedules.generic import has_multi_axis_reduction, schedule_generic
 from nativeq.compile.schedules.intrinsics import dot_intrin_for
 from nativeq.compile.schedules.matmul import schedule_int8_matmul
 
@@ -51,6 +52,10 @@ class DefaultCpuSchedule:
             sch = schedule_int8_matmul(func, self.intrin)
             if sch is not None:
                 return "int8-matmul", sch.mod["main"]
+        if has_multi_axis_reduction(func):
+            sch = schedule_generic(func, _vector_bits(self.target))
+            if sch is not None:
+                return "generic", sch.mod["main"]
         with self.tvm_target:
             try:
                 sch = DlightCpuReduction().apply(func, self.tvm_target, False)

@@ -100,19 +100,29 @@ def reduction_vectorize(sch: Schedule, block, vector_bits: int) -> None:
     spatial, reduction = loops[:n_spatial], loops[n_spatial:]
     lanes = max(2, vector_bits // _block_dtype_bits(sch, block))
     last_extent = _extent(sch, spatial[-1])
-    if last_extent is None or last_extent < lanes // 2 or n_spatial == 1:
-        # Vectorizing over a short or symbolic axis is not worth it: only parallelize.
+    if (last_extent is not None and last_extent < lanes // 2) or n_spatial == 1:
+        # Vectorizing over a short axis is not worth it: only parallelize.
         sch.parallel(sch.fuse(*spatial) if n_spatial > 1 else spatial[0])
         return
     sch.reorder(*spatial[:-1], *reduction, spatial[-1])
     outer = sch.fuse(*spatial[:-1]) if n_spatial > 2 else spatial[0]
     sch.parallel(outer)
     sch.decompose_reduction(block, reduction[0])
-    if last_extent > lanes:
+    if last_extent is None or last_extent > lanes:
         _, vec = sch.split(spatial[-1], factors=[None, lanes])
     else:
         vec = spatial[-1]
     sch.vectorize(vec)
+
+
+def has_multi_axis_reduction(func) -> bool:
+    """Whether a block reduces over 2+ axes (convolutions), which dlight's softmax/norm rule schedules poorly."""
+    sch = Schedule(func)
+    try:
+        blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    except _ERRORS:
+        return False
+    return any(_iter_kinds(sch, b).count("R") >= 2 for b in blocks)
 
 
 def schedule_generic(func, vector_bits: int) -> Schedule | None:
