@@ -121,3 +121,14 @@ def test_transcribe_aarch64_artifact_under_qemu(nativeq_cli, float_run, wavs, tm
     result = nativeq_cli("transcribe", artifact, *wavs[:2])
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [f"{p}\t{t}" for p, t in zip(wavs[:2], expected)]
+
+
+def test_front_end_and_decoding_import_no_torch(wavs):
+    """What `transcribe` runs besides the TVM runtime (WAV reading, numpy log-mel, CTC decoding) needs no torch."""
+    import sys
+
+    code = ("import sys, numpy as np; from nativeq.demo.transcribe import wav_features, greedy_text; "
+            f"f = wav_features({str(wavs[0])!r}); assert f.shape[0] == 1 and f.shape[2] == 80; "
+            "greedy_text(np.random.rand(f.shape[1] // 4, 29)); assert 'torch' not in sys.modules, 'torch imported'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -6,6 +6,7 @@ Sits on top of every other package: it only calls their public functions
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -218,8 +219,6 @@ def stage_compile(cfg: DemoConfig, work: Path):
 def stage_verify(cfg: DemoConfig, work: Path, data: dict, compiled: dict):
     from nativeq._fs import write_bytes_atomic
     from nativeq.verify import VerifyConfig, verify_artifact
-
-    import io
 
     feed = _feature_feeds(data, 1, cfg.budget.verify_frames)[0]
     buffer = io.BytesIO()
