@@ -43,3 +43,4 @@ from tvm import s_tir, te, tirx  # noqa: F401,E402
 from tvm.s_tir import Schedule, TensorIntrin  # noqa: F401,E402
 from tvm.s_tir.dlight.cpu import Reduction as DlightCpuReduction  # noqa: F401,E402
 from tvm.script import tirx as T  # noqa: F401,E402
+from tvm import topi  # noqa: F401,E402

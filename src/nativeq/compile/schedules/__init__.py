@@ -3,7 +3,8 @@
 Two hooks, called by `compile/pipeline.py`:
 
 - `kernel_relax_passes(target)`: Relax passes run before LegalizeOps. Packs the constant
-  weights of int8 matmuls for the target's dot intrinsic (`pack_weights.py`).
+  weights of int8 matmuls for the target's dot intrinsic (`pack_weights.py`), and swaps
+  float `erf` (GELU) for a vectorizable approximation (`fast_erf.py`).
 - `schedule_passes(target)`: TIR passes run after FuseOps/FuseTIR. Gives every PrimFunc a
   schedule without tuning (`default_schedule.py`): tensorized int8 matmuls (`matmul.py`),
   dlight's CPU reduction rule (softmax, layer norm), and a parallel + vectorized fallback for
@@ -19,10 +20,11 @@ from nativeq.compile.schedules.intrinsics import dot_intrin_for
 
 def kernel_relax_passes(target) -> list:
     """Relax-level passes that choose int8 kernel layouts (pack weights), run before legalization."""
+    from nativeq.compile.schedules.fast_erf import FastErf
     from nativeq.compile.schedules.pack_weights import PackInt8Weights
 
     intrin = dot_intrin_for(target)
-    return [PackInt8Weights(intrin)] if intrin is not None else []
+    return [FastErf(), *([PackInt8Weights(intrin)] if intrin is not None else [])]
 
 
 def schedule_passes(target) -> list:
