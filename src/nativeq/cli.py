@@ -307,13 +307,14 @@ def export_cmd(run, out, force):
 @click.option("--threads", default=2, show_default=True, help="Threads for every engine.")
 @click.option("--warmup", default=3, show_default=True)
 @click.option("--repeat", default=20, show_default=True, help="Timed runs per engine, interleaved.")
+@click.option("--emulate", is_flag=True, help="Count aarch64 instructions per inference under qemu (rpi4/rpi5 int8 vs float) instead of timing.")
 @click.option("--json", "as_json", is_flag=True)
-def bench(model, target, artifact, float_onnx, dims, threads, warmup, repeat, as_json):
+def bench(model, target, artifact, float_onnx, dims, threads, warmup, repeat, emulate, as_json):
     """Latency of the compiled MODEL next to ONNX Runtime (QDQ and float), side by side in one run."""
     from nativeq.verify.bench import BenchConfig, bench_model
 
     cfg = BenchConfig(target=target, artifact=artifact, float_onnx=float_onnx, dims=_parse_dims(dims), threads=threads,
-                      warmup=warmup, repeat=repeat)
+                      warmup=warmup, repeat=repeat, emulate=emulate)
     report = bench_model(model, cfg)
     click.echo(report.to_json() if as_json else report.table())
 

@@ -50,9 +50,9 @@ class InsnBenchResult:
     def table(self) -> str:
         shapes = ", ".join(f"{k}{list(v)}" for k, v in self.input_shapes.items())
         base = self.rows[0].insns_per_inference
-        header = ("artifact", "target", "int8", "qemu -cpu", "M insns/inference", f"vs {self.rows[0].artifact}")
+        header = ("artifact", "target", "int8", "qemu -cpu", "M insns/inference", f"vs {Path(self.rows[0].artifact).name}")
         body = [
-            (r.artifact, r.target, "yes" if r.int8 else "no (float)", r.cpu, f"{r.insns_per_inference / 1e6:.3f}",
+            (Path(r.artifact).name, r.target, "yes" if r.int8 else "no (float)", r.cpu, f"{r.insns_per_inference / 1e6:.3f}",
              f"{r.insns_per_inference / max(base, 1):.2f}x")
             for r in self.rows
         ]

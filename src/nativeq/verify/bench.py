@@ -27,6 +27,9 @@ class BenchConfig:
     float_onnx: the float model the QDQ one came from, timed in ORT too.
     dims: sizes of symbolic dims (default 64 each). threads: for every engine.
     warmup / repeat: untimed and timed runs per engine.
+    emulate: instead of timing, count aarch64 instructions per inference under qemu for an
+    int8 build per ARM target (`target` if it is an ARM target, else rpi4 and rpi5) and a
+    float build (the only speed signal without the device).
     """
 
     target: str = "host"
@@ -37,6 +40,7 @@ class BenchConfig:
     warmup: int = 3
     repeat: int = 20
     seed: int = 0
+    emulate: bool = False
 
 
 @dataclass
@@ -139,8 +143,31 @@ def _time_interleaved(runners: dict, warmup: int, repeat: int) -> list[EngineTim
     return [EngineTiming(name, t) for name, t in times.items()]
 
 
-def bench_model(model_path, cfg: BenchConfig) -> BenchReport:
-    """Compile (unless cfg.artifact is given) and time MODEL against ONNX Runtime."""
+def bench_emulated_model(model_path, cfg: BenchConfig):
+    """Compile MODEL for ARM targets (int8, and one float build) and count instructions per inference under qemu."""
+    from nativeq.compile import CompileConfig, compile_model
+    from nativeq.runtime.insn_bench import InsnBenchConfig, bench_emulated
+    from nativeq.targets import get_target
+
+    requested = get_target(cfg.target)
+    names = [requested.name] if requested.arch == "aarch64" else ["rpi4", "rpi5"]
+    with tempfile.TemporaryDirectory(prefix="nativeq-bench-emulated-") as tmp:
+        builds = []
+        for name in names:
+            builds.append(Path(tmp) / f"{name}-int8")
+            compile_model(model_path, builds[-1], CompileConfig(target=name))
+        builds.append(Path(tmp) / f"{names[0]}-float")
+        compile_model(model_path, builds[-1], CompileConfig(target=names[0], int8=False))
+        return bench_emulated(builds, InsnBenchConfig(dims=cfg.dims, repeat=max(1, min(cfg.repeat, 5)), seed=cfg.seed))
+
+
+def bench_model(model_path, cfg: BenchConfig):
+    """Compile (unless cfg.artifact is given) and time MODEL against ONNX Runtime.
+
+    With cfg.emulate, count aarch64 instructions instead (see `bench_emulated_model`).
+    """
+    if cfg.emulate:
+        return bench_emulated_model(model_path, cfg)
     if cfg.threads < 1:
         raise NativeqError(f"--threads must be ≥ 1, got {cfg.threads}")
     # NOTE: the TVM thread pool reads TVM_NUM_THREADS when it first starts, so set it before any run.
