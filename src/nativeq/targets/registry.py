@@ -5,12 +5,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 from nativeq.errors import NativeqError
+from nativeq.runtime.cpu import cpu_features, machine_arch
 
 INT8_FAMILIES = ("avx512-vnni", "avx2", "neon", "sdot")
 _BUILTIN = Path(__file__).with_name("builtin.json")
@@ -63,22 +63,12 @@ def set_user_targets_file(path: str | os.PathLike | None) -> None:
 
 
 def host_arch() -> str:
-    m = platform.machine().lower()
-    return {"amd64": "x86_64", "arm64": "aarch64"}.get(m, m)
+    return machine_arch()
 
 
-@lru_cache(maxsize=1)
 def host_cpu_features() -> frozenset[str]:
-    """CPU flags of this machine, as /proc/cpuinfo spells them (`flags` on x86, `Features` on ARM)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return frozenset(value.split())
-    return frozenset()
+    """CPU features of this machine, as Linux spells them (see `nativeq.runtime.cpu`)."""
+    return cpu_features()
 
 
 def _entry_to_target(entry: dict, source: str, known: dict[str, Target]) -> Target:
