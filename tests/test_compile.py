@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -166,3 +167,19 @@ def test_verify_reports_ort_optimized_reference(matmul_artifact):
     report = verify_artifact(artifact, onnx_path, VerifyConfig(ort_opt="all", dims={"T": 20}))
     assert report.ort_opt == "all" and "graph optimizations: all" in report.table()
     assert report.outputs[0].max_steps is not None
+
+
+def test_host_uses_the_database_of_the_target_it_was_detected_as(tmp_path, monkeypatch):
+    from nativeq.compile.api import DATABASE_FILES, CompileConfig, tuning_database
+    from nativeq.targets import get_target
+
+    host = get_target("host")
+    base = host.source.partition(":")[2]
+    assert base, host.source
+    monkeypatch.chdir(tmp_path)
+    assert tuning_database(CompileConfig(target="host"), host) is None
+    (tmp_path / "tuning_logs" / base).mkdir(parents=True)
+    for name in DATABASE_FILES:
+        (tmp_path / "tuning_logs" / base / name).write_text("")
+    assert tuning_database(CompileConfig(target="host"), host) == Path("tuning_logs") / base
+    assert tuning_database(CompileConfig(target="host", use_tuning=False), host) is None

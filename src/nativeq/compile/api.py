@@ -31,7 +31,8 @@ class CompileConfig:
 
     int8: run nativeq's int8 lowering and kernels (False: TVM's own float QDQ path).
     tuning_log: a MetaSchedule JSON database directory; default `tuning_logs/<target>/`
-        (relative to the working directory) when it exists.
+        (relative to the working directory) when it exists; for `host`, also the database of
+        the builtin target it was detected as.
     use_tuning: False ignores any tuning database.
     explain: report which matmul/conv sites became int8 and which stayed float, and why.
     """
@@ -128,8 +129,15 @@ def tuning_database(cfg: CompileConfig, target: Target) -> Path | None:
     if not cfg.use_tuning:
         return None
     if cfg.tuning_log is None:
-        default = Path("tuning_logs") / target.name
-        return default if all((default / f).is_file() for f in DATABASE_FILES) else None
+        # `host` was detected as a builtin entry ("detected:x86-avx512-vnni"): its database serves too.
+        names = [target.name]
+        if target.source.startswith("detected:"):
+            names.append(target.source.partition(":")[2])
+        for name in names:
+            default = Path("tuning_logs") / name
+            if all((default / f).is_file() for f in DATABASE_FILES):
+                return default
+        return None
     path = Path(cfg.tuning_log)
     if not path.is_dir():
         raise NativeqError(f"tuning database {path} does not exist (expected a directory with {' and '.join(DATABASE_FILES)})")
