@@ -270,17 +270,9 @@ def _ort_session(path: Path, levels: tuple[str, ...], threads: int):
 
 def _time_engines(runners: dict, warmup: int, repeat: int) -> list[dict]:
     """Median/p10/p90 ms per engine; runs are interleaved so load changes hit every engine alike."""
-    for run in runners.values():
-        for _ in range(warmup):
-            run()
-    times = {name: [] for name in runners}
-    for _ in range(repeat):
-        for name, run in runners.items():
-            t0 = time.perf_counter()
-            run()
-            times[name].append(1000 * (time.perf_counter() - t0))
-    return [{"name": n, "median_ms": float(np.median(t)), "p10_ms": float(np.percentile(t, 10)),
-             "p90_ms": float(np.percentile(t, 90)), "runs": len(t)} for n, t in times.items()]
+    from nativeq.verify.bench import time_interleaved
+
+    return [e.to_dict() for e in time_interleaved(runners, warmup, repeat)]
 
 
 def _latencies(cfg: DemoConfig, work: Path, art: dict, feats: np.ndarray) -> list[dict]:

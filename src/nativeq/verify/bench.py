@@ -60,6 +60,10 @@ class EngineTiming:
     def p90(self) -> float:
         return float(np.percentile(self.times_ms, 90))
 
+    def to_dict(self) -> dict:
+        return {"name": self.name, "median_ms": self.median, "p10_ms": self.p10, "p90_ms": self.p90,
+                "runs": len(self.times_ms)}
+
 
 @dataclass
 class BenchReport:
@@ -88,10 +92,7 @@ class BenchReport:
             "target": self.target,
             "threads": self.threads,
             "dims": self.dims,
-            "engines": [
-                {"name": e.name, "median_ms": e.median, "p10_ms": e.p10, "p90_ms": e.p90, "runs": len(e.times_ms)}
-                for e in self.engines
-            ],
+            "engines": [e.to_dict() for e in self.engines],
             "ort_best": self.ort_best.name,
             "ratio_compiled_to_ort_best": self.ratio,
         }
@@ -130,7 +131,8 @@ def _ort_runner(path: str, level: str, threads: int, feeds: dict):
     return lambda: session.run(None, own_feeds)
 
 
-def _time_interleaved(runners: dict, warmup: int, repeat: int) -> list[EngineTiming]:
+def time_interleaved(runners: dict, warmup: int, repeat: int) -> list[EngineTiming]:
+    """Warm up every engine, then time them round-robin so load changes hit every engine alike."""
     for run in runners.values():
         for _ in range(warmup):
             run()
@@ -193,7 +195,7 @@ def bench_model(model_path, cfg: BenchConfig):
         if cfg.float_onnx:
             load_onnx(cfg.float_onnx)  # a clear error for a missing or broken file
             runners["ort fp32 (opt all)"] = _ort_runner(str(cfg.float_onnx), "all", cfg.threads, feeds)
-        engines = _time_interleaved(runners, cfg.warmup, cfg.repeat)
+        engines = time_interleaved(runners, cfg.warmup, cfg.repeat)
     dims = {s: cfg.dims.get(s, None) for spec in compiled.inputs for s in spec.shape if isinstance(s, str)}
     from nativeq.verify.inputs import DEFAULT_DIM
 
