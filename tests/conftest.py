@@ -30,7 +30,8 @@ def nativeq_cli(tmp_path):
 def matmul_artifact(tmp_path_factory):
     """`tests/qdq_models.qdq_matmul()` (symbolic T) compiled for `host`: (onnx_path, artifact_dir).
 
-    Shared read-only: copy the directory before modifying it.
+    Built without any tuning database, so it does not depend on the working directory's
+    `tuning_logs/`. Shared read-only: copy the directory before modifying it.
     """
     import onnx
     import qdq_models
@@ -40,5 +41,5 @@ def matmul_artifact(tmp_path_factory):
     root = tmp_path_factory.mktemp("matmul_artifact")
     onnx_path = root / "qdq_matmul.onnx"
     onnx.save(qdq_models.qdq_matmul(), onnx_path)
-    compile_model(onnx_path, root / "artifact", CompileConfig(target="host"))
+    compile_model(onnx_path, root / "artifact", CompileConfig(target="host", use_tuning=False))
     return onnx_path, root / "artifact"
