@@ -99,25 +99,32 @@ def _lines(path: Path) -> list[str]:
         raise NativeqError(f"cannot read tuning database file {path}: {e.strerror}") from None
 
 
-def read_database(directory: str | Path) -> DatabaseLines:
-    """The valid lines of the database in `directory`; bad lines are skipped with a warning."""
-    directory = Path(directory)
-    out = DatabaseLines()
-    index_map: dict[int, int] = {}  # workload line index in the file -> index among kept workloads
-    seen_hashes: dict[str, int] = {}
-    for file_index, raw in enumerate(_lines(directory / WORKLOAD_FILE)):
+def _valid_lines(path: Path, is_valid, what: str, out: "DatabaseLines"):
+    """(0-based line index, raw line, parsed JSON) of each valid line of `path`; a bad line is
+    counted in `out.skipped` and warned about with its file and 1-based line number."""
+    for index, raw in enumerate(_lines(path)):
         if not raw.strip():
             continue
         try:
             obj = json.loads(raw)
         except json.JSONDecodeError:
             out.skipped += 1
-            _warn(directory / WORKLOAD_FILE, file_index + 1, "not valid JSON")
+            _warn(path, index + 1, "not valid JSON")
             continue
-        if not _valid_workload(obj):
+        if not is_valid(obj):
             out.skipped += 1
-            _warn(directory / WORKLOAD_FILE, file_index + 1, "not a [hash, module] workload")
+            _warn(path, index + 1, f"not a {what}")
             continue
+        yield index, raw, obj
+
+
+def read_database(directory: str | Path) -> DatabaseLines:
+    """The valid lines of the database in `directory`; bad lines are skipped with a warning."""
+    directory = Path(directory)
+    out = DatabaseLines()
+    index_map: dict[int, int] = {}  # workload line index in the file -> index among kept workloads
+    seen_hashes: dict[str, int] = {}
+    for file_index, raw, obj in _valid_lines(directory / WORKLOAD_FILE, _valid_workload, "[hash, module] workload", out):
         # NOTE: TVM numbers workloads by line; a blank line would shift the indices, so keep
         # the file index -> kept index map explicit.
         if obj[0] in seen_hashes and out.workloads[seen_hashes[obj[0]]] == raw:
@@ -126,22 +133,10 @@ def read_database(directory: str | Path) -> DatabaseLines:
         index_map[file_index] = len(out.workloads)
         seen_hashes.setdefault(obj[0], len(out.workloads))
         out.workloads.append(raw)
-    for line_no, raw in enumerate(_lines(directory / RECORD_FILE), start=1):
-        if not raw.strip():
-            continue
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError:
-            out.skipped += 1
-            _warn(directory / RECORD_FILE, line_no, "not valid JSON")
-            continue
-        if not _valid_record(obj):
-            out.skipped += 1
-            _warn(directory / RECORD_FILE, line_no, "not a [workload, record] tuning record")
-            continue
+    for index, _, obj in _valid_lines(directory / RECORD_FILE, _valid_record, "[workload, record] tuning record", out):
         if obj[0] not in index_map:
             out.skipped += 1
-            _warn(directory / RECORD_FILE, line_no, f"refers to workload {obj[0]}, which is missing or was skipped")
+            _warn(directory / RECORD_FILE, index + 1, f"refers to workload {obj[0]}, which is missing or was skipped")
             continue
         out.records.append((index_map[obj[0]], json.dumps([index_map[obj[0]], obj[1]], separators=(",", ":"))))
     return out
