@@ -19,6 +19,7 @@ from pathlib import Path
 
 from nativeq.compile._tvm import TVMTarget, relax, tvm
 from nativeq.compile.passes.int8 import int8_passes
+from nativeq.compile.passes.legalize_like_ort import legalize_like_ort
 from nativeq.compile.schedules import kernel_relax_passes, schedule_passes
 
 
@@ -48,7 +49,7 @@ def _passes(target, *, int8: bool, tuning_database: Path | None) -> list:
         # library dispatch and legalization to TIR, then fusion
         relax.backend.DispatchSampling(),
         relax.backend.DispatchSortScan(),
-        relax.transform.LegalizeOps(),
+        relax.transform.LegalizeOps(customize_legalize_map=legalize_like_ort()),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),

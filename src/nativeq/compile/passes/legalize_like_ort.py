@@ -1,0 +1,186 @@
+"""Legalization rules for float islands that reproduce ONNX Runtime's CPU kernels bit for bit.
+
+Pipeline position: the `customize_legalize_map` of the pipeline's `LegalizeOps` (see
+compile/pipeline.py), so it applies to every target and to `--no-int8` builds alike.
+
+Why: in a QDQ model every float island ends in a QuantizeLinear. A float result one ulp
+away from ORT's flips a rounding at a .5 boundary by one step, and the step propagates
+through every later layer: a 4-block Conformer drifted 3-5 steps from ORT on real speech
+from single flips after its LayerNorms (TOPI's layer_norm, or even a correctly rounded
+one, differs from ORT in ~50% of elements by an ulp).
+
+LayerNormalization, float32, one normalized row of n elements (onnxruntime 1.32 on x86:
+MLAS's AVX2 kernel for n >= 8, the scalar Welford loop of layer_norm_impl.cc below that;
+worked out against the installed onnxruntime and pinned by tests/test_legalize_like_ort.py):
+
+    n >= 8:  mean = f32(sum(x) in float64 / n);  d = x - mean
+             8 lane accumulators acc[l] = fma(d[8c+l], d[8c+l], acc[l]) over whole chunks c,
+             s = ((acc0+acc4)+(acc2+acc6)) + ((acc1+acc5)+(acc3+acc7)), then
+             s = s + d[i]*d[i] for the tail i >= 8*(n//8), in order
+             inv = 1 / sqrt(s / n + eps);        y = fma(d * inv, scale, bias)
+    n < 8:   Welford: delta = x[i] - mean; mean += delta / (i+1); m2 += delta * (x[i] - mean)
+             std = sqrt(m2 / n + eps);           y = (x - mean) / std * scale + bias
+
+`fma` is TIR's `tirx.fma` (one rounding; `llvm.fmuladd` fuses on every nativeq target).
+TVM's LLVM backend does not contract a separate multiply and add, so the other lines keep
+their two roundings. A row whose length is not known at compile time gets a float64
+two-pass LayerNorm rounded once (correctly rounded, within an ulp of ORT).
+"""
+
+from __future__ import annotations
+
+from nativeq.compile._tvm import te, tirx, topi
+
+_LANES = 8  # MLAS AVX2: 8 float32 lanes
+
+
+def _fma(dtype, a, b, c):
+    """a * b + c with one rounding."""
+    return tirx.call_intrin(dtype, "tirx.fma", a, b, c)
+
+
+def _rounded(dtype, value):
+    """`value` rounded on its own: LLVM may not fuse it into a neighbouring add (an FMA)."""
+    return tirx.call_llvm_pure_intrin(dtype, "llvm.arithmetic.fence", value)
+
+
+def _ort_layer_norm(x, gamma, beta, axes, epsilon):
+    ndim = len(x.shape)
+    axes = sorted(int(a) % ndim for a in axes)
+    outer_dims = [d for d in range(ndim) if d not in axes]
+    outer_shape = [x.shape[d] for d in outer_dims]
+    row_dims = [x.shape[a] for a in axes]
+    static = all(isinstance(n, (int, tirx.IntImm)) for n in row_dims)
+    n = 1
+    for extent in row_dims:
+        n = n * (int(extent) if static else extent)
+    f32 = x.dtype
+
+    def element(outer, k):
+        """x at outer index `outer` and flat (row-major) position `k` within the row."""
+        inner = []
+        for extent in reversed(row_dims):
+            inner.insert(0, k % extent)
+            k = k // extent
+        index, outer, inner = [], list(outer), list(inner)
+        for d in range(ndim):
+            index.append(inner.pop(0) if d in axes else outer.pop(0))
+        return x(*index)
+
+    def param(p, index):
+        # scale/bias cover the trailing normalized dims (size-1 dims broadcast)
+        inner = [index[d] for d in axes][len(axes) - len(p.shape):]
+        return p(*[0 if int(size) == 1 else i for size, i in zip(p.shape, inner)])
+
+    def split(index):
+        outer = [index[d] for d in outer_dims]
+        flat = 0
+        for d, extent in zip(axes, row_dims):
+            flat = flat * extent + index[d]
+        return outer, flat
+
+    def f(value):
+        return tirx.const(value, f32)
+
+    if not static:
+        return _layer_norm_float64(x, gamma, beta, axes, epsilon, outer_shape, n, element, param, split)
+    if n < _LANES:
+        return _layer_norm_welford(x, gamma, beta, epsilon, outer_shape, n, element, param, split, f)
+
+    def row_sum(*outer):
+        k = te.reduce_axis((0, n), name="k")
+        return te.sum(element(outer, k).astype("float64"), axis=k)
+
+    total = te.compute(outer_shape, row_sum, name="ln_sum")
+    mean = te.compute(outer_shape, lambda *o: (total(*o) / tirx.const(n, "float64")).astype(f32), name="ln_mean")
+
+    def lane_sum_of_squares(*index):
+        outer, lane = index[:-1], index[-1]
+        acc = f(0.0)
+        for chunk in range(n // _LANES):
+            d = element(outer, chunk * _LANES + lane) - mean(*outer)
+            acc = _fma(f32, d, d, acc)
+        return acc
+
+    lanes = te.compute([*outer_shape, _LANES], lane_sum_of_squares, name="ln_lanes")
+
+    def inv_std(*outer):
+        a = [lanes(*outer, lane) for lane in range(_LANES)]
+        s = ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
+        for i in range(n // _LANES * _LANES, n):
+            d = element(outer, i) - mean(*outer)
+            s = s + _rounded(f32, d * d)
+        return f(1.0) / te.sqrt(s / f(float(n)) + f(float(epsilon)))
+
+    inv = te.compute(outer_shape, inv_std, name="ln_inv_std")
+
+    def normalize(*index):
+        outer, _ = split(index)
+        d = x(*index) - mean(*outer)
+        return _fma(f32, d * inv(*outer), param(gamma, index), param(beta, index))
+
+    return te.compute(x.shape, normalize, name="layer_norm")
+
+
+def _layer_norm_welford(x, gamma, beta, epsilon, outer_shape, n, element, param, split, f):
+    def stats(*outer):
+        mean, m2 = f(0.0), f(0.0)
+        for i in range(n):
+            value = element(outer, i)
+            delta = value - mean
+            mean = mean + delta / f(float(i + 1))
+            m2 = m2 + _rounded(x.dtype, delta * (value - mean))
+        return mean, te.sqrt(m2 / f(float(n)) + f(float(epsilon)))
+
+    mean = te.compute(outer_shape, lambda *o: stats(*o)[0], name="ln_mean")
+    std = te.compute(outer_shape, lambda *o: stats(*o)[1], name="ln_std")
+
+    def normalize(*index):
+        outer, _ = split(index)
+        scaled = _rounded(x.dtype, (x(*index) - mean(*outer)) / std(*outer) * param(gamma, index))
+        return scaled + param(beta, index)
+
+    return te.compute(x.shape, normalize, name="layer_norm")
+
+
+def _layer_norm_float64(x, gamma, beta, axes, epsilon, outer_shape, n, element, param, split):
+    def wide(value):
+        return value.astype("float64")
+
+    count = tirx.Cast("float64", n)
+
+    def row_sum(*outer):
+        k = te.reduce_axis((0, n), name="k")
+        return te.sum(wide(element(outer, k)), axis=k)
+
+    total = te.compute(outer_shape, row_sum, name="ln_sum")
+    mean = te.compute(outer_shape, lambda *o: total(*o) / count, name="ln_mean")
+
+    def row_sum_of_squares(*outer):
+        k = te.reduce_axis((0, n), name="k")
+        centered = wide(element(outer, k)) - mean(*outer)
+        return te.sum(centered * centered, axis=k)
+
+    total_sq = te.compute(outer_shape, row_sum_of_squares, name="ln_sum_sq")
+    eps = tirx.const(float(epsilon), "float64")
+    inv = te.compute(outer_shape, lambda *o: 1.0 / te.sqrt(total_sq(*o) / count + eps), name="ln_inv_std")
+
+    def normalize(*index):
+        outer, _ = split(index)
+        y = (wide(x(*index)) - mean(*outer)) * inv(*outer) * wide(param(gamma, index))
+        return (y + wide(param(beta, index))).astype(x.dtype)
+
+    return te.compute(x.shape, normalize, name="layer_norm")
+
+
+def _legalize_layer_norm(bb, call):
+    x, gamma, beta = call.args
+    if x.ty.dtype != "float32":  # TVM's own rule
+        return bb.call_te(topi.nn.layer_norm, x, gamma, beta, axis=call.attrs.axes, epsilon=call.attrs.epsilon)
+    return bb.call_te(_ort_layer_norm, x, gamma, beta, list(call.attrs.axes), float(call.attrs.epsilon),
+                      primfunc_name_hint="layer_norm")
+
+
+def legalize_like_ort() -> dict:
+    """`LegalizeOps(customize_legalize_map=...)` entries: op name -> legalization function."""
+    return {"relax.nn.layer_norm": _legalize_layer_norm}

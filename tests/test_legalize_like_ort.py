@@ -1,0 +1,104 @@
+"""Float islands legalized like ONNX Runtime (compile/passes/legalize_like_ort.py): bit-identical outputs.
+
+The reference is the installed onnxruntime's CPU kernel itself, with graph optimizations off.
+If an onnxruntime upgrade changes its LayerNorm arithmetic, these tests fail and say so.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from nativeq.compile import CompileConfig, compile_model
+from nativeq.runtime import load
+
+
+def layer_norm_model(shape, axis: int = -1, bias: bool = True, seed: int = 0) -> onnx.ModelProto:
+    """One LayerNormalization over `shape` (str entries are symbolic dims), opset 21."""
+    rng = np.random.default_rng(seed)
+    norm_shape = [int(d) for d in shape[axis:]]
+    inits = [numpy_helper.from_array(rng.normal(1.0, 0.3, norm_shape).astype(np.float32), "scale")]
+    inputs = ["x", "scale"]
+    if bias:
+        inits.append(numpy_helper.from_array(rng.normal(0.0, 0.3, norm_shape).astype(np.float32), "bias"))
+        inputs.append("bias")
+    node = helper.make_node("LayerNormalization", inputs, ["y"], axis=axis, epsilon=1e-5)
+    graph = helper.make_graph(
+        [node], "layer_norm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(shape))],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    return model
+
+
+def run_both(model, x, tmp_path, target="host"):
+    path = tmp_path / "ln.onnx"
+    onnx.save(model, path)
+    compile_model(path, tmp_path / "art", CompileConfig(target=target, use_tuning=False))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    ref = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    out = load(tmp_path / "art").run({"x": x})
+    out = np.asarray(out["y"] if isinstance(out, dict) else out[0])
+    return out, ref
+
+
+def speech_like(shape, seed=1):
+    """Activations with a non-zero mean and uneven spread, like a Conformer residual stream."""
+    rng = np.random.default_rng(seed)
+    return (rng.normal(0.3, 2.0, shape) * rng.uniform(0.2, 3.0, shape[-1:])).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "shape, axis, t",
+    [
+        ((1, "T", 144), -1, 300),  # MLAS vector path, n a multiple of 8 (the Conformer's d_model)
+        ((1, "T", 100), -1, 77),  # vector path with a scalar tail (100 = 12*8 + 4)
+        ((2, "T", 4), -1, 50),  # n < 8: ORT's scalar Welford loop
+        ((1, "T", 4, 10), -2, 60),  # two normalized axes, flattened row-major (n = 40)
+    ],
+    ids=["n144", "n100-tail", "n4-welford", "two-axes"],
+)
+def test_layer_norm_is_bit_identical_to_onnxruntime(shape, axis, t, tmp_path):
+    x = speech_like(tuple(t if d == "T" else d for d in shape))
+    out, ref = run_both(layer_norm_model(shape, axis), x, tmp_path)
+    mismatched = int(np.sum(out != ref))
+    assert mismatched == 0, f"{mismatched}/{out.size} elements differ from ORT (max {np.abs(out - ref).max():.3g})"
+
+
+def test_layer_norm_without_bias_is_bit_identical(tmp_path):
+    x = speech_like((1, 90, 64))
+    out, ref = run_both(layer_norm_model((1, "T", 64), bias=False), x, tmp_path)
+    np.testing.assert_array_equal(out, ref)
+
+
+def test_layer_norm_large_mean_stays_accurate(tmp_path):
+    """Centered variance: a row far from zero (mean 1e4, spread 1) keeps full precision, like ORT."""
+    rng = np.random.default_rng(3)
+    x = (1e4 + rng.normal(0, 1.0, (1, 40, 144))).astype(np.float32)
+    out, ref = run_both(layer_norm_model((1, "T", 144)), x, tmp_path)
+    np.testing.assert_array_equal(out, ref)
+    exact = (x.astype(np.float64) - x.mean(-1, keepdims=True, dtype=np.float64)) / x.std(-1, keepdims=True, dtype=np.float64)
+    scale = numpy_helper.to_array(layer_norm_model((1, "T", 144)).graph.initializer[0]).astype(np.float64)
+    bias = numpy_helper.to_array(layer_norm_model((1, "T", 144)).graph.initializer[1]).astype(np.float64)
+    assert np.abs(out - (exact * scale + bias)).max() < 1e-3
+
+
+@pytest.mark.arm
+def test_layer_norm_on_rpi5_under_qemu_is_bit_identical(tmp_path):
+    from nativeq.verify import VerifyConfig, verify_artifact
+
+    path = tmp_path / "ln.onnx"
+    onnx.save(layer_norm_model((1, "T", 144)), path)
+    compile_model(path, tmp_path / "art", CompileConfig(target="rpi5", use_tuning=False))
+    inputs = tmp_path / "x.npy"
+    np.save(inputs, speech_like((1, 120, 144)))
+    report = verify_artifact(tmp_path / "art", path, VerifyConfig(inputs=str(inputs), rtol=0.0))
+    assert report.passed
+    assert report.outputs[0].max_abs == 0.0
