@@ -181,6 +181,44 @@ def _legalize_layer_norm(bb, call):
                       primfunc_name_hint="layer_norm")
 
 
+# MLAS's logistic (onnxruntime/core/mlas/lib/logistic.cpp, the constants Eigen uses), evaluated
+# as its FMA3 kernel does: clamp to [-18, 18]; p = x * poly(x^2, alpha), q = poly(x^2, beta)
+# with every step an FMA; sigmoid = clamp(p / q + 0.5, 0, 1).
+_LOGISTIC_ALPHA = (4.37031012579801e-11, 1.15627324459942e-07, 6.08574864600143e-05, 8.51377133304701e-03,
+                   2.48287947061529e-01)
+_LOGISTIC_BETA = (6.10247389755681e-13, 5.76102136993427e-09, 6.29106785017040e-06, 1.70198817374094e-03,
+                  1.16817656904453e-01, 9.93151921023180e-01)
+
+
+def _mlas_logistic(x):
+    dtype = x.dtype
+
+    def c(value):
+        return tirx.const(value, dtype)
+
+    def horner(v2, coefficients):
+        acc = _fma(dtype, v2, c(coefficients[0]), c(coefficients[1]))
+        for coefficient in coefficients[2:]:
+            acc = _fma(dtype, acc, v2, c(coefficient))
+        return acc
+
+    def logistic(*index):
+        v = tirx.min(c(18.0), tirx.max(c(-18.0), x(*index)))
+        v2 = v * v
+        p = horner(v2, _LOGISTIC_ALPHA) * v
+        q = horner(v2, _LOGISTIC_BETA)
+        return tirx.min(c(1.0), tirx.max(c(0.0), p / q + c(0.5)))
+
+    return te.compute(x.shape, logistic, name="sigmoid")
+
+
+def _legalize_sigmoid(bb, call):
+    x = call.args[0]
+    if x.ty.dtype != "float32":  # TVM's own rule
+        return bb.call_te(topi.sigmoid, x)
+    return bb.call_te(_mlas_logistic, x, primfunc_name_hint="sigmoid")
+
+
 def legalize_like_ort() -> dict:
     """`LegalizeOps(customize_legalize_map=...)` entries: op name -> legalization function."""
-    return {"relax.nn.layer_norm": _legalize_layer_norm}
+    return {"relax.nn.layer_norm": _legalize_layer_norm, "relax.sigmoid": _legalize_sigmoid}

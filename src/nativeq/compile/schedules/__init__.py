@@ -2,8 +2,9 @@
 
 Two hooks, called by `compile/pipeline.py`:
 
-- `kernel_relax_passes(target)`: Relax passes run before LegalizeOps. Packs the constant
-  weights of int8 matmuls for the target's dot intrinsic (`pack_weights.py`), and swaps
+- `kernel_relax_passes(target)`: Relax passes run before LegalizeOps. Turns int8 convs into
+  im2col + matmul (`conv_as_matmul.py`), packs the constant weights of int8 matmuls for the
+  target's dot intrinsic (`pack_weights.py`), and swaps
   float `erf` (GELU) for a vectorizable approximation (`fast_erf.py`).
 - `schedule_passes(target)`: TIR passes run after FuseOps/FuseTIR. Gives every PrimFunc a
   schedule without tuning (`default_schedule.py`): tensorized int8 matmuls (`matmul.py`),
@@ -20,11 +21,12 @@ from nativeq.compile.schedules.intrinsics import dot_intrin_for
 
 def kernel_relax_passes(target) -> list:
     """Relax-level passes that choose int8 kernel layouts (pack weights), run before legalization."""
+    from nativeq.compile.schedules.conv_as_matmul import Int8ConvAsMatmul
     from nativeq.compile.schedules.fast_erf import FastErf
     from nativeq.compile.schedules.pack_weights import PackInt8Weights
 
     intrin = dot_intrin_for(target)
-    return [FastErf(), *([PackInt8Weights(intrin)] if intrin is not None else [])]
+    return [FastErf(), *([Int8ConvAsMatmul(intrin), PackInt8Weights(intrin)] if intrin is not None else [])]
 
 
 def schedule_passes(target) -> list:

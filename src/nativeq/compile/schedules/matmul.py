@@ -5,7 +5,7 @@ holding a `nativeq_int8_matmul` block, i.e. the `call_tir` kernels that
 `pack_weights.PackInt8Weights` created, with whatever elementwise epilogue FuseTIR fused in
 (bias add, int32 -> float rescale, round, clip, cast to int8/uint8).
 
-Schedule (rows = all leading spatial axes fused, symbolic time axis allowed):
+Schedule (rows = the row axis, tiled; batch axes fused into the parallel tile loop; symbolic sizes allowed):
 
     for tile in parallel(rows/mr x N/(nr*lanes)):      # one register tile per iteration
         acc[mr, nr*lanes] = 0                           # decomposed reduction init
@@ -88,13 +88,15 @@ def _schedule(sch: Schedule, intrin: DotIntrin) -> Schedule | None:
         sch.compute_inline(block)
     last = epilogue[-1] if epilogue else None
 
-    rows = sch.fuse(*row_loops) if len(row_loops) > 1 else row_loops[0]
+    # Only the rows axis is tiled: it is padded to a multiple of mr per batch entry, so the split
+    # is exact even when the batch is symbolic too (fusing batch x rows first would not be).
+    *batch_loops, rows = row_loops
     mr, nr = register_tile(n // lanes, intrin)
     row_outer, row_inner = sch.split(rows, factors=[None, mr])
     col_outer, col_block, col_lane = sch.split(j, factors=[None, nr, lanes])
     k_outer, k_inner = sch.split(k, factors=[None, kstep])
-    sch.reorder(row_outer, col_outer, k_outer, row_inner, col_block, col_lane, k_inner)
-    tile = sch.fuse(row_outer, col_outer)
+    sch.reorder(*batch_loops, row_outer, col_outer, k_outer, row_inner, col_block, col_lane, k_inner)
+    tile = sch.fuse(*batch_loops, row_outer, col_outer)
     sch.parallel(tile)
 
     init = sch.decompose_reduction(matmul, k_outer)
