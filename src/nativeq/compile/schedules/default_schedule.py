@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 
 from nativeq.compile._tvm import DlightCpuReduction, TVMTarget, tirx, tvm
-from nativeq.compile.schedules.generic import has_multi_axis_reduction, schedule_generic
+from nativeq.compile.schedules.generic import has_integer_matmul, has_multi_axis_reduction, schedule_generic
 from nativeq.compile.schedules.intrinsics import dot_intrin_for
 from nativeq.compile.schedules.matmul import schedule_int8_matmul
 
@@ -52,7 +52,7 @@ class DefaultCpuSchedule:
             sch = schedule_int8_matmul(func, self.intrin)
             if sch is not None:
                 return "int8-matmul", sch.mod["main"]
-        if has_multi_axis_reduction(func):
+        if has_multi_axis_reduction(func) or has_integer_matmul(func):
             sch = schedule_generic(func, _vector_bits(self.target))
             if sch is not None:
                 return "generic", sch.mod["main"]

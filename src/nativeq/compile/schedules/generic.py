@@ -125,6 +125,24 @@ def has_multi_axis_reduction(func) -> bool:
     return any(_iter_kinds(sch, b).count("R") >= 2 for b in blocks)
 
 
+def has_integer_matmul(func) -> bool:
+    """Whether a block accumulates 8-bit products into int32 over one axis (an activation x activation
+    matmul, e.g. attention's Q.K^T and P.V): dlight's reduction rule keeps such a reduction innermost
+    and scalar; `reduction_vectorize` turns it into rows x vector-of-columns multiply-adds."""
+    sch = Schedule(func)
+    try:
+        blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    except _ERRORS:
+        return False
+    for block in blocks:
+        stmt = sch.get(block)
+        if _iter_kinds(sch, block).count("R") != 1 or len(stmt.writes) != 1 or str(stmt.writes[0].source.dtype) != "int32":
+            continue
+        if any(str(r.source.dtype) in ("int8", "uint8") for r in stmt.reads):
+            return True
+    return False
+
+
 def schedule_generic(func, vector_bits: int) -> Schedule | None:
     """The default CPU schedule of any PrimFunc, or None if nothing could be applied."""
     if not isinstance(func, tirx.PrimFunc):

@@ -60,14 +60,13 @@ def _vnni_16x4_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
     with T.sblock("root"):
         T.reads(C[0:16], A[0:4], B[0:16, 0:4])
         T.writes(C[0:16])
-        a_u8x64 = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 16),
-                                dtype="uint8x64")
-        b_i8x64 = B.vload([0, 0], dtype="int8x64")
+        # NOTE: operands inline, not bound to names: a named value becomes a stack slot that LLVM
+        # keeps storing and reloading around every call once the kernel has a symbolic size.
         C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
             T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
             C.vload([0], dtype="int32x16"),
-            a_u8x64,
-            b_i8x64,
+            T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 16), dtype="uint8x64"),
+            B.vload([0, 0], dtype="int8x64"),
             dtype="int32x16",
         )
 

@@ -114,6 +114,13 @@ def _schedule(sch: Schedule, intrin: DotIntrin) -> Schedule | None:
         pad_loops = sch.get_loops(pad)
         sch.vectorize(sch.split(pad_loops[-1], factors=[None, 64])[1])
     sch.tensorize(col_lane, intrin.name)
+    # NOTE: the tile accumulator and the padded activation rows on the stack ("local"; after
+    # tensorize, whose intrinsic matches global buffers). As workspace buffers they may alias for
+    # LLVM, which then stores the accumulator after every dot product instead of keeping it in
+    # registers.
+    sch.set_scope(init, 0, "local")
+    if pad is not None:
+        sch.set_scope(pad, 0, "local")
     sch.unroll(row_inner)
     sch.unroll(col_block)
     return sch
