@@ -102,3 +102,19 @@ def test_layer_norm_on_rpi5_under_qemu_is_bit_identical(tmp_path):
     report = verify_artifact(tmp_path / "art", path, VerifyConfig(inputs=str(inputs), rtol=0.0))
     assert report.passed
     assert report.outputs[0].max_abs == 0.0
+
+
+def test_sigmoid_is_bit_identical_to_onnxruntime(tmp_path):
+    """MLAS's rational logistic, clamped input and output; from deep negative to deep positive values."""
+    graph = helper.make_graph(
+        [helper.make_node("Sigmoid", ["x"], ["y"])], "sigmoid",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "T", 96])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "T", 96])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    rng = np.random.default_rng(5)
+    x = np.concatenate([rng.normal(0, 4, (1, 200, 96)), rng.uniform(-30, 30, (1, 50, 96))], axis=1).astype(np.float32)
+    x[0, 0, :4] = [0.0, -0.0, 18.0, -18.0]
+    out, ref = run_both(model, x, tmp_path)
+    np.testing.assert_array_equal(out, ref)
