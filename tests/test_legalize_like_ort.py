@@ -118,3 +118,19 @@ def test_sigmoid_is_bit_identical_to_onnxruntime(tmp_path):
     x[0, 0, :4] = [0.0, -0.0, 18.0, -18.0]
     out, ref = run_both(model, x, tmp_path)
     np.testing.assert_array_equal(out, ref)
+
+
+def test_erf_is_bit_identical_to_onnxruntime(tmp_path):
+    """MLAS's erf: both branches (|x| <= 0.921875 and above), the clamp at 3.925, and signs."""
+    graph = helper.make_graph(
+        [helper.make_node("Erf", ["x"], ["y"])], "erf",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "T", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "T", 64])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    rng = np.random.default_rng(6)
+    x = np.concatenate([rng.normal(0, 1.5, (1, 300, 64)), rng.uniform(-6, 6, (1, 40, 64))], axis=1).astype(np.float32)
+    x[0, 0, :6] = [0.0, 0.921875, -0.921875, 3.925, -4.0, 1e-8]
+    out, ref = run_both(model, x, tmp_path)
+    np.testing.assert_array_equal(out, ref)

@@ -1,4 +1,4 @@
-"""Legalization rules for float islands that reproduce ONNX Runtime's CPU kernels bit for bit.
+"""Legalization rules for float islands (LayerNorm, Sigmoid, Erf) that reproduce ONNX Runtime's CPU kernels bit for bit.
 
 Pipeline position: the `customize_legalize_map` of the pipeline's `LegalizeOps` (see
 compile/pipeline.py), so it applies to every target and to `--no-int8` builds alike.
@@ -219,6 +219,51 @@ def _legalize_sigmoid(bb, call):
     return bb.call_te(_mlas_logistic, x, primfunc_name_hint="sigmoid")
 
 
+# MLAS's erf (onnxruntime/core/mlas/lib/erf.cpp and its FMA3 kernel), every multiply-add an FMA:
+# |x| <= 0.921875: x * (1 + x^2 * poly(x^2)); above: 1 - exp(-|x| * (1 + poly(|x|))) with MLAS's own
+# exp (round to a power of two by adding 1.5*2^23, Cody-Waite reduction, degree-6 polynomial).
+_ERF_SMALL = (-5.99104969e-4, 4.99339588e-3, -2.67667342e-2, 1.12818025e-1, -3.76124859e-1, 1.28379151e-1)
+_ERF_BIG = (1.72948930e-5, -3.83208680e-4, 3.88393435e-3, -2.42545605e-2, 1.06777847e-1, 6.34846687e-1,
+            1.28717512e-1)
+_ERF_EXP = (1.38319808e-3, 8.37550033e-3, 4.16689515e-2, 1.66664466e-1, 4.99999851e-1, 1.0, 1.0)
+
+
+def _mlas_erf(x):
+    dtype = x.dtype
+
+    def c(value):
+        return tirx.const(value, dtype)
+
+    def horner(v, coefficients):
+        acc = c(coefficients[0])
+        for coefficient in coefficients[1:]:
+            acc = _fma(dtype, acc, v, c(coefficient))
+        return acc
+
+    def erf(*index):
+        value = x(*index)
+        magnitude = tirx.min(c(3.925), tirx.abs(value))
+        small = _fma(dtype, horner(magnitude * magnitude, _ERF_SMALL), magnitude, magnitude)
+        is_big = magnitude > c(0.921875)
+        big_input = tirx.if_then_else(is_big, magnitude, c(0.0))
+        exponent_arg = tirx.max(c(-88.3762626647949), -_fma(dtype, horner(big_input, _ERF_BIG), big_input, big_input))
+        rounded = _fma(dtype, c(1.44269504088896341), exponent_arg, c(1.25829120e7)) - c(1.25829120e7)
+        reduced = _fma(dtype, rounded, c(-1.42860677e-6), _fma(dtype, rounded, c(-6.93145752e-1), exponent_arg))
+        power = tirx.reinterpret(dtype, (rounded.astype("int32") + 127) * (1 << 23))
+        big = c(1.0) - horner(reduced, _ERF_EXP) * power
+        result = tirx.if_then_else(is_big, big, small)
+        return tirx.if_then_else(value < c(0.0), -result, result)
+
+    return te.compute(x.shape, erf, name="erf")
+
+
+def _legalize_erf(bb, call):
+    x = call.args[0]
+    if x.ty.dtype != "float32":  # TVM's own rule
+        return bb.call_te(topi.erf, x)
+    return bb.call_te(_mlas_erf, x, primfunc_name_hint="erf")
+
+
 def legalize_like_ort() -> dict:
     """`LegalizeOps(customize_legalize_map=...)` entries: op name -> legalization function."""
-    return {"relax.nn.layer_norm": _legalize_layer_norm, "relax.sigmoid": _legalize_sigmoid}
+    return {"relax.nn.layer_norm": _legalize_layer_norm, "relax.sigmoid": _legalize_sigmoid, "relax.erf": _legalize_erf}
