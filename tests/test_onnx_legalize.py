@@ -347,3 +347,21 @@ def test_ort_dynamic_quantized_encoder_is_bit_exact_in_tvm(weight_dtype):
         reference = ort_run(model, {"feats": feats})[0]
         np.testing.assert_array_equal(ort_run(legal, {"feats": feats})[0], reference)
         np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(feats)).numpy(), reference)
+
+
+def test_unify_operand_shapes_renames_the_smaller_operand():
+    """Two spellings of one length: the activation keeps its shape, the broadcast table is reshaped."""
+    from nativeq.compile._tvm import relax, tvm
+    from nativeq.compile.onnx_import import _unify_operand_shapes
+
+    b, t, length = (tvm.tirx.Var(n, "int64") for n in ("B", "T", "range_len"))
+    x = relax.Var("x", relax.TensorType((b, 4, (t - 3) // 4, 36), "float32"))
+    table = relax.Var("table", relax.TensorType((1, 1, length, 36), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x, table]):
+        with bb.dataflow():
+            unified = _unify_operand_shapes(bb, [x, table])
+            out = bb.emit_output(relax.op.multiply(*unified))
+        bb.emit_func_output(out)
+    assert unified[0].same_as(x)
+    assert str(unified[1].ty.shape.values[2]) == str((t - 3) // 4)

@@ -95,8 +95,9 @@ def _unify_operand_shapes(bb, inputs):
 
     The importer's shape arithmetic can spell one runtime length two ways (`T` and
     `min(1, T) + min(max(T - 1, 0), T)` after a slice and concat); the op's result shape
-    is then unknown and cannot be built. Each non-1 dimension takes its shortest spelling;
-    a reshape keeps the data and is free at run time.
+    is then unknown and cannot be built. Each non-1 dimension takes the spelling of the operand
+    with the most non-1 dimensions (then the shortest): the other operands are reshaped, which
+    is a copy when TVM cannot prove the two spellings equal, so it should hit the small ones.
     """
     shapes = {}
     for k, inp in enumerate(inputs):
@@ -110,11 +111,16 @@ def _unify_operand_shapes(bb, inputs):
     def is_one(d):
         return isinstance(d, tvm.tirx.IntImm) and d.value == 1
 
+    # The operand with the most non-1 dims (the activation, not a broadcast table) keeps its
+    # spelling, so the reshape that renames a dimension copies the smallest operand.
+    def weight(k):
+        return sum(not is_one(d) for d in shapes[k])
+
     chosen = []
     for axis in range(ndim):
-        dims = [s[axis - ndim + len(s)] for s in shapes.values() if axis - ndim + len(s) >= 0]
-        non_one = [d for d in dims if not is_one(d)]
-        chosen.append(min(non_one, key=lambda d: len(str(d))) if non_one else None)
+        candidates = [(weight(k), -len(str(s[axis - ndim + len(s)])), s[axis - ndim + len(s)])
+                      for k, s in shapes.items() if axis - ndim + len(s) >= 0 and not is_one(s[axis - ndim + len(s)])]
+        chosen.append(max(candidates, key=lambda c: c[:2])[2] if candidates else None)
     for k, dims in shapes.items():
         offset = ndim - len(dims)
         new_dims = [d if is_one(d) else chosen[offset + i] for i, d in enumerate(dims)]
