@@ -134,3 +134,19 @@ def test_erf_is_bit_identical_to_onnxruntime(tmp_path):
     x[0, 0, :6] = [0.0, 0.921875, -0.921875, 3.925, -4.0, 1e-8]
     out, ref = run_both(model, x, tmp_path)
     np.testing.assert_array_equal(out, ref)
+
+
+@pytest.mark.parametrize("shape, t", [((1, 4, "T", "T"), 50), ((1, 4, "T", "T"), 77), ((2, "T", 200), 9)],
+                         ids=["attention-50", "attention-77-tail", "rows-200"])
+def test_softmax_is_bit_identical_to_onnxruntime(shape, t, tmp_path):
+    """MLAS's exp and its 16-lane sum order: row lengths that are and are not multiples of 16."""
+    graph = helper.make_graph(
+        [helper.make_node("Softmax", ["x"], ["y"], axis=-1)], "softmax",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(shape))],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    x = (np.random.default_rng(7).normal(0, 3, tuple(t if d == "T" else d for d in shape))).astype(np.float32)
+    out, ref = run_both(model, x, tmp_path)
+    np.testing.assert_array_equal(out, ref)

@@ -1,4 +1,4 @@
-"""Legalization rules for float islands (LayerNorm, Sigmoid, Erf) that reproduce ONNX Runtime's CPU kernels bit for bit.
+"""Legalization rules for float islands (LayerNorm, Softmax, Sigmoid, Erf) that reproduce ONNX Runtime's CPU kernels bit for bit.
 
 Pipeline position: the `customize_legalize_map` of the pipeline's `LegalizeOps` (see
 compile/pipeline.py), so it applies to every target and to `--no-int8` builds alike.
@@ -264,6 +264,87 @@ def _legalize_erf(bb, call):
     return bb.call_te(_mlas_erf, x, primfunc_name_hint="erf")
 
 
+# MLAS's softmax over one row of n (onnxruntime/core/mlas/lib/compute.cpp and its AVX-512F
+# kernel): e = exp(x - max) with MLAS's exp (every multiply-add an FMA); the e's summed in 16
+# lane accumulators, chunk after chunk (a partial last chunk adds zeros), the lanes reduced as
+# halves 16 -> 8 then adjacent pairs 8 -> 4 -> 2 -> 1; softmax = e * (1 / sum).
+_EXP_POLY = tuple(float.fromhex(v) for v in ("0x1.694000p-10", "0x1.125edcp-7", "0x1.555b5ap-5", "0x1.555450p-3",
+                                             "0x1.fffff6p-2", "0x1.000000p+0"))
+_SOFTMAX_LANES = 16
+SOFTMAX_LANES_BLOCK = "mlas_softmax_lanes"  # its reduction must stay serial per lane (see default_schedule)
+
+
+def _mlas_sum_exp_element(value, dtype):
+    """exp(value) for value <= 0, as MLAS's MlasComputeSumExpVector computes it."""
+
+    def c(v):
+        return tirx.const(v, dtype)
+
+    value = tirx.max(c(-88.3762626647949), value)
+    biased = _fma(dtype, value, c(1.44269504088896341), c(12582912.0))
+    m = biased - c(12582912.0)
+    value = _fma(dtype, m, c(-1.42860677e-6), _fma(dtype, m, c(-6.93145752e-1), value))
+    scale = tirx.reinterpret(dtype, tirx.reinterpret("int32", biased) * (1 << 23) + 0x3F800000)
+    p = c(_EXP_POLY[0])
+    for coefficient in _EXP_POLY[1:]:
+        p = _fma(dtype, p, value, c(coefficient))
+    p = _fma(dtype, p, value, c(_EXP_POLY[-1]))
+    return p * scale
+
+
+def _mlas_softmax(x, axis):
+    dtype, ndim = x.dtype, len(x.shape)
+    axis = axis % ndim
+    n = x.shape[axis]
+    outer_shape = [d for i, d in enumerate(x.shape) if i != axis]
+
+    def at(outer, k):
+        outer = list(outer)
+        return x(*outer[:axis], k, *outer[axis:])
+
+    def row_max(*outer):
+        k = te.reduce_axis((0, n), name="k")
+        return te.max(at(outer, k), axis=k)
+
+    maximum = te.compute(outer_shape, row_max, name="softmax_max")
+
+    def exp_at(outer, k):
+        return _mlas_sum_exp_element(at(outer, k) - maximum(*outer), dtype)
+
+    chunks = (n + (_SOFTMAX_LANES - 1)) // _SOFTMAX_LANES
+
+    def lane_sum(*index):
+        outer, lane = index[:-1], index[-1]
+        c = te.reduce_axis((0, chunks), name="chunk")
+        k = c * _SOFTMAX_LANES + lane
+        return te.sum(tirx.if_then_else(k < n, exp_at(outer, tirx.min(k, n - 1)), tirx.const(0.0, dtype)), axis=c)
+
+    lanes = te.compute([*outer_shape, _SOFTMAX_LANES], lane_sum, name=SOFTMAX_LANES_BLOCK)
+
+    def inverse_sum(*outer):
+        a = [lanes(*outer, lane) for lane in range(_SOFTMAX_LANES)]
+        a = [a[i] + a[i + 8] for i in range(8)]
+        while len(a) > 1:
+            a = [a[2 * i] + a[2 * i + 1] for i in range(len(a) // 2)]
+        return tirx.const(1.0, dtype) / a[0]
+
+    inverse = te.compute(outer_shape, inverse_sum, name="softmax_inverse_sum")
+
+    def normalize(*index):
+        outer = [i for d, i in enumerate(index) if d != axis]
+        return exp_at(outer, index[axis]) * inverse(*outer)
+
+    return te.compute(x.shape, normalize, name="softmax")
+
+
+def _legalize_softmax(bb, call):
+    x = call.args[0]
+    if x.ty.dtype != "float32":  # TVM's own rule
+        return bb.call_te(topi.nn.softmax, x, call.attrs.axis)
+    return bb.call_te(_mlas_softmax, x, int(call.attrs.axis), primfunc_name_hint="softmax")
+
+
 def legalize_like_ort() -> dict:
     """`LegalizeOps(customize_legalize_map=...)` entries: op name -> legalization function."""
-    return {"relax.nn.layer_norm": _legalize_layer_norm, "relax.sigmoid": _legalize_sigmoid, "relax.erf": _legalize_erf}
+    return {"relax.nn.layer_norm": _legalize_layer_norm, "relax.sigmoid": _legalize_sigmoid, "relax.erf": _legalize_erf,
+            "relax.nn.softmax": _legalize_softmax}
