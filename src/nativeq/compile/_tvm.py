@@ -44,3 +44,4 @@ from tvm.s_tir import Schedule, TensorIntrin  # noqa: F401,E402
 from tvm.s_tir.dlight.cpu import Reduction as DlightCpuReduction  # noqa: F401,E402
 from tvm.script import tirx as T  # noqa: F401,E402
 from tvm import topi  # noqa: F401,E402
+from tvm.sym import Analyzer  # noqa: F401,E402  (was tvm.arith.Analyzer: proofs on symbolic shapes)

@@ -4,8 +4,10 @@ Two hooks, called by `compile/pipeline.py`:
 
 - `kernel_relax_passes(target)`: Relax passes run before LegalizeOps. Turns int8 convs into
   im2col + matmul (`conv_as_matmul.py`), packs the constant weights of int8 matmuls for the
-  target's dot intrinsic (`pack_weights.py`). (Float `erf`, GELU's, is legalized by
-  `compile/passes/legalize_like_ort.py` as MLAS computes it: vectorizable and bit-identical.)
+  target's dot intrinsic (`pack_weights.py`) and, at run time, the int8 activation rhs of
+  activation x activation matmuls (attention's Q.K^T, P.V; `pack_activations.py`). (Float `erf`,
+  GELU's, is legalized by `compile/passes/legalize_like_ort.py` as MLAS computes it: vectorizable
+  and bit-identical.)
 - `schedule_passes(target)`: TIR passes run after FuseOps/FuseTIR. Gives every PrimFunc a
   schedule without tuning (`default_schedule.py`): tensorized int8 matmuls (`matmul.py`),
   dlight's CPU reduction rule (softmax, layer norm), and a parallel + vectorized fallback for
@@ -22,10 +24,13 @@ from nativeq.compile.schedules.intrinsics import dot_intrin_for
 def kernel_relax_passes(target) -> list:
     """Relax-level passes that choose int8 kernel layouts (pack weights), run before legalization."""
     from nativeq.compile.schedules.conv_as_matmul import Int8ConvAsMatmul
+    from nativeq.compile.schedules.pack_activations import PackInt8Activations
     from nativeq.compile.schedules.pack_weights import PackInt8Weights
 
     intrin = dot_intrin_for(target)
-    return [Int8ConvAsMatmul(intrin), PackInt8Weights(intrin)] if intrin is not None else []
+    if intrin is None:
+        return []
+    return [Int8ConvAsMatmul(intrin), PackInt8Weights(intrin), PackInt8Activations(intrin)]
 
 
 def schedule_passes(target) -> list:

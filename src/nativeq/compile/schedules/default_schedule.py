@@ -4,7 +4,8 @@ Pipeline position: `schedule_passes(target)`, after FuseOps/FuseTIR, before `rel
 lowers TIR. Rules, first that applies wins:
 
 1. `matmul.schedule_int8_matmul`: packed int8 matmul + fused epilogue, tensorized with the
-   target's int8 dot intrinsic (`intrinsics.py`);
+   target's int8 dot intrinsic (`intrinsics.py`); `matmul.schedule_int8_pack`: the run-time pack
+   of an activation operand (`pack_activations.py`) with its fused producers;
 2. dlight's CPU `Reduction` rule: softmax / layer norm style reductions (not convolutions:
    blocks reducing over 2+ axes go to the generic rule, which vectorizes their output axis);
 3. `generic.schedule_generic`: parallel outer loops, vectorized inner loops.
@@ -20,7 +21,7 @@ import logging
 from nativeq.compile._tvm import DlightCpuReduction, TVMTarget, tirx, tvm
 from nativeq.compile.schedules.generic import has_integer_matmul, has_multi_axis_reduction, schedule_generic
 from nativeq.compile.schedules.intrinsics import dot_intrin_for
-from nativeq.compile.schedules.matmul import schedule_int8_matmul
+from nativeq.compile.schedules.matmul import schedule_int8_matmul, schedule_int8_pack
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,9 @@ class DefaultCpuSchedule:
             sch = schedule_int8_matmul(func, self.intrin)
             if sch is not None:
                 return "int8-matmul", sch.mod["main"]
+            sch = schedule_int8_pack(func)
+            if sch is not None:
+                return "int8-pack", sch.mod["main"]
         if has_multi_axis_reduction(func) or has_integer_matmul(func):
             sch = schedule_generic(func, _vector_bits(self.target))
             if sch is not None:

@@ -2,8 +2,11 @@
 
 Pipeline position: `schedule_passes(target)`, after FuseOps/FuseTIR. It acts on PrimFuncs
 holding a `nativeq_int8_matmul` block, i.e. the `call_tir` kernels that
-`pack_weights.PackInt8Weights` created, with whatever elementwise epilogue FuseTIR fused in
-(bias add, int32 -> float rescale, round, clip, cast to int8/uint8).
+`pack_weights.PackInt8Weights` created (constant weight `[N/lanes, K/kstep, lanes, kstep]`) and
+those `pack_activations.PackInt8Activations` created (activation x activation, the rhs packed at run
+time: the same layout behind the batch dims, N and K zero-padded to whole tiles, possibly symbolic),
+with whatever elementwise epilogue FuseTIR fused in (bias add, zero-point corrections, int32 -> float
+rescale, round, clip, cast to int8/uint8). `schedule_int8_pack` schedules the run-time pack itself.
 
 Schedule (rows = the row axis, tiled; batch axes fused into the parallel tile loop; symbolic sizes allowed):
 
@@ -17,15 +20,19 @@ Schedule (rows = the row axis, tiled; batch axes fused into the parallel tile lo
 The int32 accumulator is the fused function's intermediate buffer; after `reverse_compute_at`
 buffer compaction shrinks it to the `mr x nr*lanes` tile. Row tiles divide the (padded)
 rows exactly, because TVM's tensorize rejects predicated blocks; the zero-padded activation
-rows of a tile are built inside the tile (`compute_at`). Any step that fails returns None so the generic rule applies.
+rows of a tile are built inside the tile (`compute_at`). Columns split exactly too: N is a multiple
+of lanes (static, or padded by the run-time packing; a symbolic N gets nr = 1). The epilogue crops
+the padded columns (a predicate outside the tensorized block). Any step that fails returns None so
+the generic rule applies.
 """
 
 from __future__ import annotations
 
 import logging
 
-from nativeq.compile._tvm import Schedule, s_tir, tirx
+from nativeq.compile._tvm import Analyzer, Schedule, s_tir, tirx
 from nativeq.compile.schedules.intrinsics import DotIntrin, row_tile
+from nativeq.compile.schedules.pack_activations import PACK_BLOCK
 from nativeq.compile.schedules.pack_weights import REDUCTION_BLOCK, ROWS_PAD_BLOCK
 
 logger = logging.getLogger(__name__)
@@ -73,13 +80,18 @@ def schedule_int8_matmul(func, intrin: DotIntrin) -> Schedule | None:
 def _schedule(sch: Schedule, intrin: DotIntrin) -> Schedule | None:
     lanes, kstep = intrin.lanes, intrin.kstep
     matmul = sch.get_sblock(REDUCTION_BLOCK)
-    packed = [r.source for r in sch.get(matmul).reads if len(r.source.shape) == 4]
-    if len(packed) != 1 or [int(d) for d in packed[0].shape[2:]] != [lanes, kstep]:
-        return None  # packed for another intrinsic
     *row_loops, j, k = sch.get_loops(matmul)
-    n, kdim = _extent(sch, j), _extent(sch, k)
-    if n is None or kdim is None or n % lanes or kdim % kstep:
+    # the packed operand: [N/lanes, K/kstep, lanes, kstep] (a constant weight) or, packed at run time
+    # (`pack_activations.py`), the same with the batch dims in front
+    packed = [r.source for r in sch.get(matmul).reads
+              if len(r.source.shape) in (4, len(row_loops) + 3) and _static_dims(r.source.shape[-2:]) == [lanes, kstep]]
+    if len(packed) != 1:
+        return None  # packed for another intrinsic (or ambiguous)
+    # N and K: static, or symbolic and padded to whole tiles (the run-time packing pads them)
+    n_extent, k_extent = sch.get(j).extent, sch.get(k).extent
+    if not _divisible(n_extent, lanes) or not _divisible(k_extent, kstep):
         return None
+    n, kdim = _extent(sch, j), _extent(sch, k)
 
     # Epilogue: inline every block after the matmul into the last one (requantize chains, GELU
     # diamonds), keep that one for reverse_compute_at.
@@ -91,7 +103,7 @@ def _schedule(sch: Schedule, intrin: DotIntrin) -> Schedule | None:
     # Only the rows axis is tiled: it is padded to a multiple of mr per batch entry, so the split
     # is exact even when the batch is symbolic too (fusing batch x rows first would not be).
     *batch_loops, rows = row_loops
-    mr, nr = register_tile(n // lanes, intrin)
+    mr, nr = register_tile(n // lanes, intrin) if n is not None else (row_tile(intrin), 1)
     row_outer, row_inner = sch.split(rows, factors=[None, mr])
     col_outer, col_block, col_lane = sch.split(j, factors=[None, nr, lanes])
     k_outer, k_inner = sch.split(k, factors=[None, kstep])
@@ -119,11 +131,49 @@ def _schedule(sch: Schedule, intrin: DotIntrin) -> Schedule | None:
     # LLVM, which then stores the accumulator after every dot product instead of keeping it in
     # registers.
     sch.set_scope(init, 0, "local")
-    if pad is not None:
+    if pad is not None and kdim is not None:  # a symbolic K: no fixed-size stack buffer
         sch.set_scope(pad, 0, "local")
     sch.unroll(row_inner)
     sch.unroll(col_block)
     return sch
+
+
+def schedule_int8_pack(func) -> Schedule | None:
+    """The schedule of a run-time activation pack (`pack_activations.py`) and its fused producers, or None.
+
+    The producers (quantize chains, transposes) are inlined into the pack; the (lanes, kstep) tile of
+    each packed block is one vector (a gather from the source), the blocks are parallel.
+    """
+    if not isinstance(func, tirx.PrimFunc):
+        return None
+    sch = Schedule(func)
+    pack = _find_block(sch, PACK_BLOCK)
+    if pack is None:
+        return None
+    try:
+        for block in _blocks_before(sch, pack):
+            sch.compute_inline(block)
+        if _blocks_after(sch, pack):
+            return None
+        *outer, lane, step = sch.get_loops(pack)
+        sch.vectorize(sch.fuse(lane, step))
+        if outer:
+            sch.parallel(sch.fuse(*outer))
+    except (s_tir.ScheduleError, RuntimeError, ValueError, TypeError) as err:
+        logger.debug("int8 pack schedule does not apply: %s", err)
+        return None
+    return sch
+
+
+def _static_dims(shape) -> list[int | None]:
+    return [int(d) if isinstance(d, tirx.IntImm) else None for d in shape]
+
+
+def _divisible(extent, factor: int) -> bool:
+    """Whether a loop extent, static or symbolic (e.g. `(T + 15) // 16 * 16`), is a multiple of `factor`."""
+    if isinstance(extent, tirx.IntImm):
+        return int(extent) % factor == 0
+    return bool(Analyzer().can_prove(tirx.floormod(extent, factor) == 0))
 
 
 def _find_block(sch: Schedule, name: str):
@@ -131,6 +181,13 @@ def _find_block(sch: Schedule, name: str):
         return sch.get_sblock(name)
     except (s_tir.ScheduleError, RuntimeError, ValueError):
         return None
+
+
+def _blocks_before(sch: Schedule, block) -> list:
+    """The blocks that precede `block` under the root, in program order."""
+    children = list(sch.get_child_blocks(sch.get_sblock("root")))
+    names = [sch.get(b).name_hint for b in children]
+    return children[:names.index(sch.get(block).name_hint)]
 
 
 def _blocks_after(sch: Schedule, block) -> list:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nativeq.compile._tvm import relax, te, tvm
+from nativeq.compile._tvm import Analyzer, relax, te, tvm
 from nativeq.compile.schedules.intrinsics import DotIntrin, row_tile
 
 # NOTE: TVM's OpPatternKind enum: kElemWise=0, kBroadcast=1, kInjective=2, kCommReduce=3, kOutEWiseFusable=4.
@@ -36,39 +36,55 @@ def pack_weight(w: np.ndarray, lanes: int, kstep: int) -> np.ndarray:
     return np.ascontiguousarray(w.reshape(k // kstep, kstep, n // lanes, lanes).transpose(2, 0, 3, 1))
 
 
-def packed_matmul_te(x: te.Tensor, wp: te.Tensor, lanes: int, kstep: int, row_tile: int) -> te.Tensor:
-    """int32 matmul of `x` [..., rows, K] with a packed weight `wp` [N/lanes, K/kstep, lanes, kstep].
+def packed_matmul_te(x: te.Tensor, wp: te.Tensor, lanes: int, kstep: int, row_tile: int, n_out=None) -> te.Tensor:
+    """int32 matmul of `x` [..., rows, K] with a packed operand `wp` [*wbatch, N/lanes, K/kstep, lanes, kstep].
 
-    When `rows` is symbolic or not a multiple of `row_tile`, the rows are zero-padded to one
-    (`nativeq_int8_rows_pad`, computed per tile by the schedule) and the result cropped
-    (`nativeq_int8_rows_crop`, inlined into the epilogue): TVM's tensorize rejects the
-    predicate a row tail would otherwise put on the tensorized block.
+    `wbatch` is empty (a constant weight shared by every batch entry of `x`) or `x`'s batch dims (an
+    activation packed at run time, `pack_activations.py`: one packed matrix per batch entry).
+    When `rows` is symbolic or not a multiple of `row_tile`, or `x`'s K is shorter than the packed
+    K (padded to the k-step), `x` is zero-padded (`nativeq_int8_rows_pad`, computed per tile by the
+    schedule) and the result cropped back to `rows` x `n_out` (`nativeq_int8_rows_crop`, inlined into
+    the epilogue): TVM's tensorize rejects the predicate a row tail would otherwise put on the
+    tensorized block. `n_out` (default: the packed N) is the real number of columns when the packed
+    N was zero-padded to a multiple of `lanes`.
     """
-    n = wp.shape[0] * lanes
-    *batch, rows, kdim = x.shape
-    padded = isinstance(rows, tvm.tirx.IntImm) and int(rows) % row_tile == 0
-    if not padded:
-        padded_rows = (rows + (row_tile - 1)) // row_tile * row_tile
+    *wbatch, n_blocks, k_blocks, _, _ = wp.shape
+    n, kdim = n_blocks * lanes, k_blocks * kstep
+    *batch, rows, x_k = x.shape
+    if wbatch and len(wbatch) != len(batch):
+        raise ValueError(f"packed operand batch {wbatch} does not match the activation batch {batch}")
+    analyzer = Analyzer()
+    pad_rows = not (isinstance(rows, tvm.tirx.IntImm) and int(rows) % row_tile == 0)
+    pad_k = not analyzer.can_prove_equal(x_k, kdim)
+    if pad_rows or pad_k:
+        padded_rows = (rows + (row_tile - 1)) // row_tile * row_tile if pad_rows else rows
         source = x
-        x = te.compute(
-            (*batch, padded_rows, kdim),
-            lambda *i: tvm.tirx.if_then_else(i[-2] < rows, source[i], tvm.tirx.const(0, source.dtype)),
-            name=ROWS_PAD_BLOCK,
-        )
+
+        def pad(*i):
+            zero = tvm.tirx.const(0, source.dtype)
+            if pad_k:  # select on a clamped read: the vectorized K loop stays vectorized (x_k >= 1 here)
+                value = tvm.tirx.Select(i[-1] < x_k, source[(*i[:-1], tvm.tirx.min(i[-1], x_k - 1))], zero)
+            else:
+                value = source[i]
+            return tvm.tirx.if_then_else(i[-2] < rows, value, zero) if pad_rows else value
+
+        x = te.compute((*batch, padded_rows, kdim), pad, name=ROWS_PAD_BLOCK)
     k = te.reduce_axis((0, kdim), name="k")
 
     def compute(*idx):
         *row_idx, j = idx
+        w_batch = row_idx[:-1] if wbatch else []
         return te.sum(
             x[(*row_idx, k)].astype("int32")
-            * wp[j // lanes, k // kstep, j % lanes, k % kstep].astype("int32"),
+            * wp[(*w_batch, j // lanes, k // kstep, j % lanes, k % kstep)].astype("int32"),
             axis=k,
         )
 
     acc = te.compute((*x.shape[:-1], n), compute, name=REDUCTION_BLOCK)
-    if padded:
+    crop_cols = n_out is not None and not analyzer.can_prove_equal(n_out, n)
+    if not pad_rows and not crop_cols:
         return acc
-    return te.compute((*batch, rows, n), lambda *i: acc[i], name=ROWS_CROP_BLOCK)
+    return te.compute((*batch, rows, n_out if crop_cols else n), lambda *i: acc[i], name=ROWS_CROP_BLOCK)
 
 
 def _is_packable(call: relax.Call, intrin: DotIntrin) -> bool:
