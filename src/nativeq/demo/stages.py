@@ -244,30 +244,6 @@ def stage_verify(cfg: DemoConfig, work: Path, data: dict, compiled: dict):
 
 
 # ----------------------------------------------------------------------------- 7 bench (+ compiled WER)
-def _ort_session(path: Path, levels: tuple[str, ...], threads: int):
-    """(session, level) at the first graph-optimization level ORT accepts for this file.
-
-    ORT 1.2x's extended QDQ transformers reject some valid QDQ graphs (a QuantizeLinear whose
-    zero point is uint8 after propagation through Reshape); the demo then times the next level
-    and names it, rather than failing the run over ORT's optimizer.
-    """
-    import onnxruntime as ort
-
-    enums = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-             "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
-    failures = []
-    for level in levels:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = enums[level]
-        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-        options.log_severity_level = 3
-        try:
-            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]), level
-        except Exception as e:  # noqa: BLE001 - ORT raises its own pybind exception types
-            failures.append(f"{level}: {str(e).splitlines()[0][:160]}")
-    raise NativeqError(f"ONNX Runtime cannot load {path} at any optimization level ({'; '.join(failures)})")
-
-
 def _time_engines(runners: dict, warmup: int, repeat: int) -> list[dict]:
     """Median/p10/p90 ms per engine; runs are interleaved so load changes hit every engine alike."""
     from nativeq.verify.bench import time_interleaved
@@ -280,12 +256,13 @@ def _latencies(cfg: DemoConfig, work: Path, art: dict, feats: np.ndarray) -> lis
 
     from nativeq.models.pretrained import load_model
     from nativeq.runtime import load
+    from nativeq.verify.bench import ort_session
 
     compiled = load(work / art["dir"])
     qdq = work / "models" / f"{art['variant']}.onnx"
-    qdq_best, level = _ort_session(qdq, ("all", "basic", "disabled"), cfg.threads)
-    qdq_plain, _ = _ort_session(qdq, ("disabled",), cfg.threads)
-    fp32, fp32_level = _ort_session(work / "models" / "float.onnx", ("all", "basic", "disabled"), cfg.threads)
+    qdq_best, level = ort_session(qdq, ("all", "basic", "disabled"), cfg.threads)
+    qdq_plain, _ = ort_session(qdq, ("disabled",), cfg.threads)
+    fp32, fp32_level = ort_session(work / "models" / "float.onnx", ("all", "basic", "disabled"), cfg.threads)
     model, _ = load_model(cfg.model)
     x = torch.from_numpy(feats)
 
