@@ -22,6 +22,7 @@ from nativeq.compile._tvm import DlightCpuReduction, TVMTarget, tirx, tvm
 from nativeq.compile.schedules.generic import has_integer_matmul, has_multi_axis_reduction, schedule_generic
 from nativeq.compile.schedules.intrinsics import dot_intrin_for
 from nativeq.compile.schedules.matmul import schedule_int8_matmul, schedule_int8_pack
+from nativeq.compile.schedules.softmax import schedule_softmax
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,9 @@ class DefaultCpuSchedule:
             sch = schedule_int8_pack(func)
             if sch is not None:
                 return "int8-pack", sch.mod["main"]
+        sch = schedule_softmax(func, _vector_bits(self.target))
+        if sch is not None:
+            return "softmax", sch.mod["main"]
         if has_multi_axis_reduction(func) or has_integer_matmul(func):
             sch = schedule_generic(func, _vector_bits(self.target))
             if sch is not None:
