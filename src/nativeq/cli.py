@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import traceback
+import warnings
 
 import click
 
@@ -50,12 +51,18 @@ def _parse_dims(dims: tuple[str, ...]) -> dict[str, int]:
     return out
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings on the command line are one `warning:` line, like errors (no source line echoed)."""
+    return f"warning: {message}\n"
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--targets-file", type=click.Path(dir_okay=False), envvar="NATIVEQ_TARGETS",
               help="JSON file of extra/overriding target entries.")
 @click.version_option(package_name="nativeq")
 def main(targets_file):
     """nativeq: train, quantize, compile and verify int8 speech models for x86 and Raspberry Pi."""
+    warnings.formatwarning = _one_line_warning
     if targets_file:
         from nativeq.targets import set_user_targets_file
 
