@@ -274,9 +274,9 @@ def test_runner_signal_becomes_one_line_error(tmp_path):
                           "qemu: uncaught target signal 4 (Illegal instruction) - core dumped")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("target", ["rpi4", "rpi5"])
 def test_ort_quantized_encoder_verifies_under_qemu(tmp_path, target):
+    """The issue's ARM proof, in the default suite: ~30 s per target (compile + qemu)."""
     onnx_path = tmp_path / "encoder.onnx"
     onnx.save(qdq_models.ort_quantized_encoder("uint8"), onnx_path)
     artifact = tmp_path / target
