@@ -115,7 +115,8 @@ class BenchReport:
 def ort_session(path, levels: tuple[str, ...], threads: int):
     """(session, level) at the first graph-optimization level ("all", "basic", "disabled") ORT accepts.
 
-    ORT 1.2x-1.3x's extended QDQ transformers reject some valid QDQ graphs (a QuantizeLinear whose
+    Intra-op thread spinning is off (see the NOTE below). ORT 1.2x-1.3x's extended QDQ
+    transformers reject some valid QDQ graphs (a QuantizeLinear whose
     zero point is uint8 after propagation through Reshape); the next level is timed and named
     instead of failing the run over ORT's optimizer.
     """
@@ -128,6 +129,9 @@ def ort_session(path, levels: tuple[str, ...], threads: int):
         options = ort.SessionOptions()
         options.graph_optimization_level = enums[level]
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        # NOTE: engines are timed interleaved; ORT's pool threads spin after each run and would take
+        # the cores of the next engine (nativeq at 2 threads: 1.4 ms alone, 44 ms right after ORT).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3
         try:
             return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]), level
