@@ -37,6 +37,18 @@ def layer_norm_model(shape, axis: int = -1, bias: bool = True, seed: int = 0) ->
     return model
 
 
+def unary_model(op: str, shape, **attrs) -> onnx.ModelProto:
+    """One `op` node from x to y of `shape` (str entries are symbolic dims), opset 21."""
+    graph = helper.make_graph(
+        [helper.make_node(op, ["x"], ["y"], **attrs)], op.lower(),
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(shape))],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    return model
+
+
 def run_both(model, x, tmp_path, target="host"):
     path = tmp_path / "ln.onnx"
     onnx.save(model, path)
@@ -106,13 +118,7 @@ def test_layer_norm_on_rpi5_under_qemu_is_bit_identical(tmp_path):
 
 def test_sigmoid_is_bit_identical_to_onnxruntime(tmp_path):
     """MLAS's rational logistic, clamped input and output; from deep negative to deep positive values."""
-    graph = helper.make_graph(
-        [helper.make_node("Sigmoid", ["x"], ["y"])], "sigmoid",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "T", 96])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "T", 96])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-    model.ir_version = 10
+    model = unary_model("Sigmoid", [1, "T", 96])
     rng = np.random.default_rng(5)
     x = np.concatenate([rng.normal(0, 4, (1, 200, 96)), rng.uniform(-30, 30, (1, 50, 96))], axis=1).astype(np.float32)
     x[0, 0, :4] = [0.0, -0.0, 18.0, -18.0]
@@ -122,13 +128,7 @@ def test_sigmoid_is_bit_identical_to_onnxruntime(tmp_path):
 
 def test_erf_is_bit_identical_to_onnxruntime(tmp_path):
     """MLAS's erf: both branches (|x| <= 0.921875 and above), the clamp at 3.925, and signs."""
-    graph = helper.make_graph(
-        [helper.make_node("Erf", ["x"], ["y"])], "erf",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "T", 64])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "T", 64])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-    model.ir_version = 10
+    model = unary_model("Erf", [1, "T", 64])
     rng = np.random.default_rng(6)
     x = np.concatenate([rng.normal(0, 1.5, (1, 300, 64)), rng.uniform(-6, 6, (1, 40, 64))], axis=1).astype(np.float32)
     x[0, 0, :6] = [0.0, 0.921875, -0.921875, 3.925, -4.0, 1e-8]
@@ -140,13 +140,7 @@ def test_erf_is_bit_identical_to_onnxruntime(tmp_path):
                          ids=["attention-50", "attention-77-tail", "rows-200"])
 def test_softmax_is_bit_identical_to_onnxruntime(shape, t, tmp_path):
     """MLAS's exp and its 16-lane sum order: row lengths that are and are not multiples of 16."""
-    graph = helper.make_graph(
-        [helper.make_node("Softmax", ["x"], ["y"], axis=-1)], "softmax",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(shape))],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-    model.ir_version = 10
+    model = unary_model("Softmax", list(shape), axis=-1)
     x = (np.random.default_rng(7).normal(0, 3, tuple(t if d == "T" else d for d in shape))).astype(np.float32)
     out, ref = run_both(model, x, tmp_path)
     np.testing.assert_array_equal(out, ref)

@@ -39,6 +39,14 @@ def _fma(dtype, a, b, c):
     return tirx.call_intrin(dtype, "tirx.fma", a, b, c)
 
 
+def _horner(dtype, v, coefficients):
+    """c0*v^n + ... + cn by Horner's rule, every step one FMA (as MLAS's FMA3 kernels evaluate it)."""
+    acc = tirx.const(coefficients[0], dtype)
+    for coefficient in coefficients[1:]:
+        acc = _fma(dtype, acc, v, tirx.const(coefficient, dtype))
+    return acc
+
+
 def _rounded(dtype, value):
     """`value` rounded on its own: LLVM may not fuse it into a neighbouring add (an FMA)."""
     return tirx.call_llvm_pure_intrin(dtype, "llvm.arithmetic.fence", value)
@@ -196,27 +204,16 @@ def _mlas_logistic(x):
     def c(value):
         return tirx.const(value, dtype)
 
-    def horner(v2, coefficients):
-        acc = _fma(dtype, v2, c(coefficients[0]), c(coefficients[1]))
-        for coefficient in coefficients[2:]:
-            acc = _fma(dtype, acc, v2, c(coefficient))
-        return acc
-
     def logistic(*index):
         v = tirx.min(c(18.0), tirx.max(c(-18.0), x(*index)))
         v2 = v * v
-        p = horner(v2, _LOGISTIC_ALPHA) * v
-        q = horner(v2, _LOGISTIC_BETA)
+        p = _horner(dtype, v2, _LOGISTIC_ALPHA) * v
+        q = _horner(dtype, v2, _LOGISTIC_BETA)
         return tirx.min(c(1.0), tirx.max(c(0.0), p / q + c(0.5)))
 
     return te.compute(x.shape, logistic, name="sigmoid")
 
 
-def _legalize_sigmoid(bb, call):
-    x = call.args[0]
-    if x.ty.dtype != "float32":  # TVM's own rule
-        return bb.call_te(topi.sigmoid, x)
-    return bb.call_te(_mlas_logistic, x, primfunc_name_hint="sigmoid")
 
 
 # MLAS's erf (onnxruntime/core/mlas/lib/erf.cpp and its FMA3 kernel), every multiply-add an FMA:
@@ -234,34 +231,24 @@ def _mlas_erf(x):
     def c(value):
         return tirx.const(value, dtype)
 
-    def horner(v, coefficients):
-        acc = c(coefficients[0])
-        for coefficient in coefficients[1:]:
-            acc = _fma(dtype, acc, v, c(coefficient))
-        return acc
-
     def erf(*index):
         value = x(*index)
         magnitude = tirx.min(c(3.925), tirx.abs(value))
-        small = _fma(dtype, horner(magnitude * magnitude, _ERF_SMALL), magnitude, magnitude)
+        small = _fma(dtype, _horner(dtype, magnitude * magnitude, _ERF_SMALL), magnitude, magnitude)
         is_big = magnitude > c(0.921875)
         big_input = tirx.if_then_else(is_big, magnitude, c(0.0))
-        exponent_arg = tirx.max(c(-88.3762626647949), -_fma(dtype, horner(big_input, _ERF_BIG), big_input, big_input))
+        big_poly = _fma(dtype, _horner(dtype, big_input, _ERF_BIG), big_input, big_input)
+        exponent_arg = tirx.max(c(-88.3762626647949), -big_poly)
         rounded = _fma(dtype, c(1.44269504088896341), exponent_arg, c(1.25829120e7)) - c(1.25829120e7)
         reduced = _fma(dtype, rounded, c(-1.42860677e-6), _fma(dtype, rounded, c(-6.93145752e-1), exponent_arg))
         power = tirx.reinterpret(dtype, (rounded.astype("int32") + 127) * (1 << 23))
-        big = c(1.0) - horner(reduced, _ERF_EXP) * power
+        big = c(1.0) - _horner(dtype, reduced, _ERF_EXP) * power
         result = tirx.if_then_else(is_big, big, small)
         return tirx.if_then_else(value < c(0.0), -result, result)
 
     return te.compute(x.shape, erf, name="erf")
 
 
-def _legalize_erf(bb, call):
-    x = call.args[0]
-    if x.ty.dtype != "float32":  # TVM's own rule
-        return bb.call_te(topi.erf, x)
-    return bb.call_te(_mlas_erf, x, primfunc_name_hint="erf")
 
 
 # MLAS's softmax over one row of n (onnxruntime/core/mlas/lib/compute.cpp and its AVX-512F
@@ -285,11 +272,8 @@ def _mlas_sum_exp_element(value, dtype):
     m = biased - c(12582912.0)
     value = _fma(dtype, m, c(-1.42860677e-6), _fma(dtype, m, c(-6.93145752e-1), value))
     scale = tirx.reinterpret(dtype, tirx.reinterpret("int32", biased) * (1 << 23) + 0x3F800000)
-    p = c(_EXP_POLY[0])
-    for coefficient in _EXP_POLY[1:]:
-        p = _fma(dtype, p, value, c(coefficient))
-    p = _fma(dtype, p, value, c(_EXP_POLY[-1]))
-    return p * scale
+    # NOTE: MLAS applies the last coefficient (1.0) twice: p*v + 1, then (p*v + 1)*v + 1.
+    return _horner(dtype, value, (*_EXP_POLY, _EXP_POLY[-1])) * scale
 
 
 def _mlas_softmax(x, axis):
@@ -344,7 +328,23 @@ def _legalize_softmax(bb, call):
     return bb.call_te(_mlas_softmax, x, int(call.attrs.axis), primfunc_name_hint="softmax")
 
 
+def _unary_rule(mlas_compute, tvm_compute, name: str):
+    """Legalization of a float32 elementwise op by `mlas_compute`; other dtypes keep TVM's own rule."""
+
+    def legalize(bb, call):
+        x = call.args[0]
+        if x.ty.dtype != "float32":
+            return bb.call_te(tvm_compute, x)
+        return bb.call_te(mlas_compute, x, primfunc_name_hint=name)
+
+    return legalize
+
+
 def legalize_like_ort() -> dict:
     """`LegalizeOps(customize_legalize_map=...)` entries: op name -> legalization function."""
-    return {"relax.nn.layer_norm": _legalize_layer_norm, "relax.sigmoid": _legalize_sigmoid, "relax.erf": _legalize_erf,
-            "relax.nn.softmax": _legalize_softmax}
+    return {
+        "relax.nn.layer_norm": _legalize_layer_norm,
+        "relax.nn.softmax": _legalize_softmax,
+        "relax.sigmoid": _unary_rule(_mlas_logistic, topi.sigmoid, "sigmoid"),
+        "relax.erf": _unary_rule(_mlas_erf, topi.erf, "erf"),
+    }

@@ -27,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from nativeq.compile._tvm import relax, te, tirx, tvm
+from nativeq.compile.passes import rewrite_functions
 from nativeq.compile.schedules.intrinsics import DotIntrin
 
 # NOTE: opaque to FuseOps: fused into its producer (e.g. a requantize), im2col would recompute
@@ -130,8 +131,6 @@ class Int8ConvAsMatmul:
 
     def transform_module(self, mod, _ctx):
         mutator = _ConvAsMatmul(mod, self.intrin)
-        for gvar, func in list(mod.functions_items()):
-            if isinstance(func, relax.Function):
-                mutator.builder_.update_func(gvar, mutator.visit_expr(func))
+        new_mod = rewrite_functions(mutator)
         self.rewritten = mutator.rewritten
-        return mutator.builder_.get()
+        return new_mod

@@ -29,6 +29,7 @@ K of lhs and rhs not provably equal, rhs batch dims neither absent nor provably 
 from __future__ import annotations
 
 from nativeq.compile._tvm import Analyzer, relax, te, tirx, tvm
+from nativeq.compile.passes import rewrite_functions
 from nativeq.compile.schedules.intrinsics import DotIntrin, row_tile
 from nativeq.compile.schedules.pack_weights import _OUT_EWISE_FUSABLE, INT8_MATMUL_ATTR, packed_matmul_te
 
@@ -147,8 +148,6 @@ class PackInt8Activations:
 
     def transform_module(self, mod, _ctx):
         packer = _ActivationPacker(mod, self.intrin)
-        for gvar, func in list(mod.functions_items()):
-            if isinstance(func, relax.Function):
-                packer.builder_.update_func(gvar, packer.visit_expr(func))
+        new_mod = rewrite_functions(packer)
         self.packed = packer.packed
-        return packer.builder_.get()
+        return new_mod

@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from nativeq.compile._tvm import Analyzer, relax, te, tvm
+from nativeq.compile.passes import rewrite_functions
 from nativeq.compile.schedules.intrinsics import DotIntrin, row_tile
 
 # NOTE: TVM's OpPatternKind enum: kElemWise=0, kBroadcast=1, kInjective=2, kCommReduce=3, kOutEWiseFusable=4.
@@ -143,9 +144,6 @@ class PackInt8Weights:
 
     def transform_module(self, mod, _ctx):
         packer = _Packer(mod, self.intrin)
-        for gvar, func in list(mod.functions_items()):
-            if isinstance(func, relax.Function):
-                new_func = packer.visit_expr(func)
-                packer.builder_.update_func(gvar, new_func)
+        new_mod = rewrite_functions(packer)
         self.packed = packer.packed
-        return packer.builder_.get()
+        return new_mod
