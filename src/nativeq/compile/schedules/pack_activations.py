@@ -30,8 +30,8 @@ from __future__ import annotations
 
 from nativeq.compile._tvm import Analyzer, relax, te, tirx, tvm
 from nativeq.compile.passes import rewrite_functions
-from nativeq.compile.schedules.intrinsics import DotIntrin, row_tile
-from nativeq.compile.schedules.pack_weights import _OUT_EWISE_FUSABLE, INT8_MATMUL_ATTR, packed_matmul_te
+from nativeq.compile.schedules.intrinsics import DotIntrin
+from nativeq.compile.schedules.pack_weights import call_packed_matmul
 
 PACK_BLOCK = "nativeq_int8_pack"
 # NOTE: AnnotateTIROpPattern calls the pack opaque (its clamped reads); it is injective (one input
@@ -122,20 +122,7 @@ class _ActivationPacker(relax.PyExprMutator):
                                   primfunc_attrs={"op_pattern": _INJECTIVE})
         )
         self.packed += 1
-        return self.builder_.call_te(
-            packed_matmul_te,
-            lhs,
-            packed,
-            lanes=lanes,
-            kstep=kstep,
-            row_tile=row_tile(self.intrin),
-            n_out=_shape(rhs)[-1],
-            primfunc_name_hint="int8_matmul_packed",
-            primfunc_attrs={
-                "op_pattern": _OUT_EWISE_FUSABLE,
-                INT8_MATMUL_ATTR: f"{self.intrin.name}:{lanes}x{kstep}",
-            },
-        )
+        return call_packed_matmul(self.builder_, lhs, packed, self.intrin, n_out=_shape(rhs)[-1])
 
 
 @tvm.transform.module_pass(opt_level=0, name="nativeq.PackInt8Activations")

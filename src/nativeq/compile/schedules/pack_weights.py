@@ -104,6 +104,24 @@ def _is_packable(call: relax.Call, intrin: DotIntrin) -> bool:
     return k % intrin.kstep == 0 and n % intrin.lanes == 0
 
 
+def call_packed_matmul(builder, x, packed, intrin: DotIntrin, n_out=None):
+    """`builder.call_te` of `packed_matmul_te`, marked so FuseOps fuses its epilogue and matmul.py tensorizes it."""
+    return builder.call_te(
+        packed_matmul_te,
+        x,
+        packed,
+        lanes=intrin.lanes,
+        kstep=intrin.kstep,
+        row_tile=row_tile(intrin),
+        n_out=n_out,
+        primfunc_name_hint="int8_matmul_packed",
+        primfunc_attrs={
+            "op_pattern": _OUT_EWISE_FUSABLE,
+            INT8_MATMUL_ATTR: f"{intrin.name}:{intrin.lanes}x{intrin.kstep}",
+        },
+    )
+
+
 @relax.expr_functor.mutator
 class _Packer(relax.PyExprMutator):
     def __init__(self, mod, intrin: DotIntrin):
@@ -119,19 +137,7 @@ class _Packer(relax.PyExprMutator):
         lanes, kstep = self.intrin.lanes, self.intrin.kstep
         packed = relax.const(pack_weight(w.value.numpy(), lanes, kstep), "int8")
         self.packed += 1
-        return self.builder_.call_te(
-            packed_matmul_te,
-            x,
-            packed,
-            lanes=lanes,
-            kstep=kstep,
-            row_tile=row_tile(self.intrin),
-            primfunc_name_hint="int8_matmul_packed",
-            primfunc_attrs={
-                "op_pattern": _OUT_EWISE_FUSABLE,
-                INT8_MATMUL_ATTR: f"{self.intrin.name}:{lanes}x{kstep}",
-            },
-        )
+        return call_packed_matmul(self.builder_, x, packed, self.intrin)
 
 
 @tvm.transform.module_pass(opt_level=0, name="nativeq.PackInt8Weights")
