@@ -522,3 +522,45 @@ def ort_dynamic_quantized_encoder(weight_dtype: str = "int8", seed: int = 0) -> 
         model = onnx.load(dst)
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+def qdq_activation_chain(act: str = "gelu", k: int = 32, n: int = 48, t="T", act_dtype: str = "uint8",
+                         seed: int = 0) -> onnx.ModelProto:
+    """x[1, t, k] -> Q/DQ -> MatMul(DQ(W)) -> Q/DQ -> `act` written as QDQ ops, as ORT `quantize_static` does
+    -> Q/DQ -> y[1, t, n]. act: "gelu" (x * (1 + erf(x / sqrt 2)) * 0.5), "silu" (x * sigmoid(x)), "tanh",
+    "relu" (one cheap op: not worth a table), "silu_channel_scale" (silu, then a per-channel Mul).
+    """
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+
+    def const(name, value):
+        inits.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
+        return name
+
+    def op(kind, inputs, name, scale):
+        nodes.append(helper.make_node(kind, inputs, [name], name=f"{name}_{kind}"))
+        return _q_dq(nodes, inits, name, name, scale, act_dtype)
+
+    xa = _q_dq(nodes, inits, "x", "x", 0.05, act_dtype)
+    w = _weight_dq(nodes, inits, "fc", rng.normal(0, 0.2, (k, n)).astype(np.float32), axis=1)
+    nodes.append(helper.make_node("MatMul", [xa, w], ["mm"], name="fc_MatMul"))
+    h = _q_dq(nodes, inits, "h", "mm", 0.04, act_dtype)
+    if act == "gelu":
+        scaled = op("Div", [h, const("sqrt2", np.sqrt(2.0))], "gelu_div", 0.03)
+        erf = op("Erf", [scaled], "gelu_erf", 1 / 127)
+        one_plus = op("Add", [erf, const("one", 1.0)], "gelu_add", 2 / 255)
+        times_x = op("Mul", [h, one_plus], "gelu_mul", 0.08)
+        out = op("Mul", [times_x, const("half", 0.5)], "gelu_half", 0.04)
+    elif act in ("silu", "silu_channel_scale"):
+        sig = op("Sigmoid", [h], "silu_sig", 1 / 255)
+        out = op("Mul", [h, sig], "silu_mul", 0.04)
+        if act == "silu_channel_scale":
+            out = op("Mul", [out, const("channel_scale", rng.uniform(0.5, 1.5, n))], "channel_mul", 0.05)
+    elif act == "tanh":
+        out = op("Tanh", [h], "tanh", 1 / 127)
+    elif act == "relu":
+        out = op("Relu", [h], "relu", 0.04)
+    else:
+        raise ValueError(act)
+    nodes.append(helper.make_node("Identity", [out], ["y"], name="out"))
+    return _model(nodes, inits, [1, t, k], [1, t, n], f"qdq_{act}")

@@ -46,3 +46,26 @@ def test_bench_emulate_counts_instructions_of_arm_builds(nativeq_cli, qdq_model_
     rows = json.loads(proc.stdout)["rows"]
     assert [(r["target"], r["int8"]) for r in rows] == [("rpi4", True), ("rpi5", True), ("rpi4", False)]
     assert all(r["insns_per_inference"] > 0 for r in rows)
+
+
+def test_bench_burst_reports_steady_runs_and_first_runs_apart(nativeq_cli, qdq_model_path):
+    proc = nativeq_cli("bench", qdq_model_path, "--dim", "T=8", "--repeat", "2", "--burst", "3", "--warmup", "1",
+                       "--threads", "1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["burst"] == 3
+    for e in report["engines"]:
+        assert e["runs"] == 2 * 2  # runs 2..3 of each of the 2 turns
+        assert e["after_switch_median_ms"] > 0
+    ort = [e for e in report["engines"] if e["name"].startswith("ort")]
+    best = min(ort, key=lambda e: e["after_switch_median_ms"])
+    assert report["ratio_after_switch"] == pytest.approx(report["engines"][0]["after_switch_median_ms"] / best["after_switch_median_ms"])
+
+
+def test_time_interleaved_splits_each_turn_into_first_and_steady_runs():
+    from nativeq.verify.bench import time_interleaved
+
+    calls = []
+    timings = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, warmup=1, repeat=2, burst=3)
+    assert calls == ["a", "b"] + ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3
+    assert [len(t.times_ms) for t in timings] == [4, 4] and [len(t.after_switch_ms) for t in timings] == [2, 2]

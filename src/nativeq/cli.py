@@ -313,15 +313,17 @@ def export_cmd(run, out, force):
 @click.option("--dim", "dims", multiple=True, help="Fix a symbolic dim, e.g. --dim T=200 (default: 64).")
 @click.option("--threads", default=2, show_default=True, help="Threads for every engine.")
 @click.option("--warmup", default=3, show_default=True)
-@click.option("--repeat", default=20, show_default=True, help="Timed runs per engine, interleaved.")
+@click.option("--repeat", default=20, show_default=True, help="Turns per engine, interleaved.")
+@click.option("--burst", default=1, show_default=True,
+              help="Timed runs per turn: 1 times every run right after another engine's; N > 1 reports runs 2..N (steady).")
 @click.option("--emulate", is_flag=True, help="Count aarch64 instructions per inference under qemu (rpi4/rpi5 int8 vs float) instead of timing.")
 @click.option("--json", "as_json", is_flag=True)
-def bench(model, target, artifact, float_onnx, dims, threads, warmup, repeat, emulate, as_json):
+def bench(model, target, artifact, float_onnx, dims, threads, warmup, repeat, burst, emulate, as_json):
     """Latency of the compiled MODEL next to ONNX Runtime (QDQ and float), side by side in one run."""
     from nativeq.verify.bench import BenchConfig, bench_model
 
     cfg = BenchConfig(target=target, artifact=artifact, float_onnx=float_onnx, dims=_parse_dims(dims), threads=threads,
-                      warmup=warmup, repeat=repeat, emulate=emulate)
+                      warmup=warmup, repeat=repeat, burst=burst, emulate=emulate)
     report = bench_model(model, cfg)
     click.echo(report.to_json() if as_json else report.table())
 

@@ -1,10 +1,13 @@
 """`nativeq bench`: latency of a compiled artifact next to ONNX Runtime, measured side by side.
 
-Every engine runs on the same inputs with the same thread count, and the timed runs are
-interleaved round-robin (engine A, B, C, A, B, C, ...) so that noise from a shared machine
-hits all engines alike. The report gives median, p10 and p90 per engine and the ratio of the
-compiled artifact's median to the best ONNX Runtime median. Numbers belong in benchmarks
-and the README, never in timed unit tests.
+Every engine runs on the same inputs with the same thread count, and the engines take turns
+round-robin (engine A, B, C, A, B, C, ...) so that noise from a shared machine hits all engines
+alike. A turn is `burst` consecutive timed runs. With burst 1 every run follows another engine's
+run ("after switch": caches and thread pools cold, as in a streaming app that does other work
+between chunks); with burst > 1 the report's median, p10 and p90 come from the 2nd..Nth run of
+each turn ("steady": back-to-back inferences, as in batch transcription), and the median of
+the first runs is reported next to it. The ratio is the compiled artifact's median over the
+best ONNX Runtime median. Numbers belong in benchmarks and the README, never in timed unit tests.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ class BenchConfig:
     """target: compile MODEL for it (ignored when `artifact` names an existing artifact).
     float_onnx: the float model the QDQ one came from, timed in ORT too.
     dims: sizes of symbolic dims (default 64 each). threads: for every engine.
-    warmup / repeat: untimed and timed runs per engine.
+    warmup / repeat: untimed runs per engine, and turns per engine. burst: timed runs per turn.
     emulate: instead of timing, count aarch64 instructions per inference under qemu for an
     int8 build per ARM target (`target` if it is an ARM target, else rpi4 and rpi5) and a
     float build (the only speed signal without the device).
@@ -39,14 +42,19 @@ class BenchConfig:
     threads: int = 2
     warmup: int = 3
     repeat: int = 20
+    burst: int = 1
     seed: int = 0
     emulate: bool = False
 
 
 @dataclass
 class EngineTiming:
+    """times_ms: the runs the statistics describe (steady runs when turns were bursts);
+    after_switch_ms: with bursts, the first run of every turn (right after another engine ran)."""
+
     name: str
     times_ms: list[float]
+    after_switch_ms: list[float] = field(default_factory=list)
 
     @property
     def median(self) -> float:
@@ -60,9 +68,13 @@ class EngineTiming:
     def p90(self) -> float:
         return float(np.percentile(self.times_ms, 90))
 
+    @property
+    def after_switch_median(self) -> float | None:
+        return float(np.median(self.after_switch_ms)) if self.after_switch_ms else None
+
     def to_dict(self) -> dict:
         return {"name": self.name, "median_ms": self.median, "p10_ms": self.p10, "p90_ms": self.p90,
-                "runs": len(self.times_ms)}
+                "runs": len(self.times_ms), "after_switch_median_ms": self.after_switch_median}
 
 
 @dataclass
@@ -72,6 +84,7 @@ class BenchReport:
     threads: int
     dims: dict
     engines: list[EngineTiming]
+    burst: int = 1
 
     @property
     def compiled(self) -> EngineTiming:
@@ -86,15 +99,25 @@ class BenchReport:
         """compiled median / best ORT median (< 1: the compiled artifact is faster)."""
         return self.compiled.median / self.ort_best.median
 
+    @property
+    def ratio_after_switch(self) -> float | None:
+        """With bursts: the compiled artifact's first-run-of-turn median over the best ORT one."""
+        if not self.compiled.after_switch_ms:
+            return None
+        best = min((e for e in self.engines if e.name.startswith("ort")), key=lambda e: e.after_switch_median)
+        return self.compiled.after_switch_median / best.after_switch_median
+
     def to_dict(self) -> dict:
         return {
             "model": self.model,
             "target": self.target,
             "threads": self.threads,
             "dims": self.dims,
+            "burst": self.burst,
             "engines": [e.to_dict() for e in self.engines],
             "ort_best": self.ort_best.name,
             "ratio_compiled_to_ort_best": self.ratio,
+            "ratio_after_switch": self.ratio_after_switch,
         }
 
     def to_json(self) -> str:
@@ -102,13 +125,17 @@ class BenchReport:
 
     def table(self) -> str:
         dims = ", ".join(f"{k}={v}" for k, v in self.dims.items()) or "static"
+        runs = "after a switch" if self.burst == 1 else f"steady, runs 2-{self.burst} of each turn"
+        switch = self.burst > 1
         lines = [
-            f"model {self.model}  target {self.target}  threads {self.threads}  dims {dims}",
-            f"{'engine':<28} {'median ms':>10} {'p10 ms':>10} {'p90 ms':>10}",
+            f"model {self.model}  target {self.target}  threads {self.threads}  dims {dims}  ({runs})",
+            f"{'engine':<28} {'median ms':>10} {'p10 ms':>10} {'p90 ms':>10}" + (f" {'after switch':>13}" if switch else ""),
         ]
         for e in self.engines:
-            lines.append(f"{e.name:<28} {e.median:>10.3f} {e.p10:>10.3f} {e.p90:>10.3f}")
-        lines.append(f"compiled / ORT best ({self.ort_best.name}): {self.ratio:.3f}x")
+            lines.append(f"{e.name:<28} {e.median:>10.3f} {e.p10:>10.3f} {e.p90:>10.3f}"
+                         + (f" {e.after_switch_median:>13.3f}" if switch else ""))
+        lines.append(f"compiled / ORT best ({self.ort_best.name}): {self.ratio:.3f}x"
+                     + (f"  (after switch: {self.ratio_after_switch:.3f}x)" if switch else ""))
         return "\n".join(lines)
 
 
@@ -151,18 +178,24 @@ def _ort_runner(path, levels: tuple[str, ...], threads: int, feeds: dict):
     return f"opt {level}", lambda: session.run(None, own_feeds)
 
 
-def time_interleaved(runners: dict, warmup: int, repeat: int) -> list[EngineTiming]:
-    """Warm up every engine, then time them round-robin so load changes hit every engine alike."""
+def time_interleaved(runners: dict, warmup: int, repeat: int, burst: int = 1) -> list[EngineTiming]:
+    """Warm up every engine, then time `repeat` turns of `burst` runs each, round-robin, so load
+    changes hit every engine alike. With burst > 1 the first run of each turn is kept apart."""
+    if burst < 1:
+        raise NativeqError(f"--burst must be ≥ 1, got {burst}")
     for run in runners.values():
         for _ in range(warmup):
             run()
     times = {name: [] for name in runners}
     for _ in range(repeat):
         for name, run in runners.items():
-            start = time.perf_counter()
-            run()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return [EngineTiming(name, t) for name, t in times.items()]
+            for _ in range(burst):
+                start = time.perf_counter()
+                run()
+                times[name].append((time.perf_counter() - start) * 1e3)
+    if burst == 1:
+        return [EngineTiming(name, t) for name, t in times.items()]
+    return [EngineTiming(name, [x for i, x in enumerate(t) if i % burst], t[::burst]) for name, t in times.items()]
 
 
 def bench_emulated_model(model_path, cfg: BenchConfig):
@@ -217,9 +250,9 @@ def bench_model(model_path, cfg: BenchConfig):
             load_onnx(path)  # a clear error for a missing or broken file
             label, run = _ort_runner(path, levels, cfg.threads, feeds)
             runners[f"{engine} ({label})"] = run
-        engines = time_interleaved(runners, cfg.warmup, cfg.repeat)
+        engines = time_interleaved(runners, cfg.warmup, cfg.repeat, cfg.burst)
     dims = {s: cfg.dims.get(s, None) for spec in compiled.inputs for s in spec.shape if isinstance(s, str)}
     from nativeq.verify.inputs import DEFAULT_DIM
 
     dims = {k: (v if v is not None else DEFAULT_DIM) for k, v in dims.items()}
-    return BenchReport(str(model_path), compiled.target, cfg.threads, dims, engines)
+    return BenchReport(str(model_path), compiled.target, cfg.threads, dims, engines, cfg.burst)

@@ -124,7 +124,9 @@ def _schedule(sch: Schedule, intrin: DotIntrin) -> Schedule | None:
         # the tile's zero-padded activation rows, built right before the tile needs them
         sch.compute_at(pad, tile)
         pad_loops = sch.get_loops(pad)
-        sch.vectorize(sch.split(pad_loops[-1], factors=[None, 64])[1])
+        # NOTE: the vector width divides K: a lane predicate (K % width != 0) scalarizes the copy.
+        width = _pad_vector_width(kdim)
+        sch.vectorize(sch.split(pad_loops[-1], factors=[None, width])[1])
     sch.tensorize(col_lane, intrin.name)
     # NOTE: the tile accumulator and the padded activation rows on the stack ("local"; after
     # tensorize, whose intrinsic matches global buffers). As workspace buffers they may alias for
@@ -163,6 +165,13 @@ def schedule_int8_pack(func) -> Schedule | None:
         logger.debug("int8 pack schedule does not apply: %s", err)
         return None
     return sch
+
+
+def _pad_vector_width(kdim: int | None) -> int:
+    """Bytes per vector of the padded-rows copy: the largest of 64/32/16/8/4 dividing K (K is a multiple of the k-step)."""
+    if kdim is None:
+        return 64
+    return next(width for width in (64, 32, 16, 8, 4, 2, 1) if kdim % width == 0)
 
 
 def _static_dims(shape) -> list[int | None]:

@@ -1,0 +1,192 @@
+"""LutElementwise: an elementwise chain that starts at one 8-bit tensor becomes a 256-entry table lookup.
+
+Where it sits: last of the int8 passes (after LowerQDQToInteger and FoldBiasIntoAccumulator), before
+the kernel layout passes, LegalizeOps and FoldConstant.
+
+A QDQ graph re-quantizes around every float op, so an activation often leaves an integer kernel as
+an 8-bit tensor `x` and then runs a chain of elementwise ops whose other operands are scalar
+constants, e.g. GELU as ONNX Runtime's `quantize_static` writes it:
+
+    y = Q(DQ(x) * DQ(Q(1 + DQ(Q(erf(DQ(x) / sqrt2))))) * 0.5)        # 12 ops, 5 divisions, erf
+
+Every element of `y` is then a function of one 8-bit value, so the whole chain has only 256 possible
+results. The pass evaluates the same chain of Relax ops on the constant tensor [0, 1, ..., 255] (or
+[-128, ..., 127]), which FoldConstant later folds into a 256-entry table with the same legalized
+kernels (`legalize_like_ort`), and replaces `y` by `table[x]`:
+
+    table = chain(arange(256))                  # a compile-time constant after FoldConstant
+    y     = call_tir(nativeq_lut, x, table)     # op_pattern kBroadcast: FuseOps fuses it into the producer
+
+Bit-exact by construction: the table holds the chain's own results for every possible input. Only
+chains worth a gather are rewritten (a transcendental, or at least three divisions/quantizes).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from nativeq.compile._tvm import relax, te, tvm
+from nativeq.compile.passes.qdq_sites import const_array, op_name, resolve
+
+LUT_BLOCK = "nativeq_lut"
+_BROADCAST = 1  # TVM OpPatternKind.kBroadcast: fuses into an integer kernel's epilogue (kElemWise = 0 is re-analysed)
+_ELEMENTWISE = {
+    "relax.quantize", "relax.dequantize", "relax.astype", "relax.add", "relax.subtract", "relax.multiply",
+    "relax.divide", "relax.maximum", "relax.minimum", "relax.power", "relax.negative", "relax.abs",
+    "relax.clip", "relax.floor", "relax.ceil", "relax.round", "relax.sqrt", "relax.rsqrt", "relax.exp",
+    "relax.log", "relax.erf", "relax.sigmoid", "relax.tanh", "relax.nn.relu", "relax.nn.gelu",
+    "relax.nn.gelu_tanh", "relax.nn.silu",
+}
+_TRANSCENDENTAL = {"relax.power", "relax.exp", "relax.log", "relax.erf", "relax.sigmoid", "relax.tanh",
+                   "relax.nn.gelu", "relax.nn.gelu_tanh", "relax.nn.silu"}
+_DIVIDING = {"relax.quantize", "relax.divide", "relax.sqrt", "relax.rsqrt"}
+_ROOT_DTYPES = {"uint8": np.arange(0, 256, dtype=np.uint8), "int8": np.arange(-128, 128, dtype=np.int8)}
+
+
+def worth_a_table(ops: list[str]) -> bool:
+    """Whether a chain of these ops costs more than one gather per element."""
+    return any(op in _TRANSCENDENTAL for op in ops) or sum(op in _DIVIDING for op in ops) >= 3
+
+
+def _dtype(expr) -> str | None:
+    ty = getattr(expr, "ty", None)
+    return str(ty.dtype) if isinstance(ty, relax.TensorType) else None
+
+
+def _ndim(expr) -> int:
+    return int(expr.ty.ndim)
+
+
+def _scalar_constant(expr, var2val) -> bool:
+    """A tensor constant with one element (it broadcasts without changing the chain's shape)."""
+    value = const_array(resolve(expr, var2val))
+    return value is not None and value.size == 1
+
+
+class _Chains:
+    """For each Relax var: the 8-bit root var it is an elementwise function of, and the chain's ops."""
+
+    def __init__(self, func):
+        self.var2val = relax.analysis.get_var2val(func)
+        self.root: dict = {}  # var -> root var
+        self.ops: dict = {}  # var -> {binding var: op name} of the chain's DAG from the root to var
+        for var, value in self.var2val.items():  # bindings in program order
+            self._visit(var, value)
+
+    def _visit(self, var, value):
+        if not isinstance(value, relax.Call) or op_name(value) not in _ELEMENTWISE:
+            return
+        roots, ops = [], {}
+        for arg in value.args:
+            if isinstance(arg, relax.Var) and arg in self.root:
+                roots.append(self.root[arg])
+                ops.update(self.ops[arg])
+            elif isinstance(arg, relax.Var) and _dtype(arg) in _ROOT_DTYPES:
+                roots.append(arg)
+            elif _dtype(arg) is not None:
+                if not _scalar_constant(arg, self.var2val) or _ndim(arg) > _ndim(value):
+                    return
+            elif isinstance(arg, (relax.Var, relax.Call, relax.Tuple)):
+                return
+        if not roots or any(not r.same_as(roots[0]) for r in roots) or _ndim(roots[0]) != _ndim(value):
+            return
+        self.root[var] = roots[0]
+        self.ops[var] = {**ops, var: op_name(value)}
+
+    def op_names(self, var) -> list[str]:
+        return list(self.ops[var].values())
+
+
+def _uses(func) -> dict:
+    counts: dict = {}
+
+    def visit(expr):
+        if isinstance(expr, relax.Var):
+            counts[expr] = counts.get(expr, 0) + 1
+
+    relax.analysis.post_order_visit(func.body, visit)
+    return counts
+
+
+def lut_lookup_te(x, table, offset: int):
+    """y[i] = table[x[i] + offset]: the table lookup, elementwise over x."""
+    return te.compute(x.shape, lambda *i: table[x(*i).astype("int32") + offset], name=LUT_BLOCK)
+
+
+@relax.expr_functor.mutator
+class _Rewriter(relax.PyExprMutator):
+    def __init__(self, mod):
+        super().__init__(mod)
+        self.mod_ = mod
+        self.rewritten = 0
+
+    def transform(self):
+        for gvar, func in self.mod_.functions_items():
+            if isinstance(func, relax.Function):
+                self.chains = _Chains(func)
+                self.internal_uses = self._internal_uses()
+                self.uses = _uses(func)
+                self.tables: dict = {}
+                new_func = self.visit_expr(func)
+                self.builder_.update_func(gvar, relax.analysis.remove_all_unused(new_func))
+        return self.builder_.get()
+
+    def _internal_uses(self) -> dict:
+        """How often each chain var is an operand of a binding in the same chain."""
+        counts: dict = {}
+        for var, value in self.chains.var2val.items():
+            if var not in self.chains.root:
+                continue
+            for arg in value.args:
+                if isinstance(arg, relax.Var) and arg in self.chains.root and self.chains.root[arg].same_as(self.chains.root[var]):
+                    counts[arg] = counts.get(arg, 0) + 1
+        return counts
+
+    def _is_exit(self, var) -> bool:
+        """A chain value something outside its chain reads, and worth a table."""
+        return (var in self.chains.root and self.uses.get(var, 0) > self.internal_uses.get(var, 0)
+                and worth_a_table(self.chains.op_names(var)))
+
+    def _table(self, var, root_values):
+        """The chain up to `var`, re-emitted on the constant `root_values` (memoized per var)."""
+        if var in self.tables:
+            return self.tables[var]
+        value = self.chains.var2val[var]
+        args = []
+        for arg in value.args:
+            if isinstance(arg, relax.Var) and arg.same_as(self.chains.root[var]):
+                args.append(root_values)
+            elif isinstance(arg, relax.Var) and arg in self.chains.root:
+                args.append(self._table(arg, root_values))
+            else:
+                args.append(self.visit_expr(arg))
+        if op_name(value) in ("relax.quantize", "relax.dequantize"):
+            # per-tensor parameters (one element): the axis of the original tensor means nothing on the table
+            build = relax.op.quantize if op_name(value) == "relax.quantize" else relax.op.dequantize
+            call = build(args[0], args[1], args[2], axis=-1, out_dtype=str(value.attrs.out_dtype))
+        else:
+            call = relax.Call(value.op, args, value.attrs, value.ty_args)
+        self.tables[var] = self.builder_.emit(call)
+        return self.tables[var]
+
+    def visit_var_binding_(self, binding):
+        var = binding.var
+        if not self._is_exit(var):
+            return super().visit_var_binding_(binding)
+        root = self.chains.root[var]
+        start = _ROOT_DTYPES[_dtype(root)]
+        table = self._table(var, relax.const(start, _dtype(root)))
+        lookup = self.builder_.call_te(lut_lookup_te, self.visit_expr(root), table, offset=-int(start[0]),
+                                       primfunc_name_hint=LUT_BLOCK, primfunc_attrs={"op_pattern": _BROADCAST})
+        emit = self.builder_.emit if isinstance(var, relax.DataflowVar) else self.builder_.emit_output
+        new_var = emit(lookup, name_hint=str(var.name))
+        self.set_var_remap(var, new_var)
+        self.rewritten += 1
+
+
+@tvm.transform.module_pass(opt_level=0, name="nativeq.LutElementwise")
+class LutElementwise:
+    """Replace elementwise chains of 8-bit tensors (with scalar constant operands) by 256-entry table lookups."""
+
+    def transform_module(self, mod, _ctx):
+        return _Rewriter(mod).transform()

@@ -1,0 +1,101 @@
+"""LutElementwise: elementwise chains of 8-bit tensors become 256-entry table lookups, bit-exactly."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import qdq_models
+from nativeq.compile import CompileConfig, compile_model
+from nativeq.compile._tvm import relax, tvm
+from nativeq.compile.api import import_model
+from nativeq.compile.passes import int8 as int8_passes
+from nativeq.compile.passes.int8 import lowering_passes
+from nativeq.compile.passes.lut_elementwise import LUT_BLOCK, worth_a_table
+from nativeq.runtime import load
+
+
+@pytest.mark.parametrize("ops, worth", [
+    (["relax.dequantize"], False),
+    (["relax.dequantize", "relax.nn.relu", "relax.quantize", "relax.dequantize"], False),
+    (["relax.dequantize", "relax.multiply", "relax.quantize", "relax.dequantize", "relax.quantize"], False),
+    (["relax.dequantize", "relax.quantize", "relax.divide", "relax.quantize"], True),
+    (["relax.dequantize", "relax.tanh"], True),
+    (["relax.dequantize", "relax.sigmoid", "relax.quantize"], True),
+    (["relax.dequantize", "relax.erf"], True),
+])
+def test_worth_a_table(ops, worth):
+    assert worth_a_table(ops) is worth
+
+
+def _lowered(model):
+    mod = import_model(model, "model.onnx")
+    return tvm.transform.Sequential(lowering_passes("uint8"))(mod)
+
+
+def _ops_in_main(mod) -> set[str]:
+    names = set()
+
+    def visit(expr):
+        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
+            names.add(expr.op.name)
+
+    relax.analysis.post_order_visit(mod["main"].body, visit)
+    return names
+
+
+def _lut_calls(mod) -> int:
+    return sum(1 for gv, _ in mod.functions_items() if gv.name_hint.startswith(LUT_BLOCK))
+
+
+@pytest.mark.parametrize("act, tables, gone", [
+    ("gelu", 1, {"relax.erf", "relax.divide"}),
+    ("silu", 1, {"relax.sigmoid"}),
+    ("tanh", 1, {"relax.tanh"}),
+    ("silu_channel_scale", 1, {"relax.sigmoid"}),
+    ("relu", 0, set()),
+])
+def test_chains_worth_a_table_become_one_lookup(act, tables, gone):
+    mod = _lowered(qdq_models.qdq_activation_chain(act))
+    assert _lut_calls(mod) == tables
+    # the chain's ops now only run on the 256-entry constant (folded later), never on the activation
+    main = mod["main"]
+    for var, value in relax.analysis.get_var2val(main).items():
+        if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) and value.op.name in gone:
+            assert [int(d) for d in value.ty.shape] == [256], f"{value.op.name} still runs on {value.ty.shape}"
+    if act == "silu_channel_scale":  # the per-channel Mul is not a scalar operand: it stays outside the table
+        assert "relax.multiply" in _ops_in_main(mod)
+
+
+def _compile(model, tmp_path, name):
+    path = tmp_path / f"{name}.onnx"
+    onnx.save(model, path)
+    compile_model(path, tmp_path / name, CompileConfig(target="host", use_tuning=False))
+    return path, load(tmp_path / name)
+
+
+@pytest.fixture
+def without_tables(monkeypatch):
+    """Compile with LutElementwise replaced by a no-op pass (the chain computed per element)."""
+    identity = tvm.transform.module_pass(lambda mod, _ctx: mod, opt_level=0, name="NoLut")
+    monkeypatch.setattr(int8_passes, "LutElementwise", lambda: identity)
+
+
+@pytest.mark.parametrize("act", ["gelu", "silu", "tanh"])
+@pytest.mark.parametrize("act_dtype", ["uint8", "int8"])
+def test_table_lookup_is_bit_identical_to_the_chain_and_to_onnxruntime(act, act_dtype, tmp_path, request):
+    model = qdq_models.qdq_activation_chain(act, act_dtype=act_dtype)
+    path, with_table = _compile(model, tmp_path, "lut")
+    request.getfixturevalue("without_tables")
+    _, per_element = _compile(model, tmp_path, "chain")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(3)
+    for t in (1, 7, 64):
+        # inputs spanning the quantizer's whole range, so all 256 table entries are read
+        x = rng.uniform(-8, 8, (1, t, 32)).astype(np.float32)
+        a, b = with_table.run({"x": x})["y"], per_element.run({"x": x})["y"]
+        ref = session.run(None, {"x": x})[0]
+        assert np.array_equal(a, b), f"{act} {act_dtype} T={t}: table differs from the per-element chain"
+        assert np.array_equal(a, ref), f"{act} {act_dtype} T={t}: max |diff| vs ORT {np.abs(a - ref).max()}"
