@@ -259,6 +259,7 @@ _EXP_POLY = tuple(float.fromhex(v) for v in ("0x1.694000p-10", "0x1.125edcp-7", 
                                              "0x1.fffff6p-2", "0x1.000000p+0"))
 _SOFTMAX_LANES = 16
 SOFTMAX_LANES_BLOCK = "mlas_softmax_lanes"  # its reduction must stay serial per lane (see default_schedule)
+SOFTMAX_MAX_LANES_BLOCK = "mlas_softmax_max_lanes"
 
 
 def _mlas_sum_exp_element(value, dtype):
@@ -286,16 +287,28 @@ def _mlas_softmax(x, axis):
         outer = list(outer)
         return x(*outer[:axis], k, *outer[axis:])
 
+    chunks = (n + (_SOFTMAX_LANES - 1)) // _SOFTMAX_LANES
+
+    def lane_max(*index):
+        outer, lane = index[:-1], index[-1]
+        c = te.reduce_axis((0, chunks), name="chunk")
+        k = c * _SOFTMAX_LANES + lane
+        return te.max(tirx.if_then_else(k < n, at(outer, tirx.min(k, n - 1)), tirx.min_value(dtype)), axis=c)
+
+    # NOTE: max is exact in any order, so it runs in 16 lanes like the sum (a serial max over the row
+    # was a quarter of the softmax time); the lanes block's schedule (softmax.py) vectorizes both.
+    lane_maxima = te.compute([*outer_shape, _SOFTMAX_LANES], lane_max, name=SOFTMAX_MAX_LANES_BLOCK)
+
     def row_max(*outer):
-        k = te.reduce_axis((0, n), name="k")
-        return te.max(at(outer, k), axis=k)
+        a = [lane_maxima(*outer, lane) for lane in range(_SOFTMAX_LANES)]
+        while len(a) > 1:
+            a = [tirx.max(a[2 * i], a[2 * i + 1]) for i in range(len(a) // 2)]
+        return a[0]
 
     maximum = te.compute(outer_shape, row_max, name="softmax_max")
 
     def exp_at(outer, k):
         return _mlas_sum_exp_element(at(outer, k) - maximum(*outer), dtype)
-
-    chunks = (n + (_SOFTMAX_LANES - 1)) // _SOFTMAX_LANES
 
     def lane_sum(*index):
         outer, lane = index[:-1], index[-1]

@@ -3,7 +3,7 @@
 Pipeline position: `schedule_passes(target)`, after FuseOps/FuseTIR, before dlight's reduction
 rule, for PrimFuncs holding the `mlas_softmax_lanes` block. Per row:
 
-    max      = serial max over the row
+    maxima[l] = max over chunks of x[16c + l], vectorized over the 16 lanes; max = max of the lanes
     lanes[l] = serial sum over chunks of exp(x[16c + l] - max), vectorized over the 16 lanes
     inverse  = 1 / (fixed pairwise sum of the lanes)
     out      = epilogue(exp(x - max) * inverse), vectorized along the row
@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 
 from nativeq.compile._tvm import Schedule, s_tir, tirx
-from nativeq.compile.passes.legalize_like_ort import SOFTMAX_LANES_BLOCK
+from nativeq.compile.passes.legalize_like_ort import SOFTMAX_LANES_BLOCK, SOFTMAX_MAX_LANES_BLOCK
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def _schedule(sch: Schedule, vector_bits: int) -> Schedule:
     blocks = list(sch.get_child_blocks(root))
     names = [sch.get(b).name_hint for b in blocks]
     lanes_index = names.index(SOFTMAX_LANES_BLOCK)
-    reductions = blocks[: lanes_index + 1]  # softmax_max, the lanes
+    reductions = blocks[: lanes_index + 1]  # the max lanes, softmax_max, the sum lanes
     inverse = blocks[lanes_index + 1]
     tail = blocks[lanes_index + 2:]  # softmax, then the fused epilogue
     for block in tail[:-1]:
@@ -66,13 +66,17 @@ def _schedule(sch: Schedule, vector_bits: int) -> Schedule:
     *outer, row = sch.get_loops(out)
     for block in [inverse, *reversed(reductions)]:
         sch.compute_at(block, outer[-1])
-    lane_block = sch.get_sblock(SOFTMAX_LANES_BLOCK)
-    *_, lane, chunk = sch.get_loops(lane_block)
-    sch.reorder(chunk, lane)
-    sch.vectorize(lane)
+    lane_blocks = [sch.get_sblock(SOFTMAX_MAX_LANES_BLOCK), sch.get_sblock(SOFTMAX_LANES_BLOCK)]
+    chunks = []
+    for lane_block in lane_blocks:
+        *_, lane, chunk = sch.get_loops(lane_block)
+        sch.reorder(chunk, lane)
+        sch.vectorize(lane)
+        chunks.append(chunk)
     _, vec = sch.split(row, factors=[None, max(2, vector_bits // 32)])
     sch.vectorize(vec)
     sch.parallel(next((loop for loop in outer if _extent(sch, loop) != 1), outer[0]))
-    # NOTE: last: vectorize/parallel need the lanes block whole (a reduction block with its init).
-    sch.decompose_reduction(lane_block, chunk)
+    # NOTE: last: vectorize/parallel need the lanes blocks whole (reduction blocks with their init).
+    for lane_block, chunk in zip(lane_blocks, chunks):
+        sch.decompose_reduction(lane_block, chunk)
     return sch
