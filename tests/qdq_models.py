@@ -548,7 +548,9 @@ def qdq_activation_chain(act: str = "gelu", k: int = 32, n: int = 48, t="T", act
     if act == "gelu":
         scaled = op("Div", [h, const("sqrt2", np.sqrt(2.0))], "gelu_div", 0.03)
         erf = op("Erf", [scaled], "gelu_erf", 1 / 127)
-        one_plus = op("Add", [erf, const("one", 1.0)], "gelu_add", 2 / 255)
+        # ORT quantize_static writes the constant 1 as QuantizeLinear -> DequantizeLinear of a float initializer
+        one = _q_dq(nodes, inits, "one", const("one", 1.0), 1 / 255, "uint8")
+        one_plus = op("Add", [erf, one], "gelu_add", 2 / 255)
         times_x = op("Mul", [h, one_plus], "gelu_mul", 0.08)
         out = op("Mul", [times_x, const("half", 0.5)], "gelu_half", 0.04)
     elif act in ("silu", "silu_channel_scale"):

@@ -287,3 +287,36 @@ def test_rpi5_sdot_build_matches_reference_under_qemu(attention_onnx, tmp_path):
         inputs = _inputs(t, seed=100 + t)
         (got,) = run_emulated(artifact, inputs)
         np.testing.assert_array_equal(got, attention_reference(**inputs))
+
+
+def _blocks_text(func) -> dict[str, str]:
+    """Block name -> its text in the TVMScript of `func` (up to the next block)."""
+    parts = func.script().split('with T.sblock("')[1:]
+    return {part.split('"', 1)[0]: part for part in parts}
+
+
+def _writes(text: str) -> str:
+    return text.split("T.writes(", 1)[1].split(")", 1)[0] if "T.writes(" in text else ""
+
+
+def test_symbolic_n_epilogue_runs_on_whole_tiles_then_crops():
+    """Q·Kᵀ has N = T (symbolic): its epilogue runs unpredicated on whole 16-lane tiles into a padded
+    buffer, and a plain copy crops it (a lane predicate would scalarize the epilogue). P·V (N = the
+    head size, static) keeps its epilogue in the tile directly."""
+    target = get_target("x86-avx512-vnni")
+    passes = _passes(target, upto="nativeq.DefaultCpuSchedule")
+    with tvm.transform.PassContext(opt_level=3):
+        scheduled = tvm.transform.Sequential(passes)(import_onnx(attention_products_model()))
+    kernels = [_blocks_text(func) for gvar, func in scheduled.functions_items()
+               if isinstance(func, tvm.tirx.PrimFunc) and "int8_matmul_packed" in gvar.name_hint]
+    assert len(kernels) == 2
+    padded = [{name: text for name, text in blocks.items() if "_pad[" in _writes(text) and name != "nativeq_int8_rows_pad"}
+              for blocks in kernels]
+    with_padding = [i for i, writers in enumerate(padded) if writers]
+    assert len(with_padding) == 1, "exactly one product (Q·Kᵀ) has a symbolic N"
+    blocks, writers = kernels[with_padding[0]], padded[with_padding[0]]
+    epilogue = [name for name in writers if not name.endswith("_pad") and name not in ("nativeq_int8_rows_pad",)]
+    assert epilogue and all("T.where" not in writers[name] for name in epilogue), epilogue
+    crops = [name for name, text in blocks.items() if name.endswith("_pad") and "_pad[" in text.split("T.reads(", 1)[1]
+             and "_pad[" not in _writes(text)]
+    assert crops, "no crop from the padded buffer"

@@ -20,6 +20,7 @@ from pathlib import Path
 from nativeq.compile._tvm import TVMTarget, relax, tvm
 from nativeq.compile.passes.int8 import int8_passes
 from nativeq.compile.passes.legalize_like_ort import legalize_like_ort
+from nativeq.compile.passes.lut_elementwise import MarkLutElementwise
 from nativeq.compile.schedules import kernel_relax_passes, schedule_passes
 
 
@@ -51,6 +52,7 @@ def _passes(target, *, int8: bool, tuning_database: Path | None) -> list:
         relax.backend.DispatchSortScan(),
         relax.transform.LegalizeOps(customize_legalize_map=legalize_like_ort()),
         relax.transform.AnnotateTIROpPattern(),
+        MarkLutElementwise(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),

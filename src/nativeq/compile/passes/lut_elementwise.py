@@ -15,7 +15,7 @@ results. The pass evaluates the same chain of Relax ops on the constant tensor [
 kernels (`legalize_like_ort`), and replaces `y` by `table[x]`:
 
     table = chain(arange(256))                  # a compile-time constant after FoldConstant
-    y     = call_tir(nativeq_lut, x, table)     # op_pattern kBroadcast: FuseOps fuses it into the producer
+    y     = call_tir(nativeq_lut, x, table)     # fused into x's producer (see MarkLutElementwise)
 
 Bit-exact by construction: the table holds the chain's own results for every possible input. Only
 chains worth a gather are rewritten (a transcendental, or at least three divisions/quantizes).
@@ -26,10 +26,11 @@ from __future__ import annotations
 import numpy as np
 
 from nativeq.compile._tvm import relax, te, tvm
-from nativeq.compile.passes.qdq_sites import const_array, op_name, resolve
+from nativeq.compile.passes.qdq_sites import op_name, static_value
 
 LUT_BLOCK = "nativeq_lut"
-_BROADCAST = 1  # TVM OpPatternKind.kBroadcast: fuses into an integer kernel's epilogue (kElemWise = 0 is re-analysed)
+LUT_ATTR = "nativeq.lut"
+_ELEMWISE = 0  # TVM OpPatternKind.kElemWise
 _ELEMENTWISE = {
     "relax.quantize", "relax.dequantize", "relax.astype", "relax.add", "relax.subtract", "relax.multiply",
     "relax.divide", "relax.maximum", "relax.minimum", "relax.power", "relax.negative", "relax.abs",
@@ -58,8 +59,9 @@ def _ndim(expr) -> int:
 
 
 def _scalar_constant(expr, var2val) -> bool:
-    """A tensor constant with one element (it broadcasts without changing the chain's shape)."""
-    value = const_array(resolve(expr, var2val))
+    """A one-element tensor known at compile time (a constant, or e.g. a dequantized constant, which
+    FoldConstant folds later): it broadcasts without changing the chain's shape."""
+    value = static_value(expr, var2val)
     return value is not None and value.size == 1
 
 
@@ -81,12 +83,12 @@ class _Chains:
             if isinstance(arg, relax.Var) and arg in self.root:
                 roots.append(self.root[arg])
                 ops.update(self.ops[arg])
+            elif _dtype(arg) is not None and _scalar_constant(arg, self.var2val):
+                if _ndim(arg) > _ndim(value):
+                    return
             elif isinstance(arg, relax.Var) and _dtype(arg) in _ROOT_DTYPES:
                 roots.append(arg)
-            elif _dtype(arg) is not None:
-                if not _scalar_constant(arg, self.var2val) or _ndim(arg) > _ndim(value):
-                    return
-            elif isinstance(arg, (relax.Var, relax.Call, relax.Tuple)):
+            elif isinstance(arg, (relax.Var, relax.Call, relax.Tuple)) or _dtype(arg) is not None:
                 return
         if not roots or any(not r.same_as(roots[0]) for r in roots) or _ndim(roots[0]) != _ndim(value):
             return
@@ -177,7 +179,7 @@ class _Rewriter(relax.PyExprMutator):
         start = _ROOT_DTYPES[_dtype(root)]
         table = self._table(var, relax.const(start, _dtype(root)))
         lookup = self.builder_.call_te(lut_lookup_te, self.visit_expr(root), table, offset=-int(start[0]),
-                                       primfunc_name_hint=LUT_BLOCK, primfunc_attrs={"op_pattern": _BROADCAST})
+                                       primfunc_name_hint=LUT_BLOCK, primfunc_attrs={LUT_ATTR: 1})
         emit = self.builder_.emit if isinstance(var, relax.DataflowVar) else self.builder_.emit_output
         new_var = emit(lookup, name_hint=str(var.name))
         self.set_var_remap(var, new_var)
@@ -190,3 +192,20 @@ class LutElementwise:
 
     def transform_module(self, mod, _ctx):
         return _Rewriter(mod).transform()
+
+
+@tvm.transform.module_pass(opt_level=0, name="nativeq.MarkLutElementwise")
+class MarkLutElementwise:
+    """Mark the table lookups elementwise for FuseOps (pipeline: right after AnnotateTIROpPattern).
+
+    AnnotateTIROpPattern sees the data-dependent `table[x[i]]` load and calls the lookup injective,
+    and FuseOps fuses only elementwise consumers into an integer kernel (kOutEWiseFusable): the
+    lookup would run as a kernel of its own. It is elementwise in `x` (the table is a 256-entry
+    constant), so it is fused into the producer of `x`, as the chain it replaced was.
+    """
+
+    def transform_module(self, mod, _ctx):
+        for gvar, func in list(mod.functions_items()):
+            if isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None and LUT_ATTR in func.attrs:
+                mod[gvar] = func.with_attr("op_pattern", _ELEMWISE)
+        return mod

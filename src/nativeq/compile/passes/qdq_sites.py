@@ -258,7 +258,8 @@ def static_value(expr, var2val) -> np.ndarray | None:
     """The value of `expr` if it is computable at compile time from constants alone.
 
     Covers what the importer puts around constants before FoldConstant runs: reshape, expand_dims,
-    astype, and dequantize (evaluated as ONNX Runtime does, `(q - zero_point) * scale` in float32).
+    astype, per-tensor quantize and dequantize (evaluated as ONNX Runtime does: `x / scale` rounded
+    half to even plus the zero point, saturated; `(q - zero_point) * scale` in float32).
     """
     expr = resolve(expr, var2val)
     value = const_array(expr)
@@ -272,6 +273,14 @@ def static_value(expr, var2val) -> np.ndarray | None:
         if name == "relax.astype":
             return data.astype(str(expr.attrs.dtype))
         return data.reshape([int(d) for d in expr.ty.shape])
+    if name == "relax.quantize" and str(expr.ty.dtype) in ("int8", "uint8"):
+        data, scale, zero_point = (static_value(a, var2val) for a in expr.args)
+        if data is None or scale is None or zero_point is None or scale.size > 1 or zero_point.size > 1:
+            return None
+        info = np.iinfo(str(expr.ty.dtype))
+        # ONNX QuantizeLinear: x / scale in float32, round half to even, + zero point, saturate
+        scaled = np.rint(data.astype(np.float32) / scale.astype(np.float32).reshape(()))
+        return np.clip(scaled + zero_point.astype(np.float32).reshape(()), info.min, info.max).astype(info.dtype)
     if name == "relax.dequantize" and str(expr.attrs.out_dtype) == "float32":
         data, scale, zero_point = (static_value(a, var2val) for a in expr.args)
         if data is None or scale is None or zero_point is None:
