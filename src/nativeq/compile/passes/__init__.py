@@ -9,3 +9,17 @@ def rewrite_functions(mutator) -> "object":
         if isinstance(func, relax.Function):
             mutator.builder_.update_func(gvar, mutator.visit_expr(func))
     return mutator.builder_.get()
+
+
+def use_counts(func) -> dict:
+    """Relax Var -> how many times the body of `func` reads it."""
+    from nativeq.compile._tvm import relax
+
+    counts: dict = {}
+
+    def visit(expr):
+        if isinstance(expr, relax.Var):
+            counts[expr] = counts.get(expr, 0) + 1
+
+    relax.analysis.post_order_visit(func.body, visit)
+    return counts

@@ -26,18 +26,8 @@ from __future__ import annotations
 import numpy as np
 
 from nativeq.compile._tvm import relax, tvm
+from nativeq.compile.passes import use_counts
 from nativeq.compile.passes.qdq_sites import CONTRACTION_OPS, const_array, op_name, resolve, static_value
-
-
-def _use_counts(func) -> dict:
-    counts: dict = {}
-
-    def visit(expr):
-        if isinstance(expr, relax.Var):
-            counts[expr] = counts.get(expr, 0) + 1
-
-    relax.analysis.post_order_visit(func.body, visit)
-    return counts
 
 
 def _channel_shape(contraction) -> tuple[int, ...] | None:
@@ -113,7 +103,7 @@ class _Rewriter(relax.PyExprMutator):
         for gvar, func in self.mod_.functions_items():
             if isinstance(func, relax.Function):
                 self.var2val = relax.analysis.get_var2val(func)
-                self.uses = _use_counts(func)
+                self.uses = use_counts(func)
                 new_func = self.visit_expr(func)
                 self.builder_.update_func(gvar, relax.analysis.remove_all_unused(new_func))
         return self.builder_.get()

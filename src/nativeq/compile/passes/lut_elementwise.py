@@ -26,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from nativeq.compile._tvm import relax, te, tvm
+from nativeq.compile.passes import use_counts
 from nativeq.compile.passes.qdq_sites import op_name, static_value
 
 LUT_BLOCK = "nativeq_lut"
@@ -99,17 +100,6 @@ class _Chains:
         return list(self.ops[var].values())
 
 
-def _uses(func) -> dict:
-    counts: dict = {}
-
-    def visit(expr):
-        if isinstance(expr, relax.Var):
-            counts[expr] = counts.get(expr, 0) + 1
-
-    relax.analysis.post_order_visit(func.body, visit)
-    return counts
-
-
 def lut_lookup_te(x, table, offset: int):
     """y[i] = table[x[i] + offset]: the table lookup, elementwise over x."""
     return te.compute(x.shape, lambda *i: table[x(*i).astype("int32") + offset], name=LUT_BLOCK)
@@ -127,7 +117,7 @@ class _Rewriter(relax.PyExprMutator):
             if isinstance(func, relax.Function):
                 self.chains = _Chains(func)
                 self.internal_uses = self._internal_uses()
-                self.uses = _uses(func)
+                self.uses = use_counts(func)
                 self.tables: dict = {}
                 new_func = self.visit_expr(func)
                 self.builder_.update_func(gvar, relax.analysis.remove_all_unused(new_func))
