@@ -73,8 +73,11 @@ def _schedule(sch: Schedule, vector_bits: int) -> Schedule:
         sch.reorder(chunk, lane)
         sch.vectorize(lane)
         chunks.append(chunk)
-    _, vec = sch.split(row, factors=[None, max(2, vector_bits // 32)])
-    sch.vectorize(vec)
+    if _extent(sch, row) is not None:
+        _, vec = sch.split(row, factors=[None, max(2, vector_bits // 32)])
+        sch.vectorize(vec)
+    # NOTE: a symbolic row stays one plain loop: split, its tail would need a lane predicate, which TVM
+    # scalarizes; unsplit, LLVM's loop vectorizer vectorizes it with a scalar remainder.
     sch.parallel(next((loop for loop in outer if _extent(sch, loop) != 1), outer[0]))
     # NOTE: last: vectorize/parallel need the lanes blocks whole (reduction blocks with their init).
     for lane_block, chunk in zip(lane_blocks, chunks):
