@@ -127,3 +127,38 @@ def test_static_value_quantizes_constants_like_onnxruntime(x, scale, zero_point,
     model.ir_version = 10
     ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": np.array(x, np.float32)})[0]
     assert value.dtype == np_dtype and int(value) == int(ref) == expected
+
+
+def _tanh_output_model(act_dtype: str) -> onnx.ModelProto:
+    """x -> Q -> DQ -> Mul(rank-3 constant) -> Tanh -> y: the table's exit is the graph output itself,
+    and its scalar operand has the activation's rank (so the table is built as [1, 1, 256])."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    npdt = np.uint8 if act_dtype == "uint8" else np.int8
+    zp = 128 if act_dtype == "uint8" else 0
+    inits = [numpy_helper.from_array(np.array(0.05, np.float32), "s"), numpy_helper.from_array(np.array(zp, npdt), "z"),
+             numpy_helper.from_array(np.full((1, 1, 1), 0.7, np.float32), "k")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+             helper.make_node("Mul", ["xd", "k"], ["xm"]),
+             helper.make_node("Tanh", ["xm"], ["y"])]
+    graph = helper.make_graph(nodes, "tanh_out", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "T", 24])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "T", 24])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.mark.parametrize("act_dtype", ["uint8", "int8"])
+def test_table_as_the_graph_output_with_a_rank_3_constant(act_dtype, tmp_path):
+    model = _tanh_output_model(act_dtype)
+    assert _lut_calls(_lowered(model)) == 1
+    path, compiled = _compile(model, tmp_path, "tanh")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).uniform(-8, 8, (1, 50, 24)).astype(np.float32)
+    out, ref = compiled.run({"x": x})["y"], session.run(None, {"x": x})[0]
+    # the float tanh of TVM and of ORT may differ in the last bits; the table holds TVM's own values
+    np.testing.assert_allclose(out, ref, rtol=0, atol=2e-6)

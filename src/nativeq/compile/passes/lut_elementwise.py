@@ -168,6 +168,8 @@ class _Rewriter(relax.PyExprMutator):
         root = self.chains.root[var]
         start = _ROOT_DTYPES[_dtype(root)]
         table = self._table(var, relax.const(start, _dtype(root)))
+        if _ndim(table) != 1:  # a constant of shape (1, 1) broadcasts the 256 entries up to (1, 256)
+            table = self.builder_.emit(relax.op.reshape(table, [len(start)]))
         lookup = self.builder_.call_te(lut_lookup_te, self.visit_expr(root), table, offset=-int(start[0]),
                                        primfunc_name_hint=LUT_BLOCK, primfunc_attrs={LUT_ATTR: 1})
         emit = self.builder_.emit if isinstance(var, relax.DataflowVar) else self.builder_.emit_output
