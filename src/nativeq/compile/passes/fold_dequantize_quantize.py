@@ -1,0 +1,106 @@
+"""FoldDequantizeQuantize: quantize(layout(dequantize(q))) with one scale becomes layout(q), in integers.
+
+Where it sits: among the int8 passes, after LowerQDQToInteger and FoldBiasIntoAccumulator (it
+works on what they leave as float QDQ), before LutElementwise.
+
+QDQ exporters (ONNX Runtime's `quantize_static`) wrap every op in DequantizeLinear/QuantizeLinear,
+data movement included, so an 8-bit activation crosses each reshape, transpose and slice as float:
+
+    x  = R.dequantize(q, s, z1)                 # uint8 -> float32
+    y  = R.permute_dims(R.reshape(x, ...), ...) # float32 moved around
+    q2 = R.quantize(y, s, z2, out_dtype=dt2)    # float32 -> 8 bits, same scale s
+
+With the same scale the float round trip is exact: (q - z1) * s / s rounds back to q - z1 (the
+relative error of the two float32 roundings is far below 1/2 for |q - z1| < 2^22), so
+
+    q2 = permute_dims(reshape(q))                            # z1 == z2 and the same dtype
+    q2 = astype(clip(astype(...(q), "int32") + z2 - z1, dt2))  # otherwise (e.g. uint8 -> int8)
+
+The move then runs on 8-bit data (a quarter of the bytes) and the kernels around it lose a
+dequantize, a divide and a round. Only per-tensor scales and zero points known at compile time.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from nativeq.compile._tvm import relax, tvm
+from nativeq.compile.passes.qdq_sites import op_name, resolve, static_value
+
+LAYOUT_OPS = {"relax.reshape", "relax.permute_dims", "relax.strided_slice", "relax.squeeze",
+              "relax.expand_dims", "relax.flatten"}
+_INTEGER_DTYPES = ("int8", "uint8", "int16", "uint16")
+
+
+def _scalar(expr, var2val):
+    value = static_value(expr, var2val)
+    return None if value is None or value.size != 1 else value.reshape(())
+
+
+def _round_trip_exact(scale1, scale2) -> bool:
+    """One float32 scale, normal, and (q - z) * scale finite for every 16-bit q - z."""
+    s1, s2 = np.float32(scale1), np.float32(scale2)
+    return (s1.tobytes() == s2.tobytes() and np.isfinite(s1) and abs(s1) >= np.finfo(np.float32).tiny
+            and np.isfinite(np.float32(abs(s1) * np.float32(65536))))
+
+
+@relax.expr_functor.mutator
+class _Rewriter(relax.PyExprMutator):
+    def __init__(self, mod):
+        super().__init__(mod)
+        self.mod_ = mod
+        self.folded = 0
+
+    def transform(self):
+        for gvar, func in self.mod_.functions_items():
+            if isinstance(func, relax.Function):
+                self.var2val = relax.analysis.get_var2val(func)
+                new_func = self.visit_expr(func)
+                self.builder_.update_func(gvar, relax.analysis.remove_all_unused(new_func))
+        return self.builder_.get()
+
+    def _match(self, call):
+        """(q, layout calls outermost first, z1, z2) if `call` is quantize(layout(dequantize(q))) with one scale."""
+        scale2, zero2 = _scalar(call.args[1], self.var2val), _scalar(call.args[2], self.var2val)
+        if scale2 is None or zero2 is None:
+            return None
+        layout, value = [], resolve(call.args[0], self.var2val)
+        while op_name(value) in LAYOUT_OPS:
+            layout.append(value)
+            value = resolve(value.args[0], self.var2val)
+        if op_name(value) != "relax.dequantize" or str(value.ty.dtype) != "float32":
+            return None
+        q = value.args[0]
+        scale1, zero1 = _scalar(value.args[1], self.var2val), _scalar(value.args[2], self.var2val)
+        if scale1 is None or zero1 is None or str(q.ty.dtype) not in _INTEGER_DTYPES:
+            return None
+        if not _round_trip_exact(scale1, scale2):
+            return None
+        return q, layout, int(zero1), int(zero2)
+
+    def visit_call_(self, call):
+        call = self.visit_expr_post_order(call)
+        if op_name(call) != "relax.quantize" or str(call.ty.dtype) not in _INTEGER_DTYPES:
+            return call
+        matched = self._match(call)
+        if matched is None:
+            return call
+        q, layout, zero1, zero2 = matched
+        out = self.visit_expr(q)
+        for move in reversed(layout):  # innermost first, on the integer tensor
+            out = self.builder_.normalize(relax.Call(move.op, [out, *move.args[1:]], move.attrs, move.ty_args))
+        dtype = str(call.ty.dtype)
+        if zero1 != zero2 or str(q.ty.dtype) != dtype:
+            info = np.iinfo(dtype)
+            shifted = relax.op.add(relax.op.astype(out, "int32"), relax.const(zero2 - zero1, "int32"))
+            out = relax.op.astype(relax.op.clip(shifted, int(info.min), int(info.max)), dtype)
+        self.folded += 1
+        return out
+
+
+@tvm.transform.module_pass(opt_level=0, name="nativeq.FoldDequantizeQuantize")
+class FoldDequantizeQuantize:
+    """Replace quantize(layout(dequantize(q))) with the same per-tensor scale by the layout ops on q."""
+
+    def transform_module(self, mod, _ctx):
+        return _Rewriter(mod).transform()
