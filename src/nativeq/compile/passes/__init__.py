@@ -1,13 +1,20 @@
 """Relax passes of nativeq's compile pipeline, one pass per file."""
 
 
-def rewrite_functions(mutator) -> "object":
-    """Run a `relax.PyExprMutator` over every Relax function of the module it was built on; the new module."""
+def rewrite_functions(mutator, prepare=None, remove_unused: bool = False) -> "object":
+    """Run a `relax.PyExprMutator` over every Relax function of the module it was built on; the new module.
+
+    prepare(func): called before each function is visited (e.g. to analyse its bindings);
+    remove_unused: drop the bindings the rewrite left unused.
+    """
     from nativeq.compile._tvm import relax
 
     for gvar, func in list(mutator.builder_.get().functions_items()):
         if isinstance(func, relax.Function):
-            mutator.builder_.update_func(gvar, mutator.visit_expr(func))
+            if prepare is not None:
+                prepare(func)
+            new_func = mutator.visit_expr(func)
+            mutator.builder_.update_func(gvar, relax.analysis.remove_all_unused(new_func) if remove_unused else new_func)
     return mutator.builder_.get()
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from nativeq.compile._tvm import relax, tvm
-from nativeq.compile.passes import use_counts
+from nativeq.compile.passes import rewrite_functions, use_counts
 from nativeq.compile.passes.qdq_sites import CONTRACTION_OPS, const_array, op_name, resolve, static_value
 
 
@@ -96,17 +96,14 @@ def fold_bias(epilogue: _Epilogue, bias: np.ndarray, require_exact: bool) -> np.
 class _Rewriter(relax.PyExprMutator):
     def __init__(self, mod, require_exact):
         super().__init__(mod)
-        self.mod_ = mod
         self.require_exact = require_exact
 
+    def prepare(self, func):
+        self.var2val = relax.analysis.get_var2val(func)
+        self.uses = use_counts(func)
+
     def transform(self):
-        for gvar, func in self.mod_.functions_items():
-            if isinstance(func, relax.Function):
-                self.var2val = relax.analysis.get_var2val(func)
-                self.uses = use_counts(func)
-                new_func = self.visit_expr(func)
-                self.builder_.update_func(gvar, relax.analysis.remove_all_unused(new_func))
-        return self.builder_.get()
+        return rewrite_functions(self, self.prepare, remove_unused=True)
 
     def visit_call_(self, call):
         if op_name(call) == "relax.add":

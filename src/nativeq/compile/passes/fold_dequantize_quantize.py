@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from nativeq.compile._tvm import relax, tvm
+from nativeq.compile.passes import rewrite_functions
 from nativeq.compile.passes.qdq_sites import op_name, resolve, static_value
 
 LAYOUT_OPS = {"relax.reshape", "relax.permute_dims", "relax.strided_slice", "relax.squeeze",
@@ -48,16 +49,13 @@ def _round_trip_exact(scale1, scale2) -> bool:
 class _Rewriter(relax.PyExprMutator):
     def __init__(self, mod):
         super().__init__(mod)
-        self.mod_ = mod
         self.folded = 0
 
+    def prepare(self, func):
+        self.var2val = relax.analysis.get_var2val(func)
+
     def transform(self):
-        for gvar, func in self.mod_.functions_items():
-            if isinstance(func, relax.Function):
-                self.var2val = relax.analysis.get_var2val(func)
-                new_func = self.visit_expr(func)
-                self.builder_.update_func(gvar, relax.analysis.remove_all_unused(new_func))
-        return self.builder_.get()
+        return rewrite_functions(self, self.prepare, remove_unused=True)
 
     def _match(self, call):
         """(q, layout calls outermost first, z1, z2) if `call` is quantize(layout(dequantize(q))) with one scale."""

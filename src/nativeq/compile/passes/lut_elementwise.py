@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from nativeq.compile._tvm import relax, te, tvm
-from nativeq.compile.passes import use_counts
+from nativeq.compile.passes import rewrite_functions, use_counts
 from nativeq.compile.passes.qdq_sites import op_name, static_value
 
 LUT_BLOCK = "nativeq_lut"
@@ -109,19 +109,16 @@ def lut_lookup_te(x, table, offset: int):
 class _Rewriter(relax.PyExprMutator):
     def __init__(self, mod):
         super().__init__(mod)
-        self.mod_ = mod
         self.rewritten = 0
 
+    def prepare(self, func):
+        self.chains = _Chains(func)
+        self.internal_uses = self._internal_uses()
+        self.uses = use_counts(func)
+        self.tables: dict = {}
+
     def transform(self):
-        for gvar, func in self.mod_.functions_items():
-            if isinstance(func, relax.Function):
-                self.chains = _Chains(func)
-                self.internal_uses = self._internal_uses()
-                self.uses = use_counts(func)
-                self.tables: dict = {}
-                new_func = self.visit_expr(func)
-                self.builder_.update_func(gvar, relax.analysis.remove_all_unused(new_func))
-        return self.builder_.get()
+        return rewrite_functions(self, self.prepare, remove_unused=True)
 
     def _internal_uses(self) -> dict:
         """How often each chain var is an operand of a binding in the same chain."""
