@@ -125,6 +125,17 @@ def has_multi_axis_reduction(func) -> bool:
     return any(_iter_kinds(sch, b).count("R") >= 2 for b in blocks)
 
 
+def has_block(func, name: str) -> bool:
+    """Whether `func` is a PrimFunc with a block called `name` (FuseTIR keeps block names, not attrs)."""
+    if not isinstance(func, tirx.PrimFunc):
+        return False
+    try:
+        Schedule(func).get_sblock(name)
+    except _ERRORS:
+        return False
+    return True
+
+
 def has_integer_matmul(func) -> bool:
     """Whether a block accumulates 8-bit products into int32 over one axis (an activation x activation
     matmul, e.g. attention's Q.K^T and P.V): dlight's reduction rule keeps such a reduction innermost

@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 
 from nativeq.compile._tvm import Analyzer, Schedule, s_tir, tirx
+from nativeq.compile.schedules.generic import has_block
 from nativeq.compile.schedules.intrinsics import DotIntrin, row_tile
 from nativeq.compile.schedules.pack_activations import PACK_BLOCK
 from nativeq.compile.schedules.pack_weights import REDUCTION_BLOCK, ROWS_PAD_BLOCK
@@ -59,14 +60,8 @@ def register_tile(n_blocks: int, intrin: DotIntrin) -> tuple[int, int]:
 
 
 def is_int8_matmul(func) -> bool:
-    """Whether `func` holds the reduction block of a packed int8 matmul (FuseTIR keeps block names, not attrs)."""
-    if not isinstance(func, tirx.PrimFunc):
-        return False
-    try:
-        Schedule(func).get_sblock(REDUCTION_BLOCK)
-    except (s_tir.ScheduleError, RuntimeError, ValueError):
-        return False
-    return True
+    """Whether `func` holds the reduction block of a packed int8 matmul."""
+    return has_block(func, REDUCTION_BLOCK)
 
 
 def schedule_int8_matmul(func, intrin: DotIntrin) -> Schedule | None:

@@ -20,6 +20,7 @@ import logging
 
 from nativeq.compile._tvm import Schedule, s_tir, tirx
 from nativeq.compile.passes.legalize_like_ort import SOFTMAX_LANES_BLOCK, SOFTMAX_MAX_LANES_BLOCK
+from nativeq.compile.schedules.generic import has_block
 
 logger = logging.getLogger(__name__)
 
@@ -27,13 +28,7 @@ _ERRORS = (s_tir.ScheduleError, RuntimeError, ValueError, TypeError)
 
 
 def is_mlas_softmax(func) -> bool:
-    if not isinstance(func, tirx.PrimFunc):
-        return False
-    try:
-        Schedule(func).get_sblock(SOFTMAX_LANES_BLOCK)
-    except _ERRORS:
-        return False
-    return True
+    return has_block(func, SOFTMAX_LANES_BLOCK)
 
 
 def schedule_softmax(func, vector_bits: int) -> Schedule | None:
