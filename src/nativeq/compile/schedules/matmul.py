@@ -121,22 +121,8 @@ def _schedule(sch: Schedule, intrin: DotIntrin) -> Schedule | None:
         *_, epi_cols = sch.get_loops(last)
         _, epi_lane = sch.split(epi_cols, factors=[None, lanes])
         sch.vectorize(epi_lane)
-    pad = _find_block(sch, ROWS_PAD_BLOCK)
-    if pad is not None:
-        # the tile's zero-padded activation rows, built right before the tile needs them
-        sch.compute_at(pad, tile)
-        pad_loops = sch.get_loops(pad)
-        # NOTE: the vector width divides K: a lane predicate (K % width != 0) scalarizes the copy.
-        width = _pad_vector_width(kdim)
-        sch.vectorize(sch.split(pad_loops[-1], factors=[None, width])[1])
-    sch.tensorize(col_lane, intrin.name)
-    # NOTE: the tile accumulator and the padded activation rows on the stack ("local"; after
-    # tensorize, whose intrinsic matches global buffers). As workspace buffers they may alias for
-    # LLVM, which then stores the accumulator after every dot product instead of keeping it in
-    # registers.
-    sch.set_scope(init, 0, "local")
-    if pad is not None and kdim is not None:  # a symbolic K: no fixed-size stack buffer
-        sch.set_scope(pad, 0, "local")
+    # the tile's zero-padded activation rows, built right before the tile needs them
+    _tensorize_tile(sch, intrin, col_lane, init, rows_at=tile, kdim=kdim)
     sch.unroll(row_inner)
     sch.unroll(col_block)
     return sch
@@ -194,20 +180,32 @@ def _schedule_padded_epilogue(sch: Schedule, intrin: DotIntrin, last_name: str, 
         sch.reorder(k_outer, m_rows, m_cols, k_inner)
         init = sch.decompose_reduction(matmul, k_outer)
         sch.vectorize(sch.get_loops(init)[-1])
-        pad = _find_block(sch, ROWS_PAD_BLOCK)
-        if pad is not None:  # once per row block, for all its column tiles
-            sch.compute_at(pad, row_block)
-            pad_loops = sch.get_loops(pad)
-            sch.vectorize(sch.split(pad_loops[-1], factors=[None, _pad_vector_width(kdim)])[1])
-        sch.tensorize(m_cols, intrin.name)
-        sch.set_scope(init, 0, "local")
-        if pad is not None and kdim is not None:
-            sch.set_scope(pad, 0, "local")
+        # the padded activation rows once per row block, for all its column tiles
+        _tensorize_tile(sch, intrin, m_cols, init, rows_at=row_block, kdim=kdim)
         sch.unroll(m_rows)
     except (s_tir.ScheduleError, RuntimeError, ValueError, TypeError) as err:
         logger.debug("padded epilogue schedule does not apply: %s", err)
         return None
     return sch
+
+
+def _tensorize_tile(sch: Schedule, intrin: DotIntrin, lane_loop, init, rows_at, kdim: int | None) -> None:
+    """Build the zero-padded activation rows at loop `rows_at` (vectorized copy), tensorize the dot
+    products at `lane_loop`, and keep the accumulator (and, for a static K, the rows) on the stack."""
+    pad = _find_block(sch, ROWS_PAD_BLOCK)
+    if pad is not None:
+        sch.compute_at(pad, rows_at)
+        pad_loops = sch.get_loops(pad)
+        # NOTE: the vector width divides K: a lane predicate (K % width != 0) scalarizes the copy.
+        sch.vectorize(sch.split(pad_loops[-1], factors=[None, _pad_vector_width(kdim)])[1])
+    sch.tensorize(lane_loop, intrin.name)
+    # NOTE: the tile accumulator and the padded activation rows on the stack ("local"; after
+    # tensorize, whose intrinsic matches global buffers). As workspace buffers they may alias for
+    # LLVM, which then stores the accumulator after every dot product instead of keeping it in
+    # registers.
+    sch.set_scope(init, 0, "local")
+    if pad is not None and kdim is not None:  # a symbolic K: no fixed-size stack buffer
+        sch.set_scope(pad, 0, "local")
 
 
 def schedule_int8_pack(func) -> Schedule | None:
