@@ -26,16 +26,11 @@ import numpy as np
 
 from nativeq.compile._tvm import relax, tvm
 from nativeq.compile.passes import rewrite_functions
-from nativeq.compile.passes.qdq_sites import op_name, resolve, static_value
+from nativeq.compile.passes.qdq_sites import op_name, resolve, static_scalar
 
 LAYOUT_OPS = {"relax.reshape", "relax.permute_dims", "relax.strided_slice", "relax.squeeze",
               "relax.expand_dims", "relax.flatten"}
 _INTEGER_DTYPES = ("int8", "uint8", "int16", "uint16")
-
-
-def _scalar(expr, var2val):
-    value = static_value(expr, var2val)
-    return None if value is None or value.size != 1 else value.reshape(())
 
 
 def _round_trip_exact(scale1, scale2) -> bool:
@@ -59,7 +54,7 @@ class _Rewriter(relax.PyExprMutator):
 
     def _match(self, call):
         """(q, layout calls outermost first, z1, z2) if `call` is quantize(layout(dequantize(q))) with one scale."""
-        scale2, zero2 = _scalar(call.args[1], self.var2val), _scalar(call.args[2], self.var2val)
+        scale2, zero2 = static_scalar(call.args[1], self.var2val), static_scalar(call.args[2], self.var2val)
         if scale2 is None or zero2 is None:
             return None
         layout, value = [], resolve(call.args[0], self.var2val)
@@ -69,7 +64,7 @@ class _Rewriter(relax.PyExprMutator):
         if op_name(value) != "relax.dequantize" or str(value.ty.dtype) != "float32":
             return None
         q = value.args[0]
-        scale1, zero1 = _scalar(value.args[1], self.var2val), _scalar(value.args[2], self.var2val)
+        scale1, zero1 = static_scalar(value.args[1], self.var2val), static_scalar(value.args[2], self.var2val)
         if scale1 is None or zero1 is None or str(q.ty.dtype) not in _INTEGER_DTYPES:
             return None
         if not _round_trip_exact(scale1, scale2):

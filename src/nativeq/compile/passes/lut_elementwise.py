@@ -27,7 +27,7 @@ import numpy as np
 
 from nativeq.compile._tvm import relax, te, tvm
 from nativeq.compile.passes import rewrite_functions, use_counts
-from nativeq.compile.passes.qdq_sites import op_name, static_value
+from nativeq.compile.passes.qdq_sites import op_name, static_scalar
 
 LUT_BLOCK = "nativeq_lut"
 LUT_ATTR = "nativeq.lut"
@@ -59,13 +59,6 @@ def _ndim(expr) -> int:
     return int(expr.ty.ndim)
 
 
-def _scalar_constant(expr, var2val) -> bool:
-    """A one-element tensor known at compile time (a constant, or e.g. a dequantized constant, which
-    FoldConstant folds later): it broadcasts without changing the chain's shape."""
-    value = static_value(expr, var2val)
-    return value is not None and value.size == 1
-
-
 class _Chains:
     """For each Relax var: the 8-bit root var it is an elementwise function of, and the chain's ops."""
 
@@ -84,7 +77,9 @@ class _Chains:
             if isinstance(arg, relax.Var) and arg in self.root:
                 roots.append(self.root[arg])
                 ops.update(self.ops[arg])
-            elif _dtype(arg) is not None and _scalar_constant(arg, self.var2val):
+            # a one-element tensor known at compile time (e.g. a dequantized constant, which FoldConstant
+            # folds later) broadcasts without changing the chain's shape
+            elif _dtype(arg) is not None and static_scalar(arg, self.var2val) is not None:
                 if _ndim(arg) > _ndim(value):
                     return
             elif isinstance(arg, relax.Var) and _dtype(arg) in _ROOT_DTYPES:

@@ -333,3 +333,9 @@ def match_activation_product(call, var2val) -> ActivationProductSite | str:
     if len(call.args[0].ty.shape) < 2 or len(call.args[1].ty.shape) < 2:
         return "matrix-vector product"
     return ActivationProductSite(call, lhs[0], lhs[1], lhs[2], lhs[3], rhs[0], rhs[1], rhs[2], rhs[3], axes)
+
+
+def static_scalar(expr, var2val) -> np.ndarray | None:
+    """The value of `expr` as a 0-d array if it is a one-element tensor known at compile time, else None."""
+    value = static_value(expr, var2val)
+    return None if value is None or value.size != 1 else value.reshape(())
