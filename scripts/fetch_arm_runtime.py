@@ -95,6 +95,7 @@ def main() -> int:
         fetch(force=args.force)
         runner = emulate.build_runner()
         print(f"aarch64 runner: {runner}")
+        print(f"aarch64 RPC server: {emulate.build_rpc_server()}")
         plugin = emulate.build_insn_plugin()
         print(f"qemu instruction-count plugin: {plugin}")
     except NativeqError as e:

@@ -127,6 +127,35 @@ def test_int8_matmul_static_rows_register_tile_exact(tmp_path):
     np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(x)).numpy(), _reference(x, w, bias, scale))
 
 
+def test_every_tunable_tile_is_exact(tmp_path, monkeypatch):
+    """Each knob setting the tuner may pick (register tile, parallel order) computes the same exact
+    result: static rows (3 row tiles of 6 padded from 16), N = 96 (6 column blocks of 16)."""
+    from nativeq.compile.schedules import default_schedule, matmul
+    from nativeq.compile.schedules.intrinsics import dot_intrin_for
+
+    target = get_target("host")
+    if target.int8 not in ("avx512-vnni", "avx2"):
+        pytest.skip("x86 host needed")
+    intrin = dot_intrin_for(target)
+    rng, w, bias, scale = _random_layer(3)
+    x = rng.integers(0, 256, (1, 16, K), dtype=np.uint8)
+    choices = matmul.tile_choices(N // intrin.lanes, intrin)
+    assert len(choices) >= 8
+    for knobs in choices:
+        applied = []
+
+        def with_knobs(func, intrin, knobs=knobs, applied=applied):
+            applied.append(knobs)
+            return matmul.schedule_int8_matmul(func, intrin, knobs)
+
+        monkeypatch.setattr(default_schedule, "schedule_int8_matmul", with_knobs)
+        ex, _ = _build(_requant_module(w, bias, scale, 16), target, tmp_path)
+        assert knobs in applied
+        vm = relax.VirtualMachine(ex, tvm.cpu())
+        np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(x)).numpy(), _reference(x, w, bias, scale),
+                                      err_msg=knobs.as_text())
+
+
 def test_unpackable_matmul_and_float_ops_keep_correct_generic_schedules(tmp_path):
     """K=30 is not a multiple of the dot tile: no packing, the generic rule must keep it exact."""
     target = get_target("host")

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 
@@ -27,8 +28,8 @@ from nativeq.tuning import database as dbfiles
 TRIALS = 4
 
 
-def _tiny_model(path, t=16):
-    onnx.save(qdq_models.qdq_matmul(k=64, n=32, t=t, act_dtype="uint8"), path)
+def _tiny_model(path, t=16, n=128):
+    onnx.save(qdq_models.qdq_matmul(k=64, n=n, t=t, act_dtype="uint8"), path)
     return path
 
 
@@ -165,12 +166,110 @@ def test_corrupt_workload_line_drops_only_its_records(tmp_path):
     assert lines.workloads == good.workloads and lines.records == good.records
 
 
+@pytest.fixture(scope="module")
+def tuned_symbolic(tmp_path_factory):
+    """(onnx path, database dir, TuneResult) of a matmul with a symbolic time axis, tuned at T=48."""
+    root = tmp_path_factory.mktemp("tuned_symbolic")
+    model = root / "dyn.onnx"
+    onnx.save(qdq_models.qdq_matmul(k=64, n=128, t="T", act_dtype="uint8"), model)
+    result = tune_model(model, TuneConfig(target="host", trials=TRIALS, min_trials_per_task=TRIALS,
+                                          trials_per_iter=TRIALS, dims={"T": 48}, work_dir=str(root / "db"),
+                                          progress=False))
+    return model, root / "db", result
+
+
 @pytest.mark.slow
-def test_symbolic_shapes_are_refused_with_one_line(tmp_path):
+def test_symbolic_time_axis_is_tuned_at_the_given_length_and_compile_applies_the_best_knobs(tuned_symbolic, tmp_path):
+    """The symbolic kernel is tuned as its T=48 twin; compile gives the symbolic kernel the winning
+    knobs, and the artifact stays exact against ORT at other lengths."""
+    from nativeq.compile.schedules.matmul import TileKnobs
+    from nativeq.tuning.template import knobs_of
+    from nativeq.verify import VerifyConfig, verify_artifact
+
+    model, db, result = tuned_symbolic
+    assert result.dims == {"T": 48} and len(result.tasks) == 1, result.summary()
+    assert result.tasks[0].trials == TRIALS and result.tasks[0].best_us > 0
+    assert "dyn.onnx [T=48]" in tuning_status(db)
+    records = dbfiles.load_database(db).get_all_tuning_records()
+    assert len(records) == TRIALS
+    timed = {knobs_of(r.trace): float(np.mean([float(s) for s in r.run_secs])) for r in records}
+    assert None not in timed and len(timed) == TRIALS, "a record without knobs, or one knob setting measured twice"
+    best = min(timed, key=timed.get)
+    # the default tile (6 x 4 blocks for N = 128) stays unless the best beats its measurement by > 3 %
+    default = TileKnobs(6, 4)
+    expected = default if default in timed and timed[default] <= timed[best] * 1.03 else best
+
+    out = compile_model(model, tmp_path / "art", CompileConfig(target="host", tuning_log=str(db)))
+    assert list(out.manifest["tuning"]["applied"].values()) == [expected.as_text()]
+    for t in (48, 37, 200):
+        report = verify_artifact(tmp_path / "art", model, VerifyConfig(runs=1, dims={"T": t}))
+        assert report.passed and max(o.max_steps for o in report.outputs) == 0, report.table()
+
+
+@pytest.mark.slow
+def test_symbolic_kernel_specializes_to_its_static_twin():
+    """`specialize` at T=40 gives the workload the same model exported with T=40 has, also when the
+    kernel's rows are derived from T (a stride-2 conv: (T - 1) // 2 + 1)."""
+    from nativeq.compile._tvm import meta_schedule as ms, tirx
+    from nativeq.compile.schedules.matmul import is_int8_matmul
+    from nativeq.targets import get_target
+    from nativeq.tuning.template import size_vars, specialize, task_module
+    from nativeq.tuning.tune import lower_for_tuning
+
+    def kernel(model, path):
+        onnx.save(model, path)
+        mod, _ = lower_for_tuning(path, get_target("host"))
+        (func,) = [f for f in mod.functions.values() if isinstance(f, tirx.PrimFunc) and is_int8_matmul(f)]
+        return func
+
+    scratch = ms.database.MemoryDatabase(module_equality=dbfiles.MODULE_EQUALITY)
+
+    def key(func):
+        return str(scratch.commit_workload(task_module(func)).as_json()[0])
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for build in (lambda t: qdq_models.qdq_matmul(t=t), lambda t: qdq_models.qdq_conv1d(t=t, stride=2)):
+            symbolic = kernel(build("T"), os.path.join(tmp, "sym.onnx"))
+            static = kernel(build(40), os.path.join(tmp, "static.onnx"))
+            assert list(size_vars(symbolic)) == ["T"] and not size_vars(static)
+            twin = specialize(symbolic, {"T": 40})
+            assert not size_vars(twin)
+            assert key(twin) == key(static)
+            # (T=41 would share T=40's workload: the anchor block sees the rows padded to the tile)
+            assert key(specialize(symbolic, {"T": 80})) != key(static)
+            assert specialize(symbolic, {"U": 40}) is None
+
+
+@pytest.mark.slow
+def test_symbolic_options_are_one_line_errors(tmp_path):
     model = tmp_path / "dyn.onnx"
     onnx.save(qdq_models.qdq_matmul(k=64, n=32, t="T", act_dtype="uint8"), model)
+    with pytest.raises(NativeqError, match="no symbolic size U .*: T"):
+        tune_model(model, TuneConfig(target="host", dims={"U": 8}, work_dir=str(tmp_path / "db"), progress=False))
+    with pytest.raises(NativeqError, match="--dim T=0"):
+        tune_model(model, TuneConfig(target="host", dims={"T": 0}, work_dir=str(tmp_path / "db"), progress=False))
+    # TVM's float path (--no-int8) leaves a float matmul with a symbolic shape: MetaSchedule's rules cannot tune it
     with pytest.raises(NativeqError, match="symbolic shape"):
-        tune_model(model, TuneConfig(target="host", trials=2, work_dir=str(tmp_path / "db"), progress=False))
+        tune_model(model, TuneConfig(target="host", int8=False, work_dir=str(tmp_path / "db"), progress=False))
+
+
+def test_tile_choices_table():
+    """The knob space of the int8 matmul: the default first, accumulators within the register budget,
+    column blocks dividing N/lanes, mr dividing the packing's row tile."""
+    from nativeq.compile.schedules.intrinsics import VNNI, row_tile
+    from nativeq.compile.schedules.matmul import TileKnobs, register_tile, tile_choices
+
+    mr = row_tile(VNNI)
+    for n_blocks, default in ((9, TileKnobs(mr, 3)), (36, TileKnobs(mr, 4)), (2, TileKnobs(mr, 2)), (1, TileKnobs(mr, 1))):
+        choices = tile_choices(n_blocks, VNNI)
+        assert choices[0] == default == register_tile(n_blocks, VNNI)
+        assert len(set(choices)) == len(choices)
+        for k in choices[1:]:
+            assert mr % k.mr == 0 and n_blocks % k.nr == 0
+            assert mr <= k.mr * k.nr <= mr * 4
+            assert TileKnobs.from_text(k.as_text()) == k
+    assert TileKnobs(3, 8) in tile_choices(16, VNNI) and TileKnobs(6, 8) not in tile_choices(16, VNNI)
+    assert TileKnobs(2, 9) in tile_choices(9, VNNI) and TileKnobs(1, 3) not in tile_choices(9, VNNI)
 
 
 def test_bad_options_are_one_line_errors(tmp_path):
@@ -186,7 +285,7 @@ def test_bad_options_are_one_line_errors(tmp_path):
 @pytest.mark.slow
 def test_kill_and_resume(tmp_path):
     """SIGKILL `nativeq tune` mid-run: the database loads, keeps its records, and a rerun resumes."""
-    model = _tiny_model(tmp_path / "mm.onnx")
+    model = _tiny_model(tmp_path / "mm.onnx", n=256)  # 10 tiles to measure: the run is still going when killed
     db = tmp_path / "db"
     exe = os.path.join(os.path.dirname(sys.executable), "nativeq")
     cmd = [exe, "tune", str(model), "--target", "host", "--trials", "200", "--trials-per-iter", "2", "--work-dir", str(db),
@@ -240,7 +339,9 @@ def test_shipped_database_is_clean_and_corrupt_copies_are_repaired(tmp_path):
         warnings.simplefilter("error")
         again = dbfiles.read_database(db)  # repaired in place: no warning any more
     assert again.records == shipped.records
-    assert "target x86-avx512-vnni" in tuning_status(db)
+    status = tuning_status(db)
+    for model in ("mm.onnx", "encoder_qdq.onnx [T=200]", "conformer-tiny-int8.onnx [B=1, T=300"):
+        assert f"model {model}" in status, status
 
 
 def test_status_without_database(tmp_path):
@@ -267,3 +368,59 @@ def test_compile_picks_up_shipped_database(tmp_path, monkeypatch):
         applied = ApplyTuningDatabase(SHIPPED)(mod)
     assert any("matmul" in gv.name_hint for gv, f in applied.functions_items()
                if isinstance(f, tirx.PrimFunc) and f.attrs is not None and "tirx.is_scheduled" in f.attrs)
+
+
+@pytest.mark.parametrize("default_us, best_us, picked", [
+    (100.0, 90.0, "best"),     # 10 % better: the tuned tile
+    (100.0, 98.0, "default"),  # within the 3 % noise margin: the default stays
+    (None, 98.0, "best"),      # the default was never measured
+])
+def test_knobs_for_keeps_the_default_within_the_noise_margin(default_us, best_us, picked):
+    from tvm.script import tirx as T
+
+    from nativeq.compile._tvm import Schedule, TVMTarget, meta_schedule as ms
+    from nativeq.compile.schedules.matmul import TileKnobs
+    from nativeq.tuning.template import TILE_ANNOTATION, knobs_for, task_module
+
+    @T.prim_func(s_tir=True)
+    def copy(a: T.Buffer((16,), "int32"), b: T.Buffer((16,), "int32")):
+        for i in range(16):
+            with T.sblock("B"):
+                vi = T.axis.spatial(16, i)
+                b[vi] = a[vi]
+
+    database = ms.database.MemoryDatabase(module_equality=dbfiles.MODULE_EQUALITY)
+    workload = database.commit_workload(task_module(copy))
+    default, best, worse = TileKnobs(6, 4), TileKnobs(2, 9), TileKnobs(6, 1)
+    for knobs, us in ((default, default_us), (best, best_us), (worse, 500.0)):
+        if us is None:
+            continue
+        sch = Schedule(task_module(copy))
+        sch.annotate(sch.get_sblock("B"), TILE_ANNOTATION, knobs.as_text())
+        database.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, [us * 1e-6] * 3))
+    chosen = knobs_for(copy, database, TVMTarget("llvm"), [], default=default)
+    assert chosen == (best if picked == "best" else default)
+
+
+@pytest.mark.slow
+def test_shipped_database_tunes_the_benchmark_encoder(tmp_path, monkeypatch):
+    """`compile` from the repo applies the shipped records to the benchmark encoder (a fresh export of
+    `benchmarks/encoder.py`, symbolic T) without tuning: every int8 kernel with knobs gets the tuned
+    tile, and the artifact stays exact against ORT."""
+    import importlib.util
+
+    from nativeq.verify import VerifyConfig, verify_artifact
+
+    spec = importlib.util.spec_from_file_location("bench_encoder", os.path.join(SHIPPED, os.pardir, os.pardir,
+                                                                                "benchmarks", "encoder.py"))
+    encoder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(encoder)
+    _, qdq = encoder.export(tmp_path, d=144, blocks=4)
+    monkeypatch.chdir(os.path.join(SHIPPED, os.pardir, os.pardir))
+    out = compile_model(qdq, tmp_path / "art", CompileConfig(target="host"))
+    applied = out.manifest["tuning"]["applied"]
+    # 27 int8 kernels: 4 Q·Kᵀ have no knobs (symbolic N); the other 23 come from the database
+    assert len(applied) == 23 and all(v.startswith("mr=") for v in applied.values()), applied
+    # (at T=100: at T=200 ORT's own float sgemm rounds one logit 3 steps off; README, verify)
+    report = verify_artifact(tmp_path / "art", qdq, VerifyConfig(runs=1, dims={"T": 100}))
+    assert report.passed and max(o.max_steps for o in report.outputs if o.quantized) == 0, report.table()

@@ -86,7 +86,7 @@ class Loopback:
 @pytest.fixture
 def model(tmp_path):
     path = tmp_path / "mm.onnx"
-    onnx.save(qdq_models.qdq_matmul(k=64, n=32, t=16, act_dtype="uint8"), path)
+    onnx.save(qdq_models.qdq_matmul(k=64, n=128, t=16, act_dtype="uint8"), path)  # 9 tiles to measure
     return path
 
 
@@ -160,3 +160,37 @@ def test_cli_unreachable_server(nativeq_cli, model):
     assert result.returncode != 0
     assert result.stderr.startswith("error: cannot reach RPC server 127.0.0.1:"), result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_tune_on_an_aarch64_server_under_qemu_then_compile_verifies(model, tmp_path):
+    """A stand-in Raspberry Pi 5: nativeq's Python-free RPC server, cross-compiled for aarch64 and
+    running under qemu-aarch64 (-cpu cortex-a76). `tune --target rpi5 --rpc` measures cross-compiled
+    candidates on it; the rpi5 artifact compiled with that database verifies against ORT under qemu."""
+    from nativeq.compile import CompileConfig, compile_model
+    from nativeq.runtime import emulate
+    from nativeq.targets import get_target
+    from nativeq.verify import VerifyConfig, verify_artifact
+
+    target = get_target("rpi5")
+    port = _free_port()
+    log = open(tmp_path / "server.log", "wb")
+    proc = subprocess.Popen(emulate.rpc_server_command(port, tmp_path / "work", cpu=target.qemu_cpu), stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_port(port, proc, timeout=120)
+        db = tmp_path / "db"
+        result = tune_model(model, TuneConfig(target="rpi5", trials=2, min_trials_per_task=2, trials_per_iter=2,
+                                              work_dir=str(db), rpc=f"127.0.0.1:{port}", rpc_timeout=300,
+                                              progress=False))
+        assert [t.new_trials for t in result.tasks] == [2], result.summary()
+        assert result.tasks[0].best_us is not None, "no candidate ran on the aarch64 server"
+        assert any((tmp_path / "work").glob("session*")), "the server never served a session"
+        out = compile_model(model, tmp_path / "art", CompileConfig(target="rpi5", tuning_log=str(db)))
+        assert list(out.manifest["tuning"]["applied"]), "the rpi5 build applied no tuned kernel"
+        report = verify_artifact(tmp_path / "art", model, VerifyConfig(runs=1))
+        assert report.passed, report.table()
+    finally:
+        os.killpg(proc.pid, 9)
+        proc.wait(timeout=30)
+        log.close()

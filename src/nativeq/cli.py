@@ -356,10 +356,14 @@ def bench_emulated_cmd(artifacts, dims, repeat, cpu, as_json):
 @click.option("--rpc-timeout", default=60.0, show_default=True, help="Seconds one remote measurement may take.")
 @click.option("--trials-per-iter", default=32, show_default=True, help="Candidates measured (and saved) per search round.")
 @click.option("--no-int8", is_flag=True, help="Tune TVM's float QDQ path (as compile --no-int8).")
+@click.option("--dim", "dims", multiple=True,
+              help="Tune a symbolic size at this value, e.g. --dim T=300 (the length you deploy; default 256, batch 1).")
+@click.option("--threads", type=int, default=None,
+              help="Threads a local measurement uses (default: the target's cores, as deployed).")
 @click.option("--quiet", is_flag=True, help="No progress display.")
 @click.option("--status", is_flag=True, help="Show what is tuned for which target/model (under --work-dir or tuning_logs/).")
 def tune(model, target, trials, work_dir, rpc_tracker, rpc_key, rpc_server, rpc_workers, rpc_timeout, trials_per_iter,
-         no_int8, quiet, status):
+         no_int8, dims, threads, quiet, status):
     """MetaSchedule-tune MODEL's int8 kernels for TARGET; `compile` then applies tuning_logs/<target>/ automatically."""
     if status:
         from nativeq.tuning import tuning_status
@@ -372,7 +376,7 @@ def tune(model, target, trials, work_dir, rpc_tracker, rpc_key, rpc_server, rpc_
 
     cfg = TuneConfig(target=target, trials=trials, work_dir=work_dir, rpc_tracker=rpc_tracker, rpc_key=rpc_key,
                      rpc=rpc_server, rpc_workers=rpc_workers, rpc_timeout=rpc_timeout,
-                     trials_per_iter=trials_per_iter, int8=not no_int8, progress=not quiet)
+                     trials_per_iter=trials_per_iter, int8=not no_int8, dims=_parse_dims(dims), threads=threads, progress=not quiet)
     click.echo(tune_model(model, cfg).summary())
 
 

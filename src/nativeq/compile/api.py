@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,7 +75,9 @@ class CompileResult:
             lines.append("  int8 lowering: off (--no-int8)")
         elif report:
             lines.append(f"  int8 sites: {report.get('int8', 0)} int8, {report.get('float', 0)} float")
-        lines.append(f"  tuning database: {m['tuning']['database'] or 'none'}")
+        tuned = len(m["tuning"].get("applied") or {})
+        lines.append(f"  tuning database: {m['tuning']['database'] or 'none'}"
+                     + (f" ({tuned} kernels tuned)" if m["tuning"]["database"] else ""))
         if self.explain:
             lines.append(self.explain_table())
         return "\n".join(lines)
@@ -221,6 +224,12 @@ def compile_model(model_path, out_dir, cfg: CompileConfig, force: bool = False) 
             mod, tvm_target, relax_pipeline=tvm.transform.Sequential(passes, name="nativeq_compile")
         )
     seconds["build"] = time.perf_counter() - started - seconds["import"]
+    applied = next((dict(p.applied) for p in passes if p.info.name == "nativeq.ApplyTuningDatabase"), {})
+    if cfg.tuning_log is not None and not applied:
+        # NOTE: records are keyed on the exact kernel IR: a change to the int8 passes or kernel
+        # layouts makes older records miss (a rerun of `nativeq tune` refreshes them).
+        warnings.warn(f"tuning database {database} matches no kernel of {model_path.name} (tuned for other shapes "
+                      f"or lengths, or by an older nativeq); using the default schedules", stacklevel=2)
 
     from nativeq.compile.artifact import build_manifest, write_manifest
 
@@ -245,6 +254,8 @@ def compile_model(model_path, out_dir, cfg: CompileConfig, force: bool = False) 
             tuning={
                 "database": str(database) if database else None,
                 "files": {} if database is None else {f: sha256_file(database / f) for f in DATABASE_FILES},
+                # kernel -> the knobs (nativeq's int8 schedule) or "trace" (MetaSchedule's) applied
+                "applied": applied,
             },
             int8_report=_int8_counts(sites),
             compile_seconds=time.perf_counter() - started,

@@ -24,13 +24,13 @@ from nativeq.compile.passes.lut_elementwise import MarkLutElementwise
 from nativeq.compile.schedules import kernel_relax_passes, schedule_passes
 
 
-def tuning_passes(database_dir: Path | None) -> list:
+def tuning_passes(database_dir: Path | None, target=None) -> list:
     """Apply the best schedules recorded in a MetaSchedule JSON database directory (corrupt lines skipped)."""
     if database_dir is None:
         return []
     from nativeq.tuning.apply import ApplyTuningDatabase
 
-    return [ApplyTuningDatabase(database_dir)]
+    return [ApplyTuningDatabase(database_dir, target)]
 
 
 def compile_passes(target, *, int8: bool = True, tuning_database: Path | None = None) -> list:
@@ -57,7 +57,7 @@ def _passes(target, *, int8: bool, tuning_database: Path | None) -> list:
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
         # schedules: tuned ones first, then nativeq's defaults for the rest
-        *tuning_passes(tuning_database),
+        *tuning_passes(tuning_database, target),
         *schedule_passes(target),
         # dataflow lowering (TVM's CPU backend)
         relax.transform.RewriteDataflowReshape(),

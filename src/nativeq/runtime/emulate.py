@@ -33,6 +33,7 @@ from nativeq.runtime.manifest import check_files, input_specs, output_specs, rea
 from nativeq.runtime.model import check_inputs
 
 RUNNER_SOURCE = Path(__file__).with_name("runner") / "nativeq_runner.cc"
+RPC_SERVER_SOURCE = Path(__file__).with_name("runner") / "nativeq_rpc_server.cc"
 PLUGIN_SOURCE = Path(__file__).with_name("runner") / "insn_count.c"
 HOST_CC = ("gcc", "gcc")
 CROSS_CXX = ("aarch64-linux-gnu-g++", "g++-aarch64-linux-gnu")  # (tool, Debian package)
@@ -82,8 +83,8 @@ def _check_runtime_matches(artifact: Path, manifest: dict) -> None:
             )
 
 
-def _runner_hash(runtime_dir: Path, cxx: str) -> str:
-    h = hashlib.sha256(RUNNER_SOURCE.read_bytes())
+def _program_hash(source: Path, runtime_dir: Path, cxx: str) -> str:
+    h = hashlib.sha256(source.read_bytes())
     versions = runtime_dir / "versions.json"
     h.update(versions.read_bytes() if versions.is_file() else b"")
     h.update(cxx.encode())
@@ -92,18 +93,28 @@ def _runner_hash(runtime_dir: Path, cxx: str) -> str:
 
 def build_runner(force: bool = False) -> Path:
     """Cross-compile `nativeq_runner` for aarch64 (cached; rebuilt when its source or the runtime changes)."""
+    return _build_device_program(RUNNER_SOURCE, force)
+
+
+def build_rpc_server(force: bool = False) -> Path:
+    """Cross-compile `nativeq_rpc_server` (a Python-free TVM RPC server) for aarch64, cached like the runner."""
+    return _build_device_program(RPC_SERVER_SOURCE, force)
+
+
+def _build_device_program(source: Path, force: bool) -> Path:
+    """Cross-compile one C++ file of `runner/` against the aarch64 TVM runtime, into the runtime cache's bin/."""
     runtime_dir = arm_runtime_dir()
     lib = _runtime_libs(runtime_dir)
     cxx = require_tool(*CROSS_CXX)
-    binary = runtime_dir / "bin" / "nativeq_runner"
+    binary = runtime_dir / "bin" / source.stem
     stamp = binary.with_suffix(".sha256")
-    digest = _runner_hash(runtime_dir, cxx)
+    digest = _program_hash(source, runtime_dir, cxx)
     if not force and binary.is_file() and stamp.is_file() and stamp.read_text().strip() == digest:
         return binary
     with tempfile.TemporaryDirectory(prefix="nativeq-runner-") as tmp:
-        out = Path(tmp) / "nativeq_runner"
+        out = Path(tmp) / source.stem
         cmd = [
-            cxx, "-std=c++17", "-O2", "-o", str(out), str(RUNNER_SOURCE),
+            cxx, "-std=c++17", "-O2", "-o", str(out), str(source),
             "-I", str(runtime_dir / "include"), "-L", str(lib),
             # NOTE: libtvm_runtime registers the Relax VM loaders in static initializers; keep it linked.
             "-Wl,--no-as-needed", "-ltvm_runtime", "-ltvm_ffi", "-Wl,--as-needed",
@@ -112,11 +123,19 @@ def build_runner(force: bool = False) -> Path:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             first = next((line for line in proc.stderr.splitlines() if "error" in line), proc.stderr.strip()[:200])
-            raise NativeqError(f"cross-compiling {RUNNER_SOURCE.name} with {CROSS_CXX[0]} failed: {first}")
+            raise NativeqError(f"cross-compiling {source.name} with {CROSS_CXX[0]} failed: {first}")
         write_bytes_atomic(binary, out.read_bytes())
     binary.chmod(0o755)
     write_bytes_atomic(stamp, (digest + "\n").encode())
     return binary
+
+
+def rpc_server_command(port: int, work_dir: str | Path, cpu: str = "max", host: str = "127.0.0.1",
+                       key: str = "") -> list[str]:
+    """The command that runs the aarch64 RPC server under qemu on this machine (a stand-in device)."""
+    server = build_rpc_server()
+    args = ["--port", str(port), "--host", host, "--work-dir", str(work_dir)] + (["--key", key] if key else [])
+    return _qemu_command(cpu, [str(server), *args])
 
 
 def _write_npy(path: Path, array: np.ndarray) -> None:

@@ -1,43 +1,102 @@
 """Relax pass: apply the best records of a nativeq tuning database (validated) to the PrimFuncs.
 
 Pipeline position: right after FuseTIR, before nativeq's default schedules (`pipeline.py`).
-It wraps TVM's `MetaScheduleApplyDatabase` with a database loaded through
-`tuning/database.py`, so a corrupt line is skipped with a warning instead of aborting the
-build, and tasks are matched with the same `anchor-block` equality `tune` used. Functions it
-schedules are marked `tirx.is_scheduled`; the default schedules leave those alone.
+
+1. nativeq's int8 matmul kernels: the winning knobs of their record (`template.knobs_for`) are
+   applied to nativeq's int8 schedule. A kernel with a symbolic time axis is looked up by its
+   static twin at the sizes the database was tuned at (`dims` of each model in
+   `nativeq_tuning.json`, in file order; the first that has a record wins).
+2. Everything else: TVM's `MetaScheduleApplyDatabase` replays the record's trace (static shapes).
+
+The database is loaded through `tuning/database.py`, so a corrupt line is skipped with a warning
+instead of aborting the build, and tasks are matched with the same `anchor-block` equality `tune`
+used. Functions it schedules are marked `tirx.is_scheduled`; the default schedules leave those alone.
 """
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
-from nativeq.compile._tvm import relax, tirx, tvm
-from nativeq.tuning.database import load_database
+from nativeq.compile._tvm import TVMTarget, relax, tirx, tvm
+from nativeq.tuning.database import load_database, read_summary, workload_key
+
+_SCHEDULED = "tirx.is_scheduled"
+
+
+def tuned_dims(path: Path) -> list[dict[str, int]]:
+    """The distinct symbolic-size bindings the database's models were tuned at, in file order."""
+    options: list[dict[str, int]] = []
+    for entry in read_summary(path)["models"].values():
+        dims = {str(k): int(v) for k, v in (entry.get("dims") or {}).items()}
+        if dims not in options:
+            options.append(dims)
+    return options
 
 
 @tvm.transform.module_pass(opt_level=0, name="nativeq.ApplyTuningDatabase")
 class ApplyTuningDatabase:
-    """Schedule every PrimFunc that has a record in the database directory `path`."""
+    """Schedule every PrimFunc that has a record in the database directory `path`.
 
-    def __init__(self, path: str | Path):
+    After it ran, `applied` maps each tuned kernel to what was applied: its knobs (nativeq's
+    int8 schedule) or "trace" (a MetaSchedule trace replayed).
+    """
+
+    def __init__(self, path: str | Path, target=None):
         self.path = Path(path)
+        self.target = target  # a nativeq Target: enables the int8 knobs (None: traces only)
+        self.applied: dict[str, str] = {}
 
     def transform_module(self, mod, _ctx):
-        database = load_database(self.path)
+        database = load_database(self.path, only=self._wanted_workloads(mod))
+        self.applied = self._apply_int8_knobs(mod, database)
         before = _scheduled(mod)
         with database:
             mod = relax.transform.MetaScheduleApplyDatabase()(mod)
-        self.applied = sorted(_scheduled(mod) - before)
-        if len(database) and not self.applied:
-            # NOTE: records are keyed on the exact kernel IR: a change to the int8 passes or
-            # kernel layouts makes older records miss (a rerun of `nativeq tune` refreshes them).
-            warnings.warn(f"tuning database {self.path} has records but none matches a kernel of this model "
-                          f"(tuned for other shapes, or by an older nativeq); using the default schedules",
-                          stacklevel=2)
+        self.applied.update({name: "trace" for name in sorted(_scheduled(mod) - before)})
         return mod
+
+    def _wanted_workloads(self, mod) -> set[str]:
+        """The database keys this module's kernels (and their static twins) can match."""
+        from nativeq.tuning.template import size_vars, specialize, task_module
+
+        dims_options = tuned_dims(self.path)
+        keys = set()
+        for func in mod.functions.values():
+            if not isinstance(func, tirx.PrimFunc) or _is_scheduled(func):
+                continue
+            twins = [func] if not size_vars(func) else [specialize(func, dims) for dims in dims_options]
+            keys.update(workload_key(task_module(twin)) for twin in twins if twin is not None)
+        return keys
+
+    def _apply_int8_knobs(self, mod, database) -> dict[str, str]:
+        """Schedule the int8 matmuls that have template records (in place in `mod`); {kernel: knobs}."""
+        from nativeq.compile.schedules.intrinsics import dot_intrin_for
+        from nativeq.compile.schedules.matmul import int8_matmul_n_blocks, register_tile, schedule_int8_matmul
+        from nativeq.tuning.template import is_tunable_int8_matmul, knobs_for
+
+        intrin = dot_intrin_for(self.target) if self.target is not None else None
+        if intrin is None or not len(database):
+            return {}
+        tvm_target = TVMTarget(self.target.tvm_dict())
+        dims_options = tuned_dims(self.path)
+        applied, updates = {}, {}
+        for gvar, func in mod.functions_items():
+            if not isinstance(func, tirx.PrimFunc) or _is_scheduled(func) or not is_tunable_int8_matmul(func, intrin):
+                continue
+            knobs = knobs_for(func, database, tvm_target, dims_options,
+                              default=register_tile(int8_matmul_n_blocks(func, intrin), intrin))
+            sch = schedule_int8_matmul(func, intrin, knobs) if knobs is not None else None
+            if sch is not None:
+                updates[gvar] = sch.mod["main"].with_attr(_SCHEDULED, True)
+                applied[gvar.name_hint] = knobs.as_text()
+        for gvar, func in updates.items():
+            mod[gvar] = func
+        return applied
+
+
+def _is_scheduled(func) -> bool:
+    return func.attrs is not None and _SCHEDULED in func.attrs
 
 
 def _scheduled(mod) -> set[str]:
-    return {gv.name_hint for gv, func in mod.functions_items()
-            if isinstance(func, tirx.PrimFunc) and func.attrs is not None and "tirx.is_scheduled" in func.attrs}
+    return {gv.name_hint for gv, func in mod.functions_items() if isinstance(func, tirx.PrimFunc) and _is_scheduled(func)}

@@ -163,22 +163,41 @@ def repair_database(directory: str | Path) -> DatabaseLines:
 def open_database(directory: str | Path):
     """TVM's JSONDatabase on `directory` (repaired first), for tuning: new records are appended."""
     from nativeq.compile._tvm import meta_schedule as ms
+    from nativeq.compile.schedules.intrinsics import register_intrinsics
 
+    register_intrinsics()  # records that tensorize name nativeq's intrinsics
     repair_database(directory)
     return ms.database.JSONDatabase(work_dir=str(directory), allow_missing=True, module_equality=MODULE_EQUALITY)
 
 
-def load_database(directory: str | Path):
-    """An in-memory TVM database with the valid records of `directory` (read-only use, e.g. compile)."""
+def workload_key(mod) -> str:
+    """The database key of a kernel module (its `MODULE_EQUALITY` hash, as the files store it)."""
     from nativeq.compile._tvm import meta_schedule as ms
 
+    return str(ms.database.MemoryDatabase(module_equality=MODULE_EQUALITY).commit_workload(mod).as_json()[0])
+
+
+def load_database(directory: str | Path, only: set[str] | None = None):
+    """An in-memory TVM database with the valid records of `directory` (read-only use, e.g. compile).
+
+    only: the workload keys (`workload_key`) worth decoding; None decodes all. Decoding a workload
+    rebuilds its IRModule: for the shipped database, 4 s of every compile when done for all.
+    """
+    from nativeq.compile._tvm import meta_schedule as ms
+    from nativeq.compile.schedules.intrinsics import register_intrinsics
+
+    register_intrinsics()  # NOTE: a trace that tensorizes names nativeq's intrinsics; decoding it needs them
     directory = Path(directory)
     lines = read_database(directory)
     db = ms.database.MemoryDatabase(module_equality=MODULE_EQUALITY)
     workloads = []
     for line_no, raw in enumerate(lines.workloads, start=1):
+        obj = json.loads(raw)
+        if only is not None and obj[0] not in only:
+            workloads.append(None)
+            continue
         try:
-            workload = ms.database.Workload.from_json(json.loads(raw))
+            workload = ms.database.Workload.from_json(obj)
         except Exception:  # noqa: BLE001  (TVM raises anything on a module it cannot decode)
             _warn(directory / WORKLOAD_FILE, line_no, "holds a module TVM cannot decode")
             workloads.append(None)

@@ -145,8 +145,11 @@ def build_candidate(mod, target, _params):
 def evaluator_config():
     from nativeq.compile._tvm import meta_schedule as ms
 
-    # Few repeats: the ranking matters, not a precise number; min_repeat_ms smooths tiny kernels.
-    return ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=40, enable_cpu_cache_flush=False)
+    # In a model a kernel's input was just written by the kernel before it (in cache) while its
+    # weights were evicted by the layers since it last ran: TVM's cache flush clears every argument
+    # but the first (the activation) before each run, so each timed run starts like that (number=1).
+    # Timed hot, with the weights in cache, the ranking of tiles did not carry over to the model.
+    return ms.runner.EvaluatorConfig(number=1, repeat=20, min_repeat_ms=0, enable_cpu_cache_flush=True)
 
 
 def make_builder(cross_compiler: str | None, workers: int = 1):
@@ -172,4 +175,30 @@ def make_runner(remote: RemoteSpec | None):
         evaluator_config=evaluator_config(),
         max_workers=remote.workers,
         f_create_session=connect_direct if remote.key is None else None,
+        f_alloc_argument=alloc_arguments_from_host,
     )
+
+
+def alloc_arguments_from_host(session, device, args_info, alloc_repeat):
+    """MetaSchedule `f_alloc_argument`: random inputs generated here and copied to the device.
+
+    TVM's default fills them on the device with `tvm.contrib.random.random_fill`, which the
+    runtime-only device build (`nativeq_rpc_server`) does not have.
+    """
+    import numpy as np
+
+    from nativeq.compile._tvm import meta_schedule as ms
+
+    rng = np.random.default_rng(0)
+
+    def fill(tensor):
+        dtype = np.dtype(str(tensor.dtype))
+        shape = tuple(int(d) for d in tensor.shape)
+        if dtype.kind in "iu":
+            data = rng.integers(0, 64, shape)
+        else:
+            data = rng.random(shape)
+        tensor.copyfrom(data.astype(dtype))
+
+    del session  # the arguments are allocated through `device`, which belongs to the session
+    return ms.runner.utils.alloc_argument_common(fill, device, args_info, alloc_repeat)

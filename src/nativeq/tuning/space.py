@@ -1,6 +1,8 @@
 """The MetaSchedule search space for a target: schedule rules, postprocessors, mutators.
 
-The int8 rule is `MultiLevelTilingWithIntrin` with the target's int8 dot intrinsic from
+nativeq's own int8 matmul kernels are searched through their schedule's knobs
+(`template.int8_matmul_space`); the rules below serve every other contraction kernel.
+There the int8 rule is `MultiLevelTilingWithIntrin` with the target's int8 dot intrinsic from
 `compile/schedules/intrinsics.py` (nativeq's corrected VNNI one on x86 AVX-512 VNNI, TVM's
 `sdot` / NEON ones on ARM). Blocks it cannot tensorize (float epilogues, unpacked weights,
 other ops) get the plain `MultiLevelTiling` rule. Two settings are not optional (field notes):
@@ -71,7 +73,12 @@ def postprocs(target: Target) -> list:
     ]
 
 
-def space_generator(target: Target):
+def space_generator(target: Target, int8_template: bool = False):
+    """nativeq's int8 matmul knobs (`template.py`) for its int8 matmul kernels, else MetaSchedule's rules."""
+    if int8_template:
+        from nativeq.tuning.template import int8_matmul_space
+
+        return int8_matmul_space(dot_intrin(target), postprocs(target))
     return ms.space_generator.PostOrderApply(
         sch_rules=schedule_rules(target), postprocs=postprocs(target), mutator_probs="llvm"
     )

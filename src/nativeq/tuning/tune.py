@@ -11,6 +11,7 @@ already has and tunes only the missing trials, so an interrupted run resumes.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,10 @@ class TuneConfig:
     rpc_workers: measurements in flight at once (servers under the key share them).
     rpc_timeout: seconds one RPC measurement session may take.
     int8: tune the int8-lowered kernels (False: TVM's float QDQ path, as `compile --no-int8`).
+    dims: the values to tune symbolic sizes at, by name (e.g. {"T": 300}: tune at the length you
+        deploy); unnamed ones get `template.default_dims` (1 for batch, 256 otherwise).
+    threads: threads a local measurement runs with (default: the target's cores); an RPC device
+        measures with its own default.
     progress: show a progress display on stderr.
     """
 
@@ -46,6 +51,8 @@ class TuneConfig:
     rpc_workers: int = 1
     rpc_timeout: float = 60.0
     int8: bool = True
+    dims: dict[str, int] = field(default_factory=dict)
+    threads: int | None = None
     min_trials_per_task: int = 8
     trials_per_iter: int = 32
     seed: int = 0
@@ -69,17 +76,21 @@ class TuneResult:
     target: str
     tasks: list[TaskResult] = field(default_factory=list)
     seconds: float = 0.0
-    symbolic: list[str] = field(default_factory=list)  # kernels not tuned: symbolic shapes
+    dims: dict[str, int] = field(default_factory=dict)  # the values symbolic sizes were tuned at
+    skipped: list[str] = field(default_factory=list)  # kernels not tuned, with the reason
 
     def summary(self) -> str:
         lines = [f"tuned {len(self.tasks)} task(s) for {self.target} in {self.seconds:.0f} s; database {self.work_dir}"]
+        if self.dims:
+            lines.append("  symbolic sizes tuned at " + ", ".join(f"{k}={v}" for k, v in self.dims.items()))
         width = max([len(t.name) for t in self.tasks] + [4])
         lines.append(f"  {'task'.ljust(width)}  kernels  trials  new  best")
         for t in self.tasks:
             best = "-" if t.best_us is None else f"{t.best_us:.1f} us"
             lines.append(f"  {t.name.ljust(width)}  {t.weight:7d}  {t.trials:6d}  {t.new_trials:3d}  {best}")
-        if self.symbolic:
-            lines.append(f"  not tuned (symbolic shapes, MetaSchedule tunes static shapes only): {', '.join(self.symbolic)}")
+        if self.skipped:
+            shown = ", ".join(self.skipped[:3]) + (f" and {len(self.skipped) - 3} more" if len(self.skipped) > 3 else "")
+            lines.append(f"  not tuned ({len(self.skipped)} kernels with a reduction): {shown}")
         return "\n".join(lines)
 
 
@@ -123,35 +134,92 @@ def lower_for_tuning(model_path: Path, target: Target, int8: bool = True):
     return mod, tvm_target
 
 
-def extract_tasks(mod, tvm_target) -> tuple[list, list]:
-    """(tunable tasks, names of symbolic-shape tasks) among the contraction kernels.
+@dataclass
+class Task:
+    """One tuning task: a static kernel module and the model kernels that share it."""
 
-    A contraction kernel is a PrimFunc with a reduction block (matmul/conv). MetaSchedule
-    tunes static shapes only (its DisallowDynamicLoop postproc rejects every candidate of a
-    kernel with a symbolic extent), so those are reported, not tuned.
+    name: str
+    mod: object  # tvm.IRModule with the kernel as "main" (`template.task_module`)
+    weight: int  # how many kernels of the model it stands for
+    choices: int | None  # nativeq int8 matmul: the number of knob settings; None: MetaSchedule's generic rules
+
+
+def size_names(mod) -> list[str]:
+    """The names of the symbolic sizes the model's kernels take (e.g. `T`)."""
+    from nativeq.compile._tvm import tirx
+    from nativeq.tuning.template import size_vars
+
+    return sorted({name for f in mod.functions.values() if isinstance(f, tirx.PrimFunc) for name in size_vars(f)})
+
+
+def extract_tasks(mod, target: Target, dims: dict[str, int]) -> tuple[list[Task], list[str]]:
+    """(tasks, kernels not tuned with the reason) among the contraction kernels of `mod`.
+
+    A contraction kernel is a PrimFunc with a reduction block (matmul/conv). nativeq's int8 matmuls
+    are tuned through their schedule's knobs (`template.py`), symbolic sizes bound to `dims`; other
+    contractions get MetaSchedule's generic rules, which need static shapes (its DisallowDynamicLoop
+    postproc rejects every candidate with a symbolic extent). Kernels that share a workload
+    (`database.MODULE_EQUALITY`) share one task.
     """
-    from nativeq.compile._tvm import meta_schedule as ms, s_tir
+    from nativeq.compile._tvm import meta_schedule as ms, s_tir, tirx
+    from nativeq.compile.schedules.intrinsics import dot_intrin_for
+    from nativeq.compile.schedules.matmul import int8_matmul_n_blocks, is_int8_matmul, tile_choices
+    from nativeq.tuning.template import is_tunable_int8_matmul, specialize, task_module
 
-    tasks = ms.relax_integration.extract_tasks(mod, tvm_target, module_equality=dbfiles.MODULE_EQUALITY)
-    contractions = [t for t in tasks if _has_reduction(t.dispatched[0], s_tir)]
-    static = [t for t in contractions if _is_static(t.dispatched[0])]
-    return static, [t.task_name for t in contractions if t not in static]
+    intrin = dot_intrin_for(target)
+    scratch = ms.database.MemoryDatabase(module_equality=dbfiles.MODULE_EQUALITY)
+    tasks: dict[str, Task] = {}
+    skipped: list[str] = []
+    for gvar, func in mod.functions_items():
+        if not isinstance(func, tirx.PrimFunc) or not _has_reduction(task_module(func), s_tir):
+            continue
+        name, choices = gvar.name_hint, None
+        if intrin is not None and is_int8_matmul(func):
+            if not is_tunable_int8_matmul(func, intrin):
+                skipped.append(f"{name} (symbolic N: padded schedule, no knobs)")
+                continue
+            static = specialize(func, dims)
+            if static is None:
+                skipped.append(f"{name} (symbolic sizes that cannot be bound)")
+                continue
+            choices = len(tile_choices(int8_matmul_n_blocks(func, intrin), intrin))
+        else:
+            static = func if _is_static(func) else None
+            if static is None:
+                skipped.append(f"{name} (symbolic shape)")
+                continue
+        module = task_module(static)
+        key = str(scratch.commit_workload(module).as_json()[0])
+        if key in tasks:
+            tasks[key].weight += 1
+        else:
+            tasks[key] = Task(name, module, 1, choices)
+    return list(tasks.values()), skipped
 
 
-def _is_static(mod) -> bool:
+def _is_static(func) -> bool:
     from nativeq.compile._tvm import tirx
 
-    for func in mod.functions.values():
-        for param in func.params:  # NOTE: TVM 0.27 PrimFunc params are the buffers (no buffer_map)
-            shape = getattr(param, "shape", None) or []
-            if not all(isinstance(d, tirx.IntImm) for d in shape):
-                return False
+    for param in func.params:  # NOTE: TVM 0.27 PrimFunc params are the buffers (no buffer_map)
+        if isinstance(param, tirx.Var):
+            return False
+        shape = getattr(param, "shape", None) or []
+        if not all(isinstance(d, tirx.IntImm) for d in shape):
+            return False
     return True
 
 
 def _has_reduction(mod, s_tir) -> bool:
     block = s_tir.analysis.find_anchor_sblock(mod)
     return block is not None and any(int(iv.iter_type) == 2 for iv in block.iter_vars)  # 2: kCommReduce
+
+
+def summary_key(model_path: Path, dims: dict[str, int]) -> str:
+    """The model's entry in `nativeq_tuning.json`: its file name, plus the sizes when it has symbolic ones
+    (one model tuned at two lengths is two entries)."""
+    if not dims:
+        return model_path.name
+    return f"{model_path.name} [{', '.join(f'{k}={v}' for k, v in dims.items())}]"
 
 
 def task_budgets(total: int, n_tasks: int, minimum: int) -> int:
@@ -165,6 +233,8 @@ def tune_model(model_path, cfg: TuneConfig) -> TuneResult:
     target = get_target(cfg.target)
     if cfg.trials < 1:
         raise NativeqError(f"--trials {cfg.trials}: must be at least 1")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise NativeqError(f"--threads {cfg.threads}: must be at least 1")
     remote = remote_spec(cfg)
     if remote is None and target.is_cross:
         raise NativeqError(
@@ -180,12 +250,23 @@ def tune_model(model_path, cfg: TuneConfig) -> TuneResult:
 
         cross_compiler = check_cross_compiler(target)
 
+    from nativeq.tuning.template import default_dims
+
     mod, tvm_target = lower_for_tuning(model_path, target, cfg.int8)
-    tasks, symbolic = extract_tasks(mod, tvm_target)
-    if not tasks and symbolic:
+    names = size_names(mod)
+    unknown = sorted(set(cfg.dims) - set(names))
+    if unknown:
+        raise NativeqError(f"--dim {unknown[0]}: {model_path} has no symbolic size {unknown[0]} "
+                           f"(its kernels' symbolic sizes: {', '.join(names) or 'none'})")
+    bad = [f"{k}={v}" for k, v in cfg.dims.items() if v < 1]
+    if bad:
+        raise NativeqError(f"--dim {bad[0]}: a size to tune at must be at least 1")
+    dims = default_dims(names, cfg.dims)
+    tasks, skipped = extract_tasks(mod, target, dims)
+    if not tasks and skipped:
         raise NativeqError(
-            f"{model_path}: every matmul/conv kernel has a symbolic shape ({len(symbolic)} kernels); MetaSchedule tunes "
-            f"static shapes only: export the model with fixed input dims"
+            f"{model_path}: no matmul/conv kernel can be tuned ({len(skipped)} have a symbolic shape, e.g. {skipped[0]}); "
+            f"MetaSchedule's generic rules tune static shapes only: export the model with fixed input dims"
         )
     if not tasks:
         raise NativeqError(f"{model_path} has no matmul/conv kernel to tune")
@@ -197,11 +278,20 @@ def tune_model(model_path, cfg: TuneConfig) -> TuneResult:
     database = dbfiles.open_database(work_dir)
     existing = dbfiles.read_database(work_dir).record_counts()
     budget = task_budgets(cfg.trials, len(tasks), cfg.min_trials_per_task)
-    keys = [_workload_key(database, t.dispatched[0]) for t in tasks]
+    keys = [_workload_key(database, t.mod) for t in tasks]
     summary = dbfiles.read_summary(work_dir)
-    model_entry = {"target": target.name, "tvm_target": str(tvm_target), "budget_per_task": budget, "tasks": {}}
-    summary["models"][model_path.name] = model_entry
+    model_entry = {"target": target.name, "tvm_target": str(tvm_target), "dims": dims, "budget_per_task": budget,
+                   "tasks": {}}
+    summary["models"][summary_key(model_path, dims)] = model_entry
 
+    threads = cfg.threads or target.cores
+    model_entry["threads"] = threads if remote is None else "device default"
+    # NOTE: the local runner's worker processes inherit this environment when the pool starts them
+    # (set before it exists); without it TVM's thread pool takes half the hardware threads on x86
+    # (it assumes hyper-threading): 1 on a 2-core VM, which ranks 1-thread timings.
+    saved_threads = os.environ.get("TVM_NUM_THREADS")
+    if remote is None:
+        os.environ["TVM_NUM_THREADS"] = str(threads)
     builder = make_builder(cross_compiler)
     runner = make_runner(remote)
     results: list[TaskResult] = []
@@ -210,23 +300,29 @@ def tune_model(model_path, cfg: TuneConfig) -> TuneResult:
         with progress:
             for task, key in zip(tasks, keys):
                 have = existing.get(key, 0)
-                todo = budget - have
-                progress.start_task(task.task_name, todo, have)
+                # a knob space smaller than the budget is measured exhaustively, once
+                task_budget = budget if task.choices is None else min(budget, task.choices)
+                todo = task_budget - have
+                progress.start_task(task.name, todo, have)
                 if todo > 0:
                     _tune_one(ms, task, tvm_target, target, todo, cfg, work_dir, database, builder, runner, progress)
                 lines = dbfiles.read_database(work_dir)
                 best = lines.best_seconds().get(key)
                 trials = lines.record_counts().get(key, 0)
-                results.append(TaskResult(task.task_name, key, int(task.weight), budget, trials, trials - have,
+                results.append(TaskResult(task.name, key, task.weight, task_budget, trials, trials - have,
                                           None if best is None else best * 1e6))
-                model_entry["tasks"][task.task_name] = {"workload": key, "kernels": int(task.weight),
-                                                        "trials": trials, "best_us": results[-1].best_us}
+                model_entry["tasks"][task.name] = {"workload": key, "kernels": task.weight, "budget": task_budget,
+                                                   "trials": trials, "best_us": results[-1].best_us}
                 dbfiles.write_summary(work_dir, summary)
                 progress.finish_task(results[-1].best_us)
     finally:
         dbfiles.write_summary(work_dir, summary)
+        if saved_threads is None:
+            os.environ.pop("TVM_NUM_THREADS", None)
+        else:
+            os.environ["TVM_NUM_THREADS"] = saved_threads
     return TuneResult(work_dir=work_dir, target=target.name, tasks=results, seconds=time.perf_counter() - started,
-                      symbolic=symbolic)
+                      dims=dims, skipped=skipped)
 
 
 def _workload_key(database, mod) -> str:
@@ -237,11 +333,11 @@ def _tune_one(ms, task, tvm_target, target, todo, cfg, work_dir, database, build
     from nativeq.tuning.space import space_generator
 
     context = ms.TuneContext(
-        mod=task.dispatched[0],
+        mod=task.mod,
         target=tvm_target,
-        space_generator=space_generator(target),
+        space_generator=space_generator(target, int8_template=task.choices is not None),
         search_strategy="evolutionary",
-        task_name=task.task_name,
+        task_name=task.name,
         num_threads=1,
         rand_state=cfg.seed,
     )
@@ -266,4 +362,4 @@ def _tune_one(ms, task, tvm_target, target, todo, cfg, work_dir, database, build
     except Exception as e:  # noqa: BLE001  (TVM raises TVMError/ValueError/RuntimeError from deep inside)
         from nativeq.compile.api import first_line
 
-        raise NativeqError(f"tuning task {task.task_name} for {target.name} failed: {first_line(e)}") from None
+        raise NativeqError(f"tuning task {task.name} for {target.name} failed: {first_line(e)}") from None

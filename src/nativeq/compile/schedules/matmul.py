@@ -32,6 +32,7 @@ the generic rule applies.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from nativeq.compile._tvm import Analyzer, Schedule, s_tir, tirx
 from nativeq.compile.schedules.generic import has_block
@@ -50,13 +51,54 @@ def _extent(sch: Schedule, loop) -> int | None:
     return int(extent) if isinstance(extent, tirx.IntImm) else None
 
 
-def register_tile(n_blocks: int, intrin: DotIntrin) -> tuple[int, int]:
-    """(rows mr, column blocks nr) of the accumulator tile, for `n_blocks` = N/lanes.
+@dataclass(frozen=True)
+class TileKnobs:
+    """The tunable choices of the int8 matmul schedule (static N; `nativeq tune` searches them).
 
-    mr is the row tile the packing pass padded the rows to (`intrinsics.row_tile`), so the
-    split is exact: TVM's tensorize rejects the predicate a row tail would need.
+    mr: rows of the register tile; divides the row tile the packing pass padded the rows to
+        (`intrinsics.row_tile`), so the split stays exact (TVM's tensorize rejects the
+        predicate a row tail would need).
+    nr: column blocks (of `lanes` columns) of the register tile; divides N/lanes.
+
+    (The parallel loop order is not a knob: column panels outside row tiles measured well on a
+    kernel alone but 1.2-1.5x slower in the encoder, the two threads writing the two halves of
+    the same output rows.)
     """
-    return row_tile(intrin), _largest_divisor_at_most(n_blocks, 4)
+
+    mr: int
+    nr: int
+
+    def as_text(self) -> str:
+        return f"mr={self.mr},nr={self.nr}"
+
+    @classmethod
+    def from_text(cls, text: str) -> "TileKnobs":
+        fields = dict(item.split("=") for item in text.split(","))
+        return cls(mr=int(fields["mr"]), nr=int(fields["nr"]))
+
+
+def register_tile(n_blocks: int, intrin: DotIntrin) -> TileKnobs:
+    """The default (untuned) tile for `n_blocks` = N/lanes: the packing's row tile x up to 4 column blocks."""
+    return TileKnobs(row_tile(intrin), _largest_divisor_at_most(n_blocks, 4))
+
+
+def tile_choices(n_blocks: int, intrin: DotIntrin) -> list[TileKnobs]:
+    """Every tile the tuner may pick for N/lanes = `n_blocks`: accumulators within the default's register
+    budget (row tile x 4) and at least a quarter of it; the default first.
+    (The weight operand needs no register of its own: the dot instructions read it from memory.)"""
+    budget = row_tile(intrin) * 4
+    default = register_tile(n_blocks, intrin)
+    choices = [default]
+    for mr in _divisors(row_tile(intrin)):
+        for nr in _divisors(n_blocks):
+            knobs = TileKnobs(mr, nr)
+            if budget // 4 <= mr * nr <= budget and knobs != default:
+                choices.append(knobs)
+    return choices
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def is_int8_matmul(func) -> bool:
@@ -64,18 +106,36 @@ def is_int8_matmul(func) -> bool:
     return has_block(func, REDUCTION_BLOCK)
 
 
-def schedule_int8_matmul(func, intrin: DotIntrin) -> Schedule | None:
-    """The tensorized schedule of an `nativeq.int8_matmul` PrimFunc, or None if it does not apply."""
+def schedule_int8_matmul(func, intrin: DotIntrin, knobs: TileKnobs | None = None) -> Schedule | None:
+    """The tensorized schedule of an `nativeq.int8_matmul` PrimFunc, or None if it does not apply.
+
+    `knobs` (from a tuning database) pick the register tile; None: the default tile.
+    Knobs that do not fit this kernel's N are ignored.
+    """
     if not is_int8_matmul(func):
         return None
+    return apply_int8_matmul(Schedule(func), intrin, knobs)
+
+
+def apply_int8_matmul(sch: Schedule, intrin: DotIntrin, knobs: TileKnobs | None = None) -> Schedule | None:
+    """`schedule_int8_matmul` on an existing Schedule (MetaSchedule's design space): the scheduled
+    Schedule, or None if it does not apply."""
     try:
-        return _schedule(Schedule(func), intrin)
+        return _schedule(sch, intrin, knobs)
     except (s_tir.ScheduleError, RuntimeError, ValueError, TypeError) as err:
         logger.debug("int8 matmul schedule does not apply: %s", err)
         return None
 
 
-def _schedule(sch: Schedule, intrin: DotIntrin) -> Schedule | None:
+def int8_matmul_n_blocks(func, intrin: DotIntrin) -> int | None:
+    """N/lanes of an int8 matmul PrimFunc with a static N (what `tile_choices` needs), else None."""
+    sch = Schedule(func)
+    *_, j, _ = sch.get_loops(sch.get_sblock(REDUCTION_BLOCK))
+    n = _extent(sch, j)
+    return None if n is None or n % intrin.lanes else n // intrin.lanes
+
+
+def _schedule(sch: Schedule, intrin: DotIntrin, knobs: TileKnobs | None = None) -> Schedule | None:
     lanes, kstep = intrin.lanes, intrin.kstep
     matmul = sch.get_sblock(REDUCTION_BLOCK)
     *row_loops, j, k = sch.get_loops(matmul)
@@ -105,9 +165,12 @@ def _schedule(sch: Schedule, intrin: DotIntrin) -> Schedule | None:
     # Only the rows axis is tiled: it is padded to a multiple of mr per batch entry, so the split
     # is exact even when the batch is symbolic too (fusing batch x rows first would not be).
     *batch_loops, rows = row_loops
-    mr, nr = register_tile(n // lanes, intrin) if n is not None else (row_tile(intrin), 1)
-    row_outer, row_inner = sch.split(rows, factors=[None, mr])
-    col_outer, col_block, col_lane = sch.split(j, factors=[None, nr, lanes])
+    if n is None:
+        knobs = TileKnobs(row_tile(intrin), 1)
+    elif knobs is None or knobs not in tile_choices(n // lanes, intrin):
+        knobs = register_tile(n // lanes, intrin)
+    row_outer, row_inner = sch.split(rows, factors=[None, knobs.mr])
+    col_outer, col_block, col_lane = sch.split(j, factors=[None, knobs.nr, lanes])
     k_outer, k_inner = sch.split(k, factors=[None, kstep])
     sch.reorder(*batch_loops, row_outer, col_outer, k_outer, row_inner, col_block, col_lane, k_inner)
     tile = sch.fuse(*batch_loops, row_outer, col_outer)
