@@ -1,8 +1,8 @@
 """Tuning: a real MetaSchedule run on a tiny QDQ matmul, the database compile applies, resume, corrupt lines.
 
 Everything here measures real candidates on this machine (a handful of trials); the compiled
-artifacts are checked against ONNX Runtime. A tuning run costs minutes on a loaded 2-core
-machine (TVM's TuneContext imports every tensor intrinsic module), so those tests are slow.
+artifacts are checked against ONNX Runtime. The issue asks for these (loopback RPC and
+kill-and-resume included) in CI, so they are in the default suite: ~4 min on the 2-core machine.
 """
 
 import json
@@ -48,7 +48,6 @@ def _copy_db(src, dst):
     return dst
 
 
-@pytest.mark.slow
 def test_tune_writes_json_database_with_measured_records(tuned):
     _, db, result = tuned
     assert len(result.tasks) == 1, result.summary()
@@ -63,7 +62,6 @@ def test_tune_writes_json_database_with_measured_records(tuned):
     assert "mm.onnx" in tuning_status(db)
 
 
-@pytest.mark.slow
 def test_compile_applies_database_and_verifies(tuned, tmp_path):
     from nativeq.verify import VerifyConfig, verify_artifact
 
@@ -86,7 +84,6 @@ def dbfiles_sha(path):
     return sha256_file(path)
 
 
-@pytest.mark.slow
 def test_database_schedules_the_tuned_kernel(tuned):
     """After the apply pass, the matmul kernel carries the tuned schedule (marked scheduled, loops parallel)."""
     from nativeq.compile._tvm import tirx, tvm
@@ -104,7 +101,6 @@ def test_database_schedules_the_tuned_kernel(tuned):
     del tvm
 
 
-@pytest.mark.slow
 def test_rerun_resumes_only_missing_trials(tuned, tmp_path):
     model, db, _ = tuned
     db = _copy_db(db, tmp_path / "db")
@@ -118,7 +114,6 @@ def test_rerun_resumes_only_missing_trials(tuned, tmp_path):
     assert [t.trials for t in more.tasks] == [TRIALS + 2]
 
 
-@pytest.mark.slow
 def test_corrupt_lines_are_skipped_with_file_and_line(tuned, tmp_path):
     model, db, _ = tuned
     db = _copy_db(db, tmp_path / "db")
@@ -178,7 +173,6 @@ def tuned_symbolic(tmp_path_factory):
     return model, root / "db", result
 
 
-@pytest.mark.slow
 def test_symbolic_time_axis_is_tuned_at_the_given_length_and_compile_applies_the_best_knobs(tuned_symbolic, tmp_path):
     """The symbolic kernel is tuned as its T=48 twin; compile gives the symbolic kernel the winning
     knobs, and the artifact stays exact against ORT at other lengths."""
@@ -206,7 +200,6 @@ def test_symbolic_time_axis_is_tuned_at_the_given_length_and_compile_applies_the
         assert report.passed and max(o.max_steps for o in report.outputs) == 0, report.table()
 
 
-@pytest.mark.slow
 def test_symbolic_kernel_specializes_to_its_static_twin():
     """`specialize` at T=40 gives the workload the same model exported with T=40 has, also when the
     kernel's rows are derived from T (a stride-2 conv: (T - 1) // 2 + 1)."""
@@ -240,7 +233,6 @@ def test_symbolic_kernel_specializes_to_its_static_twin():
             assert specialize(symbolic, {"U": 40}) is None
 
 
-@pytest.mark.slow
 def test_symbolic_options_are_one_line_errors(tmp_path):
     model = tmp_path / "dyn.onnx"
     onnx.save(qdq_models.qdq_matmul(k=64, n=32, t="T", act_dtype="uint8"), model)
@@ -282,7 +274,6 @@ def test_bad_options_are_one_line_errors(tmp_path):
         tune_model(model, TuneConfig(target="rpi5", progress=False))
 
 
-@pytest.mark.slow
 def test_kill_and_resume(tmp_path):
     """SIGKILL `nativeq tune` mid-run: the database loads, keeps its records, and a rerun resumes."""
     model = _tiny_model(tmp_path / "mm.onnx", n=256)  # 10 tiles to measure: the run is still going when killed
@@ -348,7 +339,6 @@ def test_status_without_database(tmp_path):
     assert "no tuning database" in tuning_status(tmp_path / "none")
 
 
-@pytest.mark.slow
 def test_compile_picks_up_shipped_database(tmp_path, monkeypatch):
     """`compile --target x86-avx512-vnni` run from the repo applies tuning_logs/x86-avx512-vnni/ by itself."""
     from nativeq.compile._tvm import tirx
@@ -402,7 +392,6 @@ def test_knobs_for_keeps_the_default_within_the_noise_margin(default_us, best_us
     assert chosen == (best if picked == "best" else default)
 
 
-@pytest.mark.slow
 def test_shipped_database_tunes_the_benchmark_encoder(tmp_path, monkeypatch):
     """`compile` from the repo applies the shipped records to the benchmark encoder (a fresh export of
     `benchmarks/encoder.py`, symbolic T) without tuning: every int8 kernel with knobs gets the tuned

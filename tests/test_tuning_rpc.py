@@ -104,7 +104,6 @@ def loopback(tmp_path):
         lb.close()
 
 
-@pytest.mark.slow
 def test_tune_over_tracker_then_compile_verifies(model, loopback, tmp_path):
     from nativeq.compile import CompileConfig, compile_model
     from nativeq.verify import VerifyConfig, verify_artifact
@@ -122,7 +121,6 @@ def test_tune_over_tracker_then_compile_verifies(model, loopback, tmp_path):
     assert report.passed, report.table()
 
 
-@pytest.mark.slow
 def test_two_servers_share_the_measurements(model, loopback, tmp_path):
     lb = loopback(2)
     result = tune_model(model, TuneConfig(target="host", trials=6, min_trials_per_task=6, trials_per_iter=6,
@@ -162,7 +160,6 @@ def test_cli_unreachable_server(nativeq_cli, model):
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.slow
 def test_tune_on_an_aarch64_server_under_qemu_then_compile_verifies(model, tmp_path):
     """A stand-in Raspberry Pi 5: nativeq's Python-free RPC server, cross-compiled for aarch64 and
     running under qemu-aarch64 (-cpu cortex-a76). `tune --target rpi5 --rpc` measures cross-compiled
