@@ -30,9 +30,11 @@ def tuning_status(root: str | Path = "tuning_logs") -> str:
         summary = dbfiles.read_summary(d)
         for model, entry in sorted(summary["models"].items()):
             tasks = entry.get("tasks", {})
-            done = sum(1 for t in tasks.values() if counts.get(t.get("workload"), 0) >= entry.get("budget_per_task", 0))
-            out.append(f"  model {model} (target {entry.get('target', '?')}): {done}/{len(tasks)} tasks at their "
-                       f"budget of {entry.get('budget_per_task', '?')} trials")
+            budget = entry.get("budget_per_task", 0)
+            done = sum(1 for t in tasks.values() if counts.get(t.get("workload"), 0) >= t.get("budget", budget))
+            threads = f", {entry['threads']} threads" if "threads" in entry else ""
+            out.append(f"  model {model} (target {entry.get('target', '?')}{threads}): {done}/{len(tasks)} tasks at their "
+                       f"budget (up to {budget or '?'} trials; a tile space smaller than that is measured whole)")
             width = max([len(n) for n in tasks] + [4])
             for name, t in tasks.items():
                 key = t.get("workload")
