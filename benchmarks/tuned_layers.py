@@ -44,7 +44,7 @@ from nativeq.compile.schedules.matmul import (  # noqa: E402
 from nativeq.targets import get_target  # noqa: E402
 from nativeq.tuning.apply import tuned_dims  # noqa: E402
 from nativeq.tuning.database import load_database  # noqa: E402
-from nativeq.tuning.template import default_dims, knobs_for  # noqa: E402
+from nativeq.tuning.template import default_dims, knobs_for, static_twins  # noqa: E402
 from nativeq.tuning.tune import extract_tasks, lower_for_tuning, size_names  # noqa: E402
 
 
@@ -126,7 +126,7 @@ def main():
     for task in [t for t in tasks if t.choices is not None]:
         func = task.mod["main"]
         default = register_tile(int8_matmul_n_blocks(func, intrin), intrin)
-        tuned = knobs_for(func, database, tvm_target, options, default=default)
+        tuned = knobs_for(static_twins(func, options), database, default=default)
         funcs = [schedule_int8_matmul(func, intrin, k).mod["main"] for k in (default, tuned or default)]
         t_default, t_tuned = _side_by_side(_timers(funcs, tvm_target, dev, rng), ARGS.rounds)
         m, k, n = _mkn(func)

@@ -368,7 +368,7 @@ def test_compile_picks_up_shipped_database(tmp_path, monkeypatch):
 def test_knobs_for_keeps_the_default_within_the_noise_margin(default_us, best_us, picked):
     from tvm.script import tirx as T
 
-    from nativeq.compile._tvm import Schedule, TVMTarget, meta_schedule as ms
+    from nativeq.compile._tvm import Schedule, meta_schedule as ms
     from nativeq.compile.schedules.matmul import TileKnobs
     from nativeq.tuning.template import TILE_ANNOTATION, knobs_for, task_module
 
@@ -388,7 +388,7 @@ def test_knobs_for_keeps_the_default_within_the_noise_margin(default_us, best_us
         sch = Schedule(task_module(copy))
         sch.annotate(sch.get_sblock("B"), TILE_ANNOTATION, knobs.as_text())
         database.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, [us * 1e-6] * 3))
-    chosen = knobs_for(copy, database, TVMTarget("llvm"), [], default=default)
+    chosen = knobs_for([copy], database, default=default)
     assert chosen == (best if picked == "best" else default)
 
 

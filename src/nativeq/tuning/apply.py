@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nativeq.compile._tvm import TVMTarget, relax, tirx, tvm
+from nativeq.compile._tvm import relax, tirx, tvm
 from nativeq.tuning.database import load_database, read_summary, workload_key
 
 _SCHEDULED = "tirx.is_scheduled"
@@ -47,28 +47,22 @@ class ApplyTuningDatabase:
         self.applied: dict[str, str] = {}
 
     def transform_module(self, mod, _ctx):
-        database = load_database(self.path, only=self._wanted_workloads(mod))
-        self.applied = self._apply_int8_knobs(mod, database)
+        from nativeq.tuning.template import static_twins, task_module
+
+        dims_options = tuned_dims(self.path)
+        twins = {gvar: static_twins(func, dims_options) for gvar, func in mod.functions_items()
+                 if isinstance(func, tirx.PrimFunc) and not _is_scheduled(func)}
+        # only the workloads these kernels can match are decoded (all of them: seconds per compile)
+        wanted = {workload_key(task_module(twin)) for candidates in twins.values() for twin in candidates}
+        database = load_database(self.path, only=wanted)
+        self.applied = self._apply_int8_knobs(mod, database, twins)
         before = _scheduled(mod)
         with database:
             mod = relax.transform.MetaScheduleApplyDatabase()(mod)
         self.applied.update({name: "trace" for name in sorted(_scheduled(mod) - before)})
         return mod
 
-    def _wanted_workloads(self, mod) -> set[str]:
-        """The database keys this module's kernels (and their static twins) can match."""
-        from nativeq.tuning.template import size_vars, specialize, task_module
-
-        dims_options = tuned_dims(self.path)
-        keys = set()
-        for func in mod.functions.values():
-            if not isinstance(func, tirx.PrimFunc) or _is_scheduled(func):
-                continue
-            twins = [func] if not size_vars(func) else [specialize(func, dims) for dims in dims_options]
-            keys.update(workload_key(task_module(twin)) for twin in twins if twin is not None)
-        return keys
-
-    def _apply_int8_knobs(self, mod, database) -> dict[str, str]:
+    def _apply_int8_knobs(self, mod, database, twins: dict) -> dict[str, str]:
         """Schedule the int8 matmuls that have template records (in place in `mod`); {kernel: knobs}."""
         from nativeq.compile.schedules.intrinsics import dot_intrin_for
         from nativeq.compile.schedules.matmul import int8_matmul_n_blocks, register_tile, schedule_int8_matmul
@@ -77,14 +71,12 @@ class ApplyTuningDatabase:
         intrin = dot_intrin_for(self.target) if self.target is not None else None
         if intrin is None or not len(database):
             return {}
-        tvm_target = TVMTarget(self.target.tvm_dict())
-        dims_options = tuned_dims(self.path)
         applied, updates = {}, {}
-        for gvar, func in mod.functions_items():
-            if not isinstance(func, tirx.PrimFunc) or _is_scheduled(func) or not is_tunable_int8_matmul(func, intrin):
+        for gvar, candidates in twins.items():
+            func = mod[gvar]
+            if not is_tunable_int8_matmul(func, intrin):
                 continue
-            knobs = knobs_for(func, database, tvm_target, dims_options,
-                              default=register_tile(int8_matmul_n_blocks(func, intrin), intrin))
+            knobs = knobs_for(candidates, database, default=register_tile(int8_matmul_n_blocks(func, intrin), intrin))
             sch = schedule_int8_matmul(func, intrin, knobs) if knobs is not None else None
             if sch is not None:
                 updates[gvar] = sch.mod["main"].with_attr(_SCHEDULED, True)

@@ -120,18 +120,22 @@ def knobs_of(trace) -> TileKnobs | None:
     return None
 
 
-def knobs_for(func, database, tvm_target, dims_options: list[dict[str, int]], default: TileKnobs | None = None,
-              margin: float = NOISE_MARGIN) -> TileKnobs | None:
-    """The tuned knobs of kernel `func`: from the best record of its static twin under the first of
-    `dims_options` that has records (static kernels are their own twin), or None.
+def static_twins(func, dims_options: list[dict[str, int]]) -> list:
+    """The static kernels `func` is looked up as: itself when static, else its specializations under
+    each of `dims_options` that binds all its sizes, in order."""
+    if not size_vars(func):
+        return [func]
+    return [twin for twin in (specialize(func, dims) for dims in dims_options) if twin is not None]
+
+
+def knobs_for(twins: list, database, default: TileKnobs | None = None, margin: float = NOISE_MARGIN) -> TileKnobs | None:
+    """The tuned knobs of a kernel: from the best record of the first of its `static_twins` that has
+    records, or None.
 
     The `default` knobs win unless the best record beats the default's record by more than
     `margin`: a difference within the measurement noise is no reason to leave the default tile.
     """
-    for dims in dims_options if size_vars(func) else [{}]:
-        static = specialize(func, dims)
-        if static is None:
-            continue
+    for static in twins:
         records = database.get_top_k(database.commit_workload(task_module(static)), 1 << 16)
         timed = [(knobs_of(r.trace), _mean_seconds(r)) for r in records]
         timed = [(k, t) for k, t in timed if k is not None and t is not None]

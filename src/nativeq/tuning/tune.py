@@ -164,7 +164,7 @@ def extract_tasks(mod, target: Target, dims: dict[str, int]) -> tuple[list[Task]
     from nativeq.compile._tvm import meta_schedule as ms, s_tir, tirx
     from nativeq.compile.schedules.intrinsics import dot_intrin_for
     from nativeq.compile.schedules.matmul import int8_matmul_n_blocks, is_int8_matmul, tile_choices
-    from nativeq.tuning.template import is_tunable_int8_matmul, specialize, task_module
+    from nativeq.tuning.template import is_tunable_int8_matmul, size_vars, specialize, task_module
 
     intrin = dot_intrin_for(target)
     scratch = ms.database.MemoryDatabase(module_equality=dbfiles.MODULE_EQUALITY)
@@ -184,7 +184,7 @@ def extract_tasks(mod, target: Target, dims: dict[str, int]) -> tuple[list[Task]
                 continue
             choices = len(tile_choices(int8_matmul_n_blocks(func, intrin), intrin))
         else:
-            static = func if _is_static(func) else None
+            static = func if not size_vars(func) else None
             if static is None:
                 skipped.append(f"{name} (symbolic shape)")
                 continue
@@ -195,18 +195,6 @@ def extract_tasks(mod, target: Target, dims: dict[str, int]) -> tuple[list[Task]
         else:
             tasks[key] = Task(name, module, 1, choices)
     return list(tasks.values()), skipped
-
-
-def _is_static(func) -> bool:
-    from nativeq.compile._tvm import tirx
-
-    for param in func.params:  # NOTE: TVM 0.27 PrimFunc params are the buffers (no buffer_map)
-        if isinstance(param, tirx.Var):
-            return False
-        shape = getattr(param, "shape", None) or []
-        if not all(isinstance(d, tirx.IntImm) for d in shape):
-            return False
-    return True
 
 
 def _has_reduction(mod, s_tir) -> bool:
