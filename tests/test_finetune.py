@@ -183,8 +183,8 @@ def test_export_fidelity_on_a_trained_conformer(tmp_path):
     feeds = [{"feats": utterance_features(u)[None].numpy()} for u in read_manifest(data, "test")[:30]]
     isolated = compare_layers_isolated(int_model, proto, feeds)
     assert all(r.exact == 1.0 for r in isolated), [r for r in isolated if r.exact < 1]
-    # End to end, float ops between the integer layers (LayerNorm, softmax, SiLU) round differently
-    # in ORT and PyTorch; a flipped int8 value then propagates. Measured and bounded here.
+    # End to end: the float ops between the integer layers (LayerNorm, softmax, SiLU) run as ORT runs them
+    # (qat.float_islands), so a flipped int8 value is rare (rotary's Cos/Sin still come from PyTorch).
     propagated = compare_layers(int_model, proto, feeds)
     total = sum(r.elements for r in propagated)
     exact = sum(r.exact * r.elements for r in propagated) / total
@@ -197,6 +197,9 @@ def test_export_fidelity_on_a_trained_conformer(tmp_path):
             logits = int_model(torch.from_numpy(feed["feats"]))[0]
         within += int((ort_logits - logits).abs().max() <= step * 1.0001)
         same += int(greedy_decode(ort_logits) == greedy_decode(logits))
-    print(f"propagated: {exact:.6f} exact, max {max(r.max_steps for r in propagated)} steps; "
+    print(f"propagated: {exact:.7f} exact ({round(total * (1 - exact))} of {total} differ), "
+          f"max {max(r.max_steps for r in propagated)} steps; "
           f"logits within 1 step {within}/{len(feeds)}; transcripts identical {same}/{len(feeds)}")
-    assert exact >= 0.99 and same >= len(feeds) - 1  # measured: 0.9973-0.99996, 30/30 transcripts
+    # the bar: >= 99.99% exact, never more than 1 step, logits within 1 step, same transcripts
+    assert exact >= 0.9999 and max(r.max_steps for r in propagated) <= 1
+    assert within == len(feeds) and same == len(feeds)

@@ -25,6 +25,7 @@ from torch import nn
 
 from nativeq.errors import NativeqError
 from nativeq.qat import numerics as nx
+from nativeq.qat.float_islands import install_float_islands
 
 ACT_SCALE_MODES = ("ema", "lsq")
 
@@ -365,6 +366,7 @@ def quantize_(model: nn.Module, config: QuantConfig,
                             pow2=config.power_of_two_scales)
     for name, m in chosen:
         _set_submodule(model, name, QuantLayer(m, name, config.bits_for(name), config))
+    install_float_islands(model)
     return model
 
 

@@ -29,9 +29,10 @@ two-pass LayerNorm rounded once (correctly rounded, within an ulp of ORT).
 
 from __future__ import annotations
 
+from nativeq import _ort_formulas as ort
 from nativeq.compile._tvm import te, tirx, topi
 
-_LANES = 8  # MLAS AVX2: 8 float32 lanes
+_LANES = ort.LAYER_NORM_LANES
 
 
 def _fma(dtype, a, b, c):
@@ -189,13 +190,7 @@ def _legalize_layer_norm(bb, call):
                       primfunc_name_hint="layer_norm")
 
 
-# MLAS's logistic (onnxruntime/core/mlas/lib/logistic.cpp, the constants Eigen uses), evaluated
-# as its FMA3 kernel does: clamp to [-18, 18]; p = x * poly(x^2, alpha), q = poly(x^2, beta)
-# with every step an FMA; sigmoid = clamp(p / q + 0.5, 0, 1).
-_LOGISTIC_ALPHA = (4.37031012579801e-11, 1.15627324459942e-07, 6.08574864600143e-05, 8.51377133304701e-03,
-                   2.48287947061529e-01)
-_LOGISTIC_BETA = (6.10247389755681e-13, 5.76102136993427e-09, 6.29106785017040e-06, 1.70198817374094e-03,
-                  1.16817656904453e-01, 9.93151921023180e-01)
+# MLAS's logistic, evaluated as its FMA3 kernel does (constants and rule in nativeq/_ort_formulas.py).
 
 
 def _mlas_logistic(x):
@@ -205,24 +200,19 @@ def _mlas_logistic(x):
         return tirx.const(value, dtype)
 
     def logistic(*index):
-        v = tirx.min(c(18.0), tirx.max(c(-18.0), x(*index)))
+        v = tirx.min(c(ort.LOGISTIC_CLAMP), tirx.max(c(-ort.LOGISTIC_CLAMP), x(*index)))
         v2 = v * v
-        p = _horner(dtype, v2, _LOGISTIC_ALPHA) * v
-        q = _horner(dtype, v2, _LOGISTIC_BETA)
+        p = _horner(dtype, v2, ort.LOGISTIC_ALPHA) * v
+        q = _horner(dtype, v2, ort.LOGISTIC_BETA)
         return tirx.min(c(1.0), tirx.max(c(0.0), p / q + c(0.5)))
 
     return te.compute(x.shape, logistic, name="sigmoid")
 
 
 
-
 # MLAS's erf (onnxruntime/core/mlas/lib/erf.cpp and its FMA3 kernel), every multiply-add an FMA:
 # |x| <= 0.921875: x * (1 + x^2 * poly(x^2)); above: 1 - exp(-|x| * (1 + poly(|x|))) with MLAS's own
 # exp (round to a power of two by adding 1.5*2^23, Cody-Waite reduction, degree-6 polynomial).
-_ERF_SMALL = (-5.99104969e-4, 4.99339588e-3, -2.67667342e-2, 1.12818025e-1, -3.76124859e-1, 1.28379151e-1)
-_ERF_BIG = (1.72948930e-5, -3.83208680e-4, 3.88393435e-3, -2.42545605e-2, 1.06777847e-1, 6.34846687e-1,
-            1.28717512e-1)
-_ERF_EXP = (1.38319808e-3, 8.37550033e-3, 4.16689515e-2, 1.66664466e-1, 4.99999851e-1, 1.0, 1.0)
 
 
 def _mlas_erf(x):
@@ -233,16 +223,16 @@ def _mlas_erf(x):
 
     def erf(*index):
         value = x(*index)
-        magnitude = tirx.min(c(3.925), tirx.abs(value))
-        small = _fma(dtype, _horner(dtype, magnitude * magnitude, _ERF_SMALL), magnitude, magnitude)
-        is_big = magnitude > c(0.921875)
+        magnitude = tirx.min(c(ort.ERF_CLAMP), tirx.abs(value))
+        small = _fma(dtype, _horner(dtype, magnitude * magnitude, ort.ERF_SMALL), magnitude, magnitude)
+        is_big = magnitude > c(ort.ERF_SPLIT)
         big_input = tirx.if_then_else(is_big, magnitude, c(0.0))
-        big_poly = _fma(dtype, _horner(dtype, big_input, _ERF_BIG), big_input, big_input)
-        exponent_arg = tirx.max(c(-88.3762626647949), -big_poly)
-        rounded = _fma(dtype, c(1.44269504088896341), exponent_arg, c(1.25829120e7)) - c(1.25829120e7)
-        reduced = _fma(dtype, rounded, c(-1.42860677e-6), _fma(dtype, rounded, c(-6.93145752e-1), exponent_arg))
+        big_poly = _fma(dtype, _horner(dtype, big_input, ort.ERF_BIG), big_input, big_input)
+        exponent_arg = tirx.max(c(ort.EXP_LOWER), -big_poly)
+        rounded = _fma(dtype, c(ort.EXP_LOG2E), exponent_arg, c(ort.EXP_ROUNDING_BIAS)) - c(ort.EXP_ROUNDING_BIAS)
+        reduced = _fma(dtype, rounded, c(ort.EXP_LN2_LOW), _fma(dtype, rounded, c(ort.EXP_LN2_HIGH), exponent_arg))
         power = tirx.reinterpret(dtype, (rounded.astype("int32") + 127) * (1 << 23))
-        big = c(1.0) - _horner(dtype, reduced, _ERF_EXP) * power
+        big = c(1.0) - _horner(dtype, reduced, ort.ERF_EXP) * power
         result = tirx.if_then_else(is_big, big, small)
         return tirx.if_then_else(value < c(0.0), -result, result)
 
@@ -250,14 +240,11 @@ def _mlas_erf(x):
 
 
 
-
 # MLAS's softmax over one row of n (onnxruntime/core/mlas/lib/compute.cpp and its AVX-512F
 # kernel): e = exp(x - max) with MLAS's exp (every multiply-add an FMA); the e's summed in 16
 # lane accumulators, chunk after chunk (a partial last chunk adds zeros), the lanes reduced as
 # halves 16 -> 8 then adjacent pairs 8 -> 4 -> 2 -> 1; softmax = e * (1 / sum).
-_EXP_POLY = tuple(float.fromhex(v) for v in ("0x1.694000p-10", "0x1.125edcp-7", "0x1.555b5ap-5", "0x1.555450p-3",
-                                             "0x1.fffff6p-2", "0x1.000000p+0"))
-_SOFTMAX_LANES = 16
+_SOFTMAX_LANES = ort.SOFTMAX_LANES
 SOFTMAX_LANES_BLOCK = "mlas_softmax_lanes"  # its reduction must stay serial per lane (see default_schedule)
 SOFTMAX_MAX_LANES_BLOCK = "mlas_softmax_max_lanes"
 
@@ -268,13 +255,12 @@ def _mlas_sum_exp_element(value, dtype):
     def c(v):
         return tirx.const(v, dtype)
 
-    value = tirx.max(c(-88.3762626647949), value)
-    biased = _fma(dtype, value, c(1.44269504088896341), c(12582912.0))
-    m = biased - c(12582912.0)
-    value = _fma(dtype, m, c(-1.42860677e-6), _fma(dtype, m, c(-6.93145752e-1), value))
+    value = tirx.max(c(ort.EXP_LOWER), value)
+    biased = _fma(dtype, value, c(ort.EXP_LOG2E), c(ort.EXP_ROUNDING_BIAS))
+    m = biased - c(ort.EXP_ROUNDING_BIAS)
+    value = _fma(dtype, m, c(ort.EXP_LN2_LOW), _fma(dtype, m, c(ort.EXP_LN2_HIGH), value))
     scale = tirx.reinterpret(dtype, tirx.reinterpret("int32", biased) * (1 << 23) + 0x3F800000)
-    # NOTE: MLAS applies the last coefficient (1.0) twice: p*v + 1, then (p*v + 1)*v + 1.
-    return _horner(dtype, value, (*_EXP_POLY, _EXP_POLY[-1])) * scale
+    return _horner(dtype, value, ort.EXP_POLY) * scale
 
 
 def _mlas_softmax(x, axis):

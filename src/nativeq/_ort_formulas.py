@@ -1,0 +1,37 @@
+"""Constants of ONNX Runtime's CPU float kernels (MLAS, onnxruntime 1.32 on x86), shared by both halves.
+
+`compile/passes/legalize_like_ort.py` builds them into TIR; `qat/float_islands.py` evaluates
+them in PyTorch. Pure Python: importable beside torch and beside tvm alike.
+"""
+
+from __future__ import annotations
+
+LAYER_NORM_LANES = 8  # MLAS's AVX2 LayerNorm: 8 float32 lane accumulators
+SOFTMAX_LANES = 16  # MLAS's AVX-512F softmax sum: 16 lane accumulators
+
+# MLAS's logistic (onnxruntime/core/mlas/lib/logistic.cpp, the constants Eigen uses): clamp to
+# [-18, 18]; p = x * poly(x^2, alpha), q = poly(x^2, beta), every step an FMA; clamp(p / q + 0.5, 0, 1).
+LOGISTIC_CLAMP = 18.0
+LOGISTIC_ALPHA = (4.37031012579801e-11, 1.15627324459942e-07, 6.08574864600143e-05, 8.51377133304701e-03,
+                  2.48287947061529e-01)
+LOGISTIC_BETA = (6.10247389755681e-13, 5.76102136993427e-09, 6.29106785017040e-06, 1.70198817374094e-03,
+                 1.16817656904453e-01, 9.93151921023180e-01)
+
+# MLAS's erf (onnxruntime/core/mlas/lib/erf.cpp and its FMA3 kernel).
+ERF_SPLIT = 0.921875
+ERF_CLAMP = 3.925
+ERF_SMALL = (-5.99104969e-4, 4.99339588e-3, -2.67667342e-2, 1.12818025e-1, -3.76124859e-1, 1.28379151e-1)
+ERF_BIG = (1.72948930e-5, -3.83208680e-4, 3.88393435e-3, -2.42545605e-2, 1.06777847e-1, 6.34846687e-1,
+           1.28717512e-1)
+ERF_EXP = (1.38319808e-3, 8.37550033e-3, 4.16689515e-2, 1.66664466e-1, 4.99999851e-1, 1.0, 1.0)
+
+# MLAS's exp inside MlasComputeSumExpVector (softmax): round to a power of two by adding 1.5*2^23,
+# Cody-Waite reduction by ln2 in two parts, degree-6 polynomial.
+# NOTE: MLAS applies the last coefficient (1.0) twice: p*v + 1, then (p*v + 1)*v + 1.
+EXP_LOWER = -88.3762626647949
+EXP_LOG2E = 1.44269504088896341
+EXP_ROUNDING_BIAS = 12582912.0  # 1.5 * 2^23
+EXP_LN2_HIGH = -6.93145752e-1
+EXP_LN2_LOW = -1.42860677e-6
+EXP_POLY = tuple(float.fromhex(v) for v in ("0x1.694000p-10", "0x1.125edcp-7", "0x1.555b5ap-5", "0x1.555450p-3",
+                                            "0x1.fffff6p-2", "0x1.000000p+0", "0x1.000000p+0"))
