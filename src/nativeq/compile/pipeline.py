@@ -21,6 +21,7 @@ from nativeq.compile._tvm import TVMTarget, relax, tvm
 from nativeq.compile.passes.int8 import int8_passes
 from nativeq.compile.passes.legalize_like_ort import legalize_like_ort
 from nativeq.compile.passes.lut_elementwise import MarkLutElementwise
+from nativeq.compile.passes.scalars_as_tensors import scalars_as_tensors
 from nativeq.compile.schedules import kernel_relax_passes, schedule_passes
 
 
@@ -50,12 +51,12 @@ def _passes(target, *, int8: bool, tuning_database: Path | None) -> list:
         # library dispatch and legalization to TIR, then fusion
         relax.backend.DispatchSampling(),
         relax.backend.DispatchSortScan(),
-        relax.transform.LegalizeOps(customize_legalize_map=legalize_like_ort()),
+        relax.transform.LegalizeOps(customize_legalize_map={**scalars_as_tensors(), **legalize_like_ort()}),
         relax.transform.AnnotateTIROpPattern(),
         MarkLutElementwise(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
-        relax.transform.FuseTIR(),
+        relax.transform.FuseTIR(),  # one PrimFunc per distinct fused kernel (BlockBuilder.add_func deduplicates)
         # schedules: tuned ones first, then nativeq's defaults for the rest
         *tuning_passes(tuning_database, target),
         *schedule_passes(target),

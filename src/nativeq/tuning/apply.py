@@ -6,7 +6,9 @@ Pipeline position: right after FuseTIR, before nativeq's default schedules (`pip
    applied to nativeq's int8 schedule. A kernel with a symbolic time axis is looked up by its
    static twin at the sizes the database was tuned at (`dims` of each model in
    `nativeq_tuning.json`, in file order; the first that has a record wins).
-2. Everything else: TVM's `MetaScheduleApplyDatabase` replays the record's trace (static shapes).
+2. Everything else: TVM's `MetaScheduleApplyDatabase` replays the record's trace (static shapes),
+   one kernel at a time: a record that no longer fits its kernel (a database from an older nativeq)
+   is skipped with a warning naming the kernel, and the kernel keeps the default schedule.
 
 The database is loaded through `tuning/database.py`, so a corrupt line is skipped with a warning
 instead of aborting the build, and tasks are matched with the same `anchor-block` equality `tune`
@@ -15,9 +17,11 @@ used. Functions it schedules are marked `tirx.is_scheduled`; the default schedul
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from nativeq.compile._tvm import relax, tirx, tvm
+from nativeq._text import first_line
 from nativeq.tuning.database import load_database, read_summary, workload_key
 
 _SCHEDULED = "tirx.is_scheduled"
@@ -56,10 +60,13 @@ class ApplyTuningDatabase:
         wanted = {workload_key(task_module(twin)) for candidates in twins.values() for twin in candidates}
         database = load_database(self.path, only=wanted)
         self.applied = self._apply_int8_knobs(mod, database, twins)
-        before = _scheduled(mod)
         with database:
-            mod = relax.transform.MetaScheduleApplyDatabase()(mod)
-        self.applied.update({name: "trace" for name in sorted(_scheduled(mod) - before)})
+            for gvar, func in list(mod.functions_items()):
+                if isinstance(func, tirx.PrimFunc) and not _is_scheduled(func):
+                    replayed = _replay_trace(gvar, func)
+                    if replayed is not None:
+                        mod[gvar] = replayed
+                        self.applied[gvar.name_hint] = "trace"
         return mod
 
     def _apply_int8_knobs(self, mod, database, twins: dict) -> dict[str, str]:
@@ -86,9 +93,17 @@ class ApplyTuningDatabase:
         return applied
 
 
+def _replay_trace(gvar, func):
+    """`func` scheduled by the best record of the current database, or None (no record, or one that fails to replay)."""
+    try:
+        out = relax.transform.MetaScheduleApplyDatabase()(tvm.IRModule({gvar: func}))
+    except Exception as e:  # noqa: BLE001  (TVM raises InternalError when a trace does not fit the function)
+        warnings.warn(f"tuning record for kernel {gvar.name_hint} does not replay ({first_line(e)}); "
+                      f"using the default schedule", stacklevel=2)
+        return None
+    scheduled = out[gvar.name_hint]
+    return scheduled if _is_scheduled(scheduled) else None
+
+
 def _is_scheduled(func) -> bool:
     return func.attrs is not None and _SCHEDULED in func.attrs
-
-
-def _scheduled(mod) -> set[str]:
-    return {gv.name_hint for gv, func in mod.functions_items() if isinstance(func, tirx.PrimFunc) and _is_scheduled(func)}

@@ -1,0 +1,119 @@
+"""scalars_as_tensors: per-tensor scales and zero points become kernel arguments, so identical layers share one kernel.
+
+Before/expected IR at the legalization step, the kernel count of a real two-block encoder after
+FuseTIR, and the compiled result against the same pipeline with TVM's immediates (bit-identical).
+"""
+
+import numpy as np
+import pytest
+
+from nativeq.compile._tvm import relax, tirx, tvm
+from nativeq.compile.passes.scalars_as_tensors import scalars_as_tensors
+
+from qdq_models import ort_quantized_encoder
+
+
+def _requantize_module(scale_a: float, scale_b: float, t=8) -> tvm.IRModule:
+    """Two per-tensor requantizes of the same shape with different constants."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, t, 16), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            a = bb.emit(relax.op.quantize(x, relax.const(scale_a, "float32"), relax.const(3, "int8"), 1, "int8"))
+            b = bb.emit(relax.op.quantize(x, relax.const(scale_b, "float32"), relax.const(-2, "int8"), 1, "int8"))
+            out = bb.emit_output(relax.Tuple([a, b]))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _prim_funcs(mod) -> list:
+    return [f for _, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)]
+
+
+def _legalize(mod, rules) -> tvm.IRModule:
+    return relax.transform.LegalizeOps(customize_legalize_map=rules)(mod)
+
+
+def test_requantize_constants_become_one_kernel_with_vector_arguments():
+    shared = _legalize(_requantize_module(0.5, 0.25), scalars_as_tensors())
+    baked = _legalize(_requantize_module(0.5, 0.25), None)
+    assert len(_prim_funcs(baked)) == 2  # TVM's rule: the constants are immediates, two kernels
+    (kernel,) = _prim_funcs(shared)  # ours: one kernel, the constants are arguments
+    # expected: TVM's own per-channel quantize along the last axis, with the scalar repeated 16 times
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 8, 16), "float32"))
+    with bb.function("main", [x]):
+        bb.emit_func_output(bb.normalize(relax.op.quantize(
+            x, relax.const(np.full(16, 0.5, np.float32)), relax.const(np.full(16, 3, np.int8)), -1, "int8")))
+    (expected,) = _prim_funcs(relax.transform.LegalizeOps()(bb.get()))
+    tvm.ir.assert_structural_equal(kernel, expected)
+    # and the call sites pass each layer's own values
+    calls = [b.value for b in shared["main"].body.blocks[0].bindings if isinstance(b.value, relax.Call)
+             and b.value.op.name == "relax.call_tir"]
+    values = [(c.args[1][1].value.numpy(), c.args[1][2].value.numpy()) for c in calls]
+    assert [(s[0], z[0]) for s, z in values] == [(0.5, 3), (0.25, -2)]
+    assert all(s.shape == (16,) and (s == s[0]).all() for s, _ in values)
+
+
+def test_a_symbolic_last_axis_keeps_the_immediates():
+    x = relax.Var("x", relax.TensorType((1, 16, tirx.Var("T", "int64")), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        bb.emit_func_output(bb.normalize(relax.op.quantize(x, relax.const(0.5, "float32"),
+                                                           relax.const(0, "int8"), 1, "int8")))
+    symbolic = _legalize(bb.get(), scalars_as_tensors())
+    baseline = _legalize(bb.get(), None)
+    tvm.ir.assert_structural_equal(symbolic, baseline)
+
+
+def test_binary_op_with_a_scalar_constant():
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((4, 32), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            a = bb.emit(relax.op.multiply(x, relax.const(0.5, "float32")))
+            b = bb.emit(relax.op.multiply(relax.const(0.25, "float32"), x))
+            out = bb.emit_output(relax.op.add(a, b))
+        bb.emit_func_output(out)
+    mod = _legalize(bb.get(), scalars_as_tensors())
+    kernels = _prim_funcs(mod)
+    assert len(kernels) == 3  # x*c, c*x (operand order kept), a+b
+    ex = relax.build(mod, target="llvm")
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    data = np.random.default_rng(0).normal(size=(4, 32)).astype(np.float32)
+    out = vm["main"](tvm.runtime.tensor(data)).numpy()
+    np.testing.assert_array_equal(out, (data * np.float32(0.5)) + (np.float32(0.25) * data))
+
+
+def _int8_kernels_and_calls(model, monkeypatch=None, share: bool = True):
+    """(distinct int8 PrimFuncs after FuseTIR, int8 call sites in main)."""
+    from nativeq.compile import pipeline
+    from nativeq.compile.api import import_model, make_tvm_target
+    from nativeq.targets import get_target
+
+    if not share:
+        monkeypatch.setattr(pipeline, "scalars_as_tensors", lambda: {})
+    target = get_target("host")
+    mod = import_model(model, None)
+    with make_tvm_target(target):
+        for p in pipeline.compile_passes(target):
+            mod = p(mod)
+            if p.info.name == "FuseTIR":
+                break
+    kernels = {gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc) and "int8_matmul" in gv.name_hint}
+    calls = []
+    relax.analysis.post_order_visit(mod["main"].body, lambda e: calls.append(e.args[0].name_hint) if (
+        isinstance(e, relax.Call) and getattr(e.op, "name", "") == "relax.call_tir" and "int8_matmul" in e.args[0].name_hint) else None)
+    return kernels, calls
+
+
+def test_the_blocks_of_an_encoder_share_their_int8_kernels(monkeypatch):
+    model = ort_quantized_encoder("uint8")
+    kernels, calls = _int8_kernels_and_calls(model)
+    baked_kernels, baked_calls = _int8_kernels_and_calls(model, monkeypatch, share=False)
+    # 14 sites: subsampling conv, head, and per block qkv, Q.Kt, P.V, proj, ff_in, ff_out
+    assert len(calls) == len(baked_calls) == 14
+    assert len(baked_kernels) == len(baked_calls)  # TVM's immediates: one kernel per layer
+    # shared by both blocks: qkv, P.V, proj, ff_in, ff_out; Q.Kt ([B, H, T, T], no static last axis) stays
+    # one per block; conv and head are single: 5 + 2 + 2 kernels
+    assert sorted(calls.count(k) for k in kernels) == [1, 1, 1, 1, 2, 2, 2, 2, 2]
