@@ -49,7 +49,7 @@ def test_fbank_matches_on_synthesized_speech(tmp_path):
     raw = tmp_path / "raw.wav"
     subprocess.run(["espeak-ng", "-w", str(raw), "seven three nine"], check=True)
     wav = tmp_path / "x.wav"
-    subprocess.run(["sox", str(raw), "-r", str(SAMPLE_RATE), "-b", "16", str(wav)], check=True)
+    subprocess.run(["sox", "-R", str(raw), "-r", str(SAMPLE_RATE), "-b", "16", str(wav)], check=True)  # -R: repeatable dither
     x = read_wav(wav)
     diff = np.abs(fbank(torch.from_numpy(x)).numpy() - kaldi_fbank(x))
     # espeak pads with exact digital silence; there Kaldi's float32 arithmetic and our float64

@@ -7,10 +7,24 @@ FuseTIR, and the compiled result against the same pipeline with TVM's immediates
 import numpy as np
 import pytest
 
-from nativeq.compile._tvm import relax, tirx, tvm
+from nativeq.compile._tvm import T, relax, tirx, tvm
 from nativeq.compile.passes.scalars_as_tensors import scalars_as_tensors
 
 from qdq_models import ort_quantized_encoder
+
+
+@T.prim_func(private=True, s_tir=True)
+def _expected_quantize(x: T.Buffer((T.int64(1), T.int64(8), T.int64(16)), "float32"),
+                       scale: T.Buffer((T.int64(16),), "float32"), zero_point: T.Buffer((T.int64(16),), "float32"),
+                       quantized: T.Buffer((T.int64(1), T.int64(8), T.int64(16)), "int8")):
+    T.func_attr({"tirx.noalias": True})
+    for i0, i1, i2 in T.grid(T.int64(1), T.int64(8), T.int64(16)):
+        with T.sblock("quantized"):
+            v_i0, v_i1, v_i2 = T.axis.remap("SSS", [i0, i1, i2])
+            T.reads(x[v_i0, v_i1, v_i2], scale[v_i2], zero_point[v_i2])
+            T.writes(quantized[v_i0, v_i1, v_i2])
+            quantized[v_i0, v_i1, v_i2] = T.Cast("int8", T.max(T.min(
+                T.round(x[v_i0, v_i1, v_i2] / scale[v_i2]) + zero_point[v_i2], T.float32(127.0)), T.float32(-128.0)))
 
 
 def _requantize_module(scale_a: float, scale_b: float, t=8) -> tvm.IRModule:
@@ -35,24 +49,38 @@ def _legalize(mod, rules) -> tvm.IRModule:
 
 
 def test_requantize_constants_become_one_kernel_with_vector_arguments():
-    shared = _legalize(_requantize_module(0.5, 0.25), scalars_as_tensors())
-    baked = _legalize(_requantize_module(0.5, 0.25), None)
+    shared = _legalize(_requantize_module(0.3, 0.7), scalars_as_tensors())
+    baked = _legalize(_requantize_module(0.3, 0.7), None)
     assert len(_prim_funcs(baked)) == 2  # TVM's rule: the constants are immediates, two kernels
     (kernel,) = _prim_funcs(shared)  # ours: one kernel, the constants are arguments
-    # expected: TVM's own per-channel quantize along the last axis, with the scalar repeated 16 times
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType((1, 8, 16), "float32"))
-    with bb.function("main", [x]):
-        bb.emit_func_output(bb.normalize(relax.op.quantize(
-            x, relax.const(np.full(16, 0.5, np.float32)), relax.const(np.full(16, 3, np.int8)), -1, "int8")))
-    (expected,) = _prim_funcs(relax.transform.LegalizeOps()(bb.get()))
-    tvm.ir.assert_structural_equal(kernel, expected)
+    # expected: TVM's own quantize, reading scale and zero point (float32, added without a conversion)
+    # per channel of the last axis
+    tvm.ir.assert_structural_equal(kernel, _expected_quantize)
     # and the call sites pass each layer's own values
     calls = [b.value for b in shared["main"].body.blocks[0].bindings if isinstance(b.value, relax.Call)
              and b.value.op.name == "relax.call_tir"]
     values = [(c.args[1][1].value.numpy(), c.args[1][2].value.numpy()) for c in calls]
-    assert [(s[0], z[0]) for s, z in values] == [(0.5, 3), (0.25, -2)]
+    assert [(s[0], z[0]) for s, z in values] == [(np.float32(0.3), 3), (np.float32(0.7), -2)]
     assert all(s.shape == (16,) and (s == s[0]).all() for s, _ in values)
+
+
+def _run(mod, x: np.ndarray) -> list[np.ndarray]:
+    vm = relax.VirtualMachine(relax.build(mod, target="llvm"), tvm.cpu())
+    return [t.numpy() for t in vm["main"](tvm.runtime.tensor(x))]
+
+
+@pytest.mark.parametrize("scales", [(0.5, 0.0625), (0.3, 0.7)], ids=["power-of-two", "arbitrary"])
+def test_shared_kernels_compute_what_the_immediates_compute(scales):
+    """Power-of-two scales multiply by the exact reciprocal (as LLVM does with an immediate): same bits."""
+    rng = np.random.default_rng(1)
+    x = np.concatenate([rng.normal(0, 40, (1, 8, 16)), (np.arange(128) - 64).reshape(1, 8, 16) * 0.25], axis=1)
+    x = x.astype(np.float32)
+    shared = _legalize(_requantize_module(*scales, t=16), scalars_as_tensors())
+    baked = _legalize(_requantize_module(*scales, t=16), None)
+    assert len(_prim_funcs(shared)) == 1
+    for got, ref in zip(_run(shared, x), _run(baked, x)):
+        np.testing.assert_array_equal(got, ref)
+        assert len(np.unique(ref)) > 50
 
 
 def test_a_symbolic_last_axis_keeps_the_immediates():

@@ -225,7 +225,7 @@ def compile_model(model_path, out_dir, cfg: CompileConfig, force: bool = False) 
         )
     seconds["build"] = time.perf_counter() - started - seconds["import"]
     applied = next((dict(p.applied) for p in passes if p.info.name == "nativeq.ApplyTuningDatabase"), {})
-    if cfg.tuning_log is not None and not applied:
+    if cfg.tuning_log is not None and database is not None and not applied:
         # NOTE: records are keyed on the exact kernel IR: a change to the int8 passes or kernel
         # layouts makes older records miss (a rerun of `nativeq tune` refreshes them).
         warnings.warn(f"tuning database {database} matches no kernel of {model_path.name} (tuned for other shapes "
