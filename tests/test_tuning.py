@@ -414,3 +414,26 @@ def test_shipped_database_tunes_the_benchmark_encoder(tmp_path, monkeypatch):
     # (at T=100: at T=200 ORT's own float sgemm rounds one logit 3 steps off; README, verify)
     report = verify_artifact(tmp_path / "art", qdq, VerifyConfig(runs=1, dims={"T": 100}))
     assert report.passed and max(o.max_steps for o in report.outputs if o.quantized) == 0, report.table()
+
+
+def test_a_record_that_does_not_replay_warns_and_keeps_the_default_schedule(tmp_path, monkeypatch):
+    """A trace that no longer fits its kernel (TVM raises inside trace_apply) costs that kernel its tuned
+    schedule, not the build: one warning naming the kernel, the default schedule, an exact artifact."""
+    from nativeq.compile._tvm import relax
+    from nativeq.verify import VerifyConfig, verify_artifact
+
+    def stale_trace(*_args, **_kwargs):
+        def apply(mod):
+            raise RuntimeError("Check failed: (inst->outputs.size() <= outputs.size()) is false")
+        return apply
+
+    monkeypatch.setattr(relax.transform, "MetaScheduleApplyDatabase", stale_trace)
+    model = tmp_path / "mm.onnx"
+    onnx.save(qdq_models.qdq_matmul(k=256, n=128, t=64, act_dtype="uint8"), model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = compile_model(model, tmp_path / "art", CompileConfig(target="host", tuning_log=SHIPPED))
+    stale = [str(w.message) for w in caught if "does not replay" in str(w.message)]
+    assert stale and all("tuning record for kernel " in m and "default schedule" in m for m in stale), stale
+    assert verify_artifact(tmp_path / "art", model, VerifyConfig(runs=1)).passed
+    assert all(v.startswith("mr=") for v in out.manifest["tuning"]["applied"].values())
