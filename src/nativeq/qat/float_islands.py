@@ -198,13 +198,13 @@ _ROUTES = {
     torch.softmax: _softmax_call,
     F.softmax: _softmax_call,
     torch.Tensor.softmax: _softmax_call,
-    torch.sigmoid: _float32_only(lambda x: logistic(x)),
-    F.sigmoid: _float32_only(lambda x: logistic(x)),
-    torch.Tensor.sigmoid: _float32_only(lambda x: logistic(x)),
+    torch.sigmoid: _float32_only(logistic),
+    F.sigmoid: _float32_only(logistic),
+    torch.Tensor.sigmoid: _float32_only(logistic),
     F.silu: _float32_only(lambda x, inplace=False: x * logistic(x)),
     F.glu: _float32_only(_glu),
-    torch.erf: _float32_only(lambda x: erf(x)),
-    torch.Tensor.erf: _float32_only(lambda x: erf(x)),
+    torch.erf: _float32_only(erf),
+    torch.Tensor.erf: _float32_only(erf),
 }
 
 

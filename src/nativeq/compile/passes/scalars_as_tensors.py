@@ -89,18 +89,17 @@ def _qdq_rule(op_name: str):
 
     def legalize(bb, call):
         x, scale, zero_point = call.args
-        scale_value = _scalar_constant(scale)
-        if scale_value is None or _scalar_constant(zero_point) is None:
+        scale_value, zero_point_value = _scalar_constant(scale), _scalar_constant(zero_point)
+        if scale_value is None or zero_point_value is None:
             return tvm_rule(bb, call)
         # a per-tensor scale applies to every axis: repeat it along the last one (the vectorized loop)
         length = _static_extent(x, -1)
         if length is None:
             return tvm_rule(bb, call)
         # a zero point of 0 (symmetric quantization: every layer alike) stays an immediate
-        zero = int(_scalar_constant(zero_point)) == 0
+        zero = int(zero_point_value) == 0
         # NOTE: as float32 (exact for 8-bit values): the kernel adds it without an int -> float conversion
-        zero_points = zero_point if zero else relax.const(
-            np.full((length,), _scalar_constant(zero_point), np.float32))
+        zero_points = zero_point if zero else relax.const(np.full((length,), zero_point_value, np.float32))
         if op_name == "relax.quantize" and _is_power_of_two(scale_value) and x.ty.dtype == "float32":
             # NOTE: LLVM turns a division by an immediate 2^k into a multiplication, not one by a value
             # loaded from memory (measured: the QAT model's int8 kernels 10% slower); multiply here.
@@ -118,14 +117,14 @@ def _binary_rule(op_name: str):
 
     def legalize(bb, call):
         lhs, rhs = call.args
-        scalar = _scalar_constant(lhs) if _scalar_constant(lhs) is not None else _scalar_constant(rhs)
-        if scalar is None or (_scalar_constant(lhs) is not None and _scalar_constant(rhs) is not None):
+        lhs_value, rhs_value = _scalar_constant(lhs), _scalar_constant(rhs)
+        if (lhs_value is None) == (rhs_value is None):  # no scalar constant, or two
             return tvm_rule(bb, call)
+        scalar, tensor = (lhs_value, rhs) if lhs_value is not None else (rhs_value, lhs)
         if scalar.dtype.kind != "f" and op_name != "relax.multiply":
             # integer shifts (the +128 of a uint8 -> int8 move) are alike in every layer: keep the immediate;
             # integer products (zero point x row sum) differ per layer and become vectors
             return tvm_rule(bb, call)
-        tensor = rhs if _scalar_constant(lhs) is not None else lhs
         length = _static_extent(tensor, -1)
         args = [_as_vector(lhs, length), _as_vector(rhs, length)]
         return tvm_rule(bb, relax.Call(call.op, args, call.attrs, call.ty_args))
