@@ -82,6 +82,18 @@ def test_resume_continues_from_the_last_checkpoint(corpus, tmp_path):
     assert [(r["epoch"], r["step"]) for r in log] == [(1, 2), (2, 4)]
 
 
+def test_resume_on_a_bigger_corpus_trains_to_the_new_step_count(corpus, tmp_path):
+    # 2 utterances (1 batch per epoch) for 3 steps, then the full 8 (4 batches per epoch) up to step 7:
+    # the checkpoint's epoch count is past what the new corpus needs, the step count is not.
+    lines = (Path(corpus) / "train.tsv").read_text().splitlines()
+    (Path(corpus) / "train-first2.tsv").write_text("\n".join(lines[:2]) + "\n")
+    run = tmp_path / "run"
+    train(_cfg(corpus, run, steps=3, batch_size=2, train_split="train-first2"))
+    train(_cfg(corpus, run, steps=7, batch_size=2, resume=True))
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["step"]) for r in log] == [(1, 1), (2, 2), (3, 3), (4, 7)]
+
+
 def test_checkpoint_of_another_config_is_one_line_error(corpus, tmp_path, nativeq_cli):
     run = tmp_path / "mixed"
     run.mkdir()

@@ -278,15 +278,17 @@ def bundle(artifact, out, no_cpp_runner, force):
 @click.option("--ptq", is_flag=True, help="Post-training quantization only: calibrate the scales, no training.")
 @click.option("--float-scales", is_flag=True,
               help="Arbitrary float scales instead of powers of two (finer range; the QDQ export is then exact only up to float rounding).")
+@click.option("--distill", default=0.0, show_default=True,
+              help="Weight of a frame-level KL loss to the float SOURCE model (knowledge distillation; 0 = CTC only).")
 def finetune(source, data_dir, out, weight_bits, act_bits, act_scale, mixed, sparsity, steps, epochs, batch_size, lr,
-             threads, seed, resume, ptq, float_scales):
+             threads, seed, resume, ptq, float_scales, distill):
     """Quantization- (and sparsity-) aware fine-tuning of SOURCE (a run directory or shipped model) with integer ops."""
     from nativeq.qat.finetune import FinetuneConfig, finetune as run_finetune
 
     cfg = FinetuneConfig(source=source, data=data_dir, out=out, weight_bits=weight_bits, act_bits=act_bits,
                          act_scale=act_scale, mixed=mixed, sparsity=sparsity, steps=steps, epochs=epochs,
                          batch_size=batch_size, lr=lr, threads=threads, seed=seed, resume=resume, calibrate_only=ptq,
-                         power_of_two_scales=not float_scales and act_scale != "lsq")
+                         power_of_two_scales=not float_scales and act_scale != "lsq", distill=distill)
     metrics = run_finetune(cfg)
     click.echo(f"wrote {out}: dev WER {metrics.get('wer', float('nan')):.3f} CER {metrics.get('cer', float('nan')):.3f}")
 

@@ -187,10 +187,12 @@ def train_loop(
     run_dir: str | os.PathLike,
     extra_config: dict | None = None,
     after_step: Callable[[nn.Module, int], None] | None = None,
+    extra_loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> dict:
     """Train `model` in place; checkpoint to `run_dir` each epoch; returns the last dev metrics.
 
     `after_step(model, step)` runs after each optimizer step (e.g. to re-apply sparsity masks).
+    `extra_loss(x, lengths, logits, out_lengths)` is added to the CTC loss (e.g. distillation).
     With cfg.resume, continues from `run_dir/checkpoint.pt`.
     """
     from tqdm import tqdm
@@ -225,6 +227,9 @@ def train_loop(
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run_dir / "train_config.json", cfg.to_json())
 
+    # Epochs count on from the checkpoint's and the step count decides the end, so a run resumed
+    # on a bigger corpus (more batches per epoch) still trains up to total_steps.
+    epochs = max(epochs, start_epoch + math.ceil((total_steps - step) / batches_per_epoch))
     metrics = best
     for epoch in range(start_epoch, epochs):
         if step >= total_steps:
@@ -247,6 +252,8 @@ def train_loop(
             logits, out_lengths = train_model(x.to(device), lengths.to(device))
             log_probs = torch.log_softmax(logits, dim=-1).transpose(0, 1)
             loss = ctc(log_probs, tgt.to(device), out_lengths, tgt_lengths.to(device))
+            if extra_loss is not None:
+                loss = loss + extra_loss(x.to(device), lengths.to(device), logits, out_lengths)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

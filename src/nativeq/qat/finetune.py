@@ -2,7 +2,8 @@
 
     float run/shipped model -> quantize_ (bits by rule) -> calibrate activation scales on
     training batches -> sparsify_ (masks at step 0) -> train_loop (masks on schedule after
-    every step, frozen at the end of the ramp) -> run directory
+    every step, frozen at the end of the ramp; optionally distilled from the float model,
+    `qat/distill.py`) -> run directory
 
 The run directory has the files of a training run (`config.json` with a "qat" section,
 `model.safetensors`, `checkpoint.pt`, `log.jsonl`); `load_qat_model(run)` rebuilds the
@@ -67,6 +68,7 @@ class FinetuneConfig:
     max_dev: int = 100  # dev utterances decoded at the end of each epoch
     resume: bool = False
     calibrate_only: bool = False  # post-training quantization: calibrate the scales, no training
+    distill: float = 0.0  # weight of the frame-level KL to the float source model (0 = CTC only)
     progress: bool = True
 
     def __post_init__(self):  # bad options fail before any data is read
@@ -74,6 +76,8 @@ class FinetuneConfig:
         parse_sparsity(self.sparsity)
         if not 0.0 <= self.sparsity_ramp <= 1.0:
             raise NativeqError(f"sparsity_ramp {self.sparsity_ramp} must be in [0, 1]")
+        if not self.distill >= 0.0:
+            raise NativeqError(f"--distill {self.distill} must be >= 0 (the weight of the distillation loss)")
 
     def quant_config(self) -> QuantConfig:
         return QuantConfig(weight_bits=self.weight_bits, act_bits=self.act_bits, act_scale=self.act_scale,
@@ -182,8 +186,17 @@ def finetune(cfg: FinetuneConfig) -> dict:
         warmup_steps=cfg.warmup_steps, seed=cfg.seed, threads=cfg.threads, resume=cfg.resume,
         max_dev=cfg.max_dev, progress=cfg.progress,
     )
+    extra_loss = None
+    if cfg.distill > 0:
+        from nativeq.qat.distill import DistillationLoss
+
+        teacher, _ = load_model(qat["source"])  # the float model this run was quantized from
+        if quant_layers(teacher):
+            raise NativeqError(f"--distill: the source {qat['source']} is not a float model")
+        extra_loss = DistillationLoss(teacher, cfg.distill)
     return train_loop(model, train_utts, dev_utts, train_cfg, run_dir, extra_config={"qat": qat},
-                      after_step=update_masks if sparsity is not None or qat.get("sparsity") else None)
+                      after_step=update_masks if sparsity is not None or qat.get("sparsity") else None,
+                      extra_loss=extra_loss)
 
 
 @dataclasses.dataclass(frozen=True)
