@@ -1,4 +1,4 @@
-"""ONNX -> Relax import: `legalize`, `check_importable`, then TVM's importer with four fixes.
+"""ONNX -> Relax import: `legalize`, `check_importable`, then TVM's importer with four fixes and the recurrent ops.
 
 This is the entry of `compile/`: everything after it works on the Relax module it returns.
 TVM 0.27's ONNX importer loses the static shape of typical exported models with a dynamic
@@ -12,15 +12,17 @@ importer used here differs from `tvm.relax.frontend.onnx.from_onnx` only in:
 - scalar immediates folded from shape arithmetic become constants of the other operand's
   dtype (TVM keeps `(d // heads) ** -0.5` as a float64 immediate and then refuses the Mul);
 - operands of a broadcasting elementwise op whose shapes are equal but not provably so are
-  reshaped (a free view) to one spelling of each dimension.
+  reshaped (a free view) to one spelling of each dimension;
+- `LSTM`, `GRU` and `RNN`, for which TVM has no converter, convert through `recurrent.py`.
 """
 
 from __future__ import annotations
 
 import onnx
 
-from nativeq.compile._tvm import onnx_frontend, relax, tvm
-from nativeq.compile.onnx_legalize import check_importable, legalize
+from nativeq.compile._tvm import onnx_convert_map, onnx_frontend, relax, tvm
+from nativeq.compile.onnx_legalize import IMPORTER_BUILTIN_OPS, check_importable, legalize
+from nativeq.compile.recurrent import CONVERTERS as RECURRENT_CONVERTERS, check_node as check_recurrent_node
 
 _BROADCAST_OPS = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Where", "Equal", "Less", "Greater", "And", "Or"}
 
@@ -58,10 +60,22 @@ class _Gather(onnx_frontend.Gather):
         return super()._impl_v13(bb, inputs, attr, params)
 
 
-_CONVERTER_FIXES = {"Range": _Range, "Gather": _Gather}
+# Converters used instead of TVM's; LSTM/GRU/RNN have none in TVM 0.27 (see recurrent.py).
+_CONVERTER_FIXES = {"Range": _Range, "Gather": _Gather, **RECURRENT_CONVERTERS}
 
 
 class _Importer(onnx_frontend.ONNXGraphImporter):
+    def _check_for_unsupported_ops(self, graph):
+        """TVM's check, counting the ops of `_CONVERTER_FIXES` as supported; refuses recurrent attributes early."""
+        known = set(onnx_convert_map()) | set(_CONVERTER_FIXES) | IMPORTER_BUILTIN_OPS
+        unsupported = {node.op_type for node in graph.node if node.op_type not in known}
+        for node in graph.node:
+            if node.op_type in RECURRENT_CONVERTERS:
+                check_recurrent_node(node)
+        if unsupported:
+            raise tvm.error.OpNotImplemented(
+                "The following operators are not supported for frontend ONNX: " + ", ".join(sorted(unsupported)))
+
     def _convert_operator(self, op_name, inputs, attrs, opset):
         if op_name in _BROADCAST_OPS:
             inputs = _unify_operand_shapes(self.bb, _immediates_as_tensor_constants(inputs))

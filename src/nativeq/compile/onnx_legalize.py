@@ -44,7 +44,7 @@ _INT4_TO_INT8 = {TensorProto.INT4: TensorProto.INT8, TensorProto.UINT4: TensorPr
 _INT4_RANGE = {TensorProto.INT4: (-8, 7), TensorProto.UINT4: (0, 15)}
 
 # Ops the importer handles outside its converter table, and ops `legalize` removes.
-_IMPORTER_BUILTIN_OPS = {"If", "Constant"}
+IMPORTER_BUILTIN_OPS = {"If", "Constant"}
 
 
 def legalize(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -78,8 +78,9 @@ def legalize(model: onnx.ModelProto) -> onnx.ModelProto:
 def check_importable(model: onnx.ModelProto) -> None:
     """Raise NativeqError listing every op (with its nodes) that TVM's ONNX importer cannot convert."""
     from nativeq.compile._tvm import onnx_convert_map
+    from nativeq.compile.recurrent import CONVERTERS as RECURRENT_CONVERTERS
 
-    known = set(onnx_convert_map()) | _IMPORTER_BUILTIN_OPS
+    known = set(onnx_convert_map()) | IMPORTER_BUILTIN_OPS | set(RECURRENT_CONVERTERS)
     missing: dict[str, list[str]] = {}
     for node in _all_nodes(model.graph):
         op = node.op_type

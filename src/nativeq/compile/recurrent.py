@@ -1,0 +1,459 @@
+"""ONNX `LSTM`, `GRU` and `RNN` -> Relax: an input projection plus one TIR recurrence per direction.
+
+Pipeline position: converters of the ONNX import (`onnx_import._CONVERTER_FIXES`); TVM 0.27's
+importer has none for these ops. ONNX Runtime's `quantize_static` leaves them in float inside
+QDQ models, so they only ever see float32 tensors.
+
+Lowering, per direction `d`:
+
+1. the input projection `X·W[d]ᵀ + biases` for every time step at once, as ordinary Relax ops
+   (`permute_dims`, `matmul`, `add`), so the normal pipeline folds and schedules it;
+2. one `relax.call_tir` to a TIR PrimFunc (built here, added with `bb.add_func`) that runs the
+   recurrence: batch elements one after the other (they are independent), a serial loop over
+   time inside, `H·R[d]ᵀ` accumulated row by row of `R[d]ᵀ` so the innermost loop is a
+   contiguous axpy LLVM vectorizes. Time `T` and batch `B` are symbolic; the hidden size is
+   static. The PrimFunc is marked `tirx.is_scheduled` so nativeq's default schedules and
+   dlight leave it alone.
+
+ONNX semantics implemented (onnx.ai operator docs; ONNX Runtime is the reference):
+
+- Inputs `X, W, R, B, sequence_lens, initial_h` (+ `initial_c, P` for LSTM), all optional
+  inputs may be absent; outputs `Y [T, D, B, H]`, `Y_h [D, B, H]` (+ `Y_c` for LSTM), any
+  subset requested. `layout=1` (opset 14): `X [B, T, I]`, `Y [B, T, D, H]`,
+  `initial_h/initial_c/Y_h/Y_c [B, D, H]`.
+- `direction` forward / reverse / bidirectional (D = 2: forward is `Y[:, 0]`).
+- LSTM (gates i, o, f, c in W/R/B; peepholes P in order i, o, f):
+  `i = f(Xi + Hi + Pi⊙C_{t-1})`, `f = f(Xf + Hf + Pf⊙C_{t-1})` (or `1 - i` with
+  `input_forget=1`), `c = g(Xc + Hc)`, `C_t = f⊙C_{t-1} + i⊙c`, `o = f(Xo + Ho + Po⊙C_t)`,
+  `H_t = o⊙h(C_t)`, where `Xg = X_t·Wgᵀ + Wbg` and `Hg = H_{t-1}·Rgᵀ + Rbg`.
+- GRU (gates z, r, h): `z = f(Xz + Hz)`, `r = f(Xr + Hr)`,
+  `h~ = g(Xh + (r⊙H_{t-1})·Rhᵀ + Rbh)` (`linear_before_reset=0`) or
+  `h~ = g(Xh + r⊙(H_{t-1}·Rhᵀ + Rbh))` (`linear_before_reset=1`, what torch exports),
+  `H_t = (1 - z)⊙h~ + z⊙H_{t-1}`.
+- RNN: `H_t = f(X_t·Wᵀ + H_{t-1}·Rᵀ + Wb + Rb)`.
+- `clip`: every gate pre-activation is clipped to `[-clip, clip]` before its activation.
+- `sequence_lens`: batch element `b` runs `sequence_lens[b]` steps (reverse direction: from
+  step `sequence_lens[b] - 1` down to 0); `Y` is zero at later steps and `Y_h`/`Y_c` hold the
+  last computed state (zeros for a length of 0, as ORT does; the spec does not say).
+- `activations`: Sigmoid, Tanh and Relu in any position (defaults: Sigmoid/Tanh/Tanh for LSTM,
+  Sigmoid/Tanh for GRU, Tanh for RNN).
+
+Refused with a one-line `NativeqError` naming node, op and attribute: other activation
+functions, `activation_alpha`/`activation_beta`, attributes of older opsets
+(`output_sequence`), non-float32 inputs, a non-static input or hidden size. Attribute refusals
+happen before import (`check_node`, called by the importer's supported-ops check).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import helper
+
+from nativeq.compile._tvm import T, onnx_frontend, relax, tirx
+from nativeq.errors import NativeqError
+
+# Per op: number of gates, default activations (per direction), attributes understood.
+_COMMON_ATTRS = {"activations", "activation_alpha", "activation_beta", "clip", "direction", "hidden_size", "layout"}
+_OP_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+_OP_DEFAULT_ACTIVATIONS = {"LSTM": ("Sigmoid", "Tanh", "Tanh"), "GRU": ("Sigmoid", "Tanh"), "RNN": ("Tanh",)}
+_OP_ATTRS = {
+    "LSTM": _COMMON_ATTRS | {"input_forget"},
+    "GRU": _COMMON_ATTRS | {"linear_before_reset"},
+    "RNN": _COMMON_ATTRS,
+}
+_ACTIVATIONS = {
+    "sigmoid": lambda x: T.sigmoid(x),
+    "tanh": lambda x: T.tanh(x),
+    "relu": lambda x: T.max(x, T.float32(0)),
+}
+_DIRECTIONS = {"forward": (False,), "reverse": (True,), "bidirectional": (False, True)}
+
+
+class _RecurrentOp(onnx_frontend.OnnxOpConverter):
+    """Converter shared by LSTM, GRU and RNN: `op` names which one."""
+
+    op = ""
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        return _convert(bb, cls.op, inputs, attr)
+
+
+class LSTM(_RecurrentOp):
+    """ONNX LSTM (opsets 1-22; see the module docstring)."""
+
+    op = "LSTM"
+
+
+class GRU(_RecurrentOp):
+    """ONNX GRU (opsets 1-22; see the module docstring)."""
+
+    op = "GRU"
+
+
+class RNN(_RecurrentOp):
+    """ONNX RNN (opsets 1-22; see the module docstring)."""
+
+    op = "RNN"
+
+
+CONVERTERS = {"LSTM": LSTM, "GRU": GRU, "RNN": RNN}
+
+
+# ---------------------------------------------------------------------------------------------
+# Relax side: attributes, input projection, one call_tir per direction, output layout
+
+
+def check_node(node) -> None:
+    """Refuse an LSTM/GRU/RNN `onnx.NodeProto` whose attributes this lowering does not implement.
+
+    Run before import (`onnx_import._Importer._check_for_unsupported_ops`): a refusal raised
+    inside TVM's importer is preceded by its own print of the node's inputs.
+    """
+    _Attributes(node.op_type, node.name, {a.name: helper.get_attribute_value(a) for a in node.attribute})
+
+
+class _Attributes:
+    """A node's attributes, checked and with ONNX defaults filled in."""
+
+    def __init__(self, op: str, node_name: str, attr: dict):
+        self.op = op
+        self.node = node_name or "<unnamed>"
+        for name in attr:
+            if name != "tvm_custom" and name not in _OP_ATTRS[op]:
+                self.refuse(name, "is not supported")
+        for name in ("activation_alpha", "activation_beta"):
+            if attr.get(name):
+                self.refuse(name, "is not supported (only parameter-free activations are)")
+        direction = _text(attr.get("direction", b"forward"))
+        if direction not in _DIRECTIONS:
+            self.refuse("direction", f"'{direction}' is not one of forward, reverse, bidirectional")
+        self.reverse_flags = _DIRECTIONS[direction]
+        self.num_gates = _OP_GATES[op]
+        self.layout = int(attr.get("layout", 0))
+        if self.layout not in (0, 1):
+            self.refuse("layout", f"{self.layout} is not 0 or 1")
+        clip = attr.get("clip")
+        self.clip = None if clip is None else float(clip)
+        self.input_forget = bool(attr.get("input_forget", 0))
+        self.linear_before_reset = bool(attr.get("linear_before_reset", 0))
+        self.hidden_size = attr.get("hidden_size")
+
+        names = attr.get("activations")
+        names = [_text(n) for n in names] if names else list(_OP_DEFAULT_ACTIVATIONS[op]) * len(self.reverse_flags)
+        per_direction = len(_OP_DEFAULT_ACTIVATIONS[op])
+        if len(names) != per_direction * len(self.reverse_flags):
+            self.refuse("activations", f"has {len(names)} entries, expected {per_direction} per direction")
+        unknown = [n for n in names if n.lower() not in _ACTIVATIONS]
+        if unknown:
+            self.refuse("activations", f"{unknown[0]} is not supported (only Sigmoid, Tanh, Relu)")
+        self.activations = [tuple(n.lower() for n in names[d * per_direction:(d + 1) * per_direction])
+                            for d in range(len(self.reverse_flags))]
+
+    def refuse(self, what: str, why: str):
+        raise NativeqError(f"node '{self.node}' ({self.op}): {what} {why}")
+
+
+class _Spec(_Attributes):
+    """Attributes plus what the Relax inputs fix statically: the hidden size (float32 only)."""
+
+    def __init__(self, op: str, attr: dict, inputs):
+        super().__init__(op, attr.get("tvm_custom", {}).get("name"), attr)
+        x, w, r = inputs[0], inputs[1], inputs[2]
+        for name, value in (("X", x), ("W", w), ("R", r)):
+            if value is None or not isinstance(getattr(value, "ty", None), relax.TensorType) or value.ty.shape is None:
+                self.refuse(f"input {name}", "has no known shape")
+            if str(value.ty.dtype) != "float32":
+                self.refuse(f"input {name}", f"has dtype {value.ty.dtype} (only float32 is supported)")
+        if x.ty.ndim != 3:
+            self.refuse("input X", f"has {x.ty.ndim} dimensions, expected 3")
+        w_dims, r_dims = _static_dims(w), _static_dims(r)
+        if w_dims is None or r_dims is None or len(w_dims) != 3 or len(r_dims) != 3:
+            self.refuse("input W/R", "needs static 3-D shapes")
+        self.hidden = r_dims[2]
+        if self.hidden_size is not None and int(self.hidden_size) != self.hidden:
+            self.refuse("hidden_size", f"{self.hidden_size} disagrees with R's shape {r_dims}")
+        if w_dims[0] != len(self.reverse_flags) or w_dims[1] != self.num_gates * self.hidden:
+            self.refuse("input W", f"shape {w_dims} does not fit direction and hidden_size {self.hidden}")
+
+
+def _convert(bb, op: str, inputs, attr):
+    """Relax expression for one LSTM/GRU/RNN node: a tuple of its outputs (Y, Y_h[, Y_c])."""
+    inputs = list(inputs) + [None] * (8 - len(inputs))
+    spec = _Spec(op, attr, inputs)
+    x, w, r, bias, lens, initial_h, initial_c, peephole = inputs[:8]
+    hidden, gates = spec.hidden, spec.num_gates * spec.hidden
+    if spec.layout == 1:  # [B, T, I] -> [T, B, I]; states [B, D, H] -> [D, B, H]
+        x = bb.normalize(relax.op.permute_dims(x, [1, 0, 2]))
+        initial_h = None if initial_h is None else bb.normalize(relax.op.permute_dims(initial_h, [1, 0, 2]))
+        initial_c = None if initial_c is None else bb.normalize(relax.op.permute_dims(initial_c, [1, 0, 2]))
+    steps, batch, _ = x.ty.shape.values
+    if lens is not None:
+        lens = bb.normalize(relax.op.astype(lens, "int32"))
+
+    ys, y_hs, y_cs = [], [], []
+    for d, reverse in enumerate(spec.reverse_flags):
+        w_d, r_d = _take(bb, w, d), _take(bb, r, d)
+        if bias is None:
+            w_bias = r_bias = bb.normalize(relax.const(np.zeros(gates, "float32")))
+        else:
+            bias_d = _take(bb, bias, d)
+            w_bias = _slice(bb, bias_d, 0, gates)
+            r_bias = _slice(bb, bias_d, gates, 2 * gates)
+        state_shape = relax.ShapeExpr([batch, hidden])
+        h0 = _take(bb, initial_h, d) if initial_h is not None else bb.normalize(relax.op.zeros(state_shape, "float32"))
+        # GRU with linear_before_reset=1 adds Rbh inside r⊙(...): it stays out of the projection.
+        if op == "GRU" and spec.linear_before_reset:
+            projection_bias = relax.op.add(w_bias, relax.op.concat(
+                [_slice(bb, r_bias, 0, 2 * hidden), relax.const(np.zeros(hidden, "float32"))]))
+        else:
+            projection_bias = relax.op.add(w_bias, r_bias)
+        projected = bb.normalize(relax.op.add(relax.op.matmul(x, relax.op.permute_dims(w_d)), projection_bias))
+        r_transposed = bb.normalize(relax.op.permute_dims(r_d))  # [H, G·H]: row k scales H_{t-1}[k]
+        lens_arg = lens if lens is not None else bb.normalize(relax.const(np.zeros(1, "int32")))
+
+        kernel_args = [projected, r_transposed]
+        if op == "LSTM":
+            p_d = _take(bb, peephole, d) if peephole is not None else relax.const(np.zeros(3 * hidden, "float32"))
+            c0 = _take(bb, initial_c, d) if initial_c is not None else relax.op.zeros(state_shape, "float32")
+            kernel_args += [p_d, h0, bb.normalize(c0)]
+        elif op == "GRU":
+            kernel_args += [_slice(bb, r_bias, 2 * hidden, 3 * hidden), h0]
+        else:
+            kernel_args += [h0]
+        kernel_args.append(lens_arg)
+
+        kernel = _KERNEL_BUILDERS[op](spec, spec.activations[d], reverse, has_lens=lens is not None)
+        name = f"{op.lower()}_{'reverse' if reverse else 'forward'}_h{hidden}"
+        gvar = bb.add_func(kernel, name)
+        out_types = [relax.TensorType([steps, batch, hidden], "float32"), relax.TensorType([batch, hidden], "float32")]
+        if op == "LSTM":
+            out_types.append(relax.TensorType([batch, hidden], "float32"))
+        result = bb.emit(relax.call_tir(gvar, kernel_args, out_types))
+        ys.append(relax.op.expand_dims(relax.TupleGetItem(result, 0), 1))
+        y_hs.append(relax.op.expand_dims(relax.TupleGetItem(result, 1), 0))
+        if op == "LSTM":
+            y_cs.append(relax.op.expand_dims(relax.TupleGetItem(result, 2), 0))
+
+    outputs = [bb.normalize(relax.op.concat(ys, axis=1)), bb.normalize(relax.op.concat(y_hs, axis=0))]
+    if op == "LSTM":
+        outputs.append(bb.normalize(relax.op.concat(y_cs, axis=0)))
+    if spec.layout == 1:  # Y [T, D, B, H] -> [B, T, D, H]; states [D, B, H] -> [B, D, H]
+        outputs = [bb.normalize(relax.op.permute_dims(outputs[0], [2, 0, 1, 3]))] + [
+            bb.normalize(relax.op.permute_dims(state, [1, 0, 2])) for state in outputs[1:]]
+    return relax.Tuple(outputs)
+
+
+def _take(bb, tensor, index: int):
+    """`tensor[index]` along axis 0 (the direction axis of W, R, B, P and the states)."""
+    return bb.normalize(relax.op.squeeze(relax.op.strided_slice(tensor, [0], [index], [index + 1]), [0]))
+
+
+def _slice(bb, vector, begin: int, end: int):
+    return bb.normalize(relax.op.strided_slice(vector, [0], [begin], [end]))
+
+
+def _static_dims(expr) -> list[int] | None:
+    dims = expr.ty.shape.values if expr.ty.shape is not None else None
+    if dims is None or not all(isinstance(d, tirx.IntImm) for d in dims):
+        return None
+    return [int(d.value) for d in dims]
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# TIR side: the recurrence of one direction
+
+
+def _clipper(clip: float | None):
+    """Gate pre-activation clip as a TIR expression builder (identity when `clip` is absent)."""
+    if clip is None:
+        return lambda value: value
+    return lambda value: T.max(T.min(value, T.float32(clip)), T.float32(-clip))
+
+
+def _lstm_kernel(spec: _Spec, activations, reverse: bool, has_lens: bool):
+    """PrimFunc(projected[T,B,4H], Rᵀ[H,4H], P[3H], h0[B,H], c0[B,H], lens) -> (Y[T,B,H], Y_h[B,H], Y_c[B,H])."""
+    hidden, gate_width = spec.hidden, 4 * spec.hidden
+    gate_act, cell_act, hidden_act = (_ACTIVATIONS[name] for name in activations)
+    clip = _clipper(spec.clip)
+    input_forget = spec.input_forget
+
+    @T.prim_func(private=True, s_tir=True)
+    def lstm(projected_handle: T.handle, rt_handle: T.handle, p_handle: T.handle, h0_handle: T.handle,
+             c0_handle: T.handle, lens_handle: T.handle, y_handle: T.handle, yh_handle: T.handle,
+             yc_handle: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        steps = T.int64()
+        batch = T.int64()
+        num_lens = T.int64()
+        projected = T.match_buffer(projected_handle, (steps, batch, gate_width), "float32")
+        rt = T.match_buffer(rt_handle, (hidden, gate_width), "float32")
+        peephole = T.match_buffer(p_handle, (3 * hidden,), "float32")
+        h0 = T.match_buffer(h0_handle, (batch, hidden), "float32")
+        c0 = T.match_buffer(c0_handle, (batch, hidden), "float32")
+        lens = T.match_buffer(lens_handle, (num_lens,), "int32")
+        y = T.match_buffer(y_handle, (steps, batch, hidden), "float32")
+        state_h = T.match_buffer(yh_handle, (batch, hidden), "float32")
+        state_c = T.match_buffer(yc_handle, (batch, hidden), "float32")
+        gates = T.alloc_buffer((gate_width,), "float32")
+        for b in T.serial(batch):
+            if has_lens:
+                length = T.Cast("int64", lens[b])
+            else:
+                length = steps
+            for j in T.serial(hidden):  # a batch element of length 0 ends in zero states, as in ORT
+                state_h[b, j] = T.if_then_else(length > 0, h0[b, j], T.float32(0))
+                state_c[b, j] = T.if_then_else(length > 0, c0[b, j], T.float32(0))
+            for t in T.serial(steps):
+                if t < length:
+                    if reverse:
+                        step = length - 1 - t
+                    else:
+                        step = t
+                    for g in T.serial(gate_width):
+                        gates[g] = projected[step, b, g]
+                    for k in T.serial(hidden):
+                        for g in T.serial(gate_width):
+                            gates[g] = gates[g] + state_h[b, k] * rt[k, g]
+                    for j in T.serial(hidden):
+                        # gate rows: i = [0, H), o = [H, 2H), f = [2H, 3H), c = [3H, 4H)
+                        input_gate = gate_act(clip(gates[j] + peephole[j] * state_c[b, j]))
+                        if input_forget:
+                            forget_gate = T.float32(1) - input_gate
+                        else:
+                            forget_gate = gate_act(clip(gates[2 * hidden + j] + peephole[2 * hidden + j] * state_c[b, j]))
+                        cell = forget_gate * state_c[b, j] + input_gate * cell_act(clip(gates[3 * hidden + j]))
+                        output_gate = gate_act(clip(gates[hidden + j] + peephole[hidden + j] * cell))
+                        state_c[b, j] = cell
+                        state_h[b, j] = output_gate * hidden_act(cell)
+                        y[step, b, j] = state_h[b, j]
+                else:
+                    for j in T.serial(hidden):
+                        y[t, b, j] = T.float32(0)
+
+    return lstm
+
+
+def _gru_kernel(spec: _Spec, activations, reverse: bool, has_lens: bool):
+    """PrimFunc(projected[T,B,3H], Rᵀ[H,3H], Rbh[H], h0[B,H], lens) -> (Y[T,B,H], Y_h[B,H])."""
+    hidden, gate_width = spec.hidden, 3 * spec.hidden
+    gate_act, candidate_act = (_ACTIVATIONS[name] for name in activations)
+    clip = _clipper(spec.clip)
+    linear_before_reset = spec.linear_before_reset
+    # Columns of Rᵀ accumulated before the reset gate is known: z and r, plus h when linear_before_reset.
+    early_width = gate_width if linear_before_reset else 2 * hidden
+
+    @T.prim_func(private=True, s_tir=True)
+    def gru(projected_handle: T.handle, rt_handle: T.handle, rbh_handle: T.handle, h0_handle: T.handle,
+            lens_handle: T.handle, y_handle: T.handle, yh_handle: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        steps = T.int64()
+        batch = T.int64()
+        num_lens = T.int64()
+        projected = T.match_buffer(projected_handle, (steps, batch, gate_width), "float32")
+        rt = T.match_buffer(rt_handle, (hidden, gate_width), "float32")
+        rbh = T.match_buffer(rbh_handle, (hidden,), "float32")
+        h0 = T.match_buffer(h0_handle, (batch, hidden), "float32")
+        lens = T.match_buffer(lens_handle, (num_lens,), "int32")
+        y = T.match_buffer(y_handle, (steps, batch, hidden), "float32")
+        state_h = T.match_buffer(yh_handle, (batch, hidden), "float32")
+        gates = T.alloc_buffer((gate_width,), "float32")
+        reset = T.alloc_buffer((hidden,), "float32")
+        for b in T.serial(batch):
+            if has_lens:
+                length = T.Cast("int64", lens[b])
+            else:
+                length = steps
+            for j in T.serial(hidden):  # a batch element of length 0 ends in a zero state, as in ORT
+                state_h[b, j] = T.if_then_else(length > 0, h0[b, j], T.float32(0))
+            for t in T.serial(steps):
+                if t < length:
+                    if reverse:
+                        step = length - 1 - t
+                    else:
+                        step = t
+                    # gate rows: z = [0, H), r = [H, 2H), h = [2H, 3H)
+                    for g in T.serial(2 * hidden):
+                        gates[g] = projected[step, b, g]
+                    for j in T.serial(hidden):
+                        if linear_before_reset:
+                            gates[2 * hidden + j] = rbh[j]
+                        else:
+                            gates[2 * hidden + j] = projected[step, b, 2 * hidden + j]
+                    for k in T.serial(hidden):
+                        for g in T.serial(early_width):
+                            gates[g] = gates[g] + state_h[b, k] * rt[k, g]
+                    for j in T.serial(hidden):
+                        reset[j] = gate_act(clip(gates[hidden + j]))
+                    if not linear_before_reset:
+                        for k in T.serial(hidden):
+                            for j in T.serial(hidden):
+                                gates[2 * hidden + j] = gates[2 * hidden + j] + reset[k] * state_h[b, k] * rt[k, 2 * hidden + j]
+                    for j in T.serial(hidden):
+                        update = gate_act(clip(gates[j]))
+                        if linear_before_reset:
+                            candidate = candidate_act(clip(projected[step, b, 2 * hidden + j] + reset[j] * gates[2 * hidden + j]))
+                        else:
+                            candidate = candidate_act(clip(gates[2 * hidden + j]))
+                        state_h[b, j] = (T.float32(1) - update) * candidate + update * state_h[b, j]
+                        y[step, b, j] = state_h[b, j]
+                else:
+                    for j in T.serial(hidden):
+                        y[t, b, j] = T.float32(0)
+
+    return gru
+
+
+def _rnn_kernel(spec: _Spec, activations, reverse: bool, has_lens: bool):
+    """PrimFunc(projected[T,B,H], Rᵀ[H,H], h0[B,H], lens) -> (Y[T,B,H], Y_h[B,H])."""
+    hidden = spec.hidden
+    (act,) = (_ACTIVATIONS[name] for name in activations)
+    clip = _clipper(spec.clip)
+
+    @T.prim_func(private=True, s_tir=True)
+    def rnn(projected_handle: T.handle, rt_handle: T.handle, h0_handle: T.handle, lens_handle: T.handle,
+            y_handle: T.handle, yh_handle: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        steps = T.int64()
+        batch = T.int64()
+        num_lens = T.int64()
+        projected = T.match_buffer(projected_handle, (steps, batch, hidden), "float32")
+        rt = T.match_buffer(rt_handle, (hidden, hidden), "float32")
+        h0 = T.match_buffer(h0_handle, (batch, hidden), "float32")
+        lens = T.match_buffer(lens_handle, (num_lens,), "int32")
+        y = T.match_buffer(y_handle, (steps, batch, hidden), "float32")
+        state_h = T.match_buffer(yh_handle, (batch, hidden), "float32")
+        gates = T.alloc_buffer((hidden,), "float32")
+        for b in T.serial(batch):
+            if has_lens:
+                length = T.Cast("int64", lens[b])
+            else:
+                length = steps
+            for j in T.serial(hidden):  # a batch element of length 0 ends in a zero state, as in ORT
+                state_h[b, j] = T.if_then_else(length > 0, h0[b, j], T.float32(0))
+            for t in T.serial(steps):
+                if t < length:
+                    if reverse:
+                        step = length - 1 - t
+                    else:
+                        step = t
+                    for g in T.serial(hidden):
+                        gates[g] = projected[step, b, g]
+                    for k in T.serial(hidden):
+                        for g in T.serial(hidden):
+                            gates[g] = gates[g] + state_h[b, k] * rt[k, g]
+                    for j in T.serial(hidden):
+                        state_h[b, j] = act(clip(gates[j]))
+                        y[step, b, j] = state_h[b, j]
+                else:
+                    for j in T.serial(hidden):
+                        y[t, b, j] = T.float32(0)
+
+    return rnn
+
+
+_KERNEL_BUILDERS = {"LSTM": _lstm_kernel, "GRU": _gru_kernel, "RNN": _rnn_kernel}

@@ -1,0 +1,347 @@
+"""ONNX LSTM / GRU / RNN (compile/recurrent.py) through the user path: `compile_model` for `host`, then
+`verify_artifact` against ONNX Runtime (optimizations disabled) at two lengths of the symbolic time axis.
+
+Models: torch exports (batch-first and time-major, bidirectional, two layers, a Linear after) and
+hand-built `onnx.helper` graphs for what torch does not export (sequence_lens, peepholes, initial
+states as graph inputs, clip, input_forget, layout=1, GRU linear_before_reset=0, reverse, Relu,
+only Y_h requested); a `quantize_static` QDQ model with an LSTM between two Linears; refusals.
+Several recurrent nodes share one graph so that each case costs a single compile.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from nativeq.compile.api import CompileConfig, compile_model
+from nativeq.errors import NativeqError
+from nativeq.verify.api import VerifyConfig, verify_artifact
+
+# float32 recurrences over 37 steps: TVM and ORT differ by rounding only (measured ~1e-7).
+FLOAT_TOLERANCE = 1e-5
+LENGTHS = (6, 37)  # the hand-built graphs' sequence_lens subtract up to 5 from T
+
+
+def _compile_and_verify_lengths(model: onnx.ModelProto, tmp_path, lengths=LENGTHS):
+    """Compile once for host; verify at each time length; return the reports."""
+    path = tmp_path / "model.onnx"
+    onnx.save(model, path)
+    compile_model(path, tmp_path / "out", CompileConfig(target="host"))
+    reports = []
+    for steps in lengths:
+        report = verify_artifact(tmp_path / "out", path, VerifyConfig(runs=2, dims={"T": steps}))
+        assert report.passed, report.table()
+        reports.append(report)
+    return reports
+
+
+def _assert_float_close(reports, expected_outputs: int):
+    for report in reports:
+        assert len(report.outputs) == expected_outputs, report.table()
+        for out in report.outputs:
+            assert out.max_abs <= FLOAT_TOLERANCE, report.table()
+            assert np.prod(out.shape) > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# torch exports
+
+
+def _torch_export(module, example, dynamic_axes, tmp_path) -> onnx.ModelProto:
+    import torch
+
+    path = tmp_path / "torch.onnx"
+    with torch.no_grad():
+        torch.onnx.export(module.eval(), (example,), str(path), input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": dynamic_axes}, opset_version=17, dynamo=False)
+    return onnx.load(path)
+
+
+def test_torch_batch_first_stack_matches_ort(tmp_path):
+    """Two-layer bidirectional LSTM -> GRU -> RNN(relu) -> Linear, batch_first=True, x [1, T, 16]."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(16, 24, num_layers=2, batch_first=True, bidirectional=True)
+            self.gru = nn.GRU(48, 20, batch_first=True)
+            self.rnn = nn.RNN(20, 12, nonlinearity="relu", batch_first=True)
+            self.out = nn.Linear(12, 5)
+
+        def forward(self, x):
+            return self.out(self.rnn(self.gru(self.lstm(x)[0])[0])[0])
+
+    model = _torch_export(Stack(), torch.randn(1, 10, 16), {1: "T"}, tmp_path)
+    assert {n.op_type for n in model.graph.node} >= {"LSTM", "GRU", "RNN"}
+    _assert_float_close(_compile_and_verify_lengths(model, tmp_path), expected_outputs=1)
+
+
+def test_torch_time_major_bidirectional_matches_ort(tmp_path):
+    """Bidirectional GRU and tanh RNN, time-major (batch_first=False) with batch 2, then a Linear."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(1)
+
+    class TimeMajor(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gru = nn.GRU(16, 24, bidirectional=True)
+            self.rnn = nn.RNN(48, 16, bidirectional=True)
+            self.out = nn.Linear(32, 4)
+
+        def forward(self, x):
+            return self.out(self.rnn(self.gru(x)[0])[0])
+
+    model = _torch_export(TimeMajor(), torch.randn(10, 2, 16), {0: "T"}, tmp_path)
+    _assert_float_close(_compile_and_verify_lengths(model, tmp_path), expected_outputs=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# hand-built graphs: what torch does not export
+
+BATCH, INPUT, HIDDEN = 4, 8, 6
+
+
+def _weights(rng, name: str, *shape, scale: float = 0.4):
+    return numpy_helper.from_array(rng.normal(0, scale, shape).astype(np.float32), name)
+
+
+def _recurrent_features_model() -> onnx.ModelProto:
+    """x [T, 4, 8] (and initial states as graph inputs) -> six recurrent nodes, one per feature set.
+
+    sequence_lens = (T - [0, 2, 5, 0]) * [1, 1, 1, 0] is computed from x's shape, so it stays valid
+    for every T >= 6 and covers a full-length, two shorter and one empty batch element.
+    """
+    rng = np.random.default_rng(0)
+    d1, d2 = 1, 2
+    inits = [numpy_helper.from_array(np.array([0], np.int64), "time_axis_start"),
+             numpy_helper.from_array(np.array([1], np.int64), "time_axis_end"),
+             numpy_helper.from_array(np.array([0, 2, 5, 0], np.int64), "lens_shortening"),
+             numpy_helper.from_array(np.array([1, 1, 1, 0], np.int64), "lens_mask")]
+    nodes = [
+        helper.make_node("Shape", ["x"], ["x_shape_value"], name="x_shape"),
+        # a tensor, not a shape value: TVM's importer cannot Sub a shape value
+        helper.make_node("Cast", ["x_shape_value"], ["x_shape"], to=TensorProto.INT64, name="x_shape_tensor"),
+        helper.make_node("Slice", ["x_shape", "time_axis_start", "time_axis_end"], ["steps"], name="steps"),
+        helper.make_node("Sub", ["steps", "lens_shortening"], ["lens_unmasked"], name="lens_sub"),
+        helper.make_node("Mul", ["lens_unmasked", "lens_mask"], ["lens64"], name="lens_mask"),
+        helper.make_node("Cast", ["lens64"], ["lens"], to=TensorProto.INT32, name="lens_cast"),
+    ]
+    outputs = []
+
+    def lstm(name, d, **attrs):
+        inits.extend([_weights(rng, f"{name}_W", d, 4 * HIDDEN, INPUT), _weights(rng, f"{name}_R", d, 4 * HIDDEN, HIDDEN),
+                      _weights(rng, f"{name}_B", d, 8 * HIDDEN, scale=0.2), _weights(rng, f"{name}_P", d, 3 * HIDDEN)])
+
+    # 1. LSTM forward: sequence_lens, initial_h/initial_c graph inputs, peepholes, clip.
+    lstm("lstm_full", d1)
+    nodes.append(helper.make_node("LSTM", ["x", "lstm_full_W", "lstm_full_R", "lstm_full_B", "lens", "h0", "c0", "lstm_full_P"],
+                                  ["lstm_full_Y", "lstm_full_Yh", "lstm_full_Yc"], name="lstm_full",
+                                  hidden_size=HIDDEN, clip=0.9))
+    outputs += [("lstm_full_Y", ["T", d1, BATCH, HIDDEN]), ("lstm_full_Yh", [d1, BATCH, HIDDEN]),
+                ("lstm_full_Yc", [d1, BATCH, HIDDEN])]
+    # 2. LSTM bidirectional, input_forget, sequence_lens, only Y_h requested.
+    lstm("lstm_bi", d2)
+    nodes.append(helper.make_node("LSTM", ["x", "lstm_bi_W", "lstm_bi_R", "lstm_bi_B", "lens", "", "", "lstm_bi_P"],
+                                  ["", "lstm_bi_Yh"], name="lstm_bi", hidden_size=HIDDEN, direction="bidirectional",
+                                  input_forget=1))
+    outputs += [("lstm_bi_Yh", [d2, BATCH, HIDDEN])]
+    # 3. GRU reverse, linear_before_reset=0, sequence_lens, clip, initial_h.
+    inits.extend([_weights(rng, "gru_rev_W", d1, 3 * HIDDEN, INPUT), _weights(rng, "gru_rev_R", d1, 3 * HIDDEN, HIDDEN),
+                  _weights(rng, "gru_rev_B", d1, 6 * HIDDEN, scale=0.3)])
+    nodes.append(helper.make_node("GRU", ["x", "gru_rev_W", "gru_rev_R", "gru_rev_B", "lens", "h0"],
+                                  ["gru_rev_Y", "gru_rev_Yh"], name="gru_rev", hidden_size=HIDDEN, direction="reverse",
+                                  linear_before_reset=0, clip=1.5))
+    outputs += [("gru_rev_Y", ["T", d1, BATCH, HIDDEN]), ("gru_rev_Yh", [d1, BATCH, HIDDEN])]
+    # 4. GRU bidirectional, linear_before_reset=1, sequence_lens, non-default activations.
+    inits.extend([_weights(rng, "gru_bi_W", d2, 3 * HIDDEN, INPUT), _weights(rng, "gru_bi_R", d2, 3 * HIDDEN, HIDDEN),
+                  _weights(rng, "gru_bi_B", d2, 6 * HIDDEN, scale=0.3)])
+    nodes.append(helper.make_node("GRU", ["x", "gru_bi_W", "gru_bi_R", "gru_bi_B", "lens"], ["gru_bi_Y", "gru_bi_Yh"],
+                                  name="gru_bi", hidden_size=HIDDEN, direction="bidirectional", linear_before_reset=1,
+                                  activations=["Sigmoid", "Tanh", "Sigmoid", "Relu"]))
+    outputs += [("gru_bi_Y", ["T", d2, BATCH, HIDDEN]), ("gru_bi_Yh", [d2, BATCH, HIDDEN])]
+    # 5. RNN reverse with Relu, sequence_lens, no bias.
+    inits.extend([_weights(rng, "rnn_rev_W", d1, HIDDEN, INPUT), _weights(rng, "rnn_rev_R", d1, HIDDEN, HIDDEN)])
+    nodes.append(helper.make_node("RNN", ["x", "rnn_rev_W", "rnn_rev_R", "", "lens"], ["rnn_rev_Y", "rnn_rev_Yh"],
+                                  name="rnn_rev", hidden_size=HIDDEN, direction="reverse", activations=["Relu"]))
+    outputs += [("rnn_rev_Y", ["T", d1, BATCH, HIDDEN]), ("rnn_rev_Yh", [d1, BATCH, HIDDEN])]
+    # 6. LSTM layout=1 (batch-major) bidirectional, initial states [B, D, H] as graph inputs, peepholes, no sequence_lens.
+    lstm("lstm_bm", d2)
+    nodes.append(helper.make_node("Transpose", ["x"], ["x_batch_major"], perm=[1, 0, 2], name="x_batch_major"))
+    nodes.append(helper.make_node("LSTM", ["x_batch_major", "lstm_bm_W", "lstm_bm_R", "lstm_bm_B", "", "h0_bm", "c0_bm", "lstm_bm_P"],
+                                  ["lstm_bm_Y", "lstm_bm_Yh", "lstm_bm_Yc"], name="lstm_bm", hidden_size=HIDDEN,
+                                  direction="bidirectional", layout=1))
+    outputs += [("lstm_bm_Y", [BATCH, "T", d2, HIDDEN]), ("lstm_bm_Yh", [BATCH, d2, HIDDEN]),
+                ("lstm_bm_Yc", [BATCH, d2, HIDDEN])]
+
+    graph_inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", BATCH, INPUT]),
+                    helper.make_tensor_value_info("h0", TensorProto.FLOAT, [d1, BATCH, HIDDEN]),
+                    helper.make_tensor_value_info("c0", TensorProto.FLOAT, [d1, BATCH, HIDDEN]),
+                    helper.make_tensor_value_info("h0_bm", TensorProto.FLOAT, [BATCH, d2, HIDDEN]),
+                    helper.make_tensor_value_info("c0_bm", TensorProto.FLOAT, [BATCH, d2, HIDDEN])]
+    graph_outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name, shape in outputs]
+    graph = helper.make_graph(nodes, "recurrent_features", graph_inputs, graph_outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)], producer_name="nativeq-tests")
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _batch_major_as_time_major(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same model with every `layout=1` recurrent node spelled as Transposes around a `layout=0` one.
+
+    ONNX Runtime refuses `layout=1` ("Batchwise recurrent operations are not supported"); this
+    equivalent is its reference for the batch-major nodes.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    nodes = []
+    for node in out.graph.node:
+        layout = next((a.i for a in node.attribute if a.name == "layout"), 0)
+        if node.op_type not in ("LSTM", "GRU", "RNN") or layout != 1:
+            nodes.append(node)
+            continue
+        inputs, outputs = list(node.input), list(node.output)
+        for k in (0, 5, 6):  # X, initial_h, initial_c: batch-major -> time-major
+            if k < len(inputs) and inputs[k]:
+                nodes.append(helper.make_node("Transpose", [inputs[k]], [inputs[k] + "_tm"], perm=[1, 0, 2]))
+                inputs[k] += "_tm"
+        for k, perm in ((0, [2, 0, 1, 3]), (1, [1, 0, 2]), (2, [1, 0, 2])):  # Y, Y_h, Y_c back to batch-major
+            if k < len(outputs) and outputs[k]:
+                nodes.append(helper.make_node("Transpose", [outputs[k] + "_tm"], [outputs[k]], perm=perm))
+                outputs[k] += "_tm"
+        attrs = [a for a in node.attribute if a.name != "layout"]
+        time_major = helper.make_node(node.op_type, inputs, outputs, name=node.name)
+        time_major.attribute.extend(attrs)
+        nodes.insert(len(nodes) - sum(1 for o in outputs if o), time_major)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    onnx.checker.check_model(out, full_check=True)
+    return out
+
+
+def test_hand_built_recurrent_features_match_ort(tmp_path):
+    """sequence_lens, peepholes, initial states as inputs, clip, input_forget, reverse, GRU both resets,
+    Relu, only Y_h, layout=1: 13 outputs of six nodes, each within rounding of ORT at T = 6 and 37."""
+    model = _recurrent_features_model()
+    path, reference = tmp_path / "model.onnx", tmp_path / "reference.onnx"
+    onnx.save(model, path)
+    onnx.save(_batch_major_as_time_major(model), reference)
+    compile_model(path, tmp_path / "out", CompileConfig(target="host"))
+    for steps in LENGTHS:
+        report = verify_artifact(tmp_path / "out", reference, VerifyConfig(runs=2, dims={"T": steps}))
+        assert report.passed, report.table()
+        _assert_float_close([report], expected_outputs=13)
+        by_name = {out.name: out for out in report.outputs}
+        assert by_name["lstm_bm_Y"].shape == (BATCH, steps, 2, HIDDEN)
+
+
+# ---------------------------------------------------------------------------------------------
+# quantize_static QDQ model: the LSTM stays float between quantized Linears
+
+
+def _quantized_lstm_model(tmp_path) -> onnx.ModelProto:
+    """Linear(40->32) -> LSTM(32, 32) -> Linear(32->10), x [1, T, 40], quantized by ORT's
+    `quantize_static` (QDQ, per-channel int8 weights, uint8 activations)."""
+    import torch
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from torch import nn
+
+    torch.manual_seed(2)
+
+    class LinearLstmLinear(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(40, 32)
+            self.lstm = nn.LSTM(32, 32, batch_first=True)
+            self.out = nn.Linear(32, 10)
+
+        def forward(self, x):
+            return self.out(self.lstm(torch.relu(self.inp(x)))[0])
+
+    class RandomFeatures(CalibrationDataReader):
+        def __init__(self):
+            rng = np.random.default_rng(0)
+            self._batches = iter([{"x": rng.normal(0, 1, (1, t, 40)).astype(np.float32)} for t in (20, 37, 50)])
+
+        def get_next(self):
+            return next(self._batches, None)
+
+    float_model = _torch_export(LinearLstmLinear(), torch.randn(1, 20, 40), {1: "T"}, tmp_path)
+    float_path, qdq_path = tmp_path / "float.onnx", tmp_path / "qdq.onnx"
+    onnx.save(float_model, float_path)
+    quantize_static(str(float_path), str(qdq_path), RandomFeatures(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return onnx.load(qdq_path)
+
+
+def test_quantize_static_qdq_lstm_within_one_step_of_ort(tmp_path):
+    model = _quantized_lstm_model(tmp_path)
+    ops = {n.op_type for n in model.graph.node}
+    assert {"LSTM", "QuantizeLinear", "DequantizeLinear"} <= ops
+    for report in _compile_and_verify_lengths(model, tmp_path, lengths=(20, 53)):
+        (logits,) = report.outputs
+        assert logits.quantized, report.table()
+        assert logits.max_steps <= 1 + 1e-4 and logits.exact_pct >= 99.0, report.table()
+
+
+# ---------------------------------------------------------------------------------------------
+# refusals
+
+
+def _single_lstm(**attrs) -> onnx.ModelProto:
+    rng = np.random.default_rng(3)
+    inits = [_weights(rng, "W", 1, 4 * HIDDEN, INPUT), _weights(rng, "R", 1, 4 * HIDDEN, HIDDEN)]
+    node = helper.make_node("LSTM", ["x", "W", "R"], ["Y"], name="/rnn/LSTM", hidden_size=HIDDEN, **attrs)
+    graph = helper.make_graph([node], "single_lstm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", 1, INPUT])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["T", 1, 1, HIDDEN])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("attrs, expected", [
+    ({"activations": ["HardSigmoid", "Tanh", "Tanh"]}, "node '/rnn/LSTM' (LSTM): activations HardSigmoid is not supported"),
+    ({"activation_alpha": [0.5]}, "node '/rnn/LSTM' (LSTM): activation_alpha is not supported"),
+])
+def test_unsupported_attribute_is_a_one_line_error(attrs, expected, tmp_path, capfd):
+    path = tmp_path / "model.onnx"
+    onnx.save(_single_lstm(**attrs), path)
+    with pytest.raises(NativeqError) as err:
+        compile_model(path, tmp_path / "out", CompileConfig(target="host"))
+    message = str(err.value)
+    assert message.startswith(expected) and "\n" not in message
+    assert "Error converting operator" not in capfd.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# Raspberry Pi targets: cross-compiled, run under qemu-aarch64 (see tests/test_arm.py)
+
+
+@pytest.mark.arm
+@pytest.mark.parametrize("target, case", [("rpi4", "qdq"), ("rpi5", "features")])
+def test_raspberry_pi_artifact_matches_ort_under_qemu(target, case, tmp_path):
+    if case == "qdq":
+        model = _quantized_lstm_model(tmp_path)
+        reference_model = model
+    else:
+        model = _recurrent_features_model()
+        reference_model = _batch_major_as_time_major(model)
+    path, reference = tmp_path / "model.onnx", tmp_path / "reference.onnx"
+    onnx.save(model, path)
+    onnx.save(reference_model, reference)
+    compile_model(path, tmp_path / "out", CompileConfig(target=target))
+    report = verify_artifact(tmp_path / "out", reference, VerifyConfig(runs=1, dims={"T": 23}))
+    assert report.passed and "emulated" in report.execution, report.table()
+    for out in report.outputs:
+        if out.quantized:
+            assert out.max_steps <= 1 + 1e-4 and out.exact_pct >= 99.0, report.table()
+        else:
+            assert out.max_abs <= FLOAT_TOLERANCE, report.table()
