@@ -126,6 +126,16 @@ def test_sigmoid_is_bit_identical_to_onnxruntime(tmp_path):
     np.testing.assert_array_equal(out, ref)
 
 
+def test_tanh_is_bit_identical_to_onnxruntime(tmp_path):
+    """MLAS's rational tanh (clamped at +-9), which ORT's Tanh op and its LSTM/GRU/RNN gates share."""
+    model = unary_model("Tanh", [1, "T", 72])
+    rng = np.random.default_rng(8)
+    x = np.concatenate([rng.normal(0, 2, (1, 250, 72)), rng.uniform(-20, 20, (1, 40, 72))], axis=1).astype(np.float32)
+    x[0, 0, :5] = [0.0, -0.0, 9.0, -9.5, 1e-7]
+    out, ref = run_both(model, x, tmp_path)
+    np.testing.assert_array_equal(out, ref)
+
+
 def test_erf_is_bit_identical_to_onnxruntime(tmp_path):
     """MLAS's erf: both branches (|x| <= 0.921875 and above), the clamp at 3.925, and signs."""
     model = unary_model("Erf", [1, "T", 64])

@@ -19,8 +19,9 @@ from nativeq.compile.api import CompileConfig, compile_model
 from nativeq.errors import NativeqError
 from nativeq.verify.api import VerifyConfig, verify_artifact
 
-# float32 recurrences over 37 steps: TVM and ORT differ by rounding only (measured ~1e-7).
-FLOAT_TOLERANCE = 1e-5
+# float32 recurrences over 37 steps: the kernels sum in ORT's order and use MLAS's sigmoid/tanh, so
+# they differ from ORT by a few ulps (measured <= 4.8e-7 up to T=200; RNN with Relu bit-exact).
+FLOAT_TOLERANCE = 1e-6
 LENGTHS = (6, 37)  # the hand-built graphs' sequence_lens subtract up to 5 from T
 
 

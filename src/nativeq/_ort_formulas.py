@@ -17,6 +17,14 @@ LOGISTIC_ALPHA = (4.37031012579801e-11, 1.15627324459942e-07, 6.08574864600143e-
 LOGISTIC_BETA = (6.10247389755681e-13, 5.76102136993427e-09, 6.29106785017040e-06, 1.70198817374094e-03,
                  1.16817656904453e-01, 9.93151921023180e-01)
 
+# MLAS's tanh (onnxruntime/core/mlas/lib/tanh.cpp, Eigen's constants; what ORT's LSTM/GRU/RNN call
+# through MlasComputeTanh): clamp to [-9, 9]; p = x * poly(x^2, alpha), q = poly(x^2, beta), every
+# step an FMA in the FMA3 kernel; tanh = p / q.
+TANH_CLAMP = 9.0
+TANH_ALPHA = (-2.76076847742355e-16, 2.00018790482477e-13, -8.60467152213735e-11, 5.12229709037114e-08,
+              1.48572235717979e-05, 6.37261928875436e-04, 4.89352455891786e-03)
+TANH_BETA = (1.19825839466702e-06, 1.18534705686654e-04, 2.26843463243900e-03, 4.89352518554385e-03)
+
 # MLAS's erf (onnxruntime/core/mlas/lib/erf.cpp and its FMA3 kernel).
 ERF_SPLIT = 0.921875
 ERF_CLAMP = 3.925

@@ -6,14 +6,19 @@ QDQ models, so they only ever see float32 tensors.
 
 Lowering, per direction `d`:
 
-1. the input projection `X·W[d]ᵀ + biases` for every time step at once, as ordinary Relax ops
-   (`permute_dims`, `matmul`, `add`), so the normal pipeline folds and schedules it;
+1. the input projection `X·W[d]ᵀ` for every time step at once, as a TIR PrimFunc (rows in
+   parallel, 64-column accumulator blocks kept in registers); a Relax matmul would get the default
+   CPU schedules, which run a float matmul with a symbolic row count as one strided serial dot
+   product per output (10x slower);
 2. one `relax.call_tir` to a TIR PrimFunc (built here, added with `bb.add_func`) that runs the
    recurrence: batch elements one after the other (they are independent), a serial loop over
    time inside, `H·R[d]ᵀ` accumulated row by row of `R[d]ᵀ` so the innermost loop is a
-   contiguous axpy LLVM vectorizes. Time `T` and batch `B` are symbolic; the hidden size is
-   static. The PrimFunc is marked `tirx.is_scheduled` so nativeq's default schedules and
-   dlight leave it alone.
+   contiguous axpy LLVM vectorizes, then the biases, peepholes and activations in contiguous
+   per-gate loops. Sigmoid and Tanh are MLAS's polynomials (ORT's LSTM/GRU/RNN call
+   MlasComputeLogistic/MlasComputeTanh), which vectorize where libm's expf did not, and sums
+   follow ORT's order, so outputs are within a few ulps of ORT's. Time `T` and batch `B` are
+   symbolic; the input and hidden sizes are static. Both PrimFuncs are marked
+   `tirx.is_scheduled` so nativeq's default schedules and dlight leave them alone.
 
 ONNX semantics implemented (onnx.ai operator docs; ONNX Runtime is the reference):
 
@@ -50,6 +55,7 @@ import numpy as np
 from onnx import helper
 
 from nativeq.compile._tvm import T, onnx_frontend, relax, tirx
+from nativeq.compile.passes.legalize_like_ort import mlas_logistic_value, mlas_tanh_value
 from nativeq.errors import NativeqError
 
 # Per op: number of gates, default activations (per direction), attributes understood.
@@ -61,9 +67,11 @@ _OP_ATTRS = {
     "GRU": _COMMON_ATTRS | {"linear_before_reset"},
     "RNN": _COMMON_ATTRS,
 }
+# Sigmoid and Tanh as MLAS evaluates them (ORT's recurrent kernels call MlasComputeLogistic/Tanh):
+# polynomials, so the gate loops vectorize, and results within an ulp or two of ORT's.
 _ACTIVATIONS = {
-    "sigmoid": lambda x: T.sigmoid(x),
-    "tanh": lambda x: T.tanh(x),
+    "sigmoid": mlas_logistic_value,
+    "tanh": mlas_tanh_value,
     "relu": lambda x: T.max(x, T.float32(0)),
 }
 _DIRECTIONS = {"forward": (False,), "reverse": (True,), "bidirectional": (False, True)}
@@ -188,6 +196,7 @@ def _convert(bb, op: str, inputs, attr):
         initial_h = None if initial_h is None else bb.normalize(relax.op.permute_dims(initial_h, [1, 0, 2]))
         initial_c = None if initial_c is None else bb.normalize(relax.op.permute_dims(initial_c, [1, 0, 2]))
     steps, batch, _ = x.ty.shape.values
+    input_size = _static_dims(w)[2]
     if lens is not None:
         lens = bb.normalize(relax.op.astype(lens, "int32"))
 
@@ -202,17 +211,19 @@ def _convert(bb, op: str, inputs, attr):
             r_bias = _slice(bb, bias_d, gates, 2 * gates)
         state_shape = relax.ShapeExpr([batch, hidden])
         h0 = _take(bb, initial_h, d) if initial_h is not None else bb.normalize(relax.op.zeros(state_shape, "float32"))
-        # GRU with linear_before_reset=1 adds Rbh inside r⊙(...): it stays out of the projection.
+        # Bias added after the dot products; GRU with linear_before_reset=1 adds Rbh inside r⊙(...) instead.
         if op == "GRU" and spec.linear_before_reset:
-            projection_bias = relax.op.add(w_bias, relax.op.concat(
+            gate_bias = relax.op.add(w_bias, relax.op.concat(
                 [_slice(bb, r_bias, 0, 2 * hidden), relax.const(np.zeros(hidden, "float32"))]))
         else:
-            projection_bias = relax.op.add(w_bias, r_bias)
-        projected = bb.normalize(relax.op.add(relax.op.matmul(x, relax.op.permute_dims(w_d)), projection_bias))
+            gate_bias = relax.op.add(w_bias, r_bias)
+        projection = bb.add_func(_projection_kernel(input_size, gates), f"{op.lower()}_projection_i{input_size}_g{gates}")
+        w_transposed = bb.normalize(relax.op.permute_dims(w_d))  # [I, G·H]: row k scales X_t[k]
+        projected = bb.emit(relax.call_tir(projection, [x, w_transposed], relax.TensorType([steps, batch, gates], "float32")))
         r_transposed = bb.normalize(relax.op.permute_dims(r_d))  # [H, G·H]: row k scales H_{t-1}[k]
         lens_arg = lens if lens is not None else bb.normalize(relax.const(np.zeros(1, "int32")))
 
-        kernel_args = [projected, r_transposed]
+        kernel_args = [projected, r_transposed, bb.normalize(gate_bias)]
         if op == "LSTM":
             p_d = _take(bb, peephole, d) if peephole is not None else relax.const(np.zeros(3 * hidden, "float32"))
             c0 = _take(bb, initial_c, d) if initial_c is not None else relax.op.zeros(state_shape, "float32")
@@ -265,7 +276,23 @@ def _text(value) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# TIR side: the recurrence of one direction
+# TIR side: the input projection, and the recurrence of one direction
+#
+# Every kernel is written so that its innermost loops run over contiguous float32 vectors (LLVM
+# vectorizes them): dot products as axpy over the gate columns, activations as MLAS's polynomials
+# (`mlas_logistic_value`, `mlas_tanh_value`) instead of libm's expf/tanhf, which LLVM cannot
+# vectorize. Sums follow ORT's order (rnn/uni_directional_lstm.cc, deep_cpu_gru.cc): a gate's
+# pre-activation is ((H_{t-1}·Rᵀ + X_t·Wᵀ) [+ P⊙C]) + (Wb + Rb), each dot product accumulated with
+# one FMA per term from the first term on, as MLAS's SGEMM kernels do.
+
+
+# Gate columns one accumulator block of the projection holds: 4 AVX-512 / 16 NEON registers.
+_CHUNK = 64
+
+
+def _fma(a, b, c):
+    """a * b + c with one rounding."""
+    return tirx.call_intrin("float32", "tirx.fma", a, b, c)
 
 
 def _clipper(clip: float | None):
@@ -275,23 +302,65 @@ def _clipper(clip: float | None):
     return lambda value: T.max(T.min(value, T.float32(clip)), T.float32(-clip))
 
 
+def _projection_kernel(input_size: int, gate_width: int):
+    """PrimFunc(X[T,B,I], Wᵀ[I,G]) -> X·Wᵀ [T,B,G]: every time step at once, rows in parallel.
+
+    Why not a Relax matmul: the default CPU schedules give a float matmul with a symbolic row count
+    dlight's reduction rule, a serial dot product per output over a strided weight column (3 ms of
+    the 3.4 ms of a T=200, 64 -> 256 LSTM projection). Here each row is an axpy over the contiguous
+    weight rows, and rows spread over the thread pool.
+    """
+
+    chunks, tail = divmod(gate_width, _CHUNK)
+
+    @T.prim_func(private=True, s_tir=True)
+    def projection(x_handle: T.handle, wt_handle: T.handle, out_handle: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        steps = T.int64()
+        batch = T.int64()
+        x = T.match_buffer(x_handle, (steps, batch, input_size), "float32")
+        wt = T.match_buffer(wt_handle, (input_size, gate_width), "float32")
+        out = T.match_buffer(out_handle, (steps, batch, gate_width), "float32")
+        for row in T.parallel(steps * batch):
+            for chunk in T.serial(chunks):  # _CHUNK columns accumulated in registers over all of k
+                acc = T.alloc_buffer((_CHUNK,), "float32", scope="local")
+                for g in T.vectorized(_CHUNK):
+                    acc[g] = x[row // batch, row % batch, 0] * wt[0, chunk * _CHUNK + g]
+                for k in T.serial(1, input_size):
+                    for g in T.vectorized(_CHUNK):
+                        acc[g] = _fma(x[row // batch, row % batch, k], wt[k, chunk * _CHUNK + g], acc[g])
+                for g in T.vectorized(_CHUNK):
+                    out[row // batch, row % batch, chunk * _CHUNK + g] = acc[g]
+            if tail > 0:
+                for g in T.serial(tail):
+                    out[row // batch, row % batch, chunks * _CHUNK + g] = x[row // batch, row % batch, 0] * wt[0, chunks * _CHUNK + g]
+                for k in T.serial(1, input_size):
+                    for g in T.serial(tail):
+                        out[row // batch, row % batch, chunks * _CHUNK + g] = _fma(
+                            x[row // batch, row % batch, k], wt[k, chunks * _CHUNK + g],
+                            out[row // batch, row % batch, chunks * _CHUNK + g])
+
+    return projection
+
+
 def _lstm_kernel(spec: _Spec, activations, reverse: bool, has_lens: bool):
-    """PrimFunc(projected[T,B,4H], Rᵀ[H,4H], P[3H], h0[B,H], c0[B,H], lens) -> (Y[T,B,H], Y_h[B,H], Y_c[B,H])."""
+    """PrimFunc(X·Wᵀ[T,B,4H], Rᵀ[H,4H], Wb+Rb[4H], P[3H], h0[B,H], c0[B,H], lens) -> (Y[T,B,H], Y_h[B,H], Y_c[B,H])."""
     hidden, gate_width = spec.hidden, 4 * spec.hidden
     gate_act, cell_act, hidden_act = (_ACTIVATIONS[name] for name in activations)
     clip = _clipper(spec.clip)
     input_forget = spec.input_forget
 
     @T.prim_func(private=True, s_tir=True)
-    def lstm(projected_handle: T.handle, rt_handle: T.handle, p_handle: T.handle, h0_handle: T.handle,
-             c0_handle: T.handle, lens_handle: T.handle, y_handle: T.handle, yh_handle: T.handle,
-             yc_handle: T.handle):
+    def lstm(projected_handle: T.handle, rt_handle: T.handle, bias_handle: T.handle, p_handle: T.handle,
+             h0_handle: T.handle, c0_handle: T.handle, lens_handle: T.handle, y_handle: T.handle,
+             yh_handle: T.handle, yc_handle: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         steps = T.int64()
         batch = T.int64()
         num_lens = T.int64()
         projected = T.match_buffer(projected_handle, (steps, batch, gate_width), "float32")
         rt = T.match_buffer(rt_handle, (hidden, gate_width), "float32")
+        bias = T.match_buffer(bias_handle, (gate_width,), "float32")
         peephole = T.match_buffer(p_handle, (3 * hidden,), "float32")
         h0 = T.match_buffer(h0_handle, (batch, hidden), "float32")
         c0 = T.match_buffer(c0_handle, (batch, hidden), "float32")
@@ -315,21 +384,24 @@ def _lstm_kernel(spec: _Spec, activations, reverse: bool, has_lens: bool):
                     else:
                         step = t
                     for g in T.serial(gate_width):
-                        gates[g] = projected[step, b, g]
-                    for k in T.serial(hidden):
+                        gates[g] = state_h[b, 0] * rt[0, g]
+                    for k in T.serial(1, hidden):
                         for g in T.serial(gate_width):
-                            gates[g] = gates[g] + state_h[b, k] * rt[k, g]
+                            gates[g] = _fma(state_h[b, k], rt[k, g], gates[g])
+                    for g in T.serial(gate_width):
+                        gates[g] = gates[g] + projected[step, b, g]
                     for j in T.serial(hidden):
                         # gate rows: i = [0, H), o = [H, 2H), f = [2H, 3H), c = [3H, 4H)
-                        input_gate = gate_act(clip(gates[j] + peephole[j] * state_c[b, j]))
+                        input_gate = gate_act(clip((gates[j] + peephole[j] * state_c[b, j]) + bias[j]))
                         if input_forget:
                             forget_gate = T.float32(1) - input_gate
                         else:
-                            forget_gate = gate_act(clip(gates[2 * hidden + j] + peephole[2 * hidden + j] * state_c[b, j]))
-                        cell = forget_gate * state_c[b, j] + input_gate * cell_act(clip(gates[3 * hidden + j]))
-                        output_gate = gate_act(clip(gates[hidden + j] + peephole[hidden + j] * cell))
+                            forget_gate = gate_act(clip((gates[2 * hidden + j] + peephole[2 * hidden + j] * state_c[b, j])
+                                                        + bias[2 * hidden + j]))
+                        cell = state_c[b, j] * forget_gate + input_gate * cell_act(clip(gates[3 * hidden + j] + bias[3 * hidden + j]))
+                        output_gate = gate_act(clip((gates[hidden + j] + peephole[hidden + j] * cell) + bias[hidden + j]))
                         state_c[b, j] = cell
-                        state_h[b, j] = output_gate * hidden_act(cell)
+                        state_h[b, j] = hidden_act(cell) * output_gate
                         y[step, b, j] = state_h[b, j]
                 else:
                     for j in T.serial(hidden):
@@ -339,7 +411,11 @@ def _lstm_kernel(spec: _Spec, activations, reverse: bool, has_lens: bool):
 
 
 def _gru_kernel(spec: _Spec, activations, reverse: bool, has_lens: bool):
-    """PrimFunc(projected[T,B,3H], Rᵀ[H,3H], Rbh[H], h0[B,H], lens) -> (Y[T,B,H], Y_h[B,H])."""
+    """PrimFunc(X·Wᵀ[T,B,3H], Rᵀ[H,3H], bias[3H], Rbh[H], h0[B,H], lens) -> (Y[T,B,H], Y_h[B,H]).
+
+    `bias` is Wb + Rb for z and r, and for h Wbh + Rbh (linear_before_reset=0) or Wbh alone
+    (linear_before_reset=1, Rbh then goes inside r⊙(...)).
+    """
     hidden, gate_width = spec.hidden, 3 * spec.hidden
     gate_act, candidate_act = (_ACTIVATIONS[name] for name in activations)
     clip = _clipper(spec.clip)
@@ -348,14 +424,15 @@ def _gru_kernel(spec: _Spec, activations, reverse: bool, has_lens: bool):
     early_width = gate_width if linear_before_reset else 2 * hidden
 
     @T.prim_func(private=True, s_tir=True)
-    def gru(projected_handle: T.handle, rt_handle: T.handle, rbh_handle: T.handle, h0_handle: T.handle,
-            lens_handle: T.handle, y_handle: T.handle, yh_handle: T.handle):
+    def gru(projected_handle: T.handle, rt_handle: T.handle, bias_handle: T.handle, rbh_handle: T.handle,
+            h0_handle: T.handle, lens_handle: T.handle, y_handle: T.handle, yh_handle: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         steps = T.int64()
         batch = T.int64()
         num_lens = T.int64()
         projected = T.match_buffer(projected_handle, (steps, batch, gate_width), "float32")
         rt = T.match_buffer(rt_handle, (hidden, gate_width), "float32")
+        bias = T.match_buffer(bias_handle, (gate_width,), "float32")
         rbh = T.match_buffer(rbh_handle, (hidden,), "float32")
         h0 = T.match_buffer(h0_handle, (batch, hidden), "float32")
         lens = T.match_buffer(lens_handle, (num_lens,), "int32")
@@ -363,6 +440,7 @@ def _gru_kernel(spec: _Spec, activations, reverse: bool, has_lens: bool):
         state_h = T.match_buffer(yh_handle, (batch, hidden), "float32")
         gates = T.alloc_buffer((gate_width,), "float32")
         reset = T.alloc_buffer((hidden,), "float32")
+        reset_h = T.alloc_buffer((hidden,), "float32")
         for b in T.serial(batch):
             if has_lens:
                 length = T.Cast("int64", lens[b])
@@ -377,28 +455,29 @@ def _gru_kernel(spec: _Spec, activations, reverse: bool, has_lens: bool):
                     else:
                         step = t
                     # gate rows: z = [0, H), r = [H, 2H), h = [2H, 3H)
-                    for g in T.serial(2 * hidden):
-                        gates[g] = projected[step, b, g]
-                    for j in T.serial(hidden):
-                        if linear_before_reset:
-                            gates[2 * hidden + j] = rbh[j]
-                        else:
-                            gates[2 * hidden + j] = projected[step, b, 2 * hidden + j]
-                    for k in T.serial(hidden):
+                    for g in T.serial(early_width):
+                        gates[g] = state_h[b, 0] * rt[0, g]
+                    for k in T.serial(1, hidden):
                         for g in T.serial(early_width):
-                            gates[g] = gates[g] + state_h[b, k] * rt[k, g]
+                            gates[g] = _fma(state_h[b, k], rt[k, g], gates[g])
                     for j in T.serial(hidden):
-                        reset[j] = gate_act(clip(gates[hidden + j]))
-                    if not linear_before_reset:
+                        reset[j] = gate_act(clip((gates[hidden + j] + projected[step, b, hidden + j]) + bias[hidden + j]))
+                    if not linear_before_reset:  # h rows: (r⊙H_{t-1})·Rhᵀ
                         for k in T.serial(hidden):
+                            reset_h[k] = reset[k] * state_h[b, k]
+                        for j in T.serial(hidden):
+                            gates[2 * hidden + j] = reset_h[0] * rt[0, 2 * hidden + j]
+                        for k in T.serial(1, hidden):
                             for j in T.serial(hidden):
-                                gates[2 * hidden + j] = gates[2 * hidden + j] + reset[k] * state_h[b, k] * rt[k, 2 * hidden + j]
+                                gates[2 * hidden + j] = _fma(reset_h[k], rt[k, 2 * hidden + j], gates[2 * hidden + j])
                     for j in T.serial(hidden):
-                        update = gate_act(clip(gates[j]))
+                        update = gate_act(clip((gates[j] + projected[step, b, j]) + bias[j]))
                         if linear_before_reset:
-                            candidate = candidate_act(clip(projected[step, b, 2 * hidden + j] + reset[j] * gates[2 * hidden + j]))
+                            candidate = candidate_act(clip((projected[step, b, 2 * hidden + j] + bias[2 * hidden + j])
+                                                           + reset[j] * (gates[2 * hidden + j] + rbh[j])))
                         else:
-                            candidate = candidate_act(clip(gates[2 * hidden + j]))
+                            candidate = candidate_act(clip((gates[2 * hidden + j] + projected[step, b, 2 * hidden + j])
+                                                           + bias[2 * hidden + j]))
                         state_h[b, j] = (T.float32(1) - update) * candidate + update * state_h[b, j]
                         y[step, b, j] = state_h[b, j]
                 else:
@@ -409,20 +488,21 @@ def _gru_kernel(spec: _Spec, activations, reverse: bool, has_lens: bool):
 
 
 def _rnn_kernel(spec: _Spec, activations, reverse: bool, has_lens: bool):
-    """PrimFunc(projected[T,B,H], Rᵀ[H,H], h0[B,H], lens) -> (Y[T,B,H], Y_h[B,H])."""
+    """PrimFunc(X·Wᵀ[T,B,H], Rᵀ[H,H], Wb+Rb[H], h0[B,H], lens) -> (Y[T,B,H], Y_h[B,H])."""
     hidden = spec.hidden
     (act,) = (_ACTIVATIONS[name] for name in activations)
     clip = _clipper(spec.clip)
 
     @T.prim_func(private=True, s_tir=True)
-    def rnn(projected_handle: T.handle, rt_handle: T.handle, h0_handle: T.handle, lens_handle: T.handle,
-            y_handle: T.handle, yh_handle: T.handle):
+    def rnn(projected_handle: T.handle, rt_handle: T.handle, bias_handle: T.handle, h0_handle: T.handle,
+            lens_handle: T.handle, y_handle: T.handle, yh_handle: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         steps = T.int64()
         batch = T.int64()
         num_lens = T.int64()
         projected = T.match_buffer(projected_handle, (steps, batch, hidden), "float32")
         rt = T.match_buffer(rt_handle, (hidden, hidden), "float32")
+        bias = T.match_buffer(bias_handle, (hidden,), "float32")
         h0 = T.match_buffer(h0_handle, (batch, hidden), "float32")
         lens = T.match_buffer(lens_handle, (num_lens,), "int32")
         y = T.match_buffer(y_handle, (steps, batch, hidden), "float32")
@@ -442,12 +522,12 @@ def _rnn_kernel(spec: _Spec, activations, reverse: bool, has_lens: bool):
                     else:
                         step = t
                     for g in T.serial(hidden):
-                        gates[g] = projected[step, b, g]
-                    for k in T.serial(hidden):
+                        gates[g] = state_h[b, 0] * rt[0, g]
+                    for k in T.serial(1, hidden):
                         for g in T.serial(hidden):
-                            gates[g] = gates[g] + state_h[b, k] * rt[k, g]
+                            gates[g] = _fma(state_h[b, k], rt[k, g], gates[g])
                     for j in T.serial(hidden):
-                        state_h[b, j] = act(clip(gates[j]))
+                        state_h[b, j] = act(clip((gates[j] + projected[step, b, j]) + bias[j]))
                         y[step, b, j] = state_h[b, j]
                 else:
                     for j in T.serial(hidden):

@@ -1,4 +1,4 @@
-"""Legalization rules for float islands (LayerNorm, Softmax, Sigmoid, Erf) that reproduce ONNX Runtime's CPU kernels bit for bit.
+"""Legalization rules for float islands (LayerNorm, Softmax, Sigmoid, Tanh, Erf) that reproduce ONNX Runtime's CPU kernels bit for bit.
 
 Pipeline position: the `customize_legalize_map` of the pipeline's `LegalizeOps` (see
 compile/pipeline.py), so it applies to every target and to `--no-int8` builds alike.
@@ -193,20 +193,35 @@ def _legalize_layer_norm(bb, call):
 # MLAS's logistic, evaluated as its FMA3 kernel does (constants and rule in nativeq/_ort_formulas.py).
 
 
+def mlas_logistic_value(value):
+    """MLAS's logistic of one float TIR expression (also used by compile/recurrent.py's gates)."""
+    dtype = str(value.ty)
+
+    def c(constant):
+        return tirx.const(constant, dtype)
+
+    v = tirx.min(c(ort.LOGISTIC_CLAMP), tirx.max(c(-ort.LOGISTIC_CLAMP), value))
+    v2 = v * v
+    p = _horner(dtype, v2, ort.LOGISTIC_ALPHA) * v
+    q = _horner(dtype, v2, ort.LOGISTIC_BETA)
+    return tirx.min(c(1.0), tirx.max(c(0.0), p / q + c(0.5)))
+
+
+def mlas_tanh_value(value):
+    """MLAS's tanh of one float TIR expression (onnxruntime/core/mlas/lib/tanh.cpp, FMA3 kernel):
+    no libm call, so a loop of it vectorizes. Used by compile/recurrent.py's gates."""
+    dtype = str(value.ty)
+    v = tirx.min(tirx.const(ort.TANH_CLAMP, dtype), tirx.max(tirx.const(-ort.TANH_CLAMP, dtype), value))
+    v2 = v * v
+    return (_horner(dtype, v2, ort.TANH_ALPHA) * v) / _horner(dtype, v2, ort.TANH_BETA)
+
+
 def _mlas_logistic(x):
-    dtype = x.dtype
+    return te.compute(x.shape, lambda *index: mlas_logistic_value(x(*index)), name="sigmoid")
 
-    def c(value):
-        return tirx.const(value, dtype)
 
-    def logistic(*index):
-        v = tirx.min(c(ort.LOGISTIC_CLAMP), tirx.max(c(-ort.LOGISTIC_CLAMP), x(*index)))
-        v2 = v * v
-        p = _horner(dtype, v2, ort.LOGISTIC_ALPHA) * v
-        q = _horner(dtype, v2, ort.LOGISTIC_BETA)
-        return tirx.min(c(1.0), tirx.max(c(0.0), p / q + c(0.5)))
-
-    return te.compute(x.shape, logistic, name="sigmoid")
+def _mlas_tanh(x):
+    return te.compute(x.shape, lambda *index: mlas_tanh_value(x(*index)), name="tanh")
 
 
 
@@ -346,4 +361,5 @@ def legalize_like_ort() -> dict:
         "relax.nn.softmax": _legalize_softmax,
         "relax.sigmoid": _unary_rule(_mlas_logistic, topi.sigmoid, "sigmoid"),
         "relax.erf": _unary_rule(_mlas_erf, topi.erf, "erf"),
+        "relax.tanh": _unary_rule(_mlas_tanh, topi.tanh, "tanh"),
     }
