@@ -90,7 +90,7 @@ def main() -> None:
         print(name, json.dumps(results[name]), flush=True)
 
     float_row = results.get("float")
-    lines = ["| model | test WER | test CER | other WER | rel. WER vs float (test) | size vs float | time | command |",
+    lines = ["| model | test WER | test CER | other WER | rel. WER vs float (test) | size vs float (all / weights) | time | command |",
              "|---|---|---|---|---|---|---|---|"]
     for name, *_ in ROWS:
         if name not in results:
@@ -100,7 +100,8 @@ def main() -> None:
         other = r["metrics"].get("other", {})
         rel = "" if not float_row else f"{(test['wer'] / max(float_row['metrics']['test']['wer'], 1e-9) - 1) * 100:+.1f}%"
         lines.append(f"| {name} | {test['wer']:.3f} | {test['cer']:.3f} | {other.get('wer', float('nan')):.3f} | {rel} | "
-                     f"{r['size']['fraction_of_float'] * 100:.1f}% | {r['seconds']:.0f} s | `{r['command']}` |")
+                     f"{r['size']['fraction_of_float'] * 100:.1f}% / {r['size'].get('weight_fraction_of_float', 1.0) * 100:.2f}% | "
+                     f"{r['seconds']:.0f} s | `{r['command']}` |")
     write_text_atomic(out / "results.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 

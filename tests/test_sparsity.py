@@ -181,4 +181,5 @@ def test_storage_bytes_of_one_layer(bits, pattern, weight_bytes):
     overhead = 32 * 4 + 32 * 4 + 2 * 4  # per-channel scales, bias, input and output scales
     assert size["bytes"] == weight_bytes + overhead
     assert size["float_bytes"] == 4 * (64 * 32 + 32)
+    assert size["weight_fraction_of_float"] == weight_bytes / (4 * 64 * 32)
     assert storage_bytes(convert(model))["bytes"] == size["bytes"]
