@@ -38,10 +38,5 @@ from tvm import rpc  # noqa: F401,E402
 from tvm.ir.utils import derived_object  # noqa: F401,E402
 from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock  # noqa: F401,E402
 
-# Scheduling (nativeq.compile.schedules): TensorIR schedules, tensor intrinsics, dlight CPU rules.
-from tvm import s_tir, te, tirx  # noqa: F401,E402
-from tvm.s_tir import Schedule, TensorIntrin  # noqa: F401,E402
-from tvm.s_tir.dlight.cpu import Reduction as DlightCpuReduction  # noqa: F401,E402
-from tvm.script import tirx as T  # noqa: F401,E402
 from tvm import topi  # noqa: F401,E402
 from tvm.sym import Analyzer  # noqa: F401,E402  (was tvm.arith.Analyzer: proofs on symbolic shapes)
