@@ -249,11 +249,12 @@ def train_loop(
             x, lengths, tgt, tgt_lengths = collate(feats, [targets[i] for i in batch])
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg, total_steps)
-            logits, out_lengths = train_model(x.to(device), lengths.to(device))
+            x, lengths = x.to(device), lengths.to(device)
+            logits, out_lengths = train_model(x, lengths)
             log_probs = torch.log_softmax(logits, dim=-1).transpose(0, 1)
             loss = ctc(log_probs, tgt.to(device), out_lengths, tgt_lengths.to(device))
             if extra_loss is not None:
-                loss = loss + extra_loss(x.to(device), lengths.to(device), logits, out_lengths)
+                loss = loss + extra_loss(x, lengths, logits, out_lengths)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
