@@ -295,6 +295,16 @@ def _fma(a, b, c):
     return tirx.call_intrin("float32", "tirx.fma", a, b, c)
 
 
+@T.macro
+def _state_times_rt(gates, state_h, rt, b, hidden, width):
+    """gates[g] = sum over k of H_{t-1}[b, k] * Rᵀ[k, g] for g < width, by FMAs in k order (ORT's order)."""
+    for g in T.serial(width):
+        gates[g] = state_h[b, 0] * rt[0, g]
+    for k in T.serial(1, hidden):
+        for g in T.serial(width):
+            gates[g] = _fma(state_h[b, k], rt[k, g], gates[g])
+
+
 def _clipper(clip: float | None):
     """Gate pre-activation clip as a TIR expression builder (identity when `clip` is absent)."""
     if clip is None:
@@ -383,11 +393,7 @@ def _lstm_kernel(spec: _Spec, activations, reverse: bool, has_lens: bool):
                         step = length - 1 - t
                     else:
                         step = t
-                    for g in T.serial(gate_width):
-                        gates[g] = state_h[b, 0] * rt[0, g]
-                    for k in T.serial(1, hidden):
-                        for g in T.serial(gate_width):
-                            gates[g] = _fma(state_h[b, k], rt[k, g], gates[g])
+                    _state_times_rt(gates, state_h, rt, b, hidden, gate_width)
                     for g in T.serial(gate_width):
                         gates[g] = gates[g] + projected[step, b, g]
                     for j in T.serial(hidden):
@@ -455,11 +461,7 @@ def _gru_kernel(spec: _Spec, activations, reverse: bool, has_lens: bool):
                     else:
                         step = t
                     # gate rows: z = [0, H), r = [H, 2H), h = [2H, 3H)
-                    for g in T.serial(early_width):
-                        gates[g] = state_h[b, 0] * rt[0, g]
-                    for k in T.serial(1, hidden):
-                        for g in T.serial(early_width):
-                            gates[g] = _fma(state_h[b, k], rt[k, g], gates[g])
+                    _state_times_rt(gates, state_h, rt, b, hidden, early_width)
                     for j in T.serial(hidden):
                         reset[j] = gate_act(clip((gates[hidden + j] + projected[step, b, hidden + j]) + bias[hidden + j]))
                     if not linear_before_reset:  # h rows: (r⊙H_{t-1})·Rhᵀ
@@ -521,11 +523,7 @@ def _rnn_kernel(spec: _Spec, activations, reverse: bool, has_lens: bool):
                         step = length - 1 - t
                     else:
                         step = t
-                    for g in T.serial(hidden):
-                        gates[g] = state_h[b, 0] * rt[0, g]
-                    for k in T.serial(1, hidden):
-                        for g in T.serial(hidden):
-                            gates[g] = _fma(state_h[b, k], rt[k, g], gates[g])
+                    _state_times_rt(gates, state_h, rt, b, hidden, hidden)
                     for j in T.serial(hidden):
                         state_h[b, j] = act(clip((gates[j] + projected[step, b, j]) + bias[j]))
                         y[step, b, j] = state_h[b, j]
