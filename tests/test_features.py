@@ -79,3 +79,34 @@ def test_numpy_front_end_equals_the_torch_one():
     x = speech_like(2.1, seed=7)
     np.testing.assert_allclose(frontend_np.fbank(x), fbank(torch.from_numpy(x)).numpy(), atol=1e-5, rtol=0)
     assert frontend_np.fbank(x[:399]).shape == (0, N_MELS)
+
+
+@pytest.mark.parametrize("warp", [0.85, 0.9, 0.97, 1.0, 1.04, 1.1, 1.15])
+def test_vtln_warped_mel_banks_match_kaldi_native_fbank(warp):
+    from nativeq.models.features import mel_banks
+
+    mel_opts = knf.MelBanksOptions()
+    mel_opts.num_bins = N_MELS
+    frame_opts = knf.FrameExtractionOptions()
+    frame_opts.samp_freq = 16000
+    ref = np.array(knf.MelBanks(mel_opts, frame_opts, warp).get_matrix())  # [80, 257] incl. the Nyquist bin
+    ours = mel_banks(vtln_warp=warp).numpy()
+    assert np.all(ref[:, 256] == 0)
+    assert np.abs(ref[:, :256].T - ours).max() < 1e-4
+    if warp != 1.0:  # the warp moves the filters (a smaller factor moves them up the spectrum)
+        bins = np.arange(256)[:, None]
+        centroid = (ours * bins).sum(0) / ours.sum(0)
+        plain = mel_banks().numpy()
+        shift = centroid - (plain * bins).sum(0) / plain.sum(0)
+        assert (np.sign(shift[5:75]) == (1 if warp < 1 else -1)).all()
+
+
+def test_vtln_warp_keeps_the_band_edges_fixed():
+    from nativeq.models.features import vtln_warp_hz
+
+    for warp in (0.8, 1.2):
+        assert vtln_warp_hz(20.0, warp, 20.0, 8000.0) == pytest.approx(20.0)
+        assert vtln_warp_hz(8000.0, warp, 20.0, 8000.0) == pytest.approx(8000.0)
+        assert vtln_warp_hz(1000.0, warp, 20.0, 8000.0) == pytest.approx(1000.0 / warp)
+    x = speech_like(1.0, seed=3)
+    assert torch.equal(fbank(torch.from_numpy(x), vtln_warp=1.0), fbank(torch.from_numpy(x)))

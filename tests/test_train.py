@@ -94,6 +94,20 @@ def test_resume_on_a_bigger_corpus_trains_to_the_new_step_count(corpus, tmp_path
     assert [(r["epoch"], r["step"]) for r in log] == [(1, 1), (2, 2), (3, 3), (4, 7)]
 
 
+def test_vtlp_draws_warps_on_a_grid_and_trains(corpus, tmp_path, nativeq_cli):
+    from nativeq.models.train import vtlp_warp
+
+    generator = torch.Generator().manual_seed(0)
+    warps = [vtlp_warp(0.1, generator) for _ in range(400)]
+    assert min(warps) == pytest.approx(0.9) and max(warps) == pytest.approx(1.1)
+    assert all(abs(w * 100 - round(w * 100)) < 1e-9 for w in warps) and len(set(warps)) == 21
+    assert vtlp_warp(0.0, generator) == 1.0
+    train(_cfg(corpus, tmp_path / "run", vtlp=0.1))
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["vtlp"] == 0.1
+    r = nativeq_cli("train", "--data", corpus, "-o", tmp_path / "bad", "--vtlp", "0.7")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--vtlp 0.7" in r.stderr
+
+
 def test_checkpoint_of_another_config_is_one_line_error(corpus, tmp_path, nativeq_cli):
     run = tmp_path / "mixed"
     run.mkdir()

@@ -183,18 +183,20 @@ def data_human(data_dir, split):
 @click.option("--threads", default=1, show_default=True, help="torch threads per process.")
 @click.option("--chunk-size", default=-1, show_default=True, help="Streaming attention chunk in 40 ms frames (0 = full context; -1 = preset).")
 @click.option("--no-spec-augment", is_flag=True)
+@click.option("--vtlp", default=0.0, show_default=True,
+              help="Vocal-tract-length perturbation: warp the mel filters by a factor in [1-V, 1+V] per utterance (e.g. 0.1).")
 @click.option("--skip-bad", is_flag=True, help="Skip missing/corrupt WAVs (with a warning) instead of failing.")
 @click.option("--resume", is_flag=True, help="Continue the run in OUT from its last checkpoint.")
 @click.option("--stop-after-epoch", default=0, show_default=True,
               help="End after this epoch (checkpointed; continue with --resume). 0 = run the schedule out.")
 def train(model_name, data_dir, out, epochs, steps, batch_size, lr, warmup, seed, threads, chunk_size, no_spec_augment,
-          skip_bad, resume, stop_after_epoch):
+          vtlp, skip_bad, resume, stop_after_epoch):
     """Train a Conformer-CTC recognizer (DDP when launched with torchrun)."""
     from nativeq.models.train import TrainConfig, train as train_model
 
     cfg = TrainConfig(model=model_name, data=data_dir, out=out, epochs=epochs, steps=steps, batch_size=batch_size, lr=lr,
                       warmup_steps=warmup, seed=seed, threads=threads, chunk_size=chunk_size,
-                      spec_augment=not no_spec_augment, skip_bad=skip_bad, resume=resume,
+                      spec_augment=not no_spec_augment, vtlp=vtlp, skip_bad=skip_bad, resume=resume,
                       stop_after_epoch=stop_after_epoch)
     metrics = train_model(cfg)
     click.echo(f"done: dev WER {metrics.get('wer', float('nan')):.4f} CER {metrics.get('cer', float('nan')):.4f} -> {out}")

@@ -29,15 +29,46 @@ def _mel(f: torch.Tensor | float) -> torch.Tensor | float:
     return 1127.0 * (torch.log1p(f / 700.0) if isinstance(f, torch.Tensor) else math.log1p(f / 700.0))
 
 
-@functools.lru_cache(maxsize=4)
-def mel_banks(n_mels: int = N_MELS, low_hz: float = 20.0, high_hz: float = SAMPLE_RATE / 2) -> torch.Tensor:
-    """Kaldi's triangular mel filters over FFT bins 0..N_FFT/2-1, shape [N_FFT // 2, n_mels] (float64)."""
+def _inverse_mel(m: float) -> float:
+    return 700.0 * math.expm1(m / 1127.0)
+
+
+def vtln_warp_hz(freq: float, warp: float, low_hz: float, high_hz: float,
+                 vtln_low: float = 100.0, vtln_high: float = SAMPLE_RATE / 2 - 500.0) -> float:
+    """Kaldi's piecewise-linear VTLN warp of a frequency (`MelBanks::VtlnWarpFreq`).
+
+    Inside [l, h] the axis is scaled by 1/warp; below l and above h two linear pieces keep
+    low_hz and high_hz fixed, with l = vtln_low * max(1, warp), h = vtln_high * min(1, warp).
+    """
+    if freq < low_hz or freq > high_hz:
+        return freq
+    low, high = vtln_low * max(1.0, warp), vtln_high * min(1.0, warp)
+    scale = 1.0 / warp
+    if freq < low:
+        return low_hz + (scale * low - low_hz) / (low - low_hz) * (freq - low_hz)
+    if freq < high:
+        return scale * freq
+    return high_hz + (high_hz - scale * high) / (high_hz - high) * (freq - high_hz)
+
+
+@functools.lru_cache(maxsize=64)
+def mel_banks(n_mels: int = N_MELS, low_hz: float = 20.0, high_hz: float = SAMPLE_RATE / 2,
+              vtln_warp: float = 1.0) -> torch.Tensor:
+    """Kaldi's triangular mel filters over FFT bins 0..N_FFT/2-1, shape [N_FFT // 2, n_mels] (float64).
+
+    `vtln_warp` != 1 moves the triangles' corners by Kaldi's VTLN warp (`vtln_warp_hz`), which
+    acts like a longer (warp > 1) or shorter vocal tract: the vocal-tract-length perturbation
+    (VTLP) augmentation of `TrainConfig.vtlp`.
+    """
     fft_freqs = torch.arange(N_FFT // 2, dtype=torch.float64) * (SAMPLE_RATE / N_FFT)
     mel = _mel(fft_freqs)
     mel_low, mel_high = _mel(low_hz), _mel(high_hz)
     delta = (mel_high - mel_low) / (n_mels + 1)
-    left = mel_low + delta * torch.arange(n_mels, dtype=torch.float64)
-    center, right = left + delta, left + 2 * delta
+    corners = [mel_low + delta * (i + torch.arange(n_mels, dtype=torch.float64)) for i in range(3)]
+    if vtln_warp != 1.0:
+        corners = [torch.tensor([_mel(vtln_warp_hz(_inverse_mel(float(m)), vtln_warp, low_hz, high_hz)) for m in c],
+                                dtype=torch.float64) for c in corners]
+    left, center, right = corners
     m = mel[:, None]
     up = (m - left) / (center - left)
     down = (right - m) / (right - center)
@@ -55,8 +86,11 @@ def num_frames(num_samples: int) -> int:
     return 0 if num_samples < FRAME_LENGTH else 1 + (num_samples - FRAME_LENGTH) // FRAME_SHIFT
 
 
-def fbank(samples: torch.Tensor) -> torch.Tensor:
-    """Log-mel features [T, 80] (float32) of 16 kHz mono samples in [-1, 1] (1-D tensor or array)."""
+def fbank(samples: torch.Tensor, vtln_warp: float = 1.0) -> torch.Tensor:
+    """Log-mel features [T, 80] (float32) of 16 kHz mono samples in [-1, 1] (1-D tensor or array).
+
+    `vtln_warp` warps the mel filters (training-time VTLP only; inference always uses 1.0).
+    """
     x = torch.as_tensor(samples, dtype=torch.float64).reshape(-1) * 32768.0
     if x.numel() < FRAME_LENGTH:
         return torch.zeros(0, N_MELS)
@@ -65,7 +99,7 @@ def fbank(samples: torch.Tensor) -> torch.Tensor:
     previous = torch.cat([frames[:, :1], frames[:, :-1]], dim=1)
     frames = (frames - 0.97 * previous) * _povey_window()
     power = torch.fft.rfft(frames, n=N_FFT).abs().pow(2)[:, : N_FFT // 2]
-    energies = power @ mel_banks()
+    energies = power @ mel_banks(vtln_warp=vtln_warp)
     return energies.clamp_min(_EPS).log().to(torch.float32)
 
 

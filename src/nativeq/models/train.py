@@ -47,6 +47,7 @@ class TrainConfig:
     seed: int = 0
     threads: int = 1
     spec_augment: bool = True
+    vtlp: float = 0.0  # vocal-tract-length perturbation: mel warp factor drawn from [1 - vtlp, 1 + vtlp] per utterance
     resume: bool = False
     skip_bad: bool = False
     max_dev: int = 300  # dev utterances decoded per epoch
@@ -61,8 +62,16 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------- batches
-def utterance_features(utt: Utterance) -> torch.Tensor:
-    return fbank(torch.from_numpy(read_wav(utt.path)))
+def utterance_features(utt: Utterance, vtln_warp: float = 1.0) -> torch.Tensor:
+    return fbank(torch.from_numpy(read_wav(utt.path)), vtln_warp)
+
+
+def vtlp_warp(vtlp: float, generator: torch.Generator) -> float:
+    """A VTLP warp factor, uniform in [1 - vtlp, 1 + vtlp] on a 0.01 grid (the warped mel banks are cached)."""
+    if vtlp <= 0:
+        return 1.0
+    steps = round(vtlp * 100)
+    return 1.0 + int(torch.randint(-steps, steps + 1, (1,), generator=generator)) / 100
 
 
 def collate(feats: list[torch.Tensor], targets: list[list[int]] | None = None):
@@ -243,7 +252,7 @@ def train_loop(
         for batch in bar:
             if step >= total_steps:
                 break
-            feats = [utterance_features(train_utts[i]) for i in batch]
+            feats = [utterance_features(train_utts[i], vtlp_warp(cfg.vtlp, generator)) for i in batch]
             if cfg.spec_augment:
                 feats = [spec_augment(f, SpecAugmentConfig(), generator) for f in feats]
             x, lengths, tgt, tgt_lengths = collate(feats, [targets[i] for i in batch])
@@ -287,6 +296,8 @@ def train_loop(
 
 def train(cfg: TrainConfig) -> dict:
     """`nativeq train`: build the model from its preset, read the corpus, run `train_loop`."""
+    if not 0.0 <= cfg.vtlp < 0.5:
+        raise NativeqError(f"--vtlp {cfg.vtlp}: the warp range must be in [0, 0.5) (e.g. 0.1 for factors 0.9-1.1)")
     torch.set_num_threads(max(1, cfg.threads))
     run_dir = Path(cfg.out)
     if cfg.resume:
