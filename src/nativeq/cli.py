@@ -189,15 +189,16 @@ def data_human(data_dir, split):
 @click.option("--resume", is_flag=True, help="Continue the run in OUT from its last checkpoint.")
 @click.option("--stop-after-epoch", default=0, show_default=True,
               help="End after this epoch (checkpointed; continue with --resume). 0 = run the schedule out.")
+@click.option("--keep-epochs", default=0, show_default=True, help="Keep the last K epochs' weights in OUT/epochs/ (for `nativeq average`).")
 def train(model_name, data_dir, out, epochs, steps, batch_size, lr, warmup, seed, threads, chunk_size, no_spec_augment,
-          vtlp, skip_bad, resume, stop_after_epoch):
+          vtlp, skip_bad, resume, stop_after_epoch, keep_epochs):
     """Train a Conformer-CTC recognizer (DDP when launched with torchrun)."""
     from nativeq.models.train import TrainConfig, train as train_model
 
     cfg = TrainConfig(model=model_name, data=data_dir, out=out, epochs=epochs, steps=steps, batch_size=batch_size, lr=lr,
                       warmup_steps=warmup, seed=seed, threads=threads, chunk_size=chunk_size,
                       spec_augment=not no_spec_augment, vtlp=vtlp, skip_bad=skip_bad, resume=resume,
-                      stop_after_epoch=stop_after_epoch)
+                      stop_after_epoch=stop_after_epoch, keep_epochs=keep_epochs)
     metrics = train_model(cfg)
     click.echo(f"done: dev WER {metrics.get('wer', float('nan')):.4f} CER {metrics.get('cer', float('nan')):.4f} -> {out}")
 
@@ -282,17 +283,33 @@ def bundle(artifact, out, no_cpp_runner, force):
               help="Arbitrary float scales instead of powers of two (finer range; the QDQ export is then exact only up to float rounding).")
 @click.option("--distill", default=0.0, show_default=True,
               help="Weight of a frame-level KL loss to the float SOURCE model (knowledge distillation; 0 = CTC only).")
+@click.option("--keep-epochs", default=0, show_default=True, help="Keep the last K epochs' weights in OUT/epochs/ (for `nativeq average`).")
 def finetune(source, data_dir, out, weight_bits, act_bits, act_scale, mixed, sparsity, steps, epochs, batch_size, lr,
-             threads, seed, resume, ptq, float_scales, distill):
+             threads, seed, resume, ptq, float_scales, distill, keep_epochs):
     """Quantization- (and sparsity-) aware fine-tuning of SOURCE (a run directory or shipped model) with integer ops."""
     from nativeq.qat.finetune import FinetuneConfig, finetune as run_finetune
 
     cfg = FinetuneConfig(source=source, data=data_dir, out=out, weight_bits=weight_bits, act_bits=act_bits,
                          act_scale=act_scale, mixed=mixed, sparsity=sparsity, steps=steps, epochs=epochs,
                          batch_size=batch_size, lr=lr, threads=threads, seed=seed, resume=resume, calibrate_only=ptq,
-                         power_of_two_scales=not float_scales and act_scale != "lsq", distill=distill)
+                         power_of_two_scales=not float_scales and act_scale != "lsq", distill=distill,
+                         keep_epochs=keep_epochs)
     metrics = run_finetune(cfg)
     click.echo(f"wrote {out}: dev WER {metrics.get('wer', float('nan')):.3f} CER {metrics.get('cer', float('nan')):.3f}")
+
+
+@main.command()
+@click.argument("run")
+@click.option("-o", "--out", required=True, type=click.Path(), help="Run directory to write (the averaged model).")
+@click.option("--last", default=5, show_default=True, help="Average the newest K epoch snapshots.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+def average(run, out, last, force):
+    """Average the last K epoch snapshots of RUN (kept with --keep-epochs) into a new run directory."""
+    from nativeq.models.average import AverageConfig, average_run
+
+    result = average_run(AverageConfig(run=run, out=out, last=last, force=force))
+    click.echo(f"wrote {result['out']}: mean of epochs {result['epochs'][0]}-{result['epochs'][-1]} "
+               f"(steps {result['steps'][0]}-{result['steps'][-1]})")
 
 
 @main.command("export")

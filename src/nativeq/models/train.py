@@ -26,6 +26,7 @@ from torch import nn
 
 from nativeq._fs import write_bytes_atomic, write_json_atomic, write_text_atomic
 from nativeq.errors import NativeqError
+from nativeq.models.average import save_snapshot
 from nativeq.models.conformer import ConformerConfig, ConformerCTC, count_parameters, preset
 from nativeq.models.data import Utterance, check_audio, read_manifest, read_wav
 from nativeq.models.features import SpecAugmentConfig, fbank, spec_augment
@@ -55,6 +56,7 @@ class TrainConfig:
     dev_split: str = "dev"
     chunk_size: int = -1  # override the preset's streaming chunk (-1 = keep)
     stop_after_epoch: int = 0  # end this invocation after that epoch (resume later); 0 = run the schedule out
+    keep_epochs: int = 0  # also keep the weights of the last K epochs in run_dir/epochs/ (for `nativeq average`)
     progress: bool = True
 
     def to_json(self) -> dict:
@@ -283,6 +285,8 @@ def train_loop(
             previous = log_path.read_text() if log_path.exists() else ""
             write_text_atomic(log_path, previous + json.dumps(record) + "\n")
             save_run(run_dir, model, {**(extra_config or {}), "dev": best})
+            if cfg.keep_epochs > 0:
+                save_snapshot(run_dir, _unwrap(model).state_dict(), epoch + 1, step, cfg.keep_epochs)
             _save_checkpoint(run_dir, model, optimizer, epoch, step, best)
             if cfg.progress:
                 print(f"epoch {epoch + 1}: loss {record['train_loss']:.3f}  dev WER {metrics['wer']:.3f}  "
@@ -298,6 +302,8 @@ def train(cfg: TrainConfig) -> dict:
     """`nativeq train`: build the model from its preset, read the corpus, run `train_loop`."""
     if not 0.0 <= cfg.vtlp < 0.5:
         raise NativeqError(f"--vtlp {cfg.vtlp}: the warp range must be in [0, 0.5) (e.g. 0.1 for factors 0.9-1.1)")
+    if cfg.keep_epochs < 0:
+        raise NativeqError(f"--keep-epochs {cfg.keep_epochs} must be >= 0")
     torch.set_num_threads(max(1, cfg.threads))
     run_dir = Path(cfg.out)
     if cfg.resume:

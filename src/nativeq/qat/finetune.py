@@ -69,6 +69,7 @@ class FinetuneConfig:
     resume: bool = False
     calibrate_only: bool = False  # post-training quantization: calibrate the scales, no training
     distill: float = 0.0  # weight of the frame-level KL to the float source model (0 = CTC only)
+    keep_epochs: int = 0  # keep the last K epochs' weights in out/epochs/ (for `nativeq average`)
     progress: bool = True
 
     def __post_init__(self):  # bad options fail before any data is read
@@ -76,6 +77,8 @@ class FinetuneConfig:
         parse_sparsity(self.sparsity)
         if not 0.0 <= self.sparsity_ramp <= 1.0:
             raise NativeqError(f"sparsity_ramp {self.sparsity_ramp} must be in [0, 1]")
+        if self.keep_epochs < 0:
+            raise NativeqError(f"--keep-epochs {self.keep_epochs} must be >= 0")
         if not self.distill >= 0.0:
             raise NativeqError(f"--distill {self.distill} must be >= 0 (the weight of the distillation loss)")
 
@@ -184,7 +187,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     train_cfg = TrainConfig(
         data=cfg.data, out=str(run_dir), steps=total_steps, batch_size=cfg.batch_size, lr=cfg.lr,
         warmup_steps=cfg.warmup_steps, seed=cfg.seed, threads=cfg.threads, resume=cfg.resume,
-        max_dev=cfg.max_dev, progress=cfg.progress,
+        max_dev=cfg.max_dev, keep_epochs=cfg.keep_epochs, progress=cfg.progress,
     )
     extra_loss = None
     if cfg.distill > 0:
