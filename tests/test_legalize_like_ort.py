@@ -136,6 +136,53 @@ def test_tanh_is_bit_identical_to_onnxruntime(tmp_path):
     np.testing.assert_array_equal(out, ref)
 
 
+@pytest.mark.parametrize("op", ["Sin", "Cos"])
+@pytest.mark.parametrize("shape, t", [((1, "T", 72), 290), ((3, "T", 5), 7)], ids=["packets", "tail-of-3"])
+def test_sin_cos_are_bit_identical_to_onnxruntime(op, shape, t, tmp_path):
+    """Eigen's psincos_float (no FMA) on packets of 4, libm on the n % 4 tail, libm beyond the
+    huge-argument thresholds; rotary position angles (position x frequency) and random values."""
+    model = unary_model(op, list(shape))
+    rng = np.random.default_rng(9)
+    full = [d if d != "T" else t for d in shape]
+    x = rng.uniform(-40, 40, full).astype(np.float32)
+    flat = x.reshape(-1)
+    angles = (np.arange(t)[:, None] * (10000.0 ** (-np.arange(0, 36, 2) / 36))[None, :]).astype(np.float32).reshape(-1)
+    flat[: min(flat.size // 2, angles.size)] = angles[: min(flat.size // 2, angles.size)]
+    flat[-12:] = [0.0, -0.0, 1e-8, -3.0e-3, np.pi / 4, -np.pi / 2, 3 * np.pi, 1000.5, -18837.0, 18838.0, 3.0e4, -5.0e5]
+    out, ref = run_both(model, x, tmp_path)
+    huge = np.abs(x) >= 18838.0  # Eigen's huge-argument reduction is not reproduced: libm there
+    np.testing.assert_array_equal(out[~huge].view(np.int32), ref[~huge].view(np.int32))
+    assert np.abs(out[huge].view(np.int32).astype(np.int64) - ref[huge].view(np.int32)).max() <= 2
+
+
+def test_product_of_two_computed_tensors_is_rounded_before_the_add(tmp_path):
+    """Rotary position embedding's `k * cos + rotate(k) * sin`: ORT rounds each Mul before the Add;
+    in one fused kernel LLVM would contract them into an FMA (an ulp off in ~10% of elements)."""
+    nodes = [helper.make_node("Cos", ["angle"], ["cos"]), helper.make_node("Sin", ["angle"], ["sin"]),
+             helper.make_node("Neg", ["k"], ["rotated"]),
+             helper.make_node("Mul", ["k", "cos"], ["a"]), helper.make_node("Mul", ["rotated", "sin"], ["b"]),
+             helper.make_node("Add", ["a", "b"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "rotary",
+        [helper.make_tensor_value_info("k", TensorProto.FLOAT, [1, 4, "T", 36]),
+         helper.make_tensor_value_info("angle", TensorProto.FLOAT, ["T", 36])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, "T", 36])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    path = tmp_path / "rotary.onnx"
+    onnx.save(model, path)
+    compile_model(path, tmp_path / "art", CompileConfig(target="host", use_tuning=False))
+    rng = np.random.default_rng(11)
+    feeds = {"k": rng.normal(0, 3, (1, 4, 120, 36)).astype(np.float32),
+             "angle": (np.arange(120)[:, None] * 10000.0 ** (-np.arange(36) / 36)).astype(np.float32)}
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    ref = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    out = np.asarray(load(tmp_path / "art").run(feeds)["y"])
+    np.testing.assert_array_equal(out.view(np.int32), ref.view(np.int32))
+
+
 def test_erf_is_bit_identical_to_onnxruntime(tmp_path):
     """MLAS's erf: both branches (|x| <= 0.921875 and above), the clamp at 3.925, and signs."""
     model = unary_model("Erf", [1, "T", 64])

@@ -43,3 +43,22 @@ EXP_LN2_HIGH = -6.93145752e-1
 EXP_LN2_LOW = -1.42860677e-6
 EXP_POLY = tuple(float.fromhex(v) for v in ("0x1.694000p-10", "0x1.125edcp-7", "0x1.555b5ap-5", "0x1.555450p-3",
                                             "0x1.fffff6p-2", "0x1.000000p+0", "0x1.000000p+0"))
+
+# ORT's Sin/Cos (onnxruntime/core/providers/cpu/math/element_wise_ops.cc) are Eigen array ops:
+# Eigen 3.4's psincos_float on packets of 4 (SSE, built without FMA: every multiply-add below is
+# a multiply and an add, each rounded), and libm's sinf/cosf for the last n % 4 elements of the
+# tensor. Octant: y = |x| * 2/pi rounded by adding and subtracting 1.5 * 2^23; x reduced by y
+# times four pieces of pi/2; cos(x) and sin(x) polynomials in x^2, picked and signed by the
+# octant's two low bits. |x| at or above the thresholds takes Eigen's huge-argument reduction
+# (not reproduced: nativeq falls back to libm there).
+SINCOS_TWO_OVER_PI = 0.636619746685028076171875
+SINCOS_ROUNDING_MAGIC = 12582912.0  # 1.5 * 2^23
+SINCOS_REDUCTION = (-1.5703125, -0.000483989715576171875, 1.62865035235881805419921875e-07,
+                    5.5644315544167710640977020375430583953857421875e-11)
+SINCOS_HUGE = {"sin": 25966.0, "cos": 18838.0}
+SINCOS_COS_POLY = (2.4372266125283204019069671630859375e-05, -0.00138865201734006404876708984375,
+                   0.041666619479656219482421875, -0.5, 1.0)
+SINCOS_SIN_POLY = (-0.0001959234114083702898469196984621021329076029360294342041015625,
+                   0.0083326873655616851693794799871284340042620897293090820312500000,
+                   -0.1666666203982298255503735617821803316473960876464843750000000000)
+SINCOS_PACKET = 4

@@ -40,3 +40,4 @@ from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock  # noqa: F401,E40
 
 from tvm import topi  # noqa: F401,E402
 from tvm.sym import Analyzer  # noqa: F401,E402  (was tvm.arith.Analyzer: proofs on symbolic shapes)
+from tvm_ffi import structural_equal  # noqa: F401,E402  (was tvm.ir.structural_equal)

@@ -1,4 +1,4 @@
-"""Legalization rules for float islands (LayerNorm, Softmax, Sigmoid, Tanh, Erf) that reproduce ONNX Runtime's CPU kernels bit for bit.
+"""Legalization rules for float islands (LayerNorm, Softmax, Sigmoid, Tanh, Erf, Sin, Cos) that reproduce ONNX Runtime's CPU kernels bit for bit.
 
 Pipeline position: the `customize_legalize_map` of the pipeline's `LegalizeOps` (see
 compile/pipeline.py), so it applies to every target and to `--no-int8` builds alike.
@@ -22,8 +22,14 @@ worked out against the installed onnxruntime and pinned by tests/test_legalize_l
              std = sqrt(m2 / n + eps);           y = (x - mean) / std * scale + bias
 
 `fma` is TIR's `tirx.fma` (one rounding; `llvm.fmuladd` fuses on every nativeq target).
-TVM's LLVM backend does not contract a separate multiply and add, so the other lines keep
-their two roundings. A row whose length is not known at compile time gets a float64
+Inside a fused kernel LLVM may contract a separate multiply and add into an FMA; where ORT
+rounds twice, the product is fenced (`_rounded`, `llvm.arithmetic.fence`), and a product of
+two computed tensors (ONNX Mul, e.g. rotary's `k * cos`) is legalized as `rounded_multiply`.
+
+Sin, Cos, float32: Eigen's psincos_float without FMA on packets of 4 and libm on the n % 4
+tail, as ORT's Eigen-based kernels (constants in nativeq/_ort_formulas.py); bit-identical
+below |x| = 18838 (cos) / 25966 (sin), libm above (Eigen's huge-argument reduction is not
+reproduced). A row whose length is not known at compile time gets a float64
 two-pass LayerNorm rounded once (correctly rounded, within an ulp of ORT).
 """
 
@@ -190,6 +196,32 @@ def _legalize_layer_norm(bb, call):
                       primfunc_name_hint="layer_norm")
 
 
+def rounded_multiply(lhs, rhs):
+    """lhs * rhs with numpy broadcasting, every product rounded on its own.
+
+    ORT runs each ONNX op as its own kernel, so `a * b + c` rounds the product before the add.
+    In a fused TVM kernel LLVM may contract the two into one FMA (one rounding) and land an ulp
+    away: in a rotary Conformer, `k * cos + rotate(k) * sin` then flipped a QuantizeLinear by a
+    step that grew to 3 steps at the logits. Used by scalars_as_tensors' multiply rule.
+    """
+    ndim = max(len(lhs.shape), len(rhs.shape))
+
+    def is_one(extent):
+        return isinstance(extent, tirx.IntImm) and int(extent) == 1
+
+    def dims(t):
+        return [None] * (ndim - len(t.shape)) + list(t.shape)
+
+    shape = [b if a is None or (is_one(a) and b is not None) else a for a, b in zip(dims(lhs), dims(rhs))]
+
+    def read(t, index):
+        offset = ndim - len(t.shape)
+        return t(*[0 if is_one(extent) else index[offset + k]
+                   for k, extent in enumerate(t.shape)])
+
+    return te.compute(shape, lambda *index: _rounded(lhs.dtype, read(lhs, index) * read(rhs, index)), name="multiply")
+
+
 # MLAS's logistic, evaluated as its FMA3 kernel does (constants and rule in nativeq/_ort_formulas.py).
 
 
@@ -223,6 +255,70 @@ def _mlas_logistic(x):
 def _mlas_tanh(x):
     return te.compute(x.shape, lambda *index: mlas_tanh_value(x(*index)), name="tanh")
 
+
+
+# ORT's Sin/Cos: Eigen's psincos_float without FMA on packets of 4, libm for the n % 4 tail
+# (constants and rule in nativeq/_ort_formulas.py).
+
+
+def _eigen_sincos(x, sine: bool):
+    dtype = x.dtype
+    name = "sin" if sine else "cos"
+    libm = tirx.sin if sine else tirx.cos
+
+    def c(value):
+        return tirx.const(value, dtype)
+
+    def multiply_add(a, b, addend):  # Eigen's pmadd without FMA: two roundings
+        return _rounded(dtype, _rounded(dtype, a * b) + addend)
+
+    def eigen(value):
+        magnitude = tirx.abs(value)
+        y_round = _rounded(dtype, magnitude * c(ort.SINCOS_TWO_OVER_PI) + c(ort.SINCOS_ROUNDING_MAGIC))
+        octant = tirx.reinterpret("int32", y_round)
+        y = _rounded(dtype, y_round - c(ort.SINCOS_ROUNDING_MAGIC))
+        reduced = magnitude
+        for piece in ort.SINCOS_REDUCTION:
+            reduced = multiply_add(y, c(piece), reduced)
+        x2 = _rounded(dtype, reduced * reduced)
+        cos_poly = c(ort.SINCOS_COS_POLY[0])
+        for coefficient in ort.SINCOS_COS_POLY[1:]:
+            cos_poly = multiply_add(cos_poly, x2, c(coefficient))
+        sin_poly = c(ort.SINCOS_SIN_POLY[0])
+        for coefficient in ort.SINCOS_SIN_POLY[1:]:
+            sin_poly = multiply_add(sin_poly, x2, c(coefficient))
+        sin_poly = multiply_add(_rounded(dtype, sin_poly * x2), reduced, reduced)
+        even = (octant & 1) == 0
+        if sine:
+            result = tirx.if_then_else(even, sin_poly, cos_poly)
+            sign = tirx.reinterpret("int32", value) ^ (octant << 30)
+        else:
+            result = tirx.if_then_else(even, cos_poly, sin_poly)
+            sign = (octant + 1) << 30
+        return tirx.reinterpret(dtype, tirx.reinterpret("int32", result) ^ (sign & tirx.const(-(2**31), "int32")))
+
+    total = 1
+    for extent in x.shape:
+        total = total * extent
+    packed = total // ort.SINCOS_PACKET * ort.SINCOS_PACKET
+
+    def element(*index):
+        flat = tirx.const(0, "int64")
+        for i, extent in zip(index, x.shape):
+            flat = flat * extent + i
+        value = x(*index)
+        in_packet = tirx.all(flat < packed, tirx.abs(value) < c(ort.SINCOS_HUGE[name]))
+        return tirx.if_then_else(in_packet, eigen(value), libm(value))
+
+    return te.compute(x.shape, element, name=name)
+
+
+def _eigen_sin(x):
+    return _eigen_sincos(x, sine=True)
+
+
+def _eigen_cos(x):
+    return _eigen_sincos(x, sine=False)
 
 
 # MLAS's erf (onnxruntime/core/mlas/lib/erf.cpp and its FMA3 kernel), every multiply-add an FMA:
@@ -362,4 +458,6 @@ def legalize_like_ort() -> dict:
         "relax.sigmoid": _unary_rule(_mlas_logistic, topi.sigmoid, "sigmoid"),
         "relax.erf": _unary_rule(_mlas_erf, topi.erf, "erf"),
         "relax.tanh": _unary_rule(_mlas_tanh, topi.tanh, "tanh"),
+        "relax.sin": _unary_rule(_eigen_sin, topi.sin, "sin"),
+        "relax.cos": _unary_rule(_eigen_cos, topi.cos, "cos"),
     }

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nativeq.compile._tvm import relax, te, tirx, tvm
+from nativeq.compile._tvm import relax, structural_equal, te, tirx, tvm
 
 _QDQ = ("relax.quantize", "relax.dequantize")
 _BINARY = ("relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.maximum", "relax.minimum")
@@ -119,7 +119,7 @@ def _binary_rule(op_name: str):
         lhs, rhs = call.args
         lhs_value, rhs_value = _scalar_constant(lhs), _scalar_constant(rhs)
         if (lhs_value is None) == (rhs_value is None):  # no scalar constant, or two
-            return tvm_rule(bb, call)
+            return rule(bb, call)
         scalar, tensor = (lhs_value, rhs) if lhs_value is not None else (rhs_value, lhs)
         if scalar.dtype.kind != "f" and op_name != "relax.multiply":
             # integer shifts (the +128 of a uint8 -> int8 move) are alike in every layer: keep the immediate;
@@ -127,7 +127,21 @@ def _binary_rule(op_name: str):
             return tvm_rule(bb, call)
         length = _static_extent(tensor, -1)
         args = [_as_vector(lhs, length), _as_vector(rhs, length)]
-        return tvm_rule(bb, relax.Call(call.op, args, call.attrs, call.ty_args))
+        return rule(bb, relax.Call(call.op, args, call.attrs, call.ty_args))
+
+    def rule(bb, call):
+        lhs, rhs = call.args
+        if (op_name == "relax.multiply" and lhs.ty.dtype in ("float16", "float32", "float64")
+                and not isinstance(lhs, tvm.ir.GenericConst) and not isinstance(rhs, tvm.ir.GenericConst)):
+            # a product of two computed tensors (e.g. rotary's k * cos): rounded on its own, as ORT does.
+            # Products with a constant (scales, LayerNorm weights) keep TVM's rule, so the int8 kernels'
+            # epilogues and their tuning records are unchanged.
+            from nativeq.compile.passes.legalize_like_ort import rounded_multiply
+
+            same_shape = structural_equal(lhs.ty.shape, rhs.ty.shape)
+            return bb.call_te(rounded_multiply, lhs, rhs, primfunc_name_hint="multiply",
+                              primfunc_attrs={"op_pattern": 0 if same_shape else 1})  # elementwise / broadcast
+        return tvm_rule(bb, call)
 
     return legalize
 
