@@ -47,6 +47,11 @@ ELEMENTWISE = [
                                                               dtype=np.float32).reshape(20, 96)])),
     ("Erf", lambda t: torch.erf(t), np.concatenate([_activations((200, 64), 2, 1.5), np.linspace(-6, 6, 64 * 20,
                                                       dtype=np.float32).reshape(20, 64)])),
+    # rotary tables: position x frequency angles, and random values in both signs
+    ("Sin", lambda t: t.sin(), np.concatenate([(np.arange(300)[:, None] * 10000.0 ** (-np.arange(36) / 36)).astype(
+        np.float32), np.random.default_rng(3).uniform(-40, 40, (40, 36)).astype(np.float32)])),
+    ("Cos", lambda t: torch.cos(t), np.concatenate([(np.arange(300)[:, None] * 10000.0 ** (-np.arange(36) / 36)).astype(
+        np.float32), np.random.default_rng(4).uniform(-40, 40, (40, 36)).astype(np.float32)])),
 ]
 
 

@@ -21,14 +21,15 @@ integer model, ONNX Runtime and the compiled artifact agree bit for bit.
     F.silu(x)                         Mul(x, Sigmoid(x))          x * logistic(x)
     F.glu(x, dim)                     Split, Sigmoid, Mul         a * logistic(b)
     torch.erf                         Erf                         MLAS erf (two polynomials, MLAS exp)
+    torch.sin / torch.cos             Sin / Cos                   Eigen psincos_float (no FMA), packets of 4
 
 `fma(a, b, c)` is evaluated in float64 and rounded to float32: a*b is exact in float64, so
 it differs from a single-rounding FMA only by double rounding (about 1 in 2^29 operations).
 LayerNorm rows whose length is not a multiple of 8 match in most but not all rows (measured:
 n = 13 and 37 differ by an ulp in ~1% of rows; 4, 64, 100, 144, 288 in none; tested).
-Cos/Sin are not rerouted: ORT takes them from Eigen, whose vectorized polynomials are not
-reproduced here (they differ from PyTorch's in ~15% of elements by an ulp, rarely enough to
-flip a quantized value).
+Cos/Sin (rotary position tables) follow Eigen's psincos_float without FMA, which ORT runs on
+packets of 4; the last n % 4 elements of a tensor, which ORT sends to libm, and |x| beyond
+Eigen's huge-argument thresholds keep PyTorch's kernel (the Conformer's tables have n % 4 == 0).
 """
 
 from __future__ import annotations
@@ -173,6 +174,39 @@ def _layer_norm_welford(rows: torch.Tensor, gamma: torch.Tensor, beta: torch.Ten
     return (rows - mean[..., None]) / std[..., None] * gamma + beta
 
 
+def _sincos(x: torch.Tensor, sine: bool) -> torch.Tensor:
+    """Eigen's psincos_float without FMA (every multiply and add rounded), as ORT's Sin/Cos."""
+    magnitude = x.abs()
+    y_round = magnitude * ort.SINCOS_TWO_OVER_PI + ort.SINCOS_ROUNDING_MAGIC
+    octant = y_round.view(torch.int32)
+    y = y_round - ort.SINCOS_ROUNDING_MAGIC
+    reduced = magnitude
+    for piece in ort.SINCOS_REDUCTION:
+        reduced = y * piece + reduced
+    x2 = reduced * reduced
+
+    def horner(coefficients):
+        acc = torch.full_like(x, coefficients[0])
+        for coefficient in coefficients[1:]:
+            acc = acc * x2 + coefficient
+        return acc
+
+    cos_poly = horner(ort.SINCOS_COS_POLY)
+    sin_poly = (horner(ort.SINCOS_SIN_POLY) * x2) * reduced + reduced
+    even = (octant & 1) == 0
+    if sine:
+        result = torch.where(even, sin_poly, cos_poly)
+        sign = x.view(torch.int32) ^ (octant << 30)
+    else:
+        result = torch.where(even, cos_poly, sin_poly)
+        sign = (octant + 1) << 30
+    eigen = (result.view(torch.int32) ^ (sign & -(2**31))).view(torch.float32)
+    flat = torch.arange(x.numel(), device=x.device).reshape(x.shape)
+    in_packet = (flat < x.numel() // ort.SINCOS_PACKET * ort.SINCOS_PACKET) & (magnitude < ort.SINCOS_HUGE["sin" if sine else "cos"])
+    plain = torch.sin(x) if sine else torch.cos(x)  # the libm tail (inside the mode's handler: PyTorch's kernel)
+    return torch.where(in_packet, eigen, plain)
+
+
 def _glu(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     a, b = x.chunk(2, dim=dim)
     return a * logistic(b)
@@ -205,6 +239,10 @@ _ROUTES = {
     F.glu: _float32_only(_glu),
     torch.erf: _float32_only(erf),
     torch.Tensor.erf: _float32_only(erf),
+    torch.sin: _float32_only(lambda x: _sincos(x.contiguous(), sine=True)),
+    torch.Tensor.sin: _float32_only(lambda x: _sincos(x.contiguous(), sine=True)),
+    torch.cos: _float32_only(lambda x: _sincos(x.contiguous(), sine=False)),
+    torch.Tensor.cos: _float32_only(lambda x: _sincos(x.contiguous(), sine=False)),
 }
 
 

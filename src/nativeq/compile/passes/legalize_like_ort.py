@@ -281,13 +281,15 @@ def _eigen_sincos(x, sine: bool):
         for piece in ort.SINCOS_REDUCTION:
             reduced = multiply_add(y, c(piece), reduced)
         x2 = _rounded(dtype, reduced * reduced)
-        cos_poly = c(ort.SINCOS_COS_POLY[0])
-        for coefficient in ort.SINCOS_COS_POLY[1:]:
-            cos_poly = multiply_add(cos_poly, x2, c(coefficient))
-        sin_poly = c(ort.SINCOS_SIN_POLY[0])
-        for coefficient in ort.SINCOS_SIN_POLY[1:]:
-            sin_poly = multiply_add(sin_poly, x2, c(coefficient))
-        sin_poly = multiply_add(_rounded(dtype, sin_poly * x2), reduced, reduced)
+
+        def horner(coefficients):
+            acc = c(coefficients[0])
+            for coefficient in coefficients[1:]:
+                acc = multiply_add(acc, x2, c(coefficient))
+            return acc
+
+        cos_poly = horner(ort.SINCOS_COS_POLY)
+        sin_poly = multiply_add(_rounded(dtype, horner(ort.SINCOS_SIN_POLY) * x2), reduced, reduced)
         even = (octant & 1) == 0
         if sine:
             result = tirx.if_then_else(even, sin_poly, cos_poly)
