@@ -28,6 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 from nativeq.compile._tvm import relax, structural_equal, te, tirx, tvm
+from nativeq.compile.passes.legalize_like_ort import rounded_multiply
 
 _QDQ = ("relax.quantize", "relax.dequantize")
 _BINARY = ("relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.maximum", "relax.minimum")
@@ -136,8 +137,6 @@ def _binary_rule(op_name: str):
             # a product of two computed tensors (e.g. rotary's k * cos): rounded on its own, as ORT does.
             # Products with a constant (scales, LayerNorm weights) keep TVM's rule, so the int8 kernels'
             # epilogues and their tuning records are unchanged.
-            from nativeq.compile.passes.legalize_like_ort import rounded_multiply
-
             same_shape = structural_equal(lhs.ty.shape, rhs.ty.shape)
             return bb.call_te(rounded_multiply, lhs, rhs, primfunc_name_hint="multiply",
                               primfunc_attrs={"op_pattern": 0 if same_shape else 1})  # elementwise / broadcast
