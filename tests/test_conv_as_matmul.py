@@ -1,8 +1,10 @@
-"""int8 convs as im2col + the packed int8 matmul (compile/schedules/conv_as_matmul.py).
+"""int8 convs channels-last (compile/schedules/channels_last.py): full convs as im2col + the packed
+int8 matmul (conv_as_matmul.py), depthwise convs as their own kernel (depthwise.py).
 
 Numbers: every case compiled for `host` and checked against ONNX Runtime (0 steps). Structure:
-after the pipeline's kernel passes, a rewritten conv is an `im2col` + `int8_matmul_packed` pair
-and no conv is left; a depthwise conv stays a conv.
+after the pipeline's kernel passes, a full conv is an `im2col` + `int8_matmul_packed` pair (a 1x1
+conv without im2col), a depthwise conv an `int8_depthwise` kernel, no conv is left, and no
+transpose stands between consecutive convs.
 """
 
 from __future__ import annotations
@@ -41,6 +43,16 @@ CASES = {
     "conv2d-stride2": (lambda: qdq_models.qdq_conv2d(c_in=8, c_out=16, kernel=3, stride=2, act_dtype="uint8"), {}),
     "conv2d-k27": (lambda: qdq_models.qdq_conv2d(c_in=3, c_out=32, kernel=3, stride=1, h=13, w=9,
                                                  act_dtype="int8"), {}),
+    # depthwise-separable blocks: depthwise (zero-point padding folded in) + Relu + 1x1 conv
+    "separable1d-k33": (lambda: qdq_models.qdq_separable_block(1, channels=64, kernel=33, residual=False), {"T": 70}),
+    "separable1d-s8-c24": (lambda: qdq_models.qdq_separable_block(1, channels=24, kernel=5, act_dtype="int8",
+                                                                  residual=False), {"T": 19}),  # 8-lane vectors
+    "separable1d-stride2-dilated": (lambda: qdq_models.qdq_separable_block(1, channels=32, kernel=3, stride=2,
+                                                                           dilation=2), {"T": 41}),
+    "separable2d-dscnn": (lambda: qdq_models.qdq_separable_block(2, channels=64, kernel=3, spatial=(25, 5),
+                                                                 residual=False), {}),
+    "separable2d-stride2": (lambda: qdq_models.qdq_separable_block(2, channels=16, kernel=3, stride=2,
+                                                                   spatial=(13, 9), act_dtype="int8"), {}),
 }
 
 
@@ -55,13 +67,27 @@ def test_conv_as_matmul_matches_onnxruntime(name, tmp_path):
     assert report.passed and out.max_steps == 0 and out.exact_pct == 100.0, report.table()
 
 
+@pytest.mark.parametrize("ndim, spatial, dims", [(1, ("T",), {"T": 70}), (2, (25, 5), {})])
+def test_separable_block_with_residual_add_matches_onnxruntime(ndim, spatial, dims, tmp_path):
+    """The residual add of two dequantized tensors is float math on both sides. NOTE: its scales (0.05,
+    0.1, 0.12) put many sums exactly on a rounding tie; LLVM contracts a dequantize's multiply into the
+    add (an FMA) where ORT rounds each step, so a tie may go the other way: at most 1 step, on < 1%."""
+    path = tmp_path / "m.onnx"
+    onnx.save(qdq_models.qdq_separable_block(ndim, channels=64, kernel=5, spatial=spatial), path)
+    compile_model(path, tmp_path / "art", CompileConfig(target="host", use_tuning=False))
+    report = verify_artifact(tmp_path / "art", path, VerifyConfig(dims=dims, runs=2))
+    out = report.outputs[0]
+    assert report.passed and out.max_steps <= 1 + 1e-4 and out.exact_pct >= 99.0, report.table()
+
+
 def _kernel_level(model: onnx.ModelProto, tmp_path):
     path = tmp_path / "m.onnx"
     onnx.save(model, path)
     target = get_target("host")
     mod = import_model(model, path)
     with TVMTarget(target.tvm_dict()):
-        passes = [*int8_passes(target), *kernel_relax_passes(target), relax.transform.LegalizeOps()]
+        passes = [*int8_passes(target), *kernel_relax_passes(target), relax.transform.LegalizeOps(),
+                  relax.transform.FoldConstant()]
         return tvm.transform.Sequential(passes)(mod)
 
 
@@ -76,8 +102,41 @@ def test_int8_conv_becomes_im2col_and_packed_matmul(tmp_path):
     assert not any("conv1d" in n for n in names), names
 
 
-def test_depthwise_conv_stays_a_conv(tmp_path):
+def test_depthwise_conv_becomes_the_depthwise_kernel(tmp_path):
     model = qdq_models.qdq_conv1d(c_in=32, c_out=32, groups=32, kernel=15, act_dtype="uint8")
     names = _primfunc_names(_kernel_level(model, tmp_path))
-    assert any("conv1d" in n for n in names), names
-    assert not any(n.startswith("im2col") for n in names), names
+    assert any(n.startswith("int8_depthwise") for n in names), names
+    assert not any("conv1d" in n or n.startswith("im2col") for n in names), names
+
+
+@pytest.mark.parametrize("ndim", [1, 2])
+def test_separable_block_has_no_transpose_between_convs(ndim, tmp_path):
+    """The depthwise result feeds the 1x1 conv channels-last: the only transposes left are the graph's
+    input and output ones (the ONNX model is channels first), the padding is folded into the depthwise kernel
+    and the 1x1 conv reads its input without im2col."""
+    spatial = ("T",) if ndim == 1 else (25, 5)
+    mod = _kernel_level(qdq_models.qdq_separable_block(ndim, channels=32, kernel=3, spatial=spatial), tmp_path)
+    main = mod["main"].script()
+    # one to channels-last after the input quantize, one back for the residual add with the input
+    assert main.count("R.call_tir(transpose") == 2, main
+    names = _primfunc_names(mod)
+    assert not any(n.startswith("im2col") or n.startswith("pad") for n in names), names
+    assert any(n.startswith("int8_depthwise") for n in names) and any(n.startswith("int8_matmul_packed") for n in names)
+
+
+def test_depthwise_and_separable_kernels_get_their_schedules(tmp_path):
+    """No contraction kernel of a separable block is left to the generic rule."""
+    path = tmp_path / "m.onnx"
+    onnx.save(qdq_models.qdq_separable_block(1, channels=64, kernel=9), path)
+    target = get_target("host")
+    from nativeq.compile.pipeline import compile_passes
+
+    mod = import_model(onnx.load(path), path)
+    passes = compile_passes(target)
+    names = [p.info.name for p in passes]
+    schedule = passes[names.index("nativeq.DefaultCpuSchedule")]
+    with TVMTarget(target.tvm_dict()), tvm.transform.PassContext(opt_level=3):
+        tvm.transform.Sequential(passes[: names.index("nativeq.DefaultCpuSchedule") + 1])(mod)
+    rules = schedule.applied
+    assert any("depthwise" in k and v == "depthwise" for k, v in rules.items()), rules
+    assert any("int8_matmul_packed" in k and v == "int8-matmul" for k, v in rules.items()), rules

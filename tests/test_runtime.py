@@ -65,6 +65,28 @@ def test_specs_and_run_dict(matmul_artifact):
     assert "x: float32[1, T, 64]" in repr(model)
 
 
+def test_zero_copy_calls_keep_inputs_and_earlier_outputs(matmul_artifact):
+    """Inputs are read in place (a misaligned or strided array is copied first) and never written; each
+    call's outputs own their memory: a later call with other inputs leaves an earlier result unchanged."""
+    onnx_path, artifact = matmul_artifact
+    model = nativeq.load(artifact)
+    rng = np.random.default_rng(0)
+    first_x = rng.uniform(-7, 7, (1, 40, 64)).astype(np.float32)
+    kept_x = first_x.copy()
+    first = model(x=first_x)["y"]
+    kept = first.copy()
+    buffer = np.zeros(40 * 64 + 1, np.float32)
+    misaligned = buffer[1:].reshape(1, 40, 64)  # 4 bytes past an aligned address
+    misaligned[...] = rng.uniform(-7, 7, (1, 40, 64))
+    second = model(x=misaligned)["y"]
+    strided = np.asfortranarray(rng.uniform(-7, 7, (1, 40, 64)).astype(np.float32))
+    third = model(x=strided)["y"]
+    assert np.array_equal(first_x, kept_x) and np.array_equal(first, kept)
+    for x, y in ((first_x, first), (misaligned, second), (strided, third)):
+        assert np.abs(y - _ort(onnx_path, np.ascontiguousarray(x))).max() <= 0.1 + 1e-6  # one output step
+    assert not np.array_equal(first, second)
+
+
 @pytest.mark.parametrize(
     "inputs, message",
     [
@@ -185,3 +207,38 @@ def test_runtime_package_imports_no_torch_and_no_compiler():
                 names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
                 for name in names:
                     assert not name.startswith(("torch", "tvm.relax", "tvm.s_tir", "nativeq.compile")), (path, name)
+
+
+def test_recompiled_artifact_at_the_same_path_runs_its_new_code(tmp_path):
+    """dlopen caches libraries by path: a model recompiled into the same directory (`--force`) and loaded
+    again in the same process must run the new library, not the one loaded first."""
+    import onnx
+    import qdq_models
+
+    from nativeq.compile import CompileConfig, compile_model
+
+    x = np.random.default_rng(3).uniform(-7, 7, (1, 20, 64)).astype(np.float32)
+    results = []
+    for seed in (0, 1):
+        onnx_path = tmp_path / f"m{seed}.onnx"
+        onnx.save(qdq_models.qdq_matmul(seed=seed), onnx_path)
+        compile_model(onnx_path, tmp_path / "artifact", CompileConfig(target="host", use_tuning=False), force=True)
+        y = nativeq.load(tmp_path / "artifact")(x=x)["y"]
+        assert np.abs(y - _ort(onnx_path, x)).max() <= 0.1 + 1e-6
+        results.append(y)
+    assert not np.array_equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("library", ["../model.so", "/tmp/evil.so", "sub/model.so", ""])
+def test_library_must_be_a_file_inside_the_artifact(artifact_copy, library):
+    _, artifact = artifact_copy
+    _edit_manifest(artifact, library=library)
+    with pytest.raises(NativeqError, match="manifest field 'library' must name a file inside the artifact"):
+        nativeq.load(artifact)
+
+
+def test_library_without_a_recorded_hash_is_refused(artifact_copy):
+    _, artifact = artifact_copy
+    _edit_manifest(artifact, files={})
+    with pytest.raises(NativeqError, match="records no sha256 for the library model.so"):
+        nativeq.load(artifact)

@@ -23,7 +23,10 @@ import time; nativeq's runtime never imports torch, and on a device without torc
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
+import os
+import tempfile
 from pathlib import Path
 
 from nativeq.errors import NativeqError
@@ -88,6 +91,24 @@ def check_runnable_here(path: Path, manifest: dict) -> None:
         )
 
 
+def _load_library(library: Path, digest: str, runtime):
+    """dlopen the artifact's library from a private copy of the bytes whose sha256 is checked here.
+
+    NOTE: dlopen caches by path: a library rebuilt at the same path (`compile --force`) and loaded again
+    in the same process would otherwise run the code of the first one. A private copy also cannot be
+    swapped between the hash check and the load. It is unlinked once loaded (the mapping stays)."""
+    data = library.read_bytes()
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise NativeqError(f"artifact file {library} was modified (sha256 mismatch)")
+    handle, private = tempfile.mkstemp(prefix=f"nativeq-{digest[:16]}-", suffix=library.suffix)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+        return runtime.load_module(private)
+    finally:
+        os.unlink(private)
+
+
 def load(path, *, check_cpu: bool = True) -> CompiledModel:
     """Load the artifact directory `path` (written by `nativeq compile`) for this CPU."""
     path = Path(path)
@@ -100,9 +121,15 @@ def load(path, *, check_cpu: bool = True) -> CompiledModel:
     from tvm import runtime
     from tvm.runtime.vm import VirtualMachine
 
+    name = manifest["library"]
+    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+        raise NativeqError(f"artifact {path}: manifest field 'library' must name a file inside the artifact, got {name!r}")
+    digest = manifest["files"].get(name) if isinstance(manifest["files"], dict) else None
+    if not isinstance(digest, str):
+        raise NativeqError(f"artifact {path}: manifest field 'files' records no sha256 for the library {name}")
     device = runtime.cpu(0)
     try:
-        library = runtime.load_module(str(path / manifest["library"]))
+        library = _load_library(path / name, digest, runtime)
         vm = VirtualMachine(library, device)
     except Exception as e:  # noqa: BLE001  (a foreign or broken .so: say which file)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -2,14 +2,16 @@
 
 Two hooks, called by `compile/pipeline.py`:
 
-- `kernel_relax_passes(target)`: Relax passes run before LegalizeOps. Turns int8 convs into
-  im2col + matmul (`conv_as_matmul.py`), packs the constant weights of int8 matmuls for the
+- `kernel_relax_passes(target)`: Relax passes run before LegalizeOps. Runs int8 convs channels-last
+  (`channels_last.py`: full convs as im2col + matmul, `conv_as_matmul.py`; depthwise convs as their own
+  kernel, `depthwise.py`), packs the constant weights of int8 matmuls for the
   target's dot intrinsic (`pack_weights.py`) and, at run time, the int8 activation rhs of
   activation x activation matmuls (attention's Q.K^T, P.V; `pack_activations.py`). (Float `erf`,
   GELU's, is legalized by `compile/passes/legalize_like_ort.py` as MLAS computes it: vectorizable
   and bit-identical.)
 - `schedule_passes(target)`: TIR passes run after FuseOps/FuseTIR. Gives every PrimFunc a
-  schedule without tuning (`default_schedule.py`): tensorized int8 matmuls (`matmul.py`),
+  schedule without tuning (`default_schedule.py`): tensorized int8 matmuls (`matmul.py`), channels-vectorized
+  int8 depthwise convs (`depthwise.py`),
   dlight's CPU reduction rule (softmax, layer norm), and a parallel + vectorized fallback for
   everything else (`generic.py`).
 
@@ -23,14 +25,14 @@ from nativeq.compile.schedules.intrinsics import dot_intrin_for
 
 def kernel_relax_passes(target) -> list:
     """Relax-level passes that choose int8 kernel layouts (pack weights), run before legalization."""
-    from nativeq.compile.schedules.conv_as_matmul import Int8ConvAsMatmul
+    from nativeq.compile.schedules.channels_last import Int8ConvsChannelsLast
     from nativeq.compile.schedules.pack_activations import PackInt8Activations
     from nativeq.compile.schedules.pack_weights import PackInt8Weights
 
     intrin = dot_intrin_for(target)
     if intrin is None:
         return []
-    return [Int8ConvAsMatmul(intrin), PackInt8Weights(intrin), PackInt8Activations(intrin)]
+    return [Int8ConvsChannelsLast(intrin), PackInt8Weights(intrin), PackInt8Activations(intrin)]
 
 
 def schedule_passes(target) -> list:

@@ -1,136 +1,120 @@
-"""Relax pass: an int8 conv with a constant weight becomes im2col + the packed int8 matmul kernel.
+"""An int8 conv in channels-last layout as im2col + the packed int8 matmul kernel.
 
-Pipeline position: `kernel_relax_passes(target)`, after the int8 rewrite (`compile/passes/`)
-and right before `PackInt8Weights`, which then packs the new matmul's weight for the target's
-dot intrinsic. Input, as the int8 rewrite emits it (zero-point padding already applied, or
-zero padding left to the conv):
+Called by `channels_last.Int8ConvsChannelsLast` (kernel_relax_passes, before `PackInt8Weights`,
+which then packs the new matmul's weight for the target's dot intrinsic). Input: the conv's
+channels-last activation `x` `[N, *S, C]` (8-bit), its constant weight `W` `[O, C, *K]` and its
+geometry. Output, all channels-last:
 
-    acc = R.nn.conv1d(x, W, strides, padding, dilation, groups=1, out_dtype="int32")   # NCW / OIW
-    acc = R.nn.conv2d(...)                                                              # NCHW / OIHW
+    cols = im2col(x)                      # [N, *S', *K, C], padded with the zero point's value
+    acc  = R.matmul(reshape(cols, [N, rows, K*C]), W2, out_dtype="int32")   # W2 = W as [K*C, O]
+    acc  = reshape(acc, [N, *S', O])      # 1-D: already that shape, so the epilogue fuses into the matmul
 
-Output:
-
-    cols = im2col(x)                       # [N, OW, C*KW] (conv2d: [N, OH*OW, C*KH*KW]), zero padded
-    acc  = R.matmul(cols, W2, out_dtype="int32")    # W2 = W reshaped to [C*K..., O], a constant
-    acc  = R.permute_dims(R.reshape(acc, ...))      # back to NCW / NCHW for the epilogue
-
-TVM's legalized int8 conv is a scalar loop nest that the default schedule can only
-parallelize; as a matmul it runs on the tensorized VNNI / AVX2 / sdot / NEON kernel
-(the benchmark encoder's two subsampling convs went from 5 ms to well under 1 ms). Grouped and
-depthwise convs stay convs (their reduction is too short for the dot intrinsics), and so does
-anything the packed kernel cannot tile (output channels not a multiple of the intrinsic's lanes).
-The reduction C*K is zero-padded to the intrinsic's k-step, with zero weight rows.
+A 1x1 conv with stride 1 and no padding needs no im2col: x is already the matmul's lhs. TVM's
+legalized int8 conv is a scalar loop nest that the default schedule can only parallelize; as a
+matmul it runs on the tensorized VNNI / AVX2 / sdot / NEON kernel. The reduction K*C is
+zero-padded to the intrinsic's k-step, with zero weight rows.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from nativeq.compile._tvm import relax, te, tirx, tvm
-from nativeq.compile.passes import rewrite_functions
+from nativeq.compile._tvm import relax, te, tirx
 from nativeq.compile.schedules.intrinsics import DotIntrin
 
 # NOTE: opaque to FuseOps: fused into its producer (e.g. a requantize), im2col would recompute
 # the producer once per kernel tap; materializing the 8-bit input once is cheaper.
 _OPAQUE = 8  # TVM OpPatternKind.kOpaque
-_CONVS = {"relax.nn.conv1d": ("NCW", "OIW"), "relax.nn.conv2d": ("NCHW", "OIHW")}
 
 
-def _rewritable(call, intrin: DotIntrin) -> bool:
-    if not isinstance(call, relax.Call) or not isinstance(call.op, tvm.ir.Op) or call.op.name not in _CONVS:
-        return False
-    x, w = call.args
-    attrs = call.attrs
-    layouts = _CONVS[call.op.name]
-    return (
-        isinstance(w, tvm.ir.GenericConst)
-        and str(attrs.out_dtype) == "int32"
-        and str(x.ty.dtype) == intrin.act_dtype
-        and str(w.ty.dtype) == "int8"
-        and int(attrs.groups) == 1
-        and (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) == (layouts[0], layouts[1], layouts[0])
-        and int(w.ty.shape[0]) % intrin.lanes == 0
-    )
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Strides, dilation and padding of a conv (padding: before per spatial axis, then after), and
+    the value its padded positions read (0, or the zero point a folded `nn.pad` padded with)."""
+
+    strides: tuple[int, ...]
+    dilation: tuple[int, ...]
+    padding: tuple[int, ...]
+    pad_value: float = 0.0
+
+    @property
+    def padded(self) -> bool:
+        return any(self.padding)
+
+    def as_te_kwargs(self) -> dict:
+        """As plain lists and floats (what `BlockBuilder.call_te` passes through to a TE function)."""
+        return {"strides": list(self.strides), "dilation": list(self.dilation), "padding": list(self.padding),
+                "pad_value": float(self.pad_value)}
+
+    @classmethod
+    def from_te_kwargs(cls, strides, dilation, padding, pad_value) -> "ConvGeometry":
+        return cls(tuple(int(s) for s in strides), tuple(int(d) for d in dilation), tuple(int(p) for p in padding),
+                   float(pad_value))
 
 
-def im2col_te(x: te.Tensor, kernel: tuple[int, ...], out_spatial, strides, dilation, padding):
-    """[N, C, *S] -> [N, *out_spatial, C, *kernel]: cols[n, *o, c, *k] = x[n, c, *(o*stride + k*dilation - pad)].
+def gather_padded(x: te.Tensor, n, position, c, geometry: ConvGeometry):
+    """x[n, *position, c] of a channels-last tensor, or the pad value where `position` lies outside it."""
+    spatial = x.shape[1:-1]
+    if not geometry.padded:
+        return x[(n, *position, c)]
+    inside = tirx.const(True, "bool")
+    for i, extent in zip(position, spatial):
+        inside = tirx.all(inside, i >= 0, i < extent)
+    safe = [tirx.max(tirx.min(i, extent - 1), 0) for i, extent in zip(position, spatial)]
+    return tirx.if_then_else(inside, x[(n, *safe, c)], tirx.const(geometry.pad_value, x.dtype))
 
-    Positions outside the input (padding) read 0. No div/mod in the index: each output row is a
-    plain strided gather the vectorizer handles.
+
+def tap_position(out_index, kernel_index, geometry: ConvGeometry) -> list:
+    """The input position output `out_index` reads at kernel tap `kernel_index`."""
+    before = geometry.padding[: len(out_index)]
+    return [o * s + k * d - p for o, k, s, d, p in zip(out_index, kernel_index, geometry.strides, geometry.dilation, before)]
+
+
+def im2col_channels_last_te(x: te.Tensor, kernel, out_spatial, **geometry_kwargs):
+    """[N, *S, C] -> [N, *out_spatial, *kernel, C]: cols[n, *o, *k, c] = x[n, *(o*stride + k*dilation - pad), c].
+
+    No div/mod in the index: each (output position, tap) is a contiguous copy of C channels.
     """
-    batch, channels, *spatial = x.shape
+    geometry = ConvGeometry.from_te_kwargs(**geometry_kwargs)
+    kernel = [int(k) for k in kernel]
+    batch, channels = x.shape[0], x.shape[-1]
     ndim = len(kernel)
-    padding_before, padded = padding[:ndim], any(padding)
 
     def compute(n, *index):
-        out_index, c, kernel_index = index[:ndim], index[ndim], index[ndim + 1:]
-        position = [o * s + k * d - pad
-                    for o, k, s, d, pad in zip(out_index, kernel_index, strides, dilation, padding_before)]
-        if not padded:  # every position is inside the input
-            return x[(n, c, *position)]
-        inside = tirx.const(True, "bool")
-        for i, extent in zip(position, spatial):
-            inside = tirx.all(inside, i >= 0, i < extent)
-        safe = [tirx.max(tirx.min(i, extent - 1), 0) for i, extent in zip(position, spatial)]
-        return tirx.if_then_else(inside, x[(n, c, *safe)], tirx.const(0, x.dtype))
+        out_index, kernel_index, c = index[:ndim], index[ndim:2 * ndim], index[-1]
+        return gather_padded(x, n, tap_position(out_index, kernel_index, geometry), c, geometry)
 
-    return te.compute((batch, *out_spatial, channels, *kernel), compute, name="im2col")
+    return te.compute((batch, *out_spatial, *kernel, channels), compute, name="im2col")
 
 
-@relax.expr_functor.mutator
-class _ConvAsMatmul(relax.PyExprMutator):
-    def __init__(self, mod, intrin: DotIntrin):
-        super().__init__(mod)
-        self.intrin = intrin
-        self.rewritten = 0
-
-    def visit_call_(self, call):
-        call = self.visit_expr_post_order(call)
-        if not _rewritable(call, self.intrin):
-            return call
-        x, w = call.args
-        attrs = call.attrs
-        weight = w.value.numpy()  # [O, C, *K]
-        out_channels, kernel = weight.shape[0], tuple(weight.shape[2:])
-        reduction = int(np.prod(weight.shape[1:]))
-        padded_reduction = -(-reduction // self.intrin.kstep) * self.intrin.kstep
-        w2 = np.zeros((padded_reduction, out_channels), np.int8)
-        w2[:reduction] = weight.reshape(out_channels, reduction).T
-        ndim = len(kernel)
-        out_shape = call.ty.shape.values  # [N, O, *out_spatial]
-        out_spatial = list(out_shape[2:])
-        padding = [int(p) for p in attrs.padding]
-        cols = self.builder_.emit(
-            self.builder_.call_te(
-                im2col_te, x, kernel=kernel, out_spatial=out_spatial,
-                strides=[int(s) for s in attrs.strides], dilation=[int(d) for d in attrs.dilation],
-                padding=padding,
-                primfunc_name_hint="im2col", primfunc_attrs={"op_pattern": _OPAQUE},
-            )
-        )
-        rows = 1
-        for extent in out_spatial:
-            rows = rows * extent
-        cols = relax.op.reshape(cols, [out_shape[0], rows, reduction])
-        if padded_reduction != reduction:  # the dot intrinsic's k-step: zero columns x zero weight rows
-            cols = relax.op.nn.pad(cols, [0, 0, 0, 0, 0, padded_reduction - reduction])
-        acc = self.builder_.emit(relax.op.matmul(cols, relax.const(w2, "int8"), out_dtype="int32"))
-        acc = relax.op.reshape(acc, [out_shape[0], *out_spatial, out_channels])
-        self.rewritten += 1
-        return relax.op.permute_dims(acc, [0, ndim + 1, *range(1, ndim + 1)])
-
-
-@tvm.transform.module_pass(opt_level=0, name="nativeq.Int8ConvAsMatmul")
-class Int8ConvAsMatmul:
-    """Rewrite int8 convs with constant weights into im2col + int8 matmul (see the module docstring)."""
-
-    def __init__(self, intrin: DotIntrin):
-        self.intrin = intrin
-        self.rewritten = 0
-
-    def transform_module(self, mod, _ctx):
-        mutator = _ConvAsMatmul(mod, self.intrin)
-        new_mod = rewrite_functions(mutator)
-        self.rewritten = mutator.rewritten
-        return new_mod
+def conv_as_matmul(builder, x_cl, weight: np.ndarray, out_spatial, geometry: ConvGeometry, intrin: DotIntrin):
+    """Emit the channels-last conv of `x_cl` [N, *S, C] with `weight` [O, C, *K]; returns the int32 [N, *S', O] expr."""
+    out_channels, channels, *kernel = weight.shape
+    ndim = len(kernel)
+    batch = x_cl.ty.shape.values[0]
+    reduction = channels * int(np.prod(kernel))
+    padded_reduction = -(-reduction // intrin.kstep) * intrin.kstep
+    w2 = np.zeros((padded_reduction, out_channels), np.int8)
+    # cols order (*K, C) -> weight rows (*K, C)
+    w2[:reduction] = weight.transpose(*range(2, 2 + ndim), 1, 0).reshape(reduction, out_channels)
+    pointwise = all(k == 1 for k in kernel) and all(s == 1 for s in geometry.strides) and not geometry.padded
+    if pointwise:
+        cols = x_cl
+    else:
+        cols = builder.emit(builder.call_te(
+            im2col_channels_last_te, x_cl, kernel=list(kernel), out_spatial=list(out_spatial), **geometry.as_te_kwargs(),
+            primfunc_name_hint="im2col", primfunc_attrs={"op_pattern": _OPAQUE},
+        ))
+    rows = 1
+    for extent in out_spatial:
+        rows = rows * extent
+    if ndim != 1 or not pointwise:
+        cols = relax.op.reshape(cols, [batch, rows, reduction])
+    if padded_reduction != reduction:  # the dot intrinsic's k-step: zero columns x zero weight rows
+        cols = relax.op.nn.pad(cols, [0, 0, 0, 0, 0, padded_reduction - reduction])
+    acc = builder.emit(relax.op.matmul(cols, relax.const(w2, "int8"), out_dtype="int32"))
+    if ndim == 1:
+        return acc
+    return relax.op.reshape(acc, [batch, *out_spatial, out_channels])

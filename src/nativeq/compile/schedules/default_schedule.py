@@ -6,6 +6,7 @@ lowers TIR. Rules, first that applies wins:
 1. `matmul.schedule_int8_matmul`: packed int8 matmul + fused epilogue, tensorized with the
    target's int8 dot intrinsic (`intrinsics.py`); `matmul.schedule_int8_pack`: the run-time pack
    of an activation operand (`pack_activations.py`) with its fused producers;
+   `depthwise.schedule_depthwise`: an int8 depthwise conv (channels-last) + fused epilogue;
 2. dlight's CPU `Reduction` rule: softmax / layer norm style reductions (not convolutions:
    blocks reducing over 2+ axes go to the generic rule, which vectorizes their output axis);
 3. `generic.schedule_generic`: parallel outer loops, vectorized inner loops.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import logging
 
 from nativeq.compile._tvm import DlightCpuReduction, TVMTarget, tirx, tvm
+from nativeq.compile.schedules.depthwise import schedule_depthwise
 from nativeq.compile.schedules.generic import has_integer_matmul, has_multi_axis_reduction, schedule_generic
 from nativeq.compile.schedules.intrinsics import dot_intrin_for
 from nativeq.compile.schedules.matmul import schedule_int8_matmul, schedule_int8_pack
@@ -57,6 +59,9 @@ class DefaultCpuSchedule:
             sch = schedule_int8_pack(func)
             if sch is not None:
                 return "int8-pack", sch.mod["main"]
+        sch = schedule_depthwise(func, _vector_bits(self.target))
+        if sch is not None:
+            return "depthwise", sch.mod["main"]
         sch = schedule_softmax(func, _vector_bits(self.target))
         if sch is not None:
             return "softmax", sch.mod["main"]

@@ -151,6 +151,11 @@ def _schedule(sch: Schedule, intrin: DotIntrin, knobs: TileKnobs | None = None) 
         return None
     n, kdim = _extent(sch, j), _extent(sch, k)
 
+    # Side inputs of the epilogue that FuseOps computed as blocks of their own ahead of the matmul
+    # (a residual's dequantize, a transposed operand): inlined into their epilogue consumer, so the
+    # tile loop reads them per tile instead of the kernel materializing them in a serial loop nest.
+    _inline_epilogue_inputs(sch, matmul)
+
     # Epilogue: inline every block after the matmul into the last one (requantize chains, GELU
     # diamonds), keep that one for reverse_compute_at.
     epilogue = _blocks_after(sch, matmul)
@@ -189,6 +194,21 @@ def _schedule(sch: Schedule, intrin: DotIntrin, knobs: TileKnobs | None = None) 
     sch.unroll(row_inner)
     sch.unroll(col_block)
     return sch
+
+
+def _inline_epilogue_inputs(sch: Schedule, matmul) -> None:
+    """Inline every block before the matmul that the matmul does not read (directly or through the
+    zero-padded rows): elementwise producers of epilogue side inputs. Raises if one cannot be inlined."""
+    operand_blocks = {ROWS_PAD_BLOCK}
+    operand_buffers = {r.source.name for r in sch.get(matmul).reads}
+    pad = _find_block(sch, ROWS_PAD_BLOCK)
+    if pad is not None:
+        operand_buffers |= {r.source.name for r in sch.get(pad).reads}
+    for block in reversed(_blocks_before(sch, matmul)):
+        stmt = sch.get(block)
+        if stmt.name_hint in operand_blocks or any(w.source.name in operand_buffers for w in stmt.writes):
+            continue
+        sch.compute_inline(block)
 
 
 def _schedule_padded_epilogue(sch: Schedule, intrin: DotIntrin, last_name: str, kdim: int | None) -> Schedule | None:

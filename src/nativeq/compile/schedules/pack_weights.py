@@ -46,7 +46,8 @@ def packed_matmul_te(x: te.Tensor, wp: te.Tensor, lanes: int, kstep: int, row_ti
     K (padded to the k-step), `x` is zero-padded (`nativeq_int8_rows_pad`, computed per tile by the
     schedule) and the result cropped back to `rows` x `n_out` (`nativeq_int8_rows_crop`, inlined into
     the epilogue): TVM's tensorize rejects the predicate a row tail would otherwise put on the
-    tensorized block. `n_out` (default: the packed N) is the real number of columns when the packed
+    tensorized block. A single row behind batch dims (`[T, 1, K]`, time-major) is tiled along
+    the last batch axis instead (the result keeps the unit axis). `n_out` (default: the packed N) is the real number of columns when the packed
     N was zero-padded to a multiple of `lanes`.
     """
     *wbatch, n_blocks, k_blocks, _, _ = wp.shape
@@ -55,18 +56,28 @@ def packed_matmul_te(x: te.Tensor, wp: te.Tensor, lanes: int, kstep: int, row_ti
     if wbatch and len(wbatch) != len(batch):
         raise ValueError(f"packed operand batch {wbatch} does not match the activation batch {batch}")
     analyzer = Analyzer()
-    pad_rows = not (isinstance(rows, tvm.tirx.IntImm) and int(rows) % row_tile == 0)
+    source = x
+    read = source.__getitem__
+    # A single row behind batch dims (time-major [T, 1, K], the layout torch's MultiheadAttention exports):
+    # the last batch axis becomes the row axis, so the register tiles hold T rows instead of 1 + padding.
+    unit_rows = not wbatch and bool(batch) and isinstance(rows, tvm.tirx.IntImm) and int(rows) == 1
+    if unit_rows:
+        *batch, rows = batch
+
+        def read(index):
+            return source[(*index[:-1], 0, index[-1])]
+
+    pad_rows = unit_rows or not (isinstance(rows, tvm.tirx.IntImm) and int(rows) % row_tile == 0)
     pad_k = not analyzer.can_prove_equal(x_k, kdim)
     if pad_rows or pad_k:
         padded_rows = (rows + (row_tile - 1)) // row_tile * row_tile if pad_rows else rows
-        source = x
 
         def pad(*i):
             zero = tvm.tirx.const(0, source.dtype)
             if pad_k:  # select on a clamped read: the vectorized K loop stays vectorized (x_k >= 1 here)
-                value = tvm.tirx.Select(i[-1] < x_k, source[(*i[:-1], tvm.tirx.min(i[-1], x_k - 1))], zero)
+                value = tvm.tirx.Select(i[-1] < x_k, read((*i[:-1], tvm.tirx.min(i[-1], x_k - 1))), zero)
             else:
-                value = source[i]
+                value = read(i)
             return tvm.tirx.if_then_else(i[-2] < rows, value, zero) if pad_rows else value
 
         x = te.compute((*batch, padded_rows, kdim), pad, name=ROWS_PAD_BLOCK)
@@ -85,7 +96,10 @@ def packed_matmul_te(x: te.Tensor, wp: te.Tensor, lanes: int, kstep: int, row_ti
     crop_cols = n_out is not None and not analyzer.can_prove_equal(n_out, n)
     if not pad_rows and not crop_cols:
         return acc
-    return te.compute((*batch, rows, n_out if crop_cols else n), lambda *i: acc[i], name=ROWS_CROP_BLOCK)
+    cols = n_out if crop_cols else n
+    if unit_rows:
+        return te.compute((*batch, rows, 1, cols), lambda *i: acc[(*i[:-2], i[-1])], name=ROWS_CROP_BLOCK)
+    return te.compute((*batch, rows, cols), lambda *i: acc[i], name=ROWS_CROP_BLOCK)
 
 
 def _is_packable(call: relax.Call, intrin: DotIntrin) -> bool:

@@ -1,0 +1,293 @@
+"""Relax pass: int8 convolutions run channels-last, and the layout is carried between them.
+
+Pipeline position: `kernel_relax_passes(target)`, first: after the int8 rewrite (`compile/passes/`),
+before `PackInt8Weights` packs the matmuls this pass creates. Input, as ONNX models and the int8
+rewrite give it (channels first):
+
+    xq  = R.quantize(R.permute_dims(feats, [0, 2, 1]), ...)        # [N, C, T] (the model's transpose)
+    xp  = R.nn.pad(xq, ..., pad_value=zero_point)
+    acc = R.nn.conv1d(xp, W, groups=1 or C, out_dtype="int32")     # NCW / NCHW, W constant
+    y   = R.quantize(R.multiply(R.astype(R.subtract(acc, b)), s))  # requantize epilogue, per-channel constants
+
+Output: every such conv works on channels-last tensors `[N, *S, C]`: a full conv as im2col + int8
+matmul (`conv_as_matmul.py`), a depthwise conv as the `depthwise.py` kernel, both with their
+producer's zero-point `nn.pad` folded in. The elementwise ops around them (requantize epilogues,
+quantize/dequantize, residual adds, activations, pads, and a mean over all spatial axes) are
+rewritten to channels-last too, with their constants permuted, so consecutive convs exchange
+channels-last tensors and no transpose is left between them. Where a channels-first value is
+still needed (an op this pass does not know, a graph output), a `permute_dims` back is emitted;
+`permute_dims` pairs that cancel (the model's own [N, T, C] <-> [N, C, T] transposes) vanish.
+
+Why: channels-last is the layout both int8 kernels want. The im2col rows are contiguous
+C-vectors and the matmul result is already the next layer's input (no int32 transpose kernel
+between the matmul and its requantize, which then fuses into the matmul); a depthwise conv
+vectorizes over channels, where channels-first gives it only the (often tiny) width.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from nativeq.compile._tvm import relax, tvm
+from nativeq.compile.passes import rewrite_functions
+from nativeq.compile.schedules.conv_as_matmul import ConvGeometry, conv_as_matmul
+from nativeq.compile.schedules.depthwise import call_depthwise
+from nativeq.compile.schedules.intrinsics import DotIntrin
+
+_CONVS = {"relax.nn.conv1d": ("NCW", "OIW"), "relax.nn.conv2d": ("NCHW", "OIHW")}
+_ELEMENTWISE = {
+    "relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.maximum", "relax.minimum",
+    "relax.astype", "relax.clip", "relax.nn.relu", "relax.nn.silu", "relax.nn.gelu", "relax.nn.gelu_tanh",
+    "relax.sigmoid", "relax.tanh", "relax.exp", "relax.negative", "relax.round", "relax.abs", "relax.sqrt",
+    "relax.erf", "relax.where", "relax.quantize", "relax.dequantize",
+}
+_SPATIAL_MEANS = {"relax.mean", "relax.sum", "relax.max"}
+
+
+def to_channels_last(ndim: int) -> list[int]:
+    """permute_dims axes [N, C, *S] -> [N, *S, C]."""
+    return [0, *range(2, ndim), 1]
+
+
+def to_channels_first(ndim: int) -> list[int]:
+    """permute_dims axes [N, *S, C] -> [N, C, *S]."""
+    return [0, ndim - 1, *range(1, ndim - 1)]
+
+
+def _op_name(expr) -> str | None:
+    if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
+        return expr.op.name
+    return None
+
+
+def _ndim(expr) -> int:
+    return int(expr.ty.ndim) if hasattr(expr.ty, "ndim") else -1
+
+
+def _is_const(expr) -> bool:
+    return isinstance(expr, tvm.ir.GenericConst)
+
+
+def _int_list(values) -> list[int]:
+    return [int(v) for v in values]
+
+
+def _conv_kind(call, intrin: DotIntrin) -> str | None:
+    """"matmul" / "depthwise" for an int8 conv this pass rewrites, else None."""
+    layouts = _CONVS.get(_op_name(call))
+    if layouts is None:
+        return None
+    x, w = call.args
+    attrs = call.attrs
+    if (not _is_const(w) or str(attrs.out_dtype) != "int32" or str(x.ty.dtype) != intrin.act_dtype
+            or str(w.ty.dtype) != "int8"
+            or (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != (layouts[0], layouts[1], layouts[0])):
+        return None
+    groups = int(attrs.groups)
+    out_channels, in_per_group = (int(d) for d in w.ty.shape.values[:2])
+    if groups == 1:
+        return "matmul"
+    if in_per_group == 1 and out_channels == groups:
+        return "depthwise"
+    return None
+
+
+@relax.expr_functor.mutator
+class _ChannelsLast(relax.PyExprMutator):
+    def __init__(self, mod, intrin: DotIntrin):
+        super().__init__(mod)
+        self.intrin = intrin
+        self.rewritten = 0
+        self.channels_last: dict = {}  # new channels-first var -> its channels-last twin
+        self.padded: dict = {}  # var made by nn.pad -> (source, spatial pad pairs, pad value, channels_last)
+
+    # -- helpers ---------------------------------------------------------------------------------------
+    def _twin(self, expr):
+        """The channels-last twin of a (visited) expr, or None."""
+        return self.channels_last.get(expr) if isinstance(expr, relax.Var) else None
+
+    def _as_channels_last(self, expr):
+        twin = self._twin(expr)
+        if twin is not None:
+            return twin
+        return self.builder_.emit(relax.op.permute_dims(expr, to_channels_last(_ndim(expr))))
+
+    def _define(self, binding, channels_last_value) -> None:
+        """Bind the channels-last value and, for channels-first users, its transpose back as `binding.var`."""
+        twin = channels_last_value if isinstance(channels_last_value, relax.Var) else self.builder_.emit(channels_last_value)
+        back = relax.op.permute_dims(twin, to_channels_first(_ndim(twin)))
+        var = binding.var
+        emit = self.builder_.emit if isinstance(var, relax.DataflowVar) else self.builder_.emit_output
+        new_var = emit(back, name_hint=str(var.name))
+        self.set_var_remap(var, new_var)
+        self.channels_last[new_var] = twin
+        return twin
+
+    def _bind_plain(self, binding, value):
+        var = binding.var
+        emit = self.builder_.emit if isinstance(var, relax.DataflowVar) else self.builder_.emit_output
+        new_var = emit(value, name_hint=str(var.name))
+        self.set_var_remap(var, new_var)
+        return new_var
+
+    # -- the rewrite -----------------------------------------------------------------------------------
+    def visit_var_binding_(self, binding):
+        value = self.visit_expr(binding.value)
+        name = _op_name(value)
+        if name in _CONVS and _conv_kind(value, self.intrin) is not None:
+            self._define(binding, self._conv(value))
+            self.rewritten += 1
+            return
+        if name == "relax.permute_dims" and self._permute(binding, value):
+            return
+        if name in _ELEMENTWISE and self._elementwise(binding, value):
+            return
+        if name == "relax.nn.pad" and self._pad(binding, value):
+            return
+        if name in _SPATIAL_MEANS and self._spatial_reduction(binding, value):
+            return
+        self._bind_plain(binding, value)
+
+    def _permute(self, binding, call) -> bool:
+        (source,) = call.args
+        ndim = _ndim(source)
+        if ndim < 3 or call.attrs.axes is None:
+            return False
+        axes = _int_list(call.attrs.axes)
+        twin = self._twin(source)
+        if twin is not None and axes == to_channels_last(ndim):  # back to channels-last: the twin itself
+            if isinstance(binding.var, relax.DataflowVar):
+                self.set_var_remap(binding.var, twin)
+            else:
+                self._bind_plain(binding, twin)
+            return True
+        if axes == to_channels_first(ndim):  # a channels-last source: it is this value's twin
+            self.channels_last[self._bind_plain(binding, call)] = source
+            return True
+        return False
+
+    def _elementwise(self, binding, call) -> bool:
+        """Rewrite when some operand has a twin and every other operand is a constant, a scalar or a twin."""
+        ndim = _ndim(call)
+        if ndim < 3 or not any(self._twin(a) is not None for a in call.args):
+            return False
+        args = []
+        for arg in call.args:
+            twin = self._twin(arg)
+            if twin is not None and _ndim(arg) == ndim:
+                args.append(twin)
+            elif _is_const(arg):
+                args.append(_permute_constant(arg, ndim))
+            elif _ndim(arg) == 0:
+                args.append(arg)
+            elif _is_per_channel(arg, ndim):  # e.g. a bias not folded yet, a squeeze-excite gate: tiny to move
+                shape = [int(d) for d in arg.ty.shape.values]
+                full = relax.op.reshape(arg, [1] * (ndim - len(shape)) + shape)
+                args.append(self.builder_.emit(relax.op.permute_dims(full, to_channels_last(ndim))))
+            else:
+                return False
+        name = _op_name(call)
+        if name in ("relax.quantize", "relax.dequantize"):
+            axis = int(call.attrs.axis) % ndim
+            op = relax.op.quantize if name == "relax.quantize" else relax.op.dequantize
+            # a per-channel scale is 1-D: not permuted (a rank-1 constant would be broadcast along the last axis)
+            value = op(args[0], call.args[1], call.args[2], axis=to_channels_last(ndim).index(axis),
+                       out_dtype=str(call.attrs.out_dtype))
+        else:
+            value = relax.Call(call.op, args, call.attrs, call.ty_args)
+        self._define(binding, value)
+        return True
+
+    def _pad(self, binding, call) -> bool:
+        """A constant pad: channels-last when its source is; either way a conv reading it may fold it in."""
+        source = call.args[0]
+        if str(call.attrs.pad_mode) != "constant" or len(call.args) != 1 or _ndim(source) < 3:
+            return False
+        ndim = _ndim(source)
+        pairs = np.array(_int_list(call.attrs.pad_width)).reshape(ndim, 2)
+        pad_value = float(call.attrs.pad_value)
+        spatial_only = not pairs[:2].any()
+        twin = self._twin(source)
+        if twin is None:
+            padded = self._bind_plain(binding, call)
+            if spatial_only:
+                self.padded[padded] = (source, pairs[2:], pad_value, False)
+            return True
+        pairs = pairs[to_channels_last(ndim)]
+        padded = self._define(binding, relax.op.nn.pad(twin, [int(p) for p in pairs.reshape(-1)], "constant", pad_value))
+        if spatial_only:
+            self.padded[padded] = (twin, pairs[1:-1], pad_value, True)
+        return True
+
+    def _spatial_reduction(self, binding, call) -> bool:
+        """A reduction over every spatial axis ([N, C, *S] -> [N, C] or [N, C, 1..]) reads the twin as well."""
+        (source,) = call.args
+        twin = self._twin(source)
+        ndim = _ndim(source)
+        if twin is None or call.attrs.axis is None:
+            return False
+        axes = sorted(int(a) % ndim for a in call.attrs.axis)
+        if axes != list(range(2, ndim)):
+            return False
+        spatial = list(range(1, ndim - 1))
+        op = {"relax.mean": relax.op.mean, "relax.sum": relax.op.sum, "relax.max": relax.op.max}[_op_name(call)]
+        if bool(call.attrs.keepdims):
+            self._define(binding, op(twin, spatial, keepdims=True))
+        else:
+            self._bind_plain(binding, op(twin, spatial, keepdims=False))
+        return True
+
+    def _conv(self, call):
+        x, w = call.args
+        attrs = call.attrs
+        weight = w.value.numpy()  # [O, C/groups, *K]
+        ndim = weight.ndim - 2
+        padding = _int_list(attrs.padding)
+        geometry = ConvGeometry(tuple(_int_list(attrs.strides)), tuple(_int_list(attrs.dilation)), tuple(padding))
+        x_cl = self._twin(x)
+        folded = self.padded.get(x if x_cl is None else x_cl)
+        if folded is not None and not any(padding):  # the zero-point pad in front of the conv: read, not copied
+            source, pairs, pad_value, channels_last = folded
+            geometry = ConvGeometry(geometry.strides, geometry.dilation,
+                                    tuple(int(p) for p in (*pairs[:, 0], *pairs[:, 1])), pad_value)
+            x_cl = source if channels_last else self._as_channels_last(source)
+        elif x_cl is None:
+            x_cl = self._as_channels_last(x)
+        out_spatial = list(call.ty.shape.values[2:])
+        if _conv_kind(call, self.intrin) == "depthwise":
+            w_cl = relax.const(np.ascontiguousarray(weight[:, 0].transpose(*range(1, ndim + 1), 0)), "int8")  # [*K, C]
+            return call_depthwise(self.builder_, x_cl, w_cl, out_spatial, geometry)
+        return conv_as_matmul(self.builder_, x_cl, weight, out_spatial, geometry, self.intrin)
+
+
+def _is_per_channel(expr, ndim: int) -> bool:
+    """A static-shaped operand of rank <= ndim that broadcasts along every spatial axis ([C, 1], [1, C, 1, 1], ...)."""
+    shape = getattr(expr.ty, "shape", None)
+    if not isinstance(shape, relax.ShapeExpr) or not all(isinstance(d, tvm.tirx.IntImm) for d in shape.values):
+        return False
+    dims = [1] * (ndim - len(shape.values)) + [int(d) for d in shape.values]
+    return len(dims) == ndim and all(d == 1 for d in dims[2:])
+
+
+def _permute_constant(const, ndim: int):
+    """A constant operand of a channels-first op, for the channels-last op (broadcast rank first)."""
+    value = const.value.numpy()
+    if value.ndim == 0:
+        return const
+    value = value.reshape((1,) * (ndim - value.ndim) + value.shape)
+    return relax.const(np.ascontiguousarray(value.transpose(to_channels_last(ndim))), str(value.dtype))
+
+
+@tvm.transform.module_pass(opt_level=0, name="nativeq.Int8ConvsChannelsLast")
+class Int8ConvsChannelsLast:
+    """Run int8 convs channels-last and carry the layout between them (see the module docstring)."""
+
+    def __init__(self, intrin: DotIntrin):
+        self.intrin = intrin
+        self.rewritten = 0
+
+    def transform_module(self, mod, _ctx):
+        mutator = _ChannelsLast(mod, self.intrin)
+        new_mod = rewrite_functions(mutator, remove_unused=True)
+        self.rewritten = mutator.rewritten
+        return new_mod

@@ -1,0 +1,122 @@
+"""int8 depthwise convolution, channels-last: the TE kernel and its TIR schedule rule.
+
+Kernel (emitted by `channels_last.Int8ConvsChannelsLast`, kernel_relax_passes, before legalization):
+
+    acc[n, *o, c] = sum_k x[n, *(o*stride + k*dilation - pad), c] * w[*k, c]     # int32, x and w 8-bit
+
+as a `call_tir` marked out-elementwise-fusable, so FuseOps fuses its requantize epilogue into it.
+A depthwise reduction (the kernel taps, 3 to 40 of them) is too short for the int8 dot-product
+instructions, which reduce 4 neighbours along K; in channels-last layout the channels are the
+vector axis instead: every tap is one contiguous vector load of C activations and of C weights.
+
+Schedule (`schedule_depthwise`, schedule_passes, after FuseTIR; the rule `DefaultCpuSchedule` names
+"depthwise"):
+
+    for (n, *o) in parallel:                        # output positions
+        for c0 in C / lanes:
+            acc[lanes] = 0                           # on the stack
+            for k in taps: acc += widen(x[.., c0*lanes:]) * widen(w[k, c0*lanes:])    # vectorized
+            out[n, *o, c0*lanes:] = epilogue(acc)    # requantize, vectorized
+"""
+
+from __future__ import annotations
+
+import logging
+
+from nativeq.compile._tvm import Schedule, s_tir, te, tirx
+from nativeq.compile.schedules.conv_as_matmul import ConvGeometry, gather_padded, tap_position
+
+logger = logging.getLogger(__name__)
+
+DEPTHWISE_BLOCK = "nativeq_int8_depthwise"
+_OUT_EWISE_FUSABLE = 4  # TVM OpPatternKind.kOutEWiseFusable
+_ERRORS = (s_tir.ScheduleError, RuntimeError, ValueError, TypeError)
+
+
+def depthwise_te(x: te.Tensor, w: te.Tensor, out_spatial, **geometry_kwargs) -> te.Tensor:
+    """int32 depthwise conv of `x` [N, *S, C] (8-bit) with `w` [*K, C] (int8): [N, *out_spatial, C]."""
+    geometry = ConvGeometry.from_te_kwargs(**geometry_kwargs)
+    *kernel, channels = w.shape
+    taps = [te.reduce_axis((0, k), name=f"k{i}") for i, k in enumerate(kernel)]
+
+    def compute(n, *index):
+        out_index, c = index[:-1], index[-1]
+        value = gather_padded(x, n, tap_position(out_index, taps, geometry), c, geometry)
+        return te.sum(value.astype("int32") * w[(*taps, c)].astype("int32"), axis=taps)
+
+    return te.compute((x.shape[0], *out_spatial, channels), compute, name=DEPTHWISE_BLOCK)
+
+
+def call_depthwise(builder, x_cl, w_cl, out_spatial, geometry: ConvGeometry):
+    """`builder.call_te` of `depthwise_te`, marked so FuseOps fuses the requantize epilogue into it."""
+    return builder.call_te(
+        depthwise_te, x_cl, w_cl, out_spatial=list(out_spatial), **geometry.as_te_kwargs(),
+        primfunc_name_hint="int8_depthwise", primfunc_attrs={"op_pattern": _OUT_EWISE_FUSABLE},
+    )
+
+
+def _vector_lanes(channels: int, vector_bits: int) -> int | None:
+    """int32 lanes per vector that divide the channel count (a lane predicate would scalarize the loop)."""
+    for lanes in (vector_bits // 32, vector_bits // 64, 4):
+        if lanes >= 4 and channels % lanes == 0:
+            return lanes
+    return None
+
+
+def _find_block(sch: Schedule, name: str):
+    try:
+        return sch.get_sblock(name)
+    except _ERRORS:
+        return None
+
+
+def schedule_depthwise(func, vector_bits: int) -> Schedule | None:
+    """The schedule of a PrimFunc holding the depthwise block (see the module docstring), or None."""
+    if not isinstance(func, tirx.PrimFunc):
+        return None
+    sch = Schedule(func)
+    block = _find_block(sch, DEPTHWISE_BLOCK)
+    if block is None:
+        return None
+    try:
+        return _schedule(sch, block, vector_bits)
+    except _ERRORS as err:
+        logger.debug("depthwise schedule does not apply: %s", err)
+        return None
+
+
+def _schedule(sch: Schedule, block, vector_bits: int) -> Schedule | None:
+    children = list(sch.get_child_blocks(sch.get_sblock("root")))
+    names = [sch.get(b).name_hint for b in children]
+    position = names.index(DEPTHWISE_BLOCK)
+    for producer in reversed(children[:position]):
+        sch.compute_inline(producer)
+    epilogue = children[position + 1:]
+    for consumer in epilogue[:-1]:
+        sch.compute_inline(consumer)
+    last = epilogue[-1] if epilogue else None
+
+    loops = sch.get_loops(block)
+    n_taps = len(sch.get(block).iter_vars) - len(sch.get(block).writes[0].source.shape)
+    spatial, taps = loops[:-n_taps], loops[-n_taps:]
+    *outer, channel = spatial
+    channels = sch.get(channel).extent
+    if not isinstance(channels, tirx.IntImm):
+        return None
+    lanes = _vector_lanes(int(channels), vector_bits)
+    if lanes is None:
+        return None
+    c_outer, c_lane = sch.split(channel, factors=[None, lanes])
+    sch.reorder(*outer, c_outer, *taps, c_lane)
+    position_loop = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+    sch.parallel(position_loop)
+    # NOTE: vectorize before decompose_reduction: after it the update block has no init and no longer
+    # counts as a reduction block, which vectorize requires.
+    sch.vectorize(c_lane)
+    init = sch.decompose_reduction(block, taps[0])
+    sch.vectorize(sch.get_loops(init)[-1])
+    if last is not None:
+        sch.reverse_compute_at(last, c_outer)
+        sch.vectorize(sch.get_loops(last)[-1])
+        sch.set_scope(init, 0, "local")  # the accumulator of one vector of channels, in registers
+    return sch
