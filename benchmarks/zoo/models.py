@@ -1,0 +1,426 @@
+"""Small PyTorch speech models written from the public papers, with seeded random weights.
+
+The zoo is about operators and fusion patterns, not accuracy: every module here is an
+edge-ASR-sized instance (d_model 144, 4 heads, ff 576, 2 blocks; conv channels 64-256) of a
+published architecture, built deterministically from a seed. Inputs are log-mel features
+[1, T, 80] (waveform [1, S] for the wav2vec2 feature extractor, MFCC [1, 1, 49, 10] for the
+keyword spotter); `export_float_onnx` writes the TorchScript ONNX export (opset 17) with the
+time axis symbolic.
+
+Papers: Vaswani et al. 2017 (transformer, post-norm) and Xiong et al. 2020 (pre-norm);
+Gulati et al. 2020 (Conformer); Kriman et al. 2020 (QuartzNet) and Majumdar et al. 2021
+(Citrinet squeeze-excite); Zhang et al. 2017 "Hello Edge" (DS-CNN); Graves et al. 2013
+(LSTM acoustic model); Radford et al. 2022 (Whisper encoder); Baevski et al. 2020 (wav2vec 2.0
+feature encoder).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+N_MELS = 80
+D_MODEL = 144
+HEADS = 4
+FF_DIM = 576
+VOCAB = 32
+
+
+# ----------------------------------------------------------------------------- shared pieces
+def log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """CTC-style output: log-softmax over the vocabulary (last axis)."""
+    return torch.log_softmax(logits, dim=-1)
+
+
+def sinusoid_table(length: int, dim: int) -> torch.Tensor:
+    """Whisper's fixed positional table [length, dim]: sin on the first half, cos on the second."""
+    log_timescale = math.log(10000) / (dim // 2 - 1)
+    inv_timescales = torch.exp(-log_timescale * torch.arange(dim // 2, dtype=torch.float32))
+    scaled = torch.arange(length, dtype=torch.float32)[:, None] * inv_timescales[None, :]
+    return torch.cat([torch.sin(scaled), torch.cos(scaled)], dim=1)
+
+
+def randomize_batchnorm_(module: nn.Module, generator: torch.Generator) -> None:
+    """Give every BatchNorm plausible trained statistics (fresh ones are an identity map)."""
+    for m in module.modules():
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            c = m.num_features
+            m.running_mean.copy_(torch.randn(c, generator=generator) * 0.1)
+            m.running_var.copy_(torch.rand(c, generator=generator) * 1.5 + 0.5)
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(c, generator=generator) + 0.5)
+                m.bias.copy_(torch.randn(c, generator=generator) * 0.1)
+
+
+class ConvStem(nn.Module):
+    """Conv1d subsampling, stride 2, to d_model: [1, T, 80] -> [1, ceil(T/2), d]."""
+
+    def __init__(self, d: int = D_MODEL):
+        super().__init__()
+        self.conv = nn.Conv1d(N_MELS, d, kernel_size=3, stride=2, padding=1)
+
+    def forward(self, feats):
+        return torch.relu(self.conv(feats.transpose(1, 2))).transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------- transformer (torch.nn)
+class TransformerCTC(nn.Module):
+    """Conv stem + torch.nn.TransformerEncoderLayer blocks (GELU) + linear head + log-softmax."""
+
+    def __init__(self, norm_first: bool, blocks: int = 2):
+        super().__init__()
+        self.stem = ConvStem()
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(D_MODEL, HEADS, FF_DIM, dropout=0.0, activation="gelu", batch_first=True,
+                                       norm_first=norm_first)
+            for _ in range(blocks)
+        )
+        self.head = nn.Linear(D_MODEL, VOCAB)
+
+    def forward(self, feats):
+        x = self.stem(feats)
+        for block in self.blocks:
+            x = block(x)
+        return log_probs(self.head(x))
+
+
+# ----------------------------------------------------------------------------- conformer
+class FeedForward(nn.Module):
+    """Conformer macaron half: LayerNorm -> Linear -> SiLU -> Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(D_MODEL)
+        self.fc1, self.fc2 = nn.Linear(D_MODEL, FF_DIM), nn.Linear(FF_DIM, D_MODEL)
+
+    def forward(self, x):
+        return self.fc2(nn.functional.silu(self.fc1(self.norm(x))))
+
+
+class ConvModule(nn.Module):
+    """LayerNorm -> pointwise conv (2d) -> GLU -> depthwise Conv1d k=15 -> BatchNorm -> SiLU -> pointwise conv."""
+
+    def __init__(self, kernel: int = 15):
+        super().__init__()
+        self.norm = nn.LayerNorm(D_MODEL)
+        self.pointwise1 = nn.Conv1d(D_MODEL, 2 * D_MODEL, 1)
+        self.depthwise = nn.Conv1d(D_MODEL, D_MODEL, kernel, padding=kernel // 2, groups=D_MODEL)
+        self.batch_norm = nn.BatchNorm1d(D_MODEL)
+        self.pointwise2 = nn.Conv1d(D_MODEL, D_MODEL, 1)
+
+    def forward(self, x):  # [1, T, d]
+        h = nn.functional.glu(self.pointwise1(self.norm(x).transpose(1, 2)), dim=1)
+        h = nn.functional.silu(self.batch_norm(self.depthwise(h)))
+        return self.pointwise2(h).transpose(1, 2)
+
+
+class ConformerBlock(nn.Module):
+    """x + FFN/2, x + MHSA, x + conv, x + FFN/2, LayerNorm (Gulati et al. 2020, fig. 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ff1, self.ff2 = FeedForward(), FeedForward()
+        self.attn_norm = nn.LayerNorm(D_MODEL)
+        self.attn = nn.MultiheadAttention(D_MODEL, HEADS, dropout=0.0, batch_first=True)
+        self.conv = ConvModule()
+        self.final_norm = nn.LayerNorm(D_MODEL)
+
+    def forward(self, x):
+        x = x + 0.5 * self.ff1(x)
+        h = self.attn_norm(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        x = x + self.conv(x)
+        x = x + 0.5 * self.ff2(x)
+        return self.final_norm(x)
+
+
+class ConformerCTC(nn.Module):
+    """Linear stem + Conformer blocks + linear head + log-softmax (full frame rate)."""
+
+    def __init__(self, blocks: int = 2):
+        super().__init__()
+        self.stem = nn.Linear(N_MELS, D_MODEL)
+        self.blocks = nn.ModuleList(ConformerBlock() for _ in range(blocks))
+        self.head = nn.Linear(D_MODEL, VOCAB)
+
+    def forward(self, feats):
+        x = self.stem(feats)
+        for block in self.blocks:
+            x = block(x)
+        return log_probs(self.head(x))
+
+
+# ----------------------------------------------------------------------------- QuartzNet / Citrinet
+class SqueezeExcite(nn.Module):
+    """Citrinet SE: mean over time -> Linear -> ReLU -> Linear -> sigmoid -> channel scale."""
+
+    def __init__(self, channels: int, reduction: int = 8):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(channels, channels // reduction), nn.Linear(channels // reduction, channels)
+
+    def forward(self, x):  # [1, C, T]
+        gate = torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean(dim=2)))))
+        return x * gate.unsqueeze(2)
+
+
+class SeparableConv(nn.Module):
+    """Depthwise Conv1d (kernel k, 'same' padding) -> pointwise Conv1d -> BatchNorm."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int = 1):
+        super().__init__()
+        self.depthwise = nn.Conv1d(c_in, c_in, kernel, stride=stride, padding=kernel // 2, groups=c_in, bias=False)
+        self.pointwise = nn.Conv1d(c_in, c_out, 1, bias=False)
+        self.batch_norm = nn.BatchNorm1d(c_out)
+
+    def forward(self, x):
+        return self.batch_norm(self.pointwise(self.depthwise(x)))
+
+
+class QuartzBlock(nn.Module):
+    """R separable convs (ReLU between them); the residual (pointwise + BN) joins before the last ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, repeat: int = 2, squeeze_excite: bool = False):
+        super().__init__()
+        self.convs = nn.ModuleList(SeparableConv(c_in if i == 0 else c_out, c_out, kernel) for i in range(repeat))
+        self.se = SqueezeExcite(c_out) if squeeze_excite else None
+        self.residual = nn.Sequential(nn.Conv1d(c_in, c_out, 1, bias=False), nn.BatchNorm1d(c_out))
+
+    def forward(self, x):
+        h = x
+        for i, conv in enumerate(self.convs):
+            h = conv(h)
+            if i < len(self.convs) - 1:
+                h = torch.relu(h)
+        if self.se is not None:
+            h = self.se(h)
+        return torch.relu(h + self.residual(x))
+
+
+class QuartzNetCTC(nn.Module):
+    """C1 (separable k=33, stride 2) -> blocks k=33, 39, 51 (+SE) -> C2 (k=63) -> C3 (1x1) -> C4 (1x1 to vocab)."""
+
+    def __init__(self, channels: int = 128):
+        super().__init__()
+        self.c1 = SeparableConv(N_MELS, channels, 33, stride=2)
+        self.blocks = nn.ModuleList([
+            QuartzBlock(channels, channels, 33),
+            QuartzBlock(channels, 192, 39),
+            QuartzBlock(192, 192, 51, squeeze_excite=True),
+        ])
+        self.c2 = SeparableConv(192, 256, 63)
+        self.c3 = nn.Sequential(nn.Conv1d(256, 256, 1, bias=False), nn.BatchNorm1d(256))
+        self.c4 = nn.Conv1d(256, VOCAB, 1)
+
+    def forward(self, feats):
+        x = torch.relu(self.c1(feats.transpose(1, 2)))
+        for block in self.blocks:
+            x = block(x)
+        x = torch.relu(self.c3(torch.relu(self.c2(x))))
+        return log_probs(self.c4(x).transpose(1, 2))
+
+
+# ----------------------------------------------------------------------------- DS-CNN keyword spotting
+class DepthwiseSeparable2d(nn.Module):
+    """Depthwise 3x3 + BN + ReLU, pointwise 1x1 + BN + ReLU."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.depthwise = nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.pointwise = nn.Conv2d(channels, channels, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        return torch.relu(self.bn2(self.pointwise(torch.relu(self.bn1(self.depthwise(x))))))
+
+
+class DSCNN(nn.Module):
+    """DS-CNN-S (Zhang et al. 2017): MFCC [1, 1, 49, 10] -> conv 10x4 /2 -> 4 DS blocks -> avg pool -> 12 classes."""
+
+    def __init__(self, channels: int = 64, classes: int = 12):
+        super().__init__()
+        self.conv = nn.Conv2d(1, channels, (10, 4), stride=2, padding=(5, 1), bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+        self.blocks = nn.Sequential(*(DepthwiseSeparable2d(channels) for _ in range(4)))
+        self.fc = nn.Linear(channels, classes)
+
+    def forward(self, mfcc):
+        x = self.blocks(torch.relu(self.bn(self.conv(mfcc))))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+# ----------------------------------------------------------------------------- recurrent acoustic models
+class RecurrentCTC(nn.Module):
+    """2-layer unidirectional LSTM or GRU (hidden 256) + linear head + log-softmax."""
+
+    def __init__(self, cell: str, hidden: int = 256, layers: int = 2):
+        super().__init__()
+        rnn = {"lstm": nn.LSTM, "gru": nn.GRU}[cell]
+        self.rnn = rnn(N_MELS, hidden, num_layers=layers, batch_first=True)
+        self.head = nn.Linear(hidden, VOCAB)
+
+    def forward(self, feats):
+        return log_probs(self.head(self.rnn(feats)[0]))
+
+
+# ----------------------------------------------------------------------------- Whisper encoder
+class WhisperAttention(nn.Module):
+    """Whisper's MHSA: separate q/k/v projections (k without bias), q and k each scaled by dh^-1/4."""
+
+    def __init__(self):
+        super().__init__()
+        self.query, self.key = nn.Linear(D_MODEL, D_MODEL), nn.Linear(D_MODEL, D_MODEL, bias=False)
+        self.value, self.out = nn.Linear(D_MODEL, D_MODEL), nn.Linear(D_MODEL, D_MODEL)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        dh = d // HEADS
+        scale = dh ** -0.25
+
+        def heads(z):
+            return z.reshape(b, t, HEADS, dh).transpose(1, 2)
+
+        q, k, v = heads(self.query(x)) * scale, heads(self.key(x)) * scale, heads(self.value(x))
+        weights = torch.softmax(q @ k.transpose(-1, -2), dim=-1)
+        return self.out((weights @ v).transpose(1, 2).reshape(b, t, d))
+
+
+class WhisperBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn_ln, self.attn = nn.LayerNorm(D_MODEL), WhisperAttention()
+        self.mlp_ln = nn.LayerNorm(D_MODEL)
+        self.mlp = nn.Sequential(nn.Linear(D_MODEL, FF_DIM), nn.GELU(), nn.Linear(FF_DIM, D_MODEL))
+
+    def forward(self, x):
+        x = x + self.attn(self.attn_ln(x))
+        return x + self.mlp(self.mlp_ln(x))
+
+
+class WhisperEncoder(nn.Module):
+    """Conv1d k3 + GELU, Conv1d k3 /2 + GELU, + sinusoidal positions, pre-norm blocks, final LayerNorm."""
+
+    def __init__(self, blocks: int = 2, max_frames: int = 1500):
+        super().__init__()
+        self.conv1 = nn.Conv1d(N_MELS, D_MODEL, 3, padding=1)
+        self.conv2 = nn.Conv1d(D_MODEL, D_MODEL, 3, stride=2, padding=1)
+        self.register_buffer("positional_embedding", sinusoid_table(max_frames, D_MODEL))
+        self.blocks = nn.ModuleList(WhisperBlock() for _ in range(blocks))
+        self.ln_post = nn.LayerNorm(D_MODEL)
+
+    def forward(self, feats):
+        x = nn.functional.gelu(self.conv1(feats.transpose(1, 2)))
+        x = nn.functional.gelu(self.conv2(x)).transpose(1, 2)
+        x = x + self.positional_embedding[: x.shape[1]]
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_post(x)
+
+
+# ----------------------------------------------------------------------------- wav2vec 2.0 feature encoder
+class Wav2Vec2FeatureExtractor(nn.Module):
+    """7 strided Conv1d (no bias), GroupNorm(C, C) after the first, GELU after each; LayerNorm + projection."""
+
+    KERNELS = (10, 3, 3, 3, 3, 2, 2)
+    STRIDES = (5, 2, 2, 2, 2, 2, 2)
+
+    def __init__(self, channels: int = 128, out_dim: int = D_MODEL):
+        super().__init__()
+        self.convs = nn.ModuleList(
+            nn.Conv1d(1 if i == 0 else channels, channels, k, stride=s, bias=False)
+            for i, (k, s) in enumerate(zip(self.KERNELS, self.STRIDES))
+        )
+        self.group_norm = nn.GroupNorm(channels, channels)
+        self.layer_norm = nn.LayerNorm(channels)
+        self.projection = nn.Linear(channels, out_dim)
+
+    def forward(self, waveform):  # [1, S]
+        x = waveform.unsqueeze(1)
+        for i, conv in enumerate(self.convs):
+            x = conv(x)
+            if i == 0:
+                x = self.group_norm(x)
+            x = nn.functional.gelu(x)
+        return self.projection(self.layer_norm(x.transpose(1, 2)))
+
+
+# ----------------------------------------------------------------------------- construction and export
+def seeded(factory, seed: int) -> nn.Module:
+    """`factory()` with weights drawn from `seed` (global RNG state is left untouched), in eval mode."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = factory()
+        randomize_batchnorm_(module, torch.Generator().manual_seed(seed + 1))
+    return module.eval()
+
+
+@dataclass(frozen=True)
+class OnnxIO:
+    """Names and axes of an exported graph: `dynamic_axes` as torch.onnx.export takes it."""
+
+    input_name: str
+    output_name: str
+    dynamic_axes: dict
+
+
+def _packed_projection_as_split(q, k, v, w, b=None):
+    """torch 1.x's self-attention in-projection: one packed Linear, then a 3-way Split."""
+    if q is k and k is v:
+        return nn.functional.linear(q, w, b).chunk(3, dim=-1)
+    return _TORCH_PACKED_PROJECTION(q, k, v, w, b)
+
+
+_TORCH_PACKED_PROJECTION = nn.functional._in_projection_packed
+
+
+@contextlib.contextmanager
+def _exportable_attention():
+    """Trace nn.TransformerEncoderLayer / nn.MultiheadAttention into ops the TorchScript exporter handles.
+
+    - In eval mode without grad they dispatch to `aten::_transformer_encoder_layer_fwd`, which the
+      exporter refuses (UnsupportedOperatorError at opset 17): the fast path is turned off.
+    - NOTE: torch 2.13 splits the packed QKV projection with unflatten/transpose/squeeze/index; the
+      exporter's shape inference then freezes the key length at the example's length (a Reshape to
+      [T_example, 4, 36] fails at any other T). The projection is traced as torch 1.x did it (one
+      MatMul + Split): the same numbers, and the time axis stays symbolic.
+    """
+    was_enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    nn.functional._in_projection_packed = _packed_projection_as_split
+    try:
+        yield
+    finally:
+        nn.functional._in_projection_packed = _TORCH_PACKED_PROJECTION
+        torch.backends.mha.set_fastpath_enabled(was_enabled)
+
+
+def export_float_onnx(module: nn.Module, example: torch.Tensor, io_names: OnnxIO, opset: int = 17) -> bytes:
+    """TorchScript ONNX export (dynamo=False) of `module` on `example`; returns the serialized model."""
+    buf = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings(), _exportable_attention():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
+        torch.onnx.export(
+            module, (example,), buf, dynamo=False, opset_version=opset,
+            input_names=[io_names.input_name], output_names=[io_names.output_name],
+            dynamic_axes=io_names.dynamic_axes or None,
+        )
+    return buf.getvalue()
+
+
+BUILDERS = {
+    "transformer_postnorm": lambda: TransformerCTC(norm_first=False),
+    "transformer_prenorm": lambda: TransformerCTC(norm_first=True),
+    "conformer": ConformerCTC,
+    "quartznet": QuartzNetCTC,
+    "dscnn_kws": DSCNN,
+    "lstm_am": lambda: RecurrentCTC("lstm"),
+    "gru_am": lambda: RecurrentCTC("gru"),
+    "whisper_encoder": WhisperEncoder,
+    "wav2vec2_fe": Wav2Vec2FeatureExtractor,
+}
