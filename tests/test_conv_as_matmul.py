@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import pytest
 import qdq_models
+from kernel_rules import schedule_rules
 from onnx import helper
 
 from nativeq.compile import CompileConfig, compile_model
@@ -126,17 +127,6 @@ def test_separable_block_has_no_transpose_between_convs(ndim, tmp_path):
 
 def test_depthwise_and_separable_kernels_get_their_schedules(tmp_path):
     """No contraction kernel of a separable block is left to the generic rule."""
-    path = tmp_path / "m.onnx"
-    onnx.save(qdq_models.qdq_separable_block(1, channels=64, kernel=9), path)
-    target = get_target("host")
-    from nativeq.compile.pipeline import compile_passes
-
-    mod = import_model(onnx.load(path), path)
-    passes = compile_passes(target)
-    names = [p.info.name for p in passes]
-    schedule = passes[names.index("nativeq.DefaultCpuSchedule")]
-    with TVMTarget(target.tvm_dict()), tvm.transform.PassContext(opt_level=3):
-        tvm.transform.Sequential(passes[: names.index("nativeq.DefaultCpuSchedule") + 1])(mod)
-    rules = schedule.applied
+    rules = schedule_rules(qdq_models.qdq_separable_block(1, channels=64, kernel=9), tmp_path)
     assert any("depthwise" in k and v == "depthwise" for k, v in rules.items()), rules
     assert any("int8_matmul_packed" in k and v == "int8-matmul" for k, v in rules.items()), rules

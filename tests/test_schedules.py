@@ -156,8 +156,9 @@ def test_every_tunable_tile_is_exact(tmp_path, monkeypatch):
                                       err_msg=knobs.as_text())
 
 
-def test_unpackable_matmul_and_float_ops_keep_correct_generic_schedules(tmp_path):
-    """K=30 is not a multiple of the dot tile: no packing, the generic rule must keep it exact."""
+def test_odd_k_and_n_are_packed_with_zero_padding_and_float_ops_keep_correct_generic_schedules(tmp_path):
+    """K=30 and N=20 are not multiples of the dot tile (4 x 16): zero weight rows and columns make them one,
+    the kernel zero-pads x and crops the columns, and stays exact; the float ops around it get the generic rule."""
     target = get_target("host")
     rng, w, bias, scale = _random_layer(2, k=30, n=20)
     rows = tvm.tirx.Var("T", "int64")
@@ -176,7 +177,7 @@ def test_unpackable_matmul_and_float_ops_keep_correct_generic_schedules(tmp_path
         bb.emit_func_output(out)
     mod = bb.get()
     rules = _rules(mod, target)
-    assert "int8-matmul" not in rules.values()
+    assert "int8-matmul" in rules.values()
     assert "generic" in rules.values()
     ex, _ = _build(mod, target, tmp_path)
     vm = relax.VirtualMachine(ex, tvm.cpu())
@@ -229,3 +230,23 @@ def test_erf_is_a_vectorizable_polynomial_and_accurate(tmp_path):
     got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(xs)).numpy()
     expected = xs * np.vectorize(math.erf)(xs.astype(np.float64))
     np.testing.assert_allclose(got, expected, atol=1e-6 * 8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("k, n", [(64, 12), (30, 48), (21, 7)])
+@pytest.mark.parametrize("act_dtype", ["uint8", "int8"])
+def test_qdq_matmul_with_odd_k_or_n_is_tensorized_and_exact(k, n, act_dtype, tmp_path):
+    """A 12-class head, K off the k-step: padded to the tile, on the int8 kernel, 0 steps from ORT."""
+    import onnx
+    import qdq_models
+    from kernel_rules import schedule_rules
+
+    from nativeq.compile import CompileConfig, compile_model
+    from nativeq.verify import VerifyConfig, verify_artifact
+
+    model = qdq_models.qdq_matmul(k=k, n=n, act_dtype=act_dtype)
+    rules = schedule_rules(model, tmp_path)
+    assert [v for name, v in rules.items() if "matmul" in name] == ["int8-matmul"], rules
+    onnx.save(model, tmp_path / "m.onnx")
+    compile_model(tmp_path / "m.onnx", tmp_path / "art", CompileConfig(target="host", use_tuning=False))
+    report = verify_artifact(tmp_path / "art", tmp_path / "m.onnx", VerifyConfig(dims={"T": 37}, runs=2))
+    assert report.passed and report.outputs[0].max_steps == 0, report.table()

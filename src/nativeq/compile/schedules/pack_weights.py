@@ -11,8 +11,10 @@ PrimFunc reading the packed constant. The PrimFunc is marked `op_pattern=kOutEWi
 FuseOps still fuses its elementwise epilogue (requantize, bias, cast) into it, and carries the
 `nativeq.int8_matmul` attribute that the TIR schedule rule (`matmul.py`) keys on.
 
-Matmuls the intrinsic cannot cover (non-constant weights, wrong dtypes, K or N not a
-multiple of the tile) are left alone and get the generic schedule.
+An N that is not a multiple of the intrinsic's lanes (a 12-class head) gets zero weight columns,
+cropped in the kernel; a K that is not a multiple of its k-step, zero weight rows (x is zero-padded
+per tile). Matmuls the intrinsic cannot cover (non-constant weights, wrong dtypes) are left alone
+and get the generic schedule.
 """
 
 from __future__ import annotations
@@ -111,11 +113,9 @@ def _is_packable(call: relax.Call, intrin: DotIntrin) -> bool:
     x_type, w_type = x.ty, w.ty
     if x_type.dtype != intrin.act_dtype or w_type.dtype != "int8" or w_type.ndim != 2 or x_type.ndim < 1:
         return False
-    k, n = (int(v) for v in w_type.shape.values)
+    k = int(w_type.shape.values[0])
     x_k = x_type.shape.values[-1] if isinstance(x_type.shape, relax.ShapeExpr) else None
-    if not isinstance(x_k, tvm.tirx.IntImm) or int(x_k) != k:
-        return False
-    return k % intrin.kstep == 0 and n % intrin.lanes == 0
+    return isinstance(x_k, tvm.tirx.IntImm) and int(x_k) == k
 
 
 def call_packed_matmul(builder, x, packed, intrin: DotIntrin, n_out=None):
@@ -149,9 +149,15 @@ class _Packer(relax.PyExprMutator):
             return call
         x, w = call.args
         lanes, kstep = self.intrin.lanes, self.intrin.kstep
-        packed = relax.const(pack_weight(w.value.numpy(), lanes, kstep), "int8")
+        weight = w.value.numpy()
+        k, n = weight.shape
+        # zero rows up to whole k-steps (the kernel zero-pads x's K to match) and zero columns up to whole
+        # vectors (the kernel's epilogue crops them)
+        padded_k, padded_n = -(-k // kstep) * kstep, -(-n // lanes) * lanes
+        weight = np.pad(weight, ((0, padded_k - k), (0, padded_n - n)))
+        packed = relax.const(pack_weight(weight, lanes, kstep), "int8")
         self.packed += 1
-        return call_packed_matmul(self.builder_, x, packed, self.intrin)
+        return call_packed_matmul(self.builder_, x, packed, self.intrin, n_out=n if padded_n != n else None)
 
 
 @tvm.transform.module_pass(opt_level=0, name="nativeq.PackInt8Weights")
