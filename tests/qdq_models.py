@@ -132,17 +132,19 @@ def qdq_conv2d(c_in: int = 8, c_out: int = 16, kernel: int = 3, h: int = 20, w: 
 
 
 def qdq_separable_block(ndim: int = 1, channels: int = 32, kernel: int = 5, stride: int = 1, dilation: int = 1,
-                        spatial=("T",), act_dtype: str = "uint8", residual: bool = True, seed: int = 0) -> onnx.ModelProto:
+                        spatial=("T",), act_dtype: str = "uint8", residual: bool = True, same: bool = True,
+                        seed: int = 0) -> onnx.ModelProto:
     """A depthwise-separable block (MobileNet / QuartzNet / DS-CNN), channels first:
     x[1, C, *S] -> Q/DQ -> depthwise Conv (k, stride, dilation, 'same' padding) + bias -> Relu -> Q/DQ
-    -> pointwise 1x1 Conv + bias -> Q/DQ (-> + x -> Q/DQ when residual and stride 1) -> y."""
+    -> pointwise 1x1 Conv + bias -> Q/DQ (-> + x -> Q/DQ when residual and stride 1) -> y.
+    same=False: no padding ('valid'), so the output is shorter and there is no residual."""
     rng = np.random.default_rng(seed)
     nodes, inits = [], []
     xa = _q_dq(nodes, inits, "x", "x", 0.05, act_dtype)
     taps = [kernel] * ndim
     wd = _weight_dq(nodes, inits, "dw", rng.normal(0, 0.3, (channels, 1, *taps)).astype(np.float32), axis=0)
     inits.append(numpy_helper.from_array(rng.normal(0, 0.1, channels).astype(np.float32), "dw_b"))
-    pad = dilation * (kernel - 1) // 2
+    pad = dilation * (kernel - 1) // 2 if same else 0
     nodes.append(helper.make_node("Conv", [xa, wd, "dw_b"], ["dw"], name="dw_Conv", kernel_shape=taps, pads=[pad] * 2 * ndim,
                                   strides=[stride] * ndim, dilations=[dilation] * ndim, group=channels))
     nodes.append(helper.make_node("Relu", ["dw"], ["dw_relu"], name="dw_Relu"))
@@ -151,13 +153,14 @@ def qdq_separable_block(ndim: int = 1, channels: int = 32, kernel: int = 5, stri
     inits.append(numpy_helper.from_array(rng.normal(0, 0.1, channels).astype(np.float32), "pw_b"))
     nodes.append(helper.make_node("Conv", [da, wp, "pw_b"], ["pw"], name="pw_Conv", kernel_shape=[1] * ndim))
     out = _q_dq(nodes, inits, "pwq", "pw", 0.1, act_dtype)
-    if residual and stride == 1:
+    if residual and stride == 1 and same:
         nodes.append(helper.make_node("Add", [out, xa], ["res"], name="res_Add"))
         out = _q_dq(nodes, inits, "resq", "res", 0.12, act_dtype)
     nodes.append(helper.make_node("Identity", [out], ["y"], name="out"))
-    out_spatial = [d if (isinstance(d, str) or stride == 1) else (d + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
+    shrinks = stride != 1 or not same
+    out_spatial = [d if (isinstance(d, str) or not shrinks) else (d + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
                    for d in spatial]
-    out_spatial = [f"{d}_out" if isinstance(d, str) and stride != 1 else d for d in out_spatial]
+    out_spatial = [f"{d}_out" if isinstance(d, str) and shrinks else d for d in out_spatial]
     return _model(nodes, inits, [1, channels, *spatial], [1, channels, *out_spatial], "qdq_separable_block")
 
 

@@ -10,8 +10,8 @@ rewrite give it (channels first):
     y   = R.quantize(R.multiply(R.astype(R.subtract(acc, b)), s))  # requantize epilogue, per-channel constants
 
 Output: every such conv works on channels-last tensors `[N, *S, C]`: a full conv as im2col + int8
-matmul (`conv_as_matmul.py`), a depthwise conv as the `depthwise.py` kernel, both with their
-producer's zero-point `nn.pad` folded in. The elementwise ops around them (requantize epilogues,
+matmul (`conv_as_matmul.py`) with its producer's zero-point `nn.pad` folded into the im2col, a
+depthwise conv as the `depthwise.py` kernel reading one channels-last padded copy of its input. The elementwise ops around them (requantize epilogues,
 quantize/dequantize, residual adds, activations, pads, and a mean over all spatial axes) are
 rewritten to channels-last too, with their constants permuted, so consecutive convs exchange
 channels-last tensors and no transpose is left between them. Where a channels-first value is
@@ -256,6 +256,13 @@ class _ChannelsLast(relax.PyExprMutator):
         out_spatial = list(call.ty.shape.values[2:])
         if _conv_kind(call, self.intrin) == "depthwise":
             w_cl = relax.const(np.ascontiguousarray(weight[:, 0].transpose(*range(1, ndim + 1), 0)), "int8")  # [*K, C]
+            if geometry.padded:
+                # NOTE: one padded copy of the input (a cheap vectorized kernel) rather than a bounds check
+                # per tap in the depthwise kernel's inner loop, which keeps it branch-free.
+                before, after = geometry.padding[:ndim], geometry.padding[ndim:]
+                pad_width = [0, 0, *(p for pair in zip(before, after) for p in pair), 0, 0]
+                x_cl = self.builder_.emit(relax.op.nn.pad(x_cl, pad_width, "constant", geometry.pad_value))
+                geometry = ConvGeometry(geometry.strides, geometry.dilation, (0,) * (2 * ndim))
             return call_depthwise(self.builder_, x_cl, w_cl, out_spatial, geometry)
         return conv_as_matmul(self.builder_, x_cl, weight, out_spatial, geometry, self.intrin)
 

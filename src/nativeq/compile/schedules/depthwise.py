@@ -12,11 +12,12 @@ vector axis instead: every tap is one contiguous vector load of C activations an
 Schedule (`schedule_depthwise`, schedule_passes, after FuseTIR; the rule `DefaultCpuSchedule` names
 "depthwise"):
 
-    for (n, *o) in parallel:                        # output positions
+    for (n, *o, t0) in parallel:                    # blocks of 4 output positions along the last axis
         for c0 in C / lanes:
-            acc[lanes] = 0                           # on the stack
-            for k in taps: acc += widen(x[.., c0*lanes:]) * widen(w[k, c0*lanes:])    # vectorized
-            out[n, *o, c0*lanes:] = epilogue(acc)    # requantize, vectorized
+            acc[4][lanes] = 0                        # on the stack
+            for k in taps:                           # each weight vector loaded once for 4 positions
+                for t in unroll(4): acc[t] += widen(x[.., t0*4 + t .., c0*lanes:]) * widen(w[k, c0*lanes:])
+            out[n, *o, t0*4:, c0*lanes:] = epilogue(acc)    # requantize, vectorized; cropped to T
 """
 
 from __future__ import annotations
@@ -29,22 +30,39 @@ from nativeq.compile.schedules.conv_as_matmul import ConvGeometry, gather_padded
 logger = logging.getLogger(__name__)
 
 DEPTHWISE_BLOCK = "nativeq_int8_depthwise"
+DEPTHWISE_CROP = "nativeq_int8_depthwise_crop"
+POSITIONS = 4  # output positions along the last spatial axis per register block
 _OUT_EWISE_FUSABLE = 4  # TVM OpPatternKind.kOutEWiseFusable
 _ERRORS = (s_tir.ScheduleError, RuntimeError, ValueError, TypeError)
 
 
 def depthwise_te(x: te.Tensor, w: te.Tensor, out_spatial, **geometry_kwargs) -> te.Tensor:
-    """int32 depthwise conv of `x` [N, *S, C] (8-bit) with `w` [*K, C] (int8): [N, *out_spatial, C]."""
+    """int32 depthwise conv of `x` [N, *S, C] (8-bit) with `w` [*K, C] (int8): [N, *out_spatial, C].
+
+    The last output axis is computed padded to whole blocks of `POSITIONS` (reading clamped input
+    positions there) and cropped after, so the schedule can hold a block of outputs in registers
+    without a bounds predicate in its inner loop.
+    """
     geometry = ConvGeometry.from_te_kwargs(**geometry_kwargs)
     *kernel, channels = w.shape
+    *outer, last = out_spatial
+    input_last = x.shape[-2]
+    padded_last = (last + POSITIONS - 1) // POSITIONS * POSITIONS
+    crop = not (isinstance(last, (int, tirx.IntImm)) and int(last) % POSITIONS == 0)
     taps = [te.reduce_axis((0, k), name=f"k{i}") for i, k in enumerate(kernel)]
 
     def compute(n, *index):
         out_index, c = index[:-1], index[-1]
-        value = gather_padded(x, n, tap_position(out_index, taps, geometry), c, geometry)
+        position = tap_position(out_index, taps, geometry)
+        if crop and not geometry.padded:  # the padding rows read a clamped (valid) input row; the crop drops them
+            position[-1] = tirx.min(position[-1], input_last - 1)
+        value = gather_padded(x, n, position, c, geometry)
         return te.sum(value.astype("int32") * w[(*taps, c)].astype("int32"), axis=taps)
 
-    return te.compute((x.shape[0], *out_spatial, channels), compute, name=DEPTHWISE_BLOCK)
+    acc = te.compute((x.shape[0], *outer, padded_last if crop else last, channels), compute, name=DEPTHWISE_BLOCK)
+    if not crop:
+        return acc
+    return te.compute((x.shape[0], *outer, last, channels), lambda *i: acc[i], name=DEPTHWISE_CROP)
 
 
 def call_depthwise(builder, x_cl, w_cl, out_spatial, geometry: ConvGeometry):
@@ -99,24 +117,26 @@ def _schedule(sch: Schedule, block, vector_bits: int) -> Schedule | None:
     loops = sch.get_loops(block)
     n_taps = len(sch.get(block).iter_vars) - len(sch.get(block).writes[0].source.shape)
     spatial, taps = loops[:-n_taps], loops[-n_taps:]
-    *outer, channel = spatial
+    *outer, last_axis, channel = spatial
     channels = sch.get(channel).extent
     if not isinstance(channels, tirx.IntImm):
         return None
     lanes = _vector_lanes(int(channels), vector_bits)
     if lanes is None:
         return None
+    position_block, position = sch.split(last_axis, factors=[None, POSITIONS])
     c_outer, c_lane = sch.split(channel, factors=[None, lanes])
-    sch.reorder(*outer, c_outer, *taps, c_lane)
-    position_loop = sch.fuse(*outer) if len(outer) > 1 else outer[0]
-    sch.parallel(position_loop)
+    sch.reorder(*outer, position_block, c_outer, *taps, position, c_lane)
+    tile = sch.fuse(*outer, position_block)
+    sch.parallel(tile)
     # NOTE: vectorize before decompose_reduction: after it the update block has no init and no longer
     # counts as a reduction block, which vectorize requires.
     sch.vectorize(c_lane)
+    sch.unroll(position)
     init = sch.decompose_reduction(block, taps[0])
     sch.vectorize(sch.get_loops(init)[-1])
     if last is not None:
         sch.reverse_compute_at(last, c_outer)
         sch.vectorize(sch.get_loops(last)[-1])
-        sch.set_scope(init, 0, "local")  # the accumulator of one vector of channels, in registers
+        sch.set_scope(init, 0, "local")  # the accumulators of one register block, on the stack
     return sch

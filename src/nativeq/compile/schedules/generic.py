@@ -72,8 +72,52 @@ def _has_root(sch: Schedule) -> bool:
         return False
 
 
+def _transposed_axis(sch: Schedule, block) -> int | None:
+    """For a block that reads some buffer along another innermost axis than it writes (a transpose), the
+    position of the loop that indexes that read's innermost dim; None otherwise."""
+    stmt = sch.get(block)
+    loop_vars = [sch.get(loop).loop_var for loop in sch.get_loops(block)]
+    bindings = list(sch.get_sref(block).stmt.iter_vars)
+    block_vars = [iv.var for iv in stmt.iter_vars]
+    if len(block_vars) != len(loop_vars) or len(stmt.writes) != 1:
+        return None
+    for read in stmt.reads:
+        if not read.region:
+            continue
+        innermost = read.region[-1].min
+        if isinstance(innermost, tirx.Var) and any(innermost.same_as(v) for v in block_vars):
+            axis = next(i for i, v in enumerate(block_vars) if innermost.same_as(v))
+            if axis != len(block_vars) - 1 and int(read.region[-1].extent) == 1:
+                return axis
+    return None
+
+
+def transpose_vectorize(sch: Schedule, block, vector_bits: int) -> bool:
+    """A transpose whose read-innermost axis is static and whole vectors long: vectorize along that axis
+    (contiguous loads, strided stores), so a symbolic innermost output axis (T) cannot scalarize the loop
+    with its tail predicate. False when it does not apply."""
+    axis = _transposed_axis(sch, block)
+    if axis is None:
+        return False
+    loops = sch.get_loops(block)
+    lanes = max(2, vector_bits // _block_dtype_bits(sch, block))
+    extent = _extent(sch, loops[axis])
+    if extent is None or extent % lanes:
+        return False
+    outer, lane = sch.split(loops[axis], factors=[None, lanes])
+    rest = [loop for i, loop in enumerate(loops) if i != axis]
+    sch.reorder(*rest[:-1], outer, rest[-1], lane)
+    parallel = [*rest[:-1], outer]
+    sch.parallel(sch.fuse(*parallel) if len(parallel) > 1 else parallel[0])
+    sch.vectorize(lane)
+    return True
+
+
 def parallel_vectorize(sch: Schedule, block, vector_bits: int) -> None:
-    """Elementwise block: fuse all but the innermost loop -> parallel; innermost -> vectorized."""
+    """Elementwise block: fuse all but the innermost loop -> parallel; innermost -> vectorized
+    (a transpose: along the axis its source is contiguous in, `transpose_vectorize`)."""
+    if transpose_vectorize(sch, block, vector_bits):
+        return
     loops = sch.get_loops(block)
     lanes = max(2, vector_bits // _block_dtype_bits(sch, block))
     inner = loops[-1]
