@@ -11,6 +11,7 @@ from nativeq.compile.passes.fold_bias_into_accumulator import FoldBiasIntoAccumu
 from nativeq.compile.passes.fold_dequantize_quantize import FoldDequantizeQuantize
 from nativeq.compile.passes.lower_qdq_to_integer import LowerQDQToInteger
 from nativeq.compile.passes.lut_elementwise import LutElementwise
+from nativeq.compile.passes.remove_identity_reshapes import RemoveIdentityReshapes
 from nativeq.compile.passes.qdq_sites import (
     CONTRACTION_OPS,
     ActivationProductSite,
@@ -31,6 +32,7 @@ def activation_dtype(target) -> str | None:
 def lowering_passes(kernel_activation_dtype: str | None) -> list:
     """The int8 passes in pipeline order, for kernels reading `kernel_activation_dtype` activations."""
     return [
+        RemoveIdentityReshapes(),
         LowerQDQToInteger(kernel_activation_dtype),
         FoldBiasIntoAccumulator(require_exact=True),
         FoldDequantizeQuantize(),

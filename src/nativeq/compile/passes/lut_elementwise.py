@@ -31,6 +31,7 @@ from nativeq.compile.passes.qdq_sites import op_name, static_scalar
 
 LUT_BLOCK = "nativeq_lut"
 LUT_ATTR = "nativeq.lut"
+LUT_OFFSET_ATTR = "nativeq.lut_offset"  # the lookup's index offset (-table start), for passes that re-emit it
 _ELEMWISE = 0  # TVM OpPatternKind.kElemWise
 _ELEMENTWISE = {
     "relax.quantize", "relax.dequantize", "relax.astype", "relax.add", "relax.subtract", "relax.multiply",
@@ -100,6 +101,26 @@ def lut_lookup_te(x, table, offset: int):
     return te.compute(x.shape, lambda *i: table[x(*i).astype("int32") + offset], name=LUT_BLOCK)
 
 
+def call_lut(builder, x, table, offset: int):
+    """`builder.call_te` of `lut_lookup_te`, marked (with its offset) as nativeq's table lookup."""
+    return builder.call_te(lut_lookup_te, x, table, offset=offset, primfunc_name_hint=LUT_BLOCK,
+                           primfunc_attrs={LUT_ATTR: 1, LUT_OFFSET_ATTR: offset})
+
+
+def lut_call_operands(call, mod) -> tuple | None:
+    """(x, table, offset) of a `call_tir` of a table lookup made by `call_lut` in `mod`, else None."""
+    if not (isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.call_tir"):
+        return None
+    callee, args = call.args[0], call.args[1]
+    if not isinstance(callee, tvm.ir.GlobalVar) or not isinstance(args, relax.Tuple) or len(args.fields) < 2:
+        return None
+    func = mod[callee] if callee in mod.get_global_vars() else None
+    attrs = getattr(func, "attrs", None)
+    if attrs is None or LUT_OFFSET_ATTR not in attrs:
+        return None
+    return args.fields[0], args.fields[1], int(attrs[LUT_OFFSET_ATTR])
+
+
 @relax.expr_functor.mutator
 class _Rewriter(relax.PyExprMutator):
     def __init__(self, mod):
@@ -162,8 +183,7 @@ class _Rewriter(relax.PyExprMutator):
         table = self._table(var, relax.const(start, _dtype(root)))
         if _ndim(table) != 1:  # a constant of shape (1, 1) broadcasts the 256 entries up to (1, 256)
             table = self.builder_.emit(relax.op.reshape(table, [len(start)]))
-        lookup = self.builder_.call_te(lut_lookup_te, self.visit_expr(root), table, offset=-int(start[0]),
-                                       primfunc_name_hint=LUT_BLOCK, primfunc_attrs={LUT_ATTR: 1})
+        lookup = call_lut(self.builder_, self.visit_expr(root), table, -int(start[0]))
         emit = self.builder_.emit if isinstance(var, relax.DataflowVar) else self.builder_.emit_output
         new_var = emit(lookup, name_hint=str(var.name))
         self.set_var_remap(var, new_var)

@@ -11,8 +11,9 @@ rewrite give it (channels first):
 
 Output: every such conv works on channels-last tensors `[N, *S, C]`: a full conv as im2col + int8
 matmul (`conv_as_matmul.py`) with its producer's zero-point `nn.pad` folded into the im2col, a
-depthwise conv as the `depthwise.py` kernel reading one channels-last padded copy of its input. The elementwise ops around them (requantize epilogues,
-quantize/dequantize, residual adds, activations, pads, and a mean over all spatial axes) are
+depthwise conv as the `depthwise.py` kernel reading one channels-last padded copy of its input.
+The ops around them (requantize epilogues, quantize/dequantize, residual adds, activations, pads,
+a mean over all spatial axes to [N, C], the 8-bit table lookups of `LutElementwise`) are
 rewritten to channels-last too, with their constants permuted, so consecutive convs exchange
 channels-last tensors and no transpose is left between them. Where a channels-first value is
 still needed (an op this pass does not know, a graph output), a `permute_dims` back is emitted;
@@ -30,6 +31,7 @@ import numpy as np
 
 from nativeq.compile._tvm import relax, tvm
 from nativeq.compile.passes import rewrite_functions
+from nativeq.compile.passes.lut_elementwise import call_lut, lut_call_operands
 from nativeq.compile.schedules.conv_as_matmul import ConvGeometry, conv_as_matmul
 from nativeq.compile.schedules.depthwise import call_depthwise
 from nativeq.compile.schedules.intrinsics import DotIntrin
@@ -41,7 +43,7 @@ _ELEMENTWISE = {
     "relax.sigmoid", "relax.tanh", "relax.exp", "relax.negative", "relax.round", "relax.abs", "relax.sqrt",
     "relax.erf", "relax.where", "relax.quantize", "relax.dequantize",
 }
-_SPATIAL_MEANS = {"relax.mean", "relax.sum", "relax.max"}
+_SPATIAL_MEANS = {"relax.mean", "relax.variance", "relax.sum", "relax.max"}
 
 
 def to_channels_last(ndim: int) -> list[int]:
@@ -133,6 +135,9 @@ class _ChannelsLast(relax.PyExprMutator):
     # -- the rewrite -----------------------------------------------------------------------------------
     def visit_var_binding_(self, binding):
         value = self.visit_expr(binding.value)
+        if isinstance(value, relax.Var) and isinstance(binding.var, relax.DataflowVar):
+            self.set_var_remap(binding.var, value)  # an alias (left by an earlier fold): its users read the value
+            return
         name = _op_name(value)
         if name in _CONVS and _conv_kind(value, self.intrin) is not None:
             self._define(binding, self._conv(value))
@@ -146,7 +151,18 @@ class _ChannelsLast(relax.PyExprMutator):
             return
         if name in _SPATIAL_MEANS and self._spatial_reduction(binding, value):
             return
+        if name == "relax.call_tir" and self._table_lookup(binding, value):
+            return
         self._bind_plain(binding, value)
+
+    def _table_lookup(self, binding, call) -> bool:
+        """An 8-bit table lookup (`LutElementwise`: an elementwise chain such as GELU as one gather)."""
+        operands = lut_call_operands(call, self.builder_.get())
+        if operands is None or self._twin(operands[0]) is None:
+            return False
+        x, table, offset = operands
+        self._define(binding, call_lut(self.builder_, self._twin(x), table, offset))
+        return True
 
     def _permute(self, binding, call) -> bool:
         (source,) = call.args
@@ -220,21 +236,22 @@ class _ChannelsLast(relax.PyExprMutator):
         return True
 
     def _spatial_reduction(self, binding, call) -> bool:
-        """A reduction over every spatial axis ([N, C, *S] -> [N, C] or [N, C, 1..]) reads the twin as well."""
+        """A reduction over every spatial axis to [N, C] (global average pooling) reads the twin as well.
+
+        NOTE: not with keepdims (a normalization's statistics): fused with the broadcast that consumes
+        it, a reduction over a non-innermost axis gets a schedule that recomputes it per element."""
         (source,) = call.args
         twin = self._twin(source)
         ndim = _ndim(source)
-        if twin is None or call.attrs.axis is None:
+        if twin is None or call.attrs.axis is None or bool(call.attrs.keepdims):
             return False
         axes = sorted(int(a) % ndim for a in call.attrs.axis)
         if axes != list(range(2, ndim)):
             return False
         spatial = list(range(1, ndim - 1))
-        op = {"relax.mean": relax.op.mean, "relax.sum": relax.op.sum, "relax.max": relax.op.max}[_op_name(call)]
-        if bool(call.attrs.keepdims):
-            self._define(binding, op(twin, spatial, keepdims=True))
-        else:
-            self._bind_plain(binding, op(twin, spatial, keepdims=False))
+        op = {"relax.mean": relax.op.mean, "relax.variance": relax.op.variance, "relax.sum": relax.op.sum,
+              "relax.max": relax.op.max}[_op_name(call)]
+        self._bind_plain(binding, op(twin, spatial, keepdims=False))
         return True
 
     def _conv(self, call):
