@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import TensorProto, helper, numpy_helper
 import pytest
 import qdq_models
 
@@ -95,7 +96,6 @@ def test_pipeline_is_a_plain_ordered_list():
 
 
 def test_per_channel_output_quant_is_recorded(tmp_path):
-    from onnx import TensorProto, helper, numpy_helper
 
     from nativeq.compile.artifact import io_specs
 
@@ -183,3 +183,25 @@ def test_host_uses_the_database_of_the_target_it_was_detected_as(tmp_path, monke
         (tmp_path / "tuning_logs" / base / name).write_text("")
     assert tuning_database(CompileConfig(target="host"), host) == Path("tuning_logs") / base
     assert tuning_database(CompileConfig(target="host", use_tuning=False), host) is None
+
+
+def test_constant_pad_imports_as_relax_pad_and_matches_onnxruntime(tmp_path):
+    """ONNX Pad (constant mode, pads as an initializer) becomes `R.nn.pad`, which the int8 and layout passes
+    read through (TVM's own converter emits an opaque TE call); reflect mode keeps TVM's converter."""
+    from nativeq.compile.api import import_model
+    from nativeq.verify import VerifyConfig, verify_artifact
+
+    for mode, op in (("constant", "R.nn.pad"), ("reflect", "R.call_tir")):
+        pads = numpy_helper.from_array(np.array([0, 0, 2, 0, 0, 3], np.int64), "pads")
+        value = numpy_helper.from_array(np.array(0.5, np.float32), "value")
+        node = helper.make_node("Pad", ["x", "pads"] + (["value"] if mode == "constant" else []), ["y"], mode=mode)
+        graph = helper.make_graph([node], "pad", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, "T"])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, "T_out"])],
+                                  [pads, value])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        path = tmp_path / f"{mode}.onnx"
+        onnx.save(model, path)
+        assert op in import_model(model, path)["main"].script(), mode
+        compile_model(path, tmp_path / mode, CompileConfig(target="host", use_tuning=False))
+        report = verify_artifact(tmp_path / mode, path, VerifyConfig(dims={"T": 9}))
+        assert report.passed and report.outputs[0].max_abs == 0, report.table()

@@ -1,4 +1,4 @@
-"""ONNX -> Relax import: `legalize`, `check_importable`, then TVM's importer with four fixes and the recurrent ops.
+"""ONNX -> Relax import: `legalize`, `check_importable`, then TVM's importer with five fixes and the recurrent ops.
 
 This is the entry of `compile/`: everything after it works on the Relax module it returns.
 TVM 0.27's ONNX importer loses the static shape of typical exported models with a dynamic
@@ -13,6 +13,8 @@ importer used here differs from `tvm.relax.frontend.onnx.from_onnx` only in:
   dtype (TVM keeps `(d // heads) ** -0.5` as a float64 immediate and then refuses the Mul);
 - operands of a broadcasting elementwise op whose shapes are equal but not provably so are
   reshaped (a free view) to one spelling of each dimension;
+- a constant `Pad` becomes `R.nn.pad` (TVM's converter emits an opaque TE call, which the int8 and
+  layout passes cannot see through);
 - `LSTM`, `GRU` and `RNN`, for which TVM has no converter, convert through `recurrent.py`.
 """
 
@@ -60,8 +62,19 @@ class _Gather(onnx_frontend.Gather):
         return super()._impl_v13(bb, inputs, attr, params)
 
 
+class _Pad(onnx_frontend.Pad):
+    @classmethod
+    def _lower_pad(cls, bb, inputs, attr, params, allowed_modes):
+        """A constant Pad as `R.nn.pad` (TVM emits an opaque `topi.nn.pad` call that later passes cannot read)."""
+        if attr.get("mode", b"constant").decode("utf-8") != "constant":
+            return super()._lower_pad(bb, inputs, attr, params, allowed_modes)
+        pad_before, pad_after, constant_value = cls._parse_pads_and_axes(inputs, params)
+        pad_width = [int(p) for pair in zip(pad_before, pad_after) for p in pair]
+        return relax.op.nn.pad(inputs[0], pad_width, "constant", float(constant_value))
+
+
 # Converters used instead of TVM's; LSTM/GRU/RNN have none in TVM 0.27 (see recurrent.py).
-_CONVERTER_FIXES = {"Range": _Range, "Gather": _Gather, **RECURRENT_CONVERTERS}
+_CONVERTER_FIXES = {"Range": _Range, "Gather": _Gather, "Pad": _Pad, **RECURRENT_CONVERTERS}
 
 
 class _Importer(onnx_frontend.ONNXGraphImporter):
