@@ -96,7 +96,6 @@ def test_pipeline_is_a_plain_ordered_list():
 
 
 def test_per_channel_output_quant_is_recorded(tmp_path):
-
     from nativeq.compile.artifact import io_specs
 
     scale = np.array([0.1, 0.2, 0.3], np.float32)
