@@ -33,7 +33,7 @@ from nativeq.compile._tvm import relax, tvm
 from nativeq.compile.passes import rewrite_functions
 from nativeq.compile.passes.lut_elementwise import call_lut, lut_call_operands
 from nativeq.compile.schedules.conv_as_matmul import ConvGeometry, conv_as_matmul
-from nativeq.compile.schedules.depthwise import call_depthwise
+from nativeq.compile.schedules.depthwise import call_depthwise, call_pad_channels_last
 from nativeq.compile.schedules.intrinsics import DotIntrin
 
 _CONVS = {"relax.nn.conv1d": ("NCW", "OIW"), "relax.nn.conv2d": ("NCHW", "OIHW")}
@@ -277,8 +277,7 @@ class _ChannelsLast(relax.PyExprMutator):
                 # NOTE: one padded copy of the input (a cheap vectorized kernel) rather than a bounds check
                 # per tap in the depthwise kernel's inner loop, which keeps it branch-free.
                 before, after = geometry.padding[:ndim], geometry.padding[ndim:]
-                pad_width = [0, 0, *(p for pair in zip(before, after) for p in pair), 0, 0]
-                x_cl = self.builder_.emit(relax.op.nn.pad(x_cl, pad_width, "constant", geometry.pad_value))
+                x_cl = self.builder_.emit(call_pad_channels_last(self.builder_, x_cl, before, after, geometry.pad_value))
                 geometry = ConvGeometry(geometry.strides, geometry.dilation, (0,) * (2 * ndim))
             return call_depthwise(self.builder_, x_cl, w_cl, out_spatial, geometry)
         return conv_as_matmul(self.builder_, x_cl, weight, out_spatial, geometry, self.intrin)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 
-from nativeq.compile._tvm import Schedule, s_tir, te, tirx
+from nativeq.compile._tvm import Analyzer, Schedule, s_tir, te, tirx
 from nativeq.compile.schedules.conv_as_matmul import ConvGeometry, gather_padded, tap_position
 
 logger = logging.getLogger(__name__)
@@ -63,6 +63,30 @@ def depthwise_te(x: te.Tensor, w: te.Tensor, out_spatial, **geometry_kwargs) -> 
     if not crop:
         return acc
     return te.compute((x.shape[0], *outer, last, channels), lambda *i: acc[i], name=DEPTHWISE_CROP)
+
+
+def pad_channels_last_te(x: te.Tensor, before, after, pad_value: float) -> te.Tensor:
+    """x [N, *S, C] zero-point padded along the spatial axes. The padded sizes are simplified here: the kernel
+    that reads the result is specialized to its shape, which must equal what the Relax graph spells later
+    (FuseTIR refuses `(T - 1) // 2 + 1 + 32` for `(T - 1) // 2 + 33`)."""
+    analyzer = Analyzer()
+    spatial = x.shape[1:-1]
+    shape = [x.shape[0], *(analyzer.simplify(d + b + a) for d, b, a in zip(spatial, before, after)), x.shape[-1]]
+
+    def compute(n, *index):
+        position, c = [i - b for i, b in zip(index[:-1], before)], index[-1]
+        inside = tirx.const(True, "bool")
+        for i, extent in zip(position, spatial):
+            inside = tirx.all(inside, i >= 0, i < extent)
+        safe = [tirx.max(tirx.min(i, extent - 1), 0) for i, extent in zip(position, spatial)]
+        return tirx.if_then_else(inside, x[(n, *safe, c)], tirx.const(pad_value, x.dtype))
+
+    return te.compute(shape, compute, name="pad")
+
+
+def call_pad_channels_last(builder, x_cl, before, after, pad_value: float):
+    return builder.call_te(pad_channels_last_te, x_cl, before=list(before), after=list(after), pad_value=pad_value,
+                           primfunc_name_hint="pad")
 
 
 def call_depthwise(builder, x_cl, w_cl, out_spatial, geometry: ConvGeometry):
