@@ -6,6 +6,6 @@ database directory; `nativeq compile` applies its best records (`apply.py`);
 """
 
 from nativeq.tuning.status import tuning_status
-from nativeq.tuning.tune import TaskResult, TuneConfig, TuneResult, tune_model
+from nativeq.tuning.tune import FailedTask, TaskFailedWarning, TaskResult, TuneConfig, TuneResult, tune_model
 
-__all__ = ["TaskResult", "TuneConfig", "TuneResult", "tune_model", "tuning_status"]
+__all__ = ["FailedTask", "TaskFailedWarning", "TaskResult", "TuneConfig", "TuneResult", "tune_model", "tuning_status"]

@@ -22,6 +22,14 @@ def _batch_best_seconds(runner_results) -> float | None:
     return best
 
 
+def _error_line(message: str) -> str:
+    """The informative line of a builder/runner error (they carry Python tracebacks)."""
+    lines = [ln.strip() for ln in str(message).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith(("Traceback", "File ", "[bt]", "^")) and not ln[:1].isdigit()]
+    # the exception line is the last of a traceback
+    return (useful[-1] if useful else lines[0] if lines else "unknown error")[:200]
+
+
 class TuneProgress:
     """A rich progress display (stderr); plain lines when stderr is not a terminal or disabled."""
 
@@ -33,6 +41,7 @@ class TuneProgress:
         self.trials = 0
         self.todo = 0
         self.failed = 0
+        self.first_error: str | None = None  # first line of the current task's first failed candidate
         self.best_seconds: float | None = None
         self._progress = None
         self._bar = None
@@ -64,6 +73,7 @@ class TuneProgress:
 
     def start_task(self, name: str, todo: int, have: int) -> None:
         self.name, self.trials, self.todo, self.failed, self.best_seconds = name, 0, max(todo, 0), 0, None
+        self.first_error = None
         if todo <= 0:
             self._print(f"[{self.done + 1}/{self.n_tasks}] {name}: {have} trials in the database, at budget; skipped")
         else:
@@ -71,9 +81,12 @@ class TuneProgress:
         if self._progress is not None:
             self._bar = self._progress.add_task(self._describe(), total=max(todo, 1))
 
-    def on_batch(self, runner_results) -> None:
+    def on_batch(self, runner_results, builder_results=()) -> None:
         self.trials += len(runner_results)
         self.failed += sum(1 for r in runner_results if r.error_msg is not None)
+        if self.first_error is None:
+            errors = [r.error_msg for r in (*builder_results, *runner_results) if r.error_msg]
+            self.first_error = _error_line(errors[0]) if errors else None
         best = _batch_best_seconds(runner_results)
         if best is not None and (self.best_seconds is None or best < self.best_seconds):
             self.best_seconds = best
@@ -82,6 +95,22 @@ class TuneProgress:
         else:
             best_text = "-" if self.best_seconds is None else f"{self.best_seconds * 1e6:.1f} us"
             self._print(f"    {self.name}: {self.trials}/{self.todo} trials, best {best_text}, failed {self.failed}")
+
+    def warn(self, text: str) -> bool:
+        """Print `warning: text` above a live display as one unwrapped line; False when no display is live
+        (the caller then warns through `warnings`, as everywhere else)."""
+        if self._progress is None:
+            return False
+        self._progress.console.print(f"warning: {text}", soft_wrap=True, markup=False, highlight=False)
+        return True
+
+    def fail_task(self, reason: str) -> None:
+        """The current task failed (the caller warns with `reason`); the display moves on to the next."""
+        if self._progress is not None and self._bar is not None:
+            best = "-" if self.best_seconds is None else f"{self.best_seconds * 1e6:.1f} us"
+            self._progress.update(self._bar, completed=max(self.todo, 1),
+                                  description=f"task {self.done + 1}/{self.n_tasks} {self.name}  FAILED  best {best}")
+        self.done += 1
 
     def finish_task(self, best_us: float | None) -> None:
         if self._progress is not None and self._bar is not None:
@@ -98,4 +127,4 @@ class _ProgressCallback(ms.measure_callback.PyMeasureCallback):
         self.progress = progress
 
     def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
-        self.progress.on_batch(runner_results)
+        self.progress.on_batch(runner_results, builder_results)

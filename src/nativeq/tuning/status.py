@@ -33,8 +33,10 @@ def tuning_status(root: str | Path = "tuning_logs") -> str:
             budget = entry.get("budget_per_task", 0)
             done = sum(1 for t in tasks.values() if counts.get(t.get("workload"), 0) >= t.get("budget", budget))
             threads = f", {entry['threads']} threads" if "threads" in entry else ""
+            failed = entry.get("failed") or {}
+            failed_text = f", {len(failed)} failed" if failed else ""
             out.append(f"  model {model} (target {entry.get('target', '?')}{threads}): {done}/{len(tasks)} tasks at their "
-                       f"budget (up to {budget or '?'} trials; a tile space smaller than that is measured whole)")
+                       f"budget{failed_text} (up to {budget or '?'} trials; a tile space smaller than that is measured whole)")
             width = max([len(n) for n in tasks] + [4])
             for name, t in tasks.items():
                 key = t.get("workload")
@@ -42,4 +44,6 @@ def tuning_status(root: str | Path = "tuning_logs") -> str:
                 best_text = "-" if secs is None else f"{secs * 1e6:.1f} us"
                 out.append(f"    {name.ljust(width)}  kernels {t.get('kernels', '?')}  trials {counts.get(key, 0)}  "
                            f"best {best_text}")
+            for name, t in (entry.get("failed") or {}).items():
+                out.append(f"    {name}  kernels {t.get('kernels', '?')}  FAILED: {t.get('reason', '?')}")
     return "\n".join(out)

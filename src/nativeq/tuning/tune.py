@@ -6,13 +6,21 @@ Each contraction kernel (matmul/conv: a PrimFunc with a reduction block) is one 
 are tuned one after another, each up to its trial budget, and every measured candidate is
 appended to the database as soon as it is measured. A rerun counts the records a task
 already has and tunes only the missing trials, so an interrupted run resumes.
+
+One task never ends the run: a task MetaSchedule fails on (no design space for the kernel, a
+search that raises) or whose candidates all fail to build or run is reported (a `TaskFailedWarning`
+naming the kernel and the first line of the reason), listed as `failed` in the result and in
+`nativeq_tuning.json`, and the next task is tuned. Only when every task failed is the run an error.
+Ctrl-C still stops it.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,16 +79,36 @@ class TaskResult:
 
 
 @dataclass(frozen=True)
+class FailedTask:
+    """A task that produced no usable record this run (the other tasks were still tuned)."""
+
+    name: str
+    workload: str
+    weight: int  # how many kernels of the model it stands for
+    reason: str  # one line: MetaSchedule's error, or why no candidate succeeded
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.reason})"
+
+
+class TaskFailedWarning(UserWarning):
+    """A tuning task failed; the run goes on with the next task."""
+
+
+@dataclass(frozen=True)
 class TuneResult:
     work_dir: Path
     target: str
     tasks: list[TaskResult] = field(default_factory=list)
     seconds: float = 0.0
     dims: dict[str, int] = field(default_factory=dict)  # the values symbolic sizes were tuned at
-    skipped: list[str] = field(default_factory=list)  # kernels not tuned, with the reason
+    skipped: list[str] = field(default_factory=list)  # kernels not tuned (unsupported shape), with the reason
+    failed: list[FailedTask] = field(default_factory=list)  # tasks whose tuning failed this run
 
     def summary(self) -> str:
-        lines = [f"tuned {len(self.tasks)} task(s) for {self.target} in {self.seconds:.0f} s; database {self.work_dir}"]
+        failed = f", {len(self.failed)} failed" if self.failed else ""
+        lines = [f"tuned {len(self.tasks)} task(s){failed} for {self.target} in {self.seconds:.0f} s; "
+                 f"database {self.work_dir}"]
         if self.dims:
             lines.append("  symbolic sizes tuned at " + ", ".join(f"{k}={v}" for k, v in self.dims.items()))
         width = max([len(t.name) for t in self.tasks] + [4])
@@ -91,6 +119,8 @@ class TuneResult:
         if self.skipped:
             shown = ", ".join(self.skipped[:3]) + (f" and {len(self.skipped) - 3} more" if len(self.skipped) > 3 else "")
             lines.append(f"  not tuned ({len(self.skipped)} kernels with a reduction): {shown}")
+        for t in self.failed:
+            lines.append(f"  failed: {t.name} ({t.weight} kernel{'s' if t.weight != 1 else ''}): {t.reason}")
         return "\n".join(lines)
 
 
@@ -269,7 +299,7 @@ def tune_model(model_path, cfg: TuneConfig) -> TuneResult:
     keys = [_workload_key(database, t.mod) for t in tasks]
     summary = dbfiles.read_summary(work_dir)
     model_entry = {"target": target.name, "tvm_target": str(tvm_target), "dims": dims, "budget_per_task": budget,
-                   "tasks": {}}
+                   "tasks": {}, "failed": {}, "skipped": list(skipped)}
     summary["models"][summary_key(model_path, dims)] = model_entry
 
     threads = cfg.threads or target.cores
@@ -283,20 +313,37 @@ def tune_model(model_path, cfg: TuneConfig) -> TuneResult:
     builder = make_builder(cross_compiler)
     runner = make_runner(remote)
     results: list[TaskResult] = []
+    failed: list[FailedTask] = []
     progress = TuneProgress(len(tasks), enabled=cfg.progress)
     try:
-        with progress:
+        with progress, _SigintWatch() as interrupt:
             for task, key in zip(tasks, keys):
                 have = existing.get(key, 0)
                 # a knob space smaller than the budget is measured exhaustively, once
                 task_budget = budget if task.choices is None else min(budget, task.choices)
                 todo = task_budget - have
                 progress.start_task(task.name, todo, have)
+                error = None
                 if todo > 0:
-                    _tune_one(ms, task, tvm_target, target, todo, cfg, work_dir, database, builder, runner, progress)
+                    error = _tune_one(ms, task, tvm_target, target, todo, cfg, work_dir, database, builder, runner,
+                                      progress, interrupt)
                 lines = dbfiles.read_database(work_dir)
                 best = lines.best_seconds().get(key)
                 trials = lines.record_counts().get(key, 0)
+                reason = error or _no_record_reason(best, trials, trials - have, progress.first_error)
+                if error is not None and best is not None:
+                    reason += f" ({trials} records kept)"
+                if reason is not None:
+                    failed.append(FailedTask(task.name, key, task.weight, reason))
+                    model_entry["failed"][task.name] = {"workload": key, "kernels": task.weight, "budget": task_budget,
+                                                        "trials": trials, "reason": reason}
+                    dbfiles.write_summary(work_dir, summary)
+                    progress.fail_task(reason)
+                    message = f"tuning task {task.name} failed, skipped: {reason}"
+                    # NOTE: a live progress display would hard-wrap a warning written to stderr
+                    if not progress.warn(message):
+                        warnings.warn(message, TaskFailedWarning, stacklevel=2)
+                    continue
                 results.append(TaskResult(task.name, key, task.weight, task_budget, trials, trials - have,
                                           None if best is None else best * 1e6))
                 model_entry["tasks"][task.name] = {"workload": key, "kernels": task.weight, "budget": task_budget,
@@ -309,27 +356,50 @@ def tune_model(model_path, cfg: TuneConfig) -> TuneResult:
             os.environ.pop("TVM_NUM_THREADS", None)
         else:
             os.environ["TVM_NUM_THREADS"] = saved_threads
+    if not results:
+        first = failed[0]
+        more = f"; {len(failed) - 1} more in {work_dir / dbfiles.SUMMARY_FILE}" if len(failed) > 1 else ""
+        raise NativeqError(f"{model_path}: every tuning task failed ({len(failed)} of {len(tasks)}), e.g. "
+                           f"{first.name}: {first.reason}{more}")
     return TuneResult(work_dir=work_dir, target=target.name, tasks=results, seconds=time.perf_counter() - started,
-                      dims=dims, skipped=skipped)
+                      dims=dims, skipped=skipped, failed=failed)
+
+
+def _no_record_reason(best: float | None, trials: int, new_trials: int, first_error: str | None) -> str | None:
+    """Why a task that ran without an error still has no usable record, or None when it has one."""
+    if best is not None:
+        return None
+    if trials == 0:
+        return "MetaSchedule found no candidate to measure"
+    detail = f": {first_error}" if first_error else ""
+    if new_trials > 0:
+        return f"all {new_trials} measured candidates failed to build or run{detail}"
+    return f"all {trials} trials in the database failed (delete its records to tune it again)"
 
 
 def _workload_key(database, mod) -> str:
     return str(database.commit_workload(mod).as_json()[0])
 
 
-def _tune_one(ms, task, tvm_target, target, todo, cfg, work_dir, database, builder, runner, progress) -> None:
+def _tune_one(ms, task, tvm_target, target, todo, cfg, work_dir, database, builder, runner, progress,
+              interrupt: "_SigintWatch") -> str | None:
+    """Tune `task` for `todo` more trials; the first line of the error if MetaSchedule fails on it, else None.
+
+    Ctrl-C stops the run (KeyboardInterrupt propagates); any other failure is the task's alone.
+    """
+    from nativeq._text import first_line
     from nativeq.tuning.space import space_generator
 
-    context = ms.TuneContext(
-        mod=task.mod,
-        target=tvm_target,
-        space_generator=space_generator(target, int8_template=task.choices is not None),
-        search_strategy="evolutionary",
-        task_name=task.name,
-        num_threads=1,
-        rand_state=cfg.seed,
-    )
     try:
+        context = ms.TuneContext(
+            mod=task.mod,
+            target=tvm_target,
+            space_generator=space_generator(target, int8_template=task.choices is not None),
+            search_strategy="evolutionary",
+            task_name=task.name,
+            num_threads=1,
+            rand_state=cfg.seed,
+        )
         ms.tune_tasks(
             tasks=[context],
             task_weights=[1.0],
@@ -348,6 +418,53 @@ def _tune_one(ms, task, tvm_target, target, todo, cfg, work_dir, database, build
     except KeyboardInterrupt:
         raise
     except Exception as e:  # noqa: BLE001  (TVM raises TVMError/ValueError/RuntimeError from deep inside)
-        from nativeq.compile.api import first_line
+        if interrupt.hit:  # a Ctrl-C that TVM turned into an error on its way through C++
+            raise KeyboardInterrupt from None
+        return _failure_reason(first_line(e))
+    return None
 
-        raise NativeqError(f"tuning task {task.name} for {target.name} failed: {first_line(e)}") from None
+
+class _SigintWatch:
+    """Notes a Ctrl-C (SIGINT) during tuning, handled as before (KeyboardInterrupt).
+
+    NOTE: a KeyboardInterrupt raised inside a Python callback that TVM calls from C++ (the cost model, the
+    measure callbacks, nativeq's design-space function) comes out of `tune_tasks` as a RuntimeError with an
+    empty message: without this flag, Ctrl-C would skip a task instead of stopping the run.
+    """
+
+    def __init__(self):
+        self.hit = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            previous = signal.getsignal(signal.SIGINT)
+        except ValueError:
+            return self
+        if previous is None or previous == signal.SIG_IGN:
+            return self
+        chained = previous if callable(previous) else signal.default_int_handler
+
+        def handler(signum, frame):
+            self.hit = True
+            chained(signum, frame)
+
+        try:
+            signal.signal(signal.SIGINT, handler)
+        except ValueError:  # not the main thread: TVM's conversion cannot be told apart, nothing to watch
+            return self
+        self._previous = previous
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+def _failure_reason(line: str) -> str:
+    line = line.rstrip(": ")
+    if "design_spaces.empty()" in line:
+        # the int8 template (`template.int8_matmul_space`) or the generic rules found no schedule for the kernel
+        return f"no design space: the schedule rules do not apply to this kernel ({line})"
+    return line
