@@ -91,19 +91,25 @@ def targets(as_json):
 @click.option("--target", "-t", "target", required=True, help="Target name (see `nativeq targets`).")
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output artifact directory.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--explain", is_flag=True, help="Report which matmul/conv sites became int8 and which stayed float, and why.")
+@click.option("--explain", is_flag=True,
+              help="Report which matmul/conv sites became int8 and which stayed float, and why; list every kernel "
+                   "with its schedule and share of the multiply-accumulates.")
 @click.option("--no-int8", is_flag=True, help="Skip the int8 lowering (TVM's own float QDQ path).")
 @click.option("--tuning-log", type=click.Path(), default=None, help="Tuning database directory (default: tuning_logs/<target>/).")
 @click.option("--no-tuning", is_flag=True, help="Do not apply any tuning database.")
-def compile_cmd(model, target, out, force, explain, no_int8, tuning_log, no_tuning):
+@click.option("--dim", "dims", multiple=True,
+              help="Count the kernel report's MACs at this symbolic size, e.g. --dim T=200 (default: 64, batch 1).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result (manifest with its kernel table) as JSON.")
+def compile_cmd(model, target, out, force, explain, no_int8, tuning_log, no_tuning, dims, as_json):
     """Compile a (QDQ) ONNX MODEL for a target into an artifact directory OUT."""
     from nativeq.compile import CompileConfig, compile_model
 
     cfg = CompileConfig(
-        target=target, int8=not no_int8, tuning_log=tuning_log, use_tuning=not no_tuning, explain=explain
+        target=target, int8=not no_int8, tuning_log=tuning_log, use_tuning=not no_tuning, explain=explain,
+        dims=_parse_dims(dims),
     )
     result = compile_model(model, out, cfg, force=force)
-    click.echo(result.summary())
+    click.echo(result.to_json() if as_json else result.summary())
 
 
 # ----------------------------------------------------------------------------- verify

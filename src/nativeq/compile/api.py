@@ -35,7 +35,10 @@ class CompileConfig:
         (relative to the working directory) when it exists; for `host`, also the database of
         the builtin target it was detected as.
     use_tuning: False ignores any tuning database.
-    explain: report which matmul/conv sites became int8 and which stayed float, and why.
+    explain: report which matmul/conv sites became int8 and which stayed float, and why, and list
+        every fused kernel with its schedule and share of the arithmetic (`kernels.py`).
+    dims: values of symbolic sizes for the kernel report's MAC counts, by name (e.g. {"T": 200});
+        unnamed ones count as 64 (batch-like names as 1). The artifact itself keeps them symbolic.
     """
 
     target: str
@@ -43,6 +46,7 @@ class CompileConfig:
     tuning_log: str | None = None
     use_tuning: bool = True
     explain: bool = False
+    dims: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,19 @@ class CompileResult:
     out_dir: Path
     manifest: dict
     explain: list = field(default_factory=list)  # with cfg.explain: one dict per matmul/conv site
+    explained: bool = False  # compiled with cfg.explain: the summary shows the kernel table
+
+    @property
+    def kernels(self) -> list[dict]:
+        """One record per fused kernel (`kernels.py`): name, kind, schedule, macs, share, calls."""
+        return list(self.manifest.get("kernels") or [])
+
+    def to_json(self) -> str:
+        """The result as JSON: the artifact directory, its manifest (with `kernels`) and the int8 site report."""
+        import json
+
+        return json.dumps({"artifact": str(self.out_dir), "manifest": self.manifest, "int8_sites": self.explain},
+                          indent=2, default=str)
 
     def explain_table(self) -> str:
         if not self.explain:
@@ -80,6 +97,10 @@ class CompileResult:
                      + (f" ({tuned} kernels tuned)" if m["tuning"]["database"] else ""))
         if self.explain:
             lines.append(self.explain_table())
+        if "kernels" in m:
+            from nativeq.compile.kernels import report_lines
+
+            lines.extend(report_lines(self.kernels, self.explained, m.get("kernel_dims")))
         return "\n".join(lines)
 
 
@@ -219,12 +240,14 @@ def compile_model(model_path, out_dir, cfg: CompileConfig, force: bool = False) 
     tvm_target = make_tvm_target(target)
     sites = explain_int8(mod, target) if cfg.int8 else None
     passes = compile_passes(target, int8=cfg.int8, tuning_database=database)
+    build_passes, captures = _with_captures(passes)
     with tvm.transform.PassContext(opt_level=3):
         executable = relax.build(
-            mod, tvm_target, relax_pipeline=tvm.transform.Sequential(passes, name="nativeq_compile")
+            mod, tvm_target, relax_pipeline=tvm.transform.Sequential(build_passes, name="nativeq_compile")
         )
     seconds["build"] = time.perf_counter() - started - seconds["import"]
     applied = next((dict(p.applied) for p in passes if p.info.name == "nativeq.ApplyTuningDatabase"), {})
+    kernels, kernel_dims = _kernel_report(passes, captures, applied, cfg.dims)
     if cfg.tuning_log is not None and database is not None and not applied:
         # NOTE: records are keyed on the exact kernel IR: a change to the int8 passes or kernel
         # layouts makes older records miss (a rerun of `nativeq tune` refreshes them).
@@ -259,6 +282,46 @@ def compile_model(model_path, out_dir, cfg: CompileConfig, force: bool = False) 
             },
             int8_report=_int8_counts(sites),
             compile_seconds=time.perf_counter() - started,
+            kernels=kernels,
+            kernel_dims=kernel_dims,
         )
         write_manifest(tmp, manifest)
-    return CompileResult(out_dir=out_dir, manifest=manifest, explain=(sites or []) if cfg.explain else [])
+    return CompileResult(out_dir=out_dir, manifest=manifest, explain=(sites or []) if cfg.explain else [],
+                         explained=cfg.explain)
+
+
+_SCHEDULE_PASS = "nativeq.DefaultCpuSchedule"
+
+
+def _with_captures(passes: list) -> tuple[list, tuple | None]:
+    """`passes` with a `kernels.CaptureModule` after FuseTIR and one after the default schedules, and the
+    two captures; (passes, None) when the pipeline has neither point (no kernel report then)."""
+    from nativeq.compile.kernels import CaptureModule
+
+    names = [p.info.name for p in passes]
+    if "FuseTIR" not in names or _SCHEDULE_PASS not in names:
+        return passes, None
+    lowered, built = CaptureModule(), CaptureModule()
+    fused, scheduled = names.index("FuseTIR") + 1, names.index(_SCHEDULE_PASS) + 1
+    return [*passes[:fused], lowered, *passes[fused:scheduled], built, *passes[scheduled:]], (lowered, built)
+
+
+def _kernel_report(passes: list, captures, tuned: dict, dims: dict[str, int]) -> tuple[list[dict] | None, dict]:
+    """(the kernel records, the symbolic sizes their MACs are counted at) of the module just built."""
+    if captures is None or captures[0].functions is None:
+        return None, {}
+    from nativeq.compile.kernels import kernel_table, report_dims, size_names
+
+    lowered, built = captures[0].functions, captures[1].functions
+    names = size_names(lowered)
+    unknown = sorted(set(dims) - set(names))
+    if unknown:  # the artifact is fine: only the report's sizes are off, so no error after a whole build
+        warnings.warn(f"--dim {unknown[0]}: the model has no symbolic size {unknown[0]} (its kernels' symbolic "
+                      f"sizes: {', '.join(names) or 'none'}); ignored", stacklevel=3)
+    at = report_dims(names, dims)
+    rules = next((dict(p.applied) for p in passes if p.info.name == _SCHEDULE_PASS), {})
+    try:
+        return kernel_table(lowered, built, tuned, rules, at), at
+    except Exception as e:  # noqa: BLE001  (a report, not the build: IR it cannot read costs the report only)
+        warnings.warn(f"kernel report unavailable: {first_line(e)}", stacklevel=3)
+        return None, {}

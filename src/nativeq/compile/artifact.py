@@ -102,15 +102,20 @@ def io_specs(model: onnx.ModelProto) -> tuple[list[TensorSpec], list[TensorSpec]
 
 
 def build_manifest(*, out_dir: Path, library: str, target, model_path: Path, model: onnx.ModelProto,
-                   build: dict, tuning: dict, int8_report: dict | None, compile_seconds: float) -> dict:
-    """The manifest of the artifact being written in `out_dir` (all other files already there)."""
+                   build: dict, tuning: dict, int8_report: dict | None, compile_seconds: float,
+                   kernels: list[dict] | None = None, kernel_dims: dict | None = None) -> dict:
+    """The manifest of the artifact being written in `out_dir` (all other files already there).
+
+    kernels: the kernel report (`compile/kernels.py`: one record per fused kernel), stored as
+    "kernels" with the symbolic sizes its MAC counts assume as "kernel_dims"; None leaves both out.
+    """
     inputs, outputs = io_specs(model)
     files = {
         p.name: sha256_file(p)
         for p in sorted(out_dir.iterdir())
         if p.is_file() and p.name != MANIFEST_NAME
     }
-    return {
+    manifest = {
         "schema": SCHEMA_VERSION,
         "nativeq_version": nativeq.__version__,
         "tvm_version": tvm_version(),
@@ -135,6 +140,10 @@ def build_manifest(*, out_dir: Path, library: str, target, model_path: Path, mod
         "int8_report": int8_report,
         "compile_seconds": round(compile_seconds, 3),
     }
+    if kernels is not None:
+        manifest["kernels"] = kernels
+        manifest["kernel_dims"] = dict(kernel_dims or {})
+    return manifest
 
 
 def write_manifest(out_dir: Path, manifest: dict) -> None:
