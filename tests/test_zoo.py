@@ -1,0 +1,95 @@
+"""The public-architecture zoo (`benchmarks/zoo`) through the user path: compile for x86 and for the
+Raspberry Pi 5, verify each against ONNX Runtime (the rpi5 build under qemu), and no contraction kernel
+(matmul, conv, depthwise) left on the generic schedule.
+
+Default suite: every architecture as ORT's `quantize_static` makes it (QDQ, per-channel, u8
+activations), verified at 64 frames. The other quantizers (per-tensor, s8 activations, dynamic,
+QOperator, nativeq's QAT export) are marked slow. Speed lives in `python -m benchmarks.zoo`, not here.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import zoo  # noqa: E402
+from nativeq.compile import CompileConfig, compile_model  # noqa: E402
+from nativeq.compile.kernels import GENERIC_PATH  # noqa: E402
+from nativeq.verify import VerifyConfig, verify_artifact  # noqa: E402
+
+FRAMES = 64
+DEFAULT_QUANTIZER = "qdq_u8_pc"
+# ORT's dynamic LSTM quantization emits a com.microsoft contrib op (DynamicQuantizeLSTM) that TVM cannot import:
+# compile refuses it in one line, tested below.
+REFUSED = {("lstm_am", "dynamic"): "com.microsoft.DynamicQuantizeLSTM"}
+# Known disagreements with ONNX Runtime, measured (the test fails if one starts to agree: then remove it here).
+DISAGREES = {
+    # the first conv's output differs in 1 of 262,144 values by one step (ORT's float conv rounds a value at a
+    # .5 tie the other way); the GroupNorm after it (ONNX InstanceNormalization, not yet computed as ORT
+    # computes it) normalizes each channel over time, so the shifted statistics flip further ties: 2 steps
+    # at the output, 92% exact
+    "wav2vec2_fe": "InstanceNormalization differs from ORT's; a tie at the first conv spreads through the GroupNorm",
+}
+
+
+def _params():
+    params = []
+    for name, quantizer in zoo.entries():
+        if (name, quantizer) in REFUSED:
+            continue
+        marks = [] if quantizer == DEFAULT_QUANTIZER else [pytest.mark.slow]
+        params.append(pytest.param(name, quantizer, id=f"{name}-{quantizer}", marks=marks))
+    return params
+
+
+def _check_verify(report, name: str) -> None:
+    """Pass, or for a known disagreement fail as expected (and fail outright once it agrees)."""
+    if name not in DISAGREES:
+        assert report.passed, report.table()
+    elif report.passed:
+        pytest.fail(f"{name} now agrees with ONNX Runtime: remove it from DISAGREES")
+    else:
+        pytest.xfail(DISAGREES[name])
+
+
+@pytest.fixture(scope="session")
+def zoo_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("zoo-models")
+
+
+def _generic_contractions(manifest: dict) -> list[str]:
+    return [k["name"] for k in manifest["kernels"] if k["kind"] == "contraction" and k["schedule"] in GENERIC_PATH]
+
+
+@pytest.mark.parametrize("name, quantizer", _params())
+def test_zoo_model_compiles_verifies_and_has_no_contraction_on_the_generic_path(name, quantizer, zoo_cache, tmp_path):
+    model = zoo.build(name, quantizer, zoo_cache)
+    dims = zoo.get_model(name).dims(FRAMES)
+    result = compile_model(model, tmp_path / "host", CompileConfig(target="host", use_tuning=False))
+    assert _generic_contractions(result.manifest) == [], result.explain_table()
+    _check_verify(verify_artifact(tmp_path / "host", model, VerifyConfig(runs=1, dims=dims)), name)
+
+
+@pytest.mark.arm
+@pytest.mark.parametrize("name, quantizer", _params())
+def test_zoo_model_verifies_on_rpi5_under_qemu(name, quantizer, zoo_cache, tmp_path):
+    model = zoo.build(name, quantizer, zoo_cache)
+    dims = zoo.get_model(name).dims(FRAMES)
+    result = compile_model(model, tmp_path / "rpi5", CompileConfig(target="rpi5", use_tuning=False))
+    assert _generic_contractions(result.manifest) == []
+    _check_verify(verify_artifact(tmp_path / "rpi5", model, VerifyConfig(runs=1, dims=dims)), name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, quantizer", list(REFUSED))
+def test_zoo_entries_the_importer_cannot_take_are_refused_in_one_line(name, quantizer, zoo_cache, tmp_path):
+    from nativeq.errors import NativeqError
+
+    model = zoo.build(name, quantizer, zoo_cache)
+    with pytest.raises(NativeqError, match=REFUSED[(name, quantizer)]) as error:
+        compile_model(model, tmp_path / "out", CompileConfig(target="host"))
+    assert "\n" not in str(error.value)
