@@ -250,3 +250,30 @@ def test_qdq_matmul_with_odd_k_or_n_is_tensorized_and_exact(k, n, act_dtype, tmp
     compile_model(tmp_path / "m.onnx", tmp_path / "art", CompileConfig(target="host", use_tuning=False))
     report = verify_artifact(tmp_path / "art", tmp_path / "m.onnx", VerifyConfig(dims={"T": 37}, runs=2))
     assert report.passed and report.outputs[0].max_steps == 0, report.table()
+
+
+@pytest.mark.parametrize("n", [36, 48, "T"])
+def test_float_batched_matmul_gets_the_generic_schedule_and_stays_exact(n, tmp_path):
+    """Attention's float P·V ([B, H, T, T] x [B, H, T, 36]): the generic rule vectorizes the output columns
+    (8 lanes where 16 do not divide 36; it used to give up and leave the kernel unscheduled); a symbolic
+    column count is only parallelized (over its rows)."""
+    target = get_target("host")
+    rows = tvm.tirx.Var("T", "int64")
+    cols = rows if n == "T" else n
+    bb = relax.BlockBuilder()
+    p = relax.Var("p", R.Tensor((1, 4, rows, rows), "float32"))
+    v = relax.Var("v", R.Tensor((1, 4, rows, cols), "float32"))
+    with bb.function("main", [p, v]):
+        with bb.dataflow():
+            out = bb.emit_output(bb.emit(R.matmul(p, v)))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    assert set(_rules(mod, target).values()) == {"generic"}
+    ex, _ = _build(mod, target, tmp_path)
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    rng = np.random.default_rng(0)
+    length = 29
+    pa = rng.standard_normal((1, 4, length, length)).astype(np.float32)
+    va = rng.standard_normal((1, 4, length, length if n == "T" else n)).astype(np.float32)
+    got = vm["main"](tvm.runtime.tensor(pa), tvm.runtime.tensor(va)).numpy()
+    np.testing.assert_allclose(got, pa.astype(np.float64) @ va.astype(np.float64), rtol=1e-5, atol=1e-5)

@@ -144,19 +144,28 @@ def reduction_vectorize(sch: Schedule, block, vector_bits: int) -> None:
     spatial, reduction = loops[:n_spatial], loops[n_spatial:]
     lanes = max(2, vector_bits // _block_dtype_bits(sch, block))
     last_extent = _extent(sch, spatial[-1])
-    if (last_extent is not None and last_extent < lanes // 2) or n_spatial == 1:
-        # Vectorizing over a short axis is not worth it: only parallelize.
-        sch.parallel(sch.fuse(*spatial) if n_spatial > 1 else spatial[0])
+    if last_extent is None or last_extent < lanes // 2 or n_spatial == 1:
+        # Vectorizing over a short axis is not worth it, nor over a symbolic one (its tail predicate
+        # scalarizes the vector loop, which then runs outside the reduction): only parallelize, over the
+        # outer loops when the last one is symbolic (a fused index over it costs a division per element).
+        outer = spatial[:-1] if last_extent is None and n_spatial > 1 else spatial
+        sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
         return
     sch.reorder(*spatial[:-1], *reduction, spatial[-1])
     outer = sch.fuse(*spatial[:-1]) if n_spatial > 2 else spatial[0]
     sch.parallel(outer)
-    sch.decompose_reduction(block, reduction[0])
-    if last_extent is None or last_extent > lanes:
+    if last_extent > lanes and last_extent % lanes:
+        # a lane predicate would make TVM refuse (or scalarize) the vector loop: a narrower vector that divides
+        lanes = next((w for w in (lanes // 2, lanes // 4) if w >= 4 and last_extent % w == 0), lanes)
+    if last_extent > lanes:
         _, vec = sch.split(spatial[-1], factors=[None, lanes])
     else:
         vec = spatial[-1]
+    # NOTE: vectorize before decompose_reduction: after it the update block has no init and no longer
+    # counts as a reduction block, which vectorize requires.
     sch.vectorize(vec)
+    init = sch.decompose_reduction(block, reduction[0])
+    sch.vectorize(sch.get_loops(init)[-1])
 
 
 def has_multi_axis_reduction(func) -> bool:
