@@ -69,8 +69,19 @@ class ConvStem(nn.Module):
         return torch.relu(self.conv(feats.transpose(1, 2))).transpose(1, 2)
 
 
+class StemBlocksHead(nn.Module):
+    """An encoder as a stem, a stack of blocks and a linear head to log-probabilities; subclasses build
+    `self.stem`, `self.blocks` and `self.head`, in that order (the order the seeded weights are drawn in)."""
+
+    def forward(self, feats):
+        x = self.stem(feats)
+        for block in self.blocks:
+            x = block(x)
+        return log_probs(self.head(x))
+
+
 # ----------------------------------------------------------------------------- transformer (torch.nn)
-class TransformerCTC(nn.Module):
+class TransformerCTC(StemBlocksHead):
     """Conv stem + torch.nn.TransformerEncoderLayer blocks (GELU) + linear head + log-softmax."""
 
     def __init__(self, norm_first: bool, blocks: int = 2):
@@ -82,12 +93,6 @@ class TransformerCTC(nn.Module):
             for _ in range(blocks)
         )
         self.head = nn.Linear(D_MODEL, VOCAB)
-
-    def forward(self, feats):
-        x = self.stem(feats)
-        for block in self.blocks:
-            x = block(x)
-        return log_probs(self.head(x))
 
 
 # ----------------------------------------------------------------------------- conformer
@@ -140,7 +145,7 @@ class ConformerBlock(nn.Module):
         return self.final_norm(x)
 
 
-class ConformerCTC(nn.Module):
+class ConformerCTC(StemBlocksHead):
     """Linear stem + Conformer blocks + linear head + log-softmax (full frame rate)."""
 
     def __init__(self, blocks: int = 2):
@@ -148,12 +153,6 @@ class ConformerCTC(nn.Module):
         self.stem = nn.Linear(N_MELS, D_MODEL)
         self.blocks = nn.ModuleList(ConformerBlock() for _ in range(blocks))
         self.head = nn.Linear(D_MODEL, VOCAB)
-
-    def forward(self, feats):
-        x = self.stem(feats)
-        for block in self.blocks:
-            x = block(x)
-        return log_probs(self.head(x))
 
 
 # ----------------------------------------------------------------------------- QuartzNet / Citrinet

@@ -26,6 +26,7 @@ import logging
 
 from nativeq.compile._tvm import Analyzer, Schedule, s_tir, te, tirx
 from nativeq.compile.schedules.conv_as_matmul import ConvGeometry, gather_padded, tap_position
+from nativeq.compile.schedules.generic import dividing_lanes, find_block
 
 logger = logging.getLogger(__name__)
 
@@ -97,27 +98,12 @@ def call_depthwise(builder, x_cl, w_cl, out_spatial, geometry: ConvGeometry):
     )
 
 
-def _vector_lanes(channels: int, vector_bits: int) -> int | None:
-    """int32 lanes per vector that divide the channel count (a lane predicate would scalarize the loop)."""
-    for lanes in (vector_bits // 32, vector_bits // 64, 4):
-        if lanes >= 4 and channels % lanes == 0:
-            return lanes
-    return None
-
-
-def _find_block(sch: Schedule, name: str):
-    try:
-        return sch.get_sblock(name)
-    except _ERRORS:
-        return None
-
-
 def schedule_depthwise(func, vector_bits: int) -> Schedule | None:
     """The schedule of a PrimFunc holding the depthwise block (see the module docstring), or None."""
     if not isinstance(func, tirx.PrimFunc):
         return None
     sch = Schedule(func)
-    block = _find_block(sch, DEPTHWISE_BLOCK)
+    block = find_block(sch, DEPTHWISE_BLOCK)
     if block is None:
         return None
     try:
@@ -145,7 +131,7 @@ def _schedule(sch: Schedule, block, vector_bits: int) -> Schedule | None:
     channels = sch.get(channel).extent
     if not isinstance(channels, tirx.IntImm):
         return None
-    lanes = _vector_lanes(int(channels), vector_bits)
+    lanes = dividing_lanes(int(channels), vector_bits // 32)  # int32 accumulators
     if lanes is None:
         return None
     position_block, position = sch.split(last_axis, factors=[None, POSITIONS])

@@ -154,9 +154,8 @@ def reduction_vectorize(sch: Schedule, block, vector_bits: int) -> None:
     sch.reorder(*spatial[:-1], *reduction, spatial[-1])
     outer = sch.fuse(*spatial[:-1]) if n_spatial > 2 else spatial[0]
     sch.parallel(outer)
-    if last_extent > lanes and last_extent % lanes:
-        # a lane predicate would make TVM refuse (or scalarize) the vector loop: a narrower vector that divides
-        lanes = next((w for w in (lanes // 2, lanes // 4) if w >= 4 and last_extent % w == 0), lanes)
+    if last_extent > lanes:
+        lanes = dividing_lanes(last_extent, lanes) or lanes
     if last_extent > lanes:
         _, vec = sch.split(spatial[-1], factors=[None, lanes])
     else:
@@ -178,15 +177,23 @@ def has_multi_axis_reduction(func) -> bool:
     return any(_iter_kinds(sch, b).count("R") >= 2 for b in blocks)
 
 
+def dividing_lanes(extent: int, lanes: int) -> int | None:
+    """`lanes`, or a half or a quarter of it (at least 4), that divides `extent`; None if none does.
+    NOTE: a lane predicate (extent % lanes != 0) makes TVM refuse or scalarize a vector loop."""
+    return next((w for w in (lanes, lanes // 2, lanes // 4) if w >= 4 and extent % w == 0), None)
+
+
+def find_block(sch: Schedule, name: str):
+    """The block called `name` in `sch`, or None."""
+    try:
+        return sch.get_sblock(name)
+    except _ERRORS:
+        return None
+
+
 def has_block(func, name: str) -> bool:
     """Whether `func` is a PrimFunc with a block called `name` (FuseTIR keeps block names, not attrs)."""
-    if not isinstance(func, tirx.PrimFunc):
-        return False
-    try:
-        Schedule(func).get_sblock(name)
-    except _ERRORS:
-        return False
-    return True
+    return isinstance(func, tirx.PrimFunc) and find_block(Schedule(func), name) is not None
 
 
 def has_integer_matmul(func) -> bool:

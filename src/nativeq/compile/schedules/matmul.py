@@ -35,7 +35,7 @@ import logging
 from dataclasses import dataclass
 
 from nativeq.compile._tvm import Analyzer, Schedule, s_tir, tirx
-from nativeq.compile.schedules.generic import has_block
+from nativeq.compile.schedules.generic import find_block, has_block
 from nativeq.compile.schedules.intrinsics import DotIntrin, row_tile
 from nativeq.compile.schedules.pack_activations import PACK_BLOCK
 from nativeq.compile.schedules.pack_weights import REDUCTION_BLOCK, ROWS_PAD_BLOCK
@@ -201,7 +201,7 @@ def _inline_epilogue_inputs(sch: Schedule, matmul) -> None:
     zero-padded rows): elementwise producers of epilogue side inputs. Raises if one cannot be inlined."""
     operand_blocks = {ROWS_PAD_BLOCK}
     operand_buffers = {r.source.name for r in sch.get(matmul).reads}
-    pad = _find_block(sch, ROWS_PAD_BLOCK)
+    pad = find_block(sch, ROWS_PAD_BLOCK)
     if pad is not None:
         operand_buffers |= {r.source.name for r in sch.get(pad).reads}
     for block in reversed(_blocks_before(sch, matmul)):
@@ -235,7 +235,7 @@ def _schedule_padded_epilogue(sch: Schedule, intrin: DotIntrin, last_name: str, 
         if ndim < 2:
             return None
         sch.pad_einsum(last, [1] * (ndim - 2) + [mr, lanes])
-        accumulator_copy = _find_block(sch, REDUCTION_BLOCK + "_pad")
+        accumulator_copy = find_block(sch, REDUCTION_BLOCK + "_pad")
         if accumulator_copy is not None:
             sch.compute_inline(accumulator_copy)
         matmul = sch.get_sblock(REDUCTION_BLOCK)
@@ -275,7 +275,7 @@ def _schedule_padded_epilogue(sch: Schedule, intrin: DotIntrin, last_name: str, 
 def _tensorize_tile(sch: Schedule, intrin: DotIntrin, lane_loop, init, rows_at, kdim: int | None) -> None:
     """Build the zero-padded activation rows at loop `rows_at` (vectorized copy), tensorize the dot
     products at `lane_loop`, and keep the accumulator (and, for a static K, the rows) on the stack."""
-    pad = _find_block(sch, ROWS_PAD_BLOCK)
+    pad = find_block(sch, ROWS_PAD_BLOCK)
     if pad is not None:
         sch.compute_at(pad, rows_at)
         pad_loops = sch.get_loops(pad)
@@ -300,7 +300,7 @@ def schedule_int8_pack(func) -> Schedule | None:
     if not isinstance(func, tirx.PrimFunc):
         return None
     sch = Schedule(func)
-    pack = _find_block(sch, PACK_BLOCK)
+    pack = find_block(sch, PACK_BLOCK)
     if pack is None:
         return None
     try:
@@ -334,13 +334,6 @@ def _divisible(extent, factor: int) -> bool:
     if isinstance(extent, tirx.IntImm):
         return int(extent) % factor == 0
     return bool(Analyzer().can_prove(tirx.floormod(extent, factor) == 0))
-
-
-def _find_block(sch: Schedule, name: str):
-    try:
-        return sch.get_sblock(name)
-    except (s_tir.ScheduleError, RuntimeError, ValueError):
-        return None
 
 
 def _blocks_before(sch: Schedule, block) -> list:
