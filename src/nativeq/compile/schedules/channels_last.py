@@ -114,15 +114,12 @@ class _ChannelsLast(relax.PyExprMutator):
             return twin
         return self.builder_.emit(relax.op.permute_dims(expr, to_channels_last(_ndim(expr))))
 
-    def _define(self, binding, channels_last_value) -> None:
-        """Bind the channels-last value and, for channels-first users, its transpose back as `binding.var`."""
+    def _define(self, binding, channels_last_value):
+        """Bind the channels-last value and, for channels-first users, its transpose back as `binding.var`;
+        returns the channels-last var."""
         twin = channels_last_value if isinstance(channels_last_value, relax.Var) else self.builder_.emit(channels_last_value)
-        back = relax.op.permute_dims(twin, to_channels_first(_ndim(twin)))
-        var = binding.var
-        emit = self.builder_.emit if isinstance(var, relax.DataflowVar) else self.builder_.emit_output
-        new_var = emit(back, name_hint=str(var.name))
-        self.set_var_remap(var, new_var)
-        self.channels_last[new_var] = twin
+        back = self._bind_plain(binding, relax.op.permute_dims(twin, to_channels_first(_ndim(twin))))
+        self.channels_last[back] = twin
         return twin
 
     def _bind_plain(self, binding, value):
@@ -139,8 +136,9 @@ class _ChannelsLast(relax.PyExprMutator):
             self.set_var_remap(binding.var, value)  # an alias (left by an earlier fold): its users read the value
             return
         name = _op_name(value)
-        if name in _CONVS and _conv_kind(value, self.intrin) is not None:
-            self._define(binding, self._conv(value))
+        kind = _conv_kind(value, self.intrin) if name in _CONVS else None
+        if kind is not None:
+            self._define(binding, self._conv(value, kind))
             self.rewritten += 1
             return
         if name == "relax.permute_dims" and self._permute(binding, value):
@@ -183,12 +181,16 @@ class _ChannelsLast(relax.PyExprMutator):
         return False
 
     def _elementwise(self, binding, call) -> bool:
-        """Rewrite when some operand has a twin and every other operand is a constant, a scalar or a twin."""
+        """Rewrite when some operand has a twin and every other operand is a constant, a scalar or a twin.
+        (Quantize/dequantize: only the data operand; their scale and zero point are per tensor or 1-D.)"""
+        name = _op_name(call)
+        qdq = name in ("relax.quantize", "relax.dequantize")
+        operands = call.args[:1] if qdq else call.args
         ndim = _ndim(call)
-        if ndim < 3 or not any(self._twin(a) is not None for a in call.args):
+        if ndim < 3 or not any(self._twin(a) is not None for a in operands):
             return False
         args = []
-        for arg in call.args:
+        for arg in operands:
             twin = self._twin(arg)
             if twin is not None and _ndim(arg) == ndim:
                 args.append(twin)
@@ -202,11 +204,9 @@ class _ChannelsLast(relax.PyExprMutator):
                 args.append(self.builder_.emit(relax.op.permute_dims(full, to_channels_last(ndim))))
             else:
                 return False
-        name = _op_name(call)
-        if name in ("relax.quantize", "relax.dequantize"):
+        if qdq:
             axis = int(call.attrs.axis) % ndim
             op = relax.op.quantize if name == "relax.quantize" else relax.op.dequantize
-            # a per-channel scale is 1-D: not permuted (a rank-1 constant would be broadcast along the last axis)
             value = op(args[0], call.args[1], call.args[2], axis=to_channels_last(ndim).index(axis),
                        out_dtype=str(call.attrs.out_dtype))
         else:
@@ -254,7 +254,8 @@ class _ChannelsLast(relax.PyExprMutator):
         self._bind_plain(binding, op(twin, spatial, keepdims=False))
         return True
 
-    def _conv(self, call):
+    def _conv(self, call, kind: str):
+        """The channels-last lowering of an int8 conv `_conv_kind` called `kind` ("matmul" / "depthwise")."""
         x, w = call.args
         attrs = call.attrs
         weight = w.value.numpy()  # [O, C/groups, *K]
@@ -271,7 +272,7 @@ class _ChannelsLast(relax.PyExprMutator):
         elif x_cl is None:
             x_cl = self._as_channels_last(x)
         out_spatial = list(call.ty.shape.values[2:])
-        if _conv_kind(call, self.intrin) == "depthwise":
+        if kind == "depthwise":
             w_cl = relax.const(np.ascontiguousarray(weight[:, 0].transpose(*range(1, ndim + 1), 0)), "int8")  # [*K, C]
             if geometry.padded:
                 # NOTE: one padded copy of the input (a cheap vectorized kernel) rather than a bounds check

@@ -74,13 +74,11 @@ def pad_channels_last_te(x: te.Tensor, before, after, pad_value: float) -> te.Te
     spatial = x.shape[1:-1]
     shape = [x.shape[0], *(analyzer.simplify(d + b + a) for d, b, a in zip(spatial, before, after)), x.shape[-1]]
 
+    ones = (1,) * len(spatial)
+    geometry = ConvGeometry(ones, ones, (*before, *after), pad_value)
+
     def compute(n, *index):
-        position, c = [i - b for i, b in zip(index[:-1], before)], index[-1]
-        inside = tirx.const(True, "bool")
-        for i, extent in zip(position, spatial):
-            inside = tirx.all(inside, i >= 0, i < extent)
-        safe = [tirx.max(tirx.min(i, extent - 1), 0) for i, extent in zip(position, spatial)]
-        return tirx.if_then_else(inside, x[(n, *safe, c)], tirx.const(pad_value, x.dtype))
+        return gather_padded(x, n, [i - b for i, b in zip(index[:-1], before)], index[-1], geometry)
 
     return te.compute(shape, compute, name="pad")
 
