@@ -21,6 +21,7 @@ from nativeq.compile import CompileConfig, compile_model
 from nativeq.errors import NativeqError
 from nativeq.runtime import emulate
 from nativeq.runtime.emulate import run_emulated
+from nativeq.runtime.manifest import seal_manifest
 from nativeq.verify import VerifyConfig, verify_artifact
 from nativeq.verify.api import ort_session
 
@@ -139,7 +140,7 @@ def test_without_the_feature_check_sdot_code_dies_with_sigill(built, tmp_path):
     shutil.copytree(artifact, unchecked)
     manifest = json.loads((unchecked / "manifest.json").read_text())
     manifest["target"]["cpu_features"] = ["asimd"]  # lie: claim the code needs no dotprod
-    (unchecked / "manifest.json").write_text(json.dumps(manifest))
+    (unchecked / "manifest.json").write_text(json.dumps(seal_manifest(manifest)))
     with pytest.raises(NativeqError, match="died with SIGILL"):
         run_emulated(unchecked, {"x": np.ones((1, 32, 64), np.float32)}, cpu="cortex-a72")
 
@@ -293,6 +294,6 @@ def test_runtime_of_another_tvm_release_is_refused(built, tmp_path):
     shutil.copytree(artifact, older)
     manifest = json.loads((older / "manifest.json").read_text())
     manifest["tvm_version"] = "0.26.0"
-    (older / "manifest.json").write_text(json.dumps(manifest))
+    (older / "manifest.json").write_text(json.dumps(seal_manifest(manifest)))
     with pytest.raises(NativeqError, match=r"built with apache-tvm 0\.26\.0 but the aarch64 runtime .* run `make arm-runtime`"):
         run_emulated(older, {"x": np.zeros((1, 2, 64), np.float32)})

@@ -170,7 +170,9 @@ def test_artifact_from_another_version(nativeq_cli, artifact, field, value, frag
     path = artifact / "manifest.json"
     manifest = json.loads(path.read_text())
     manifest[field] = value
-    path.write_text(json.dumps(manifest))
+    from nativeq.runtime.manifest import seal_manifest
+
+    path.write_text(json.dumps(seal_manifest(manifest)))
     res = nativeq_cli("verify", artifact, "--onnx", "m.onnx")
     assert_one_line_error(res, fragment, "recompile it")
 

@@ -31,6 +31,9 @@ def artifact_copy(matmul_artifact, tmp_path):
 
 
 def _edit_manifest(artifact, **changes):
+    """Change manifest fields and re-seal the manifest, as a compiler that wrote these values would."""
+    from nativeq.runtime.manifest import seal_manifest
+
     path = artifact / "manifest.json"
     manifest = json.loads(path.read_text())
     for key, value in changes.items():
@@ -39,7 +42,7 @@ def _edit_manifest(artifact, **changes):
             manifest[section][field] = value
         else:
             manifest[section] = value
-    path.write_text(json.dumps(manifest))
+    path.write_text(json.dumps(seal_manifest(manifest)))
 
 
 @pytest.mark.parametrize("length", [1, 7, 250])

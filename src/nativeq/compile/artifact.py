@@ -16,7 +16,7 @@ from onnx import helper, numpy_helper
 import nativeq
 from nativeq._fs import sha256_file, write_json_atomic
 from nativeq.runtime import tvm_ffi_version, tvm_version
-from nativeq.runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, TensorSpec
+from nativeq.runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, TensorSpec, seal_manifest
 
 
 def _np_dtype_name(elem_type: int) -> str:
@@ -147,4 +147,9 @@ def build_manifest(*, out_dir: Path, library: str, target, model_path: Path, mod
 
 
 def write_manifest(out_dir: Path, manifest: dict) -> None:
-    write_json_atomic(out_dir / MANIFEST_NAME, manifest)
+    """Seal `manifest` (set its `manifest_sha256`, in place) and write it as `out_dir/manifest.json`.
+
+    Call it last: the manifest lists every other file of `out_dir` with its sha256, and `nativeq.load`
+    refuses a directory holding a file the manifest does not list.
+    """
+    write_json_atomic(out_dir / MANIFEST_NAME, seal_manifest(manifest))

@@ -47,12 +47,13 @@ def _fixed_frames(manifest: dict) -> int | None:
 
 
 def _encoder_runner(artifact: Path, manifest: dict, threads: int):
-    """feats [1, T, 80] -> logits [T', V]: native when the artifact is for this CPU, else under qemu."""
+    """feats [1, T, 80] -> logits [T', V] with `threads` TVM threads: native when the artifact is for this
+    CPU, else under qemu."""
     from nativeq.runtime import load, machine_arch
 
     input_name, output_name, _ = _speech_io(manifest, artifact)
     if manifest["target"].get("arch") == machine_arch():
-        model = load(artifact)
+        model = load(artifact, threads=threads)
         return lambda feats: np.asarray(model.run({input_name: feats})[output_name])[0]
     from nativeq.runtime.emulate import run_emulated
 
@@ -83,6 +84,8 @@ def transcribe(cfg: TranscribeConfig) -> list[tuple[str, str]]:
     """(path, transcript) for each WAV in cfg.wavs, in order. Every WAV is read before the model runs."""
     from nativeq.runtime import read_manifest
 
+    if cfg.threads < 1:
+        raise NativeqError(f"--threads must be at least 1, got {cfg.threads}")
     artifact = Path(cfg.artifact)
     manifest = read_manifest(artifact)
     _speech_io(manifest, artifact)

@@ -1,38 +1,35 @@
 """Load and run compiled artifacts: what runs on the device.
 
-`load(path)` checks the artifact (every file's sha256 against its manifest, the nativeq and
-TVM versions it was built with, whether this CPU can execute its target) and returns a
-`CompiledModel`.
+`load(path)` checks the artifact (its sealed manifest, every file's sha256 against it, the
+nativeq and TVM versions it was built with, whether this CPU can execute its target) and
+returns a `CompiledModel`, which any number of threads may call at once (see
+docs/reliability.md).
 
-This package imports no torch and no TVM *compiler* API: only `tvm.runtime` (the Relax VM,
-`load_module`, tensors), numpy and the standard library.
-
-Runtime-only TVM (measured with apache-tvm 0.27.0.post1): `import tvm` always runs
-`tvm/__init__.py`, which by default loads both `libtvm_runtime.so` and the 259 MB
-`libtvm_compiler.so`. With the environment variable `TVM_USE_RUNTIME_LIB=1` set *before*
-the first `import tvm`, only `libtvm_runtime.so` is loaded (`tvm.base._RUNTIME_ONLY` is
-True, `tvm.relax` is not imported) and `nativeq.load(...)` works unchanged: the exported
-library plus `tvm.runtime.load_module` and `tvm.runtime.vm.VirtualMachine` are all it
-needs. nativeq does not set the variable itself, because a process that also compiles
-(tests, `nativeq verify` after `nativeq compile` in one Python session) needs the compiler.
-On a device, run with `TVM_USE_RUNTIME_LIB=1` (or install a runtime-only TVM build).
-Note that tvm-ffi 0.1.14's `__init__` itself does `import torch` when torch is installed (a
-workaround for a symbol clash), so on a development machine `import tvm` also pays torch's
-import time; nativeq's runtime never imports torch, and on a device without torch nothing does.
+This package imports no torch and no TVM compiler: `load` uses tvm-ffi and TVM's runtime
+library `libtvm_runtime.so` directly, never the `tvm` Python package, whose `__init__`
+(apache-tvm 0.27.0.post1) loads the 259 MB `libtvm_compiler.so` and imports `tvm.relax`
+unless `TVM_USE_RUNTIME_LIB=1` is set before the first `import tvm`. A process that also
+compiles (imports `tvm` before or after `load`) shares the one `libtvm_runtime.so`.
+tvm-ffi 0.1.14's `__init__` imports torch whenever torch is installed, with no switch to
+turn that off; `load` imports tvm-ffi with torch hidden (see `model.tvm_ffi`), so
+`nativeq.load` imports no torch unless the process already did.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import importlib.util
 import os
+import sys
 import tempfile
+import threading
 from pathlib import Path
 
 from nativeq.errors import NativeqError
 from nativeq.runtime.cpu import cpu_features, describe_features, machine_arch, missing_cpu_features
 from nativeq.runtime.manifest import MANIFEST_NAME, TensorSpec, check_files, read_manifest
-from nativeq.runtime.model import CompiledModel, check_inputs
+from nativeq.runtime.model import CompiledModel, check_inputs, runtime_threads, tvm_ffi
 
 
 def _major_minor(version: str) -> str:
@@ -91,7 +88,35 @@ def check_runnable_here(path: Path, manifest: dict) -> None:
         )
 
 
-def _load_library(library: Path, digest: str, runtime):
+_runtime_lock = threading.Lock()
+_runtime_loaded = False
+
+
+def _load_tvm_runtime(ffi) -> None:
+    """Load `libtvm_runtime.so` (RTLD_GLOBAL: the Relax VM and the kernels' backend functions) once.
+
+    From `TVM_LIBRARY_PATH` or the installed `tvm` package's `lib/`, found without importing `tvm`.
+    """
+    global _runtime_loaded
+    if _runtime_loaded or "tvm" in sys.modules:  # `import tvm` loads it (and perhaps the compiler) itself
+        return
+    with _runtime_lock:
+        if _runtime_loaded:
+            return
+        dirs = [Path(os.environ["TVM_LIBRARY_PATH"])] if os.environ.get("TVM_LIBRARY_PATH") else []
+        spec = importlib.util.find_spec("tvm")
+        if spec is not None and spec.submodule_search_locations:
+            dirs += [Path(p) / "lib" for p in spec.submodule_search_locations]
+        try:
+            ffi.libinfo.load_lib_ctypes("tvm", "tvm_runtime", "RTLD_GLOBAL", extra_lib_paths=dirs)
+        except (OSError, RuntimeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise NativeqError(f"cannot load TVM's runtime library libtvm_runtime.so ({first}); "
+                               f"install apache-tvm or set TVM_LIBRARY_PATH to its directory") from None
+        _runtime_loaded = True
+
+
+def _load_library(library: Path, digest: str, ffi):
     """dlopen the artifact's library from a private copy of the bytes whose sha256 is checked here.
 
     NOTE: dlopen caches by path: a library rebuilt at the same path (`compile --force`) and loaded again
@@ -104,37 +129,37 @@ def _load_library(library: Path, digest: str, runtime):
     try:
         with os.fdopen(handle, "wb") as out:
             out.write(data)
-        return runtime.load_module(private)
+        return ffi.load_module(private)
     finally:
         os.unlink(private)
 
 
-def load(path, *, check_cpu: bool = True) -> CompiledModel:
-    """Load the artifact directory `path` (written by `nativeq compile`) for this CPU."""
+def load(path, *, check_cpu: bool = True, threads: int | None = None) -> CompiledModel:
+    """Load the artifact directory `path` (written by `nativeq compile`) for this CPU.
+
+    threads: TVM worker threads per calling thread for this model's kernels (None: TVM's default,
+    `TVM_NUM_THREADS` or the number of physical cores). See `CompiledModel`.
+    """
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise NativeqError(f"threads must be a positive int or None, got {threads!r}")
     path = Path(path)
     manifest = read_manifest(path)
     check_versions(path, manifest)
-    check_files(path, manifest)
+    name = manifest["library"]
+    check_files(path, manifest, skip=(name,))  # _load_library hashes the bytes it loads
     if check_cpu:
         check_runnable_here(path, manifest)
 
-    from tvm import runtime
-    from tvm.runtime.vm import VirtualMachine
-
-    name = manifest["library"]
-    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
-        raise NativeqError(f"artifact {path}: manifest field 'library' must name a file inside the artifact, got {name!r}")
-    digest = manifest["files"].get(name) if isinstance(manifest["files"], dict) else None
-    if not isinstance(digest, str):
-        raise NativeqError(f"artifact {path}: manifest field 'files' records no sha256 for the library {name}")
-    device = runtime.cpu(0)
+    ffi = tvm_ffi()
+    _load_tvm_runtime(ffi)
     try:
-        library = _load_library(path / name, digest, runtime)
-        vm = VirtualMachine(library, device)
+        library = _load_library(path / name, manifest["files"][name], ffi)
+        return CompiledModel(path, manifest, library, threads=threads)
+    except NativeqError:
+        raise
     except Exception as e:  # noqa: BLE001  (a foreign or broken .so: say which file)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise NativeqError(f"cannot load {path / manifest['library']}: {first}") from None
-    return CompiledModel(path, manifest, vm, device)
+        raise NativeqError(f"cannot load {path / name}: {first}") from None
 
 
 __all__ = [
@@ -150,4 +175,5 @@ __all__ = [
     "machine_arch",
     "missing_cpu_features",
     "read_manifest",
+    "runtime_threads",
 ]

@@ -1,7 +1,14 @@
-"""`CompiledModel`: a loaded artifact you call with numpy arrays by input name."""
+"""`CompiledModel`: a loaded artifact you call with numpy arrays by input name.
+
+Only tvm-ffi and TVM's runtime library (`libtvm_runtime.so`) are used: not the `tvm` Python
+package, whose `__init__` loads the compiler (see `nativeq.runtime`).
+"""
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -9,6 +16,59 @@ import numpy as np
 
 from nativeq.errors import NativeqError
 from nativeq.runtime.manifest import TensorSpec, input_specs, output_specs
+
+_KDL_CPU = 1  # DLPack device type of the CPU
+_POOLED_ALLOCATOR = 2  # tvm.runtime.vm.VirtualMachine.POOLED_ALLOCATOR
+_SHARE_ALL_CORES = -3  # tvm::runtime::threading::ThreadGroup::kSpecifyThreadShareAllCore
+# NOTE: read before any TVM thread pool exists: TVM's default pool pins the thread that first runs a
+# parallel kernel to its first cores, so this thread's affinity may be narrower afterwards.
+_CPUS = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+_import_lock = threading.Lock()
+_pool = threading.local()  # .threads: what this thread's TVM pool was last configured to by a CompiledModel
+
+
+def tvm_ffi():
+    """The `tvm_ffi` module, imported without importing torch.
+
+    NOTE: tvm-ffi's `__init__` runs `import torch` whenever torch is installed (a workaround for a
+    symbol clash on Windows) and has no switch to skip it; torch costs seconds to import and is never
+    needed here. The import is therefore made with torch hidden, unless torch or tvm_ffi is imported
+    already. tvm-ffi's optional torch DLPack accelerator then stays off in this process (nativeq passes
+    numpy arrays only); a later `import torch` works as usual. In a runtime-only process
+    (`TVM_USE_RUNTIME_LIB=1`) ml_dtypes is hidden too: tvm-ffi imports it for bfloat16/float8/int4
+    numpy conversions, which nativeq does not use, and it is most of tvm-ffi's import time.
+    """
+    module = sys.modules.get("tvm_ffi")
+    if module is not None:
+        return module
+    with _import_lock:
+        hidden = ["torch"] + (["ml_dtypes"] if os.environ.get("TVM_USE_RUNTIME_LIB") == "1" else [])
+        hidden = [name for name in hidden if name not in sys.modules]
+        for name in hidden:
+            sys.modules[name] = None  # makes `import name` raise ImportError
+        try:
+            import tvm_ffi as module
+        finally:
+            for name in hidden:
+                if name in sys.modules and sys.modules[name] is None:
+                    del sys.modules[name]
+    return module
+
+
+def _configure_thread_pool(ffi, threads: int) -> None:
+    """Give the calling thread's TVM pool `threads` workers that may run on any of `_CPUS`."""
+    # NOTE: TVM's pool is per calling thread and sized when the thread first uses it (from its max
+    # concurrency, which config_threadpool sets to the length of the cpu list); later calls can only
+    # lower the number of workers used. The list is the allowed CPUs, cycled to at least `threads`.
+    size = max(threads, len(_CPUS))
+    cpus = [str(_CPUS[i % len(_CPUS)]) for i in range(size)]
+    ffi.get_global_func("runtime.config_threadpool")(_SHARE_ALL_CORES, threads, cpus)
+    _pool.threads = threads
+
+
+def runtime_threads() -> int:
+    """The number of workers the calling thread's TVM pool uses (starts the pool if it has none)."""
+    return int(tvm_ffi().get_global_func("runtime.NumThreads")())
 
 
 def _shape_text(shape) -> str:
@@ -18,10 +78,16 @@ def _shape_text(shape) -> str:
 def check_inputs(specs: tuple[TensorSpec, ...], inputs: Mapping[str, object]) -> list[np.ndarray]:
     """Validate `inputs` against `specs`; return the arrays in spec order.
 
-    A wrong or missing name, a dtype other than the declared one (no silent casts), a wrong
-    rank, a static dim of another size, or one symbolic dim bound to two sizes raises a
+    Not a mapping, a wrong or missing name, a value that is no array, a dtype other than the
+    declared one (no silent casts), a wrong rank, a static dim of another size, a symbolic dim
+    of size 0 or bound to two sizes, or a NaN or infinity in a float input raises a
     NativeqError naming the input, what was expected and what was given.
     """
+    if not isinstance(inputs, Mapping):
+        example = ", ".join(f"{s.name!r}: array" for s in specs)
+        raise NativeqError(
+            f"run() takes a dict of input name -> array, got {type(inputs).__name__}; e.g. run({{{example}}})"
+        )
     by_name = {s.name: s for s in specs}
     for name in inputs:
         if name not in by_name:
@@ -33,7 +99,10 @@ def check_inputs(specs: tuple[TensorSpec, ...], inputs: Mapping[str, object]) ->
         if spec.name not in inputs:
             raise NativeqError(f"missing input {spec.name!r} ({spec})")
         value = inputs[spec.name]
-        array = value if isinstance(value, np.ndarray) else np.asarray(value)
+        try:
+            array = value if isinstance(value, np.ndarray) else np.asarray(value)
+        except (ValueError, TypeError) as e:
+            raise NativeqError(f"input {spec.name!r} is not an array: {str(e).splitlines()[0]}") from None
         if array.dtype != np.dtype(spec.dtype):
             raise NativeqError(f"input {spec.name!r}: expected dtype {spec.dtype}, got {array.dtype}")
         if array.ndim != len(spec.shape):
@@ -48,6 +117,11 @@ def check_inputs(specs: tuple[TensorSpec, ...], inputs: Mapping[str, object]) ->
                         f"input {spec.name!r}: dim {axis} must be {want}, got {got} "
                         f"(expected {_shape_text(spec.shape)}, got {tuple(array.shape)})"
                     )
+            elif got == 0:
+                raise NativeqError(
+                    f"input {spec.name!r}: dim {axis} ({want}) is 0; the model needs at least 1 "
+                    f"(got shape {tuple(array.shape)})"
+                )
             elif want in bound and bound[want][0] != got:
                 size, where = bound[want]
                 raise NativeqError(
@@ -55,8 +129,21 @@ def check_inputs(specs: tuple[TensorSpec, ...], inputs: Mapping[str, object]) ->
                 )
             else:
                 bound[str(want)] = (got, spec.name)
+        if array.dtype.kind == "f" and not _all_finite(array):
+            bad = array.size - int(np.count_nonzero(np.isfinite(array)))
+            raise NativeqError(
+                f"input {spec.name!r} has {bad} NaN or infinite value{'s' if bad > 1 else ''}; "
+                f"the model takes finite values only"
+            )
         arrays.append(np.ascontiguousarray(array))
     return arrays
+
+
+def _all_finite(array: np.ndarray) -> bool:
+    """No NaN and no infinity in the float array: one summing pass, no temporary array for float16/32."""
+    if array.dtype.itemsize <= 4:  # a float64 sum of float16/32 values cannot overflow: non-finite iff NaN/inf
+        return bool(np.isfinite(array.sum(dtype=np.float64)))
+    return bool(np.isfinite(array).all())
 
 
 ALIGNMENT = 64  # bytes: what TVM's kernels assume of every tensor they are given
@@ -74,31 +161,55 @@ def aligned(array: np.ndarray) -> np.ndarray:
 
 
 class CompiledModel:
-    """A compiled artifact loaded into a Relax VM on this CPU.
+    """A compiled artifact loaded on this CPU (created by `nativeq.load`).
 
     `model(x=feats)` or `model.run({"x": feats})` returns a dict name -> np.ndarray in the
     ONNX output order. `.inputs` / `.outputs` are `TensorSpec`s.
+
+    Thread safety: one model may be called from any number of threads at once. Each calling
+    thread gets its own Relax VM, made on its first call from the library loaded once (a VM
+    holds per-call state - registers, storage - that concurrent calls would corrupt). VMs share
+    the code and the constants (weights); a thread's VM is freed when the thread ends.
+
+    `threads` (None: TVM's default, `TVM_NUM_THREADS` or the number of physical cores) sets the
+    number of TVM worker threads each calling thread uses for this model's kernels (TVM's pool
+    is per calling thread: N calling threads with threads=k use up to N*k workers).
     """
 
-    def __init__(self, path: Path, manifest: dict, vm, device):
+    def __init__(self, path: Path, manifest: dict, library, *, threads: int | None = None):
         self.path = Path(path)
         self.manifest = manifest
         self.inputs: tuple[TensorSpec, ...] = input_specs(manifest)
         self.outputs: tuple[TensorSpec, ...] = output_specs(manifest)
         self.target: str = manifest["target"]["name"]
-        self._vm = vm
-        self._device = device
-        self._entry = vm[manifest.get("entry", "main")]
+        self.threads = threads
+        self._ffi = tvm_ffi()
+        self._library = library
+        self._entry_name = manifest["entry"]
+        self._local = threading.local()
+        self._entry()  # the loading thread's VM: a broken library fails in `load`, not at the first call
+
+    def _entry(self):
+        """The entry function of the calling thread's VM (made on the thread's first call)."""
+        entry = getattr(self._local, "entry", None)
+        if entry is None:
+            vm = self._library["vm_load_executable"]()
+            vm["vm_initialization"](_KDL_CPU, 0, _POOLED_ALLOCATOR)
+            self._local.vm, self._local.entry = vm, vm[self._entry_name]
+            entry = self._local.entry
+        if self.threads is not None and getattr(_pool, "threads", None) != self.threads:
+            _configure_thread_pool(self._ffi, self.threads)
+        return entry
 
     def run(self, inputs: Mapping[str, object]) -> dict[str, np.ndarray]:
-        from tvm import runtime
-
         arrays = [aligned(a) for a in check_inputs(self.inputs, inputs)]
+        entry = self._entry()
+        ffi = self._ffi
         # NOTE: zero-copy both ways (DLPack): a tensor copy costs ~30 us a call, more than a small model's
         # kernels. The kernels read the caller's arrays in place and never write them; every call's outputs
         # are fresh VM allocations, so the returned arrays own their memory (through the DLPack capsule).
-        result = self._entry(*(runtime.from_dlpack(a) for a in arrays))
-        values = [result] if isinstance(result, runtime.Tensor) else list(result)
+        result = entry(*(ffi.from_dlpack(a) for a in arrays))
+        values = [result] if isinstance(result, ffi.Tensor) else list(result)
         if len(values) != len(self.outputs):
             raise NativeqError(
                 f"artifact {self.path} returned {len(values)} outputs, its manifest lists {len(self.outputs)}"
