@@ -1,6 +1,7 @@
 """`compile_model`: a (QDQ) ONNX file -> an artifact directory (library + manifest.json).
 
-Steps, each failing with one line naming the problem: read and check the ONNX file, rewrite
+Steps, each failing with one line naming the problem: read and check the ONNX file and its
+quantization parameters (`validate.py`), rewrite
 what TVM's importer cannot take and import to Relax (`onnx_import`), run the target's pass
 list (`pipeline.py`), build, export the library (cross-compiled for ARM targets), write the
 manifest. Everything is written into a temporary directory renamed into place at the end.
@@ -8,8 +9,12 @@ manifest. Everything is written into a temporary directory renamed into place at
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
+import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -19,6 +24,7 @@ import onnx
 
 from nativeq._fs import atomic_directory, sha256_file
 from nativeq._text import aligned_table, first_line
+from nativeq.compile.validate import validate_model
 from nativeq.errors import NativeqError
 from nativeq.targets import Target, get_target
 
@@ -140,12 +146,42 @@ def import_model(model: onnx.ModelProto, path: Path):
     """
     from nativeq.compile.onnx_import import import_onnx
 
-    try:
-        return import_onnx(model)
-    except NativeqError:
-        raise
-    except Exception as e:  # noqa: BLE001  (the importer raises anything from KeyError to TVMError)
-        raise NativeqError(f"TVM's ONNX importer failed on {path}: {first_line(e)}") from e
+    with _held_importer_output() as held:
+        try:
+            return import_onnx(model)
+        except NativeqError as e:
+            error = NativeqError(str(e))
+        except Exception as e:  # noqa: BLE001  (the importer raises anything from KeyError to TVMError)
+            error = NativeqError(f"TVM's ONNX importer failed on {path}: {first_line(e)}")
+        held.failed = True  # the failed import's state (and its C++ warning) goes away here, inside the capture
+    raise error
+
+
+class _HeldOutput:
+    failed = False
+
+
+@contextlib.contextmanager
+def _held_importer_output():
+    """Hold what TVM's importer prints while it runs: on stdout the failing operator and its inputs, on
+    stderr (from C++) a warning when a half-built block builder is dropped. Shown after a successful
+    import, dropped after a failed one, whose one-line NativeqError says what failed."""
+    held = _HeldOutput()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved_stderr = os.dup(2)
+    with tempfile.TemporaryFile() as captured, contextlib.redirect_stdout(io.StringIO()) as printed:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield held
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved_stderr, 2)
+            os.close(saved_stderr)
+            if not held.failed:
+                captured.seek(0)
+                sys.stdout.write(printed.getvalue())
+                sys.stderr.write(captured.read().decode(errors="replace"))
 
 
 def tuning_database(cfg: CompileConfig, target: Target) -> Path | None:
@@ -231,6 +267,7 @@ def compile_model(model_path, out_dir, cfg: CompileConfig, force: bool = False) 
     cross_compiler = check_cross_compiler(target)
     database = tuning_database(cfg, target)
     model = load_onnx(model_path)
+    validate_model(model)
     mod = import_model(model, model_path)
     seconds = {"import": time.perf_counter() - started}
 
