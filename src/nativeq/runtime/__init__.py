@@ -11,7 +11,7 @@ library `libtvm_runtime.so` directly, never the `tvm` Python package, whose `__i
 unless `TVM_USE_RUNTIME_LIB=1` is set before the first `import tvm`. A process that also
 compiles (imports `tvm` before or after `load`) shares the one `libtvm_runtime.so`.
 tvm-ffi 0.1.14's `__init__` imports torch whenever torch is installed, with no switch to
-turn that off; `load` imports tvm-ffi with torch hidden (see `model.tvm_ffi`), so
+turn that off; `load` imports tvm-ffi with torch hidden (see `model.import_tvm_ffi`), so
 `nativeq.load` imports no torch unless the process already did.
 """
 
@@ -29,7 +29,7 @@ from pathlib import Path
 from nativeq.errors import NativeqError
 from nativeq.runtime.cpu import cpu_features, describe_features, machine_arch, missing_cpu_features
 from nativeq.runtime.manifest import MANIFEST_NAME, TensorSpec, check_files, read_manifest
-from nativeq.runtime.model import CompiledModel, check_inputs, runtime_threads, tvm_ffi
+from nativeq.runtime.model import CompiledModel, check_inputs, import_tvm_ffi, runtime_threads
 
 
 def _major_minor(version: str) -> str:
@@ -150,7 +150,7 @@ def load(path, *, check_cpu: bool = True, threads: int | None = None) -> Compile
     if check_cpu:
         check_runnable_here(path, manifest)
 
-    ffi = tvm_ffi()
+    ffi = import_tvm_ffi()
     _load_tvm_runtime(ffi)
     try:
         library = _load_library(path / name, manifest["files"][name], ffi)

@@ -27,7 +27,7 @@ _import_lock = threading.Lock()
 _pool = threading.local()  # .threads: what this thread's TVM pool was last configured to by a CompiledModel
 
 
-def tvm_ffi():
+def import_tvm_ffi():
     """The `tvm_ffi` module, imported without importing torch.
 
     NOTE: tvm-ffi's `__init__` runs `import torch` whenever torch is installed (a workaround for a
@@ -67,8 +67,8 @@ def _configure_thread_pool(ffi, threads: int) -> None:
 
 
 def runtime_threads() -> int:
-    """The number of workers the calling thread's TVM pool uses (starts the pool if it has none)."""
-    return int(tvm_ffi().get_global_func("runtime.NumThreads")())
+    """The number of workers the calling thread's TVM pool uses (after a `load`; starts the pool if there is none)."""
+    return int(import_tvm_ffi().get_global_func("runtime.NumThreads")())
 
 
 def _shape_text(shape) -> str:
@@ -183,7 +183,7 @@ class CompiledModel:
         self.outputs: tuple[TensorSpec, ...] = output_specs(manifest)
         self.target: str = manifest["target"]["name"]
         self.threads = threads
-        self._ffi = tvm_ffi()
+        self._ffi = import_tvm_ffi()
         self._library = library
         self._entry_name = manifest["entry"]
         self._local = threading.local()
