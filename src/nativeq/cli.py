@@ -98,15 +98,19 @@ def targets(as_json):
 @click.option("--tuning-log", type=click.Path(), default=None, help="Tuning database directory (default: tuning_logs/<target>/).")
 @click.option("--no-tuning", is_flag=True, help="Do not apply any tuning database.")
 @click.option("--dim", "dims", multiple=True,
-              help="Count the kernel report's MACs at this symbolic size, e.g. --dim T=200 (default: 64, batch 1).")
+              help="Fix a symbolic input size by name, e.g. --dim B=1: the artifact is specialized to it "
+                   "(and the kernel report counts MACs at it; others at 64, batch 1).")
+@click.option("--input-shapes", default=None,
+              help='Input shapes, e.g. "feats:[1,T,80]": an integer fixes that axis, a name renames its symbolic dim.')
 @click.option("--json", "as_json", is_flag=True, help="Print the result (manifest with its kernel table) as JSON.")
-def compile_cmd(model, target, out, force, explain, no_int8, tuning_log, no_tuning, dims, as_json):
+def compile_cmd(model, target, out, force, explain, no_int8, tuning_log, no_tuning, dims, input_shapes, as_json):
     """Compile a (QDQ) ONNX MODEL for a target into an artifact directory OUT."""
     from nativeq.compile import CompileConfig, compile_model
+    from nativeq.compile.input_shapes import parse_input_shapes
 
     cfg = CompileConfig(
         target=target, int8=not no_int8, tuning_log=tuning_log, use_tuning=not no_tuning, explain=explain,
-        dims=_parse_dims(dims),
+        dims=_parse_dims(dims), input_shapes=parse_input_shapes(input_shapes) if input_shapes else {},
     )
     result = compile_model(model, out, cfg, force=force)
     click.echo(result.to_json() if as_json else result.summary())

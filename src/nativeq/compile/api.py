@@ -24,6 +24,7 @@ import onnx
 
 from nativeq._fs import atomic_directory, sha256_file
 from nativeq._text import aligned_table, first_line
+from nativeq.compile.input_shapes import fix_input_shapes
 from nativeq.compile.validate import validate_model
 from nativeq.errors import NativeqError
 from nativeq.targets import Target, get_target
@@ -43,8 +44,11 @@ class CompileConfig:
     use_tuning: False ignores any tuning database.
     explain: report which matmul/conv sites became int8 and which stayed float, and why, and list
         every fused kernel with its schedule and share of the arithmetic (`kernels.py`).
-    dims: values of symbolic sizes for the kernel report's MAC counts, by name (e.g. {"T": 200});
-        unnamed ones count as 64 (batch-like names as 1). The artifact itself keeps them symbolic.
+    dims: symbolic input sizes to fix, by ONNX dim name (e.g. {"B": 1}): the artifact is specialized
+        to them (`input_shapes.py`). The kernel report counts MACs at them; other symbolic sizes
+        count as 64 (batch-like names as 1).
+    input_shapes: input name -> shape, an int fixing that axis, a name renaming its symbolic dim
+        (e.g. {"feats": (1, "T", 80)}).
     """
 
     target: str
@@ -53,6 +57,7 @@ class CompileConfig:
     use_tuning: bool = True
     explain: bool = False
     dims: dict[str, int] = field(default_factory=dict)
+    input_shapes: dict[str, tuple] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -139,16 +144,21 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
 
 
 def import_model(model: onnx.ModelProto, path: Path):
-    """ONNX -> Relax IRModule with weights as constants (so the int8 passes see them).
+    """ONNX -> Relax IRModule with weights as constants (so the int8 passes see them)."""
+    return import_model_with_checks(model, path)[0]
+
+
+def import_model_with_checks(model: onnx.ModelProto, path: Path):
+    """ONNX -> (Relax IRModule, the `onnx_import.ShapeCheck`s the artifact must check at run time).
 
     `onnx_import.import_onnx` first rewrites what TVM's importer lacks (QLinear*, *Integer,
     INT4 initializers) and refuses, naming op and node, what remains unsupported.
     """
-    from nativeq.compile.onnx_import import import_onnx
+    from nativeq.compile.onnx_import import import_onnx_with_checks
 
     with _held_importer_output() as held:
         try:
-            return import_onnx(model)
+            return import_onnx_with_checks(model)
         except NativeqError as e:
             error = NativeqError(str(e))
         except Exception as e:  # noqa: BLE001  (the importer raises anything from KeyError to TVMError)
@@ -268,8 +278,14 @@ def compile_model(model_path, out_dir, cfg: CompileConfig, force: bool = False) 
     database = tuning_database(cfg, target)
     model = load_onnx(model_path)
     validate_model(model)
-    mod = import_model(model, model_path)
+    model = fix_input_shapes(model, cfg.dims, cfg.input_shapes)
+    mod, shape_checks = import_model_with_checks(model, model_path)
     seconds = {"import": time.perf_counter() - started}
+    if shape_checks:
+        first = shape_checks[0]
+        warnings.warn(f"{len(shape_checks)} shape condition(s) of the graph hold only for some input sizes (first: "
+                      f"{first.op} node {first.node!r} needs {first.lhs} == {first.rhs}); the artifact refuses "
+                      f"inputs that break them, as ONNX Runtime does", stacklevel=2)
 
     from nativeq.compile._tvm import cc, relax, tvm
     from nativeq.compile.pipeline import compile_passes
@@ -309,6 +325,8 @@ def compile_model(model_path, out_dir, cfg: CompileConfig, force: bool = False) 
                 "opt_level": 3,
                 "exec_mode": "bytecode",
                 "compiler": cross_compiler or "host",
+                "dims": dict(cfg.dims),
+                "input_shapes": {name: list(shape) for name, shape in cfg.input_shapes.items()},
                 "seconds": {stage: round(value, 3) for stage, value in seconds.items()},
             },
             tuning={
@@ -322,6 +340,7 @@ def compile_model(model_path, out_dir, cfg: CompileConfig, force: bool = False) 
             kernels=kernels,
             kernel_dims=kernel_dims,
         )
+        manifest["shape_checks"] = [check.to_json() for check in shape_checks]
         write_manifest(tmp, manifest)
     return CompileResult(out_dir=out_dir, manifest=manifest, explain=(sites or []) if cfg.explain else [],
                          explained=cfg.explain)
@@ -350,12 +369,7 @@ def _kernel_report(passes: list, captures, tuned: dict, dims: dict[str, int]) ->
     from nativeq.compile.kernels import kernel_table, report_dims, size_names
 
     lowered, built = captures[0].functions, captures[1].functions
-    names = size_names(lowered)
-    unknown = sorted(set(dims) - set(names))
-    if unknown:  # the artifact is fine: only the report's sizes are off, so no error after a whole build
-        warnings.warn(f"--dim {unknown[0]}: the model has no symbolic size {unknown[0]} (its kernels' symbolic "
-                      f"sizes: {', '.join(names) or 'none'}); ignored", stacklevel=3)
-    at = report_dims(names, dims)
+    at = dict(sorted({**report_dims(size_names(lowered), dims), **dims}.items()))  # fixed sizes (--dim) included
     rules = next((dict(p.applied) for p in passes if p.info.name == _SCHEDULE_PASS), {})
     try:
         return kernel_table(lowered, built, tuned, rules, at), at

@@ -8,7 +8,8 @@ importer used here differs from `tvm.relax.frontend.onnx.from_onnx` only in:
 
 - `Range` with a constant start and delta and a symbolic limit keeps the symbolic length
   (TVM's converter creates a fresh, unrelated length variable);
-- `Gather` on a shape value that is not a literal `ShapeExpr` converts it to a tensor first;
+- `Gather` on a shape value that is not a literal `ShapeExpr` converts it to a tensor first, and
+  clips run-time indices (TVM's "fast" take reads out of bounds on a bad index);
 - scalar immediates folded from shape arithmetic become constants of the other operand's
   dtype (TVM keeps `(d // heads) ** -0.5` as a float64 immediate and then refuses the Mul);
 - operands of a broadcasting elementwise op whose shapes are equal but not provably so are
@@ -16,31 +17,71 @@ importer used here differs from `tvm.relax.frontend.onnx.from_onnx` only in:
 - a constant `Pad` becomes `R.nn.pad` (TVM's converter emits an opaque TE call, which the int8 and
   layout passes cannot see through);
 - `LSTM`, `GRU` and `RNN`, for which TVM has no converter, convert through `recurrent.py`.
+
+It also collects the shape conditions TVM's Relax does not check at run time (`ShapeCheck`): a
+`Reshape` whose element counts are not provably equal (a length the exporter traced into a constant
+target shape: `[T, B*4, 36] -> [50, B*4, 36]`), and the dims the operand reshapes above rename. ONNX
+Runtime refuses inputs that break them; the artifact records them in its manifest and refuses such
+inputs before running (`runtime/shape_checks.py`) instead of returning a wrongly shaped result.
 """
 
 from __future__ import annotations
 
+import functools
+import operator
+from dataclasses import dataclass
+
 import onnx
 
-from nativeq.compile._tvm import onnx_convert_map, onnx_frontend, relax, tvm
+from nativeq.compile._tvm import Analyzer, onnx_convert_map, onnx_frontend, relax, tvm
 from nativeq.compile.onnx_legalize import IMPORTER_BUILTIN_OPS, check_importable, legalize
 from nativeq.compile.recurrent import CONVERTERS as RECURRENT_CONVERTERS, check_node as check_recurrent_node
 
 _BROADCAST_OPS = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Where", "Equal", "Less", "Greater", "And", "Or"}
 
 
+@dataclass(frozen=True)
+class ShapeCheck:
+    """A condition on the input dims the graph needs and Relax does not check: `lhs == rhs`.
+
+    `lhs` / `rhs` are integer expressions over the graph inputs' symbolic dim names (ONNX names),
+    in Python syntax (`+ - * // %`, `min`, `max`), as the manifest stores them.
+    """
+
+    node: str
+    op: str
+    lhs: str
+    rhs: str
+
+    def to_json(self) -> dict:
+        return {"node": self.node, "op": self.op, "lhs": self.lhs, "rhs": self.rhs}
+
+
 def import_onnx(model: onnx.ModelProto, shape_dict: dict | None = None) -> "tvm.IRModule":
     """Legalize `model`, check every op is importable, and import it into a Relax IRModule."""
+    return import_onnx_with_checks(model, shape_dict)[0]
+
+
+def import_onnx_with_checks(model: onnx.ModelProto, shape_dict: dict | None = None) -> tuple["tvm.IRModule", list[ShapeCheck]]:
+    """`import_onnx`, and the shape conditions the artifact must check at run time."""
     model = legalize(model)
     check_importable(model)
-    return from_onnx_fixed(model, shape_dict)
+    importer = _importer(shape_dict)
+    mod = importer.from_onnx(model.graph, _opset(model))
+    return mod, importer.checks_by_onnx_name(model.graph, mod)
 
 
 def from_onnx_fixed(model: onnx.ModelProto, shape_dict: dict | None = None) -> "tvm.IRModule":
     """`tvm.relax.frontend.onnx.from_onnx(model, keep_params_in_input=False)` with the fixes above."""
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
-    importer = _Importer(shape_dict or {}, "float32", keep_params_in_input=False, sanitize=True)
-    return importer.from_onnx(model.graph, opset)
+    return _importer(shape_dict).from_onnx(model.graph, _opset(model))
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
+def _importer(shape_dict: dict | None) -> "_Importer":
+    return _Importer(shape_dict or {}, "float32", keep_params_in_input=False, sanitize=True)
 
 
 class _Range(onnx_frontend.Range):
@@ -59,7 +100,12 @@ class _Gather(onnx_frontend.Gather):
         data = inputs[0]
         if isinstance(data.ty, relax.ShapeType) and not isinstance(data, relax.ShapeExpr):
             inputs[0] = bb.normalize(relax.op.shape_to_tensor(data))
-        return super()._impl_v13(bb, inputs, attr, params)
+        result = super()._impl_v13(bb, inputs, attr, params)
+        if isinstance(result, relax.Call) and getattr(result.op, "name", "") == "relax.take" and result.attrs.mode == "fast":
+            # NOTE: "fast" reads out of bounds (a crash) for an out-of-range run-time index; "clip" costs a
+            # min/max per index (negative ones are already normalized by TVM's converter).
+            result = relax.op.take(result.args[0], result.args[1], result.attrs.axis, mode="clip")
+        return result
 
 
 class _Pad(onnx_frontend.Pad):
@@ -78,6 +124,33 @@ _CONVERTER_FIXES = {"Range": _Range, "Gather": _Gather, "Pad": _Pad, **RECURRENT
 
 
 class _Importer(onnx_frontend.ONNXGraphImporter):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._checks: list[tuple[str, str, object, object]] = []  # (node, op, lhs PrimExpr, rhs PrimExpr)
+
+    def checks_by_onnx_name(self, graph: onnx.GraphProto, mod) -> list[ShapeCheck]:
+        """The collected conditions with TVM's dim variables renamed to the graph inputs' ONNX dim names.
+
+        A condition over a variable that is not an input dim (a data-dependent size) is left out.
+        """
+        names: dict[object, str] = {}
+        inputs = [vi for vi in graph.input if vi.name in self._input_names]
+        for value_info, param in zip(inputs, mod["main"].params):
+            ty = param.ty
+            if not isinstance(ty, relax.TensorType) or ty.shape is None:
+                continue
+            for dim, value in zip(value_info.type.tensor_type.shape.dim, ty.shape.values):
+                if isinstance(value, tvm.tirx.Var) and dim.dim_param:
+                    names[value] = dim.dim_param
+        checks, seen = [], set()
+        for node, op, lhs, rhs in self._checks:
+            lhs_text, rhs_text = _expr_text(lhs, names), _expr_text(rhs, names)
+            if lhs_text is None or rhs_text is None or (node, lhs_text, rhs_text) in seen:
+                continue
+            seen.add((node, lhs_text, rhs_text))
+            checks.append(ShapeCheck(node, op, lhs_text, rhs_text))
+        return checks
+
     def _check_for_unsupported_ops(self, graph):
         """TVM's check, counting the ops of `_CONVERTER_FIXES` as supported; refuses recurrent attributes early."""
         known = set(onnx_convert_map()) | set(_CONVERTER_FIXES) | IMPORTER_BUILTIN_OPS
@@ -90,14 +163,27 @@ class _Importer(onnx_frontend.ONNXGraphImporter):
                 "The following operators are not supported for frontend ONNX: " + ", ".join(sorted(unsupported)))
 
     def _convert_operator(self, op_name, inputs, attrs, opset):
+        node = str(attrs.get("tvm_custom", {}).get("name") or op_name)
         if op_name in _BROADCAST_OPS:
-            inputs = _unify_operand_shapes(self.bb, _immediates_as_tensor_constants(inputs))
+            renamed = []
+            inputs = _unify_operand_shapes(self.bb, _immediates_as_tensor_constants(inputs), renamed)
+            self._checks.extend((node, op_name, old, new) for old, new in renamed)
         fixed = _CONVERTER_FIXES.get(op_name)
         if fixed is None:
             result = super()._convert_operator(op_name, inputs, attrs, opset)
         else:
             result = self.bb.normalize(fixed.get_converter(opset)(self.bb, inputs, attrs, [self._nodes, self._params]))
+        if op_name == "Reshape":
+            self._check_same_size(node, inputs[0], result)
         return result
+
+    def _check_same_size(self, node: str, data, result) -> None:
+        """Record `numel(data) == numel(result)` unless TVM can prove it (Relax's reshape does not check it)."""
+        before, after = _numel(data), _numel(result)
+        if before is None or after is None:
+            return
+        if not Analyzer().can_prove_equal(before, after):
+            self._checks.append((node, "Reshape", before, after))
 
 
 def _immediates_as_tensor_constants(inputs):
@@ -117,7 +203,35 @@ def _int_scalar(expr) -> int | None:
     return None
 
 
-def _unify_operand_shapes(bb, inputs):
+def _numel(expr):
+    """The element count of a tensor expression (a PrimExpr), or None if its shape is unknown."""
+    ty = getattr(expr, "ty", None)
+    if not isinstance(ty, relax.TensorType) or ty.shape is None or not hasattr(ty.shape, "values"):
+        return None
+    return functools.reduce(operator.mul, ty.shape.values, tvm.tirx.IntImm("int64", 1))
+
+
+_TEXT_OPS = {"Add": "+", "Sub": "-", "Mul": "*", "FloorDiv": "//", "FloorMod": "%"}
+
+
+def _expr_text(expr, names: dict) -> str | None:
+    """`expr` (a TIR integer expression) in Python syntax over `names`, or None if it has other terms."""
+    if isinstance(expr, tvm.tirx.IntImm):
+        return str(int(expr.value))
+    if isinstance(expr, tvm.tirx.Var):
+        return names.get(expr)
+    kind = type(expr).__name__
+    operands = [_expr_text(expr.a, names), _expr_text(expr.b, names)] if hasattr(expr, "a") else [None]
+    if None in operands:
+        return None
+    if kind in _TEXT_OPS:
+        return f"({operands[0]} {_TEXT_OPS[kind]} {operands[1]})"
+    if kind in ("Min", "Max"):
+        return f"{kind.lower()}({operands[0]}, {operands[1]})"
+    return None
+
+
+def _unify_operand_shapes(bb, inputs, renamed: list | None = None):
     """Reshape operands of a broadcasting op to one spelling of each dimension.
 
     The importer's shape arithmetic can spell one runtime length two ways (`T` and
@@ -151,6 +265,9 @@ def _unify_operand_shapes(bb, inputs):
     for k, dims in shapes.items():
         offset = ndim - len(dims)
         new_dims = [d if is_one(d) else chosen[offset + i] for i, d in enumerate(dims)]
+        if renamed is not None:
+            renamed.extend((old, new) for old, new in zip(dims, new_dims)
+                           if str(old) != str(new) and not Analyzer().can_prove_equal(old, new))
         if [str(d) for d in new_dims] != [str(d) for d in dims]:
             # NOTE: a reshape, not a match_cast: TVM 0.27's KillAfterLastUse segfaults on a match_cast alias.
             inputs[k] = bb.normalize(relax.op.reshape(inputs[k], relax.ShapeExpr(new_dims)))

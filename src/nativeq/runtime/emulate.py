@@ -176,7 +176,7 @@ def _prepare(artifact_dir, inputs: Mapping[str, object], cpu: str | None, workdi
             f"artifact {artifact} is for {target.get('arch')} (target {target.get('name')}); emulation runs aarch64 only"
         )
     cpu = cpu or target.get("qemu_cpu") or "max"
-    arrays = check_inputs(input_specs(manifest), inputs)
+    arrays = check_inputs(input_specs(manifest), inputs, manifest.get("shape_checks") or ())
     runner = build_runner()
     _check_runtime_matches(artifact, manifest)
     argv = [str(runner), str((artifact / manifest["library"]).resolve()), str(workdir)]

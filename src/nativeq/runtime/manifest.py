@@ -18,6 +18,7 @@ Schema (version 1)::
       "inputs":  [{"name", "dtype", "shape": [1, "T", 80]}],           # VM argument order
       "outputs": [{"name", "dtype", "shape", "quant": null | {"scale", "zero_point",
                    "dtype", "axis"}}],                                  # ONNX output order
+      "shape_checks": [{"node", "op", "lhs", "rhs"}],  # size conditions checked before a run (runtime/shape_checks.py)
       "build": {...}, "tuning": {...}, "int8_report": {...} | null, "compile_seconds": 1.2
     }
 
@@ -230,6 +231,12 @@ def _check_fields(artifact_dir: Path, manifest: dict) -> None:
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
             raise NativeqError(f"{f.where} {key!r} names {repeated[0]!r} more than once")
+
+    for i, check in enumerate(manifest.get("shape_checks") or []):  # absent in artifacts without conditions
+        if not isinstance(check, dict):
+            raise f.fail(f"shape_checks[{i}]", "an object {node, op, lhs, rhs}", check)
+        for key in ("node", "op", "lhs", "rhs"):
+            f.text(check, key, f"shape_checks[{i}].")
 
 
 def read_manifest(artifact_dir: str | Path) -> dict:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from nativeq.errors import NativeqError
+from nativeq.runtime.shape_checks import check_shape_conditions
 from nativeq.runtime.manifest import TensorSpec, input_specs, output_specs
 
 _KDL_CPU = 1  # DLPack device type of the CPU
@@ -75,13 +76,15 @@ def _shape_text(shape) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
-def check_inputs(specs: tuple[TensorSpec, ...], inputs: Mapping[str, object]) -> list[np.ndarray]:
+def check_inputs(specs: tuple[TensorSpec, ...], inputs: Mapping[str, object],
+                 shape_checks: list[dict] | tuple = ()) -> list[np.ndarray]:
     """Validate `inputs` against `specs`; return the arrays in spec order.
 
     Not a mapping, a wrong or missing name, a value that is no array, a dtype other than the
     declared one (no silent casts), a wrong rank, a static dim of another size, a symbolic dim
     of size 0 or bound to two sizes, or a NaN or infinity in a float input raises a
-    NativeqError naming the input, what was expected and what was given.
+    NativeqError naming the input, what was expected and what was given; sizes that break one
+    of the artifact's `shape_checks` (`shape_checks.py`) one naming the ONNX node.
     """
     if not isinstance(inputs, Mapping):
         example = ", ".join(f"{s.name!r}: array" for s in specs)
@@ -136,6 +139,8 @@ def check_inputs(specs: tuple[TensorSpec, ...], inputs: Mapping[str, object]) ->
                 f"the model takes finite values only"
             )
         arrays.append(np.ascontiguousarray(array))
+    if shape_checks:
+        check_shape_conditions(list(shape_checks), {name: size for name, (size, _) in bound.items()})
     return arrays
 
 
@@ -202,7 +207,7 @@ class CompiledModel:
         return entry
 
     def run(self, inputs: Mapping[str, object]) -> dict[str, np.ndarray]:
-        arrays = [aligned(a) for a in check_inputs(self.inputs, inputs)]
+        arrays = [aligned(a) for a in check_inputs(self.inputs, inputs, self.manifest.get("shape_checks") or ())]
         entry = self._entry()
         ffi = self._ffi
         # NOTE: zero-copy both ways (DLPack): a tensor copy costs ~30 us a call, more than a small model's

@@ -178,7 +178,12 @@ def _schedule(sch: Schedule, intrin: DotIntrin, knobs: TileKnobs | None = None) 
     col_outer, col_block, col_lane = sch.split(j, factors=[None, knobs.nr, lanes])
     k_outer, k_inner = sch.split(k, factors=[None, kstep])
     sch.reorder(*batch_loops, row_outer, col_outer, k_outer, row_inner, col_block, col_lane, k_inner)
-    tile = sch.fuse(*batch_loops, row_outer, col_outer)
+    # NOTE: a symbolic batch stays a serial loop around the parallel tiles: fused with symbolic rows, the
+    # tile index divides by a product of two symbolic extents, which tensorize's blockize cannot invert.
+    if all(isinstance(sch.get(loop).extent, tirx.IntImm) for loop in batch_loops):
+        tile = sch.fuse(*batch_loops, row_outer, col_outer)
+    else:
+        tile = sch.fuse(row_outer, col_outer)
     sch.parallel(tile)
 
     init = sch.decompose_reduction(matmul, k_outer)
