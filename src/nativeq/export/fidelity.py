@@ -5,7 +5,8 @@ Also covers the integer activation products (`qat.matmul` sites, `<site>.output_
 Where it sits: after `export`, as its acceptance check (and the test of it). Every
 quantized layer's int8 output (`<layer>.output_q` in the QDQ graph) is compared with the
 integer the PyTorch layer produced, in steps. ORT runs with graph optimizations disabled
-(its optimized graph swaps in its own integer kernels, which round differently).
+(its optimized graph swaps in its own integer kernels, which round differently);
+`compare_ort_levels` measures that difference on the model's output.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ class LayerAgreement:
     max_steps: int
 
 
-def ort_session(proto: onnx.ModelProto, extra_outputs: list[str] = (), threads: int = 1):
+def ort_session(proto: onnx.ModelProto, extra_outputs: list[str] = (), threads: int = 1,
+                level: str = "ORT_DISABLE_ALL"):
     import onnxruntime as ort
 
     model = onnx.ModelProto()
@@ -39,7 +41,7 @@ def ort_session(proto: onnx.ModelProto, extra_outputs: list[str] = (), threads: 
         if name not in have:
             model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT8, None))
     so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
     so.intra_op_num_threads = threads
     so.log_severity_level = 3
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
@@ -108,3 +110,49 @@ def compare_layers_isolated(int_model: nn.Module, proto: onnx.ModelProto,
             t[1] += int((diff == 0).sum())
             t[2] = max(t[2], int(diff.max(initial=0)))
     return [LayerAgreement(n, t[0], t[1] / max(1, t[0]), t[2]) for n, t in totals.items()]
+
+
+@dataclass(frozen=True)
+class LevelAgreement:
+    level: str
+    elements: int
+    exact: float  # fraction of output values equal to the unoptimized session's
+    max_steps: float  # largest difference, in output quantization steps (absolute if the output is float)
+    step: float | None  # the output's quantization step (its DequantizeLinear scale), if it has one
+
+
+def output_step(proto: onnx.ModelProto, index: int = 0) -> float | None:
+    """The scale of the per-tensor DequantizeLinear producing graph output `index`, if it comes from one."""
+    name = proto.graph.output[index].name
+    node = next((n for n in proto.graph.node if name in n.output), None)
+    if node is None or node.op_type != "DequantizeLinear":
+        return None
+    init = next((t for t in proto.graph.initializer if t.name == node.input[1]), None)
+    scale = None if init is None else onnx.numpy_helper.to_array(init)
+    return float(scale) if scale is not None and scale.size == 1 else None
+
+
+def compare_ort_levels(proto: onnx.ModelProto, inputs: list[dict[str, np.ndarray]],
+                       levels: tuple[str, ...] = ("ORT_ENABLE_BASIC", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL"),
+                       threads: int = 1) -> list[LevelAgreement]:
+    """ONNX Runtime at each optimization level vs optimizations off, on the model's first output.
+
+    The optimized graphs quantize float biases to int32 (WeightBiasQuantization) and run ORT's
+    own integer kernels, so an occasional value rounds to the neighbouring step and the
+    difference grows through the layers after it.
+    """
+    step = output_step(proto)
+    reference = ort_session(proto, threads=threads)
+    refs = [reference.run(None, feed)[0] for feed in inputs]
+    out = []
+    for level in levels:
+        session = ort_session(proto, threads=threads, level=level)
+        elements = equal = 0
+        worst = 0.0
+        for feed, ref in zip(inputs, refs):
+            diff = np.abs(session.run(None, feed)[0].astype(np.float64) - ref)
+            elements += diff.size
+            equal += int((diff == 0).sum())
+            worst = max(worst, float(diff.max(initial=0.0)) / (step or 1.0))
+        out.append(LevelAgreement(level, elements, equal / max(1, elements), worst, step))
+    return out

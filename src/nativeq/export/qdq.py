@@ -14,7 +14,9 @@ shapes are traced correctly). Each marker is then replaced by the layer's QDQ fo
 Linear weights are stored transposed ([in, out], per-axis scales on axis 1) so a MatMul
 consumes them directly; conv weights keep [out, in/groups, *kernel] (axis 0). 2- and
 4-bit weights are stored as INT4 (opset 21). Layer bit widths and sparsity patterns go to
-`metadata_props`.
+`metadata_props`. Data movement between quantized tensors is requantized the way ONNX
+Runtime's optimizer would (`export.propagate`), and the finished model must load in ONNX
+Runtime at every graph optimization level (`export.lint.check_ort_loads`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from nativeq.errors import NativeqError
+from nativeq.export.lint import check_ort_loads
+from nativeq.export.propagate import requantize_data_movement
 from nativeq.qat.convert import IntLayer, convert, int_layers
 from nativeq.qat.matmul import matmul_sites
 from nativeq.qat.quantize import quant_layers
@@ -274,6 +278,7 @@ def to_qdq_onnx(model: nn.Module, example_inputs: tuple, config: ExportConfig = 
     model = model.eval()
     proto = _trace(model, example_inputs, config)
     _replace_markers(proto.graph, model)
+    requantize_data_movement(proto.graph)
     for imp in list(proto.opset_import):
         if imp.domain == MARKER_DOMAIN:
             proto.opset_import.remove(imp)
@@ -298,6 +303,7 @@ def to_qdq_onnx(model: nn.Module, example_inputs: tuple, config: ExportConfig = 
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as e:
         raise NativeqError(f"export: the QDQ model fails onnx.checker: {str(e).splitlines()[0]}") from None
+    check_ort_loads(proto, "export: the QDQ model")
     return proto
 
 

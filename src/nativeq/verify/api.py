@@ -4,11 +4,13 @@ Artifacts for this machine's architecture run natively through `nativeq.load`; a
 another architecture (aarch64 on an x86 host) run emulated through
 `nativeq.runtime.emulate.run_emulated` (qemu-user). The reference is ONNX Runtime's CPU
 provider with graph optimizations disabled by default: its optimized graph swaps in its own
-integer kernels, which round differently (`ort_opt="all"` shows that comparison).
+integer kernels, which round differently (`ort_opt="all"` shows that comparison). A model ORT
+loads only with optimizations off gets a warning (and a report note): its default session fails.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,6 +75,16 @@ def ort_session(path: Path, level: str):
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001
         raise NativeqError(f"ONNX Runtime cannot load {path}: {first_line(e)}") from None
+
+
+def optimized_load_problem(path: Path, compared_at: str = "disable") -> str | None:
+    """Why ONNX Runtime cannot load `path` at ORT_ENABLE_ALL (its default level), or None if it can."""
+    try:
+        ort_session(path, "all")
+    except NativeqError as e:
+        return (f"{e} (at ORT_ENABLE_ALL, its default level; compared at level {compared_at!r}, where it loads; "
+                f"a nativeq QDQ export loads at every level: re-export it with `nativeq export`)")
+    return None
 
 
 def _load_inputs(path: Path, specs) -> dict[str, np.ndarray]:
@@ -143,6 +155,11 @@ def verify_artifact(artifact, onnx_path, cfg: VerifyConfig = VerifyConfig()) -> 
 
     run_artifact, execution = _artifact_runner(artifact, manifest)
     session = ort_session(onnx_path, cfg.ort_opt)
+    if cfg.ort_opt != "all":
+        problem = optimized_load_problem(onnx_path, cfg.ort_opt)
+        if problem:
+            warnings.warn(problem, stacklevel=2)
+            notes.append(problem)
     ort_inputs = {i.name for i in session.get_inputs()}
     ort_outputs = [o.name for o in session.get_outputs()]
     if ort_inputs != {s.name for s in in_specs} or ort_outputs != [s.name for s in out_specs]:
