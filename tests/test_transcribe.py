@@ -83,15 +83,18 @@ def test_transcribe_matches_pytorch_greedy_decoding(nativeq_cli, host_artifact, 
 def test_transcribe_bad_wavs_are_one_line_errors(nativeq_cli, host_artifact, tmp_path):
     not_wav = tmp_path / "notes.wav"
     not_wav.write_text("not audio")
-    eight_bit = tmp_path / "eight.wav"
-    with wave.open(str(eight_bit), "wb") as w:
-        w.setnchannels(1), w.setsampwidth(1), w.setframerate(16000)
-        w.writeframes((np.arange(16000) % 255).astype(np.uint8).tobytes())
+    no_rate = tmp_path / "no_rate.wav"  # a header with sample rate 0 (8-, 24-bit, float, FLAC, OGG all read: test_audio)
+    with wave.open(str(no_rate), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+        w.writeframes(np.zeros(16000, np.int16).tobytes())
+    header = bytearray(no_rate.read_bytes())
+    header[24:28] = bytes(4)
+    no_rate.write_bytes(bytes(header))
     short = tmp_path / "short.wav"
     with wave.open(str(short), "wb") as w:
         w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
         w.writeframes(np.zeros(500, np.int16).tobytes())
-    for bad, says in ((not_wav, "corrupt or unsupported WAV"), (eight_bit, "8-bit"), (short, "too short"),
+    for bad, says in ((not_wav, "corrupt or unsupported WAV"), (no_rate, "sample rate 0 Hz"), (short, "too short"),
                       (tmp_path / "missing.wav", "missing audio file")):
         result = nativeq_cli("transcribe", host_artifact, bad)
         assert result.returncode != 0

@@ -5,6 +5,8 @@ Public names (import them from their modules; this package imports nothing heavy
 - `conformer`: `ConformerConfig`, `PRESETS` / `preset(name)` ("conformer-tiny", "conformer-small"),
   `ConformerCTC` (forward(feats [B,T,80], lengths=None) -> (logits [B,T',V], lengths')).
   Every matmul/conv is a plain nn.Linear / nn.Conv1d / nn.Conv2d, swappable by name.
+- `audio`: `read_audio(path) -> 16 kHz mono float32` (WAV of any width, FLAC, OGG, ... via
+  soundfile; polyphase resampling), `audio_info(path)`; damaged files are one-line errors.
 - `features`: `fbank(samples) -> [T, 80]` Kaldi-style log-mel (the front end, outside the
   ONNX encoder), `spec_augment`.
 - `frontend_np`: the same `fbank` in numpy only, for deployment code that cannot import torch.

@@ -1,4 +1,4 @@
-"""Speech corpus: synthesis from offline TTS engines, manifests, WAV reading.
+"""Speech corpus: synthesis from offline TTS engines, manifests, audio reading (`audio`).
 
 A data directory holds one manifest per split, `<split>.tsv`, each line
 `relative/path.wav<TAB>duration_seconds<TAB>transcript`, and the WAVs (16 kHz mono 16-bit).
@@ -33,6 +33,7 @@ import numpy as np
 
 from nativeq._fs import atomic_directory, write_bytes_atomic, write_text_atomic
 from nativeq.errors import NativeqError
+from nativeq.models.audio import audio_info, read_audio, resample  # noqa: F401 (resample: public name)
 from nativeq.models.text import normalize_text
 
 SAMPLE_RATE = 16000
@@ -305,52 +306,18 @@ def read_manifest(data_dir: str | os.PathLike, split: str) -> list[Utterance]:
 
 
 def read_wav(path: str | os.PathLike) -> np.ndarray:
-    """16 kHz mono float32 samples in [-1, 1]; other sample rates are resampled, other formats refused."""
-    path = Path(path)
-    if not path.is_file():
-        raise NativeqError(f"missing audio file {path}")
-    try:
-        with wave.open(str(path), "rb") as w:
-            channels, width, rate, n = w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()
-            data = w.readframes(n)
-    except (wave.Error, EOFError) as e:
-        raise NativeqError(f"corrupt or unsupported WAV {path}: {e}") from None
-    if width != 2:
-        raise NativeqError(f"{path}: {8 * width}-bit samples; expected 16-bit PCM (convert: sox {path.name} -b 16 out.wav)")
-    x = np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
-    if channels > 1:
-        x = x.reshape(-1, channels).mean(axis=1)
-    if x.size == 0:
-        raise NativeqError(f"{path}: no audio samples")
-    if rate != SAMPLE_RATE:
-        x = resample(x, rate, SAMPLE_RATE)
-    return x
-
-
-def resample(x: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
-    """Band-limited resampling by FFT (whole-signal; fine for utterance-length audio)."""
-    n_out = int(round(len(x) * dst_rate / src_rate))
-    spectrum = np.fft.rfft(x)
-    keep = min(len(spectrum), n_out // 2 + 1)
-    out = np.fft.irfft(spectrum[:keep], n_out) * (n_out / len(x))
-    return out.astype(np.float32)
+    """16 kHz mono float32 samples in [-1, 1] of an audio file (WAV of any width, FLAC, OGG, ...; `audio.read_audio`)."""
+    return read_audio(path, SAMPLE_RATE)
 
 
 def check_audio(utts: list[Utterance], skip_bad: bool = False) -> list[Utterance]:
-    """Open every WAV header once: a missing or corrupt file is an error naming it, or skipped with `skip_bad`."""
+    """Check every audio file's header once: a missing or corrupt file is an error naming it, or skipped with `skip_bad`."""
     import warnings
 
     good = []
     for u in utts:
         try:
-            if not u.path.is_file():
-                raise NativeqError(f"missing audio file {u.path}")
-            try:
-                with wave.open(str(u.path), "rb") as w:
-                    if w.getnframes() == 0 or w.getsampwidth() != 2:
-                        raise NativeqError(f"{u.path}: empty or not 16-bit PCM")
-            except (wave.Error, EOFError) as e:
-                raise NativeqError(f"corrupt or unsupported WAV {u.path}: {e}") from None
+            audio_info(u.path)
         except NativeqError as e:
             if not skip_bad:
                 raise NativeqError(f"{e} (pass --skip-bad to skip such files)") from None

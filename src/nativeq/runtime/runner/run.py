@@ -59,13 +59,20 @@ def wav_features(path: str, spec: dict) -> np.ndarray:
         fail("this bundle has no frontend.py: pass features as .npy")
     try:
         with wave.open(path, "rb") as w:
-            rate, channels, width, frames = w.getframerate(), w.getnchannels(), w.getsampwidth(), w.readframes(w.getnframes())
+            rate, channels, width, promised = w.getframerate(), w.getnchannels(), w.getsampwidth(), w.getnframes()
+            frames = w.readframes(promised)
     except (OSError, wave.Error, EOFError) as e:
-        fail(f"cannot read {path} as a WAV file: {e}")
+        fail(f"cannot read {path} as a WAV file: {str(e) or 'it ends inside its header (empty or cut short)'}")
     if (rate, channels, width) != (frontend.SAMPLE_RATE, 1, 2):
         fail(f"{path} is {rate} Hz, {channels} channel(s), {8 * width}-bit; the front end takes "
              f"{frontend.SAMPLE_RATE} Hz mono 16-bit (convert with: sox {path} -r 16000 -c 1 -b 16 out.wav)")
-    feats = frontend.fbank(np.frombuffer(frames, dtype="<i2").astype(np.float32) / 32768.0)  # [T, 80]
+    present = len(frames) // 2
+    if present == 0:
+        fail(f"{path}: no audio samples")
+    if present < promised and promised < 0xFFFFFFFF // 2:  # 0xFFFFFFFF bytes: a streaming writer's "unknown"
+        print(f"warning: {path}: the WAV header promises {promised} samples but the file holds {present}: "
+              f"truncated; using the samples present", file=sys.stderr)
+    feats = frontend.fbank(np.frombuffer(frames[: 2 * present], dtype="<i2").astype(np.float32) / 32768.0)  # [T, 80]
     shape = spec["shape"]
     if len(shape) == 3 and shape[2] == feats.shape[1]:
         return feats[None]
