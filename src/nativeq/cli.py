@@ -141,6 +141,50 @@ def verify(artifact, onnx_path, inputs, runs, seed, tol_steps, rtol, dims, ort_o
     report.raise_if_failed()
 
 
+# ----------------------------------------------------------------------------- run / profile
+_INPUTS_HELP = ".npz of inputs by name, or .npy for a one-input model."
+_DIM_HELP = "Run on seeded random inputs of the declared shapes, this symbolic size fixed, e.g. --dim T=200."
+_RANDOM_HELP = "Seeded random inputs (for a model without symbolic sizes; implied by --dim)."
+
+
+@main.command("run")
+@click.argument("artifact", type=click.Path())
+@click.option("--inputs", type=click.Path(), default=None, help=_INPUTS_HELP)
+@click.option("--dim", "dims", multiple=True, help=_DIM_HELP)
+@click.option("--random", "random_inputs", is_flag=True, help=_RANDOM_HELP)
+@click.option("--seed", default=0, show_default=True, help="Seed of the random inputs.")
+@click.option("-o", "--out", type=click.Path(dir_okay=False), default=None, help="Write the outputs by name to OUT.npz.")
+@click.option("--threads", type=int, default=None, help="TVM worker threads (default: TVM's, the physical cores).")
+@click.option("--json", "as_json", is_flag=True)
+def run_cmd(artifact, inputs, dims, random_inputs, seed, out, threads, as_json):
+    """Run ARTIFACT once on the given inputs (aarch64 ones under qemu); summarize or save the outputs."""
+    from nativeq.runtime.profile import RunConfig, run_artifact
+
+    cfg = RunConfig(inputs=inputs, dims=_parse_dims(dims), random=random_inputs, seed=seed, out=out, threads=threads)
+    result = run_artifact(artifact, cfg)
+    click.echo(result.to_json() if as_json else result.summary())
+
+
+@main.command("profile")
+@click.argument("artifact", type=click.Path())
+@click.option("--inputs", type=click.Path(), default=None, help=_INPUTS_HELP)
+@click.option("--dim", "dims", multiple=True, help=_DIM_HELP)
+@click.option("--random", "random_inputs", is_flag=True, help=_RANDOM_HELP)
+@click.option("--seed", default=0, show_default=True, help="Seed of the random inputs.")
+@click.option("--runs", default=10, show_default=True, help="Timed inferences after one warm-up.")
+@click.option("--threads", type=int, default=None, help="TVM worker threads (default: TVM's, the physical cores).")
+@click.option("--top", default=20, show_default=True, help="Show the N slowest kernels (0: all).")
+@click.option("--json", "as_json", is_flag=True, help="Every kernel, as JSON.")
+def profile_cmd(artifact, inputs, dims, random_inputs, seed, runs, threads, top, as_json):
+    """Time each kernel of ARTIFACT per inference, with its kind, schedule and share of the MACs."""
+    from nativeq.runtime.profile import ProfileConfig, profile_artifact
+
+    cfg = ProfileConfig(inputs=inputs, dims=_parse_dims(dims), random=random_inputs, seed=seed, runs=runs,
+                        threads=threads)
+    result = profile_artifact(artifact, cfg)
+    click.echo(result.to_json() if as_json else result.table(top))
+
+
 # ---------------------------------------------------------------- more commands below
 # (each: parse options, build one config, call one library function)
 

@@ -194,12 +194,17 @@ class CompiledModel:
         self._local = threading.local()
         self._entry()  # the loading thread's VM: a broken library fails in `load`, not at the first call
 
+    def _new_vm(self):
+        """A new Relax VM of this model's executable, on the CPU (shares code and weights with the others)."""
+        vm = self._library["vm_load_executable"]()
+        vm["vm_initialization"](_KDL_CPU, 0, _POOLED_ALLOCATOR)
+        return vm
+
     def _entry(self):
         """The entry function of the calling thread's VM (made on the thread's first call)."""
         entry = getattr(self._local, "entry", None)
         if entry is None:
-            vm = self._library["vm_load_executable"]()
-            vm["vm_initialization"](_KDL_CPU, 0, _POOLED_ALLOCATOR)
+            vm = self._new_vm()
             self._local.vm, self._local.entry = vm, vm[self._entry_name]
             entry = self._local.entry
         if self.threads is not None and getattr(_pool, "threads", None) != self.threads:
