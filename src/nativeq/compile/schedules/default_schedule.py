@@ -11,6 +11,9 @@ lowers TIR. Rules, first that applies wins:
    blocks reducing over 2+ axes go to the generic rule, which vectorizes their output axis);
 3. `generic.schedule_generic`: parallel outer loops, vectorized inner loops.
 
+A kernel of static shape too small to pay for a parallel launch runs its schedule serially
+(`parallel.py`).
+
 A function no rule takes keeps TVM's default (naive, correct) code. Scheduled functions are
 marked `tirx.is_scheduled`, so a later tuning database or dlight pass leaves them alone.
 """
@@ -24,6 +27,7 @@ from nativeq.compile.schedules.depthwise import schedule_depthwise
 from nativeq.compile.schedules.generic import has_integer_matmul, has_multi_axis_reduction, schedule_generic
 from nativeq.compile.schedules.intrinsics import dot_intrin_for
 from nativeq.compile.schedules.matmul import schedule_int8_matmul, schedule_int8_pack
+from nativeq.compile.schedules.parallel import without_parallel, worth_parallel
 from nativeq.compile.schedules.softmax import schedule_softmax
 
 logger = logging.getLogger(__name__)
@@ -51,24 +55,38 @@ class DefaultCpuSchedule:
         self.applied: dict[str, str] = {}  # PrimFunc name -> rule that scheduled it
 
     def schedule(self, func):
-        """(rule name, scheduled PrimFunc) or (None, func) when no rule applies."""
+        """(rule name, scheduled PrimFunc) or (None, func) when no rule applies.
+
+        A kernel too small to pay for a parallel launch (`parallel.py`) gets its rule's schedule without
+        the parallel loops.
+        """
+        rule, sch = self._rule_schedule(func)
+        if sch is None:
+            return None, func
+        if not worth_parallel(func, _vector_bits(self.target)):
+            sch = without_parallel(sch, func)
+        return rule, sch.mod["main"]
+
+    def _rule_schedule(self, func):
+        """(rule name, Schedule) of the first rule that applies, or (None, None)."""
+        bits = _vector_bits(self.target)
         if self.intrin is not None:
             sch = schedule_int8_matmul(func, self.intrin)
             if sch is not None:
-                return "int8-matmul", sch.mod["main"]
+                return "int8-matmul", sch
             sch = schedule_int8_pack(func)
             if sch is not None:
-                return "int8-pack", sch.mod["main"]
-        sch = schedule_depthwise(func, _vector_bits(self.target))
+                return "int8-pack", sch
+        sch = schedule_depthwise(func, bits)
         if sch is not None:
-            return "depthwise", sch.mod["main"]
-        sch = schedule_softmax(func, _vector_bits(self.target))
+            return "depthwise", sch
+        sch = schedule_softmax(func, bits)
         if sch is not None:
-            return "softmax", sch.mod["main"]
+            return "softmax", sch
         if has_multi_axis_reduction(func) or has_integer_matmul(func):
-            sch = schedule_generic(func, _vector_bits(self.target))
+            sch = schedule_generic(func, bits)
             if sch is not None:
-                return "generic", sch.mod["main"]
+                return "generic", sch
         with self.tvm_target:
             try:
                 sch = DlightCpuReduction().apply(func, self.tvm_target, False)
@@ -76,11 +94,11 @@ class DefaultCpuSchedule:
                 logger.debug("dlight reduction rule failed: %s", err)
                 sch = None
         if sch is not None:
-            return "reduction", sch.mod["main"]
-        sch = schedule_generic(func, _vector_bits(self.target))
+            return "reduction", sch
+        sch = schedule_generic(func, bits)
         if sch is not None:
-            return "generic", sch.mod["main"]
-        return None, func
+            return "generic", sch
+        return None, None
 
     def transform_module(self, mod, _ctx):
         updates = {}
