@@ -6,14 +6,14 @@ QDQ models, so they only ever see float32 tensors.
 
 Lowering, per direction `d`:
 
-1. the input projection `X·W[d]ᵀ` for every time step at once, as a TIR PrimFunc (rows in
-   parallel, 64-column accumulator blocks kept in registers); a Relax matmul would get the default
+1. the input projection `X·W[d]ᵀ` for every time step at once, as a TIR PrimFunc (blocks of 4
+   rows in parallel, 4 x 16 accumulator tiles kept in registers); a Relax matmul would get the default
    CPU schedules, which run a float matmul with a symbolic row count as one strided serial dot
    product per output (10x slower);
 2. one `relax.call_tir` to a TIR PrimFunc (built here, added with `bb.add_func`) that runs the
    recurrence: batch elements one after the other (they are independent), a serial loop over
-   time inside, `H·R[d]ᵀ` accumulated row by row of `R[d]ᵀ` so the innermost loop is a
-   contiguous axpy LLVM vectorizes, then the biases, peepholes and activations in contiguous
+   time inside, `H·R[d]ᵀ` accumulated row by row of `R[d]ᵀ` into 64-column register blocks so the
+   innermost loop is a contiguous axpy LLVM vectorizes, then the biases, peepholes and activations in contiguous
    per-gate loops. Sigmoid and Tanh are MLAS's polynomials (ORT's LSTM/GRU/RNN call
    MlasComputeLogistic/MlasComputeTanh), which vectorize where libm's expf did not, and sums
    follow ORT's order, so outputs are within a few ulps of ORT's. Time `T` and batch `B` are
@@ -286,8 +286,13 @@ def _text(value) -> str:
 # one FMA per term from the first term on, as MLAS's SGEMM kernels do.
 
 
-# Gate columns one accumulator block of the projection holds: 4 AVX-512 / 16 NEON registers.
+# Gate columns of H·Rᵀ one accumulator block holds over all of k: 4 AVX-512 / 8 AVX2 / 16 NEON registers.
 _CHUNK = 64
+# The projection's register tile: rows x columns, accumulated over all of k. Each weight vector loaded
+# serves 4 rows (a row at a time re-read all of Wᵀ from L2 per row, L2-bound at ~23 GMAC/s); 4 x 16 floats
+# are 4 AVX-512 / 8 AVX2 / 16 NEON registers, so the tile fits every target's register file.
+_PROJECTION_ROWS = 4
+_PROJECTION_COLUMNS = 16
 
 
 def _fma(a, b, c):
@@ -297,11 +302,23 @@ def _fma(a, b, c):
 
 @T.macro
 def _state_times_rt(gates, state_h, rt, b, hidden, width):
-    """gates[g] = sum over k of H_{t-1}[b, k] * Rᵀ[k, g] for g < width, by FMAs in k order (ORT's order)."""
-    for g in T.serial(width):
+    """gates[g] = sum over k of H_{t-1}[b, k] * Rᵀ[k, g] for g < width, by FMAs in k order (ORT's order).
+
+    Blocks of `_CHUNK` columns stay in registers over all of k (no store of `gates` per k); the
+    columns past the last whole block are accumulated in `gates` itself."""
+    for chunk in T.serial(width // _CHUNK):
+        acc = T.alloc_buffer((_CHUNK,), "float32", scope="local")
+        for g in T.vectorized(_CHUNK):
+            acc[g] = state_h[b, 0] * rt[0, chunk * _CHUNK + g]
+        for k in T.serial(1, hidden):
+            for g in T.vectorized(_CHUNK):
+                acc[g] = _fma(state_h[b, k], rt[k, chunk * _CHUNK + g], acc[g])
+        for g in T.vectorized(_CHUNK):
+            gates[chunk * _CHUNK + g] = acc[g]
+    for g in T.serial(width // _CHUNK * _CHUNK, width):
         gates[g] = state_h[b, 0] * rt[0, g]
     for k in T.serial(1, hidden):
-        for g in T.serial(width):
+        for g in T.serial(width // _CHUNK * _CHUNK, width):
             gates[g] = _fma(state_h[b, k], rt[k, g], gates[g])
 
 
@@ -313,15 +330,17 @@ def _clipper(clip: float | None):
 
 
 def _projection_kernel(input_size: int, gate_width: int):
-    """PrimFunc(X[T,B,I], Wᵀ[I,G]) -> X·Wᵀ [T,B,G]: every time step at once, rows in parallel.
+    """PrimFunc(X[T,B,I], Wᵀ[I,G]) -> X·Wᵀ [T,B,G]: every time step at once, row blocks in parallel.
 
     Why not a Relax matmul: the default CPU schedules give a float matmul with a symbolic row count
     dlight's reduction rule, a serial dot product per output over a strided weight column (3 ms of
-    the 3.4 ms of a T=200, 64 -> 256 LSTM projection). Here each row is an axpy over the contiguous
-    weight rows, and rows spread over the thread pool.
+    the 3.4 ms of a T=200, 64 -> 256 LSTM projection). Here a tile of `_PROJECTION_ROWS` rows x
+    `_PROJECTION_COLUMNS` columns is accumulated in registers over all of k (one FMA per term, in k
+    order), each weight vector loaded once for the tile's rows; the last row block repeats its last
+    row and stores only the real ones.
     """
-
-    chunks, tail = divmod(gate_width, _CHUNK)
+    rows_per_tile, columns = _PROJECTION_ROWS, _PROJECTION_COLUMNS
+    chunks, tail = divmod(gate_width, columns)
 
     @T.prim_func(private=True, s_tir=True)
     def projection(x_handle: T.handle, wt_handle: T.handle, out_handle: T.handle):
@@ -331,24 +350,36 @@ def _projection_kernel(input_size: int, gate_width: int):
         x = T.match_buffer(x_handle, (steps, batch, input_size), "float32")
         wt = T.match_buffer(wt_handle, (input_size, gate_width), "float32")
         out = T.match_buffer(out_handle, (steps, batch, gate_width), "float32")
-        for row in T.parallel(steps * batch):
-            for chunk in T.serial(chunks):  # _CHUNK columns accumulated in registers over all of k
-                acc = T.alloc_buffer((_CHUNK,), "float32", scope="local")
-                for g in T.vectorized(_CHUNK):
-                    acc[g] = x[row // batch, row % batch, 0] * wt[0, chunk * _CHUNK + g]
+        for tile in T.parallel((steps * batch + rows_per_tile - 1) // rows_per_tile):
+            for chunk in T.serial(chunks):
+                acc = T.alloc_buffer((rows_per_tile, columns), "float32", scope="local")
+                for r in T.unroll(rows_per_tile):
+                    for g in T.vectorized(columns):
+                        row = T.min(tile * rows_per_tile + r, steps * batch - 1)
+                        acc[r, g] = x[row // batch, row % batch, 0] * wt[0, chunk * columns + g]
                 for k in T.serial(1, input_size):
-                    for g in T.vectorized(_CHUNK):
-                        acc[g] = _fma(x[row // batch, row % batch, k], wt[k, chunk * _CHUNK + g], acc[g])
-                for g in T.vectorized(_CHUNK):
-                    out[row // batch, row % batch, chunk * _CHUNK + g] = acc[g]
+                    for r in T.unroll(rows_per_tile):
+                        for g in T.vectorized(columns):
+                            row = T.min(tile * rows_per_tile + r, steps * batch - 1)
+                            acc[r, g] = _fma(x[row // batch, row % batch, k], wt[k, chunk * columns + g], acc[r, g])
+                for r in T.serial(rows_per_tile):
+                    if tile * rows_per_tile + r < steps * batch:
+                        for g in T.vectorized(columns):
+                            row = tile * rows_per_tile + r
+                            out[row // batch, row % batch, chunk * columns + g] = acc[r, g]
             if tail > 0:
-                for g in T.serial(tail):
-                    out[row // batch, row % batch, chunks * _CHUNK + g] = x[row // batch, row % batch, 0] * wt[0, chunks * _CHUNK + g]
-                for k in T.serial(1, input_size):
-                    for g in T.serial(tail):
-                        out[row // batch, row % batch, chunks * _CHUNK + g] = _fma(
-                            x[row // batch, row % batch, k], wt[k, chunks * _CHUNK + g],
-                            out[row // batch, row % batch, chunks * _CHUNK + g])
+                for r in T.serial(rows_per_tile):
+                    if tile * rows_per_tile + r < steps * batch:
+                        for g in T.serial(tail):
+                            row = tile * rows_per_tile + r
+                            out[row // batch, row % batch, chunks * columns + g] = (
+                                x[row // batch, row % batch, 0] * wt[0, chunks * columns + g])
+                        for k in T.serial(1, input_size):
+                            for g in T.serial(tail):
+                                row = tile * rows_per_tile + r
+                                out[row // batch, row % batch, chunks * columns + g] = _fma(
+                                    x[row // batch, row % batch, k], wt[k, chunks * columns + g],
+                                    out[row // batch, row % batch, chunks * columns + g])
 
     return projection
 
