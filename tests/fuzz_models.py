@@ -729,7 +729,7 @@ def run_campaign(count: int, seed: int, out: Path, workdir: Path, cli_every: int
 
 REFUSAL_STAGES = ("parse", "onnx.checker", "validate", "import")
 _VALIDATE_MESSAGE = re.compile(r"^\S+ node ('[^']*'|#\d+ \(unnamed\)): |^graph '[^']*' (has no nodes|declares no outputs)"
-                               r"|^model imports ONNX opset ")
+                               r"|^model imports ONNX opset |not UTF-8 text")
 
 
 def refusal_stage(message: str) -> str:
@@ -738,7 +738,7 @@ def refusal_stage(message: str) -> str:
         return "parse"
     if "fails onnx.checker" in message:
         return "onnx.checker"
-    if _VALIDATE_MESSAGE.match(message):
+    if _VALIDATE_MESSAGE.search(message):
         return "validate"
     return "import"
 

@@ -302,6 +302,15 @@ def test_opset_newer_than_onnx_knows_is_refused():
     _refused(model, f"model imports ONNX opset {onnx.defs.onnx_opset_version() + 1}, newer than any this onnx")
 
 
+def test_names_that_are_not_utf8_are_refused():
+    """A flipped byte in a dim name passes onnx.checker; protobuf hands it back as bytes."""
+    model = qdq_models.qdq_matmul(k=16, n=8, t="ZZZZ")
+    data = model.SerializeToString().replace(b"ZZZZ", b"\xae\xae\xae\xae")
+    corrupted = onnx.ModelProto()
+    corrupted.ParseFromString(data)
+    _refused(corrupted, "graph input 'x' names dimension 1 b'\\xae\\xae\\xae\\xae', which is not UTF-8 text")
+
+
 def test_compile_refuses_in_one_cli_line(nativeq_cli, tmp_path):
     onnx.save(_quantize_dequantize(scale=np.nan), tmp_path / "nan_scale.onnx")
     res = nativeq_cli("compile", "nan_scale.onnx", "--target", "host", "-o", "out")

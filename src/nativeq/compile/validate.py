@@ -7,8 +7,9 @@ import, which assume what is checked here. `validate_model(model)` raises a one-
 
 What it refuses:
 
-- a graph with no nodes or no outputs (it would compile to an artifact returning nothing), and a
-  default-domain opset newer than the installed onnx defines (`onnx.checker` lets it through);
+- a graph with no nodes or no outputs (it would compile to an artifact returning nothing), a
+  default-domain opset newer than the installed onnx defines, and names or symbolic dimensions
+  that are not UTF-8 text (`onnx.checker` lets the last two through);
 - on every quantization op nativeq imports (QuantizeLinear, DequantizeLinear, QLinearMatMul,
   QLinearConv, MatMulInteger, ConvInteger, DynamicQuantizeLinear and the com.microsoft
   QLinearAdd/Mul/Sigmoid/LeakyRelu/Softmax/Concat/(Global)AveragePool and QGemm), with constant
@@ -101,6 +102,7 @@ def validate_model(model: onnx.ModelProto) -> None:
         if opset.domain in _DEFAULT_DOMAINS and opset.version > newest:
             raise NativeqError(f"model imports ONNX opset {opset.version}, newer than any this onnx {onnx.__version__} "
                                f"knows (up to {newest}): its operators' semantics are not defined here")
+    _check_text(model)
     facts = _ModelFacts(model)
     for index, node in enumerate(graph.node):
         check = _NODE_CHECKS.get((_domain(node), node.op_type))
@@ -109,6 +111,34 @@ def validate_model(model: onnx.ModelProto) -> None:
     for index, node in enumerate(graph.node):
         if _domain(node) == "" and node.op_type in _CONTRACTIONS:
             _check_qdq_contraction(facts, _Node(node, index))
+
+
+def _check_text(model: onnx.ModelProto) -> None:
+    """Every name and symbolic dimension of the graph is UTF-8 text, as ONNX's protobuf strings must be.
+
+    The protobuf reader hands invalid UTF-8 back as bytes, which `onnx.checker` accepts and the
+    artifact's manifest (JSON) cannot hold.
+    """
+    graph = model.graph
+    for kind, infos in (("input", graph.input), ("output", graph.output), ("value_info", graph.value_info)):
+        for info in infos:
+            if isinstance(info.name, bytes):
+                raise NativeqError(f"graph {kind} {info.name!r} has a name that is not UTF-8 text")
+            for axis, dim in enumerate(info.type.tensor_type.shape.dim):
+                if isinstance(dim.dim_param, bytes):
+                    raise NativeqError(f"graph {kind} '{info.name}' names dimension {axis} {dim.dim_param!r}, "
+                                       f"which is not UTF-8 text")
+    for tensor in graph.initializer:
+        if isinstance(tensor.name, bytes):
+            raise NativeqError(f"initializer {tensor.name!r} has a name that is not UTF-8 text")
+    for index, node in enumerate(graph.node):
+        for field_name in ("name", "op_type", "domain"):
+            if isinstance(getattr(node, field_name), bytes):
+                raise NativeqError(f"node #{index} has a {field_name} that is not UTF-8 text "
+                                   f"({getattr(node, field_name)!r})")
+        for name in [*node.input, *node.output]:
+            if isinstance(name, bytes):
+                raise NativeqError(f"{_Node(node, index).label}: tensor name {name!r} is not UTF-8 text")
 
 
 # ---------------------------------------------------------------------------------------------
