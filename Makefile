@@ -28,7 +28,7 @@ venv: $(VENV)/.installed
 
 # The aarch64 TVM runtime (from the aarch64 wheels of the installed versions) + the aarch64 runner, for the Pi targets.
 arm-runtime: apt venv
-	$(PY) scripts/fetch_arm_runtime.py
+	$(VENV)/bin/nativeq setup-arm
 
 demo: setup
 	$(VENV)/bin/nativeq demo

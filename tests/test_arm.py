@@ -2,7 +2,7 @@
 qemu-aarch64 (emulating the device's CPU model) through the aarch64 C++ runner and must match
 ONNX Runtime on this x86 host within one quantization step.
 
-Needs the cross toolchain, qemu-user and `make arm-runtime` (all part of `make setup`).
+Needs the cross toolchain, qemu-user and `nativeq setup-arm` (all part of `make setup`).
 """
 
 from __future__ import annotations
@@ -197,9 +197,9 @@ def test_missing_qemu_names_the_apt_package(built, monkeypatch):
         run_emulated(built["matmul", "rpi4"][0], {"x": np.zeros((1, 2, 64), np.float32)})
 
 
-def test_missing_aarch64_runtime_says_make_arm_runtime(built, monkeypatch, tmp_path):
+def test_missing_aarch64_runtime_says_setup_arm(built, monkeypatch, tmp_path):
     monkeypatch.setenv("NATIVEQ_ARM_RUNTIME", str(tmp_path / "nothing"))
-    with pytest.raises(NativeqError, match=r"aarch64 TVM runtime is not installed .* run `make arm-runtime`"):
+    with pytest.raises(NativeqError, match=r"aarch64 TVM runtime is not installed .* run `nativeq setup-arm`"):
         run_emulated(built["matmul", "rpi4"][0], {"x": np.zeros((1, 2, 64), np.float32)})
 
 
@@ -295,5 +295,5 @@ def test_runtime_of_another_tvm_release_is_refused(built, tmp_path):
     manifest = json.loads((older / "manifest.json").read_text())
     manifest["tvm_version"] = "0.26.0"
     (older / "manifest.json").write_text(json.dumps(seal_manifest(manifest)))
-    with pytest.raises(NativeqError, match=r"built with apache-tvm 0\.26\.0 but the aarch64 runtime .* run `make arm-runtime`"):
+    with pytest.raises(NativeqError, match=r"built with apache-tvm 0\.26\.0 but the aarch64 runtime .* run `nativeq setup-arm`"):
         run_emulated(older, {"x": np.zeros((1, 2, 64), np.float32)})

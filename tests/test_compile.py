@@ -169,6 +169,7 @@ def test_verify_reports_ort_optimized_reference(matmul_artifact):
 
 
 def test_host_uses_the_database_of_the_target_it_was_detected_as(tmp_path, monkeypatch):
+    from nativeq._data import shipped_tuning_logs
     from nativeq.compile.api import DATABASE_FILES, CompileConfig, tuning_database
     from nativeq.targets import get_target
 
@@ -176,7 +177,8 @@ def test_host_uses_the_database_of_the_target_it_was_detected_as(tmp_path, monke
     base = host.source.partition(":")[2]
     assert base, host.source
     monkeypatch.chdir(tmp_path)
-    assert tuning_database(CompileConfig(target="host"), host) is None
+    shipped = shipped_tuning_logs() / base
+    assert tuning_database(CompileConfig(target="host"), host) == (shipped if shipped.is_dir() else None)
     (tmp_path / "tuning_logs" / base).mkdir(parents=True)
     for name in DATABASE_FILES:
         (tmp_path / "tuning_logs" / base / name).write_text("")

@@ -118,7 +118,7 @@ def test_transcribe_aarch64_artifact_under_qemu(nativeq_cli, float_run, wavs, tm
     if shutil.which("aarch64-linux-gnu-g++") is None or shutil.which("qemu-aarch64") is None:
         pytest.skip("needs g++-aarch64-linux-gnu and qemu-user (make apt)")
     if not (arm_runtime_dir() / "lib" / "libtvm_runtime.so").is_file():
-        pytest.skip("no aarch64 TVM runtime (make arm-runtime)")
+        pytest.skip("no aarch64 TVM runtime (nativeq setup-arm)")
     artifact = compiled(float_run, tmp_path_factory, "rpi5")
     expected = pytorch_transcripts(float_run, wavs[:2])
     result = nativeq_cli("transcribe", artifact, *wavs[:2])

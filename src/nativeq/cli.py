@@ -16,6 +16,15 @@ import click
 from nativeq.errors import NativeqError
 
 
+# Third-party modules of the optional dependency groups (pyproject.toml) -> the extra that installs them.
+_EXTRAS = {
+    "onnx": "compile", "onnxruntime": "compile", "rich": "compile", "cloudpickle": "compile", "psutil": "compile",
+    "xgboost": "compile", "tornado": "compile",
+    "torch": "train", "jiwer": "train", "tqdm": "train", "safetensors": "train", "matplotlib": "train",
+    "soundfile": "audio", "scipy": "audio",
+}
+
+
 class _Group(click.Group):
     """Turns NativeqError into `error: <one line>` and its exit code; never a traceback."""
 
@@ -31,6 +40,11 @@ class _Group(click.Group):
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, SystemExit):
             raise
         except Exception as e:  # an internal bug: still one line, traceback on request
+            extra = _EXTRAS.get(e.name or "") if isinstance(e, ModuleNotFoundError) else None
+            if extra:  # an optional dependency group that is not installed
+                click.echo(f"error: nativeq {ctx.invoked_subcommand} needs {e.name}: pip install 'nativeq[{extra}]'",
+                           err=True)
+                sys.exit(2)
             if os.environ.get("NATIVEQ_DEBUG"):
                 traceback.print_exc()
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
@@ -95,7 +109,7 @@ def targets(as_json):
               help="Report which matmul/conv sites became int8 and which stayed float, and why; list every kernel "
                    "with its schedule and share of the multiply-accumulates.")
 @click.option("--no-int8", is_flag=True, help="Skip the int8 lowering (TVM's own float QDQ path).")
-@click.option("--tuning-log", type=click.Path(), default=None, help="Tuning database directory (default: tuning_logs/<target>/).")
+@click.option("--tuning-log", type=click.Path(), default=None, help="Tuning database directory (default: ./tuning_logs/<target>/, else the one shipped with nativeq).")
 @click.option("--no-tuning", is_flag=True, help="Do not apply any tuning database.")
 @click.option("--dim", "dims", multiple=True,
               help="Fix a symbolic input size by name, e.g. --dim B=1: the artifact is specialized to it "
@@ -423,7 +437,7 @@ def bench_emulated_cmd(artifacts, dims, repeat, cpu, as_json):
 @click.argument("model", required=False, type=click.Path())
 @click.option("--target", "-t", "target", default=None, help="Target name (see `nativeq targets`).")
 @click.option("--trials", default=64, show_default=True, help="Trial budget for the model, split across its tasks.")
-@click.option("--work-dir", type=click.Path(), default=None, help="Database directory (default: tuning_logs/<target>/).")
+@click.option("--work-dir", type=click.Path(), default=None, help="Database directory (default: ./tuning_logs/<target>/ in the current directory).")
 @click.option("--rpc-tracker", default=None, help="HOST:PORT of a TVM RPC tracker to measure on its devices.")
 @click.option("--rpc-key", default=None, help="Device key the RPC servers registered at the tracker.")
 @click.option("--rpc", "rpc_server", default=None, help="HOST:PORT of one TVM RPC server (no tracker).")
@@ -436,14 +450,14 @@ def bench_emulated_cmd(artifacts, dims, repeat, cpu, as_json):
 @click.option("--threads", type=int, default=None,
               help="Threads a local measurement uses (default: the target's cores, as deployed).")
 @click.option("--quiet", is_flag=True, help="No progress display.")
-@click.option("--status", is_flag=True, help="Show what is tuned for which target/model (under --work-dir or tuning_logs/).")
+@click.option("--status", is_flag=True, help="Show what is tuned for which target/model (under --work-dir, else ./tuning_logs/ and the shipped databases).")
 def tune(model, target, trials, work_dir, rpc_tracker, rpc_key, rpc_server, rpc_workers, rpc_timeout, trials_per_iter,
          no_int8, dims, threads, quiet, status):
     """MetaSchedule-tune MODEL's int8 kernels for TARGET; `compile` then applies tuning_logs/<target>/ automatically."""
     if status:
         from nativeq.tuning import tuning_status
 
-        click.echo(tuning_status(work_dir or "tuning_logs"))
+        click.echo(tuning_status(work_dir))
         return
     if model is None or target is None:
         raise NativeqError("tune needs MODEL and --target (or --status)")
@@ -454,6 +468,16 @@ def tune(model, target, trials, work_dir, rpc_tracker, rpc_key, rpc_server, rpc_
                      trials_per_iter=trials_per_iter, int8=not no_int8, dims=_parse_dims(dims), threads=threads, progress=not quiet)
     click.echo(tune_model(model, cfg).summary())
 
+
+
+# ----------------------------------------------------------------------------- setup-arm
+@main.command("setup-arm")
+@click.option("--force", is_flag=True, help="Download and build again even if the installed versions are there.")
+def setup_arm_cmd(force):
+    """Fetch the aarch64 TVM runtime and build the aarch64 runner, for the Raspberry Pi targets (runs under qemu here)."""
+    from nativeq.runtime.setup_arm import setup_arm
+
+    setup_arm(force=force, echo=click.echo)
 
 
 # ----------------------------------------------------------------------------- demo

@@ -195,18 +195,23 @@ def _held_importer_output():
 
 
 def tuning_database(cfg: CompileConfig, target: Target) -> Path | None:
-    """The MetaSchedule database directory to apply, or None."""
+    """The MetaSchedule database directory to apply, or None: `cfg.tuning_log`, else
+    `./tuning_logs/<target>/` when present, else the one shipped with nativeq."""
     if not cfg.use_tuning:
         return None
     if cfg.tuning_log is None:
+        from nativeq._data import tuning_log_roots
+
         # `host` was detected as a builtin entry ("detected:x86-avx512-vnni"): its database serves too.
         names = [target.name]
         if target.source.startswith("detected:"):
             names.append(target.source.partition(":")[2])
-        for name in names:
-            default = Path("tuning_logs") / name
-            if all((default / f).is_file() for f in DATABASE_FILES):
-                return default
+        # The user's own ./tuning_logs/<target>/ first, then the database shipped with nativeq.
+        for root, _ in tuning_log_roots():
+            for name in names:
+                default = root / name
+                if all((default / f).is_file() for f in DATABASE_FILES):
+                    return default
         return None
     path = Path(cfg.tuning_log)
     if not path.is_dir():

@@ -2,7 +2,7 @@
 
 The artifact's library is executed by `nativeq_runner` (C++, `runtime/runner/`), cross-built
 for aarch64 and linked against the aarch64 `libtvm_runtime.so`/`libtvm_ffi.so` taken from the
-aarch64 TVM wheels (`make arm-runtime`). qemu emulates the target's CPU model
+aarch64 TVM wheels (`nativeq setup-arm`). qemu emulates the target's CPU model
 (`manifest["target"]["qemu_cpu"]`: cortex-a72 for the Pi 4, cortex-a76 for the Pi 5), so an
 instruction the device lacks faults here as it would on the device; the runner checks the
 artifact's required features with `getauxval(AT_HWCAP)` first and refuses with a clear
@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nativeq._data import in_writable_venv, user_cache_dir
 from nativeq._fs import write_bytes_atomic
 from nativeq.errors import NativeqError
 from nativeq.runtime.manifest import check_files, input_specs, output_specs, read_manifest
@@ -46,9 +47,14 @@ _EXIT_CPU = 3  # this CPU lacks a required feature (2: usage or input error, 4: 
 
 
 def arm_runtime_dir() -> Path:
-    """Where `make arm-runtime` puts the aarch64 TVM runtime and the runner ($NATIVEQ_ARM_RUNTIME overrides)."""
+    """Where `nativeq setup-arm` puts the aarch64 TVM runtime and the runner: the virtual environment's
+    share/nativeq/aarch64 when it is writable, else the per-user cache ($NATIVEQ_ARM_RUNTIME overrides)."""
     override = os.environ.get("NATIVEQ_ARM_RUNTIME")
-    return Path(override) if override else Path(sys.prefix) / "share" / "nativeq" / "aarch64"
+    if override:
+        return Path(override)
+    if in_writable_venv():
+        return Path(sys.prefix) / "share" / "nativeq" / "aarch64"
+    return user_cache_dir() / "aarch64"
 
 
 def require_tool(tool: str, package: str) -> str:
@@ -63,7 +69,7 @@ def _runtime_libs(runtime_dir: Path) -> Path:
     lib = runtime_dir / "lib"
     for name in ("libtvm_runtime.so", "libtvm_ffi.so"):
         if not (lib / name).is_file():
-            raise NativeqError(f"the aarch64 TVM runtime is not installed ({lib / name} is missing): run `make arm-runtime`")
+            raise NativeqError(f"the aarch64 TVM runtime is not installed ({lib / name} is missing): run `nativeq setup-arm`")
     return lib
 
 
@@ -79,7 +85,7 @@ def _check_runtime_matches(artifact: Path, manifest: dict) -> None:
         if built and have and built != have:
             raise NativeqError(
                 f"artifact {artifact} was built with {package} {built} but the aarch64 runtime in {stamp.parent} is "
-                f"{have}: run `make arm-runtime` (it fetches the installed versions) or recompile the artifact"
+                f"{have}: run `nativeq setup-arm` (it fetches the installed versions) or recompile the artifact"
             )
 
 

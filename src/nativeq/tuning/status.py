@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from nativeq._data import tuning_log_roots
 from nativeq.tuning import database as dbfiles
 
 
@@ -15,18 +16,39 @@ def _database_dirs(root: Path) -> list[Path]:
     return sorted(d for d in root.iterdir() if d.is_dir() and (d / dbfiles.WORKLOAD_FILE).exists())
 
 
-def tuning_status(root: str | Path = "tuning_logs") -> str:
-    """A table per database directory under `root` (or `root` itself if it is one)."""
-    root = Path(root)
-    dirs = _database_dirs(root)
+def _labelled_dirs(root: str | Path | None) -> list[tuple[Path, str]]:
+    if root is not None:
+        return [(d, "") for d in _database_dirs(Path(root))]
+    out, seen = [], {}
+    for base, label in tuning_log_roots():
+        for d in _database_dirs(base):
+            real = d.resolve()
+            if real in seen:  # a source checkout: ./tuning_logs is the shipped database
+                index = seen[real]
+                out[index] = (out[index][0], f"{out[index][1]}, {label}")
+                continue
+            seen[real] = len(out)
+            out.append((d, label))
+    return out
+
+
+def tuning_status(root: str | Path | None = None) -> str:
+    """A table per database directory under `root` (or `root` itself if it is one).
+
+    root None: the databases under `./tuning_logs/` (local) and those shipped with nativeq,
+    each labelled with where it comes from.
+    """
+    dirs = _labelled_dirs(root)
     if not dirs:
-        return f"no tuning database under {root} (run: nativeq tune MODEL.onnx --target TARGET)"
+        where = root if root is not None else " or ".join(str(base) for base, _ in tuning_log_roots())
+        return f"no tuning database under {where} (run: nativeq tune MODEL.onnx --target TARGET)"
     out = []
-    for d in dirs:
+    for d, label in dirs:
         lines = dbfiles.read_database(d)
         counts, best = lines.record_counts(), lines.best_seconds()
         tuned = sum(1 for n in counts.values() if n)
-        out.append(f"{d}: {len(counts)} workloads ({tuned} with records), {len(lines.records)} records")
+        origin = f" ({label})" if label else ""
+        out.append(f"{d}{origin}: {len(counts)} workloads ({tuned} with records), {len(lines.records)} records")
         summary = dbfiles.read_summary(d)
         for model, entry in sorted(summary["models"].items()):
             tasks = entry.get("tasks", {})

@@ -24,6 +24,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nativeq._data import LOCAL_TUNING_LOGS, PACKAGE_DIR
 from nativeq.errors import NativeqError
 from nativeq.targets import Target, get_target
 from nativeq.tuning import database as dbfiles
@@ -125,7 +126,8 @@ class TuneResult:
 
 
 def default_work_dir(target: Target) -> Path:
-    return Path("tuning_logs") / target.name
+    """`./tuning_logs/<target>/` in the current directory (never the database shipped inside the package)."""
+    return LOCAL_TUNING_LOGS / target.name
 
 
 def remote_spec(cfg: TuneConfig) -> RemoteSpec | None:
@@ -260,6 +262,9 @@ def tune_model(model_path, cfg: TuneConfig) -> TuneResult:
             f"--rpc-tracker HOST:PORT --rpc-key {target.name} (this machine cannot run its code)"
         )
     work_dir = Path(cfg.work_dir) if cfg.work_dir else default_work_dir(target)
+    if work_dir.resolve().is_relative_to(PACKAGE_DIR):
+        raise NativeqError(f"refusing to write tuning records into the installed nativeq package ({work_dir}): "
+                           f"run tune from your project directory or pass --work-dir")
     if remote is not None:
         check_remote(remote)
     cross_compiler = None
