@@ -142,13 +142,17 @@ def compile_cmd(model, target, out, force, explain, no_int8, tuning_log, no_tuni
 @click.option("--dim", "dims", multiple=True, help="Fix a symbolic dim, e.g. --dim T=200 (default: 64).")
 @click.option("--ort-opt", type=click.Choice(["disable", "basic", "extended", "all"]), default="disable", show_default=True,
               help="ONNX Runtime graph optimization level of the reference.")
+@click.option("--accept-ties", is_flag=True,
+              help="Pass when every output beyond tolerance comes from a rounding tie (found by localization).")
+@click.option("--no-localize", is_flag=True, help="On failure, do not search for the first differing quantized tensor.")
 @click.option("--json", "as_json", is_flag=True)
-def verify(artifact, onnx_path, inputs, runs, seed, tol_steps, rtol, dims, ort_opt, as_json):
+def verify(artifact, onnx_path, inputs, runs, seed, tol_steps, rtol, dims, ort_opt, accept_ties, no_localize, as_json):
     """Run ARTIFACT and ONNX Runtime on the same inputs; exit 1 if they differ beyond tolerance."""
     from nativeq.verify import VerifyConfig, verify_artifact
 
     cfg = VerifyConfig(
-        runs=runs, seed=seed, tol_steps=tol_steps, rtol=rtol, dims=_parse_dims(dims), ort_opt=ort_opt, inputs=inputs
+        runs=runs, seed=seed, tol_steps=tol_steps, rtol=rtol, dims=_parse_dims(dims), ort_opt=ort_opt, inputs=inputs,
+        localize=not no_localize, accept_ties=accept_ties,
     )
     report = verify_artifact(artifact, onnx_path, cfg)
     click.echo(report.to_json() if as_json else report.table())

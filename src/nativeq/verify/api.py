@@ -34,6 +34,9 @@ class VerifyConfig:
     tol_steps: tolerance for quantized outputs, in quantization steps.
     rtol: tolerance for plain float outputs, relative to max |reference| (default 1e-3).
     dims: sizes of symbolic dims (default 64 each). ort_opt: ORT graph optimization level.
+    localize: on failure, find the first quantized tensor where the engines differ (`localize.py`;
+        compiles the model again). accept_ties: pass when every failing output localizes to a
+        rounding tie that the site reproduces in isolation.
     """
 
     runs: int = 1
@@ -43,6 +46,8 @@ class VerifyConfig:
     dims: dict = field(default_factory=dict)
     ort_opt: str = "disable"
     inputs: str | None = None
+    localize: bool = True
+    accept_ties: bool = False
 
 
 def _read_onnx(path: Path) -> onnx.ModelProto:
@@ -169,6 +174,7 @@ def verify_artifact(artifact, onnx_path, cfg: VerifyConfig = VerifyConfig()) -> 
         )
 
     comparisons = [OutputComparison(name=s.name, dtype=s.dtype) for s in out_specs]
+    first_failure = None  # (inputs, artifact outputs by name, failing output names) of the first failing run
     for inputs in input_sets:
         got = run_artifact(inputs)
         try:
@@ -177,6 +183,16 @@ def verify_artifact(artifact, onnx_path, cfg: VerifyConfig = VerifyConfig()) -> 
             raise NativeqError(f"ONNX Runtime failed to run {onnx_path}: {first_line(e)}") from None
         for comp, spec, g, r in zip(comparisons, out_specs, got, ref):
             accumulate(comp, np.asarray(g), np.asarray(r), spec.quant, cfg.tol_steps, rtol)
+        failing = [c.name for c in comparisons if not c.passed]
+        if failing and first_failure is None:
+            first_failure = (inputs, {s.name: np.asarray(g) for s, g in zip(out_specs, got)}, failing)
+
+    localizations = []
+    if first_failure is not None and (cfg.localize or cfg.accept_ties):
+        from nativeq.verify.localize import localize
+
+        inputs, got, failing = first_failure
+        localizations = localize(onnx_path, manifest, inputs, got, failing, cfg.ort_opt)
 
     symbolic = sorted({d for s in in_specs for d in s.shape if isinstance(d, str)})
     dims = {} if cfg.inputs else {d: int(cfg.dims.get(d, DEFAULT_DIM)) for d in symbolic}
@@ -192,4 +208,6 @@ def verify_artifact(artifact, onnx_path, cfg: VerifyConfig = VerifyConfig()) -> 
         inputs_from=inputs_from,
         outputs=comparisons,
         notes=notes,
+        localizations=localizations,
+        accept_ties=cfg.accept_ties,
     )

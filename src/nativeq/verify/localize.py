@@ -1,0 +1,475 @@
+"""Localize a verify failure: the first quantized tensor where nativeq and ONNX Runtime differ, and why.
+
+Run by `verify_artifact` when an output is beyond tolerance, on the input set that failed:
+
+1. Sites are the outputs of QuantizeLinear nodes on activations (not on constants), in the ONNX
+   graph's (topological) node order. A copy of the model with every site added as a graph output
+   is compiled with the artifact's target and build options (read from its manifest: target
+   name, int8, dims, input shapes, tuning database) and run next to ONNX Runtime given the same
+   extra outputs. For each failing output, its first ancestor site whose integers differ is the
+   site it localizes to. If the copy computes the original outputs differently from the artifact
+   (extra outputs changed what the compiler fused), or no site differs, the failure stays
+   unlocalized.
+2. The site is then checked in isolation: the nodes between the site's QuantizeLinear and the
+   DequantizeLinear nodes feeding it (at most `MAX_SUBGRAPH_NODES`) become a small model; both
+   engines run it on the same input values (ONNX Runtime's values of the site's inputs). The
+   value before rounding is evaluated in float64 (dequantized operands are exact in float64;
+   the subgraph runs in float64 in ONNX Runtime) as x / scale + zero_point.
+3. An element is a tie when that value lies within `TIE_RTOL` · max(1, |value - zero_point|) of
+   k + 0.5 and the two engines' integers are k and k + 1. The site's kind is `tie` when every
+   element that differs, in the full model and in isolation, is a tie; `error` otherwise;
+   `unlocalized` when no site was found or its value could not be evaluated.
+
+Cost: per distinct site one compile of the small model, plus one compile of the copy with extra
+outputs; `max_sites` bounds the sites checked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import tempfile
+import textwrap
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from nativeq._text import first_line
+
+# Float32 error allowance around k + 0.5, relative to the size of the value: 2^-17 is 64 float32 ulps,
+# the order of the error of a float32 dot product of a few hundred terms (ORT's unoptimized MatMul).
+TIE_RTOL = 2.0 ** -17
+MAX_SUBGRAPH_NODES = 32
+MAX_SITES = 3
+
+
+@dataclass
+class Localization:
+    """Where a failure starts. `kind`: "tie", "error" or "unlocalized" (then `reason` says why)."""
+
+    kind: str
+    site: str | None = None
+    node: str | None = None
+    op: str | None = None
+    quantize_node: str | None = None
+    index: list | None = None
+    nativeq: int | None = None
+    onnxruntime: int | None = None
+    exact: float | None = None
+    rounded: int | None = None  # `exact` rounded half to even (and saturated): the correct integer
+    differing: int = 0
+    isolated_differing: int | None = None
+    isolated_agrees: bool | None = None
+    ties: int = 0
+    outputs: list = field(default_factory=list)
+    compiles: int = 0
+    ort_runs: int = 0
+    reason: str | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def paragraph(self) -> str:
+        outs = ", ".join(self.outputs)
+        if self.kind == "unlocalized" and (self.site is None or self.index is None):
+            return textwrap.fill(f"localization ({outs}): not localized: {self.reason}", 110, subsequent_indent="  ",
+                                 break_on_hyphens=False, break_long_words=False)
+        at = "[" + ", ".join(map(str, self.index or [])) + "]"
+        plural = "s differ" if self.differing != 1 else " differs"
+        text = (f"localization ({outs}): the first quantized tensor where the engines differ is {self.site!r}, "
+                f"the QuantizeLinear {self.quantize_node!r} of {self.op} node {self.node!r}: {self.differing} "
+                f"element{plural}" + (f" ({self.ties} of them ties)" if self.kind == "error" and self.ties else "")
+                + f"; at {at} nativeq {self.nativeq}, ONNX Runtime {self.onnxruntime}")
+        if self.exact is not None:
+            text += f", value before rounding {self.exact:.9g}"
+        if self.kind == "tie":
+            text += (f": a rounding tie, within float32 error of {min(self.nativeq, self.onnxruntime)}.5, where ONNX "
+                     f"Runtime's float arithmetic and nativeq's integer arithmetic may round either way (rounded "
+                     f"exactly: {self.rounded})")
+        elif self.kind == "error":
+            text += f": not a tie: an error (rounded exactly: {self.rounded})"
+        if self.isolated_agrees is not None:
+            if self.isolated_differing == 0:
+                text += "; given the same inputs in isolation, both engines give the same integers"
+            elif self.isolated_agrees:
+                text += (f"; given the same inputs in isolation, they differ only at ties "
+                         f"({self.isolated_differing} element{'s' if self.isolated_differing != 1 else ''})")
+            else:
+                text += (f"; given the same inputs in isolation, they differ at {self.isolated_differing} "
+                         f"element{'s' if self.isolated_differing != 1 else ''}, not all ties")
+        if self.reason:
+            text += f" ({self.reason})"
+        text += f". Cost: {self.compiles} compile{'s' if self.compiles != 1 else ''}, {self.ort_runs} ONNX Runtime runs."
+        return textwrap.fill(text, 110, subsequent_indent="  ", break_on_hyphens=False, break_long_words=False)
+
+
+# ----------------------------------------------------------------------------- graph helpers
+def _constants(graph) -> dict[str, np.ndarray]:
+    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            attr = {a.name: a for a in node.attribute}
+            if "value" in attr:
+                values[node.output[0]] = numpy_helper.to_array(attr["value"].t)
+    return values
+
+
+def _q_dtype(node, constants) -> int:
+    """ONNX elem type of a QuantizeLinear's output."""
+    if len(node.input) > 2 and node.input[2]:
+        if node.input[2] in constants:
+            return helper.np_dtype_to_tensor_dtype(constants[node.input[2]].dtype)
+    for a in node.attribute:
+        if a.name == "output_dtype" and a.i:
+            return a.i
+    return TensorProto.UINT8
+
+
+def quantized_sites(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """QuantizeLinear nodes on activations, in graph order."""
+    constants = _constants(model.graph)
+    return [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in constants]
+
+
+def _ancestors(model: onnx.ModelProto, tensor: str) -> set[str]:
+    producer = {o: n for n in model.graph.node for o in n.output}
+    seen, stack = set(), [tensor]
+    while stack:
+        t = stack.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        node = producer.get(t)
+        if node is not None:
+            stack.extend(i for i in node.input if i)
+    return seen
+
+
+def _with_outputs(model: onnx.ModelProto, names: list[str], infos: dict, types: dict[str, int],
+                  ranks: dict[str, int] | None = None) -> onnx.ModelProto:
+    """`model` with `names` added as graph outputs: the inferred value info when it has a shape, else
+    the elem type `types[name]` and `ranks[name]` fresh symbolic dims (None: no shape)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    present = {o.name for o in out.graph.output}
+    for name in names:
+        if name in present:
+            continue
+        info = infos.get(name)
+        if info is not None and info.type.tensor_type.HasField("shape"):
+            out.graph.output.append(info)
+        else:
+            rank = (ranks or {}).get(name)
+            shape = None if rank is None else [f"{name}_dim{i}" for i in range(rank)]
+            out.graph.output.append(helper.make_tensor_value_info(name, types[name], shape))
+    return out
+
+
+def _value_infos(model: onnx.ModelProto) -> dict:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001
+        inferred = model
+    g = inferred.graph
+    return {v.name: v for v in [*g.value_info, *g.input, *g.output] if v.type.tensor_type.elem_type}
+
+
+# ----------------------------------------------------------------------------- engines
+def _compile(model: onnx.ModelProto, manifest: dict, workdir: Path, name: str, keep_dims: bool):
+    """Compile `model` with the artifact's target and options; returns a runner inputs -> {name: array}."""
+    from nativeq.compile import CompileConfig, compile_model
+    from nativeq.runtime import read_manifest
+    from nativeq.runtime.manifest import output_specs
+    from nativeq.verify.api import _artifact_runner
+
+    build = manifest.get("build", {})
+    # The recorded tuning database; if that path does not resolve from here, the one compile finds by default.
+    database = (manifest.get("tuning") or {}).get("database")
+    cfg = CompileConfig(
+        target=manifest["target"]["name"], int8=bool(build.get("int8", True)),
+        tuning_log=database if database and Path(database).is_dir() else None, use_tuning=bool(database),
+        dims=dict(build.get("dims") or {}) if keep_dims else {},
+        input_shapes={k: tuple(v) for k, v in (build.get("input_shapes") or {}).items()} if keep_dims else {},
+    )
+    path = workdir / f"{name}.onnx"
+    onnx.save(model, str(path))
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        compile_model(path, workdir / name, cfg)
+    art_manifest = read_manifest(workdir / name)
+    run, _ = _artifact_runner(workdir / name, art_manifest)
+    names = [s.name for s in output_specs(art_manifest)]
+    return lambda inputs: dict(zip(names, (np.asarray(v) for v in run(inputs))))
+
+
+def _ort_run(model: onnx.ModelProto, ort_opt: str, inputs: dict, workdir: Path, name: str) -> dict:
+    from nativeq.verify.api import ort_session
+
+    path = workdir / f"{name}.ort.onnx"
+    onnx.save(model, str(path))
+    session = ort_session(path, ort_opt)
+    names = [o.name for o in session.get_outputs()]
+    feed = {i.name: inputs[i.name] for i in session.get_inputs()}
+    return dict(zip(names, session.run(names, feed)))
+
+
+# ----------------------------------------------------------------------------- isolation
+def _subgraph(model: onnx.ModelProto, q: onnx.NodeProto, constants: dict):
+    """Nodes from the DequantizeLinear (or graph input / cut) frontier to `q`, in graph order, and the
+    frontier tensors that become inputs."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    order = {id(n): i for i, n in enumerate(model.graph.node)}
+    chosen: dict[int, onnx.NodeProto] = {id(q): q}
+    frontier: list[str] = []
+    stack = [q.input[0]]
+    seen = set()
+    while stack:
+        t = stack.pop()
+        if not t or t in seen:
+            continue
+        seen.add(t)
+        if t in constants:
+            continue
+        node = producer.get(t)
+        if node is None:
+            frontier.append(t)
+            continue
+        if node.op_type == "DequantizeLinear":
+            chosen[id(node)] = node
+            if node.input[0] not in constants:
+                frontier.append(node.input[0])
+            continue
+        if len(chosen) >= MAX_SUBGRAPH_NODES:
+            frontier.append(t)
+            continue
+        chosen[id(node)] = node
+        stack.extend(node.input)
+    nodes = sorted(chosen.values(), key=lambda n: order[id(n)])
+    return nodes, list(dict.fromkeys(frontier))
+
+
+def _dequantize64(x: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, axis: int) -> np.ndarray:
+    scale = np.asarray(scale, np.float64)
+    zp = np.zeros_like(scale) if zp is None else np.asarray(zp, np.float64)
+    if scale.ndim == 1 and x.ndim > 0:
+        shape = [1] * x.ndim
+        shape[axis % x.ndim] = -1
+        scale, zp = scale.reshape(shape), zp.reshape(shape)
+    return (x.astype(np.float64) - zp) * scale
+
+
+def _float64_model(nodes, q, constants, opsets, feeds: dict) -> tuple[onnx.ModelProto, dict]:
+    """The subgraph without its QuantizeLinear, DequantizeLinear outputs as float64 inputs, floats as double."""
+    inputs, new_feeds, new_nodes, inits = [], {}, [], {}
+    for node in nodes:
+        if node is q:
+            continue
+        if node.op_type == "DequantizeLinear":
+            attr = {a.name: a for a in node.attribute}
+            if "block_size" in attr and attr["block_size"].i:
+                raise ValueError("blocked DequantizeLinear")
+            x = constants[node.input[0]] if node.input[0] in constants else feeds[node.input[0]]
+            zp = constants[node.input[2]] if len(node.input) > 2 and node.input[2] else None
+            value = _dequantize64(x, constants[node.input[1]], zp, attr["axis"].i if "axis" in attr else 1)
+            new_feeds[node.output[0]] = value
+            inputs.append(helper.make_tensor_value_info(node.output[0], TensorProto.DOUBLE, value.shape))
+            continue
+        new = onnx.NodeProto()
+        new.CopyFrom(node)
+        for a in new.attribute:
+            if a.name == "to" and a.i == TensorProto.FLOAT and node.op_type == "Cast":
+                a.i = TensorProto.DOUBLE
+            if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == TensorProto.FLOAT:
+                a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float64), a.t.name))
+        new_nodes.append(new)
+        for name in node.input:
+            if name in constants and name not in inits and not any(name in n.output for n in nodes):
+                value = constants[name]
+                inits[name] = value.astype(np.float64) if value.dtype == np.float32 else value
+    for name, value in feeds.items():
+        if any(name in n.input for n in nodes if n.op_type != "DequantizeLinear"):
+            value = value.astype(np.float64) if value.dtype == np.float32 else value
+            new_feeds[name] = value
+            inputs.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(value.dtype), value.shape))
+    graph = helper.make_graph(new_nodes, "exact", inputs,
+                              [helper.make_tensor_value_info(q.input[0], TensorProto.DOUBLE, None)],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    m = helper.make_model(graph, opset_imports=opsets)
+    m.ir_version = 8
+    return m, new_feeds
+
+
+def _isolated_model(nodes, q, constants, opsets, feeds: dict, out_type: int, out_shape) -> onnx.ModelProto:
+    names = {o for n in nodes for o in n.output}
+    inits = {}
+    for node in nodes:
+        for name in node.input:
+            if name in constants and name not in names:
+                inits[name] = constants[name]
+    inputs = [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape) for k, v in feeds.items()]
+    graph = helper.make_graph(list(nodes), "isolated", inputs,
+                              [helper.make_tensor_value_info(q.output[0], out_type, out_shape)],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    m = helper.make_model(graph, opset_imports=opsets)
+    m.ir_version = 8
+    return m
+
+
+def _quant_params(q, constants, shape):
+    attr = {a.name: a for a in q.attribute}
+    axis = attr["axis"].i if "axis" in attr else 1
+    scale = np.asarray(constants[q.input[1]], np.float64)
+    zp = np.asarray(constants[q.input[2]], np.float64) if len(q.input) > 2 and q.input[2] else np.zeros_like(scale)
+    if scale.ndim == 1 and len(shape) > 0:
+        view = [1] * len(shape)
+        view[axis % len(shape)] = -1
+        scale, zp = scale.reshape(view), zp.reshape(view)
+    return scale, zp
+
+
+def _tie_mask(exact: np.ndarray, zp: np.ndarray, a: np.ndarray, b: np.ndarray, info) -> np.ndarray:
+    """Elements where `exact` is within float32 error of k + 0.5 and {a, b} are its two neighbours."""
+    clipped = np.clip(exact, info.min, info.max)
+    low = np.floor(clipped)
+    near = np.abs(clipped - low - 0.5) <= TIE_RTOL * np.maximum(1.0, np.abs(exact - zp))
+    a, b = a.astype(np.int64), b.astype(np.int64)
+    neighbours = (np.minimum(a, b) == low) & (np.maximum(a, b) == low + 1)
+    return near & neighbours
+
+
+def _reproduces(copy: np.ndarray, artifact: np.ndarray, reference: np.ndarray) -> bool:
+    """The copy's output is the artifact's, or closer to it than half the artifact's distance to the reference."""
+    if np.array_equal(copy, artifact, equal_nan=True):
+        return True
+    with np.errstate(invalid="ignore"):
+        moved = np.nanmax(np.abs(copy.astype(np.float64) - artifact.astype(np.float64)))
+        apart = np.nanmax(np.abs(artifact.astype(np.float64) - reference.astype(np.float64)))
+    return bool(moved <= 0.5 * apart)
+
+
+# ----------------------------------------------------------------------------- the search
+def localize(onnx_path: Path, manifest: dict, inputs: dict, got: dict, failing: list[str], ort_opt: str,
+             max_sites: int = MAX_SITES) -> list[Localization]:
+    """Localize the failing outputs `failing` on `inputs` (where the artifact gave `got`, by output name)."""
+    try:
+        model = onnx.load(str(onnx_path))
+    except Exception as e:  # noqa: BLE001
+        return [Localization(kind="unlocalized", outputs=list(failing), reason=f"cannot read the model: {first_line(e)}")]
+    with tempfile.TemporaryDirectory(prefix="nativeq-localize-") as tmp:
+        try:
+            return _localize(model, manifest, inputs, got, failing, ort_opt, max_sites, Path(tmp))
+        except Exception as e:  # noqa: BLE001  (a failing compile or run must not hide the verify report)
+            return [Localization(kind="unlocalized", outputs=list(failing), reason=first_line(e))]
+
+
+def _localize(model, manifest, inputs, got, failing, ort_opt, max_sites, tmp: Path) -> list[Localization]:
+    constants = _constants(model.graph)
+    qnodes = quantized_sites(model)
+    if not qnodes:
+        return [Localization(kind="unlocalized", outputs=list(failing), reason="the model has no QuantizeLinear on activations")]
+    sites = [q.output[0] for q in qnodes]
+    infos = _value_infos(model)
+    types = {name: v.type.tensor_type.elem_type for name, v in infos.items()}
+    for q in qnodes:
+        types[q.output[0]] = _q_dtype(q, constants)
+    theirs = _ort_run(_with_outputs(model, sites, infos, types), ort_opt, inputs, tmp, "with_sites")
+    extended = _with_outputs(model, sites, infos, types, {s: np.ndim(theirs[s]) for s in sites})
+    run_copy = _compile(extended, manifest, tmp, "with_sites", keep_dims=True)
+    compiles, ort_runs = 1, 1
+    ours = run_copy(inputs)
+    moved = [n for n in failing if not _reproduces(ours[n], got[n], theirs[n])]
+    if moved:
+        return [Localization(kind="unlocalized", outputs=list(failing), compiles=compiles, ort_runs=ort_runs,
+                             reason=f"compiled again from this ONNX file with its quantized tensors as outputs, it "
+                                    f"computes {', '.join(moved)} differently from the artifact (was the artifact "
+                                    f"compiled from this file, by this nativeq?)")]
+    differs = {s for s in sites if not np.array_equal(ours[s], theirs[s])}
+    by_site: dict[str, list[str]] = {}
+    unlocalized = []
+    for name in failing:
+        ancestors = _ancestors(model, name)
+        first = next((s for s in sites if s in differs and s in ancestors), None)
+        if first is None:
+            unlocalized.append(name)
+        else:
+            by_site.setdefault(first, []).append(name)
+    results = []
+    if unlocalized:
+        results.append(Localization(kind="unlocalized", outputs=unlocalized, compiles=compiles, ort_runs=ort_runs,
+                                    reason="every quantized tensor they depend on agrees: the difference arises in "
+                                           "float arithmetic after the last QuantizeLinear"))
+    opsets = list(model.opset_import)
+    for i, (site, outs) in enumerate(by_site.items()):
+        q = qnodes[sites.index(site)]
+        if i >= max_sites:
+            results.append(Localization(kind="unlocalized", site=site, outputs=outs,
+                                        reason=f"not checked: at most {max_sites} sites are checked"))
+            continue
+        loc = _check_site(model, q, constants, opsets, inputs, ours, theirs, ort_opt, manifest, tmp, i)
+        loc.outputs = outs
+        loc.compiles += compiles if i == 0 else 0
+        loc.ort_runs += ort_runs if i == 0 else 0
+        results.append(loc)
+    return sorted(results, key=lambda r: r.kind == "unlocalized")
+
+
+def _check_site(model, q, constants, opsets, inputs, ours, theirs, ort_opt, manifest, tmp: Path, i: int) -> Localization:
+    site = q.output[0]
+    producer = {o: n for n in model.graph.node for o in n.output}
+    node = producer.get(q.input[0])
+    loc = Localization(kind="error", site=site, quantize_node=q.name, node=node.name if node else None,
+                       op=node.op_type if node else None)
+    a, b = np.asarray(ours[site]), np.asarray(theirs[site])
+    info = np.iinfo(b.dtype)
+    loc.differing = int((a != b).sum())
+
+    nodes, frontier = _subgraph(model, q, constants)
+    feeds = {}
+    missing = [t for t in frontier if t not in theirs and t not in inputs]
+    if missing:
+        infos = _value_infos(model)
+        types = {name: v.type.tensor_type.elem_type for name, v in infos.items()}
+        extra = _ort_run(_with_outputs(model, missing, infos, types), ort_opt, inputs, tmp, f"frontier{i}")
+        loc.ort_runs += 1
+    for t in frontier:
+        feeds[t] = np.asarray(inputs[t] if t in inputs else theirs[t] if t in theirs else extra[t])
+
+    scale, zp = _quant_params(q, constants, b.shape)
+    try:
+        exact_model, exact_feeds = _float64_model(nodes, q, constants, opsets, feeds)
+        pre = _ort_run(exact_model, "disable", exact_feeds, tmp, f"exact{i}")[q.input[0]]
+        loc.ort_runs += 1
+        exact = np.asarray(pre, np.float64) / scale + zp
+    except Exception as e:  # noqa: BLE001  (an op ONNX Runtime has no float64 kernel for)
+        first = tuple(int(v) for v in np.argwhere(a != b)[0])
+        loc.index, loc.nativeq, loc.onnxruntime = list(first), int(a[first]), int(b[first])
+        loc.kind = "unlocalized"
+        loc.reason = f"cannot evaluate the value before rounding in float64: {first_line(e)}"
+        return loc
+
+    full_ties = _tie_mask(exact, zp, a, b, info)
+    loc.ties = int(full_ties[a != b].sum())
+    # The element shown: the first that is not a tie, else the first.
+    shown = np.argwhere((a != b) & ~full_ties)
+    shown = shown if len(shown) else np.argwhere(a != b)
+    first = tuple(int(v) for v in shown[0])
+    loc.index, loc.nativeq, loc.onnxruntime = list(first), int(a[first]), int(b[first])
+    loc.exact = float(exact[first])
+    loc.rounded = int(np.rint(np.clip(exact[first], info.min, info.max)))
+
+    isolated = _isolated_model(nodes, q, constants, opsets, feeds, helper.np_dtype_to_tensor_dtype(b.dtype), b.shape)
+    iso_ort = _ort_run(isolated, ort_opt, feeds, tmp, f"isolated{i}")[site]
+    loc.ort_runs += 1
+    iso_ours = _compile(isolated, manifest, tmp, f"isolated{i}", keep_dims=False)(feeds)[site]
+    loc.compiles += 1
+    iso_diff = iso_ours != iso_ort
+    loc.isolated_differing = int(iso_diff.sum())
+    loc.isolated_agrees = bool(_tie_mask(exact, zp, iso_ours, iso_ort, info)[iso_diff].all())
+    if not np.array_equal(iso_ort, b):
+        loc.reason = "ONNX Runtime computes the site differently in isolation than in the whole model"
+    loc.kind = "tie" if loc.isolated_agrees and loc.ties == loc.differing else "error"
+    return loc

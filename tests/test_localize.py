@@ -1,0 +1,177 @@
+"""verify's localization: the first quantized tensor where nativeq and ONNX Runtime differ, tie or error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from nativeq.compile import CompileConfig, compile_model
+from nativeq.verify import VerifyConfig, verify_artifact
+
+# A rounding tie, found by a numpy search over float32 scales: 63 * 22 * SX * SW / SY1 is
+# 80.5000028268177 exactly, which rounds to 81 (nativeq's integer path gives 81), while ONNX
+# Runtime's float32 MatMul of the dequantized operands lands on or below 80.5 and rounds to 80.
+SX, SW, SY1, QX, QW = np.float32(0.014155486), np.float32(0.0059839534), np.float32(0.0014584123), 63, 22
+EXACT = 80.5000028268177
+FIRST = "/layer1/MatMul"
+
+
+def _tie_model(w1_tweak: int = 0) -> onnx.ModelProto:
+    """x[1, 4] -> Q/DQ -> MatMul(W1) -> Q/DQ -> MatMul(W2) -> Q/DQ -> y[1, 2]. W1 column 0 is (QW, 0, 0, 0),
+    so y1[0, 0] is the tie above; W2 carries one step of y1[0, 0] to two steps of y[0, 0]. `w1_tweak` is
+    added to W1[1, 1] (one weight step: a planted bug)."""
+    w1 = np.array([[QW, 0, 1], [0, 8, 3], [0, 5, -2], [0, 0, 4]], np.int8)
+    w1[1, 1] += w1_tweak
+    w2 = np.array([[127, 3], [0, 40], [0, -50]], np.int8)
+    sw2 = np.float32(0.01)
+    sy2 = np.float32(float(SY1) * float(sw2) * 127 / 2)
+    inits = [
+        numpy_helper.from_array(np.array(SX, np.float32), "sx"), numpy_helper.from_array(np.array(0, np.uint8), "zx"),
+        numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(np.array(SW, np.float32), "sw1"),
+        numpy_helper.from_array(np.array(0, np.int8), "zw"),
+        numpy_helper.from_array(np.array(SY1, np.float32), "sy1"), numpy_helper.from_array(np.array(0, np.uint8), "zy1"),
+        numpy_helper.from_array(w2, "w2"), numpy_helper.from_array(np.array(sw2, np.float32), "sw2"),
+        numpy_helper.from_array(np.array(sy2, np.float32), "sy2"), numpy_helper.from_array(np.array(0, np.uint8), "zy2"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"], name="/input/QuantizeLinear"),
+        helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"], name="/input/DequantizeLinear"),
+        helper.make_node("DequantizeLinear", ["w1", "sw1", "zw"], ["w1d"], name="/layer1/w/DequantizeLinear"),
+        helper.make_node("MatMul", ["xd", "w1d"], ["y1"], name=FIRST),
+        helper.make_node("QuantizeLinear", ["y1", "sy1", "zy1"], ["y1q"], name="/layer1/QuantizeLinear"),
+        helper.make_node("DequantizeLinear", ["y1q", "sy1", "zy1"], ["y1d"], name="/layer1/DequantizeLinear"),
+        helper.make_node("DequantizeLinear", ["w2", "sw2", "zw"], ["w2d"], name="/layer2/w/DequantizeLinear"),
+        helper.make_node("MatMul", ["y1d", "w2d"], ["y2"], name="/layer2/MatMul"),
+        helper.make_node("QuantizeLinear", ["y2", "sy2", "zy2"], ["y2q"], name="/layer2/QuantizeLinear"),
+        helper.make_node("DequantizeLinear", ["y2q", "sy2", "zy2"], ["y"], name="/output/DequantizeLinear"),
+    ]
+    graph = helper.make_graph(nodes, "tie", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tie_case(tmp_path_factory):
+    """(onnx, artifact, inputs.npz, artifact compiled from the model with W1[1, 1] one step off)."""
+    root = tmp_path_factory.mktemp("tie")
+    onnx.save(_tie_model(), root / "tie.onnx")
+    onnx.save(_tie_model(w1_tweak=1), root / "tie_bug.onnx")
+    cfg = CompileConfig(target="host", use_tuning=False)
+    compile_model(root / "tie.onnx", root / "art", cfg)
+    compile_model(root / "tie_bug.onnx", root / "art_bug", cfg)
+    # x[0, 0] quantizes to QX; with x[0, 1] = 255 one step of W1[1, 1] is about 15 steps of y1[0, 1].
+    np.savez(root / "x.npz", x=np.array([[QX * SX, 255 * SX, 100 * SX, 7 * SX]], np.float32))
+    return root / "tie.onnx", root / "art", root / "x.npz", root / "art_bug"
+
+
+def test_the_constructed_value_is_a_tie_onnxruntime_rounds_the_other_way(tie_case):
+    import onnxruntime as ort
+    from fractions import Fraction
+
+    exact = Fraction(QX * QW) * Fraction(float(SX)) * Fraction(float(SW)) / Fraction(float(SY1))
+    assert 0 < exact - Fraction(161, 2) < Fraction(1, 10**5)  # just above 80.5: correctly rounded, 81
+    model = _tie_model()
+    model.graph.output.append(helper.make_tensor_value_info("y1q", TensorProto.UINT8, [1, 3]))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    x = np.load(tie_case[2])["x"]
+    assert int(session.run(["y1q"], {"x": x})[0][0, 0]) == 80
+
+
+def test_tie_is_localized_and_accepted(tie_case, nativeq_cli):
+    onnx_path, art, x, _ = tie_case
+    report = verify_artifact(art, onnx_path, VerifyConfig(inputs=str(x)))
+    assert not report.passed
+    (loc,) = report.localizations
+    assert (loc.kind, loc.site, loc.node, loc.op) == ("tie", "y1q", FIRST, "MatMul")
+    assert (loc.index, loc.nativeq, loc.onnxruntime, loc.differing) == ([0, 0], 81, 80, 1)
+    assert loc.exact == pytest.approx(EXACT, abs=1e-9) and loc.rounded == 81
+    assert loc.isolated_agrees and loc.compiles == 2 and loc.outputs == ["y"]
+
+    failed = nativeq_cli("verify", art, "--onnx", onnx_path, "--inputs", x)
+    assert failed.returncode == 1, failed.stderr
+    text = " ".join(failed.stdout.split())
+    assert f"of MatMul node '{FIRST}'" in text and "a rounding tie, within float32 error of 80.5" in text
+    passed = nativeq_cli("verify", art, "--onnx", onnx_path, "--inputs", x, "--accept-ties", "--json")
+    assert passed.returncode == 0, passed.stderr
+    d = json.loads(passed.stdout)
+    assert d["passed"] and d["ties_accepted"] and not d["outputs"][0]["passed"]
+    assert {k: d["localization"][k] for k in ("site", "node", "op", "kind", "index", "nativeq", "onnxruntime",
+                                              "isolated_agrees", "compiles")} == {
+        "site": "y1q", "node": FIRST, "op": "MatMul", "kind": "tie", "index": [0, 0], "nativeq": 81,
+        "onnxruntime": 80, "isolated_agrees": True, "compiles": 2}
+
+
+def _planted_compiler_bug(monkeypatch):
+    """Every compile in this process imports W1 with W1[1, 1] one step off, as a compiler bug would."""
+    import nativeq.compile.api as compile_api
+
+    real = compile_api.import_model_with_checks
+
+    def buggy(model, path):
+        for init in model.graph.initializer:
+            if init.name == "w1":
+                w = numpy_helper.to_array(init).copy()
+                w[1, 1] += 1
+                init.CopyFrom(numpy_helper.from_array(w, "w1"))
+        return real(model, path)
+
+    monkeypatch.setattr(compile_api, "import_model_with_checks", buggy)
+
+
+def test_a_planted_compiler_bug_is_an_error_and_not_accepted(tie_case, tmp_path, monkeypatch):
+    onnx_path, _, x, _ = tie_case
+    _planted_compiler_bug(monkeypatch)
+    compile_model(onnx_path, tmp_path / "art", CompileConfig(target="host", use_tuning=False))
+    report = verify_artifact(tmp_path / "art", onnx_path, VerifyConfig(inputs=str(x), accept_ties=True))
+    assert not report.passed and not report.ties_accepted
+    (loc,) = report.localizations
+    assert (loc.kind, loc.site, loc.node, loc.op) == ("error", "y1q", FIRST, "MatMul")
+    assert loc.differing == 2 and loc.ties == 1 and loc.index == [0, 1]  # the tie at [0, 0], the bug at [0, 1]
+    assert not loc.isolated_agrees and loc.isolated_differing == 2
+    table = " ".join(report.table().split())
+    assert "not a tie: an error (rounded exactly:" in table and table.endswith("FAIL: y beyond tolerance")
+
+
+def test_an_artifact_compiled_from_another_model_is_not_localized(tie_case, nativeq_cli):
+    """An artifact built from a copy with one weight changed: compiling the given ONNX file again does
+    not reproduce it, so no site is named, and --accept-ties does not pass it."""
+    onnx_path, _, x, art_bug = tie_case
+    report = verify_artifact(art_bug, onnx_path, VerifyConfig(inputs=str(x), accept_ties=True))
+    assert not report.passed
+    (loc,) = report.localizations
+    assert loc.kind == "unlocalized" and "differently from the artifact" in loc.reason
+    result = nativeq_cli("verify", art_bug, "--onnx", onnx_path, "--inputs", x, "--accept-ties")
+    assert result.returncode == 1 and "not localized" in " ".join(result.stdout.split())
+
+
+def test_no_localization_when_verify_passes_or_when_turned_off(tie_case):
+    onnx_path, art, x, _ = tie_case
+    report = verify_artifact(art, onnx_path, VerifyConfig(inputs=str(x), tol_steps=10))
+    assert report.passed and report.localizations == []
+    report = verify_artifact(art, onnx_path, VerifyConfig(inputs=str(x), localize=False))
+    assert not report.passed and report.localizations == []
+
+
+def test_zoo_transformer_at_200_frames_localizes_to_a_tie(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import zoo
+
+    onnx_path = Path(zoo.build("transformer_prenorm", "qdq_u8_pc", str(tmp_path)))
+    compile_model(onnx_path, tmp_path / "art", CompileConfig(target="host", use_tuning=False))
+    report = verify_artifact(tmp_path / "art", onnx_path, VerifyConfig(dims={"T": 200}, accept_ties=True))
+    assert not report.within_tolerance and report.passed
+    loc = report.localizations[0]
+    assert (loc.kind, loc.node, loc.op) == ("tie", "/blocks.0/linear1/MatMul", "MatMul")
+    assert loc.site == "/blocks.0/linear1/MatMul_output_0_QuantizeLinear_Output" and loc.isolated_agrees
