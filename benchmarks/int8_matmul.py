@@ -38,7 +38,7 @@ import tvm  # noqa: E402
 from tvm import relax  # noqa: E402
 from tvm.script import relax as R  # noqa: E402
 
-from nativeq.compile.pipeline import compile_pipeline  # noqa: E402
+from nativeq.compile.pipeline import compile_pipeline, tir_pipeline  # noqa: E402
 from nativeq.targets import get_target  # noqa: E402
 
 
@@ -112,7 +112,8 @@ def build(mod, target, nativeq_schedules: bool):
     passes = list(compile_pipeline(target).passes)
     if not nativeq_schedules:
         passes = [p for p in passes if not p.info.name.startswith("nativeq.")]
-    ex = relax.build(mod, tvm.target.Target(target.tvm_dict(ARGS.threads)), relax_pipeline=tvm.transform.Sequential(passes))
+    ex = relax.build(mod, tvm.target.Target(target.tvm_dict(ARGS.threads)), relax_pipeline=tvm.transform.Sequential(passes),
+                     tir_pipeline=tir_pipeline() if nativeq_schedules else "default")
     return relax.VirtualMachine(ex, tvm.cpu())
 
 

@@ -293,7 +293,7 @@ def compile_model(model_path, out_dir, cfg: CompileConfig, force: bool = False) 
                       f"inputs that break them, as ONNX Runtime does", stacklevel=2)
 
     from nativeq.compile._tvm import cc, relax, tvm
-    from nativeq.compile.pipeline import compile_passes
+    from nativeq.compile.pipeline import compile_passes, tir_pipeline
 
     tvm_target = make_tvm_target(target)
     sites = explain_int8(mod, target) if cfg.int8 else None
@@ -301,7 +301,8 @@ def compile_model(model_path, out_dir, cfg: CompileConfig, force: bool = False) 
     build_passes, captures = _with_captures(passes)
     with tvm.transform.PassContext(opt_level=3):
         executable = relax.build(
-            mod, tvm_target, relax_pipeline=tvm.transform.Sequential(build_passes, name="nativeq_compile")
+            mod, tvm_target, relax_pipeline=tvm.transform.Sequential(build_passes, name="nativeq_compile"),
+            tir_pipeline=tir_pipeline(),
         )
     seconds["build"] = time.perf_counter() - started - seconds["import"]
     applied = next((dict(p.applied) for p in passes if p.info.name == "nativeq.ApplyTuningDatabase"), {})

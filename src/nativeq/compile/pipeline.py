@@ -11,6 +11,9 @@ Modelled on `tvm/relax/backend/cpu_generic/pipeline.py`, with nativeq's three ho
 
 A MetaSchedule tuning database, when one is used, is applied right before the default
 schedules, so tuned functions keep their tuned schedule.
+
+The TIR lowering after `relax.build` hands the kernels over is TVM's own (`s_tir`) with one pass
+appended (`tir_pipeline`): `passes/local_tiles_on_stack.py` keeps register tiles on the stack.
 """
 
 from __future__ import annotations
@@ -81,3 +84,25 @@ def compile_pipeline(target, *, int8: bool = True, tuning_database: Path | None 
     return tvm.transform.Sequential(
         compile_passes(target, int8=int8, tuning_database=tuning_database), name="nativeq_compile"
     )
+
+
+TIR_PIPELINE = "nativeq"
+
+
+def _tir_pipeline_factory():
+    """TVM's default s_tir lowering, then `LocalTilesOnStack`; TVM's host and device finalization."""
+    from tvm.s_tir.pipeline import default_s_tir_pipeline
+
+    from nativeq.compile.passes.local_tiles_on_stack import LocalTilesOnStack
+
+    lowering, finalize_host, finalize_device = default_s_tir_pipeline()
+    return tvm.transform.Sequential([lowering, LocalTilesOnStack], name="nativeq_tir"), finalize_host, finalize_device
+
+
+def tir_pipeline() -> str:
+    """The name of nativeq's TIR pipeline (registered with TVM on first use), for `relax.build(tir_pipeline=...)`."""
+    from tvm.tirx.compilation_pipeline import PIPELINE_MAP, register_tir_pipeline
+
+    if TIR_PIPELINE not in PIPELINE_MAP:
+        register_tir_pipeline(TIR_PIPELINE, _tir_pipeline_factory)
+    return TIR_PIPELINE

@@ -137,9 +137,10 @@ def build_candidate(mod, target, _params):
     CPU in each builder worker; a candidate is already tensorized, so it needs none of them.
     """
     from nativeq.compile._tvm import RemoveWeightLayoutRewriteBlock, tvm
+    from nativeq.compile.pipeline import tir_pipeline
 
     mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
-    return tvm.driver.build(mod, target=target)
+    return tvm.driver.build(mod, target=target, pipeline=tir_pipeline())  # compile's lowering, so tiles measure as built
 
 
 def evaluator_config():
