@@ -175,3 +175,23 @@ def test_zoo_transformer_at_200_frames_localizes_to_a_tie(tmp_path):
     loc = report.localizations[0]
     assert (loc.kind, loc.node, loc.op) == ("tie", "/blocks.0/linear1/MatMul", "MatMul")
     assert loc.site == "/blocks.0/linear1/MatMul_output_0_QuantizeLinear_Output" and loc.isolated_agrees
+
+
+def test_bisection_over_graph_cuts_when_the_extra_outputs_change_the_result(tie_case, monkeypatch):
+    """Pretend the copy with every site as an output computed y differently: the model compiled as it
+    is reproduces the artifact, so cuts ending at each site are compiled and bisected."""
+    import nativeq.verify.localize as localize
+
+    real, calls = localize._reproduces, []
+
+    def first_call_fails(*args):
+        calls.append(args)
+        return len(calls) > 1 and real(*args)
+
+    monkeypatch.setattr(localize, "_reproduces", first_call_fails)
+    onnx_path, art, x, _ = tie_case
+    report = verify_artifact(art, onnx_path, VerifyConfig(inputs=str(x), accept_ties=True))
+    (loc,) = report.localizations
+    assert (loc.kind, loc.site, loc.node) == ("tie", "y1q", FIRST) and report.passed
+    assert "bisection over graph cuts" in loc.reason
+    assert loc.compiles == 6  # the copy, the model as it is, cuts at y2q, xq, y1q, the site alone

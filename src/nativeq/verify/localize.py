@@ -7,8 +7,10 @@ Run by `verify_artifact` when an output is beyond tolerance, on the input set th
    is compiled with the artifact's target and build options (read from its manifest: target
    name, int8, dims, input shapes, tuning database) and run next to ONNX Runtime given the same
    extra outputs. For each failing output, its first ancestor site whose integers differ is the
-   site it localizes to. If the copy computes the original outputs differently from the artifact
-   (extra outputs changed what the compiler fused), or no site differs, the failure stays
+   site it localizes to. If the copy computes a failing output differently from the artifact
+   (extra outputs changed what the compiler fused), the model is compiled again as it is: if that
+   reproduces the artifact, cuts ending at one site each are bisected (`MAX_CUT_COMPILES`);
+   otherwise (the artifact is not this file's), or if no site differs, the failure stays
    unlocalized.
 2. The site is then checked in isolation: the nodes between the site's QuantizeLinear and the
    DequantizeLinear nodes feeding it (at most `MAX_SUBGRAPH_NODES`) become a small model; both
@@ -20,8 +22,8 @@ Run by `verify_artifact` when an output is beyond tolerance, on the input set th
    element that differs, in the full model and in isolation, is a tie; `error` otherwise;
    `unlocalized` when no site was found or its value could not be evaluated.
 
-Cost: per distinct site one compile of the small model, plus one compile of the copy with extra
-outputs; `max_sites` bounds the sites checked.
+Cost: one compile of the copy with extra outputs, one compile of the small model per distinct site
+(`max_sites` bounds them), and in the fallback one more compile plus at most `MAX_CUT_COMPILES` cuts.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from nativeq._text import first_line
 TIE_RTOL = 2.0 ** -17
 MAX_SUBGRAPH_NODES = 32
 MAX_SITES = 3
+MAX_CUT_COMPILES = 8
 
 
 @dataclass
@@ -382,12 +385,25 @@ def _localize(model, manifest, inputs, got, failing, ort_opt, max_sites, tmp: Pa
     compiles, ort_runs = 1, 1
     ours = run_copy(inputs)
     moved = [n for n in failing if not _reproduces(ours[n], got[n], theirs[n])]
+    bisected = False
     if moved:
-        return [Localization(kind="unlocalized", outputs=list(failing), compiles=compiles, ort_runs=ort_runs,
-                             reason=f"compiled again from this ONNX file with its quantized tensors as outputs, it "
-                                    f"computes {', '.join(moved)} differently from the artifact (was the artifact "
-                                    f"compiled from this file, by this nativeq?)")]
-    differs = {s for s in sites if not np.array_equal(ours[s], theirs[s])}
+        # The extra outputs changed what was compiled, or the artifact is not this file's: compile the model
+        # as it is; if that reproduces the artifact, bisect over graph cuts.
+        again = _compile(model, manifest, tmp, "again", keep_dims=True)(inputs)
+        compiles += 1
+        if not all(_reproduces(again[n], got[n], theirs[n]) for n in moved):
+            return [Localization(kind="unlocalized", outputs=list(failing), compiles=compiles, ort_runs=ort_runs,
+                                 reason=f"compiled again from this ONNX file, it computes {', '.join(moved)} "
+                                        f"differently from the artifact (was the artifact compiled from this file, "
+                                        f"by this nativeq?)")]
+        failing = moved[:1]
+        first, ours, n = _bisect_cuts(model, [s for s in sites if s in _ancestors(model, failing[0])], manifest,
+                                      inputs, theirs, infos, types, tmp)
+        compiles += n
+        differs = {first} if first else set()
+        bisected = True
+    else:
+        differs = {s for s in sites if not np.array_equal(ours[s], theirs[s])}
     by_site: dict[str, list[str]] = {}
     unlocalized = []
     for name in failing:
@@ -411,10 +427,54 @@ def _localize(model, manifest, inputs, got, failing, ort_opt, max_sites, tmp: Pa
             continue
         loc = _check_site(model, q, constants, opsets, inputs, ours, theirs, ort_opt, manifest, tmp, i)
         loc.outputs = outs
+        if bisected:
+            loc.reason = ((loc.reason + "; ") if loc.reason else "") + (
+                "found by bisection over graph cuts (with every quantized tensor as an output the compiled model "
+                "differed from the artifact): the first site that differs, if a difference once present persists")
         loc.compiles += compiles if i == 0 else 0
         loc.ort_runs += ort_runs if i == 0 else 0
         results.append(loc)
     return sorted(results, key=lambda r: r.kind == "unlocalized")
+
+
+def _cut(model: onnx.ModelProto, site: str, infos: dict, types: dict, rank: int) -> tuple[onnx.ModelProto, set]:
+    """The part of `model` that computes `site`, with `site` its only output; and the graph inputs it keeps."""
+    keep = _ancestors(model, site)
+    cut = onnx.ModelProto()
+    cut.CopyFrom(model)
+    del cut.graph.node[:]
+    cut.graph.node.extend(n for n in model.graph.node if any(o in keep for o in n.output))
+    del cut.graph.input[:]
+    cut.graph.input.extend(i for i in model.graph.input if i.name in keep)
+    del cut.graph.initializer[:]
+    cut.graph.initializer.extend(i for i in model.graph.initializer if i.name in keep)
+    del cut.graph.output[:]
+    cut = _with_outputs(cut, [site], infos, types, {site: rank})
+    return cut, {i.name for i in cut.graph.input}
+
+
+def _bisect_cuts(model, candidates: list[str], manifest, inputs, theirs, infos, types, tmp: Path):
+    """The first of `candidates` (in graph order) whose compiled cut differs from ONNX Runtime, by bisection
+    (at most `MAX_CUT_COMPILES` compiles); returns (site or None, {site: its nativeq value}, compiles)."""
+    values: dict[str, np.ndarray] = {}
+
+    def differs(k: int) -> bool:
+        site = candidates[k]
+        cut, names = _cut(model, site, infos, types, np.ndim(theirs[site]))
+        values[site] = _compile(cut, manifest, tmp, f"cut{len(values)}", keep_dims=True)(
+            {n: v for n, v in inputs.items() if n in names})[site]
+        return not np.array_equal(values[site], theirs[site])
+
+    if not candidates or not differs(len(candidates) - 1):
+        return None, values, len(values)
+    low, high = -1, len(candidates) - 1  # candidates[high] differs; none at or before `low` is known to
+    while high - low > 1 and len(values) < MAX_CUT_COMPILES:
+        middle = (low + high) // 2
+        if differs(middle):
+            high = middle
+        else:
+            low = middle
+    return candidates[high], values, len(values)
 
 
 def _check_site(model, q, constants, opsets, inputs, ours, theirs, ort_opt, manifest, tmp: Path, i: int) -> Localization:
