@@ -195,3 +195,41 @@ def test_bisection_over_graph_cuts_when_the_extra_outputs_change_the_result(tie_
     assert (loc.kind, loc.site, loc.node) == ("tie", "y1q", FIRST) and report.passed
     assert "bisection over graph cuts" in loc.reason
     assert loc.compiles == 6  # the copy, the model as it is, cuts at y2q, xq, y1q, the site alone
+
+
+def test_value_before_rounding_of_a_conv_and_of_an_op_without_a_float64_kernel(tmp_path):
+    """ONNX Runtime has no float64 Conv or Erf: the Conv is evaluated on integers, Erf in float32."""
+    from nativeq.verify import localize
+
+    rng = np.random.default_rng(1)
+    xq, wq = rng.integers(0, 256, (1, 3, 9)).astype(np.uint8), rng.integers(-127, 128, (4, 3, 3)).astype(np.int8)
+    sx, sw, bias = np.float32(0.02), np.array([0.01, 0.02, 0.005, 0.03], np.float32), np.arange(4, dtype=np.float32)
+    inits = [numpy_helper.from_array(v, k) for k, v in {
+        "sx": np.array(sx), "zx": np.array(128, np.uint8), "w": wq, "sw": sw, "zw": np.zeros(4, np.int8), "b": bias,
+        "sy": np.array(0.05, np.float32), "zy": np.array(0, np.int8)}.items()]
+    nodes = [helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wd"], axis=0),
+             helper.make_node("Conv", ["xd", "wd", "b"], ["c"], pads=[1, 1], name="conv"),
+             helper.make_node("Erf", ["c"], ["e"], name="erf"),
+             helper.make_node("Add", ["c", "e"], ["y"], name="add"),
+             helper.make_node("QuantizeLinear", ["y", "sy", "zy"], ["yq"], name="q")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("xq", TensorProto.UINT8, [1, 3, 9])],
+                              [helper.make_tensor_value_info("yq", TensorProto.INT8, [1, 4, 9])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    constants, q = localize._constants(model.graph), model.graph.node[-1]
+    sub, frontier = localize._subgraph(model, q, constants)
+    assert frontier == ["xq"] and len(sub) == 6
+    for ops in ({"Erf"}, set()):
+        exact_model, feeds = localize._float64_model(sub, q, constants, list(model.opset_import), {"xq": xq}, ops)
+        try:
+            pre = localize._ort_run(exact_model, "disable", feeds, tmp_path, "exact")["y"]
+        except Exception:  # noqa: BLE001
+            assert not ops  # without the float32 Erf, ONNX Runtime has no kernel
+            continue
+    x = (xq.astype(np.float64) - 128) * float(sx)
+    w = wq.astype(np.float64) * sw.astype(np.float64)[:, None, None]
+    xp = np.pad(x, ((0, 0), (0, 0), (1, 1)))
+    conv = np.stack([[(xp[0, :, t:t + 3] * w[o]).sum() for t in range(9)] for o in range(4)])[None] + bias[:, None]
+    from math import erf
+    expected = conv + np.vectorize(erf)(conv)
+    assert np.allclose(pre, expected, rtol=1e-6, atol=1e-6)
