@@ -7,9 +7,18 @@ user could run anywhere:
 
 - INT4/UINT4 initializers -> INT8/UINT8 holding the same values (the importer fails with
   `TensorCopyFromBytes: size mismatch`); a QuantizeLinear producing INT4 becomes an 8-bit
-  QuantizeLinear followed by a Clip to the 4-bit range.
+  QuantizeLinear followed by a Clip to the 4-bit range. INT4/UINT4 graph inputs and outputs
+  become INT8/UINT8 too: the artifact's manifest keeps the 4-bit type, and the runtime
+  converts the (ml_dtypes) arrays at the call.
+- QuantizeLinear/DequantizeLinear of float8, float4 or 2-bit types are refused with a
+  one-line `NativeqError` naming the op, node and type.
+- QLinearMatMul with float16/bfloat16 scales -> MatMulInteger, then the requantize in float64
+  as ONNX defines it (the QDQ form, computed in float16, comes out a step off).
 - blocked DequantizeLinear (`block_size`) of constants -> a float initializer, folded here
-  exactly as ONNX Runtime computes it, `(x - zero_point) * scale` in float32.
+  exactly as ONNX Runtime computes it, `(x - zero_point) * scale` in float32; blocked
+  QuantizeLinear, and blocked DequantizeLinear of run-time tensors (of static shape) -> the
+  scale and zero point repeated over each block, then float32 elementwise ops computing the
+  ONNX formula.
 - QLinearMatMul / QLinearConv -> the QDQ form DequantizeLinear -> MatMul/Conv ->
   QuantizeLinear, the form the int8 lowering pass recognizes. The integer bias of
   QLinearConv becomes an int32 DequantizeLinear with scale `x_scale * w_scale`. Results
@@ -19,7 +28,8 @@ user could run anywhere:
 - ConvInteger -> DequantizeLinear(scale 1) -> float Conv -> Cast(int32). This is exact
   because every partial sum is an integer below 2**24; when the constant weights could
   exceed that, the input channels are split into slices whose float Convs are each exact
-  and the slices are summed in int32.
+  and the slices are summed in int32. A run-time weight is accepted when its static shape
+  bounds every sum within 2**24 (C/group * kernel size * 255 * 255), refused otherwise.
 
 MatMulInteger and DynamicQuantizeLinear are left alone: TVM's converters compute them
 exactly (int32 matmul; the same rounding as ORT).
@@ -53,6 +63,7 @@ def legalize(model: onnx.ModelProto) -> onnx.ModelProto:
     out.CopyFrom(model)
     _check_default_opset(out)
     ctx = _Context(out)
+    refuse_unsupported_quantized_types(ctx)
     widen_int4_initializers(ctx)
     # Each folding round can make more dimensions static for shape inference: repeat to a fixed point.
     while fold_static_shape_arithmetic(ctx):
@@ -117,6 +128,7 @@ class _Context:
         self.opset = _default_opset(model)
         self.needs_opset = 0
         self.widened_int4: dict[str, int] = {}
+        self.elem_types: dict[str, int] | None = None  # of the input graph, inferred on first use
         self.initializers = {t.name: t for t in self.graph.initializer}
         self._new_inits: list[onnx.TensorProto] = []
         self._used = {t.name for t in self.graph.initializer} | {i.name for i in self.graph.input}
@@ -354,8 +366,54 @@ def _evaluate(evaluator_cls, node: onnx.NodeProto, consts: dict[str, np.ndarray]
 # Rewrites: each returns the replacement nodes, or None when it does not apply.
 
 
+# Quantized types nativeq computes; QuantizeLinear/DequantizeLinear of any other type is refused.
+_QUANTIZED_TYPES = {TensorProto.INT8, TensorProto.UINT8, TensorProto.INT16, TensorProto.UINT16, *_INT4_TO_INT8}
+
+
+def _elem_types(ctx: _Context) -> dict[str, int]:
+    """The element type of every tensor the input graph declares, initializes or shape inference types."""
+    if ctx.elem_types is None:
+        ctx.elem_types = _infer_elem_types(ctx.model)
+    return ctx.elem_types
+
+
+def _infer_elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    try:
+        graph = onnx.shape_inference.infer_shapes(model).graph
+    except Exception:  # noqa: BLE001 - a model shape inference cannot type just gets fewer types
+        graph = model.graph
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in [*graph.value_info, *graph.input, *graph.output]}
+    types.update({t.name: t.data_type for t in model.graph.initializer})
+    return types
+
+
+def refuse_unsupported_quantized_types(ctx: _Context) -> None:
+    """Refuse QuantizeLinear/DequantizeLinear of a type nativeq does not compute (float8, float4, int2)."""
+    nodes = [n for n in ctx.graph.node if n.domain in ("", "ai.onnx") and n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    if not nodes:
+        return
+    types = _elem_types(ctx)
+    for node in nodes:
+        base = node.name or node.output[0]
+        if node.op_type == "QuantizeLinear":
+            qtype = _attr(node, "output_dtype", 0) or (types.get(node.input[2], 0) if not _is_absent(node, 2) else 0) \
+                or types.get(node.output[0], 0) or TensorProto.UINT8
+            allowed = _QUANTIZED_TYPES
+        else:
+            qtype = types.get(node.input[0], 0)
+            allowed = _QUANTIZED_TYPES | {TensorProto.INT32}
+        name = TensorProto.DataType.Name(qtype).lower() if qtype else "unknown"
+        if qtype and qtype not in allowed:
+            raise NativeqError(f"{node.op_type} node '{base}': {name} quantization is not supported "
+                               "(nativeq computes int8/uint8, int16/uint16 and int4/uint4)")
+
+
 def widen_int4_initializers(ctx: _Context) -> None:
-    """INT4/UINT4 initializers -> INT8/UINT8 with the same values (the importer cannot read 4-bit data)."""
+    """INT4/UINT4 initializers, graph inputs and outputs -> INT8/UINT8 with the same values.
+
+    The importer cannot read 4-bit data; the artifact declares 4-bit inputs and outputs as such and
+    carries them across DLPack (which has no 4-bit type) as int8/uint8 (`runtime/model.py`).
+    """
     for i, init in enumerate(ctx.graph.initializer):
         if init.data_type in _INT4_TO_INT8:
             ctx.widened_int4[init.name] = init.data_type
@@ -363,6 +421,11 @@ def widen_int4_initializers(ctx: _Context) -> None:
             wide = numpy_helper.from_array(numpy_helper.to_array(init).astype(wide_dtype), init.name)
             ctx.graph.initializer[i].CopyFrom(wide)
             ctx.initializers[init.name] = ctx.graph.initializer[i]
+    for info in [*ctx.graph.input, *ctx.graph.output]:
+        tensor_type = info.type.tensor_type
+        if tensor_type.elem_type in _INT4_TO_INT8:
+            ctx.widened_int4[info.name] = tensor_type.elem_type
+            tensor_type.elem_type = _INT4_TO_INT8[tensor_type.elem_type]
 
 
 def quantize_int4_to_int8_clip(node: onnx.NodeProto, ctx: _Context):
@@ -389,6 +452,80 @@ def quantize_int4_to_int8_clip(node: onnx.NodeProto, ctx: _Context):
     ]
 
 
+def blocked_to_elementwise(node: onnx.NodeProto, ctx: _Context):
+    """Blocked QuantizeLinear, and blocked DequantizeLinear of run-time tensors -> float32 elementwise ops.
+
+    The scale (and zero point) is repeated `block_size` times along `axis` and cut to the input's
+    length (Unsqueeze, Expand, Reshape, Slice; the input's shape must be static); then, as ONNX
+    defines them in float32, DequantizeLinear is `(x - zp) * scale` and QuantizeLinear
+    `saturate(round_half_even(x / scale) + zp)`.
+    """
+    block = _attr(node, "block_size", 0)
+    if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or not block:
+        return None
+    x, scale, zp = node.input[0], node.input[1], _input(node, 2)
+    if node.op_type == "DequantizeLinear" and all(ctx.array(n) is not None for n in (x, scale, zp) if n):
+        return None  # constants: folded by fold_blocked_dequantize
+    base, out = node.name or node.output[0], node.output[0]
+    types = _elem_types(ctx)
+    if node.op_type == "QuantizeLinear":
+        qtype = _attr(node, "output_dtype", 0) or types.get(zp, 0) or TensorProto.UINT8
+    else:
+        qtype = types.get(x, 0)
+    what = f"{node.op_type} node '{base}': blocked ({_type_label(qtype)}, block_size={block})"
+    dims = ctx.static_dims.get(x)
+    if dims is None or any(d is None for d in dims):
+        raise NativeqError(f"{what} needs the static shape of its input '{x}', which is not known")
+    if types.get(scale, TensorProto.FLOAT) != TensorProto.FLOAT:
+        raise NativeqError(f"{what} with a {_type_label(types.get(scale, 0))} scale is not supported (float32 only)")
+    axis = _attr(node, "axis", 1) % len(dims)
+    nodes: list = []
+
+    def make(op, inputs, **attrs):
+        result = ctx.fresh(f"{out}_{op.lower()}")
+        nodes.append(helper.make_node(op, inputs, [result], name=ctx.fresh(f"{base}_{op}"), **attrs))
+        return result
+
+    def expand(name):
+        blocks = -(-dims[axis] // block)
+        shape = list(dims[:axis]) + [blocks, block] + list(dims[axis + 1:])
+        merged = list(dims[:axis]) + [blocks * block] + list(dims[axis + 1:])
+        t = make("Unsqueeze", [name, ctx.const(f"{out}_axes", np.array([axis + 1], np.int64))])
+        t = make("Expand", [t, ctx.const(f"{out}_blocks", np.array(shape, np.int64))])
+        t = make("Reshape", [t, ctx.const(f"{out}_merged", np.array(merged, np.int64))])
+        if blocks * block != dims[axis]:
+            t = make("Slice", [t, ctx.const(f"{out}_start", np.array([0], np.int64)),
+                               ctx.const(f"{out}_end", np.array([dims[axis]], np.int64)),
+                               ctx.const(f"{out}_axis", np.array([axis], np.int64))])
+        return t
+
+    scale_e = expand(scale)
+    zp_f = make("Cast", [expand(zp)], to=TensorProto.FLOAT) if zp else None
+    if node.op_type == "DequantizeLinear":
+        centered = make("Cast", [x], to=TensorProto.FLOAT)
+        if zp_f:
+            centered = make("Sub", [centered, zp_f])
+        nodes.append(helper.make_node("Mul", [centered, scale_e], [out], name=ctx.fresh(f"{base}_Mul")))
+        return nodes
+    if qtype in _INT4_RANGE:
+        lo, hi = _INT4_RANGE[qtype]
+    else:
+        info = np.iinfo(helper.tensor_dtype_to_np_dtype(qtype))
+        lo, hi = int(info.min), int(info.max)
+    y = make("Round", [make("Div", [x, scale_e])])
+    if zp_f:
+        y = make("Add", [y, zp_f])
+    lo_name = ctx.const(f"{out}_qmin", np.array(lo, np.float32))
+    y = make("Clip", [y, lo_name, ctx.const(f"{out}_qmax", np.array(hi, np.float32))])
+    nodes.append(helper.make_node("Cast", [y], [out], name=ctx.fresh(f"{base}_Cast"), to=_INT4_TO_INT8.get(qtype, qtype)))
+    ctx.require_opset(13)
+    return nodes
+
+
+def _type_label(elem: int) -> str:
+    return TensorProto.DataType.Name(elem).lower() if elem else "unknown type"
+
+
 def fold_blocked_dequantize(node: onnx.NodeProto, ctx: _Context):
     """Blocked DequantizeLinear of constants -> float initializer `(x - zp) * scale` (as ORT computes it)."""
     if node.op_type != "DequantizeLinear" or not _attr(node, "block_size", 0):
@@ -398,8 +535,9 @@ def fold_blocked_dequantize(node: onnx.NodeProto, ctx: _Context):
     scale = ctx.array(node.input[1])
     zp = None if _is_absent(node, 2) else ctx.array(node.input[2])
     if x is None or scale is None or (not _is_absent(node, 2) and zp is None):
-        raise NativeqError(f"DequantizeLinear node '{node.name}' uses block_size on a run-time tensor; "
-                           "only constant (initializer) blocked weights are supported")
+        raise NativeqError(f"DequantizeLinear node '{node.name or node.output[0]}': blocked "
+                           f"({_type_name(ctx, node.input[0])}, block_size={block}) dequantization of a run-time "
+                           "tensor is not supported; only blocked weights stored as initializers are")
     axis = _attr(node, "axis", 1) % x.ndim
 
     def expand(v):
@@ -419,6 +557,9 @@ def qlinear_matmul_to_qdq(node: onnx.NodeProto, ctx: _Context):
     if node.op_type != "QLinearMatMul":
         return None
     a, a_s, a_zp, b, b_s, b_zp, y_s, y_zp = node.input
+    types = _elem_types(ctx)
+    if types.get(a_s, TensorProto.FLOAT) != TensorProto.FLOAT:
+        return _qlinear_matmul_exact(node, ctx, types)
     a_s, a_zp, b_s, b_zp, y_s, y_zp = (_as_scalar(ctx, s) for s in (a_s, a_zp, b_s, b_zp, y_s, y_zp))
     a_f, b_f, y_f = (ctx.fresh(f"{node.output[0]}_{t}") for t in ("a_f", "b_f", "f"))
     base = node.name or node.output[0]
@@ -430,6 +571,43 @@ def qlinear_matmul_to_qdq(node: onnx.NodeProto, ctx: _Context):
         helper.make_node("MatMul", [a_f, b_f], [y_f], name=ctx.fresh(base + "_MatMul")),
         helper.make_node("QuantizeLinear", [y_f, y_s, y_zp], list(node.output), name=ctx.fresh(base + "_Q")),
     ]
+
+
+def _qlinear_matmul_exact(node: onnx.NodeProto, ctx: _Context, types: dict[str, int]):
+    """QLinearMatMul with float16/bfloat16 scales, as ONNX defines it: the int32 product (MatMulInteger)
+    times `a_scale * b_scale / y_scale` (computed in the scales' type) in float64, rounded half to even,
+    plus y_zero_point, saturated.
+
+    The QDQ form, computed in float16, comes out a step off.
+    """
+    a, a_s, a_zp, b, b_s, b_zp, y_s, y_zp = node.input
+    base, out = node.name or node.output[0], node.output[0]
+    qtype = types.get(y_zp, 0) or types.get(a, TensorProto.UINT8)
+    info = np.iinfo(helper.tensor_dtype_to_np_dtype(qtype))
+    nodes: list = []
+    a_zp, b_zp, y_zp = (_scalar_of(ctx, z, nodes) if _one_element(ctx, z) else z for z in (a_zp, b_zp, y_zp))
+    acc, acc_d, ab_s, m, m_d, d, r, zp_d, shifted = (ctx.fresh(f"{out}_{t}") for t in (
+        "acc", "acc_f64", "ab_scale", "multiplier", "multiplier_f64", "scaled", "rounded", "zp_f64", "shifted"))
+    lo = ctx.const(f"{out}_qmin", np.array(info.min, np.float64))
+    hi = ctx.const(f"{out}_qmax", np.array(info.max, np.float64))
+    clipped = ctx.fresh(f"{out}_clipped")
+
+    def make(op, inputs, outputs, **attrs):
+        nodes.append(helper.make_node(op, inputs, outputs, name=ctx.fresh(f"{base}_{op}"), **attrs))
+
+    make("MatMulInteger", [a, b, a_zp, b_zp], [acc])
+    make("Cast", [acc], [acc_d], to=TensorProto.DOUBLE)
+    make("Mul", [a_s, b_s], [ab_s])
+    make("Div", [ab_s, y_s], [m])
+    make("Cast", [m], [m_d], to=TensorProto.DOUBLE)
+    make("Mul", [acc_d, m_d], [d])
+    make("Round", [d], [r])
+    make("Cast", [y_zp], [zp_d], to=TensorProto.DOUBLE)
+    make("Add", [r, zp_d], [shifted])
+    make("Clip", [shifted, lo, hi], [clipped])
+    make("Cast", [clipped], list(node.output), to=qtype)
+    ctx.require_opset(12)
+    return nodes
 
 
 def qlinear_conv_to_qdq(node: onnx.NodeProto, ctx: _Context):
@@ -478,12 +656,9 @@ def conv_integer_to_exact_float(node: onnx.NodeProto, ctx: _Context):
     w_zp = "" if _is_absent(node, 3) else node.input[3]
     base = node.name or node.output[0]
     wv = ctx.array(w)
-    if wv is None:
-        raise NativeqError(f"ConvInteger node '{base}': the weight '{w}' must be an initializer "
-                           "(needed to prove the float rewrite exact)")
     zpv = np.zeros((), np.int32) if not w_zp else ctx.array(w_zp)
-    if zpv is None:
-        raise NativeqError(f"ConvInteger node '{base}': the weight zero point '{w_zp}' must be an initializer")
+    if wv is None or zpv is None:
+        return _conv_integer_runtime_weight(node, ctx, base, x_zp, w_zp)
     group = _attr(node, "group", 1)
     zp_full = zpv.astype(np.int32).reshape((-1,) + (1,) * (wv.ndim - 1))
     centered = np.abs(wv.astype(np.int32) - zp_full)  # |w - w_zp|, [M, C/group, k...]
@@ -520,6 +695,66 @@ def conv_integer_to_exact_float(node: onnx.NodeProto, ctx: _Context):
     if len(partials) == 1:
         nodes[-1].output[0] = node.output[0]
     return nodes
+
+
+def _conv_integer_runtime_weight(node: onnx.NodeProto, ctx: _Context, base: str, x_zp: str, w_zp: str):
+    """ConvInteger of a run-time weight -> DequantizeLinear(scale 1) of x and w -> float Conv -> Cast(int32).
+
+    Exact when every partial sum is an integer of magnitude <= 2**24: with 8-bit data each product
+    |x - x_zp| * |w - w_zp| is at most 255 * 255, so the weight's static shape must keep
+    `C/group * prod(kernel) * 255 * 255` within that bound.
+    """
+    x, w = node.input[0], node.input[1]
+    dims = ctx.static_dims.get(w)
+    if dims is None or any(d is None for d in dims):
+        raise NativeqError(f"ConvInteger node '{base}': the run-time weight '{w}' has no static shape, "
+                           "needed to prove the float rewrite exact")
+    terms = int(np.prod(dims[1:]))
+    if terms * 255 * 255 > FLOAT32_EXACT_INT:
+        raise NativeqError(f"ConvInteger node '{base}': the run-time weight '{w}' sums {terms} products per output, "
+                           f"more than a float32 Conv computes exactly (make the weight an initializer)")
+    one = ctx.const(f"{node.output[0]}_one", np.array(1.0, np.float32))
+    x_f, w_f, conv_out = (ctx.fresh(f"{node.output[0]}_{t}") for t in ("x_f", "w_f", "conv"))
+    nodes = []
+    w_inputs, w_attrs = [w, one], {}
+    if w_zp:
+        if _one_element(ctx, w_zp):
+            w_inputs.append(_scalar_of(ctx, w_zp, nodes))
+        else:  # per output channel: a scale of ones of the same length
+            w_inputs[1:] = [ctx.const(f"{node.output[0]}_ones", np.ones(dims[0], np.float32)), w_zp]
+            w_attrs = {"axis": 0}
+            ctx.require_opset(13)
+    x_inputs = [x, one] + ([_scalar_of(ctx, x_zp, nodes)] if x_zp else [])
+    conv_attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    return nodes + [
+        helper.make_node("DequantizeLinear", x_inputs, [x_f], name=ctx.fresh(base + "_DQ_x")),
+        helper.make_node("DequantizeLinear", w_inputs, [w_f], name=ctx.fresh(base + "_DQ_w"), **w_attrs),
+        helper.make_node("Conv", [x_f, w_f], [conv_out], name=ctx.fresh(base + "_Conv"), **conv_attrs),
+        helper.make_node("Cast", [conv_out], list(node.output), name=ctx.fresh(base + "_Cast"), to=TensorProto.INT32),
+    ]
+
+
+def _one_element(ctx: _Context, name: str) -> bool:
+    """`name` is a scalar or a 1-D tensor of one element (by its value or its static shape)."""
+    value = ctx.array(name)
+    if value is not None:
+        return value.size == 1
+    return ctx.rank(name) == 0 or ctx.static_dims.get(name) == [1]
+
+
+def _scalar_of(ctx: _Context, name: str, nodes: list) -> str:
+    """A scalar or one-element tensor `name` as a scalar (a Reshape appended to `nodes` when it is computed at run time)."""
+    if ctx.array(name) is not None or ctx.rank(name) == 0:
+        return _as_scalar(ctx, name)
+    out = ctx.fresh(f"{name}_scalar")
+    shape = ctx.const(f"{name}_scalar_shape", np.zeros(0, np.int64))
+    nodes.append(helper.make_node("Reshape", [name, shape], [out], name=ctx.fresh(f"{name}_to_scalar")))
+    return out
+
+
+def _type_name(ctx: _Context, name: str) -> str:
+    init = ctx.initializers.get(name)
+    return _type_label(init.data_type if init is not None else _elem_types(ctx).get(name, 0))
 
 
 def _channel_slices(centered_w: np.ndarray, max_abs_x: int) -> list[tuple[int, int]]:
@@ -640,6 +875,7 @@ def _quantize(ctx: _Context, node, y_f: str, scale: str, zp: str) -> onnx.NodePr
 
 
 _NODE_REWRITES = (
+    blocked_to_elementwise,
     quantize_int4_to_int8_clip,
     fold_blocked_dequantize,
     qlinear_matmul_to_qdq,

@@ -138,7 +138,8 @@ def check_inputs(specs: tuple[TensorSpec, ...], inputs: Mapping[str, object],
                 f"input {spec.name!r} has {bad} NaN or infinite value{'s' if bad > 1 else ''}; "
                 f"the model takes finite values only"
             )
-        arrays.append(np.ascontiguousarray(array))
+        # NOTE: not np.ascontiguousarray, which returns a 0-d array as shape (1,) and the VM refuses it.
+        arrays.append(array if array.flags.c_contiguous else np.ascontiguousarray(array))
     if shape_checks:
         check_shape_conditions(list(shape_checks), {name: size for name, (size, _) in bound.items()})
     return arrays
@@ -163,6 +164,20 @@ def aligned(array: np.ndarray) -> np.ndarray:
     copy = buffer[offset:offset + array.nbytes].view(array.dtype).reshape(array.shape)
     copy[...] = array
     return copy
+
+
+# 4-bit tensors (ml_dtypes int4/uint4, one value a byte) cross DLPack, which has no 4-bit type, as 8-bit:
+# the compiled function takes and returns int8/uint8 holding the same values.
+_WIDE_4BIT = {"int4": np.int8, "uint4": np.uint8}
+
+
+def _widen_4bit(array: np.ndarray) -> np.ndarray:
+    wide = _WIDE_4BIT.get(array.dtype.name)
+    return array if wide is None else array.astype(wide)
+
+
+def _narrow_4bit(array: np.ndarray, dtype: str) -> np.ndarray:
+    return array.astype(np.dtype(dtype)) if dtype in _WIDE_4BIT else array
 
 
 class CompiledModel:
@@ -212,7 +227,7 @@ class CompiledModel:
         return entry
 
     def run(self, inputs: Mapping[str, object]) -> dict[str, np.ndarray]:
-        arrays = [aligned(a) for a in check_inputs(self.inputs, inputs, self.manifest.get("shape_checks") or ())]
+        arrays = [aligned(_widen_4bit(a)) for a in check_inputs(self.inputs, inputs, self.manifest.get("shape_checks") or ())]
         entry = self._entry()
         ffi = self._ffi
         # NOTE: zero-copy both ways (DLPack): a tensor copy costs ~30 us a call, more than a small model's
@@ -224,7 +239,7 @@ class CompiledModel:
             raise NativeqError(
                 f"artifact {self.path} returned {len(values)} outputs, its manifest lists {len(self.outputs)}"
             )
-        return {spec.name: np.from_dlpack(value) for spec, value in zip(self.outputs, values)}
+        return {spec.name: _narrow_4bit(np.from_dlpack(value), spec.dtype) for spec, value in zip(self.outputs, values)}
 
     def __call__(self, **inputs) -> dict[str, np.ndarray]:
         return self.run(inputs)
