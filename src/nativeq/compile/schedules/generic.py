@@ -128,7 +128,13 @@ def parallel_vectorize(sch: Schedule, block, vector_bits: int) -> None:
         if extent > 1:
             sch.vectorize(inner)
         return
-    outer, vec = sch.split(inner, factors=[None, lanes])
+    # NOTE: a lane predicate (the tail of a split that does not divide) makes TVM scalarize the whole
+    # vector loop: a static axis takes lanes that divide it; a symbolic one, or a static one no lane
+    # count divides, stays one plain loop, which LLVM vectorizes with a scalar epilogue.
+    split_lanes = dividing_lanes(extent, lanes) if extent is not None else None
+    if split_lanes is None and len(loops) > 1:
+        return
+    outer, vec = sch.split(inner, factors=[None, split_lanes or lanes])
     sch.vectorize(vec)
     if len(loops) == 1:
         sch.parallel(outer)
