@@ -165,12 +165,21 @@ _DIM_HELP = "Run on seeded random inputs of the declared shapes, this symbolic s
 _RANDOM_HELP = "Seeded random inputs (for a model without symbolic sizes; implied by --dim)."
 
 
+def _artifact_inputs(command):
+    """The options `run` and `profile` share: ARTIFACT and where its inputs come from."""
+    for option in reversed([
+        click.argument("artifact", type=click.Path()),
+        click.option("--inputs", type=click.Path(), default=None, help=_INPUTS_HELP),
+        click.option("--dim", "dims", multiple=True, help=_DIM_HELP),
+        click.option("--random", "random_inputs", is_flag=True, help=_RANDOM_HELP),
+        click.option("--seed", default=0, show_default=True, help="Seed of the random inputs."),
+    ]):
+        command = option(command)
+    return command
+
+
 @main.command("run")
-@click.argument("artifact", type=click.Path())
-@click.option("--inputs", type=click.Path(), default=None, help=_INPUTS_HELP)
-@click.option("--dim", "dims", multiple=True, help=_DIM_HELP)
-@click.option("--random", "random_inputs", is_flag=True, help=_RANDOM_HELP)
-@click.option("--seed", default=0, show_default=True, help="Seed of the random inputs.")
+@_artifact_inputs
 @click.option("-o", "--out", type=click.Path(dir_okay=False), default=None, help="Write the outputs by name to OUT.npz.")
 @click.option("--threads", type=int, default=None, help="TVM worker threads (default: TVM's, the physical cores).")
 @click.option("--json", "as_json", is_flag=True)
@@ -184,11 +193,7 @@ def run_cmd(artifact, inputs, dims, random_inputs, seed, out, threads, as_json):
 
 
 @main.command("profile")
-@click.argument("artifact", type=click.Path())
-@click.option("--inputs", type=click.Path(), default=None, help=_INPUTS_HELP)
-@click.option("--dim", "dims", multiple=True, help=_DIM_HELP)
-@click.option("--random", "random_inputs", is_flag=True, help=_RANDOM_HELP)
-@click.option("--seed", default=0, show_default=True, help="Seed of the random inputs.")
+@_artifact_inputs
 @click.option("--runs", default=10, show_default=True, help="Timed inferences after one warm-up.")
 @click.option("--threads", type=int, default=None, help="TVM worker threads (default: TVM's, the physical cores).")
 @click.option("--top", default=20, show_default=True, help="Show the N slowest kernels (0: all).")

@@ -33,12 +33,16 @@ def lint_qdq(model: onnx.ModelProto) -> list[str]:
     return problems
 
 
+def _raise_first(problems: list[str], source: str, more: str) -> None:
+    """A one-line NativeqError of the first problem, counting the others (`more` formats their count)."""
+    if problems:
+        rest = f" ({more.format(len(problems) - 1)})" if len(problems) > 1 else ""
+        raise NativeqError(f"{source}: {problems[0]}{rest}")
+
+
 def check_qdq(model: onnx.ModelProto, source: str = "model") -> None:
     """Raise a one-line NativeqError naming the first non-quantized product operand."""
-    problems = lint_qdq(model)
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise NativeqError(f"{source}: {problems[0]}{more}")
+    _raise_first(lint_qdq(model), source, "and {} more")
 
 
 ORT_LEVELS = ("ORT_DISABLE_ALL", "ORT_ENABLE_BASIC", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL")
@@ -74,7 +78,4 @@ def ort_load_problems(model: onnx.ModelProto, levels: tuple[str, ...] = ORT_LEVE
 
 def check_ort_loads(model: onnx.ModelProto, source: str = "model") -> None:
     """Raise a one-line NativeqError if ONNX Runtime fails to load `model` at any optimization level."""
-    problems = ort_load_problems(model)
-    if problems:
-        more = f" (and at {len(problems) - 1} more level(s))" if len(problems) > 1 else ""
-        raise NativeqError(f"{source}: {problems[0]}{more}")
+    _raise_first(ort_load_problems(model), source, "and at {} more level(s)")
