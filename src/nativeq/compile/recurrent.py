@@ -12,8 +12,8 @@ Lowering, per direction `d`:
    product per output (10x slower);
 2. one `relax.call_tir` to a TIR PrimFunc (built here, added with `bb.add_func`) that runs the
    recurrence: batch elements one after the other (they are independent), a serial loop over
-   time inside, `H·R[d]ᵀ` accumulated row by row of `R[d]ᵀ` into 64-column register blocks so the
-   innermost loop is a contiguous axpy LLVM vectorizes, then the biases, peepholes and activations in contiguous
+   time inside, `H·R[d]ᵀ` accumulated 4 rows of `R[d]ᵀ` at a time so the innermost loop is a
+   contiguous chain of axpys LLVM vectorizes, then the biases, peepholes and activations in contiguous
    per-gate loops. Sigmoid and Tanh are MLAS's polynomials (ORT's LSTM/GRU/RNN call
    MlasComputeLogistic/MlasComputeTanh), which vectorize where libm's expf did not, and sums
    follow ORT's order, so outputs are within a few ulps of ORT's. Time `T` and batch `B` are
@@ -286,8 +286,8 @@ def _text(value) -> str:
 # one FMA per term from the first term on, as MLAS's SGEMM kernels do.
 
 
-# Gate columns of H·Rᵀ one accumulator block holds over all of k: 4 AVX-512 / 8 AVX2 / 16 NEON registers.
-_CHUNK = 64
+# Rows of Rᵀ accumulated per pass over the gates (the FMA chain below is written for 4).
+_RT_ROWS = 4
 # The projection's register tile: rows x columns, accumulated over all of k. Each weight vector loaded
 # serves 4 rows (a row at a time re-read all of Wᵀ from L2 per row, L2-bound at ~23 GMAC/s); 4 x 16 floats
 # are 4 AVX-512 / 8 AVX2 / 16 NEON registers, so the tile fits every target's register file.
@@ -304,21 +304,20 @@ def _fma(a, b, c):
 def _state_times_rt(gates, state_h, rt, b, hidden, width):
     """gates[g] = sum over k of H_{t-1}[b, k] * Rᵀ[k, g] for g < width, by FMAs in k order (ORT's order).
 
-    Blocks of `_CHUNK` columns stay in registers over all of k (no store of `gates` per k); the
-    columns past the last whole block are accumulated in `gates` itself."""
-    for chunk in T.serial(width // _CHUNK):
-        acc = T.alloc_buffer((_CHUNK,), "float32", scope="local")
-        for g in T.vectorized(_CHUNK):
-            acc[g] = state_h[b, 0] * rt[0, chunk * _CHUNK + g]
-        for k in T.serial(1, hidden):
-            for g in T.vectorized(_CHUNK):
-                acc[g] = _fma(state_h[b, k], rt[k, chunk * _CHUNK + g], acc[g])
-        for g in T.vectorized(_CHUNK):
-            gates[chunk * _CHUNK + g] = acc[g]
-    for g in T.serial(width // _CHUNK * _CHUNK, width):
+    Rows of Rᵀ stream in order (it is too large for L1; column blocks over all of k were 1.5x
+    slower), `_RT_ROWS` rows per pass over `gates`, so `gates` is loaded and stored once per
+    `_RT_ROWS` FMAs instead of once per FMA."""
+    for g in T.serial(width):
         gates[g] = state_h[b, 0] * rt[0, g]
-    for k in T.serial(1, hidden):
-        for g in T.serial(width // _CHUNK * _CHUNK, width):
+    for k_block in T.serial((hidden - 1) // _RT_ROWS):
+        for g in T.serial(width):
+            gates[g] = _fma(state_h[b, 1 + k_block * _RT_ROWS + 3], rt[1 + k_block * _RT_ROWS + 3, g],
+                            _fma(state_h[b, 1 + k_block * _RT_ROWS + 2], rt[1 + k_block * _RT_ROWS + 2, g],
+                                 _fma(state_h[b, 1 + k_block * _RT_ROWS + 1], rt[1 + k_block * _RT_ROWS + 1, g],
+                                      _fma(state_h[b, 1 + k_block * _RT_ROWS], rt[1 + k_block * _RT_ROWS, g],
+                                           gates[g]))))
+    for k in T.serial(1 + (hidden - 1) // _RT_ROWS * _RT_ROWS, hidden):
+        for g in T.serial(width):
             gates[g] = _fma(state_h[b, k], rt[k, g], gates[g])
 
 
