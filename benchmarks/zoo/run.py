@@ -105,7 +105,7 @@ def verify_cell(artifact: Path, model_path: Path, dims: dict, localize: bool = T
         report.raise_if_failed()
     except VerificationFailed as e:
         errors = [loc for loc in report.localizations if loc.kind != "tie"]
-        where = f" ({errors[0].kind} at {errors[0].node})" if errors else ""
+        where = (f" ({errors[0].kind}" + (f" at {errors[0].node}" if errors[0].node else "") + ")") if errors else ""
         return f"FAIL{where}", str(e), details
     if report.ties_accepted:
         return "pass (rounding ties accepted)", None, details
