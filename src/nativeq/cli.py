@@ -65,6 +65,11 @@ def _parse_dims(dims: tuple[str, ...]) -> dict[str, int]:
     return out
 
 
+def _echo_json(data) -> None:
+    """The command's result as one JSON document on stdout."""
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     """Warnings on the command line are one `warning:` line, like errors (no source line echoed)."""
     return f"warning: {message}\n"
@@ -73,10 +78,17 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--targets-file", type=click.Path(dir_okay=False), envvar="NATIVEQ_TARGETS",
               help="JSON file of extra/overriding target entries.")
+@click.option("-v", "--verbose", is_flag=True, help="Also nativeq's debug log and TVM's C++ log lines.")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors and the command's result (no warnings, no progress).")
 @click.version_option(package_name="nativeq")
-def main(targets_file):
+def main(targets_file, verbose, quiet):
     """nativeq: train, quantize, compile and verify int8 speech models for x86 and Raspberry Pi."""
+    from nativeq import _log
+
+    if verbose and quiet:
+        raise click.UsageError("-v/--verbose and -q/--quiet exclude each other")
     warnings.formatwarning = _one_line_warning
+    _log.set_verbosity(_log.VERBOSE if verbose else _log.QUIET if quiet else _log.NORMAL)
     if targets_file:
         from nativeq.targets import set_user_targets_file
 
@@ -329,12 +341,17 @@ def export_float_cmd(run_or_name, out, opset):
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output FILE.tar.gz to copy to the device.")
 @click.option("--no-cpp-runner", is_flag=True, help="Leave out the C++ runner and the TVM runtime libraries.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-def bundle(artifact, out, no_cpp_runner, force):
+@click.option("--json", "as_json", is_flag=True, help="Print the result (archive and its members) as JSON.")
+def bundle(artifact, out, no_cpp_runner, force, as_json):
     """Pack ARTIFACT with runners and a README into one .tar.gz for the device."""
     from nativeq.runtime.bundle import BundleConfig, bundle_artifact
 
     result = bundle_artifact(artifact, out, BundleConfig(cpp_runner=not no_cpp_runner, force=force))
-    click.echo(result.summary())
+    if as_json:
+        _echo_json({"path": str(result.path), "name": result.name, "bytes": result.path.stat().st_size,
+                    "members": [{"path": name, "bytes": size} for name, size in result.members]})
+    else:
+        click.echo(result.summary())
 
 
 # ----------------------------------------------------------------------------- finetune / export (QAT)
@@ -393,11 +410,15 @@ def average(run, out, last, force):
 @click.argument("run")
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Output QDQ .onnx file.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-def export_cmd(run, out, force):
+@click.option("--json", "as_json", is_flag=True, help="Print the result (file, size, weight bits, lint) as JSON.")
+def export_cmd(run, out, force, as_json):
     """Export a finetune RUN as QDQ ONNX (INT8/INT4 weights, int8 activations, symbolic time axis)."""
     from nativeq.qat.finetune import ExportRunConfig, export_run
 
     result = export_run(ExportRunConfig(run=run, out=out, force=force))
+    if as_json:
+        _echo_json(result)
+        return
     lint = "clean" if not result["lint"] else f"{len(result['lint'])} float product operand(s)"
     click.echo(f"wrote {result['path']} ({result['bytes'] / 1e6:.2f} MB, weights {result['weight_bits']}-bit, "
                f"sparsity {result['sparsity']}; QDQ lint: {lint})")
@@ -458,15 +479,17 @@ def bench_emulated_cmd(artifacts, dims, repeat, cpu, as_json):
               help="Tune a symbolic size at this value, e.g. --dim T=300 (the length you deploy; default 256, batch 1).")
 @click.option("--threads", type=int, default=None,
               help="Threads a local measurement uses (default: the target's cores, as deployed).")
-@click.option("--quiet", is_flag=True, help="No progress display.")
+@click.option("--quiet", is_flag=True, help="No progress display (as `nativeq -q tune`, but warnings still shown).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result (tasks, trials, best latencies) as JSON.")
 @click.option("--status", is_flag=True, help="Show what is tuned for which target/model (under --work-dir, else ./tuning_logs/ and the shipped databases).")
 def tune(model, target, trials, work_dir, rpc_tracker, rpc_key, rpc_server, rpc_workers, rpc_timeout, trials_per_iter,
-         no_int8, dims, threads, quiet, status):
+         no_int8, dims, threads, quiet, as_json, status):
     """MetaSchedule-tune MODEL's int8 kernels for TARGET; `compile` then applies tuning_logs/<target>/ automatically."""
     if status:
         from nativeq.tuning import tuning_status
 
-        click.echo(tuning_status(work_dir))
+        status_text = tuning_status(work_dir)
+        click.echo(json.dumps({"status": status_text.splitlines()}, indent=2) if as_json else status_text)
         return
     if model is None or target is None:
         raise NativeqError("tune needs MODEL and --target (or --status)")
@@ -475,7 +498,13 @@ def tune(model, target, trials, work_dir, rpc_tracker, rpc_key, rpc_server, rpc_
     cfg = TuneConfig(target=target, trials=trials, work_dir=work_dir, rpc_tracker=rpc_tracker, rpc_key=rpc_key,
                      rpc=rpc_server, rpc_workers=rpc_workers, rpc_timeout=rpc_timeout,
                      trials_per_iter=trials_per_iter, int8=not no_int8, dims=_parse_dims(dims), threads=threads, progress=not quiet)
-    click.echo(tune_model(model, cfg).summary())
+    result = tune_model(model, cfg)
+    if as_json:
+        import dataclasses
+
+        _echo_json(dataclasses.asdict(result))
+    else:
+        click.echo(result.summary())
 
 
 
@@ -514,11 +543,16 @@ def demo(out, quick, targets, variants, model, data, threads, force):
 @click.argument("artifact", type=click.Path())
 @click.argument("wavs", nargs=-1, required=True, type=click.Path())
 @click.option("--threads", default=1, show_default=True, help="Inference threads.")
-def transcribe(artifact, wavs, threads):
+@click.option("--json", "as_json", is_flag=True, help="Print [{path, text}, ...] as JSON.")
+def transcribe(artifact, wavs, threads, as_json):
     """Transcribe WAV files with a compiled speech artifact (aarch64 ones run under qemu); prints path<TAB>text."""
     from nativeq.demo.transcribe import TranscribeConfig, transcribe as run_transcribe
 
-    for path, text in run_transcribe(TranscribeConfig(artifact=artifact, wavs=tuple(wavs), threads=threads)):
+    results = run_transcribe(TranscribeConfig(artifact=artifact, wavs=tuple(wavs), threads=threads))
+    if as_json:
+        _echo_json([{"path": str(path), "text": text} for path, text in results])
+        return
+    for path, text in results:
         click.echo(f"{path}\t{text}")
 
 

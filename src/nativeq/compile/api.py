@@ -9,12 +9,8 @@ manifest. Everything is written into a temporary directory renamed into place at
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import shutil
-import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -23,8 +19,10 @@ from pathlib import Path
 import onnx
 
 from nativeq._fs import atomic_directory, sha256_file
+from nativeq._log import Stages, held_native_output
 from nativeq._text import aligned_table, first_line
 from nativeq.compile.input_shapes import fix_input_shapes
+from nativeq.compile.memory_bound import memory_bound
 from nativeq.compile.validate import validate_model
 from nativeq.errors import NativeqError
 from nativeq.targets import Target, get_target
@@ -156,7 +154,9 @@ def import_model_with_checks(model: onnx.ModelProto, path: Path):
     """
     from nativeq.compile.onnx_import import import_onnx_with_checks
 
-    with _held_importer_output() as held:
+    # The importer prints the failing operator on stdout and, from C++, a warning when a half-built
+    # block builder is dropped: both are held, and dropped after a failed import (the error says it).
+    with held_native_output() as held:
         try:
             return import_onnx_with_checks(model)
         except NativeqError as e:
@@ -165,33 +165,6 @@ def import_model_with_checks(model: onnx.ModelProto, path: Path):
             error = NativeqError(f"TVM's ONNX importer failed on {path}: {first_line(e)}")
         held.failed = True  # the failed import's state (and its C++ warning) goes away here, inside the capture
     raise error
-
-
-class _HeldOutput:
-    failed = False
-
-
-@contextlib.contextmanager
-def _held_importer_output():
-    """Hold what TVM's importer prints while it runs: on stdout the failing operator and its inputs, on
-    stderr (from C++) a warning when a half-built block builder is dropped. Shown after a successful
-    import, dropped after a failed one, whose one-line NativeqError says what failed."""
-    held = _HeldOutput()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved_stderr = os.dup(2)
-    with tempfile.TemporaryFile() as captured, contextlib.redirect_stdout(io.StringIO()) as printed:
-        os.dup2(captured.fileno(), 2)
-        try:
-            yield held
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved_stderr, 2)
-            os.close(saved_stderr)
-            if not held.failed:
-                captured.seek(0)
-                sys.stdout.write(printed.getvalue())
-                sys.stderr.write(captured.read().decode(errors="replace"))
 
 
 def tuning_database(cfg: CompileConfig, target: Target) -> Path | None:
@@ -272,8 +245,10 @@ def _int8_counts(sites: list[dict] | None) -> dict | None:
     return {"int8": counts.pop("int8", 0), "float": counts.pop("float", 0), **counts}
 
 
-def compile_model(model_path, out_dir, cfg: CompileConfig, force: bool = False) -> CompileResult:
-    """Compile the ONNX file `model_path` for `cfg.target` into the artifact directory `out_dir`."""
+def compile_model(model_path, out_dir, cfg: CompileConfig, force: bool = False, progress: bool = True) -> CompileResult:
+    """Compile the ONNX file `model_path` for `cfg.target` into the artifact directory `out_dir`.
+
+    progress: name each stage on stderr as it starts and ends (only on a terminal, see `nativeq._log`)."""
     started = time.perf_counter()
     model_path, out_dir = Path(model_path), Path(out_dir)
     target = get_target(cfg.target)
@@ -284,7 +259,9 @@ def compile_model(model_path, out_dir, cfg: CompileConfig, force: bool = False) 
     model = load_onnx(model_path)
     validate_model(model)
     model = fix_input_shapes(model, cfg.dims, cfg.input_shapes)
-    mod, shape_checks = import_model_with_checks(model, model_path)
+    stages = Stages("compile", enabled=progress)
+    with stages.stage(f"import {model_path.name}"):
+        mod, shape_checks = import_model_with_checks(model, model_path)
     seconds = {"import": time.perf_counter() - started}
     if shape_checks:
         first = shape_checks[0]
@@ -295,15 +272,16 @@ def compile_model(model_path, out_dir, cfg: CompileConfig, force: bool = False) 
     from nativeq.compile._tvm import cc, relax, tvm
     from nativeq.compile.pipeline import compile_passes, tir_pipeline
 
-    tvm_target = make_tvm_target(target)
-    sites = explain_int8(mod, target) if cfg.int8 else None
-    passes = compile_passes(target, int8=cfg.int8, tuning_database=database)
-    build_passes, captures = _with_captures(passes)
-    with tvm.transform.PassContext(opt_level=3):
-        executable = relax.build(
-            mod, tvm_target, relax_pipeline=tvm.transform.Sequential(build_passes, name="nativeq_compile"),
-            tir_pipeline=tir_pipeline(),
-        )
+    with stages.stage(f"{'int8 lowering + build' if cfg.int8 else 'build'} for {target.name}"):
+        tvm_target = make_tvm_target(target)
+        sites = explain_int8(mod, target) if cfg.int8 else None
+        passes = compile_passes(target, int8=cfg.int8, tuning_database=database)
+        build_passes, captures = _with_captures(passes)
+        with held_native_output(), tvm.transform.PassContext(opt_level=3):
+            executable = relax.build(
+                mod, tvm_target, relax_pipeline=tvm.transform.Sequential(build_passes, name="nativeq_compile"),
+                tir_pipeline=tir_pipeline(),
+            )
     seconds["build"] = time.perf_counter() - started - seconds["import"]
     applied = next((dict(p.applied) for p in passes if p.info.name == "nativeq.ApplyTuningDatabase"), {})
     kernels, kernel_dims = _kernel_report(passes, captures, applied, cfg.dims)
@@ -317,7 +295,8 @@ def compile_model(model_path, out_dir, cfg: CompileConfig, force: bool = False) 
 
     with atomic_directory(out_dir, force=force) as tmp:
         fcompile = cc.cross_compiler(cross_compiler) if cross_compiler else None
-        executable.export_library(str(tmp / LIBRARY_NAME), fcompile=fcompile)
+        with stages.stage(f"export {LIBRARY_NAME}"):
+            executable.export_library(str(tmp / LIBRARY_NAME), fcompile=fcompile)
         seconds["export"] = time.perf_counter() - started - seconds["import"] - seconds["build"]
         manifest = build_manifest(
             out_dir=tmp,
@@ -347,6 +326,7 @@ def compile_model(model_path, out_dir, cfg: CompileConfig, force: bool = False) 
             kernel_dims=kernel_dims,
         )
         manifest["shape_checks"] = [check.to_json() for check in shape_checks]
+        manifest["memory"] = memory_bound(mod, [spec["shape"] for spec in manifest["inputs"]])
         write_manifest(tmp, manifest)
     return CompileResult(out_dir=out_dir, manifest=manifest, explain=(sites or []) if cfg.explain else [],
                          explained=cfg.explain)

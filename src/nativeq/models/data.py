@@ -230,7 +230,7 @@ def synthesize_corpus(out: str | os.PathLike, cfg: SynthConfig, force: bool = Fa
     """Synthesize all splits into `out` (atomically); returns {split: (utterances, hours)}."""
     import multiprocessing
 
-    from tqdm import tqdm
+    from nativeq._log import Bar
 
     counts = {"train": cfg.train, "dev": cfg.dev, "test": cfg.test, "other": cfg.other}
     for split, n in counts.items():
@@ -253,7 +253,7 @@ def synthesize_corpus(out: str | os.PathLike, cfg: SynthConfig, force: bool = Fa
         rows: dict[str, list] = {s: [] for s in counts}
         with multiprocessing.get_context("fork").Pool(max(1, cfg.jobs)) as pool:
             it = pool.imap_unordered(_make_utterance_tagged, tasks, chunksize=8)
-            for split, row in tqdm(it, total=len(tasks), desc="synthesizing", unit="utt", disable=not progress):
+            for split, row in Bar(it, total=len(tasks), desc="synthesizing", enabled=progress):
                 rows[split].append(row)
         for split, split_rows in rows.items():
             if not counts[split]:

@@ -206,7 +206,7 @@ def train_loop(
     `extra_loss(x, lengths, logits, out_lengths)` is added to the CTC loss (e.g. distillation).
     With cfg.resume, continues from `run_dir/checkpoint.pt`.
     """
-    from tqdm import tqdm
+    from nativeq._log import QUIET, Bar, verbosity
 
     from nativeq.models.evaluate import evaluate_utterances
 
@@ -249,7 +249,7 @@ def train_loop(
         batches = make_batches(train_utts, cfg.batch_size, cfg.seed * 1000 + epoch)[dist_info.rank :: dist_info.world]
         batches = batches[: batches_per_epoch]
         generator = torch.Generator().manual_seed(cfg.seed * 7919 + epoch * 31 + dist_info.rank)
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", disable=not (cfg.progress and dist_info.main), leave=True)
+        bar = Bar(batches, desc=f"epoch {epoch + 1}/{epochs}", enabled=cfg.progress and dist_info.main)
         losses, t0 = [], time.time()
         for batch in bar:
             if step >= total_steps:
@@ -276,6 +276,7 @@ def train_loop(
             losses.append(loss.item())
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.3f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}",
                             dev_wer=f"{best.get('wer', float('nan')):.3f}")
+        bar.close()
         if dist_info.main:
             metrics = evaluate_utterances(model, dev_utts[: cfg.max_dev], batch_size=cfg.batch_size)
             record = {"epoch": epoch + 1, "step": step, "train_loss": sum(losses) / max(1, len(losses)),
@@ -288,7 +289,7 @@ def train_loop(
             if cfg.keep_epochs > 0:
                 save_snapshot(run_dir, _unwrap(model).state_dict(), epoch + 1, step, cfg.keep_epochs)
             _save_checkpoint(run_dir, model, optimizer, epoch, step, best)
-            if cfg.progress:
+            if cfg.progress and verbosity() > QUIET:
                 print(f"epoch {epoch + 1}: loss {record['train_loss']:.3f}  dev WER {metrics['wer']:.3f}  "
                       f"CER {metrics['cer']:.3f}  ({record['seconds']} s)", flush=True)
         if dist_info.world > 1:
@@ -325,7 +326,9 @@ def train(cfg: TrainConfig) -> dict:
         mean, inv_std = feature_statistics(train_utts)
         model.feat_mean.copy_(mean)
         model.feat_inv_std.copy_(inv_std)
-    if cfg.progress and int(os.environ.get("RANK", "0")) == 0:
+    from nativeq._log import QUIET, verbosity
+
+    if cfg.progress and verbosity() > QUIET and int(os.environ.get("RANK", "0")) == 0:
         hours = sum(u.duration for u in train_utts) / 3600
         print(f"{cfg.model}: {count_parameters(model) / 1e6:.2f} M parameters; {len(train_utts)} train utterances "
               f"({hours:.1f} h), {len(dev_utts)} dev", flush=True)

@@ -31,11 +31,14 @@ def _error_line(message: str) -> str:
 
 
 class TuneProgress:
-    """A rich progress display (stderr); plain lines when stderr is not a terminal or disabled."""
+    """A rich progress display (stderr); plain lines when stderr is not a terminal; nothing when disabled
+    or under `nativeq -q`."""
 
     def __init__(self, n_tasks: int, enabled: bool = True):
+        from nativeq import _log
+
         self.n_tasks = n_tasks
-        self.enabled = enabled
+        self.enabled = enabled and _log.verbosity() > _log.QUIET
         self.done = 0
         self.name = ""
         self.trials = 0
@@ -47,14 +50,10 @@ class TuneProgress:
         self._bar = None
 
     def __enter__(self):
-        if self.enabled and sys.stderr.isatty():
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from nativeq._log import progress_enabled, rich_progress
 
-            self._progress = Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                console=Console(stderr=True), transient=False,
-            )
+        if progress_enabled(self.enabled):
+            self._progress = rich_progress()
             self._progress.__enter__()
         return self
 
