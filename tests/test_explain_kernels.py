@@ -165,3 +165,10 @@ def test_cli_explain_table_and_json(nativeq_cli, tmp_path):
     (mm,) = [k for k in data["manifest"]["kernels"] if k["kind"] == "contraction"]
     assert mm["schedule"] == "int8 tensorized" and data["manifest"]["kernel_dims"] == {"T": 64}
     assert data["artifact"].endswith("out2")
+
+
+def test_int8_sites_are_named_by_their_onnx_nodes(tmp_path):
+    result = _compile(tmp_path, _mlp(), explain=True)
+    assert [s["site"] for s in result.explain] == ["fc0_MatMul", "fc1_MatMul", "fc2_MatMul"]
+    assert all(s["status"] == "int8" for s in result.explain)
+    assert "fc1_MatMul" in result.explain_table()

@@ -35,9 +35,15 @@ import onnx
 
 from nativeq.compile._tvm import Analyzer, onnx_convert_map, onnx_frontend, relax, tvm
 from nativeq.compile.onnx_legalize import IMPORTER_BUILTIN_OPS, check_importable, legalize
+from nativeq.compile.passes.int8 import ONNX_NODES_ATTR
 from nativeq.compile.recurrent import CONVERTERS as RECURRENT_CONVERTERS, check_node as check_recurrent_node
 
 _BROADCAST_OPS = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Where", "Equal", "Less", "Greater", "And", "Or"}
+
+
+# ONNX ops whose result variable is named and recorded (module attribute `ONNX_NODES_ATTR`: variable name ->
+# ONNX node name) so `passes/int8.py explain_sites` reports the node, not `main/lv81`.
+_CONTRACTIONS = {"MatMul", "Conv", "ConvTranspose", "Gemm"}
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,8 @@ def import_onnx_with_checks(model: onnx.ModelProto, shape_dict: dict | None = No
     check_importable(model)
     importer = _importer(shape_dict)
     mod = importer.from_onnx(model.graph, _opset(model))
+    if importer.contraction_nodes:
+        mod = mod.with_attr(ONNX_NODES_ATTR, dict(importer.contraction_nodes))
     return mod, importer.checks_by_onnx_name(model.graph, mod)
 
 
@@ -127,6 +135,7 @@ class _Importer(onnx_frontend.ONNXGraphImporter):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._checks: list[tuple[str, str, object, object]] = []  # (node, op, lhs PrimExpr, rhs PrimExpr)
+        self.contraction_nodes: dict[str, str] = {}  # Relax variable name -> ONNX node name
 
     def checks_by_onnx_name(self, graph: onnx.GraphProto, mod) -> list[ShapeCheck]:
         """The collected conditions with TVM's dim variables renamed to the graph inputs' ONNX dim names.
@@ -175,7 +184,34 @@ class _Importer(onnx_frontend.ONNXGraphImporter):
             result = self.bb.normalize(fixed.get_converter(opset)(self.bb, inputs, attrs, [self._nodes, self._params]))
         if op_name == "Reshape":
             self._check_same_size(node, inputs[0], result)
+        if op_name in _CONTRACTIONS:
+            result = self._name_contraction(result, node)
         return result
+
+    def _name_contraction(self, expr, node: str, depth: int = 0):
+        """`expr` with its matmul/conv call (itself, or under a bias add / reshape on its first operand)
+        bound to a variable recorded as ONNX node `node` (`contraction_nodes`)."""
+        if depth > 3:
+            return expr
+        if isinstance(expr, relax.Var):  # bound by the converter itself: record the variable it made
+            value = self.bb.lookup_binding(expr)
+            if _is_contraction(value):
+                self.contraction_nodes[str(expr.name)] = node
+            elif isinstance(value, relax.Call) and value.args:
+                self._name_contraction(value.args[0], node, depth + 1)
+            return expr
+        if not isinstance(expr, relax.Call):
+            return expr
+        if _is_contraction(expr):
+            var = self.bb.emit(expr, name_hint=f"onnx_{len(self.contraction_nodes)}")
+            self.contraction_nodes[str(var.name)] = node
+            return var
+        if not expr.args:
+            return expr
+        first = self._name_contraction(expr.args[0], node, depth + 1)
+        if first.same_as(expr.args[0]):
+            return expr
+        return relax.Call(expr.op, [first, *expr.args[1:]], expr.attrs, expr.ty_args)
 
     def _check_same_size(self, node: str, data, result) -> None:
         """Record `numel(data) == numel(result)` unless TVM can prove it (Relax's reshape does not check it)."""
@@ -184,6 +220,11 @@ class _Importer(onnx_frontend.ONNXGraphImporter):
             return
         if not Analyzer().can_prove_equal(before, after):
             self._checks.append((node, "Reshape", before, after))
+
+
+def _is_contraction(expr) -> bool:
+    return isinstance(expr, relax.Call) and getattr(expr.op, "name", "").split(".")[-1] in (
+        "matmul", "conv1d", "conv2d", "conv3d", "conv1d_transpose", "conv2d_transpose")
 
 
 def _immediates_as_tensor_constants(inputs):
