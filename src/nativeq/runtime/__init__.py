@@ -29,6 +29,7 @@ from pathlib import Path
 from nativeq.errors import NativeqError
 from nativeq.runtime.cpu import cpu_features, describe_features, machine_arch, missing_cpu_features
 from nativeq.runtime.manifest import MANIFEST_NAME, TensorSpec, check_files, read_manifest
+from nativeq.runtime.memory import parse_memory
 from nativeq.runtime.model import CompiledModel, check_inputs, import_tvm_ffi, runtime_threads
 
 
@@ -134,12 +135,17 @@ def _load_library(library: Path, digest: str, ffi):
         os.unlink(private)
 
 
-def load(path, *, check_cpu: bool = True, threads: int | None = None) -> CompiledModel:
+def load(path, *, check_cpu: bool = True, threads: int | None = None, max_memory=None) -> CompiledModel:
     """Load the artifact directory `path` (written by `nativeq compile`) for this CPU.
 
     threads: TVM worker threads per calling thread for this model's kernels (None: TVM's default,
     `TVM_NUM_THREADS` or the number of physical cores). See `CompiledModel`.
+    max_memory: bytes, or a size like "4GB", "4GiB", that one call may allocate; a call whose estimate
+    (the manifest's memory formula) exceeds it is refused before it runs (None: `NATIVEQ_MAX_MEMORY`,
+    else the available memory minus a margin; see `runtime/memory.py`).
     """
+    if max_memory is not None:
+        parse_memory(max_memory)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise NativeqError(f"threads must be a positive int or None, got {threads!r}")
     path = Path(path)
@@ -154,7 +160,7 @@ def load(path, *, check_cpu: bool = True, threads: int | None = None) -> Compile
     _load_tvm_runtime(ffi)
     try:
         library = _load_library(path / name, manifest["files"][name], ffi)
-        return CompiledModel(path, manifest, library, threads=threads)
+        return CompiledModel(path, manifest, library, threads=threads, max_memory=max_memory)
     except NativeqError:
         raise
     except Exception as e:  # noqa: BLE001  (a foreign or broken .so: say which file)

@@ -19,6 +19,7 @@ Schema (version 1)::
       "outputs": [{"name", "dtype", "shape", "quant": null | {"scale", "zero_point",
                    "dtype", "axis"}}],                                  # ONNX output order
       "shape_checks": [{"node", "op", "lhs", "rhs"}],  # size conditions checked before a run (runtime/shape_checks.py)
+      "memory": null | {"method", "bytes": [{"coef", "dims": {"T": 2}}]},  # bound of a call's memory (runtime/memory.py)
       "build": {...}, "tuning": {...}, "int8_report": {...} | null, "compile_seconds": 1.2
     }
 
@@ -237,6 +238,23 @@ def _check_fields(artifact_dir: Path, manifest: dict) -> None:
             raise f.fail(f"shape_checks[{i}]", "an object {node, op, lhs, rhs}", check)
         for key in ("node", "op", "lhs", "rhs"):
             f.text(check, key, f"shape_checks[{i}].")
+    _check_memory(f, manifest.get("memory"))
+
+
+def _check_memory(f: _Fields, memory) -> None:
+    if memory is None:  # absent in artifacts built before it, or when the bound is not a polynomial
+        return
+    if not isinstance(memory, dict):
+        raise f.fail("memory", "an object {method, bytes} or null", memory)
+    terms = f.array(memory, "bytes", "memory.")
+    for i, term in enumerate(terms):
+        coef = term.get("coef") if isinstance(term, dict) else None
+        if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not coef >= 0 or coef == float("inf"):
+            raise f.fail(f"memory.bytes[{i}].coef", "a finite number ≥ 0", coef)
+        dims = term.get("dims", {})
+        if not isinstance(dims, dict) or any(not isinstance(k, str) or not k or isinstance(v, bool)
+                                             or not isinstance(v, int) or v < 1 for k, v in dims.items()):
+            raise f.fail(f"memory.bytes[{i}].dims", "an object dim name -> power (int ≥ 1)", dims)
 
 
 def read_manifest(artifact_dir: str | Path) -> dict:

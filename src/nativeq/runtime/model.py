@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from nativeq.errors import NativeqError
+from nativeq.runtime.memory import MemoryFormula, check_memory, default_limit, parse_memory
 from nativeq.runtime.shape_checks import check_shape_conditions
 from nativeq.runtime.manifest import TensorSpec, input_specs, output_specs
 
@@ -145,6 +146,19 @@ def check_inputs(specs: tuple[TensorSpec, ...], inputs: Mapping[str, object],
     return arrays
 
 
+def _symbolic_sizes(specs: tuple[TensorSpec, ...], inputs: Mapping[str, object]) -> dict[str, int]:
+    """The symbolic sizes of the inputs that have the declared rank (the largest where two disagree)."""
+    sizes: dict[str, int] = {}
+    for spec in specs:
+        shape = getattr(inputs.get(spec.name), "shape", None)
+        if spec.shape is None or not isinstance(shape, tuple) or len(shape) != len(spec.shape):
+            continue
+        for want, got in zip(spec.shape, shape):
+            if isinstance(want, str) and isinstance(got, int):
+                sizes[want] = max(got, sizes.get(want, 0))
+    return sizes
+
+
 def _all_finite(array: np.ndarray) -> bool:
     """No NaN and no infinity in the float array: one summing pass, no temporary array for float16/32."""
     if array.dtype.itemsize <= 4:  # a float64 sum of float16/32 values cannot overflow: non-finite iff NaN/inf
@@ -194,19 +208,28 @@ class CompiledModel:
     `threads` (None: TVM's default, `TVM_NUM_THREADS` or the number of physical cores) sets the
     number of TVM worker threads each calling thread uses for this model's kernels (TVM's pool
     is per calling thread: N calling threads with threads=k use up to N*k workers).
+
+    `max_memory` (bytes or "4GB"; None: `runtime.memory.default_limit()` at load) bounds each call:
+    `run` refuses inputs whose memory bound (the manifest's `memory` formula) exceeds it, before
+    running (see `runtime/memory.py`). `memory_needed(sizes)` gives the bound.
     """
 
-    def __init__(self, path: Path, manifest: dict, library, *, threads: int | None = None):
+    def __init__(self, path: Path, manifest: dict, library, *, threads: int | None = None, max_memory=None):
         self.path = Path(path)
         self.manifest = manifest
         self.inputs: tuple[TensorSpec, ...] = input_specs(manifest)
         self.outputs: tuple[TensorSpec, ...] = output_specs(manifest)
         self.target: str = manifest["target"]["name"]
         self.threads = threads
+        self._memory = MemoryFormula.from_manifest(manifest)
+        self._default_limit = max_memory is None
+        self.max_memory: int | None = default_limit() if max_memory is None else parse_memory(max_memory)
         self._ffi = import_tvm_ffi()
         self._library = library
         self._entry_name = manifest["entry"]
         self._local = threading.local()
+        if self._memory is not None and not any(isinstance(d, str) for s in self.inputs for d in s.shape or ()):
+            self.check_memory({})  # static shapes: every call needs the same
         self._entry()  # the loading thread's VM: a broken library fails in `load`, not at the first call
 
     def _new_vm(self):
@@ -227,6 +250,10 @@ class CompiledModel:
         return entry
 
     def run(self, inputs: Mapping[str, object]) -> dict[str, np.ndarray]:
+        if self._memory is not None and isinstance(inputs, Mapping):
+            # NOTE: before check_inputs, which reads every value (finiteness) and may copy it: a refused size
+            # costs nothing however large its inputs are.
+            self.check_memory(_symbolic_sizes(self.inputs, inputs))
         arrays = [aligned(_widen_4bit(a)) for a in check_inputs(self.inputs, inputs, self.manifest.get("shape_checks") or ())]
         entry = self._entry()
         ffi = self._ffi
@@ -240,6 +267,18 @@ class CompiledModel:
                 f"artifact {self.path} returned {len(values)} outputs, its manifest lists {len(self.outputs)}"
             )
         return {spec.name: _narrow_4bit(np.from_dlpack(value), spec.dtype) for spec, value in zip(self.outputs, values)}
+
+    def memory_needed(self, sizes: Mapping[str, int]) -> int | None:
+        """Upper bound in bytes of what one call with these symbolic sizes allocates (None: no formula)."""
+        return None if self._memory is None else self._memory.bytes(dict(sizes))
+
+    def check_memory(self, sizes: Mapping[str, int]) -> None:
+        """Refuse (NativeqError) symbolic sizes whose memory bound exceeds `max_memory`."""
+        sizes = dict(sizes)
+        if self._default_limit and self._memory is not None and self.max_memory is not None \
+                and self._memory.bytes(sizes) > self.max_memory:
+            self.max_memory = default_limit()  # memory may have been freed since the load
+        check_memory(self._memory, sizes, self.max_memory, f"artifact {self.path}")
 
     def __call__(self, **inputs) -> dict[str, np.ndarray]:
         return self.run(inputs)
