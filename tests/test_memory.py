@@ -175,7 +175,6 @@ def _word_errors(hyp: str, ref: str) -> float:
     return d[-1] / len(r)
 
 
-@pytest.mark.slow
 def test_transcribe_in_windows_with_the_shipped_model(long_wav, tmp_path_factory):
     """One window's worth of audio: the same transcript as the whole file. 60 s: the shipped model attends
     over its whole input, so windows change its outputs; the word error rate stays that of the whole file."""
