@@ -114,6 +114,19 @@ class InputsConfig:
     seed: int = 0
 
 
+def _check_random_input_memory(manifest: dict, specs, dims: Mapping[str, int]) -> None:
+    """Refuse sizes whose inputs, or whose call (the manifest's memory bound), would not fit in memory."""
+    from nativeq.runtime.memory import MemoryFormula, check_memory, default_limit, format_bytes
+
+    limit = default_limit()
+    need = sum(int(np.prod([dims.get(d, 1) if isinstance(d, str) else d for d in (s.shape or ())], dtype=np.float64))
+               * np.dtype(s.dtype).itemsize for s in specs)
+    if limit is not None and need > limit:
+        raise NativeqError(f"random inputs of sizes {dict(dims)} need {format_bytes(need)} and the limit is "
+                           f"{format_bytes(limit)}: use smaller sizes")
+    check_memory(MemoryFormula.from_manifest(manifest), dict(dims), limit, f"the artifact of {manifest['source']['file']}")
+
+
 def prepare_inputs(manifest: dict, cfg: InputsConfig) -> tuple[dict[str, np.ndarray], str]:
     """The checked inputs (`check_inputs`: names, dtypes, shapes, shape conditions) and where they came from."""
     specs = input_specs(manifest)
@@ -123,6 +136,7 @@ def prepare_inputs(manifest: dict, cfg: InputsConfig) -> tuple[dict[str, np.ndar
     if cfg.inputs is not None:
         inputs, source = load_inputs(cfg.inputs, specs), str(cfg.inputs)
     elif wants_random:
+        _check_random_input_memory(manifest, specs, cfg.dims)
         inputs = random_inputs(specs, cfg.dims, cfg.seed)
         sizes = "".join(f", {k}={v}" for k, v in sorted(cfg.dims.items()))
         source = f"seeded random (seed {cfg.seed}{sizes})"
