@@ -549,3 +549,21 @@ def test_ragged_input_is_not_an_array(matmul_artifact):
     model = nativeq.load(matmul_artifact[1])
     with pytest.raises(NativeqError, match=r"^input 'x' is not an array: "):
         model.run({"x": [[1.0, 2.0], [3.0]]})
+
+
+def test_nested_atomic_directories_commit(tmp_path):
+    """An atomic directory written inside another one's partial directory (the demo's data inside its output)
+    commits without waiting for the outer one's lock (in a subprocess: a deadlock would hang the suite)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; from pathlib import Path; from nativeq._fs import atomic_directory\n"
+        "root = Path(sys.argv[1])\n"
+        "with atomic_directory(root / 'out') as outer:\n"
+        "    with atomic_directory(outer / 'data') as inner:\n"
+        "        (inner / 'x').write_text('1')\n"
+    )
+    subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True, timeout=60)
+    assert (tmp_path / "out" / "data" / "x").read_text() == "1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -112,9 +112,17 @@ def _remove_stale(out: Path) -> None:
             os.close(fd)
 
 
+# The partial directories this process holds (real paths): private to it, so a nested atomic_directory
+# committing into one needs no parent lock (and must not take one: flock would wait for our own lock).
+_HELD: set[str] = set()
+
+
 @contextlib.contextmanager
 def _parent_lock(parent: Path) -> Iterator[None]:
     """An exclusive flock on the directory `parent`, held only around the renames into it."""
+    if os.path.realpath(parent) in _HELD:
+        yield
+        return
     fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         _flock(fd, blocking=True)
@@ -142,8 +150,10 @@ def atomic_directory(out: str | os.PathLike, force: bool = False) -> Iterator[Pa
     _remove_stale(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".partial", dir=out.parent))
     lock = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+    held = os.path.realpath(tmp)
     try:
         _flock(lock, blocking=False)
+        _HELD.add(held)
         os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
         old = None
@@ -168,6 +178,7 @@ def atomic_directory(out: str | os.PathLike, force: bool = False) -> Iterator[Pa
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
+        _HELD.discard(held)
         os.close(lock)
 
 
