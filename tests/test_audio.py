@@ -252,9 +252,9 @@ def device_runner(tmp_path, monkeypatch):
     shutil.copy(src / "runtime" / "runner" / "run.py", root / "run.py")
     shutil.copy(src / "models" / "frontend_np.py", root / "frontend.py")
     monkeypatch.syspath_prepend(str(root))
-    # NOTE: run.py sets TVM_USE_RUNTIME_LIB=1 on import (for the device); monkeypatch removes it again after the
-    # test, or every `nativeq compile` this worker starts later would load TVM without its compiler.
-    monkeypatch.delenv("TVM_USE_RUNTIME_LIB", raising=False)
+    # NOTE: run.py sets TVM_USE_RUNTIME_LIB=1 on import unless it is set (for the device). Set here to "0" (undone
+    # after the test), it keeps this worker's TVM, and every `nativeq compile` it starts later, with the compiler.
+    monkeypatch.setenv("TVM_USE_RUNTIME_LIB", "0")
     for name in ("run", "frontend"):
         sys.modules.pop(name, None)
     yield importlib.import_module("run")
