@@ -43,3 +43,22 @@ def matmul_artifact(tmp_path_factory):
     onnx.save(qdq_models.qdq_matmul(), onnx_path)
     compile_model(onnx_path, root / "artifact", CompileConfig(target="host", use_tuning=False))
     return onnx_path, root / "artifact"
+
+
+@pytest.fixture(scope="session")
+def speech_artifact(tmp_path_factory):
+    """A tiny random float Conformer (the shipped architecture) compiled for `host`: for tests of the audio and
+    transcribe paths, not of the model's accuracy. Shared read-only."""
+    torch = pytest.importorskip("torch")
+    from nativeq.compile import CompileConfig, compile_model
+    from nativeq.export.float_onnx import export_float
+    from nativeq.models.conformer import ConformerConfig, ConformerCTC
+    from nativeq.models.train import save_run
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("speech")
+    save_run(root / "run", ConformerCTC(ConformerConfig(d_model=16, n_layers=1, n_heads=2, ff_mult=1, conv_kernel=3,
+                                                        subsample_channels=4, dropout=0.0)))
+    export_float(root / "run", root / "float.onnx")
+    compile_model(root / "float.onnx", root / "host", CompileConfig(target="host", use_tuning=False))
+    return root / "host"

@@ -8,7 +8,6 @@ import warnings
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 
 from nativeq.errors import NativeqError
 from nativeq.models.audio import AudioTruncatedWarning, audio_info, read_audio, resample
@@ -192,23 +191,6 @@ def test_features_of_a_flac_equal_the_wavs(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the command line
-@pytest.fixture(scope="module")
-def speech_artifact(tmp_path_factory):
-    """A tiny random float Conformer compiled for this machine: only the audio path is under test."""
-    from nativeq.compile import CompileConfig, compile_model
-    from nativeq.export.float_onnx import export_float
-    from nativeq.models.conformer import ConformerConfig, ConformerCTC
-    from nativeq.models.train import save_run
-
-    torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("speech")
-    save_run(root / "run", ConformerCTC(ConformerConfig(d_model=16, n_layers=1, n_heads=2, ff_mult=1, conv_kernel=3,
-                                                        subsample_channels=4, dropout=0.0)))
-    export_float(root / "run", root / "float.onnx")
-    compile_model(root / "float.onnx", root / "host", CompileConfig(target="host", use_tuning=False))
-    return root / "host"
-
-
 CLI_DAMAGED = [d for d in DAMAGED if d[0] in ("empty.wav", "notes.wav", "rate0.wav", "rate4g.wav", "unfinished.wav")]
 
 

@@ -108,23 +108,6 @@ def test_export_json_error_is_one_line(nativeq_cli, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: ")
 
 
-@pytest.fixture(scope="module")
-def speech_artifact(tmp_path_factory):
-    torch = pytest.importorskip("torch")
-    from nativeq.compile import CompileConfig, compile_model
-    from nativeq.export.float_onnx import export_float
-    from nativeq.models.conformer import ConformerConfig, ConformerCTC
-    from nativeq.models.train import save_run
-
-    torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("speech")
-    save_run(root / "run", ConformerCTC(ConformerConfig(d_model=16, n_layers=1, n_heads=2, ff_mult=1, conv_kernel=3,
-                                                        subsample_channels=4, dropout=0.0)))
-    export_float(root / "run", root / "float.onnx")
-    compile_model(root / "float.onnx", root / "host", CompileConfig(target="host", use_tuning=False))
-    return root / "host"
-
-
 def test_transcribe_json(nativeq_cli, speech_artifact, tmp_path):
     path = tmp_path / "tone.wav"
     with wave.open(str(path), "wb") as w:
