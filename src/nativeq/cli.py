@@ -364,7 +364,9 @@ def bundle(artifact, out, no_cpp_runner, force, as_json):
 @click.option("--act-scale", type=click.Choice(["ema", "lsq"]), default="ema", show_default=True,
               help="Activation scales: EMA of the absmax, or learned (LSQ).")
 @click.option("--mixed", is_flag=True, help="Keep the subsampling convs and the output head at 8 bits.")
-@click.option("--sparsity", default=None, help="2:4, 1:4 (N:M), 0.5 (unstructured), 1x4:0.5 / 4x1:0.5 (blocks).")
+@click.option("--sparsity", default=None,
+              help="2:4, 1:4 (N:M), 0.5 (unstructured), 1x4:0.5 / 4x1:0.5 (blocks), 16x4b:0.5 (balanced blocks: "
+                   "every band of 16 outputs keeps the same number of 16x4 blocks).")
 @click.option("--steps", default=0, show_default=True, help="Optimizer steps (0 = --epochs passes).")
 @click.option("--epochs", default=1, show_default=True)
 @click.option("--batch-size", default=16, show_default=True)
@@ -389,7 +391,10 @@ def finetune(source, data_dir, out, weight_bits, act_bits, act_scale, mixed, spa
                          power_of_two_scales=not float_scales and act_scale != "lsq", distill=distill,
                          keep_epochs=keep_epochs)
     metrics = run_finetune(cfg)
-    click.echo(f"wrote {out}: dev WER {metrics.get('wer', float('nan')):.3f} CER {metrics.get('cer', float('nan')):.3f}")
+    sparse = metrics.get("sparsity")
+    click.echo(f"wrote {out}: dev WER {metrics.get('wer', float('nan')):.3f} CER {metrics.get('cer', float('nan')):.3f}"
+               + (f"; sparsity {sparse['pattern']}: {sparse['zeros']:.1%} zeros, {sparse['violations']} pattern violations"
+                  if sparse else ""))
 
 
 @main.command()

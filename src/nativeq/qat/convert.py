@@ -16,6 +16,7 @@ from torch import nn
 from nativeq.errors import NativeqError
 from nativeq.qat import numerics as nx
 from nativeq.qat.quantize import LayerSpec, QuantLayer, _set_submodule, int_accumulate, quant_layers, rescale
+from nativeq.qat.sparsity import balanced_blocks_kept, balanced_layer_pattern
 
 
 class IntLayer(nn.Module):
@@ -95,6 +96,13 @@ def _layer_weight_bytes(layer) -> float:
     n, bits, pattern = q.numel(), layer.weight_bits, layer.sparsity_pattern
     if pattern == "dense":
         return n * bits / 8
+    balanced = balanced_layer_pattern(pattern)
+    if balanced is not None:  # K full RxC blocks per band, positions as a 1-bit-per-block bitmap
+        r, c, sparsity = balanced
+        rows, cols = q.shape[0], q[0].numel()
+        n_blocks = -(-cols // c)
+        kept = balanced_blocks_kept(n_blocks, sparsity)
+        return rows * kept * c * bits / 8 + -(-rows // r) * n_blocks / 8
     kind, index_bits = _index_bits(pattern)
     if kind == "nm":
         keep, group = map(int, pattern.split(":"))
@@ -112,7 +120,8 @@ def storage_bytes(model: nn.Module) -> dict:
 
     Integer weights cost bits/8 bytes each; sparse layers store only kept weights plus their
     positions (N:M: log2(M) bits per kept slot; unstructured: a 1-bit-per-weight bitmap;
-    RxC blocks: a 1-bit-per-block bitmap). Per-channel weight scales, activation scales,
+    RxC blocks: a 1-bit-per-block bitmap; balanced RxCb blocks: K full blocks per band of R
+    outputs plus a 1-bit-per-block bitmap). Per-channel weight scales, activation scales,
     biases and every other float tensor cost 4 bytes per value.
     """
     from nativeq.qat.matmul import matmul_sites

@@ -23,14 +23,15 @@ from torch import nn
 
 from nativeq.errors import NativeqError
 from nativeq.qat.quantize import QuantConfig, calibrate, quant_layers, quantize_
-from nativeq.qat.sparsity import SparsityConfig, sparsify_, update_masks
+from nativeq.qat.sparsity import SparsityConfig, sparsify_, sparsity_summary, update_masks
 
 # The paper's mixed 4/8-bit recipe: the subsampling convs and the output head stay 8-bit.
 MIXED_RULES: tuple[tuple[str, int], ...] = (("subsample.conv*", 8), ("head", 8))
 
 
 def parse_sparsity(text: str | None) -> SparsityConfig | None:
-    """"2:4" / "1:4" (N:M), "0.5" or "unstructured:0.5", "1x4:0.5" (blocks) -> SparsityConfig (None for none/dense)."""
+    """"2:4" / "1:4" (N:M), "0.5" or "unstructured:0.5", "1x4:0.5" (blocks), "16x4b:0.5" (balanced
+    blocks) -> SparsityConfig (None for none/dense)."""
     if text is None or text in ("", "none", "dense"):
         return None
     pattern, _, amount = text.partition(":") if not re.match(r"^\d+:\d+$", text) else (text, "", "")
@@ -182,7 +183,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_run(run_dir, model, {"qat": qat, "dev": {"wer": metrics["wer"], "cer": metrics["cer"], "step": 0}})
         write_json_atomic(run_dir / "train_config.json", cfg.to_json())
-        return metrics
+        summary = sparsity_summary(model)
+        return {**metrics, "sparsity": summary} if summary else metrics
 
     train_cfg = TrainConfig(
         data=cfg.data, out=str(run_dir), steps=total_steps, batch_size=cfg.batch_size, lr=cfg.lr,
@@ -197,9 +199,11 @@ def finetune(cfg: FinetuneConfig) -> dict:
         if quant_layers(teacher):
             raise NativeqError(f"--distill: the source {qat['source']} is not a float model")
         extra_loss = DistillationLoss(teacher, cfg.distill)
-    return train_loop(model, train_utts, dev_utts, train_cfg, run_dir, extra_config={"qat": qat},
-                      after_step=update_masks if sparsity is not None or qat.get("sparsity") else None,
-                      extra_loss=extra_loss)
+    metrics = train_loop(model, train_utts, dev_utts, train_cfg, run_dir, extra_config={"qat": qat},
+                         after_step=update_masks if sparsity is not None or qat.get("sparsity") else None,
+                         extra_loss=extra_loss)
+    summary = sparsity_summary(model)  # the integer weights checked against the pattern
+    return {**metrics, "sparsity": summary} if summary else metrics
 
 
 @dataclasses.dataclass(frozen=True)
