@@ -38,7 +38,7 @@ from nativeq.compile._tvm import Analyzer, Schedule, s_tir, tirx
 from nativeq.compile.schedules.generic import find_block, has_block
 from nativeq.compile.schedules.intrinsics import DotIntrin, row_tile
 from nativeq.compile.schedules.pack_activations import PACK_BLOCK
-from nativeq.compile.schedules.pack_weights import REDUCTION_BLOCK, ROWS_PAD_BLOCK
+from nativeq.compile.schedules.pack_weights import INT4_UNPACK_BLOCK, REDUCTION_BLOCK, ROWS_PAD_BLOCK
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,34 @@ def schedule_int8_matmul(func, intrin: DotIntrin, knobs: TileKnobs | None = None
     """
     if not is_int8_matmul(func):
         return None
-    return apply_int8_matmul(Schedule(func), intrin, knobs)
+    return apply_int8_matmul(Schedule(_without_tile_list_reads(func)), intrin, knobs)
+
+
+def _without_tile_list_reads(func):
+    """`func` with the tile list of a block-sparse weight (`weight_formats.py`) dropped from the matmul
+    block's declared reads.
+
+    The list is a constant the kernel only reads (as the activation's offset), so no dependence goes
+    through it; but as a third operand of the dot-product block it would keep the block from matching
+    the tensor intrinsic, whose reads are the accumulator, the activation and the weight tile.
+    """
+    def rebuild(stmt):
+        if isinstance(stmt, tirx.SeqStmt):
+            return tirx.SeqStmt([rebuild(s) for s in stmt.seq])
+        if isinstance(stmt, tirx.For):
+            return tirx.For(stmt.loop_var, stmt.min, stmt.extent, stmt.kind, rebuild(stmt.body),
+                            stmt.thread_binding, stmt.annotations, stmt.step)
+        if isinstance(stmt, s_tir.SBlockRealize):
+            return s_tir.SBlockRealize(stmt.iter_values, stmt.predicate, rebuild(stmt.block))
+        if isinstance(stmt, s_tir.SBlock):
+            reads = stmt.reads
+            if stmt.name_hint == REDUCTION_BLOCK:
+                reads = [r for r in reads if not (len(r.source.shape) == 2 and str(r.source.dtype) == "int32")]
+            return s_tir.SBlock(stmt.iter_vars, reads, stmt.writes, stmt.name_hint, rebuild(stmt.body), stmt.init,
+                                stmt.alloc_buffers, stmt.match_buffers, stmt.annotations)
+        return stmt
+
+    return func.with_body(rebuild(func.body))
 
 
 def apply_int8_matmul(sch: Schedule, intrin: DotIntrin, knobs: TileKnobs | None = None) -> Schedule | None:
@@ -194,11 +221,27 @@ def _schedule(sch: Schedule, intrin: DotIntrin, knobs: TileKnobs | None = None) 
         *_, epi_cols = sch.get_loops(last)
         _, epi_lane = sch.split(epi_cols, factors=[None, lanes])
         sch.vectorize(epi_lane)
+    # a 4-bit weight: the register tile's k-step of weights unpacked right before its dot products
+    unpack = _unpack_int4_at(sch, k_outer)
     # the tile's zero-padded activation rows, built right before the tile needs them
     _tensorize_tile(sch, intrin, col_lane, init, rows_at=tile, kdim=kdim)
+    if unpack is not None:
+        sch.set_scope(unpack, 0, "local")
     sch.unroll(row_inner)
     sch.unroll(col_block)
     return sch
+
+
+def _unpack_int4_at(sch: Schedule, loop):
+    """Compute the 4-bit weight unpacking (`pack_weights.INT4_UNPACK_BLOCK`), if the kernel has one, at `loop`
+    (one k-step of the register tile: `nr` vectors), vectorized; returns its block or None."""
+    unpack = find_block(sch, INT4_UNPACK_BLOCK)
+    if unpack is None:
+        return None
+    sch.compute_at(unpack, loop)
+    *_, lane, step = sch.get_loops(unpack)
+    sch.vectorize(sch.fuse(lane, step))
+    return unpack
 
 
 def _inline_epilogue_inputs(sch: Schedule, matmul) -> None:

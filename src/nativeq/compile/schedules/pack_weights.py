@@ -5,11 +5,15 @@ and before LegalizeOps. Input, as the int8 rewrite emits it:
 
     y = R.matmul(x, W, out_dtype="int32")   # x: [..., K] uint8 (x86) / int8 (ARM), W: int8 constant [K, N]
 
-Output: the weight packed once, at compile time, into `[N/lanes, K/kstep, lanes, kstep]` (the
-tile layout of the intrinsic, see `intrinsics.py`) and the matmul replaced by a `call_tir` to a
-PrimFunc reading the packed constant. The PrimFunc is marked `op_pattern=kOutEWiseFusable`, so
-FuseOps still fuses its elementwise epilogue (requantize, bias, cast) into it, and carries the
-`nativeq.int8_matmul` attribute that the TIR schedule rule (`matmul.py`) keys on.
+Output: the weight packed once, at compile time, into the tile layout of the intrinsic
+(`[N/lanes, K/kstep, lanes, kstep]`, see `intrinsics.py`) in the format its values allow
+(`weight_formats.py`: dense, block-sparse with a per-column-block tile list, 4-bit two tiles per
+byte), and the matmul replaced by a `call_tir` to a PrimFunc reading the packed constant(s). The
+PrimFunc is marked `op_pattern=kOutEWiseFusable`, so FuseOps still fuses its elementwise epilogue
+(requantize, bias, cast) into it, and carries the `nativeq.int8_matmul` attribute that the TIR
+schedule rule (`matmul.py`) keys on. A 4-bit weight is unpacked inside the kernel, one k-step of
+the register tile at a time (`nativeq_int4_unpack`); a sparse one is multiplied tile by tile
+through its list, so skipped tiles cost neither bytes nor dot instructions.
 
 An N that is not a multiple of the intrinsic's lanes (a 12-class head) gets zero weight columns,
 cropped in the kernel; a K that is not a multiple of its k-step, zero weight rows (x is zero-padded
@@ -19,11 +23,10 @@ and get the generic schedule.
 
 from __future__ import annotations
 
-import numpy as np
-
 from nativeq.compile._tvm import Analyzer, relax, te, tvm
 from nativeq.compile.passes import rewrite_functions
 from nativeq.compile.schedules.intrinsics import DotIntrin, row_tile
+from nativeq.compile.schedules.weight_formats import PackedWeight, pack_for_kernel, pack_weight  # noqa: F401
 
 # NOTE: TVM's OpPatternKind enum: kElemWise=0, kBroadcast=1, kInjective=2, kCommReduce=3, kOutEWiseFusable=4.
 _OUT_EWISE_FUSABLE = 4
@@ -31,15 +34,11 @@ INT8_MATMUL_ATTR = "nativeq.int8_matmul"
 REDUCTION_BLOCK = "nativeq_int8_matmul"
 ROWS_PAD_BLOCK = "nativeq_int8_rows_pad"
 ROWS_CROP_BLOCK = "nativeq_int8_rows_crop"
+INT4_UNPACK_BLOCK = "nativeq_int4_unpack"
 
 
-def pack_weight(w: np.ndarray, lanes: int, kstep: int) -> np.ndarray:
-    """[K, N] int8 -> [N/lanes, K/kstep, lanes, kstep]: packed[n0, k0, n1, k1] = w[k0*kstep + k1, n0*lanes + n1]."""
-    k, n = w.shape
-    return np.ascontiguousarray(w.reshape(k // kstep, kstep, n // lanes, lanes).transpose(2, 0, 3, 1))
-
-
-def packed_matmul_te(x: te.Tensor, wp: te.Tensor, lanes: int, kstep: int, row_tile: int, n_out=None) -> te.Tensor:
+def packed_matmul_te(x: te.Tensor, wp: te.Tensor, lanes: int, kstep: int, row_tile: int, n_out=None,
+                     blocks: te.Tensor | None = None, int4_tiles: int | None = None, k_in: int | None = None) -> te.Tensor:
     """int32 matmul of `x` [..., rows, K] with a packed operand `wp` [*wbatch, N/lanes, K/kstep, lanes, kstep].
 
     `wbatch` is empty (a constant weight shared by every batch entry of `x`) or `x`'s batch dims (an
@@ -49,11 +48,19 @@ def packed_matmul_te(x: te.Tensor, wp: te.Tensor, lanes: int, kstep: int, row_ti
     schedule) and the result cropped back to `rows` x `n_out` (`nativeq_int8_rows_crop`, inlined into
     the epilogue): TVM's tensorize rejects the predicate a row tail would otherwise put on the
     tensorized block. A single row behind batch dims (`[T, 1, K]`, time-major) is tiled along
-    the last batch axis instead (the result keeps the unit axis). `n_out` (default: the packed N) is the real number of columns when the packed
-    N was zero-padded to a multiple of `lanes`.
+    the last batch axis instead (the result keeps the unit axis). `n_out` (default: the packed N) is
+    the real number of columns when the packed N was zero-padded to a multiple of `lanes`.
+
+    Constant weights may come in the compressed formats of `weight_formats.py`: `int4_tiles` = W when
+    `wp` holds two tiles per byte (unpacked in the kernel, `nativeq_int4_unpack`), `blocks`
+    [N/lanes, W] int32 when `wp` holds only the listed tiles of each column block (the reduction then
+    runs over the W listed k-steps; `k_in` is the padded K the activation is read with).
     """
+    if int4_tiles is not None:
+        wp = _unpack_int4(wp, int4_tiles)
     *wbatch, n_blocks, k_blocks, _, _ = wp.shape
-    n, kdim = n_blocks * lanes, k_blocks * kstep
+    n, kdim = n_blocks * lanes, k_blocks * kstep  # kdim: the reduction's extent (W k-steps when sparse)
+    x_kdim = kdim if blocks is None else k_in
     *batch, rows, x_k = x.shape
     if wbatch and len(wbatch) != len(batch):
         raise ValueError(f"packed operand batch {wbatch} does not match the activation batch {batch}")
@@ -70,7 +77,7 @@ def packed_matmul_te(x: te.Tensor, wp: te.Tensor, lanes: int, kstep: int, row_ti
             return source[(*index[:-1], 0, index[-1])]
 
     pad_rows = unit_rows or not (isinstance(rows, tvm.tirx.IntImm) and int(rows) % row_tile == 0)
-    pad_k = not analyzer.can_prove_equal(x_k, kdim)
+    pad_k = not analyzer.can_prove_equal(x_k, x_kdim)
     if pad_rows or pad_k:
         padded_rows = (rows + (row_tile - 1)) // row_tile * row_tile if pad_rows else rows
 
@@ -82,14 +89,15 @@ def packed_matmul_te(x: te.Tensor, wp: te.Tensor, lanes: int, kstep: int, row_ti
                 value = read(i)
             return tvm.tirx.if_then_else(i[-2] < rows, value, zero) if pad_rows else value
 
-        x = te.compute((*batch, padded_rows, kdim), pad, name=ROWS_PAD_BLOCK)
+        x = te.compute((*batch, padded_rows, x_kdim), pad, name=ROWS_PAD_BLOCK)
     k = te.reduce_axis((0, kdim), name="k")
 
     def compute(*idx):
         *row_idx, j = idx
         w_batch = row_idx[:-1] if wbatch else []
+        x_k = k if blocks is None else _listed_block(blocks[j // lanes, k // kstep], x_kdim // kstep) * kstep + k % kstep
         return te.sum(
-            x[(*row_idx, k)].astype("int32")
+            x[(*row_idx, x_k)].astype("int32")
             * wp[(*w_batch, j // lanes, k // kstep, j % lanes, k % kstep)].astype("int32"),
             axis=k,
         )
@@ -102,6 +110,26 @@ def packed_matmul_te(x: te.Tensor, wp: te.Tensor, lanes: int, kstep: int, row_ti
     if unit_rows:
         return te.compute((*batch, rows, 1, cols), lambda *i: acc[(*i[:-2], i[-1])], name=ROWS_CROP_BLOCK)
     return te.compute((*batch, rows, cols), lambda *i: acc[i], name=ROWS_CROP_BLOCK)
+
+
+def _listed_block(block, k_blocks: int):
+    """A sparse weight's listed k-step index, clamped to [0, k_blocks): a no-op on valid lists (checked when
+    packed), it bounds the activation region a tile reads, which the schedule needs to build the tile's rows."""
+    return tvm.tirx.max(tvm.tirx.min(block, k_blocks - 1), 0).astype("int64")
+
+
+def _unpack_int4(packed: te.Tensor, tiles: int) -> te.Tensor:
+    """[N/lanes, ceil(W/2), lanes, kstep] two 4-bit tiles per byte -> [N/lanes, W, lanes, kstep] int8
+    (`weight_formats.pack_int4_pairs`: tile 2i in the low nibble, sign-extended by shifts)."""
+    n_blocks, _, lanes, kstep = packed.shape
+
+    def unpack(n0, w, n1, k1):
+        byte = packed[n0, w // 2, n1, k1]
+        four = tvm.tirx.const(4, "int8")
+        low_first = tvm.tirx.Select(w % 2 == 0, byte << four, byte)
+        return low_first >> four  # arithmetic shift: sign-extends the nibble
+
+    return te.compute((n_blocks, tiles, lanes, kstep), unpack, name=INT4_UNPACK_BLOCK)
 
 
 def _is_packable(call: relax.Call, intrin: DotIntrin) -> bool:
@@ -118,8 +146,21 @@ def _is_packable(call: relax.Call, intrin: DotIntrin) -> bool:
     return isinstance(x_k, tvm.tirx.IntImm) and int(x_k) == k
 
 
-def call_packed_matmul(builder, x, packed, intrin: DotIntrin, n_out=None):
-    """`builder.call_te` of `packed_matmul_te`, marked so FuseOps fuses its epilogue and matmul.py tensorizes it."""
+def call_packed_matmul(builder, x, packed, intrin: DotIntrin, n_out=None, weight: PackedWeight | None = None):
+    """`builder.call_te` of `packed_matmul_te`, marked so FuseOps fuses its epilogue and matmul.py tensorizes it.
+
+    `packed`: a run-time packed activation (`pack_activations.py`), or None with `weight`, a constant
+    weight in one of the formats of `weight_formats.py`."""
+    formats = {}
+    if weight is not None:
+        packed = relax.const(weight.values, "int8")
+        if weight.blocks is not None:
+            formats["blocks"] = relax.const(weight.blocks, "int32")
+            formats["k_in"] = weight.k
+        if weight.int4:
+            formats["int4_tiles"] = weight.tiles
+        if weight.n != weight.values.shape[0] * intrin.lanes:
+            n_out = weight.n
     return builder.call_te(
         packed_matmul_te,
         x,
@@ -128,6 +169,7 @@ def call_packed_matmul(builder, x, packed, intrin: DotIntrin, n_out=None):
         kstep=intrin.kstep,
         row_tile=row_tile(intrin),
         n_out=n_out,
+        **formats,
         primfunc_name_hint="int8_matmul_packed",
         primfunc_attrs={
             "op_pattern": _OUT_EWISE_FUSABLE,
@@ -138,38 +180,43 @@ def call_packed_matmul(builder, x, packed, intrin: DotIntrin, n_out=None):
 
 @relax.expr_functor.mutator
 class _Packer(relax.PyExprMutator):
-    def __init__(self, mod, intrin: DotIntrin):
+    def __init__(self, mod, intrin: DotIntrin, sparse: bool, int4: bool):
         super().__init__(mod)
         self.intrin = intrin
+        self.sparse, self.int4 = sparse, int4
         self.packed = 0
+        self.formats: list[str] = []
 
     def visit_call_(self, call):
         call = self.visit_expr_post_order(call)
         if not _is_packable(call, self.intrin):
             return call
         x, w = call.args
-        lanes, kstep = self.intrin.lanes, self.intrin.kstep
-        weight = w.value.numpy()
-        k, n = weight.shape
         # zero rows up to whole k-steps (the kernel zero-pads x's K to match) and zero columns up to whole
-        # vectors (the kernel's epilogue crops them)
-        padded_k, padded_n = -(-k // kstep) * kstep, -(-n // lanes) * lanes
-        weight = np.pad(weight, ((0, padded_k - k), (0, padded_n - n)))
-        packed = relax.const(pack_weight(weight, lanes, kstep), "int8")
+        # vectors (the kernel's epilogue crops them); 4-bit / block-sparse when the values allow
+        weight = pack_for_kernel(w.value.numpy(), self.intrin.lanes, self.intrin.kstep,
+                                 allow_sparse=self.sparse, allow_int4=self.int4)
         self.packed += 1
-        return call_packed_matmul(self.builder_, x, packed, self.intrin, n_out=n if padded_n != n else None)
+        self.formats.append(weight.format_name())
+        return call_packed_matmul(self.builder_, x, None, self.intrin, weight=weight)
 
 
 @tvm.transform.module_pass(opt_level=0, name="nativeq.PackInt8Weights")
 class PackInt8Weights:
-    """Pack constant int8 matmul weights for `intrin` (see the module docstring)."""
+    """Pack constant int8 matmul weights for `intrin` (see the module docstring).
 
-    def __init__(self, intrin: DotIntrin):
+    `sparse` / `int4` False keep every weight dense / 8-bit (benchmarks compare the formats).
+    """
+
+    def __init__(self, intrin: DotIntrin, sparse: bool = True, int4: bool = True):
         self.intrin = intrin
+        self.sparse, self.int4 = sparse, int4
         self.packed = 0
+        self.formats: list[str] = []  # per packed weight, e.g. "int4 block-sparse 25%"
 
     def transform_module(self, mod, _ctx):
-        packer = _Packer(mod, self.intrin)
+        packer = _Packer(mod, self.intrin, self.sparse, self.int4)
         new_mod = rewrite_functions(packer)
         self.packed = packer.packed
+        self.formats = packer.formats
         return new_mod

@@ -1,0 +1,168 @@
+"""Benchmark: block-sparse and 4-bit int8 matmul kernels against the dense int8 kernel, per layer.
+
+    .venv/bin/python -m benchmarks.sparse_matmul [--threads 2] [--target host] [--rows 75]
+        [--shapes 144x144,144x576,576x144,144x288,608x144] [--sparsity 0.5,0.75,0.875] [--json]
+
+Each layer is what the int8 rewrite emits for a requantized QDQ MatMul (uint8 x int8 on x86, int8 x
+int8 on ARM -> int32 -> + bias -> * scale -> round -> clip -> int8) with the shipped Conformer's weight
+shapes (K x N) and `--rows` activation rows (75 = T=300 feature frames after 4x subsampling). The
+weights are pruned in the kernel-friendly pattern (16 outputs x 4 inputs blocks, the same number kept
+per 16 outputs) at each sparsity, once in 8 and once in 4 bits. Every variant is compiled twice,
+once with the block-sparse / 4-bit formats (`compile/schedules/weight_formats.py`) and once forced
+dense 8-bit, and both are timed side by side in this run (median of `--seconds` of calls); the
+outputs of the two must be identical. Prints the speedup dense / sparse and the weight bytes.
+
+With an aarch64 `--target` (rpi4, rpi5) nothing is timed: the two builds are counted in aarch64
+instructions per call under qemu instead (`--emulate`, needs `nativeq setup-arm`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def _parse():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--target", default="host")
+    p.add_argument("--rows", type=int, default=75)
+    p.add_argument("--shapes", default="144x144,144x576,576x144,144x288,608x144")
+    p.add_argument("--sparsity", default="0.5,0.75,0.875")
+    p.add_argument("--bits", default="8,4", help="weight bits to run (8, 4 or both)")
+    p.add_argument("--seconds", type=float, default=1.0, help="time budget per measurement")
+    p.add_argument("--json", action="store_true", help="one JSON record per line instead of the table")
+    return p.parse_args()
+
+
+ARGS = _parse()
+# NOTE: the TVM thread pool reads this when it starts; it must be set before tvm is imported.
+os.environ["TVM_NUM_THREADS"] = str(ARGS.threads)
+
+import numpy as np  # noqa: E402
+
+import tvm  # noqa: E402
+from tvm import relax  # noqa: E402
+from tvm.script import relax as R  # noqa: E402
+
+from nativeq.compile.pipeline import compile_passes, tir_pipeline  # noqa: E402
+from nativeq.compile.schedules.intrinsics import dot_intrin_for  # noqa: E402
+from nativeq.compile.schedules.pack_weights import PackInt8Weights  # noqa: E402
+from nativeq.targets import get_target  # noqa: E402
+
+BAND, STEP = 16, 4  # the kernel-friendly block: 16 outputs x 4 inputs
+
+
+def pruned_weight(k: int, n: int, sparsity: float, bits: int, rng) -> np.ndarray:
+    """A random [K, N] weight with round(sparsity * K/4) of the 4-input blocks zero in every band of 16 outputs."""
+    high = 2 ** (bits - 1)
+    w = rng.integers(-high, high, (k, n), dtype=np.int8)
+    k_blocks = -(-k // STEP)
+    pruned = int(round(sparsity * k_blocks))
+    for band in range(0, n, BAND):
+        for block in rng.permutation(k_blocks)[:pruned]:
+            w[block * STEP:(block + 1) * STEP, band:band + BAND] = 0
+    return w
+
+
+def layer_module(w: np.ndarray, act_dtype: str, rng) -> tvm.IRModule:
+    k, n = w.shape
+    bias = rng.integers(-2000, 2000, n).astype(np.int32)
+    scale = (rng.random(n) * 2e-4 + 1e-5).astype(np.float32)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", R.Tensor((tvm.tirx.Var("M", "int64"), k), act_dtype))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            acc = bb.emit(R.add(R.matmul(x, relax.const(w), out_dtype="int32"), relax.const(bias)))
+            y = bb.emit(R.multiply(R.astype(acc, "float32"), relax.const(scale)))
+            out = bb.emit_output(R.astype(R.clip(R.round(y), -128, 127), "int8"))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def build(mod, target, compressed: bool):
+    """(executable, weight bytes the packing stored): the compile pipeline, compressed formats on or off."""
+    passes = compile_passes(target)
+    index = next(i for i, p in enumerate(passes) if isinstance(p, PackInt8Weights))
+    # NOTE: a new pass object: attributes set on a decorated pass instance do not reach the pass.
+    packer = passes[index] = PackInt8Weights(dot_intrin_for(target), sparse=compressed, int4=compressed)
+    captured = {}
+
+    @tvm.transform.module_pass(opt_level=0, name="capture_constants")
+    def capture(mod_, _ctx):
+        captured["bytes"] = sum(c.value.numpy().nbytes for c in _constants(mod_))
+        return mod_
+
+    passes = [*passes[:index + 1], capture, *passes[index + 1:]]
+    ex = relax.build(mod, tvm.target.Target(target.tvm_dict(ARGS.threads)),
+                     relax_pipeline=tvm.transform.Sequential(passes), tir_pipeline=tir_pipeline())
+    return ex, captured["bytes"], packer.formats
+
+
+def _constants(mod):
+    found = []
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, lambda e: found.append(e) if isinstance(e, tvm.ir.GenericConst) else None)
+    return found
+
+
+def measure(fn, seconds: float) -> float:
+    fn()
+    times = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end or len(times) < 10:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1e6)
+
+
+def main():
+    target = get_target(ARGS.target)
+    intrin = dot_intrin_for(target)
+    if intrin is None:
+        sys.exit(f"target {target.name} has no int8 dot instruction family")
+    if target.arch != "x86_64":
+        sys.exit("aarch64 targets: count instructions with `nativeq bench-emulated` on the layers' artifacts")
+    if not ARGS.json:
+        print(f"target {target.name} ({target.int8}), {ARGS.threads} threads, {ARGS.rows} rows; median us per call")
+        print(f"{'K x N':>9} {'bits':>4} {'sparsity':>8} | {'dense us':>9} {'sparse us':>9} {'speedup':>7} | "
+              f"{'dense B':>8} {'packed B':>8} {'ratio':>5} | format")
+    rng = np.random.default_rng(0)
+    for shape in ARGS.shapes.split(","):
+        k, n = (int(v) for v in shape.split("x"))
+        for bits in (int(b) for b in ARGS.bits.split(",")):
+            for sparsity in (float(s) for s in ARGS.sparsity.split(",")):
+                w = pruned_weight(k, n, sparsity, bits, rng)
+                mod = layer_module(w, intrin.act_dtype, rng)
+                x = rng.integers(0, 128, (ARGS.rows, k)).astype(intrin.act_dtype)
+                x_tvm = tvm.runtime.tensor(x)
+                runs = {}
+                for compressed in (False, True):
+                    ex, nbytes, formats = build(mod, target, compressed)
+                    vm = relax.VirtualMachine(ex, tvm.cpu())
+                    out = vm["main"](x_tvm).numpy()
+                    runs[compressed] = (measure(lambda vm=vm: vm["main"](x_tvm), ARGS.seconds), nbytes, out, formats)
+                (dense_us, dense_b, dense_out, _), (sparse_us, packed_b, sparse_out, formats) = runs[False], runs[True]
+                if not np.array_equal(dense_out, sparse_out):
+                    sys.exit(f"{shape} bits={bits} sparsity={sparsity}: the compressed kernel's output differs")
+                record = {"k": k, "n": n, "rows": ARGS.rows, "bits": bits, "sparsity": sparsity,
+                          "dense_us": round(dense_us, 2), "sparse_us": round(sparse_us, 2),
+                          "speedup": round(dense_us / sparse_us, 3), "dense_bytes": dense_b,
+                          "packed_bytes": packed_b, "format": formats[0] if formats else "-",
+                          "target": target.name, "threads": ARGS.threads}
+                if ARGS.json:
+                    print(json.dumps(record))
+                else:
+                    print(f"{shape:>9} {bits:>4} {sparsity:>8.3f} | {dense_us:9.1f} {sparse_us:9.1f} "
+                          f"{dense_us / sparse_us:6.2f}x | {dense_b:8d} {packed_b:8d} {packed_b / dense_b:5.2f} | "
+                          f"{record['format']}")
+                sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""How a constant int8 matmul weight is stored in the artifact: dense, 4-bit packed, block-sparse.
+
+Used by `pack_weights.PackInt8Weights` (kernel_relax_passes), which picks the format from the weight's
+values (no flag): the kernels unpack and skip inside the tile loop (`matmul.py`), so the artifact and
+the memory it is loaded into hold only these bytes.
+
+The unit is the dot instruction's tile, `lanes` output channels x `kstep` consecutive inputs (16 x 4
+for AVX-512 VNNI's `vpdpbusd`, 8 x 2 for AVX2's `vpmaddwd`, 4 x 4 for ARM's `sdot` / NEON):
+
+    dense     values [N/lanes, K/kstep, lanes, kstep]   every tile, in K order (`pack_weight`)
+    sparse    values [N/lanes, W, lanes, kstep]         only the W non-zero tiles of each column block,
+              blocks [N/lanes, W] int32                  and the k-step index of each one
+    4-bit     the same values with two tiles per byte   tile 2i in the low nibble, tile 2i+1 in the high one
+
+Block-sparse pays only when whole tiles are zero: the kernel then skips their dot instructions and
+their bytes. A weight pruned in 16 x 4 blocks with the same number of blocks kept per 16 output
+channels (`nativeq finetune --sparsity` with a balanced block pattern) has equal W in every column
+block; otherwise column blocks with fewer non-zero tiles are padded with zero tiles (index 0) up to
+the largest W. Sparse is chosen when W / (K/kstep) <= `SPARSE_MAX_DENSITY`; 2:4 or unstructured
+sparsity leaves almost no zero tile, so those weights stay dense (their zeros are still multiplied).
+
+4-bit is chosen when every value lies in [-8, 7] (an int4 QDQ weight, widened to int8 on import):
+lossless, so the choice needs no flag either.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# NOTE: measured (benchmarks/sparse_matmul.py): below this density the sparse kernel beats the dense one.
+SPARSE_MAX_DENSITY = 0.75
+INT4_MIN, INT4_MAX = -8, 7
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """A [K, N] int8 weight in the kernel's layout (see the module docstring).
+
+    values: int8 [N/lanes, W, lanes, kstep], or with `int4` the same tiles two per byte,
+        [N/lanes, ceil(W/2), lanes, kstep].
+    blocks: int32 [N/lanes, W] k-step index of each tile (sparse), or None (dense: tile w is k-step w).
+    k: K padded to whole k-steps (the activation's zero padding); n: the real N (columns past it are zero).
+    """
+
+    values: np.ndarray
+    blocks: np.ndarray | None
+    int4: bool
+    k: int
+    n: int
+    lanes: int
+    kstep: int
+
+    @property
+    def tiles(self) -> int:
+        """W: tiles per column block the kernel multiplies."""
+        return self.blocks.shape[1] if self.blocks is not None else self.k // self.kstep
+
+    @property
+    def density(self) -> float:
+        """Fraction of the K/kstep tiles of each column block that the kernel multiplies."""
+        return self.tiles / (self.k // self.kstep)
+
+    @property
+    def nbytes(self) -> int:
+        return self.values.nbytes + (self.blocks.nbytes if self.blocks is not None else 0)
+
+    def format_name(self) -> str:
+        bits = "int4" if self.int4 else "int8"
+        return f"{bits} block-sparse {self.density:.0%}" if self.blocks is not None else f"{bits} dense"
+
+
+def pack_weight(w: np.ndarray, lanes: int, kstep: int) -> np.ndarray:
+    """[K, N] int8 -> [N/lanes, K/kstep, lanes, kstep]: packed[n0, k0, n1, k1] = w[k0*kstep + k1, n0*lanes + n1]."""
+    k, n = w.shape
+    return np.ascontiguousarray(w.reshape(k // kstep, kstep, n // lanes, lanes).transpose(2, 0, 3, 1))
+
+
+def pack_int4_pairs(tiles: np.ndarray) -> np.ndarray:
+    """[..., W, lanes, kstep] int8 in [-8, 7] -> [..., ceil(W/2), lanes, kstep]: tile 2i in the low nibble
+    of each byte, tile 2i+1 in the high nibble (zero for an odd W)."""
+    if tiles.min(initial=0) < INT4_MIN or tiles.max(initial=0) > INT4_MAX:
+        raise ValueError("4-bit packing needs every value in [-8, 7]")
+    w = tiles.shape[-3]
+    if w % 2:
+        tiles = np.concatenate([tiles, np.zeros_like(tiles[..., :1, :, :])], axis=-3)
+    low = tiles[..., 0::2, :, :].astype(np.uint8) & 0x0F
+    high = tiles[..., 1::2, :, :].astype(np.uint8) << 4
+    return np.ascontiguousarray((low | high).view(np.int8))
+
+
+def unpack_int4_pairs(packed: np.ndarray, tiles: int) -> np.ndarray:
+    """Inverse of `pack_int4_pairs` (the kernel's arithmetic: a left shift then an arithmetic right shift)."""
+    low = (packed << 4).astype(np.int8) >> 4
+    high = packed >> 4
+    both = np.stack([low, high], axis=-3)  # [..., W/2, 2, lanes, kstep]
+    shape = both.shape
+    return both.reshape(*shape[:-4], shape[-4] * 2, *shape[-2:])[..., :tiles, :, :]
+
+
+def nonzero_tiles(dense: np.ndarray) -> np.ndarray:
+    """[N/lanes, K/kstep] bool: which tiles of a packed dense weight hold a non-zero value."""
+    return dense.any(axis=(2, 3))
+
+
+def pack_for_kernel(weight: np.ndarray, lanes: int, kstep: int, *, allow_sparse: bool = True,
+                    allow_int4: bool = True) -> PackedWeight:
+    """The weight [K, N] int8 in the best format the kernel reads (see the module docstring)."""
+    k, n = weight.shape
+    padded_k, padded_n = -(-k // kstep) * kstep, -(-n // lanes) * lanes
+    dense = pack_weight(np.pad(weight, ((0, padded_k - k), (0, padded_n - n))), lanes, kstep)
+    int4 = allow_int4 and weight.size > 0 and INT4_MIN <= int(weight.min()) and int(weight.max()) <= INT4_MAX
+    values, blocks = dense, None
+    if allow_sparse:
+        present = nonzero_tiles(dense)
+        width = max(int(present.sum(axis=1).max(initial=0)), 1)
+        if width / (padded_k // kstep) <= SPARSE_MAX_DENSITY:
+            blocks = np.zeros((dense.shape[0], width), np.int32)
+            values = np.zeros((dense.shape[0], width, lanes, kstep), np.int8)
+            for col in range(dense.shape[0]):
+                kept = np.flatnonzero(present[col])
+                blocks[col, :len(kept)] = kept
+                values[col, :len(kept)] = dense[col, kept]
+    if int4:
+        values = pack_int4_pairs(values)
+    return PackedWeight(values, blocks, int4, padded_k, n, lanes, kstep)
+
+
+def unpack_to_dense(packed: PackedWeight) -> np.ndarray:
+    """The [K, N] int8 weight a `PackedWeight` stands for (K padded to whole k-steps): the reference for tests."""
+    tiles = unpack_int4_pairs(packed.values, packed.tiles) if packed.int4 else packed.values
+    n_blocks, k_blocks = tiles.shape[0], packed.k // packed.kstep
+    dense = np.zeros((n_blocks, k_blocks, packed.lanes, packed.kstep), np.int8)
+    if packed.blocks is None:
+        dense[:] = tiles
+    else:
+        for col in range(n_blocks):
+            for slot, block in enumerate(packed.blocks[col]):
+                dense[col, block] += tiles[col, slot]  # padding slots hold zeros
+    weight = dense.transpose(1, 3, 0, 2).reshape(packed.k, n_blocks * packed.lanes)
+    return weight[:, :packed.n]
