@@ -3,8 +3,9 @@
 Steps, each failing with one line naming the problem: read and check the ONNX file and its
 quantization parameters (`validate.py`), rewrite
 what TVM's importer cannot take and import to Relax (`onnx_import`), run the target's pass
-list (`pipeline.py`), build, export the library (cross-compiled for ARM targets), write the
-manifest. Everything is written into a temporary directory renamed into place at the end.
+list (`pipeline.py`), build, export the library (cross-compiled for ARM targets; without debug
+sections unless `debug`), account its sizes (`sizes.py`), write the manifest. Everything is
+written into a temporary directory renamed into place at the end.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class CompileConfig:
         count as 64 (batch-like names as 1).
     input_shapes: input name -> shape, an int fixing that axis, a name renaming its symbolic dim
         (e.g. {"feats": (1, "T", 80)}).
+    debug: keep the DWARF debug sections TVM's code generator emits in the library (default: none).
     """
 
     target: str
@@ -56,6 +58,7 @@ class CompileConfig:
     explain: bool = False
     dims: dict[str, int] = field(default_factory=dict)
     input_shapes: dict[str, tuple] = field(default_factory=dict)
+    debug: bool = False
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,7 @@ class CompileResult:
         return list(self.manifest.get("kernels") or [])
 
     def to_json(self) -> str:
-        """The result as JSON: the artifact directory, its manifest (with `kernels`) and the int8 site report."""
+        """The result as JSON: the artifact directory, its manifest (with `kernels` and `sizes`) and the int8 site report."""
         import json
 
         return json.dumps({"artifact": str(self.out_dir), "manifest": self.manifest, "int8_sites": self.explain},
@@ -85,6 +88,8 @@ class CompileResult:
         return aligned_table(("site", "op", "status", "reason"), rows)
 
     def summary(self) -> str:
+        from nativeq.compile.sizes import sizes_line
+
         m = self.manifest
         target = m["target"]
         size = sum((self.out_dir / name).stat().st_size for name in m["files"])
@@ -93,6 +98,7 @@ class CompileResult:
             f"in {m['compile_seconds']:.1f} s ("
             + ", ".join(f"{stage} {value:.1f} s" for stage, value in m["build"].get("seconds", {}).items()) + ")",
             f"  artifact: {self.out_dir} ({', '.join(m['files'])}, {size / 1024:.0f} KiB)",
+            *([f"  sizes: {sizes_line(m['sizes'])}"] if m.get("sizes") else []),
             "  inputs:  " + "; ".join(_spec_text(s) for s in m["inputs"]),
             "  outputs: " + "; ".join(_spec_text(s) for s in m["outputs"]),
         ]
@@ -271,13 +277,15 @@ def compile_model(model_path, out_dir, cfg: CompileConfig, force: bool = False, 
 
     from nativeq.compile._tvm import cc, relax, tvm
     from nativeq.compile.pipeline import compile_passes, tir_pipeline
+    from nativeq.compile.sizes import LINK_STRIP_OPTIONS, capture_instrument, strip_debug
 
     with stages.stage(f"{'int8 lowering + build' if cfg.int8 else 'build'} for {target.name}"):
         tvm_target = make_tvm_target(target)
         sites = explain_int8(mod, target) if cfg.int8 else None
         passes = compile_passes(target, int8=cfg.int8, tuning_database=database)
         build_passes, captures = _with_captures(passes)
-        with held_native_output(), tvm.transform.PassContext(opt_level=3):
+        sized = capture_instrument()
+        with held_native_output(), tvm.transform.PassContext(opt_level=3, instruments=[sized]):
             executable = relax.build(
                 mod, tvm_target, relax_pipeline=tvm.transform.Sequential(build_passes, name="nativeq_compile"),
                 tir_pipeline=tir_pipeline(),
@@ -285,6 +293,7 @@ def compile_model(model_path, out_dir, cfg: CompileConfig, force: bool = False, 
     seconds["build"] = time.perf_counter() - started - seconds["import"]
     applied = next((dict(p.applied) for p in passes if p.info.name == "nativeq.ApplyTuningDatabase"), {})
     kernels, kernel_dims = _kernel_report(passes, captures, applied, cfg.dims)
+    weights, arena_result = _size_report(sized, kernels, kernel_dims)
     if cfg.tuning_log is not None and database is not None and not applied:
         # NOTE: records are keyed on the exact kernel IR: a change to the int8 passes or kernel
         # layouts makes older records miss (a rerun of `nativeq tune` refreshes them).
@@ -292,11 +301,17 @@ def compile_model(model_path, out_dir, cfg: CompileConfig, force: bool = False, 
                       f"or lengths, or by an older nativeq); using the default schedules", stacklevel=2)
 
     from nativeq.compile.artifact import build_manifest, write_manifest
+    from nativeq.compile.sizes import sizes_field
 
     with atomic_directory(out_dir, force=force) as tmp:
         fcompile = cc.cross_compiler(cross_compiler) if cross_compiler else None
         with stages.stage(f"export {LIBRARY_NAME}"):
-            executable.export_library(str(tmp / LIBRARY_NAME), fcompile=fcompile)
+            # TVM's LLVM code generator always emits DWARF: the link drops it (the strip tools if a linker kept it)
+            library = tmp / LIBRARY_NAME
+            executable.export_library(str(library), fcompile=fcompile,
+                                      **({} if cfg.debug else {"options": list(LINK_STRIP_OPTIONS)}))
+            if not cfg.debug:
+                strip_debug(library, cross_compiler)
         seconds["export"] = time.perf_counter() - started - seconds["import"] - seconds["build"]
         manifest = build_manifest(
             out_dir=tmp,
@@ -312,6 +327,7 @@ def compile_model(model_path, out_dir, cfg: CompileConfig, force: bool = False, 
                 "compiler": cross_compiler or "host",
                 "dims": dict(cfg.dims),
                 "input_shapes": {name: list(shape) for name, shape in cfg.input_shapes.items()},
+                "debug": cfg.debug,
                 "seconds": {stage: round(value, 3) for stage, value in seconds.items()},
             },
             tuning={
@@ -327,6 +343,7 @@ def compile_model(model_path, out_dir, cfg: CompileConfig, force: bool = False, 
         )
         manifest["shape_checks"] = [check.to_json() for check in shape_checks]
         manifest["memory"] = memory_bound(mod, [spec["shape"] for spec in manifest["inputs"]])
+        manifest["sizes"] = sizes_field(library, weights, arena_result)
         write_manifest(tmp, manifest)
     return CompileResult(out_dir=out_dir, manifest=manifest, explain=(sites or []) if cfg.explain else [],
                          explained=cfg.explain)
@@ -346,6 +363,27 @@ def _with_captures(passes: list) -> tuple[list, tuple | None]:
     lowered, built = CaptureModule(), CaptureModule()
     fused, scheduled = names.index("FuseTIR") + 1, names.index(_SCHEDULE_PASS) + 1
     return [*passes[:fused], lowered, *passes[fused:scheduled], built, *passes[scheduled:]], (lowered, built)
+
+
+def _size_report(sized, kernels: list[dict] | None, kernel_dims: dict) -> tuple[int | None, tuple | None]:
+    """(weight bytes, (arena bytes, expression, dims)) of the module just built; each kernel record gets its
+    `weight_bytes`. A part that cannot be read is None, with a warning (a report, not the build)."""
+    from nativeq.compile.sizes import arena, weight_bytes
+
+    weights = arena_result = None
+    try:
+        if sized.final is not None:
+            weights, per_kernel = weight_bytes(sized.final)
+            for record in kernels or []:
+                record["weight_bytes"] = per_kernel.get(record["name"], 0)
+    except Exception as e:  # noqa: BLE001  (IR it cannot read costs the size report only)
+        warnings.warn(f"weight bytes unavailable: {first_line(e)}", stacklevel=3)
+    try:
+        if sized.planned is not None:
+            arena_result = arena(sized.planned, kernel_dims)
+    except Exception as e:  # noqa: BLE001
+        warnings.warn(f"activation arena unavailable: {first_line(e)}", stacklevel=3)
+    return weights, arena_result
 
 
 def _kernel_report(passes: list, captures, tuned: dict, dims: dict[str, int]) -> tuple[list[dict] | None, dict]:

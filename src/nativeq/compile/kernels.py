@@ -18,6 +18,8 @@ PrimFunc::
   tile, and count the padding). Symbolic sizes are bound to `dims` by name (default 64, batch 1).
 - calls: how many `call_tir`s of the Relax functions name it; share = macs x calls over the
   model's total (0 when the model has no contraction).
+- weight_bytes (added by `compile_model`, `sizes.py`): the bytes of the distinct constants its
+  calls read, as the library stores them (after weight packing).
 """
 
 from __future__ import annotations

@@ -149,6 +149,37 @@ def _md_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+ACCURACY_HEADER = ["model", "recipe", "WER %", "CER %", "stored MB", "compiled weights MB", "model.so MB", "of float",
+                   "compiled host WER %"]
+
+
+def artifact_sizes(summary: dict, variant: str) -> tuple[str, str]:
+    """(compiled weight MB, model.so MB) of `variant`'s artifacts, one `MB (target)` per target joined by
+    ", "; "-" without artifacts or for artifacts whose manifest had no sizes (an older summary)."""
+    weights, library = [], []
+    for art in summary.get("artifacts", {}).values():
+        if art.get("variant") != variant:
+            continue
+        for values, key in ((weights, "weight_bytes"), (library, "library_bytes")):
+            if art.get(key) is not None:
+                values.append(f"{art[key] / 1e6:.2f} ({art['target']})")
+    return ", ".join(weights) or "-", ", ".join(library) or "-"
+
+
+def accuracy_rows(summary: dict) -> list[list[str]]:
+    """The rows of the accuracy and size table (`ACCURACY_HEADER`): the float model, then each QAT variant with its
+    stored size (`qat.convert.storage_bytes`) next to what its compiled artifacts store and weigh."""
+    f = summary["float"]
+    rows = [["float (fp32)", "-", f"{100 * f['wer']:.1f}", f"{100 * f['cer']:.1f}", f"{f['stored_bytes'] / 1e6:.2f}",
+             "-", "-", "1.00", "-"]]
+    for name, v in summary["variants"].items():
+        compiled = next((b["compiled_wer"] for b in summary["bench"].values() if b["variant"] == name), None)
+        rows.append([name, f"{v['weight_bits']}-bit, {v['sparsity']}, {v['steps']} QAT steps", f"{100 * v['wer']:.1f}",
+                     f"{100 * v['cer']:.1f}", f"{v['stored_bytes'] / 1e6:.2f}", *artifact_sizes(summary, name),
+                     f"{v['fraction_of_float']:.2f}", f"{100 * compiled:.1f}" if compiled is not None else "-"])
+    return rows
+
+
 def render_markdown(summary: dict) -> str:
     m, f, cfg = summary["machine"], summary["float"], summary["config"]
     counts = summary["data"]["counts"]
@@ -163,13 +194,7 @@ def render_markdown(summary: dict) -> str:
         "## Accuracy and size",
         "",
     ]
-    rows = [["float (fp32)", "-", f"{100 * f['wer']:.1f}", f"{100 * f['cer']:.1f}", f"{f['stored_bytes'] / 1e6:.2f}", "1.00", "-"]]
-    for name, v in summary["variants"].items():
-        compiled = next((b["compiled_wer"] for b in summary["bench"].values() if b["variant"] == name), None)
-        rows.append([name, f"{v['weight_bits']}-bit, {v['sparsity']}, {v['steps']} QAT steps", f"{100 * v['wer']:.1f}",
-                     f"{100 * v['cer']:.1f}", f"{v['stored_bytes'] / 1e6:.2f}", f"{v['fraction_of_float']:.2f}",
-                     f"{100 * compiled:.1f}" if compiled is not None else "-"])
-    parts += [_md_table(["model", "recipe", "WER %", "CER %", "stored MB", "of float", "compiled host WER %"], rows), "",
+    parts += [_md_table(ACCURACY_HEADER, accuracy_rows(summary)), "",
               "![WER vs stored size](wer_vs_size.png)", "", "## Export fidelity (ORT vs PyTorch integer model)", ""]
     rows = [[n, e["layers"], e["layer_max_steps"], f"{e['layer_exact_pct']:.3f}", e["same_transcript"]]
             for n, e in summary["export"].items()]

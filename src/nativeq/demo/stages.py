@@ -207,8 +207,10 @@ def stage_compile(cfg: DemoConfig, work: Path):
             out.parent.mkdir(parents=True, exist_ok=True)
             compiled = compile_model(work / "models" / f"{name}.onnx", out, CompileConfig(target=target))
             manifest = compiled.manifest
+            sizes = manifest.get("sizes") or {}
             results[key] = {"variant": name, "target": target, "dir": str(out.relative_to(work)),
                             "arch": manifest["target"].get("arch"), "bytes": _dir_bytes(out),
+                            "weight_bytes": sizes.get("weight_bytes"), "library_bytes": sizes.get("library_bytes"),
                             "tuning": manifest.get("tuning"),
                             "int8_sites": manifest.get("int8_report"), "seconds": time.perf_counter() - started}
     line = ", ".join(f"{k} {r['seconds']:.0f} s" for k, r in results.items())

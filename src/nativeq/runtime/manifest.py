@@ -20,12 +20,25 @@ Schema (version 1)::
                    "dtype", "axis"}}],                                  # ONNX output order
       "shape_checks": [{"node", "op", "lhs", "rhs"}],  # size conditions checked before a run (runtime/shape_checks.py)
       "memory": null | {"method", "bytes": [{"coef", "dims": {"T": 2}}]},  # bound of a call's memory (runtime/memory.py)
+      "sizes": {"weight_bytes", "code_bytes", "library_bytes", "debug_bytes", "stripped",
+                "arena_bytes", "arena_expr", "arena_dims": {"T": 64}},  # what the artifact costs (compile/sizes.py)
+      "kernels": [{"name", "kind", "schedule", "rule", "macs", "calls", "share", "weight_bytes"}],
+      "kernel_dims": {"T": 64},         # the symbolic sizes the kernel report (and arena_bytes) assume
       "build": {...}, "tuning": {...}, "int8_report": {...} | null, "compile_seconds": 1.2
     }
 
 Symbolic dims stay strings (their ONNX names); static dims are ints. `quant` is set for
 outputs produced by a DequantizeLinear (possibly through Identity) so a verifier can count
 quantization steps.
+
+`sizes` (absent in artifacts built before it; any of its numbers may be null when the compiler
+could not read that part): `weight_bytes` the constants the library stores, as stored (after
+weight packing, each distinct content once; each kernel record has those its calls read);
+`code_bytes` the `.text` section of the library; `library_bytes` its file size; `debug_bytes` its
+debug sections (0 unless compiled with `--debug`; `stripped` says so); `arena_bytes` the
+activation storage the VM's static memory plan allocates per call (outputs not included),
+evaluated at `arena_dims` when it depends on symbolic sizes (`arena_expr` is then the formula
+in the ONNX dim names, e.g. "64*T"; null when static).
 
 The artifact is sealed: `read_manifest` refuses a manifest whose `manifest_sha256` does not
 match its content, and checks the type of every field the runtime, `verify` and the bundler
@@ -239,6 +252,21 @@ def _check_fields(artifact_dir: Path, manifest: dict) -> None:
         for key in ("node", "op", "lhs", "rhs"):
             f.text(check, key, f"shape_checks[{i}].")
     _check_memory(f, manifest.get("memory"))
+    _check_sizes(f, manifest.get("sizes"))
+
+
+def _check_sizes(f: _Fields, sizes) -> None:
+    if sizes is None:  # absent in artifacts built before it
+        return
+    if not isinstance(sizes, dict):
+        raise f.fail("sizes", "an object {weight_bytes, code_bytes, library_bytes, arena_bytes, ...}", sizes)
+    for key in ("weight_bytes", "code_bytes", "library_bytes", "debug_bytes", "arena_bytes"):
+        value = sizes.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise f.fail(f"sizes.{key}", "an int ≥ 0 or null", value)
+    dims = sizes.get("arena_dims", {})
+    if not isinstance(dims, dict) or any(isinstance(v, bool) or not isinstance(v, int) for v in dims.values()):
+        raise f.fail("sizes.arena_dims", "an object dim name -> int", dims)
 
 
 def _check_memory(f: _Fields, memory) -> None:
