@@ -85,10 +85,9 @@ def layer_module(w: np.ndarray, act_dtype: str, rng) -> tvm.IRModule:
 
 def build(mod, target, compressed: bool):
     """(executable, weight bytes the packing stored): the compile pipeline, compressed formats on or off."""
-    passes = compile_passes(target)
+    passes = compile_passes(target, compressed_weights=compressed)
     index = next(i for i, p in enumerate(passes) if isinstance(p, PackInt8Weights))
-    # NOTE: a new pass object: attributes set on a decorated pass instance do not reach the pass.
-    packer = passes[index] = PackInt8Weights(dot_intrin_for(target), sparse=compressed, int4=compressed)
+    packer = passes[index]
     captured = {}
 
     @tvm.transform.module_pass(opt_level=0, name="capture_constants")

@@ -9,8 +9,6 @@ equals the dense 8-bit build's bit for bit and ONNX Runtime's within one quantiz
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import onnx
 import pytest
@@ -210,15 +208,10 @@ def compressed_layers_model(seed: int = 0) -> onnx.ModelProto:
     return model
 
 
-def _compile(onnx_path, out, target, compressed: bool, monkeypatch):
+def _compile(onnx_path, out, target, compressed: bool):
     from nativeq.compile import CompileConfig, compile_model
-    from nativeq.compile.schedules import pack_weights
 
-    with monkeypatch.context() as patch:
-        if not compressed:
-            patch.setattr(pack_weights, "PackInt8Weights",
-                          functools.partial(pack_weights.PackInt8Weights, sparse=False, int4=False))
-        compile_model(onnx_path, out, CompileConfig(target=target))
+    compile_model(onnx_path, out, CompileConfig(target=target, dense_weights=not compressed))
     return out
 
 
@@ -241,12 +234,12 @@ def compressed_model(tmp_path_factory):
     return path
 
 
-def test_compressed_model_on_host_equals_dense_build_and_ort(compressed_model, tmp_path, monkeypatch):
+def test_compressed_model_on_host_equals_dense_build_and_ort(compressed_model, tmp_path):
     import json
 
     import nativeq
 
-    builds = {name: _compile(compressed_model, tmp_path / name, "host", name == "compressed", monkeypatch)
+    builds = {name: _compile(compressed_model, tmp_path / name, "host", name == "compressed")
               for name in ("compressed", "dense")}
     models = {name: nativeq.load(path) for name, path in builds.items()}
     for t in (1, 37, 200):
@@ -258,13 +251,13 @@ def test_compressed_model_on_host_equals_dense_build_and_ort(compressed_model, t
 
 @pytest.mark.arm
 @pytest.mark.parametrize("target", ["rpi4", "rpi5"])
-def test_compressed_model_under_qemu_equals_dense_build_and_ort(compressed_model, tmp_path, monkeypatch, target):
+def test_compressed_model_under_qemu_equals_dense_build_and_ort(compressed_model, tmp_path, target):
     from kernel_rules import schedule_rules
     from nativeq.runtime.emulate import run_emulated
 
     rules = schedule_rules(onnx.load(compressed_model), tmp_path, target)
     assert sum(rule == "int8-matmul" for rule in rules.values()) == 3, rules
-    builds = {name: _compile(compressed_model, tmp_path / name, target, name == "compressed", monkeypatch)
+    builds = {name: _compile(compressed_model, tmp_path / name, target, name == "compressed")
               for name in ("compressed", "dense")}
     _check(lambda name, x: run_emulated(builds[name], {"x": x})[0], compressed_model, 45)
 

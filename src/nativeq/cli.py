@@ -129,8 +129,11 @@ def targets(as_json):
 @click.option("--input-shapes", default=None,
               help='Input shapes, e.g. "feats:[1,T,80]": an integer fixes that axis, a name renames its symbolic dim.')
 @click.option("--debug", is_flag=True, help="Keep the DWARF debug sections in model.so (default: none, a smaller library).")
+@click.option("--dense-weights", is_flag=True,
+              help="Store every int8 weight dense and 8-bit (default: 4-bit packed and block-sparse where the values allow).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result (manifest with its kernel table and sizes) as JSON.")
-def compile_cmd(model, target, out, force, explain, no_int8, tuning_log, no_tuning, dims, input_shapes, debug, as_json):
+def compile_cmd(model, target, out, force, explain, no_int8, tuning_log, no_tuning, dims, input_shapes, debug,
+                dense_weights, as_json):
     """Compile a (QDQ) ONNX MODEL for a target into an artifact directory OUT."""
     from nativeq.compile import CompileConfig, compile_model
     from nativeq.compile.input_shapes import parse_input_shapes
@@ -138,6 +141,7 @@ def compile_cmd(model, target, out, force, explain, no_int8, tuning_log, no_tuni
     cfg = CompileConfig(
         target=target, int8=not no_int8, tuning_log=tuning_log, use_tuning=not no_tuning, explain=explain,
         dims=_parse_dims(dims), input_shapes=parse_input_shapes(input_shapes) if input_shapes else {}, debug=debug,
+        dense_weights=dense_weights,
     )
     result = compile_model(model, out, cfg, force=force)
     click.echo(result.to_json() if as_json else result.summary())

@@ -49,6 +49,8 @@ class CompileConfig:
     input_shapes: input name -> shape, an int fixing that axis, a name renaming its symbolic dim
         (e.g. {"feats": (1, "T", 80)}).
     debug: keep the DWARF debug sections TVM's code generator emits in the library (default: none).
+    dense_weights: store every int8 matmul weight dense and 8-bit, multiplying zeros (default: 4-bit
+        packed and block-sparse where the values allow, `schedules/weight_formats.py`).
     """
 
     target: str
@@ -59,6 +61,7 @@ class CompileConfig:
     dims: dict[str, int] = field(default_factory=dict)
     input_shapes: dict[str, tuple] = field(default_factory=dict)
     debug: bool = False
+    dense_weights: bool = False
 
 
 @dataclass(frozen=True)
@@ -282,7 +285,8 @@ def compile_model(model_path, out_dir, cfg: CompileConfig, force: bool = False, 
     with stages.stage(f"{'int8 lowering + build' if cfg.int8 else 'build'} for {target.name}"):
         tvm_target = make_tvm_target(target)
         sites = explain_int8(mod, target) if cfg.int8 else None
-        passes = compile_passes(target, int8=cfg.int8, tuning_database=database)
+        passes = compile_passes(target, int8=cfg.int8, tuning_database=database,
+                                compressed_weights=not cfg.dense_weights)
         build_passes, captures = _with_captures(passes)
         sized = capture_instrument()
         with held_native_output(), tvm.transform.PassContext(opt_level=3, instruments=[sized]):

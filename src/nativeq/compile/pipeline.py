@@ -37,20 +37,22 @@ def tuning_passes(database_dir: Path | None, target=None) -> list:
     return [ApplyTuningDatabase(database_dir, target)]
 
 
-def compile_passes(target, *, int8: bool = True, tuning_database: Path | None = None) -> list:
+def compile_passes(target, *, int8: bool = True, tuning_database: Path | None = None,
+                   compressed_weights: bool = True) -> list:
     """Every Relax pass `nativeq compile` runs for `target` (a `nativeq.targets.Target`), in order.
 
+    compressed_weights: False stores every int8 matmul weight dense and 8-bit (`--dense-weights`).
     Built inside the TVM target's context: some passes read the current target when created.
     """
     with TVMTarget(target.tvm_dict()):
-        return _passes(target, int8=int8, tuning_database=tuning_database)
+        return _passes(target, int8=int8, tuning_database=tuning_database, compressed_weights=compressed_weights)
 
 
-def _passes(target, *, int8: bool, tuning_database: Path | None) -> list:
+def _passes(target, *, int8: bool, tuning_database: Path | None, compressed_weights: bool) -> list:
     return [
         # int8 lowering and kernel layouts (skipped with --no-int8: TVM's float QDQ path)
         *(int8_passes(target) if int8 else []),
-        *(kernel_relax_passes(target) if int8 else []),
+        *(kernel_relax_passes(target, compressed_weights=compressed_weights) if int8 else []),
         # library dispatch and legalization to TIR, then fusion
         relax.backend.DispatchSampling(),
         relax.backend.DispatchSortScan(),
@@ -79,10 +81,12 @@ def _passes(target, *, int8: bool, tuning_database: Path | None) -> list:
     ]
 
 
-def compile_pipeline(target, *, int8: bool = True, tuning_database: Path | None = None) -> tvm.transform.Pass:
+def compile_pipeline(target, *, int8: bool = True, tuning_database: Path | None = None,
+                     compressed_weights: bool = True) -> tvm.transform.Pass:
     """`compile_passes` as one Sequential pass, for `relax.build(..., relax_pipeline=...)`."""
     return tvm.transform.Sequential(
-        compile_passes(target, int8=int8, tuning_database=tuning_database), name="nativeq_compile"
+        compile_passes(target, int8=int8, tuning_database=tuning_database, compressed_weights=compressed_weights),
+        name="nativeq_compile",
     )
 
 

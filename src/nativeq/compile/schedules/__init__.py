@@ -5,7 +5,8 @@ Two hooks, called by `compile/pipeline.py`:
 - `kernel_relax_passes(target)`: Relax passes run before LegalizeOps. Runs int8 convs channels-last
   (`channels_last.py`: full convs as im2col + matmul, `conv_as_matmul.py`; depthwise convs as their own
   kernel, `depthwise.py`), packs the constant weights of int8 matmuls for the
-  target's dot intrinsic (`pack_weights.py`) and, at run time, the int8 activation rhs of
+  target's dot intrinsic (`pack_weights.py`; 4-bit packed or block-sparse where the values allow,
+  `weight_formats.py`) and, at run time, the int8 activation rhs of
   activation x activation matmuls (attention's Q.K^T, P.V; `pack_activations.py`). (Float `erf`,
   GELU's, is legalized by `compile/passes/legalize_like_ort.py` as MLAS computes it: vectorizable
   and bit-identical.)
@@ -23,8 +24,10 @@ from __future__ import annotations
 from nativeq.compile.schedules.intrinsics import dot_intrin_for
 
 
-def kernel_relax_passes(target) -> list:
-    """Relax-level passes that choose int8 kernel layouts (pack weights), run before legalization."""
+def kernel_relax_passes(target, compressed_weights: bool = True) -> list:
+    """Relax-level passes that choose int8 kernel layouts (pack weights), run before legalization.
+
+    compressed_weights: 4-bit packed / block-sparse weights where the values allow (`weight_formats.py`)."""
     from nativeq.compile.schedules.channels_last import Int8ConvsChannelsLast
     from nativeq.compile.schedules.pack_activations import PackInt8Activations
     from nativeq.compile.schedules.pack_weights import PackInt8Weights
@@ -32,7 +35,8 @@ def kernel_relax_passes(target) -> list:
     intrin = dot_intrin_for(target)
     if intrin is None:
         return []
-    return [Int8ConvsChannelsLast(intrin), PackInt8Weights(intrin), PackInt8Activations(intrin)]
+    packing = PackInt8Weights(intrin, sparse=compressed_weights, int4=compressed_weights)
+    return [Int8ConvsChannelsLast(intrin), packing, PackInt8Activations(intrin)]
 
 
 def schedule_passes(target) -> list:
