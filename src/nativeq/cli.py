@@ -243,12 +243,15 @@ def data():
 @click.option("--other", "n_other", default=300, show_default=True, help="'other' split: festival voices, an engine not in train.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--jobs", "-j", default=2, show_default=True, help="Parallel synthesis processes.")
+@click.option("--engines", default="espeak-ng,flite,festival", show_default=True,
+              help="TTS engines, comma-separated: espeak-ng, flite, festival, kokoro (neural; needs the 'tts' extra).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-def data_synth(out, n_train, n_dev, n_test, n_other, seed, jobs, force):
+def data_synth(out, n_train, n_dev, n_test, n_other, seed, jobs, engines, force):
     """Synthesize a reproducible speech corpus with manifests <split>.tsv into OUT."""
     from nativeq.models.data import SynthConfig, synthesize_corpus
 
-    cfg = SynthConfig(train=n_train, dev=n_dev, test=n_test, other=n_other, seed=seed, jobs=jobs)
+    cfg = SynthConfig(train=n_train, dev=n_dev, test=n_test, other=n_other, seed=seed, jobs=jobs,
+                      engines=tuple(e.strip() for e in engines.split(",") if e.strip()))
     for split, (n, hours) in synthesize_corpus(out, cfg, force=force).items():
         click.echo(f"{split}: {n} utterances, {hours:.2f} h -> {out}/{split}.tsv")
 

@@ -13,6 +13,10 @@ Users can evaluate on their own recordings by writing such a file.
   train too. Holding out a whole engine (instead of only voices) is the closest
   synthetic stand-in for "a voice the model never heard".
 
+`SynthConfig.engines` picks the engines (default espeak-ng, flite, festival: the corpus
+above). `kokoro` (neural Kokoro-82M, `models/kokoro.py`, the optional `tts` extra) adds
+blends of its five voice styles to train, dev and test, disjoint between the splits.
+
 Every utterance is augmented: speed perturbation, reverberation, telephone band (8 kHz),
 gain, additive white/pink/brown noise at 5-30 dB SNR, and padded with noise plus dither
 (never digital silence, which stalled CTC training in a trial).
@@ -33,6 +37,7 @@ import numpy as np
 
 from nativeq._fs import atomic_directory, write_bytes_atomic, write_text_atomic
 from nativeq.errors import NativeqError
+from nativeq.models import kokoro
 from nativeq.models.audio import audio_info, read_audio, resample  # noqa: F401 (resample: public name)
 from nativeq.models.text import normalize_text
 
@@ -55,13 +60,26 @@ TRAIN_VARIANTS = tuple(v for v in ESPEAK_VARIANTS if v not in TEST_VARIANTS and 
 FLITE_TRAIN_VOICES = ("awb", "rms", "slt")
 FESTIVAL_OTHER_VOICES = ("ked_diphone", "kal_diphone")
 
-# Which voices each split draws from: (engine, voice) pairs.
+KOKORO_VOICES = kokoro.split_voices()  # {train, dev, test}: blends of the packaged styles, disjoint
+
+ENGINES = ("espeak-ng", "flite", "festival", "kokoro")
+DEFAULT_ENGINES = ("espeak-ng", "flite", "festival")  # the corpus before kokoro, unchanged byte for byte
+
+# Which voices each split draws from: (engine, voice) pairs; a corpus uses those of its engines.
 SPLIT_VOICES: dict[str, tuple[tuple[str, str], ...]] = {
-    "train": tuple(("espeak-ng", v) for v in TRAIN_VARIANTS) + tuple(("flite", v) for v in FLITE_TRAIN_VOICES),
-    "dev": tuple(("espeak-ng", v) for v in DEV_VARIANTS),
-    "test": tuple(("espeak-ng", v) for v in TEST_VARIANTS),
+    "train": tuple(("espeak-ng", v) for v in TRAIN_VARIANTS) + tuple(("flite", v) for v in FLITE_TRAIN_VOICES)
+    + tuple(("kokoro", v) for v in KOKORO_VOICES["train"]),
+    "dev": tuple(("espeak-ng", v) for v in DEV_VARIANTS) + tuple(("kokoro", v) for v in KOKORO_VOICES["dev"]),
+    "test": tuple(("espeak-ng", v) for v in TEST_VARIANTS) + tuple(("kokoro", v) for v in KOKORO_VOICES["test"]),
     "other": tuple(("festival", v) for v in FESTIVAL_OTHER_VOICES),
 }
+
+
+def split_voices(split: str, engines=DEFAULT_ENGINES) -> tuple[tuple[str, str], ...]:
+    """The (engine, voice) pairs `split` draws from with these engines, in table order."""
+    return tuple(ev for ev in SPLIT_VOICES[split] if ev[0] in engines)
+
+
 _INSTALL = {
     "espeak-ng": "apt-get install espeak-ng",
     "flite": "apt-get install flite",
@@ -136,6 +154,11 @@ def _synthesize_raw(engine: str, voice: str, text: str, rng: np.random.Generator
         stretch = rng.uniform(0.85, 1.25)
         _run(["flite", "-voice", voice, "--setf", f"duration_stretch={stretch:.3f}", "-t", text, "-o", str(raw)],
              f"flite voice {voice}")
+    elif engine == "kokoro":
+        speech = kokoro.synthesize(text, voice, speed=rng.uniform(0.85, 1.2), rate=SAMPLE_RATE)
+        speech = speech.astype(np.float64) / max(1.0, float(np.abs(speech).max(initial=0.0)))
+        pcm = np.round(speech * 32767.0).astype(np.int16)
+        write_wav(raw, pcm)  # through the same sox effects as the other engines
     elif engine == "festival":
         stretch = rng.uniform(0.85, 1.2)
         script = tmp / "text.txt"
@@ -224,6 +247,7 @@ class SynthConfig:
     other: int = 300
     seed: int = 0
     jobs: int = 2
+    engines: tuple[str, ...] = DEFAULT_ENGINES
 
 
 def synthesize_corpus(out: str | os.PathLike, cfg: SynthConfig, force: bool = False, progress: bool = True) -> dict:
@@ -236,8 +260,20 @@ def synthesize_corpus(out: str | os.PathLike, cfg: SynthConfig, force: bool = Fa
     for split, n in counts.items():
         if n < 0:
             raise NativeqError(f"--{split} must be >= 0, got {n}")
-    engines = {engine for split, n in counts.items() if n for engine, _ in SPLIT_VOICES[split]}
-    for tool in sorted({"sox"} | {"text2wave" if e == "festival" else e for e in engines}):
+    unknown = [e for e in cfg.engines if e not in ENGINES]
+    if unknown or not cfg.engines:
+        raise NativeqError(f"unknown TTS engine(s) {', '.join(map(repr, unknown)) or '(none given)'} "
+                           f"(engines: {', '.join(ENGINES)})")
+    for split, n in counts.items():
+        if n and not split_voices(split, cfg.engines):
+            have = sorted({e for e, _ in SPLIT_VOICES[split]})
+            raise NativeqError(f"split {split!r} has no voices among engines {','.join(cfg.engines)} "
+                               f"(its engines: {', '.join(have)}); pass --{split} 0 or add one")
+    engines = {engine for split, n in counts.items() if n for engine, _ in split_voices(split, cfg.engines)}
+    if "kokoro" in engines:
+        kokoro.prepare()  # the extra is there; the model file is assembled once, before the workers fork
+    tools = {"sox"} | {"text2wave" if e == "festival" else "espeak-ng" if e == "kokoro" else e for e in engines}
+    for tool in sorted(tools):
         _require_tool(tool)
     summary = {}
     with atomic_directory(out, force=force) as tmp_dir:
@@ -246,7 +282,7 @@ def synthesize_corpus(out: str | os.PathLike, cfg: SynthConfig, force: bool = Fa
             if not n:
                 continue
             (tmp_dir / "wav" / split).mkdir(parents=True)
-            voices = SPLIT_VOICES[split]
+            voices = split_voices(split, cfg.engines)
             for i in range(n):
                 engine, voice = voices[int(np.random.default_rng([cfg.seed, _SPLIT_SALT[split], i, 7]).integers(len(voices)))]
                 tasks.append((split, i, cfg.seed, engine, voice, str(tmp_dir)))
