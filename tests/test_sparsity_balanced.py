@@ -277,6 +277,7 @@ def test_finetune_and_export_cli_end_to_end(tmp_path):
     out = tmp_path / "model.onnx"
     result = CliRunner().invoke(main, ["export", str(run), "-o", str(out)])
     assert result.exit_code == 0, result.output
+    assert "sparsity 16x4b:0.5;" in result.output and "QDQ lint: clean" in result.output
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert meta["nativeq.sparsity"] == "16x4b:0.5"
     assert json.loads(meta["nativeq.layers"])["blocks.0.ff1.fc1"]["sparsity"] == "16x4b:0.5"

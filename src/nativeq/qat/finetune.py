@@ -231,4 +231,4 @@ def export_run(cfg: ExportRunConfig) -> dict:
     )
     proto = export_qdq(model, (example,), out, export_cfg)
     return {"path": str(out), "bytes": out.stat().st_size, "lint": lint_qdq(proto),
-            "weight_bits": qat["quant"]["weight_bits"], "sparsity": (qat.get("sparsity") or {}).get("pattern", "dense")}
+            "weight_bits": qat["quant"]["weight_bits"], "sparsity": SparsityConfig(**qat["sparsity"]).layer_pattern if qat.get("sparsity") else "dense"}
