@@ -7,6 +7,10 @@ Each row is one `nativeq finetune` run (the same library call) from the same flo
 evaluated on the test split and on the other-engine split; sizes from `storage_bytes`.
 Writes `results.json` and `results.md` in the output directory (rows already measured are
 kept, so an interrupted run continues where it stopped).
+
+`--one-shot 2:4 0.5 16x4b:0.5 ...` instead scores the float source with each pattern's magnitude
+mask applied once (no quantization, no training) on the test split: how much a pattern removes
+before fine-tuning has to win it back.
 """
 
 from __future__ import annotations
@@ -43,6 +47,27 @@ def _evaluate(model, data: str, splits: list[str], limit: int) -> dict:
             for s in splits}
 
 
+def one_shot(source: str, data: str, patterns: list[str], limit: int) -> list[tuple[str, dict]]:
+    """(pattern, test metrics) of the float source with each pattern's final mask multiplied in."""
+    from torch import nn
+
+    from nativeq.models.pretrained import load_model
+    from nativeq.qat.finetune import parse_sparsity
+    from nativeq.qat.sparsity import compute_mask
+
+    rows = []
+    for pattern in patterns:
+        model, _ = load_model(source)
+        cfg = parse_sparsity(pattern)
+        with torch.no_grad():
+            for layer in model.modules():
+                if cfg is not None and isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+                    layer.weight.mul_(compute_mask(layer.weight, cfg, cfg.final_sparsity))
+        rows.append((pattern, _evaluate(model, data, ["test"], limit)["test"]))
+        print(f"one-shot {pattern}: test WER {rows[-1][1]['wer']:.4f} CER {rows[-1][1]['cer']:.4f}", flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--source", required=True)
@@ -51,6 +76,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--limit", type=int, default=0, help="evaluate the first N utterances of each split (0 = all)")
     ap.add_argument("--only", nargs="*", default=None, help="row names to run (default: all)")
+    ap.add_argument("--one-shot", nargs="+", default=None, metavar="PATTERN",
+                    help="score the float source with these masks applied once (dense for none), no training")
     ap.add_argument("-o", "--out", required=True)
     args = ap.parse_args()
 
@@ -62,6 +89,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.one_shot:
+        rows = one_shot(args.source, args.data, args.one_shot, args.limit)
+        write_json_atomic(out / "one_shot.json", {p: m for p, m in rows})
+        return
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     splits = ["test"] + (["other"] if (Path(args.data) / "other.tsv").exists() else [])
