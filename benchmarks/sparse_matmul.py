@@ -9,7 +9,7 @@ shapes (K x N) and `--rows` activation rows (75 = T=300 feature frames after 4x 
 weights are pruned in the kernel-friendly pattern (16 outputs x 4 inputs blocks, the same number kept
 per 16 outputs) at each sparsity, once in 8 and once in 4 bits. Every variant is compiled twice,
 once with the block-sparse / 4-bit formats (`compile/schedules/weight_formats.py`) and once forced
-dense 8-bit, and both are timed side by side in this run (median of `--seconds` of calls); the
+dense 8-bit, and both are timed side by side in this run (TVM's time evaluator, samples alternating); the
 outputs of the two must be identical. Prints the speedup dense / sparse and the weight bytes.
 
 With an aarch64 `--target` (rpi4, rpi5) nothing is timed: the two builds are counted in aarch64
@@ -109,15 +109,16 @@ def _constants(mod):
     return found
 
 
-def measure(fn, seconds: float) -> float:
-    fn()
-    times = []
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end or len(times) < 10:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times) * 1e6)
+def measure_interleaved(vms: list, x, seconds: float) -> list[float]:
+    """Median microseconds per call of each VM's `main` on `x`, timed by TVM's evaluator (C++, 20 calls per
+    sample, no Python in the loop), the VMs' samples alternating so that all see the same machine."""
+    evaluators = [vm.time_evaluator("main", tvm.cpu(), number=20, repeat=1) for vm in vms]
+    samples = [[] for _ in vms]
+    end = time.perf_counter() + seconds * len(vms)
+    while time.perf_counter() < end or len(samples[0]) < 5:
+        for evaluate, record in zip(evaluators, samples):
+            record.append(evaluate(x).mean)
+    return [float(np.median(record) * 1e6) for record in samples]
 
 
 def main():
@@ -140,13 +141,13 @@ def main():
                 mod = layer_module(w, intrin.act_dtype, rng)
                 x = rng.integers(0, 128, (ARGS.rows, k)).astype(intrin.act_dtype)
                 x_tvm = tvm.runtime.tensor(x)
-                runs = {}
+                runs = []
                 for compressed in (False, True):
                     ex, nbytes, formats = build(mod, target, compressed)
                     vm = relax.VirtualMachine(ex, tvm.cpu())
-                    out = vm["main"](x_tvm).numpy()
-                    runs[compressed] = (measure(lambda vm=vm: vm["main"](x_tvm), ARGS.seconds), nbytes, out, formats)
-                (dense_us, dense_b, dense_out, _), (sparse_us, packed_b, sparse_out, formats) = runs[False], runs[True]
+                    runs.append((vm, nbytes, vm["main"](x_tvm).numpy(), formats))
+                dense_us, sparse_us = measure_interleaved([run[0] for run in runs], x_tvm, ARGS.seconds)
+                (_, dense_b, dense_out, _), (_, packed_b, sparse_out, formats) = runs
                 if not np.array_equal(dense_out, sparse_out):
                     sys.exit(f"{shape} bits={bits} sparsity={sparsity}: the compressed kernel's output differs")
                 record = {"k": k, "n": n, "rows": ARGS.rows, "bits": bits, "sparsity": sparsity,

@@ -201,3 +201,21 @@ def test_softmax_is_bit_identical_to_onnxruntime(shape, t, tmp_path):
     x = (np.random.default_rng(7).normal(0, 3, tuple(t if d == "T" else d for d in shape))).astype(np.float32)
     out, ref = run_both(model, x, tmp_path)
     np.testing.assert_array_equal(out, ref)
+
+
+def test_round_is_ties_to_even_like_onnxruntime_and_vectorized(tmp_path):
+    """ONNX Round: ties to even (2.5 -> 2, -0.5 -> -0), and the kernel on a symbolic length is vector code
+    (TOPI's `nearbyint` is scalarized by TVM's vectorizer: one vroundss per element on x86)."""
+    import subprocess
+
+    model = unary_model("Round", [1, "T", 64])
+    rng = np.random.default_rng(6)
+    x = (rng.normal(0, 40, (1, 97, 64)) * 2).round().astype(np.float32) / 2  # many exact .5 ties
+    x[0, 0, :6] = [0.5, 1.5, 2.5, -0.5, -1.5, 1e9]
+    out, ref = run_both(model, x, tmp_path)
+    np.testing.assert_array_equal(out, ref)
+    np.testing.assert_array_equal(np.signbit(out), np.signbit(ref))
+    library = next((tmp_path / "art").glob("*.so"))
+    asm = subprocess.run(["objdump", "-d", str(library)], capture_output=True, text=True).stdout
+    if "vrndscale" in asm or "vround" in asm:  # an x86 host with AVX: rounding instructions are visible
+        assert " vroundss" not in asm and " vrndscaless" not in asm, "the round kernel is scalarized"
