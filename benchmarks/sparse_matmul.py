@@ -12,8 +12,9 @@ once with the block-sparse / 4-bit formats (`compile/schedules/weight_formats.py
 dense 8-bit, and both are timed side by side in this run (TVM's time evaluator, samples alternating); the
 outputs of the two must be identical. Prints the speedup dense / sparse and the weight bytes.
 
-With an aarch64 `--target` (rpi4, rpi5) nothing is timed: the two builds are counted in aarch64
-instructions per call under qemu instead (`--emulate`, needs `nativeq setup-arm`).
+With an aarch64 `--target` (rpi4, rpi5) nothing is timed: each layer is written as a QDQ ONNX file, compiled
+both ways for the target and counted in aarch64 instructions per call under qemu (the emulated CPU of the
+target; `nativeq bench-emulated`, needs `nativeq setup-arm`). The whole call is counted, requantize included.
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ def main():
     if intrin is None:
         sys.exit(f"target {target.name} has no int8 dot instruction family")
     if target.arch != "x86_64":
-        sys.exit("aarch64 targets: count instructions with `nativeq bench-emulated` on the layers' artifacts")
+        return main_emulated(target)
     if not ARGS.json:
         print(f"target {target.name} ({target.int8}), {ARGS.threads} threads, {ARGS.rows} rows; median us per call")
         print(f"{'K x N':>9} {'bits':>4} {'sparsity':>8} | {'dense us':>9} {'sparse us':>9} {'speedup':>7} | "
@@ -161,6 +162,71 @@ def main():
                     print(f"{shape:>9} {bits:>4} {sparsity:>8.3f} | {dense_us:9.1f} {sparse_us:9.1f} "
                           f"{dense_us / sparse_us:6.2f}x | {dense_b:8d} {packed_b:8d} {packed_b / dense_b:5.2f} | "
                           f"{record['format']}")
+                sys.stdout.flush()
+
+
+def layer_onnx(w: np.ndarray, rng) -> "onnx.ModelProto":
+    """x[1, T, K] float -> QuantizeLinear/DequantizeLinear (int8) -> MatMul(DequantizeLinear(w), per column)
+    -> QuantizeLinear/DequantizeLinear -> y: the layer as a QDQ ONNX file, for the aarch64 artifacts."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    k, n = w.shape
+    inits = [numpy_helper.from_array(w, "w_q"), numpy_helper.from_array(np.zeros(n, np.int8), "w_z"),
+             numpy_helper.from_array(rng.uniform(0.01, 0.03, n).astype(np.float32), "w_s"),
+             numpy_helper.from_array(np.array(0.05, np.float32), "x_s"), numpy_helper.from_array(np.array(0, np.int8), "x_z"),
+             numpy_helper.from_array(np.array(0.2, np.float32), "y_s"), numpy_helper.from_array(np.array(0, np.int8), "y_z")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "x_s", "x_z"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "x_s", "x_z"], ["xf"]),
+             helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_z"], ["wf"], axis=1),
+             helper.make_node("MatMul", ["xf", "wf"], ["mm"]),
+             helper.make_node("QuantizeLinear", ["mm", "y_s", "y_z"], ["yq"]),
+             helper.make_node("DequantizeLinear", ["yq", "y_s", "y_z"], ["y"])]
+    graph = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "T", k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "T", n])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    return model
+
+
+def main_emulated(target):
+    """aarch64: dense and compressed builds of each layer counted in instructions per call under qemu."""
+    import tempfile
+    from pathlib import Path
+
+    import onnx
+
+    from nativeq.compile import CompileConfig, compile_model
+    from nativeq.runtime.insn_bench import InsnBenchConfig, bench_emulated
+
+    work = Path(tempfile.mkdtemp(prefix="nativeq-sparse-arm-"))
+    if not ARGS.json:
+        print(f"target {target.name} ({target.int8}) under qemu -cpu {target.qemu_cpu}, {ARGS.rows} rows; "
+              "aarch64 instructions per call")
+        print(f"{'K x N':>9} {'bits':>4} {'sparsity':>8} | {'dense':>10} {'sparse':>10} {'ratio':>6} | format")
+    rng = np.random.default_rng(0)
+    for shape in ARGS.shapes.split(","):
+        k, n = (int(v) for v in shape.split("x"))
+        for bits in (int(b) for b in ARGS.bits.split(",")):
+            for sparsity in (float(s) for s in ARGS.sparsity.split(",")):
+                stem = work / f"{k}x{n}_{bits}_{sparsity:g}"
+                onnx.save(layer_onnx(pruned_weight(k, n, sparsity, bits, rng), rng), f"{stem}.onnx")
+                builds = []
+                for dense in (True, False):
+                    out = Path(f"{stem}_{'dense' if dense else 'compressed'}")
+                    compile_model(f"{stem}.onnx", out, CompileConfig(target=target.name, dense_weights=dense),
+                                  progress=False)
+                    builds.append(out)
+                result = bench_emulated(builds, InsnBenchConfig(dims={"T": ARGS.rows}, repeat=3))
+                dense_insns, sparse_insns = (row.insns_per_inference for row in result.rows)
+                record = {"k": k, "n": n, "rows": ARGS.rows, "bits": bits, "sparsity": sparsity, "target": target.name,
+                          "dense_insns": dense_insns, "sparse_insns": sparse_insns,
+                          "ratio": round(dense_insns / sparse_insns, 3)}
+                if ARGS.json:
+                    print(json.dumps(record))
+                else:
+                    print(f"{shape:>9} {bits:>4} {sparsity:>8.3f} | {dense_insns:10d} {sparse_insns:10d} "
+                          f"{dense_insns / sparse_insns:5.2f}x |")
                 sys.stdout.flush()
 
 

@@ -105,6 +105,23 @@ def test_unbalanced_blocks_are_padded_to_the_longest_list():
     np.testing.assert_array_equal(unpack_to_dense(packed), w)
 
 
+def test_arm_tiles_share_one_list_per_16_columns_of_a_16x4_pruned_weight():
+    """ARM tiles are 4 x 4: a 16 x 4 block pattern gives four column blocks the same list (one activation
+    broadcast per listed k-step for the register tile); independent 4 x 4 blocks keep one list each."""
+    rng = np.random.default_rng(5)
+    w = block_pruned(_random((128, 64), 8, rng), 0.75, rng)
+    packed = pack_for_kernel(w, lanes=4, kstep=4)
+    assert packed.group == 4 and packed.blocks.shape == (64 // 16, 8)
+    np.testing.assert_array_equal(unpack_to_dense(packed), w)
+    w4 = _random((128, 64), 8, rng)
+    for band in range(0, 64, 4):  # 4-column bands pruned independently
+        for block in rng.permutation(32)[:24]:
+            w4[block * 4:(block + 1) * 4, band:band + 4] = 0
+    packed = pack_for_kernel(w4, lanes=4, kstep=4)
+    assert packed.group == 1 and packed.blocks.shape == (16, 8)
+    np.testing.assert_array_equal(unpack_to_dense(packed), w4)
+
+
 def test_density_threshold_is_the_documented_one():
     rng = np.random.default_rng(4)
     k_blocks = 32

@@ -136,7 +136,7 @@ def _without_tile_list_reads(func):
         if isinstance(stmt, s_tir.SBlock):
             reads = stmt.reads
             if stmt.name_hint == REDUCTION_BLOCK:
-                reads = [r for r in reads if not (len(r.source.shape) == 2 and str(r.source.dtype) == "int32")]
+                reads = [r for r in reads if not (len(r.source.shape) == 2 and str(r.source.dtype) == "int16")]
             return s_tir.SBlock(stmt.iter_vars, reads, stmt.writes, stmt.name_hint, rebuild(stmt.body), stmt.init,
                                 stmt.alloc_buffers, stmt.match_buffers, stmt.annotations)
         return stmt

@@ -38,7 +38,8 @@ INT4_UNPACK_BLOCK = "nativeq_int4_unpack"
 
 
 def packed_matmul_te(x: te.Tensor, wp: te.Tensor, lanes: int, kstep: int, row_tile: int, n_out=None,
-                     blocks: te.Tensor | None = None, int4_tiles: int | None = None, k_in: int | None = None) -> te.Tensor:
+                     blocks: te.Tensor | None = None, int4_tiles: int | None = None, k_in: int | None = None,
+                     list_group: int = 1) -> te.Tensor:
     """int32 matmul of `x` [..., rows, K] with a packed operand `wp` [*wbatch, N/lanes, K/kstep, lanes, kstep].
 
     `wbatch` is empty (a constant weight shared by every batch entry of `x`) or `x`'s batch dims (an
@@ -53,8 +54,9 @@ def packed_matmul_te(x: te.Tensor, wp: te.Tensor, lanes: int, kstep: int, row_ti
 
     Constant weights may come in the compressed formats of `weight_formats.py`: `int4_tiles` = W when
     `wp` holds two tiles per byte (unpacked in the kernel, `nativeq_int4_unpack`), `blocks`
-    [N/lanes, W] int32 when `wp` holds only the listed tiles of each column block (the reduction then
-    runs over the W listed k-steps; `k_in` is the padded K the activation is read with).
+    [N/lanes/list_group, W] int16 when `wp` holds only the listed tiles of each column block (one list per
+    `list_group` column blocks; the reduction then runs over the W listed k-steps; `k_in` is the padded K
+    the activation is read with).
     """
     if int4_tiles is not None:
         wp = _unpack_int4(wp, int4_tiles)
@@ -95,7 +97,8 @@ def packed_matmul_te(x: te.Tensor, wp: te.Tensor, lanes: int, kstep: int, row_ti
     def compute(*idx):
         *row_idx, j = idx
         w_batch = row_idx[:-1] if wbatch else []
-        x_k = k if blocks is None else _listed_block(blocks[j // lanes, k // kstep], x_kdim // kstep) * kstep + k % kstep
+        listed = None if blocks is None else blocks[j // (lanes * list_group), k // kstep]
+        x_k = k if listed is None else _listed_block(listed, x_kdim // kstep) * kstep + k % kstep
         return te.sum(
             x[(*row_idx, x_k)].astype("int32")
             * wp[(*w_batch, j // lanes, k // kstep, j % lanes, k % kstep)].astype("int32"),
@@ -113,9 +116,10 @@ def packed_matmul_te(x: te.Tensor, wp: te.Tensor, lanes: int, kstep: int, row_ti
 
 
 def _listed_block(block, k_blocks: int):
-    """A sparse weight's listed k-step index, clamped to [0, k_blocks): a no-op on valid lists (checked when
-    packed), it bounds the activation region a tile reads, which the schedule needs to build the tile's rows."""
-    return tvm.tirx.max(tvm.tirx.min(block, k_blocks - 1), 0).astype("int64")
+    """A sparse weight's listed k-step index (int16) clamped to [0, k_blocks): a no-op on valid lists, it
+    bounds the activation region a tile reads, which the schedule needs to build the tile's rows. (Signed: a
+    clamp of an unsigned index loses its lower bound to TVM's simplifier.)"""
+    return tvm.tirx.max(tvm.tirx.min(block.astype("int32"), k_blocks - 1), 0).astype("int64")
 
 
 def _unpack_int4(packed: te.Tensor, tiles: int) -> te.Tensor:
@@ -155,8 +159,9 @@ def call_packed_matmul(builder, x, packed, intrin: DotIntrin, n_out=None, weight
     if weight is not None:
         packed = relax.const(weight.values, "int8")
         if weight.blocks is not None:
-            formats["blocks"] = relax.const(weight.blocks, "int32")
+            formats["blocks"] = relax.const(weight.blocks, "int16")
             formats["k_in"] = weight.k
+            formats["list_group"] = weight.group
         if weight.int4:
             formats["int4_tiles"] = weight.tiles
         if weight.n != weight.values.shape[0] * intrin.lanes:

@@ -9,7 +9,8 @@ for AVX-512 VNNI's `vpdpbusd`, 8 x 2 for AVX2's `vpmaddwd`, 4 x 4 for ARM's `sdo
 
     dense     values [N/lanes, K/kstep, lanes, kstep]   every tile, in K order (`pack_weight`)
     sparse    values [N/lanes, W, lanes, kstep]         only the W non-zero tiles of each column block,
-              blocks [N/lanes, W] int32                  and the k-step index of each one
+              blocks [N/lanes/g, W] int16               and the k-step index of each one (one list per g
+                                                         column blocks: 4 on ARM for 16 x 4 blocks)
     4-bit     the same values with two tiles per byte   tile 2i in the low nibble, tile 2i+1 in the high one
 
 Block-sparse pays only when whole tiles are zero: the kernel then skips their dot instructions and
@@ -40,7 +41,7 @@ class PackedWeight:
 
     values: int8 [N/lanes, W, lanes, kstep], or with `int4` the same tiles two per byte,
         [N/lanes, ceil(W/2), lanes, kstep].
-    blocks: int32 [N/lanes, W] k-step index of each tile (sparse), or None (dense: tile w is k-step w).
+    blocks: int16 [N/lanes/group, W] k-step index of each listed tile (sparse), or None (dense: tile w is k-step w).
     k: K padded to whole k-steps (the activation's zero padding); n: the real N (columns past it are zero).
     """
 
@@ -51,6 +52,7 @@ class PackedWeight:
     n: int
     lanes: int
     kstep: int
+    group: int = 1  # column blocks sharing one tile list (blocks has N/lanes/group rows)
 
     @property
     def tiles(self) -> int:
@@ -112,19 +114,38 @@ def pack_for_kernel(weight: np.ndarray, lanes: int, kstep: int, *, allow_sparse:
     dense = pack_weight(np.pad(weight, ((0, padded_k - k), (0, padded_n - n))), lanes, kstep)
     int4 = allow_int4 and weight.size > 0 and INT4_MIN <= int(weight.min()) and int(weight.max()) <= INT4_MAX
     values, blocks = dense, None
-    if allow_sparse:
-        present = nonzero_tiles(dense)
+    group = 1
+    if allow_sparse and padded_k // kstep <= np.iinfo(np.int16).max:
+        group, present = _list_groups(nonzero_tiles(dense))
         width = max(int(present.sum(axis=1).max(initial=0)), 1)
         if width / (padded_k // kstep) <= SPARSE_MAX_DENSITY:
-            blocks = np.zeros((dense.shape[0], width), np.int32)
+            blocks = np.zeros((present.shape[0], width), np.int16)
             values = np.zeros((dense.shape[0], width, lanes, kstep), np.int8)
-            for col in range(dense.shape[0]):
-                kept = np.flatnonzero(present[col])
-                blocks[col, :len(kept)] = kept
-                values[col, :len(kept)] = dense[col, kept]
+            for listed in range(present.shape[0]):
+                kept = np.flatnonzero(present[listed])
+                blocks[listed, :len(kept)] = kept
+                for col in range(listed * group, (listed + 1) * group):
+                    values[col, :len(kept)] = dense[col, kept]
+        else:
+            group = 1
     if int4:
         values = pack_int4_pairs(values)
-    return PackedWeight(values, blocks, int4, padded_k, n, lanes, kstep)
+    return PackedWeight(values, blocks, int4, padded_k, n, lanes, kstep, group)
+
+
+def _list_groups(present: np.ndarray) -> tuple[int, np.ndarray]:
+    """The most column blocks (4, 2 or 1) that can share one tile list at no extra tile, and the lists' pattern.
+
+    Column blocks that share a list share the activation broadcast of each listed k-step too (the register
+    tile spans them): on ARM (4-column tiles) a weight pruned in 16 x 4 blocks shares lists four by four.
+    """
+    n_blocks = present.shape[0]
+    for group in (4, 2):
+        if n_blocks % group == 0:
+            shared = present.reshape(n_blocks // group, group, -1).any(axis=1)
+            if shared.sum(axis=1).max(initial=0) <= present.sum(axis=1).max(initial=0):
+                return group, shared
+    return 1, present
 
 
 def unpack_to_dense(packed: PackedWeight) -> np.ndarray:
@@ -136,7 +157,7 @@ def unpack_to_dense(packed: PackedWeight) -> np.ndarray:
         dense[:] = tiles
     else:
         for col in range(n_blocks):
-            for slot, block in enumerate(packed.blocks[col]):
+            for slot, block in enumerate(packed.blocks[col // packed.group]):
                 dense[col, block] += tiles[col, slot]  # padding slots hold zeros
     weight = dense.transpose(1, 3, 0, 2).reshape(packed.k, n_blocks * packed.lanes)
     return weight[:, :packed.n]
