@@ -41,7 +41,7 @@ def test_bench_rejects_unknown_dim(nativeq_cli, qdq_model_path):
 
 @pytest.mark.arm
 def test_bench_emulate_counts_instructions_of_arm_builds(nativeq_cli, qdq_model_path):
-    proc = nativeq_cli("bench", qdq_model_path, "--emulate", "--dim", "T=8", "--repeat", "1", "--json")
+    proc = nativeq_cli("bench", qdq_model_path, "--emulate", "--no-ort", "--dim", "T=8", "--repeat", "1", "--json")
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)["rows"]
     assert [(r["target"], r["int8"]) for r in rows] == [("rpi4", True), ("rpi5", True), ("rpi4", False)]

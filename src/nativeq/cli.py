@@ -448,14 +448,17 @@ def export_cmd(run, out, force, as_json):
 @click.option("--repeat", default=20, show_default=True, help="Turns per engine, interleaved.")
 @click.option("--burst", default=1, show_default=True,
               help="Timed runs per turn: 1 times every run right after another engine's; N > 1 reports runs 2..N (steady).")
-@click.option("--emulate", is_flag=True, help="Count aarch64 instructions per inference under qemu (rpi4/rpi5 int8 vs float) instead of timing.")
+@click.option("--emulate", is_flag=True,
+              help="Count aarch64 instructions per inference under qemu instead of timing: rpi4/rpi5 int8 and float builds "
+                   "(or --artifact), next to ONNX Runtime's aarch64 build on the same emulated CPU.")
+@click.option("--no-ort", is_flag=True, help="With --emulate: count only nativeq's builds, not ONNX Runtime aarch64.")
 @click.option("--json", "as_json", is_flag=True)
-def bench(model, target, artifact, float_onnx, dims, threads, warmup, repeat, burst, emulate, as_json):
+def bench(model, target, artifact, float_onnx, dims, threads, warmup, repeat, burst, emulate, no_ort, as_json):
     """Latency of the compiled MODEL next to ONNX Runtime (QDQ and float), side by side in one run."""
     from nativeq.verify.bench import BenchConfig, bench_model
 
     cfg = BenchConfig(target=target, artifact=artifact, float_onnx=float_onnx, dims=_parse_dims(dims), threads=threads,
-                      warmup=warmup, repeat=repeat, burst=burst, emulate=emulate)
+                      warmup=warmup, repeat=repeat, burst=burst, emulate=emulate, ort=not no_ort)
     report = bench_model(model, cfg)
     click.echo(report.to_json() if as_json else report.table())
 

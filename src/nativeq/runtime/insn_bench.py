@@ -5,6 +5,11 @@ guest instructions one inference executes does (for the same core, fewer instruc
 faster, and NEON/sdot kernels show up as large drops). Each artifact (e.g. the rpi4, rpi5 and
 `--no-int8` float builds of one model) runs on the same seeded inputs under its target's qemu
 CPU model with nativeq's counting plugin (`emulate.count_instructions`), printed side by side.
+
+With `ort_models`, ONNX Runtime's aarch64 build (Debian's arm64 python under qemu, see
+`ort_emulated`) runs the same inputs under each artifact target's CPU model and is counted the
+same way, so the peer is measured on the emulated core too; the ratio per target is the int8
+artifact's count over ORT's best.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ class InsnBenchConfig:
     repeat: int = 5
     cpu: str | None = None
     seed: int = 0
+    ort_models: tuple = ()  # (engine label, ONNX path, optimization levels tried in order), counted in ORT aarch64
 
 
 @dataclass(frozen=True)
@@ -43,9 +49,36 @@ class InsnRow:
 
 
 @dataclass(frozen=True)
+class OrtInsnRow:
+    """ONNX Runtime (aarch64 wheel) on MODEL under the qemu CPU of `target`, one thread."""
+
+    engine: str  # e.g. "ort qdq (opt all)"
+    model: str
+    target: str
+    cpu: str
+    level: str  # the graph-optimization level ORT accepted
+    insns_per_inference: int
+    startup_insns: int  # python startup, imports, session creation and the first run
+    onnxruntime: str
+
+
+@dataclass(frozen=True)
 class InsnBenchResult:
     rows: tuple[InsnRow, ...]
     input_shapes: dict
+    ort_rows: tuple[OrtInsnRow, ...] = ()
+
+    def ratios(self) -> list[dict]:
+        """Per int8 artifact with ORT rows on its target: its count over the lowest ORT count there."""
+        out = []
+        for row in self.rows:
+            peers = [o for o in self.ort_rows if o.target == row.target and o.cpu == row.cpu]
+            if not row.int8 or not peers:
+                continue
+            best = min(peers, key=lambda o: o.insns_per_inference)
+            out.append({"artifact": row.artifact, "target": row.target, "cpu": row.cpu, "ort_best": best.engine,
+                        "ratio": row.insns_per_inference / max(best.insns_per_inference, 1)})
+        return out
 
     def table(self) -> str:
         shapes = ", ".join(f"{k}{list(v)}" for k, v in self.input_shapes.items())
@@ -60,11 +93,26 @@ class InsnBenchResult:
         lines = [f"inputs: {shapes} (seeded random); steady state, mean of the counted inferences"]
         lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
         lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in body]
+        if self.ort_rows:
+            version = self.ort_rows[0].onnxruntime
+            lines.append(f"ONNX Runtime {version} aarch64 (Debian arm64 python under qemu, 1 thread), same inputs:")
+            header = ("engine", "model", "target", "qemu -cpu", "M insns/inference")
+            body = [(o.engine, Path(o.model).name, o.target, o.cpu, f"{o.insns_per_inference / 1e6:.3f}")
+                    for o in self.ort_rows]
+            widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+            lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+            lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in body]
+            for r in self.ratios():
+                lines.append(f"{Path(r['artifact']).name} ({r['target']}, {r['cpu']}) / ORT best ({r['ort_best']}): "
+                             f"{r['ratio']:.3f}x instructions")
         return "\n".join(lines)
 
     def to_json(self) -> str:
-        return json.dumps({"inputs": {k: list(v) for k, v in self.input_shapes.items()},
-                           "rows": [asdict(r) for r in self.rows]}, indent=2)
+        out = {"inputs": {k: list(v) for k, v in self.input_shapes.items()}, "rows": [asdict(r) for r in self.rows]}
+        if self.ort_rows:
+            out["ort_rows"] = [asdict(o) for o in self.ort_rows]
+            out["ratios"] = self.ratios()
+        return json.dumps(out, indent=2)
 
 
 def random_inputs(specs: tuple[TensorSpec, ...], dims: dict, seed: int) -> dict[str, np.ndarray]:
@@ -112,4 +160,16 @@ def bench_emulated(artifacts, cfg: InsnBenchConfig = InsnBenchConfig()) -> InsnB
         count = count_instructions(path, inputs, cpu=cfg.cpu, repeat=cfg.repeat)
         rows.append(InsnRow(artifact=str(path), target=count.target, int8=bool(manifest.get("build", {}).get("int8")),
                             cpu=count.cpu, insns_per_inference=count.per_inference, startup_insns=count.startup))
-    return InsnBenchResult(rows=tuple(rows), input_shapes={k: v.shape for k, v in inputs.items()})
+    ort_rows = []
+    if cfg.ort_models:
+        from nativeq.runtime.ort_emulated import count_ort_instructions
+
+        cores = list(dict.fromkeys((r.target, r.cpu) for r in rows))
+        for target, cpu in cores:
+            for engine, model, levels in cfg.ort_models:
+                count = count_ort_instructions(model, inputs, cpu=cpu, levels=tuple(levels), repeat=cfg.repeat)
+                ort_rows.append(OrtInsnRow(engine=f"{engine} (opt {count.level})", model=str(model), target=target,
+                                           cpu=cpu, level=count.level, insns_per_inference=count.per_inference,
+                                           startup_insns=count.startup, onnxruntime=count.onnxruntime))
+    return InsnBenchResult(rows=tuple(rows), input_shapes={k: v.shape for k, v in inputs.items()},
+                           ort_rows=tuple(ort_rows))

@@ -31,8 +31,9 @@ class BenchConfig:
     dims: sizes of symbolic dims (default 64 each). threads: for every engine.
     warmup / repeat: untimed runs per engine, and turns per engine. burst: timed runs per turn.
     emulate: instead of timing, count aarch64 instructions per inference under qemu for an
-    int8 build per ARM target (`target` if it is an ARM target, else rpi4 and rpi5) and a
-    float build (the only speed signal without the device).
+    int8 build per ARM target (`target` if it is an ARM target, else rpi4 and rpi5; or
+    `artifact`) and a float build (the only speed signal without the device), and, with `ort`,
+    for ONNX Runtime's aarch64 build on MODEL (and `float_onnx`) under the same emulated CPUs.
     """
 
     target: str = "host"
@@ -45,6 +46,7 @@ class BenchConfig:
     burst: int = 1
     seed: int = 0
     emulate: bool = False
+    ort: bool = True
 
 
 @dataclass
@@ -199,11 +201,26 @@ def time_interleaved(runners: dict, warmup: int, repeat: int, burst: int = 1) ->
 
 
 def bench_emulated_model(model_path, cfg: BenchConfig):
-    """Compile MODEL for ARM targets (int8, and one float build) and count instructions per inference under qemu."""
+    """Count aarch64 instructions per inference under qemu: nativeq's int8 build per ARM target (compiled
+    here, or cfg.artifact) and a float build, next to ONNX Runtime's aarch64 build on the QDQ model (all
+    optimizations and none) and on cfg.float_onnx, each under the same emulated CPU (unless cfg.ort is off)."""
     from nativeq.compile import CompileConfig, compile_model
     from nativeq.runtime.insn_bench import InsnBenchConfig, bench_emulated
     from nativeq.targets import get_target
 
+    ort_models = ()
+    if cfg.ort:
+        from nativeq.compile import load_onnx
+        from nativeq.runtime.ort_emulated import require_installed
+
+        require_installed()  # before compiling: a clear error if `nativeq setup-arm` has not run
+        ort_models = (("ort qdq", str(model_path), ("all", "basic")), ("ort qdq", str(model_path), ("disabled",)))
+        if cfg.float_onnx:
+            load_onnx(cfg.float_onnx)  # a clear error for a missing or broken file
+            ort_models += (("ort fp32", str(cfg.float_onnx), ("all", "basic", "disabled")),)
+    icfg = InsnBenchConfig(dims=cfg.dims, repeat=max(1, min(cfg.repeat, 5)), seed=cfg.seed, ort_models=ort_models)
+    if cfg.artifact:
+        return bench_emulated([cfg.artifact], icfg)
     requested = get_target(cfg.target)
     names = [requested.name] if requested.arch == "aarch64" else ["rpi4", "rpi5"]
     with tempfile.TemporaryDirectory(prefix="nativeq-bench-emulated-") as tmp:
@@ -213,7 +230,7 @@ def bench_emulated_model(model_path, cfg: BenchConfig):
             compile_model(model_path, builds[-1], CompileConfig(target=name))
         builds.append(Path(tmp) / f"{names[0]}-float")
         compile_model(model_path, builds[-1], CompileConfig(target=names[0], int8=False))
-        return bench_emulated(builds, InsnBenchConfig(dims=cfg.dims, repeat=max(1, min(cfg.repeat, 5)), seed=cfg.seed))
+        return bench_emulated(builds, icfg)
 
 
 def bench_model(model_path, cfg: BenchConfig):
