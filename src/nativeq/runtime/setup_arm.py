@@ -144,9 +144,10 @@ class _Apt:
     def run(self, tool: str, *args: str, cwd: Path | None = None) -> str:
         proc = subprocess.run([tool, *self.options, *args], capture_output=True, text=True, cwd=cwd,
                               env={**os.environ, "LC_ALL": "C"})
-        errors = [line for line in proc.stderr.splitlines() if line.startswith(("E:", "W:", "Err:"))]
-        if proc.returncode != 0 or any(line.startswith(("E:", "Err:")) for line in errors):
-            last = (errors or proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        # NOTE: `apt-get update` exits 0 when it cannot reach a mirror; it only warns "Failed to fetch".
+        errors = [line for line in proc.stderr.splitlines() if line.startswith(("E:", "W: Failed to fetch"))]
+        if proc.returncode != 0 or errors:
+            last = (errors or proc.stderr.strip().splitlines() or ["(no output)"])[0]
             raise NativeqError(f"{tool} {args[0]} of the arm64 python packages failed (offline?): {last}")
         return proc.stdout
 
