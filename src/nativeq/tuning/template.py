@@ -28,6 +28,7 @@ from nativeq.compile.schedules.matmul import (
     int8_matmul_n_blocks,
     is_int8_matmul,
     tile_choices,
+    without_tile_list_reads,
 )
 from nativeq.compile.schedules.pack_weights import REDUCTION_BLOCK
 
@@ -85,8 +86,9 @@ def specialize(func, dims: dict[str, int]):
 
 
 def task_module(func):
-    """The IRModule a kernel is tuned and looked up as (the same on both sides, or hashes differ)."""
-    return tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+    """The IRModule a kernel is tuned and looked up as (the same on both sides, or hashes differ); a block-sparse
+    matmul's tile list is not a declared read of its dot-product block there (`matmul.without_tile_list_reads`)."""
+    return tvm.IRModule({"main": without_tile_list_reads(func).with_attr("global_symbol", "main")})
 
 
 def is_tunable_int8_matmul(func, intrin: DotIntrin | None) -> bool:

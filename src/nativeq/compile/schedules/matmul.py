@@ -114,10 +114,10 @@ def schedule_int8_matmul(func, intrin: DotIntrin, knobs: TileKnobs | None = None
     """
     if not is_int8_matmul(func):
         return None
-    return apply_int8_matmul(Schedule(_without_tile_list_reads(func)), intrin, knobs)
+    return apply_int8_matmul(Schedule(without_tile_list_reads(func)), intrin, knobs)
 
 
-def _without_tile_list_reads(func):
+def without_tile_list_reads(func):
     """`func` with the tile list of a block-sparse weight (`weight_formats.py`) dropped from the matmul
     block's declared reads.
 
