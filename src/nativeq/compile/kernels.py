@@ -31,6 +31,7 @@ SCHEDULE_WORDS = {
     "int8-matmul": "int8 tensorized",
     "depthwise": "int8 depthwise",
     "int8-pack": "int8 pack",
+    "im2col": "im2col",
     "softmax": "softmax",
     "reduction": "reduction",
     "generic": "generic",

@@ -118,3 +118,37 @@ def conv_as_matmul(builder, x_cl, weight: np.ndarray, out_spatial, geometry: Con
     if ndim == 1:
         return acc
     return relax.op.reshape(acc, [batch, *out_spatial, out_channels])
+
+
+IM2COL_BLOCK = "im2col"
+
+
+def schedule_im2col(func, vector_bits: int):
+    """The schedule of an `im2col_channels_last_te` kernel (and nothing else: None).
+
+    Loops [n, *out, *kernel, c]: batch x first output axis in parallel, the other output axes and the
+    taps serial, so no index is recovered by div/mod per element (the generic rule fuses them all).
+    Channels >= a vector are vectorized; fewer (a conv on a 1-channel spectrogram) are unrolled together
+    with the innermost tap, whose input elements are adjacent (`[..., w*s + kw - p, c]`).
+    """
+    from nativeq.compile._tvm import Schedule, s_tir
+    from nativeq.compile.schedules.generic import dividing_lanes, find_block
+
+    sch = Schedule(func)
+    block = find_block(sch, IM2COL_BLOCK)
+    if block is None or len(sch.get_child_blocks(sch.get_sblock("root"))) != 1:
+        return None
+    try:
+        n, *rest = sch.get_loops(block)
+        ndim = (len(rest) - 1) // 2
+        out, taps, channels = rest[:ndim], rest[ndim:2 * ndim], rest[-1]
+        sch.parallel(sch.fuse(n, out[0]))
+        c = sch.get(channels).extent
+        lanes = max(2, vector_bits // 8)
+        if isinstance(c, tirx.IntImm) and int(c) >= lanes and dividing_lanes(int(c), lanes):
+            sch.vectorize(sch.split(channels, factors=[None, dividing_lanes(int(c), lanes)])[1])
+        elif isinstance(c, tirx.IntImm) and int(c) * int(sch.get(taps[-1]).extent) <= 64:
+            sch.unroll(sch.fuse(taps[-1], channels))
+    except (s_tir.ScheduleError, RuntimeError, ValueError, TypeError):
+        return None
+    return sch

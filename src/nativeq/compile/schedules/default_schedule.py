@@ -7,6 +7,7 @@ lowers TIR. Rules, first that applies wins:
    target's int8 dot intrinsic (`intrinsics.py`); `matmul.schedule_int8_pack`: the run-time pack
    of an activation operand (`pack_activations.py`) with its fused producers;
    `depthwise.schedule_depthwise`: an int8 depthwise conv (channels-last) + fused epilogue;
+   `conv_as_matmul.schedule_im2col`: a conv's im2col gather (parallel rows, unrolled taps);
 2. dlight's CPU `Reduction` rule: softmax / layer norm style reductions (not convolutions:
    blocks reducing over 2+ axes go to the generic rule, which vectorizes their output axis);
 3. `generic.schedule_generic`: parallel outer loops, vectorized inner loops.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import logging
 
 from nativeq.compile._tvm import DlightCpuReduction, TVMTarget, tirx, tvm
+from nativeq.compile.schedules.conv_as_matmul import schedule_im2col
 from nativeq.compile.schedules.depthwise import schedule_depthwise
 from nativeq.compile.schedules.generic import has_integer_matmul, has_multi_axis_reduction, schedule_generic
 from nativeq.compile.schedules.intrinsics import dot_intrin_for
@@ -80,6 +82,9 @@ class DefaultCpuSchedule:
         sch = schedule_depthwise(func, bits)
         if sch is not None:
             return "depthwise", sch
+        sch = schedule_im2col(func, bits)
+        if sch is not None:
+            return "im2col", sch
         sch = schedule_softmax(func, bits)
         if sch is not None:
             return "softmax", sch
