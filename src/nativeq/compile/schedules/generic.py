@@ -119,6 +119,10 @@ def parallel_vectorize(sch: Schedule, block, vector_bits: int) -> None:
     if transpose_vectorize(sch, block, vector_bits):
         return
     loops = sch.get_loops(block)
+    # a trailing unit axis (a channels-last layout of one channel) joins the axis before it: that axis is
+    # the one to vectorize, and the parallel index then need not be split by div/mod per element
+    while len(loops) > 1 and _extent(sch, loops[-1]) == 1:
+        loops = [*loops[:-2], sch.fuse(loops[-2], loops[-1])]
     lanes = max(2, vector_bits // _block_dtype_bits(sch, block))
     inner = loops[-1]
     if len(loops) > 1:
