@@ -18,6 +18,7 @@ at most a few kilobytes.
 from __future__ import annotations
 
 from nativeq.compile._tvm import tirx, tvm
+from nativeq.compile.tir_rewrite import rewrite_stmt
 
 MAX_STACK_BYTES = 16384
 _KEEP = "disable_lower_builtin"  # TVM's kDisableLowerTVMBuiltin
@@ -34,19 +35,7 @@ def _constant_bytes(buffer) -> int | None:
 
 
 def _keep_on_stack(stmt):
-    """`stmt` with every small static local `AllocBuffer` marked to stay an alloca (statements rebuilt on the way)."""
-    if isinstance(stmt, tirx.SeqStmt):
-        return tirx.SeqStmt([_keep_on_stack(s) for s in stmt.seq])
-    if isinstance(stmt, tirx.For):
-        return tirx.For(stmt.loop_var, stmt.min, stmt.extent, stmt.kind, _keep_on_stack(stmt.body),
-                        stmt.thread_binding, stmt.annotations, stmt.step)
-    if isinstance(stmt, tirx.AttrStmt):
-        return tirx.AttrStmt(stmt.node, stmt.attr_key, stmt.value, _keep_on_stack(stmt.body))
-    if isinstance(stmt, tirx.stmt.While):
-        return tirx.stmt.While(stmt.condition, _keep_on_stack(stmt.body))
-    if isinstance(stmt, tirx.IfThenElse):
-        else_case = None if stmt.else_case is None else _keep_on_stack(stmt.else_case)
-        return tirx.IfThenElse(stmt.condition, _keep_on_stack(stmt.then_case), else_case)
+    """`stmt` itself, or marked to stay an alloca when it is a small static local `AllocBuffer`."""
     if isinstance(stmt, tirx.AllocBuffer) and str(stmt.buffer.scope()) == "local":
         size = _constant_bytes(stmt.buffer)
         if size is not None and size <= MAX_STACK_BYTES and _KEEP not in stmt.annotations:
@@ -56,4 +45,4 @@ def _keep_on_stack(stmt):
 
 @tvm.tirx.transform.prim_func_pass(opt_level=0, name="nativeq.LocalTilesOnStack")
 def LocalTilesOnStack(func, _mod, _ctx):  # noqa: N802  (a pass, named like TVM's)
-    return func.with_body(_keep_on_stack(func.body))
+    return func.with_body(rewrite_stmt(func.body, _keep_on_stack))

@@ -39,6 +39,7 @@ from nativeq.compile.schedules.generic import find_block, has_block
 from nativeq.compile.schedules.intrinsics import DotIntrin, row_tile
 from nativeq.compile.schedules.pack_activations import PACK_BLOCK
 from nativeq.compile.schedules.pack_weights import INT4_UNPACK_BLOCK, REDUCTION_BLOCK, ROWS_PAD_BLOCK
+from nativeq.compile.tir_rewrite import rewrite_stmt
 
 logger = logging.getLogger(__name__)
 
@@ -125,23 +126,14 @@ def without_tile_list_reads(func):
     through it; but as a third operand of the dot-product block it would keep the block from matching
     the tensor intrinsic, whose reads are the accumulator, the activation and the weight tile.
     """
-    def rebuild(stmt):
-        if isinstance(stmt, tirx.SeqStmt):
-            return tirx.SeqStmt([rebuild(s) for s in stmt.seq])
-        if isinstance(stmt, tirx.For):
-            return tirx.For(stmt.loop_var, stmt.min, stmt.extent, stmt.kind, rebuild(stmt.body),
-                            stmt.thread_binding, stmt.annotations, stmt.step)
-        if isinstance(stmt, s_tir.SBlockRealize):
-            return s_tir.SBlockRealize(stmt.iter_values, stmt.predicate, rebuild(stmt.block))
-        if isinstance(stmt, s_tir.SBlock):
-            reads = stmt.reads
-            if stmt.name_hint == REDUCTION_BLOCK:
-                reads = [r for r in reads if not (len(r.source.shape) == 2 and str(r.source.dtype) == "int16")]
-            return s_tir.SBlock(stmt.iter_vars, reads, stmt.writes, stmt.name_hint, rebuild(stmt.body), stmt.init,
+    def drop_list_reads(stmt):
+        if isinstance(stmt, s_tir.SBlock) and stmt.name_hint == REDUCTION_BLOCK:
+            reads = [r for r in stmt.reads if not (len(r.source.shape) == 2 and str(r.source.dtype) == "int16")]
+            return s_tir.SBlock(stmt.iter_vars, reads, stmt.writes, stmt.name_hint, stmt.body, stmt.init,
                                 stmt.alloc_buffers, stmt.match_buffers, stmt.annotations)
         return stmt
 
-    return func.with_body(rebuild(func.body))
+    return func.with_body(rewrite_stmt(func.body, drop_list_reads))
 
 
 def apply_int8_matmul(sch: Schedule, intrin: DotIntrin, knobs: TileKnobs | None = None) -> Schedule | None:
