@@ -1,5 +1,5 @@
 """Measure the QAT results table: float / PTQ int8 / QAT int8 / QAT int4 / int8+2:4 / int4+2:4 / int4+50% /
-balanced 16x4 blocks (int8 at 50% and 75%, int4 at 50%).
+balanced 16x4 blocks (int8 at 25%, 50% and 75%, int4 at 50%) / unbalanced 16x4 blocks at 50%.
 
     .venv/bin/python scripts/qat_results.py --source runs/tiny --data data/speech --steps 150 -o runs/qat-results
 
@@ -37,6 +37,8 @@ ROWS = [
     ("QAT int8 + 16x4b 50%", 8, "16x4b:0.5", False),
     ("QAT int8 + 16x4b 75%", 8, "16x4b:0.75", False),
     ("QAT int4 + 16x4b 50% (mixed)", 4, "16x4b:0.5", False),
+    ("QAT int8 + 16x4b 25%", 8, "16x4b:0.25", False),
+    ("QAT int8 + 16x4 50% (not balanced)", 8, "16x4:0.5", False),
 ]
 
 
