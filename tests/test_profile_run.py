@@ -94,8 +94,6 @@ def test_profile_lists_the_manifest_kernels(matmul_artifact):
     assert [k.ms for k in profile.kernels] == sorted((k.ms for k in profile.kernels), reverse=True)
     assert profile.vm_calls > 0 and profile.threads == 1 and profile.runs == 3
     assert profile.instrumented_ms > 0 and profile.plain_ms > 0
-    # the instrumented inference holds every timed call
-    assert profile.instrumented_ms >= profile.kernel_ms + profile.vm_ms
     table = profile.table()
     assert all(name in table for name in records) and "instrumented inference" in table
 
