@@ -17,7 +17,7 @@ from nativeq.qat.convert import convert, int_layers
 from nativeq.qat.quantize import QuantConfig, quantize_
 from nativeq.qat.sparsity import SparsityConfig, sparsify_, update_masks
 from qdq_models import qdq_matmul
-from toy_encoder import ToyEncoder, toy_batches
+from toy_encoder import ToyEncoder, toy_batches, train_toy
 
 torch.set_num_threads(1)
 DYN = {"x": {0: "B", 1: "T"}, "y": {0: "B", 1: "T_out"}}
@@ -29,16 +29,8 @@ def _qat_toy(bits=4, sparsity=None, steps=4, seed=0, matmuls=False):
                       example_inputs=(toy_batches(1)[0],))
     if sparsity:
         sparsify_(model, SparsityConfig(sparsity, end_step=2), filter_fn=lambda m, n: n not in ("sub", "depthwise"))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model.train()
-    for step, x in enumerate(toy_batches(steps, seed=seed)):
-        loss = model(x).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if sparsity:
-            update_masks(model, step + 1)
-    return model.eval()
+    return train_toy(model, steps, seed=seed, opt=torch.optim.Adam(model.parameters(), lr=1e-3),
+                     after_step=update_masks if sparsity else None)
 
 
 @pytest.fixture(scope="module")

@@ -16,21 +16,13 @@ from nativeq.qat.sparsity import (
     update_masks,
     zero_blocks,
 )
-from toy_encoder import ToyEncoder, toy_batches
+from toy_encoder import ToyEncoder, train_toy
 
 torch.set_num_threads(1)
 
 
 def _train(model, steps, start=0):
-    opt = torch.optim.SGD(model.parameters(), lr=5e-2)
-    model.train()
-    for step, x in enumerate(toy_batches(steps, seed=start), start=start):
-        loss = model(x).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        update_masks(model, step + 1)
-    return model.eval()
+    return train_toy(model, steps, seed=start, start=start, after_step=update_masks)
 
 
 @pytest.mark.parametrize("pattern,n,m", [("2:4", 2, 4), ("1:4", 1, 4), ("2:8", 2, 8)])

@@ -26,7 +26,7 @@ from nativeq.qat.sparsity import (
     sparsity_summary,
     update_masks,
 )
-from toy_encoder import ToyEncoder, toy_batches
+from toy_encoder import ToyEncoder, toy_batches, train_toy
 
 torch.set_num_threads(1)
 
@@ -152,15 +152,7 @@ def _trained_toy(pattern, s, bits, seed=0, steps=6):
     torch.manual_seed(seed)
     model = quantize_(ToyEncoder(d=48), QuantConfig(weight_bits=bits))
     sparsify_(model, SparsityConfig(pattern, sparsity=s, start_step=0, end_step=4, update_every=2))
-    opt = torch.optim.SGD(model.parameters(), lr=5e-2)
-    model.train()
-    for step, x in enumerate(toy_batches(steps, seed=seed)):
-        loss = model(x).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        update_masks(model, step + 1)
-    return model.eval()
+    return train_toy(model, steps, seed=seed, after_step=update_masks)
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -35,3 +35,19 @@ class ToyEncoder(nn.Module):
 def toy_batches(n: int = 4, t: int = 40, feats: int = 16, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(2, t + 3 * i, feats, generator=g) for i in range(n)]
+
+
+def train_toy(model: nn.Module, steps: int, *, seed: int = 0, start: int = 0, opt=None, after_step=None) -> nn.Module:
+    """`steps` optimizer steps (default SGD, lr 5e-2) of `model` on `toy_batches(steps, seed=seed)`, minimizing
+    its squared output; `after_step(model, step)` runs after each (e.g. `update_masks`), steps counted from
+    `start` + 1. Returns the model in eval mode."""
+    opt = opt if opt is not None else torch.optim.SGD(model.parameters(), lr=5e-2)
+    model.train()
+    for step, x in enumerate(toy_batches(steps, seed=seed), start=start):
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if after_step is not None:
+            after_step(model, step + 1)
+    return model.eval()
