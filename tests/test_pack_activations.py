@@ -28,7 +28,8 @@ from nativeq.compile.onnx_import import import_onnx  # noqa: E402
 from nativeq.compile.pipeline import compile_passes  # noqa: E402
 from nativeq.compile.schedules.intrinsics import dot_intrin_for  # noqa: E402
 from nativeq.compile.schedules.pack_activations import PackInt8Activations, pack_activation_te  # noqa: E402
-from nativeq.compile.schedules.pack_weights import REDUCTION_BLOCK, pack_weight  # noqa: E402
+from nativeq.compile.schedules.pack_weights import REDUCTION_BLOCK  # noqa: E402
+from nativeq.compile.schedules.weight_formats import pack_weight  # noqa: E402
 from nativeq.verify import VerifyConfig, verify_artifact  # noqa: E402
 
 PACK_PASS = "nativeq.PackInt8Activations"

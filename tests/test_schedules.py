@@ -19,7 +19,7 @@ from tvm.script import relax as R  # noqa: E402
 
 from nativeq.compile.pipeline import compile_pipeline  # noqa: E402
 from nativeq.compile.schedules import schedule_passes  # noqa: E402
-from nativeq.compile.schedules.pack_weights import pack_weight  # noqa: E402
+from nativeq.compile.schedules.weight_formats import pack_weight  # noqa: E402
 
 K, N = 128, 96
 

@@ -39,6 +39,7 @@ from nativeq.compile.schedules.generic import find_block, has_block
 from nativeq.compile.schedules.intrinsics import DotIntrin, row_tile
 from nativeq.compile.schedules.pack_activations import PACK_BLOCK
 from nativeq.compile.schedules.pack_weights import INT4_UNPACK_BLOCK, REDUCTION_BLOCK, ROWS_PAD_BLOCK
+from nativeq.compile.schedules.weight_formats import TILE_LIST_DTYPE
 from nativeq.compile.tir_rewrite import rewrite_stmt
 
 logger = logging.getLogger(__name__)
@@ -128,7 +129,8 @@ def without_tile_list_reads(func):
     """
     def drop_list_reads(stmt):
         if isinstance(stmt, s_tir.SBlock) and stmt.name_hint == REDUCTION_BLOCK:
-            reads = [r for r in stmt.reads if not (len(r.source.shape) == 2 and str(r.source.dtype) == "int16")]
+            reads = [r for r in stmt.reads
+                     if not (len(r.source.shape) == 2 and str(r.source.dtype) == TILE_LIST_DTYPE)]
             return s_tir.SBlock(stmt.iter_vars, reads, stmt.writes, stmt.name_hint, stmt.body, stmt.init,
                                 stmt.alloc_buffers, stmt.match_buffers, stmt.annotations)
         return stmt

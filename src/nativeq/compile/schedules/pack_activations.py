@@ -51,7 +51,7 @@ def _multiple_of(value, divisor: int) -> bool:
 
 def pack_activation_te(w: te.Tensor, lanes: int, kstep: int) -> te.Tensor:
     """[..., K, N] int8 -> [..., ceil(N/lanes), ceil(K/kstep), lanes, kstep], zero where k >= K or n >= N:
-    packed[..., n0, k0, n1, k1] = w[..., k0*kstep + k1, n0*lanes + n1] (`pack_weights.pack_weight`, batched).
+    packed[..., n0, k0, n1, k1] = w[..., k0*kstep + k1, n0*lanes + n1] (`weight_formats.pack_weight`, batched).
 
     The padding is a select on a clamped (always in-bounds) read, not an if_then_else: the schedule
     vectorizes over (n1, k1), and TVM scalarizes a vector loop holding an if_then_else. The clamp

@@ -26,7 +26,7 @@ from __future__ import annotations
 from nativeq.compile._tvm import Analyzer, relax, te, tvm
 from nativeq.compile.passes import rewrite_functions
 from nativeq.compile.schedules.intrinsics import DotIntrin, row_tile
-from nativeq.compile.schedules.weight_formats import PackedWeight, pack_for_kernel, pack_weight  # noqa: F401
+from nativeq.compile.schedules.weight_formats import TILE_LIST_DTYPE, PackedWeight, pack_for_kernel
 
 # NOTE: TVM's OpPatternKind enum: kElemWise=0, kBroadcast=1, kInjective=2, kCommReduce=3, kOutEWiseFusable=4.
 _OUT_EWISE_FUSABLE = 4
@@ -159,7 +159,7 @@ def call_packed_matmul(builder, x, packed, intrin: DotIntrin, n_out=None, weight
     if weight is not None:
         packed = relax.const(weight.values, "int8")
         if weight.blocks is not None:
-            formats["blocks"] = relax.const(weight.blocks, "int16")
+            formats["blocks"] = relax.const(weight.blocks, TILE_LIST_DTYPE)
             formats["k_in"] = weight.k
             formats["list_group"] = weight.group
         if weight.int4:

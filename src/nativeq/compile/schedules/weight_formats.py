@@ -33,6 +33,7 @@ import numpy as np
 # NOTE: at this density the sparse kernel still beats the dense one (benchmarks/sparse_matmul.py, 75 rows:
 # rpi5 1.11-1.14x fewer instructions at 25% of the tiles zero; x86 1.30x faster at 50%).
 SPARSE_MAX_DENSITY = 0.75
+TILE_LIST_DTYPE = "int16"  # the k-step index list of a block-sparse weight (signed: see pack_weights._listed_block)
 INT4_MIN, INT4_MAX = -8, 7
 
 
@@ -116,11 +117,11 @@ def pack_for_kernel(weight: np.ndarray, lanes: int, kstep: int, *, allow_sparse:
     int4 = allow_int4 and weight.size > 0 and INT4_MIN <= int(weight.min()) and int(weight.max()) <= INT4_MAX
     values, blocks = dense, None
     group = 1
-    if allow_sparse and padded_k // kstep <= np.iinfo(np.int16).max:
+    if allow_sparse and padded_k // kstep <= np.iinfo(TILE_LIST_DTYPE).max:
         group, present = _list_groups(nonzero_tiles(dense))
         width = max(int(present.sum(axis=1).max(initial=0)), 1)
         if width / (padded_k // kstep) <= SPARSE_MAX_DENSITY:
-            blocks = np.zeros((present.shape[0], width), np.int16)
+            blocks = np.zeros((present.shape[0], width), TILE_LIST_DTYPE)
             values = np.zeros((dense.shape[0], width, lanes, kstep), np.int8)
             for listed in range(present.shape[0]):
                 kept = np.flatnonzero(present[listed])
