@@ -44,37 +44,30 @@ import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
 
-BAND, STEP = 16, 4
-
-
 def prune_matmul_weights(model: onnx.ModelProto, sparsity: float) -> int:
-    """Zero the smallest-|w| 16x4 blocks of every MatMul weight ([K, N] behind a DequantizeLinear), the same
-    number in every band of 16 outputs; returns how many weights were pruned. INT4 stays INT4."""
+    """Prune every MatMul weight ([K, N] behind a DequantizeLinear) by the training's own rule
+    (`qat.sparsity.compute_mask`, "16x4b" on the [out, in] view: magnitude-ranked 16x4 blocks, the same
+    number kept in every band of 16 outputs); returns how many weights were pruned. INT4 stays INT4."""
+    import torch
+
+    from nativeq.qat.sparsity import SparsityConfig, compute_mask
+
+    config = SparsityConfig("16x4b", sparsity=sparsity)
     producers = {out: node for node in model.graph.node for out in node.output}
     inits = {init.name: init for init in model.graph.initializer}
     pruned = 0
     for node in model.graph.node:
-        if node.op_type != "MatMul":
-            continue
-        dq = producers.get(node.input[1])
+        dq = producers.get(node.input[1]) if node.op_type == "MatMul" else None
         if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
             continue
         init = inits[dq.input[0]]
-        w = numpy_helper.to_array(init).astype(np.int64)
+        w = numpy_helper.to_array(init)
         if w.ndim != 2:
             continue
-        k, n = w.shape
-        k_blocks = -(-k // STEP)
-        padded = np.pad(np.abs(w), ((0, k_blocks * STEP - k), (0, 0)))
-        drop = int(round(sparsity * k_blocks))
-        for band in range(0, n, BAND):
-            block_sums = padded[:, band:band + BAND].reshape(k_blocks, STEP, -1).sum(axis=(1, 2))
-            for block in np.argsort(block_sums, kind="stable")[:drop]:
-                pruned += int(np.count_nonzero(w[block * STEP:(block + 1) * STEP, band:band + BAND]))
-                w[block * STEP:(block + 1) * STEP, band:band + BAND] = 0
-        values = w.astype(numpy_helper.to_array(init).dtype)
-        replacement = onnx.helper.make_tensor(init.name, init.data_type, list(init.dims), values.flatten().tolist())
-        init.CopyFrom(replacement)
+        mask = compute_mask(torch.from_numpy(w.T.astype(np.float32)), config, sparsity).numpy().T
+        pruned += int(np.count_nonzero(w * (1 - mask)))
+        values = (w * mask).astype(w.dtype)
+        init.CopyFrom(onnx.helper.make_tensor(init.name, init.data_type, list(init.dims), values.flatten().tolist()))
     return pruned
 
 
