@@ -29,8 +29,11 @@ from nativeq.compile._tvm import Analyzer, Schedule, relax, structural_equal, ti
 CONTRACTION, REDUCTION, ELEMENTWISE = "contraction", "reduction", "elementwise"
 SCHEDULE_WORDS = {
     "int8-matmul": "int8 tensorized",
+    "float-matmul": "float32 tensorized",
     "depthwise": "int8 depthwise",
+    "float-depthwise": "float32 depthwise",
     "int8-pack": "int8 pack",
+    "float-pack": "float32 pack",
     "im2col": "im2col",
     "softmax": "softmax",
     "reduction": "reduction",

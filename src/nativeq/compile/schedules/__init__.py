@@ -7,7 +7,8 @@ Two hooks, called by `compile/pipeline.py`:
   kernel, `depthwise.py`), packs the constant weights of int8 matmuls for the
   target's dot intrinsic (`pack_weights.py`; 4-bit packed or block-sparse where the values allow,
   `weight_formats.py`) and, at run time, the int8 activation rhs of
-  activation x activation matmuls (attention's Q.K^T, P.V; `pack_activations.py`). (Float `erf`,
+  activation x activation matmuls (attention's Q.K^T, P.V; `pack_activations.py`). Float32 convs and
+  matmuls with constant weights run the same packed kernel with a float multiply-add intrinsic. (Float `erf`,
   GELU's, is legalized by `compile/passes/legalize_like_ort.py` as MLAS computes it: vectorizable
   and bit-identical.)
 - `schedule_passes(target)`: TIR passes run after FuseOps/FuseTIR. Gives every PrimFunc a
@@ -21,7 +22,7 @@ Code asks the target what it has (`int8` family, `cores`), never its name.
 
 from __future__ import annotations
 
-from nativeq.compile.schedules.intrinsics import dot_intrin_for
+from nativeq.compile.schedules.intrinsics import dot_intrin_for, fma_intrin_for
 
 
 def kernel_relax_passes(target, compressed_weights: bool = True) -> list:
@@ -32,11 +33,13 @@ def kernel_relax_passes(target, compressed_weights: bool = True) -> list:
     from nativeq.compile.schedules.pack_activations import PackInt8Activations
     from nativeq.compile.schedules.pack_weights import PackInt8Weights
 
-    intrin = dot_intrin_for(target)
+    intrin, fma = dot_intrin_for(target), fma_intrin_for(target)
     if intrin is None:
         return []
     packing = PackInt8Weights(intrin, sparse=compressed_weights, int4=compressed_weights)
-    return [Int8ConvsChannelsLast(intrin), packing, PackInt8Activations(intrin)]
+    float_packing = PackInt8Weights(fma, sparse=False, int4=False)
+    return [Int8ConvsChannelsLast(intrin, fma), packing, float_packing, PackInt8Activations(intrin),
+            PackInt8Activations(fma)]
 
 
 def schedule_passes(target) -> list:

@@ -19,6 +19,11 @@ channels-last tensors and no transpose is left between them. Where a channels-fi
 still needed (an op this pass does not know, a graph output), a `permute_dims` back is emitted;
 `permute_dims` pairs that cancel (the model's own [N, T, C] <-> [N, C, T] transposes) vanish.
 
+Float32 convs with a constant weight (a model's float stem, every conv a `quantize_dynamic` model
+keeps in float) take the same routes: groups 1 as im2col + float matmul on the packed kernel with the
+float multiply-add intrinsic, depthwise as the depthwise kernel with float32 accumulators, instead of
+TVM's scalar conv loop nest over a symbolic time axis.
+
 Why: channels-last is the layout both int8 kernels want. The im2col rows are contiguous
 C-vectors and the matmul result is already the next layer's input (no int32 transpose kernel
 between the matmul and its requantize, which then fuses into the matmul); a depthwise conv
@@ -74,31 +79,35 @@ def _int_list(values) -> list[int]:
     return [int(v) for v in values]
 
 
-def _conv_kind(call, intrin: DotIntrin) -> str | None:
-    """"matmul" / "depthwise" for an int8 conv this pass rewrites, else None."""
+def _conv_kind(call, intrin: DotIntrin, fma: DotIntrin | None = None) -> str | None:
+    """"matmul" / "depthwise" for an int8 conv this pass rewrites, "float-matmul" / "depthwise" for a float32
+    one (with the float intrinsic `fma`), else None."""
     layouts = _CONVS.get(_op_name(call))
     if layouts is None:
         return None
     x, w = call.args
     attrs = call.attrs
-    if (not _is_const(w) or str(attrs.out_dtype) != "int32" or str(x.ty.dtype) != intrin.act_dtype
-            or str(w.ty.dtype) != "int8"
-            or (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != (layouts[0], layouts[1], layouts[0])):
+    if not _is_const(w) or (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != (layouts[0], layouts[1], layouts[0]):
         return None
     groups = int(attrs.groups)
     out_channels, in_per_group = (int(d) for d in w.ty.shape.values[:2])
+    depthwise = in_per_group == 1 and out_channels == groups
+    if fma is not None and str(x.ty.dtype) == str(w.ty.dtype) == "float32" and str(attrs.out_dtype) in ("", "void", "None", "float32"):
+        return "float-matmul" if groups == 1 else "depthwise" if depthwise else None
+    if str(attrs.out_dtype) != "int32" or str(x.ty.dtype) != intrin.act_dtype or str(w.ty.dtype) != "int8":
+        return None
     if groups == 1:
         return "matmul"
-    if in_per_group == 1 and out_channels == groups:
+    if depthwise:
         return "depthwise"
     return None
 
 
 @relax.expr_functor.mutator
 class _ChannelsLast(relax.PyExprMutator):
-    def __init__(self, mod, intrin: DotIntrin):
+    def __init__(self, mod, intrin: DotIntrin, fma: DotIntrin | None):
         super().__init__(mod)
-        self.intrin = intrin
+        self.intrin, self.fma = intrin, fma
         self.rewritten = 0
         self.channels_last: dict = {}  # new channels-first var -> its channels-last twin
         self.padded: dict = {}  # var made by nn.pad -> (source, spatial pad pairs, pad value, channels_last)
@@ -136,7 +145,7 @@ class _ChannelsLast(relax.PyExprMutator):
             self.set_var_remap(binding.var, value)  # an alias (left by an earlier fold): its users read the value
             return
         name = _op_name(value)
-        kind = _conv_kind(value, self.intrin) if name in _CONVS else None
+        kind = _conv_kind(value, self.intrin, self.fma) if name in _CONVS else None
         if kind is not None:
             self._define(binding, self._conv(value, kind))
             self.rewritten += 1
@@ -255,7 +264,7 @@ class _ChannelsLast(relax.PyExprMutator):
         return True
 
     def _conv(self, call, kind: str):
-        """The channels-last lowering of an int8 conv `_conv_kind` called `kind` ("matmul" / "depthwise")."""
+        """The channels-last lowering of a conv `_conv_kind` called `kind` ("matmul" / "depthwise" / "float-matmul")."""
         x, w = call.args
         attrs = call.attrs
         weight = w.value.numpy()  # [O, C/groups, *K]
@@ -273,7 +282,7 @@ class _ChannelsLast(relax.PyExprMutator):
             x_cl = self._as_channels_last(x)
         out_spatial = list(call.ty.shape.values[2:])
         if kind == "depthwise":
-            w_cl = relax.const(np.ascontiguousarray(weight[:, 0].transpose(*range(1, ndim + 1), 0)), "int8")  # [*K, C]
+            w_cl = relax.const(np.ascontiguousarray(weight[:, 0].transpose(*range(1, ndim + 1), 0)), str(weight.dtype))  # [*K, C]
             if geometry.padded:
                 # NOTE: one padded copy of the input (a cheap vectorized kernel) rather than a bounds check
                 # per tap in the depthwise kernel's inner loop, which keeps it branch-free.
@@ -281,7 +290,8 @@ class _ChannelsLast(relax.PyExprMutator):
                 x_cl = self.builder_.emit(call_pad_channels_last(self.builder_, x_cl, before, after, geometry.pad_value))
                 geometry = ConvGeometry(geometry.strides, geometry.dilation, (0,) * (2 * ndim))
             return call_depthwise(self.builder_, x_cl, w_cl, out_spatial, geometry)
-        return conv_as_matmul(self.builder_, x_cl, weight, out_spatial, geometry, self.intrin)
+        intrin = self.fma if kind == "float-matmul" else self.intrin
+        return conv_as_matmul(self.builder_, x_cl, weight, out_spatial, geometry, intrin)
 
 
 def _is_per_channel(expr, ndim: int) -> bool:
@@ -304,14 +314,17 @@ def _permute_constant(const, ndim: int):
 
 @tvm.transform.module_pass(opt_level=0, name="nativeq.Int8ConvsChannelsLast")
 class Int8ConvsChannelsLast:
-    """Run int8 convs channels-last and carry the layout between them (see the module docstring)."""
+    """Run int8 convs channels-last and carry the layout between them (see the module docstring).
 
-    def __init__(self, intrin: DotIntrin):
-        self.intrin = intrin
+    `fma`: the target's float multiply-add intrinsic; with it, float32 convs (groups 1) run channels-last
+    as im2col + float matmul too."""
+
+    def __init__(self, intrin: DotIntrin, fma: DotIntrin | None = None):
+        self.intrin, self.fma = intrin, fma
         self.rewritten = 0
 
     def transform_module(self, mod, _ctx):
-        mutator = _ChannelsLast(mod, self.intrin)
+        mutator = _ChannelsLast(mod, self.intrin, self.fma)
         new_mod = rewrite_functions(mutator, remove_unused=True)
         self.rewritten = mutator.rewritten
         return new_mod

@@ -4,7 +4,7 @@ Pipeline position: `schedule_passes(target)`, after FuseOps/FuseTIR, before `rel
 lowers TIR. Rules, first that applies wins:
 
 1. `matmul.schedule_int8_matmul`: packed int8 matmul + fused epilogue, tensorized with the
-   target's int8 dot intrinsic (`intrinsics.py`); `matmul.schedule_int8_pack`: the run-time pack
+   target's int8 dot intrinsic (`intrinsics.py`; a packed float32 matmul with its multiply-add one); `matmul.schedule_int8_pack`: the run-time pack
    of an activation operand (`pack_activations.py`) with its fused producers;
    `depthwise.schedule_depthwise`: an int8 depthwise conv (channels-last) + fused epilogue;
    `conv_as_matmul.schedule_im2col`: a conv's im2col gather (parallel rows, unrolled taps);
@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import logging
 
-from nativeq.compile._tvm import DlightCpuReduction, TVMTarget, tirx, tvm
+from nativeq.compile._tvm import DlightCpuReduction, Schedule, TVMTarget, tirx, tvm
 from nativeq.compile.schedules.conv_as_matmul import schedule_im2col
-from nativeq.compile.schedules.depthwise import schedule_depthwise
+from nativeq.compile.schedules.depthwise import is_float_depthwise, schedule_depthwise
 from nativeq.compile.schedules.generic import has_integer_matmul, has_multi_axis_reduction, schedule_generic
-from nativeq.compile.schedules.intrinsics import dot_intrin_for
-from nativeq.compile.schedules.matmul import schedule_int8_matmul, schedule_int8_pack
+from nativeq.compile.schedules.intrinsics import dot_intrin_for, fma_intrin_for
+from nativeq.compile.schedules.matmul import is_float_matmul, schedule_int8_matmul, schedule_int8_pack
+from nativeq.compile.schedules.pack_activations import PACK_BLOCK
 from nativeq.compile.schedules.parallel import without_parallel, worth_parallel
 from nativeq.compile.schedules.softmax import schedule_softmax
 
@@ -40,6 +41,12 @@ _SCHEDULED = "tirx.is_scheduled"
 def _vector_bits(target) -> int:
     """Widest vector register the target's int8 family implies (the schedules' vector width)."""
     return {"avx512-vnni": 512, "avx2": 256}.get(target.int8, 128)
+
+
+def _packs_float(func) -> bool:
+    """Whether `func`'s run-time pack (`pack_activations.py`) packs float32 values (for the float kernel)."""
+    sch = Schedule(func)
+    return str(sch.get(sch.get_sblock(PACK_BLOCK)).writes[0].source.dtype) == "float32"
 
 
 def _is_scheduled(func) -> bool:
@@ -54,6 +61,7 @@ class DefaultCpuSchedule:
         self.target = target
         self.tvm_target = TVMTarget(target.tvm_dict())
         self.intrin = dot_intrin_for(target)
+        self.fma = fma_intrin_for(target)
         self.applied: dict[str, str] = {}  # PrimFunc name -> rule that scheduled it
 
     def schedule(self, func):
@@ -73,15 +81,19 @@ class DefaultCpuSchedule:
         """(rule name, Schedule) of the first rule that applies, or (None, None)."""
         bits = _vector_bits(self.target)
         if self.intrin is not None:
+            if is_float_matmul(func):
+                sch = schedule_int8_matmul(func, self.fma)
+                if sch is not None:
+                    return "float-matmul", sch
             sch = schedule_int8_matmul(func, self.intrin)
             if sch is not None:
                 return "int8-matmul", sch
             sch = schedule_int8_pack(func)
             if sch is not None:
-                return "int8-pack", sch
+                return ("float-pack" if _packs_float(func) else "int8-pack"), sch
         sch = schedule_depthwise(func, bits)
         if sch is not None:
-            return "depthwise", sch
+            return ("float-depthwise" if is_float_depthwise(func) else "depthwise"), sch
         sch = schedule_im2col(func, bits)
         if sch is not None:
             return "im2col", sch

@@ -1,10 +1,12 @@
-"""int8 depthwise convolution, channels-last: the TE kernel and its TIR schedule rule.
+"""int8 (and float32) depthwise convolution, channels-last: the TE kernel and its TIR schedule rule.
 
 Kernel (emitted by `channels_last.Int8ConvsChannelsLast`, kernel_relax_passes, before legalization):
 
     acc[n, *o, c] = sum_k x[n, *(o*stride + k*dilation - pad), c] * w[*k, c]     # int32, x and w 8-bit
 
 as a `call_tir` marked out-elementwise-fusable, so FuseOps fuses its requantize epilogue into it.
+A float32 depthwise conv (x and w float32: a float model's, or one `quantize_dynamic` leaves in float)
+is the same kernel with float32 accumulators.
 A depthwise reduction (the kernel taps, 3 to 40 of them) is too short for the int8 dot-product
 instructions, which reduce 4 neighbours along K; in channels-last layout the channels are the
 vector axis instead: every tap is one contiguous vector load of C activations and of C weights.
@@ -38,7 +40,8 @@ _ERRORS = (s_tir.ScheduleError, RuntimeError, ValueError, TypeError)
 
 
 def depthwise_te(x: te.Tensor, w: te.Tensor, out_spatial, **geometry_kwargs) -> te.Tensor:
-    """int32 depthwise conv of `x` [N, *S, C] (8-bit) with `w` [*K, C] (int8): [N, *out_spatial, C].
+    """int32 depthwise conv of `x` [N, *S, C] (8-bit) with `w` [*K, C] (int8): [N, *out_spatial, C]
+    (float32 when x and w are float32).
 
     The last output axis is computed padded to whole blocks of `POSITIONS` (reading clamped input
     positions there) and cropped after, so the schedule can hold a block of outputs in registers
@@ -51,6 +54,7 @@ def depthwise_te(x: te.Tensor, w: te.Tensor, out_spatial, **geometry_kwargs) -> 
     padded_last = (last + POSITIONS - 1) // POSITIONS * POSITIONS
     crop = not (isinstance(last, (int, tirx.IntImm)) and int(last) % POSITIONS == 0)
     taps = [te.reduce_axis((0, k), name=f"k{i}") for i, k in enumerate(kernel)]
+    acc_dtype = "float32" if w.dtype == "float32" else "int32"
 
     def compute(n, *index):
         out_index, c = index[:-1], index[-1]
@@ -58,7 +62,7 @@ def depthwise_te(x: te.Tensor, w: te.Tensor, out_spatial, **geometry_kwargs) -> 
         if crop and not geometry.padded:  # the padding rows read a clamped (valid) input row; the crop drops them
             position[-1] = tirx.min(position[-1], input_last - 1)
         value = gather_padded(x, n, position, c, geometry)
-        return te.sum(value.astype("int32") * w[(*taps, c)].astype("int32"), axis=taps)
+        return te.sum(value.astype(acc_dtype) * w[(*taps, c)].astype(acc_dtype), axis=taps)
 
     acc = te.compute((x.shape[0], *outer, padded_last if crop else last, channels), compute, name=DEPTHWISE_BLOCK)
     if not crop:
@@ -90,10 +94,20 @@ def call_pad_channels_last(builder, x_cl, before, after, pad_value: float):
 
 def call_depthwise(builder, x_cl, w_cl, out_spatial, geometry: ConvGeometry):
     """`builder.call_te` of `depthwise_te`, marked so FuseOps fuses the requantize epilogue into it."""
+    float_kernel = str(w_cl.ty.dtype) == "float32"
     return builder.call_te(
         depthwise_te, x_cl, w_cl, out_spatial=list(out_spatial), **geometry.as_te_kwargs(),
-        primfunc_name_hint="int8_depthwise", primfunc_attrs={"op_pattern": _OUT_EWISE_FUSABLE},
+        primfunc_name_hint="f32_depthwise" if float_kernel else "int8_depthwise", primfunc_attrs={"op_pattern": _OUT_EWISE_FUSABLE},
     )
+
+
+def is_float_depthwise(func) -> bool:
+    """Whether `func` holds a float32 depthwise block."""
+    if not isinstance(func, tirx.PrimFunc):
+        return False
+    sch = Schedule(func)
+    block = find_block(sch, DEPTHWISE_BLOCK)
+    return block is not None and str(sch.get(block).writes[0].source.dtype) == "float32"
 
 
 def schedule_depthwise(func, vector_bits: int) -> Schedule | None:
@@ -129,7 +143,7 @@ def _schedule(sch: Schedule, block, vector_bits: int) -> Schedule | None:
     channels = sch.get(channel).extent
     if not isinstance(channels, tirx.IntImm):
         return None
-    lanes = dividing_lanes(int(channels), vector_bits // 32)  # int32 accumulators
+    lanes = dividing_lanes(int(channels), vector_bits // 32)  # int32 / float32 accumulators
     if lanes is None:
         return None
     position_block, position = sch.split(last_axis, factors=[None, POSITIONS])

@@ -149,7 +149,10 @@ def reduction_vectorize(sch: Schedule, block, vector_bits: int) -> None:
     kinds = _iter_kinds(sch, block)
     loops = sch.get_loops(block)
     n_spatial = len(kinds) - len(kinds.lstrip("S"))
-    if kinds != "S" * n_spatial + "R" * (len(kinds) - n_spatial) or n_spatial == 0 or n_spatial == len(kinds):
+    if kinds != "S" * n_spatial + "R" * (len(kinds) - n_spatial) or n_spatial == len(kinds):
+        return
+    if n_spatial == 0:
+        full_reduction_vectorize(sch, block, vector_bits)
         return
     spatial, reduction = loops[:n_spatial], loops[n_spatial:]
     lanes = max(2, vector_bits // _block_dtype_bits(sch, block))
@@ -174,6 +177,26 @@ def reduction_vectorize(sch: Schedule, block, vector_bits: int) -> None:
     # counts as a reduction block, which vectorize requires.
     sch.vectorize(vec)
     init = sch.decompose_reduction(block, reduction[0])
+    sch.vectorize(sch.get_loops(init)[-1])
+
+
+def full_reduction_vectorize(sch: Schedule, block, vector_bits: int) -> None:
+    """A reduction of a whole tensor to one value (the min and max of a run-time quantization): one
+    partial result per vector lane (`rfactor` over the innermost axis split by the vector width),
+    accumulated with vector instructions over the rest of the tensor, then the lanes reduced.
+
+    Needs a static innermost axis that the vector width (or a half or quarter of it) divides: a lane
+    predicate would scalarize the vector loop. Otherwise the block is left as it is."""
+    loops = sch.get_loops(block)
+    innermost = _extent(sch, loops[-1])
+    lanes = dividing_lanes(innermost, max(2, vector_bits // _block_dtype_bits(sch, block))) if innermost else None
+    if lanes is None:
+        return
+    _, lane = sch.split(loops[-1], factors=[None, lanes])
+    partial = sch.rfactor(lane, factor_axis=0)
+    *outer, lane = sch.get_loops(partial)
+    sch.vectorize(lane)
+    init = sch.decompose_reduction(partial, outer[0])
     sch.vectorize(sch.get_loops(init)[-1])
 
 

@@ -1,4 +1,5 @@
-"""int8 dot-product tensor intrinsics, one per target int8 family, registered under nativeq names.
+"""Dot-product tensor intrinsics of the packed matmul kernel, one int8 and one float32 per target family,
+registered under nativeq names.
 
 Every intrinsic computes the same thing: `C[i] += sum_k int32(A[k]) * int32(B[i, k])` for a
 `lanes x kstep` tile, where `B` is a packed weight tile (row `i` = one output channel, `kstep`
@@ -16,6 +17,12 @@ compile time (`pack_weights.py`).
 - `neon` / `sdot` (ARM, int8 x int8, 4 x 4): `smull` + pairwise adds (Pi 4) and `sdot` (Pi 5),
   the sequences of TVM's ARM intrinsics, registered here so that nativeq never has to import
   `tvm.s_tir.tensor_intrin` (which loads every backend's intrinsics).
+
+The float32 twin (`fma_intrin_for`): `C[i] += A[0] * B[i, 0]`, one vector of `lanes` columns
+(16 with AVX-512, 8 with AVX2, 4 with NEON) times one broadcast activation, as `llvm.fmuladd` (a
+fused multiply-add where the target has one). It lets the same packed, register-tiled matmul run
+the float convolutions and matmuls a model keeps in float (`quantize_dynamic` leaves convolutions
+and attention in float): kstep 1, weights packed `[N/lanes, K, lanes, 1]`.
 """
 
 from __future__ import annotations
@@ -32,7 +39,13 @@ class DotIntrin:
     name: str  # name in TVM's TensorIntrin registry
     lanes: int  # output channels per call (packed tile rows)
     kstep: int  # reduction elements per call (packed tile columns)
-    act_dtype: str  # activation dtype the instruction needs ("uint8" on x86, "int8" on ARM)
+    act_dtype: str  # activation dtype the instruction needs ("uint8" on x86, "int8" on ARM, "float32")
+    weight_dtype: str = "int8"
+    acc_dtype: str = "int32"
+
+    @property
+    def is_float(self) -> bool:
+        return self.acc_dtype == "float32"
 
 
 def _desc(lanes: int, kstep: int, act_dtype: str):
@@ -50,6 +63,46 @@ def _desc(lanes: int, kstep: int, act_dtype: str):
                     C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
 
     return desc
+
+
+def _fma_desc(lanes: int):
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (1,), "float32", offset_factor=1)
+        B = T.match_buffer(b, (lanes, 1), "float32", offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "float32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:1], B[0:lanes, 0:1])
+            T.writes(C[0:lanes])
+            # NOTE: no reduce axis: the kernel's k-step loop has extent 1, and TVM drops its block iterator
+            for i, _k in T.grid(lanes, 1):
+                with T.sblock("update"):
+                    vi = T.axis.spatial(lanes, i)
+                    C[vi] = C[vi] + A[0] * B[vi, 0]
+
+    return desc
+
+
+def _fma_impl(lanes: int):
+    vector = f"float32x{lanes}"
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (1,), "float32", offset_factor=1)
+        B = T.match_buffer(b, (lanes, 1), "float32", offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "float32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:1], B[0:lanes, 0:1])
+            T.writes(C[0:lanes])
+            C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.fmuladd"),
+                T.broadcast(A[0], lanes),
+                B.vload([0, 0], dtype=vector),
+                C.vload([0], dtype=vector),
+                dtype=vector,
+            )
+
+    return impl
 
 
 @T.prim_func(s_tir=True)
@@ -144,6 +197,9 @@ NEON = DotIntrin("nativeq_dot_4x4_i8i8i32_neon", lanes=4, kstep=4, act_dtype="in
 SDOT = DotIntrin("nativeq_dot_4x4_i8i8i32_sdot", lanes=4, kstep=4, act_dtype="int8")
 
 _BY_FAMILY = {"avx512-vnni": VNNI, "avx2": AVX2, "neon": NEON, "sdot": SDOT}
+FMA_BY_LANES = {lanes: DotIntrin(f"nativeq_fma_{lanes}x1_f32", lanes=lanes, kstep=1, act_dtype="float32",
+                                 weight_dtype="float32", acc_dtype="float32") for lanes in (16, 8, 4)}
+_FMA_LANES = {"avx512-vnni": 16, "avx2": 8, "neon": 4, "sdot": 4}  # float32 lanes of the family's vectors
 _registered = False
 
 
@@ -160,12 +216,23 @@ def register_intrinsics() -> None:
     TensorIntrin.register(AVX2.name, _desc(8, 2, "uint8"), _avx2_8x2_impl, override=True)
     TensorIntrin.register(NEON.name, _desc(4, 4, "int8"), _neon_4x4_impl, override=True)
     TensorIntrin.register(SDOT.name, _desc(4, 4, "int8"), _sdot_4x4_impl, override=True)
+    for lanes, intrin in FMA_BY_LANES.items():
+        TensorIntrin.register(intrin.name, _fma_desc(lanes), _fma_impl(lanes), override=True)
     _registered = True
 
 
 def row_tile(intrin: DotIntrin) -> int:
-    """Rows of the int8 matmul register tile: accumulators (rows x 4 column blocks) fill ~3/4 of the vector registers."""
+    """Rows of the matmul register tile: accumulators (rows x 4 column blocks) fill ~3/4 of the vector registers."""
     return {16: 6, 8: 3, 4: 6}.get(intrin.lanes, 4)
+
+
+def fma_intrin_for(target) -> DotIntrin | None:
+    """The float32 multiply-add intrinsic for a nativeq Target (by its `int8` family's vector width), or None."""
+    lanes = _FMA_LANES.get(getattr(target, "int8", None))
+    if lanes is None:
+        return None
+    register_intrinsics()
+    return FMA_BY_LANES[lanes]
 
 
 def dot_intrin_for(target) -> DotIntrin | None:

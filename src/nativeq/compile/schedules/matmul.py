@@ -103,9 +103,24 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def accumulator_dtype(func) -> str | None:
+    """"int32" / "float32": what the packed matmul in `func` accumulates (which intrinsic it was packed for);
+    None when `func` holds no packed matmul."""
+    if not isinstance(func, tirx.PrimFunc):
+        return None
+    sch = Schedule(func)
+    block = find_block(sch, REDUCTION_BLOCK)
+    return None if block is None else str(sch.get(block).writes[0].source.dtype)
+
+
 def is_int8_matmul(func) -> bool:
     """Whether `func` holds the reduction block of a packed int8 matmul."""
-    return has_block(func, REDUCTION_BLOCK)
+    return accumulator_dtype(func) == "int32"
+
+
+def is_float_matmul(func) -> bool:
+    """Whether `func` holds the reduction block of a packed float32 matmul (the multiply-add intrinsic)."""
+    return accumulator_dtype(func) == "float32"
 
 
 def schedule_int8_matmul(func, intrin: DotIntrin, knobs: TileKnobs | None = None) -> Schedule | None:
@@ -114,7 +129,7 @@ def schedule_int8_matmul(func, intrin: DotIntrin, knobs: TileKnobs | None = None
     `knobs` (from a tuning database) pick the register tile; None: the default tile.
     Knobs that do not fit this kernel's N are ignored.
     """
-    if not is_int8_matmul(func):
+    if accumulator_dtype(func) != intrin.acc_dtype:
         return None
     return apply_int8_matmul(Schedule(without_tile_list_reads(func)), intrin, knobs)
 
@@ -180,6 +195,11 @@ def _schedule(sch: Schedule, intrin: DotIntrin, knobs: TileKnobs | None = None) 
     # Epilogue: inline every block after the matmul into the last one (requantize chains, GELU
     # diamonds), keep that one for reverse_compute_at.
     epilogue = _blocks_after(sch, matmul)
+    if not epilogue:
+        # the matmul writes the function's output (no epilogue, no crop): accumulate in a buffer of the
+        # kernel's own, which the tile loop copies out, so that the register tile can live on the stack
+        sch.cache_write(matmul, 0, "global")
+        epilogue = _blocks_after(sch, matmul)
     for block in epilogue[:-1]:
         sch.compute_inline(block)
     last = epilogue[-1] if epilogue else None

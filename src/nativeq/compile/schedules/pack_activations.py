@@ -21,6 +21,10 @@ marks its own (`op_pattern=kOutEWiseFusable`, `nativeq.int8_matmul`), so FuseOps
 epilogue (zero-point corrections, rescale, quantize) and `matmul.py` tensorizes it; if that schedule
 does not apply, the generic rule schedules it, still exact.
 
+With the float multiply-add intrinsic (`intrinsics.fma_intrin_for`) the same pass takes float32
+activation products (attention a `quantize_dynamic` model keeps in float): packed `[..., N/lanes, K,
+lanes, 1]`, run on the packed float kernel.
+
 Matmuls left alone: constant rhs (PackInt8Weights' job), other dtypes, rank < 2, unknown shapes,
 K of lhs and rhs not provably equal, rhs batch dims neither absent nor provably equal to lhs's
 (no broadcasting).
@@ -80,18 +84,24 @@ def _shape(expr) -> list | None:
 
 
 def is_activation_product(call, intrin: DotIntrin) -> bool:
-    """Whether `call` is an int32 matmul of a non-constant int8 rhs that this pass packs for `intrin`."""
+    """Whether `call` is an int32 matmul of a non-constant int8 rhs (with the float multiply-add intrinsic: a
+    float32 matmul of a non-constant rhs) that this pass packs for `intrin`."""
     if not isinstance(call, relax.Call) or call.op != tvm.ir.Op.get("relax.matmul"):
         return False
-    if str(call.attrs.out_dtype) != "int32" or len(call.args) != 2:
+    if len(call.args) != 2:
         return False
     lhs, rhs = call.args
+    out_dtype = str(call.attrs.out_dtype)
+    if out_dtype in ("", "void", "None"):  # a float matmul: the operands' dtype
+        out_dtype = str(lhs.ty.dtype)
+    if out_dtype != intrin.acc_dtype:
+        return False
     if isinstance(rhs, tvm.ir.GenericConst):
         return False
     lhs_shape, rhs_shape = _shape(lhs), _shape(rhs)
     if lhs_shape is None or rhs_shape is None or len(lhs_shape) < 2 or len(rhs_shape) < 2:
         return False
-    if str(lhs.ty.dtype) != intrin.act_dtype or str(rhs.ty.dtype) != "int8":
+    if str(lhs.ty.dtype) != intrin.act_dtype or str(rhs.ty.dtype) != intrin.weight_dtype:
         return False
     analyzer = Analyzer()
     if not analyzer.can_prove_equal(lhs_shape[-1], rhs_shape[-2]):
@@ -118,7 +128,7 @@ class _ActivationPacker(relax.PyExprMutator):
         lanes, kstep = self.intrin.lanes, self.intrin.kstep
         packed = self.builder_.emit(
             self.builder_.call_te(pack_activation_te, rhs, lanes=lanes, kstep=kstep,
-                                  primfunc_name_hint="int8_pack_activation",
+                                  primfunc_name_hint="f32_pack_activation" if self.intrin.is_float else "int8_pack_activation",
                                   primfunc_attrs={"op_pattern": _INJECTIVE})
         )
         self.packed += 1

@@ -19,6 +19,12 @@ An N that is not a multiple of the intrinsic's lanes (a 12-class head) gets zero
 cropped in the kernel; a K that is not a multiple of its k-step, zero weight rows (x is zero-padded
 per tile). Matmuls the intrinsic cannot cover (non-constant weights, wrong dtypes) are left alone
 and get the generic schedule.
+
+Float32 matmuls with a constant weight (what `quantize_dynamic` and float models keep in float, and
+the float convs `channels_last.py` turns into matmuls) go through the same pass with the target's
+float multiply-add intrinsic (`intrinsics.fma_intrin_for`, kstep 1): the same kernel, register tile
+and fused epilogue, dense weights only. The reduction block keeps the int8 kernel's name
+(`nativeq_int8_matmul`): the schedule, the tuner and the tuning records key on it.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ INT4_UNPACK_BLOCK = "nativeq_int4_unpack"
 def packed_matmul_te(x: te.Tensor, wp: te.Tensor, lanes: int, kstep: int, row_tile: int, n_out=None,
                      blocks: te.Tensor | None = None, int4_tiles: int | None = None, k_in: int | None = None,
                      list_group: int = 1) -> te.Tensor:
-    """int32 matmul of `x` [..., rows, K] with a packed operand `wp` [*wbatch, N/lanes, K/kstep, lanes, kstep].
+    """int32 (float32: float32) matmul of `x` [..., rows, K] with a packed operand `wp` [*wbatch, N/lanes, K/kstep, lanes, kstep].
 
     `wbatch` is empty (a constant weight shared by every batch entry of `x`) or `x`'s batch dims (an
     activation packed at run time, `pack_activations.py`: one packed matrix per batch entry).
@@ -93,6 +99,7 @@ def packed_matmul_te(x: te.Tensor, wp: te.Tensor, lanes: int, kstep: int, row_ti
 
         x = te.compute((*batch, padded_rows, x_kdim), pad, name=ROWS_PAD_BLOCK)
     k = te.reduce_axis((0, kdim), name="k")
+    acc_dtype = "float32" if wp.dtype == "float32" else "int32"
 
     def compute(*idx):
         *row_idx, j = idx
@@ -100,8 +107,8 @@ def packed_matmul_te(x: te.Tensor, wp: te.Tensor, lanes: int, kstep: int, row_ti
         listed = None if blocks is None else blocks[j // (lanes * list_group), k // kstep]
         x_k = k if listed is None else _listed_block(listed, x_kdim // kstep) * kstep + k % kstep
         return te.sum(
-            x[(*row_idx, x_k)].astype("int32")
-            * wp[(*w_batch, j // lanes, k // kstep, j % lanes, k % kstep)].astype("int32"),
+            x[(*row_idx, x_k)].astype(acc_dtype)
+            * wp[(*w_batch, j // lanes, k // kstep, j % lanes, k % kstep)].astype(acc_dtype),
             axis=k,
         )
 
@@ -140,10 +147,13 @@ def _is_packable(call: relax.Call, intrin: DotIntrin) -> bool:
     if not isinstance(call, relax.Call) or call.op != tvm.ir.Op.get("relax.matmul"):
         return False
     x, w = call.args
-    if not isinstance(w, tvm.ir.GenericConst) or call.attrs.out_dtype != "int32":
-        return False
     x_type, w_type = x.ty, w.ty
-    if x_type.dtype != intrin.act_dtype or w_type.dtype != "int8" or w_type.ndim != 2 or x_type.ndim < 1:
+    out_dtype = str(call.attrs.out_dtype)
+    if out_dtype in ("", "void", "None"):  # a float matmul: the operands' dtype
+        out_dtype = str(x_type.dtype)
+    if not isinstance(w, tvm.ir.GenericConst) or out_dtype != intrin.acc_dtype:
+        return False
+    if x_type.dtype != intrin.act_dtype or w_type.dtype != intrin.weight_dtype or w_type.ndim != 2 or x_type.ndim < 1:
         return False
     k = int(w_type.shape.values[0])
     x_k = x_type.shape.values[-1] if isinstance(x_type.shape, relax.ShapeExpr) else None
@@ -157,7 +167,7 @@ def call_packed_matmul(builder, x, packed, intrin: DotIntrin, n_out=None, weight
     weight in one of the formats of `weight_formats.py`."""
     formats = {}
     if weight is not None:
-        packed = relax.const(weight.values, "int8")
+        packed = relax.const(weight.values, str(weight.values.dtype))
         if weight.blocks is not None:
             formats["blocks"] = relax.const(weight.blocks, TILE_LIST_DTYPE)
             formats["k_in"] = weight.k
@@ -175,7 +185,7 @@ def call_packed_matmul(builder, x, packed, intrin: DotIntrin, n_out=None, weight
         row_tile=row_tile(intrin),
         n_out=n_out,
         **formats,
-        primfunc_name_hint="int8_matmul_packed",
+        primfunc_name_hint="f32_matmul_packed" if intrin.is_float else "int8_matmul_packed",
         primfunc_attrs={
             "op_pattern": _OUT_EWISE_FUSABLE,
             INT8_MATMUL_ATTR: f"{intrin.name}:{intrin.lanes}x{intrin.kstep}",
@@ -199,8 +209,9 @@ class _Packer(relax.PyExprMutator):
         x, w = call.args
         # zero rows up to whole k-steps (the kernel zero-pads x's K to match) and zero columns up to whole
         # vectors (the kernel's epilogue crops them); 4-bit / block-sparse when the values allow
+        integer = not self.intrin.is_float
         weight = pack_for_kernel(w.value.numpy(), self.intrin.lanes, self.intrin.kstep,
-                                 allow_sparse=self.sparse, allow_int4=self.int4)
+                                 allow_sparse=self.sparse and integer, allow_int4=self.int4 and integer)
         self.packed += 1
         self.formats.append(weight.format_name())
         return call_packed_matmul(self.builder_, x, None, self.intrin, weight=weight)
@@ -208,7 +219,7 @@ class _Packer(relax.PyExprMutator):
 
 @tvm.transform.module_pass(opt_level=0, name="nativeq.PackInt8Weights")
 class PackInt8Weights:
-    """Pack constant int8 matmul weights for `intrin` (see the module docstring).
+    """Pack constant int8 (or, with a float intrinsic, float32) matmul weights for `intrin` (see the module docstring).
 
     `sparse` / `int4` False keep every weight dense / 8-bit (benchmarks compare the formats).
     """

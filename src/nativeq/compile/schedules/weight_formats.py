@@ -71,7 +71,7 @@ class PackedWeight:
         return self.values.nbytes + (self.blocks.nbytes if self.blocks is not None else 0)
 
     def format_name(self) -> str:
-        bits = "int4" if self.int4 else "int8"
+        bits = "int4" if self.int4 else str(self.values.dtype)
         return f"{bits} block-sparse {self.density:.0%}" if self.blocks is not None else f"{bits} dense"
 
 
@@ -110,14 +110,15 @@ def nonzero_tiles(dense: np.ndarray) -> np.ndarray:
 
 def pack_for_kernel(weight: np.ndarray, lanes: int, kstep: int, *, allow_sparse: bool = True,
                     allow_int4: bool = True) -> PackedWeight:
-    """The weight [K, N] int8 in the best format the kernel reads (see the module docstring)."""
+    """The weight [K, N] int8 in the best format the kernel reads (see the module docstring); a float32
+    weight (the float kernel) is packed dense."""
     k, n = weight.shape
     padded_k, padded_n = -(-k // kstep) * kstep, -(-n // lanes) * lanes
     dense = pack_weight(np.pad(weight, ((0, padded_k - k), (0, padded_n - n))), lanes, kstep)
-    int4 = allow_int4 and weight.size > 0 and INT4_MIN <= int(weight.min()) and int(weight.max()) <= INT4_MAX
+    int4 = allow_int4 and weight.dtype == np.int8 and weight.size > 0 and INT4_MIN <= int(weight.min()) and int(weight.max()) <= INT4_MAX
     values, blocks = dense, None
     group = 1
-    if allow_sparse and padded_k // kstep <= np.iinfo(TILE_LIST_DTYPE).max:
+    if allow_sparse and weight.dtype == np.int8 and padded_k // kstep <= np.iinfo(TILE_LIST_DTYPE).max:
         group, present = _list_groups(nonzero_tiles(dense))
         width = max(int(present.sum(axis=1).max(initial=0)), 1)
         if width / (padded_k // kstep) <= SPARSE_MAX_DENSITY:
