@@ -326,6 +326,8 @@ def _eigen_cos(x):
 # MLAS's erf (onnxruntime/core/mlas/lib/erf.cpp and its FMA3 kernel), every multiply-add an FMA:
 # |x| <= 0.921875: x * (1 + x^2 * poly(x^2)); above: 1 - exp(-|x| * (1 + poly(|x|))) with MLAS's own
 # exp (round to a power of two by adding 1.5*2^23, Cody-Waite reduction, degree-6 polynomial).
+# NOTE: both branches are computed and selected (`Select`, as the SIMD kernel does): TVM scalarizes a
+# vector loop holding an if_then_else, e.g. a GELU's erf once inlined into its consumers.
 
 
 def _mlas_erf(x):
@@ -339,15 +341,15 @@ def _mlas_erf(x):
         magnitude = tirx.min(c(ort.ERF_CLAMP), tirx.abs(value))
         small = _fma(dtype, _horner(dtype, magnitude * magnitude, ort.ERF_SMALL), magnitude, magnitude)
         is_big = magnitude > c(ort.ERF_SPLIT)
-        big_input = tirx.if_then_else(is_big, magnitude, c(0.0))
+        big_input = tirx.Select(is_big, magnitude, c(0.0))
         big_poly = _fma(dtype, _horner(dtype, big_input, ort.ERF_BIG), big_input, big_input)
         exponent_arg = tirx.max(c(ort.EXP_LOWER), -big_poly)
         rounded = _fma(dtype, c(ort.EXP_LOG2E), exponent_arg, c(ort.EXP_ROUNDING_BIAS)) - c(ort.EXP_ROUNDING_BIAS)
         reduced = _fma(dtype, rounded, c(ort.EXP_LN2_LOW), _fma(dtype, rounded, c(ort.EXP_LN2_HIGH), exponent_arg))
         power = tirx.reinterpret(dtype, (rounded.astype("int32") + 127) * (1 << 23))
         big = c(1.0) - _horner(dtype, reduced, ort.ERF_EXP) * power
-        result = tirx.if_then_else(is_big, big, small)
-        return tirx.if_then_else(value < c(0.0), -result, result)
+        result = tirx.Select(is_big, big, small)
+        return tirx.Select(value < c(0.0), -result, result)
 
     return te.compute(x.shape, erf, name="erf")
 
