@@ -26,7 +26,6 @@ from nativeq.compile._tvm import relax, te, tirx
 from nativeq.compile.schedules.intrinsics import DotIntrin
 
 IM2COL_BLOCK = "im2col"
-IM2COL_CHANNELS_OUTER_BLOCK = "im2col_channels_outer"
 # NOTE: opaque to FuseOps: fused into its producer (e.g. a requantize), im2col would recompute
 # the producer once per kernel tap; materializing the 8-bit input once is cheaper.
 _OPAQUE = 8  # TVM OpPatternKind.kOpaque
@@ -75,11 +74,10 @@ def tap_position(out_index, kernel_index, geometry: ConvGeometry) -> list:
     return [o * s + k * d - p for o, k, s, d, p in zip(out_index, kernel_index, geometry.strides, geometry.dilation, before)]
 
 
-def im2col_channels_last_te(x: te.Tensor, kernel, out_spatial, channels_outer: bool = False, **geometry_kwargs):
+def im2col_channels_last_te(x: te.Tensor, kernel, out_spatial, **geometry_kwargs):
     """[N, *S, C] -> [N, *out_spatial, *kernel, C]: cols[n, *o, *k, c] = x[n, *(o*stride + k*dilation - pad), c].
 
     No div/mod in the index: each (output position, tap) is a contiguous copy of C channels.
-    `channels_outer`: [N, *out_spatial, C, *kernel] instead, ONNX's order of a conv weight's reduction axes.
     """
     geometry = ConvGeometry.from_te_kwargs(**geometry_kwargs)
     kernel = [int(k) for k in kernel]
@@ -87,15 +85,9 @@ def im2col_channels_last_te(x: te.Tensor, kernel, out_spatial, channels_outer: b
     ndim = len(kernel)
 
     def compute(n, *index):
-        out_index = index[:ndim]
-        if channels_outer:
-            c, kernel_index = index[ndim], index[ndim + 1:]
-        else:
-            kernel_index, c = index[ndim:2 * ndim], index[-1]
+        out_index, kernel_index, c = index[:ndim], index[ndim:2 * ndim], index[-1]
         return gather_padded(x, n, tap_position(out_index, kernel_index, geometry), c, geometry)
 
-    if channels_outer:
-        return te.compute((batch, *out_spatial, channels, *kernel), compute, name=IM2COL_CHANNELS_OUTER_BLOCK)
     return te.compute((batch, *out_spatial, *kernel, channels), compute, name=IM2COL_BLOCK)
 
 
@@ -108,21 +100,14 @@ def conv_as_matmul(builder, x_cl, weight: np.ndarray, out_spatial, geometry: Con
     reduction = channels * int(np.prod(kernel))
     padded_reduction = -(-reduction // intrin.kstep) * intrin.kstep
     w2 = np.zeros((padded_reduction, out_channels), weight.dtype)
-    # NOTE: a float conv sums in ONNX's order (channels, then taps), as ONNX Runtime's im2col does: float
-    # sums in another order differ in the last bits, which a run-time quantization after the conv can turn
-    # into a step. Integer sums are exact in any order: taps outer, the cheaper gather.
-    channels_outer = intrin.is_float
-    if channels_outer:  # cols order (C, *K) -> weight rows (C, *K)
-        w2[:reduction] = weight.reshape(out_channels, reduction).T
-    else:  # cols order (*K, C) -> weight rows (*K, C)
-        w2[:reduction] = weight.transpose(*range(2, 2 + ndim), 1, 0).reshape(reduction, out_channels)
+    # cols order (*K, C) -> weight rows (*K, C)
+    w2[:reduction] = weight.transpose(*range(2, 2 + ndim), 1, 0).reshape(reduction, out_channels)
     pointwise = all(k == 1 for k in kernel) and all(s == 1 for s in geometry.strides) and not geometry.padded
     if pointwise:
         cols = x_cl
     else:
         cols = builder.emit(builder.call_te(
-            im2col_channels_last_te, x_cl, kernel=list(kernel), out_spatial=list(out_spatial),
-            channels_outer=channels_outer, **geometry.as_te_kwargs(),
+            im2col_channels_last_te, x_cl, kernel=list(kernel), out_spatial=list(out_spatial), **geometry.as_te_kwargs(),
             primfunc_name_hint="im2col", primfunc_attrs={"op_pattern": _OPAQUE},
         ))
     rows = 1
@@ -147,28 +132,19 @@ def schedule_im2col(func, vector_bits: int):
     taps serial, so no index is recovered by div/mod per element (the generic rule fuses them all).
     Channels >= a vector are vectorized; fewer (a conv on a 1-channel spectrogram) are unrolled together
     with the innermost tap, whose input elements are adjacent (`[..., w*s + kw - p, c]`).
-    The channels-outer order ([n, *out, c, *kernel], a float conv's) has no contiguous run to vectorize:
-    its innermost tap loop is unrolled.
     """
     from nativeq.compile._tvm import Schedule, s_tir, tvm
     from nativeq.compile.schedules.generic import dividing_lanes, find_block
 
     sch = Schedule(func)
     block = find_block(sch, IM2COL_BLOCK)
-    channels_outer = block is None
-    if channels_outer:
-        block = find_block(sch, IM2COL_CHANNELS_OUTER_BLOCK)
     if block is None or len(sch.get_child_blocks(sch.get_sblock("root"))) != 1:
         return None
     try:
         n, *rest = sch.get_loops(block)
         ndim = (len(rest) - 1) // 2
-        sch.parallel(sch.fuse(n, rest[0]))
-        if channels_outer:
-            if int(sch.get(rest[-1]).extent) <= 64:
-                sch.unroll(rest[-1])
-            return sch
-        taps, channels = rest[ndim:2 * ndim], rest[-1]
+        out, taps, channels = rest[:ndim], rest[ndim:2 * ndim], rest[-1]
+        sch.parallel(sch.fuse(n, out[0]))
         c = sch.get(channels).extent
         lanes = max(2, vector_bits // tvm.runtime.DataType(str(sch.get(block).writes[0].source.dtype)).bits)
         if isinstance(c, tirx.IntImm) and int(c) >= lanes and dividing_lanes(int(c), lanes):
