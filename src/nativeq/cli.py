@@ -214,13 +214,15 @@ def run_cmd(artifact, inputs, dims, random_inputs, seed, out, threads, as_json):
 @click.option("--runs", default=10, show_default=True, help="Timed inferences after one warm-up.")
 @click.option("--threads", type=int, default=None, help="TVM worker threads (default: TVM's, the physical cores).")
 @click.option("--top", default=20, show_default=True, help="Show the N slowest kernels (0: all).")
+@click.option("--emulate", is_flag=True, help="An aarch64 artifact: count each kernel's instructions per inference "
+                                              "under qemu instead of timing (--runs: the extra inferences counted).")
 @click.option("--json", "as_json", is_flag=True, help="Every kernel, as JSON.")
-def profile_cmd(artifact, inputs, dims, random_inputs, seed, runs, threads, top, as_json):
+def profile_cmd(artifact, inputs, dims, random_inputs, seed, runs, threads, top, emulate, as_json):
     """Time each kernel of ARTIFACT per inference, with its kind, schedule and share of the MACs."""
     from nativeq.runtime.profile import ProfileConfig, profile_artifact
 
     cfg = ProfileConfig(inputs=inputs, dims=_parse_dims(dims), random=random_inputs, seed=seed, runs=runs,
-                        threads=threads)
+                        threads=threads, emulate=emulate)
     result = profile_artifact(artifact, cfg)
     click.echo(result.to_json() if as_json else result.table(top))
 

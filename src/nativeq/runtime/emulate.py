@@ -211,14 +211,36 @@ def _run(argv: list[str], timeout: float, threads: int, artifact, cpu: str) -> s
         raise NativeqError(f"artifact {artifact} under qemu-aarch64 -cpu {cpu} did not finish in {timeout:.0f} s") from None
 
 
+@dataclass(frozen=True)
+class EmulatedRun:
+    """One run of an artifact under qemu: its outputs, the plugin's log, the guest's memory map."""
+
+    outputs: list[np.ndarray]
+    plugin_log: str  # "" without a plugin
+    maps: str  # the guest's /proc/self/maps at the end of the run ("" unless asked for)
+    library: str  # the artifact's library as the runner loaded it (its path in `maps`)
+
+
 def _emulate(artifact_dir, inputs: Mapping[str, object], cpu: str | None, timeout: float, threads: int,
              runner_args: list[str] = (), plugin: Path | None = None) -> tuple[list[np.ndarray], str]:
     """Run the artifact once under qemu; return (outputs, the plugin log text or "")."""
+    run = emulate_run(artifact_dir, inputs, cpu, timeout, threads, runner_args, plugin)
+    return run.outputs, run.plugin_log
+
+
+def emulate_run(artifact_dir, inputs: Mapping[str, object], cpu: str | None = None,
+                timeout: float = DEFAULT_TIMEOUT_S, threads: int = 1, runner_args: list[str] = (),
+                plugin: Path | None = None, plugin_options: tuple[str, ...] = (), maps: bool = False) -> EmulatedRun:
+    """Run the artifact once under qemu, with the qemu `plugin` given `plugin_options` ("key=value")
+    if set, and the guest's memory map copied out at the end if `maps`."""
     with tempfile.TemporaryDirectory(prefix="nativeq-emulate-") as tmp:
         workdir = Path(tmp)
-        manifest, argv, cpu = _prepare(artifact_dir, inputs, cpu, workdir, runner_args)
+        maps_file = workdir / "maps.txt"
+        extra = [*runner_args, "--maps", str(maps_file)] if maps else list(runner_args)
+        manifest, argv, cpu = _prepare(artifact_dir, inputs, cpu, workdir, extra)
         log = workdir / "plugin.log"
-        plugin_args = ["-plugin", str(plugin), "-d", "plugin", "-D", str(log)] if plugin else None
+        spec = ",".join([str(plugin), *plugin_options])
+        plugin_args = ["-plugin", spec, "-d", "plugin", "-D", str(log)] if plugin else None
         proc = _run(_qemu_command(cpu, argv, plugin_args), timeout, threads, artifact_dir, cpu)
         if proc.returncode != 0:
             raise _runner_failure(Path(artifact_dir), manifest["target"], cpu, proc)
@@ -228,7 +250,10 @@ def _emulate(artifact_dir, inputs: Mapping[str, object], cpu: str | None, timeou
             raise NativeqError(
                 f"artifact {artifact_dir} returned {len(outputs)} outputs under qemu, its manifest lists {expected}"
             )
-        return [np.load(p, allow_pickle=False) for p in outputs], log.read_text() if log.is_file() else ""
+        return EmulatedRun(outputs=[np.load(p, allow_pickle=False) for p in outputs],
+                           plugin_log=log.read_text() if log.is_file() else "",
+                           maps=maps_file.read_text() if maps and maps_file.is_file() else "",
+                           library=argv[1])
 
 
 def run_emulated(artifact_dir, inputs: Mapping[str, object], *, cpu: str | None = None,

@@ -245,8 +245,9 @@ def run_artifact(artifact, cfg: RunConfig = RunConfig()) -> RunResult:
 # ----------------------------------------------------------------------------- profile
 @dataclass(frozen=True)
 class ProfileConfig(InputsConfig):
-    runs: int = 10  # timed inferences (after one warm-up), each plain and instrumented
+    runs: int = 10  # timed inferences (after one warm-up), each plain and instrumented; emulated: the long run's extra ones
     threads: int | None = None  # TVM worker threads (None: TVM's default)
+    emulate: bool = False  # count an aarch64 artifact's instructions per kernel under qemu instead (emulated_profile)
 
 
 @dataclass(frozen=True)
@@ -371,17 +372,26 @@ def _optional(record: dict, key: str, kinds):
     return value if isinstance(value, kinds) and not isinstance(value, bool) else None
 
 
-def profile_artifact(artifact, cfg: ProfileConfig = ProfileConfig()) -> Profile:
-    """Time each kernel of `artifact` over `cfg.runs` inferences on this machine (see the module docstring)."""
+def profile_artifact(artifact, cfg: ProfileConfig = ProfileConfig()):
+    """Time each kernel of `artifact` over `cfg.runs` inferences on this machine (see the module docstring).
+
+    With `cfg.emulate`, count each kernel's aarch64 instructions under qemu instead
+    (`emulated_profile.profile_emulated`, an `EmulatedProfile`; same `table`/`to_json`).
+    """
     from nativeq.runtime import load
 
+    if cfg.emulate:
+        from nativeq.runtime.emulated_profile import profile_emulated
+
+        return profile_emulated(artifact, cfg)
     if isinstance(cfg.runs, bool) or not isinstance(cfg.runs, int) or cfg.runs < 1:
         raise NativeqError(f"--runs must be at least 1, got {cfg.runs!r}")
     artifact = Path(artifact)
     manifest = read_manifest(artifact)
     if manifest["target"].get("arch") != machine_arch():
         raise _foreign_arch(artifact, manifest, "profile it on the device (times under qemu say nothing of it); "
-                                                f"`nativeq bench-emulated {artifact}` counts its instructions here")
+                                                f"`nativeq profile {artifact} --emulate` counts its instructions per "
+                                                f"kernel here")
     inputs, source = prepare_inputs(manifest, cfg)
     model = load(artifact, threads=cfg.threads)
     ffi = import_tvm_ffi()

@@ -4,11 +4,13 @@
 // libtvm_ffi.so); used on the Raspberry Pi itself and, on an x86 machine, under qemu-aarch64
 // by `nativeq verify`. Needs nothing else: no Python, no TVM compiler.
 //
-//   nativeq_runner LIB.so OUT_DIR [--require asimd,asimddp] [--entry main] [--repeat N] IN0.npy ...
+//   nativeq_runner LIB.so OUT_DIR [--require asimd,asimddp] [--entry main] [--repeat N] [--maps FILE] IN0.npy ...
 //
 // Inputs are passed in the manifest's input order; outputs are written as OUT_DIR/out0.npy,
 // out1.npy, ... (a tuple result is flattened in order). With --repeat N the entry is called N
-// times and the mean wall time is printed as `time_ms <value>`.
+// times and the mean wall time is printed as `time_ms <value>`. With --maps FILE the process's
+// memory map (/proc/self/maps, which qemu-user emulates with guest addresses) is copied to FILE
+// at the end, so that instruction addresses can be told apart by library (and LIB.so's by symbol).
 // Exit codes: 0 ok, 2 usage or input error, 3 this CPU lacks a required feature, 4 TVM error.
 
 #include <dlpack/dlpack.h>
@@ -217,6 +219,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> positional, required;
   std::string entry = "main";
   int repeat = 0;
+  std::string maps;
   try {
     for (int i = 1; i < argc; ++i) {
       std::string arg = argv[i];
@@ -227,6 +230,8 @@ int main(int argc, char** argv) {
         entry = argv[++i];
       } else if (arg == "--repeat" && has_value) {
         repeat = std::stoi(argv[++i]);
+      } else if (arg == "--maps" && has_value) {
+        maps = argv[++i];
       } else if (arg.rfind("--", 0) == 0) {
         throw UsageError("unknown option " + arg);
       } else {
@@ -234,7 +239,8 @@ int main(int argc, char** argv) {
       }
     }
     if (positional.size() < 2) {
-      throw UsageError("usage: nativeq_runner LIB.so OUT_DIR [--require f1,f2] [--entry main] [--repeat N] IN0.npy ...");
+      throw UsageError("usage: nativeq_runner LIB.so OUT_DIR [--require f1,f2] [--entry main] [--repeat N] [--maps FILE] "
+                       "IN0.npy ...");
     }
     std::vector<std::string> missing = MissingFeatures(required);
     if (!missing.empty()) {
@@ -268,6 +274,12 @@ int main(int argc, char** argv) {
       WriteNpy(positional[1] + "/out" + std::to_string(i) + ".npy", outputs[i]);
     }
     std::printf("outputs %zu\n", outputs.size());
+    if (!maps.empty()) {
+      std::ifstream in("/proc/self/maps");
+      std::ofstream out(maps);
+      out << in.rdbuf();
+      if (!in || !out) throw std::runtime_error("cannot copy /proc/self/maps to " + maps);
+    }
     return 0;
   } catch (const UsageError& e) {
     std::fprintf(stderr, "nativeq_runner: %s\n", e.what());
