@@ -33,13 +33,14 @@ from pathlib import Path
 
 from nativeq._text import aligned_table
 from nativeq.errors import NativeqError
-from nativeq.runtime.manifest import read_manifest
+from nativeq.runtime.manifest import input_specs, read_manifest
 from nativeq.runtime.profile import ProfileConfig, prepare_inputs
 
 _NAME_WIDTH = 72  # kernel names in the table are cut in the middle to this width (--json has them whole)
 _WRAPPER_PREFIX = "__tvm_ffi_"  # TVM's packed-function wrapper of a kernel (tvm-ffi ABI)
 _COMPUTE_MARK = "_compute_"  # TVM's name of a kernel's body when it is not inlined into the wrapper
 _NO_SYMBOL = "[model.so, no symbol]"
+_VENEER_PREFIXES = ("e843419@", "e835769@")  # ld's names of its erratum workaround stubs
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ class KernelInsns:
     kind: str | None = None  # contraction / reduction / elementwise (manifest)
     schedule: str | None = None  # the schedule it was built with (manifest)
     calls: int | None = None  # call sites the compiler counted (manifest)
-    macs: int | None = None  # multiply-accumulates at the manifest's kernel_dims (manifest)
+    macs: int | None = None  # multiply-accumulates per inference, all calls, at the manifest's kernel_dims
     mac_share: float | None = None  # its share of the model's MACs (manifest)
 
 
@@ -78,10 +79,14 @@ class EmulatedProfile:
     def _sum(self, where: str) -> int:
         return sum(r.instructions for r in self.rows if r.where == where)
 
+    input_dims: tuple[str, ...] = ()  # the symbolic sizes of the inputs (kernel_dims may name derived ones too)
+
     @property
     def macs_at_profiled_dims(self) -> bool:
-        """The manifest's MAC counts hold for the profiled sizes (so instructions per MAC mean something)."""
-        return self.kernel_dims is not None and all(self.dims.get(k) == v for k, v in self.kernel_dims.items())
+        """The manifest's MAC counts hold for the profiled sizes (so instructions per MAC mean something):
+        every input size the MAC counts assume is the one profiled (derived sizes follow from them)."""
+        return self.kernel_dims is not None and all(self.dims.get(k) == v for k, v in self.kernel_dims.items()
+                                                    if k in self.input_dims)
 
     def insns_per_mac(self, row: KernelInsns) -> float | None:
         if not self.macs_at_profiled_dims or not row.macs:
@@ -120,7 +125,8 @@ class EmulatedProfile:
                              f"{parts}{more}")
         if not per_mac and self.kernel_dims:
             sizes = ", ".join(f"{k}={v}" for k, v in sorted(self.kernel_dims.items()))
-            lines.append(f"MACs: shares at the manifest's sizes ({sizes}); instructions per MAC need --dim at those sizes")
+            lines.append(f"MACs: shares at the manifest's sizes ({sizes}); instructions per MAC need --dim at those "
+                         f"sizes")
         lines.append(f"total {self.total:,} per inference (kernels {100 * self._sum('kernel') / max(self.whole, 1):.1f}%, "
                      f"runtime/VM {100 * self._sum('runtime') / max(self.whole, 1):.1f}%) vs the whole count "
                      f"{self.whole:,}; startup and first call {self.startup / 1e6:.1f} M"
@@ -206,6 +212,8 @@ def elf_functions(path) -> tuple[list[tuple[int, int, str]], int]:
             st_name, st_info, _, st_shndx, st_value, st_size = struct.unpack_from("<IBBHQQ", data, at)
             if st_info & 0xF == 2 and st_shndx != 0 and st_value:  # STT_FUNC, defined
                 name = strings[st_name:strings.index(b"\0", st_name)].decode(errors="replace")
+                if name.startswith(_VENEER_PREFIXES) or name.endswith("_veneer"):
+                    continue  # a linker stub (erratum 843419, long branch): its caller's, found by reference below
                 if st_size >= named.get(st_value, (0, ""))[0]:
                     named[st_value] = (st_size, name)
     for start, end in plt:  # the PLT's stubs (calls into the TVM runtime and libc): apart, not any one kernel's
@@ -351,6 +359,12 @@ def _optional(record: dict, key: str, kinds):
     return value if isinstance(value, kinds) and not isinstance(value, bool) else None
 
 
+def _macs(record: dict) -> int | None:
+    """A kernel's multiply-accumulates per inference: the manifest counts them per call."""
+    macs, calls = _optional(record, "macs", int), _optional(record, "calls", int)
+    return None if macs is None else macs * (1 if calls is None else calls)
+
+
 def profile_emulated(artifact, cfg: ProfileConfig = ProfileConfig(emulate=True), *, cpu: str | None = None,
                      timeout: float | None = None) -> EmulatedProfile:
     """Guest instructions per inference of each kernel of an aarch64 `artifact`, under qemu (module docstring).
@@ -394,14 +408,14 @@ def profile_emulated(artifact, cfg: ProfileConfig = ProfileConfig(emulate=True),
         rows.append(KernelInsns(
             name=name, instructions=insns, share=insns / whole if whole else 0.0, where=where,
             kind=_optional(record, "kind", str), schedule=_optional(record, "schedule", str),
-            calls=_optional(record, "calls", int), macs=_optional(record, "macs", int),
+            calls=_optional(record, "calls", int), macs=_macs(record),
             mac_share=_optional(record, "share", (int, float)),
         ))
     for name, record in kernels.items():  # a kernel that never ran still gets its row (0 instructions)
         if ("kernel", name) not in once and ("kernel", name) not in many:
             rows.append(KernelInsns(name=name, instructions=0, share=0.0, where="kernel",
                                     kind=_optional(record, "kind", str), schedule=_optional(record, "schedule", str),
-                                    calls=_optional(record, "calls", int), macs=_optional(record, "macs", int),
+                                    calls=_optional(record, "calls", int), macs=_macs(record),
                                     mac_share=_optional(record, "share", (int, float))))
     rows.sort(key=lambda r: (-r.instructions, r.name))
     kernel_dims = manifest.get("kernel_dims") if isinstance(manifest.get("kernel_dims"), dict) else None
@@ -409,4 +423,5 @@ def profile_emulated(artifact, cfg: ProfileConfig = ProfileConfig(emulate=True),
         artifact=str(artifact), target=str(target.get("name")), cpu=cpu or target.get("qemu_cpu") or "max",
         inputs_from=source, repeat=repeat, dims=dict(cfg.dims), kernel_dims=kernel_dims, rows=tuple(rows),
         whole=whole, startup=base, lost_blocks=lost_once + lost_many,
+        input_dims=tuple(sorted({d for spec in input_specs(manifest) for d in (spec.shape or ()) if isinstance(d, str)})),
     )
