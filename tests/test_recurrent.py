@@ -83,6 +83,33 @@ def test_torch_batch_first_stack_matches_ort(tmp_path):
     _assert_float_close(_compile_and_verify_lengths(model, tmp_path), expected_outputs=1)
 
 
+def test_time_steps_split_over_threads_match_ort(tmp_path):
+    """Hidden sizes whose time step runs as several parallel slices of the hidden units (72: slices of 32, 32
+    and 8 units; 136: 48, 48 and 40), LSTM -> GRU -> RNN, batch 2: the same sums per unit as one thread,
+    within ORT's few ulps."""
+    import torch
+    from torch import nn
+
+    from nativeq.compile.recurrent import _part_bounds
+
+    assert _part_bounds(72)[0] == 3 and _part_bounds(136)[0] == 3
+    torch.manual_seed(2)
+
+    class Wide(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(16, 72, batch_first=True)
+            self.gru = nn.GRU(72, 136, batch_first=True)
+            self.rnn = nn.RNN(136, 72, batch_first=True)
+            self.out = nn.Linear(72, 5)
+
+        def forward(self, x):
+            return self.out(self.rnn(self.gru(self.lstm(x)[0])[0])[0])
+
+    model = _torch_export(Wide(), torch.randn(2, 10, 16), {1: "T"}, tmp_path)
+    _assert_float_close(_compile_and_verify_lengths(model, tmp_path), expected_outputs=1)
+
+
 def test_torch_time_major_bidirectional_matches_ort(tmp_path):
     """Bidirectional GRU and tanh RNN, time-major (batch_first=False) with batch 2, then a Linear."""
     import torch

@@ -14,7 +14,10 @@ Lowering, per direction `d`:
    recurrence: batch elements one after the other (they are independent), a serial loop over
    time inside, `H·R[d]ᵀ` accumulated 4 rows of `R[d]ᵀ` at a time so the innermost loop is a
    contiguous chain of axpys LLVM vectorizes, then the biases, peepholes and activations in contiguous
-   per-gate loops. Sigmoid and Tanh are MLAS's polynomials (ORT's LSTM/GRU/RNN call
+   per-gate loops. Each time step runs in parallel over slices of the hidden units (`_PARTS`): a
+   thread streams only its slice's columns of `R[d]ᵀ` (which alone exceeds L1 and, for a 256-unit
+   LSTM, a core's L2) and writes its units of the next state to a second buffer, so the sums are
+   those of one thread. Sigmoid and Tanh are MLAS's polynomials (ORT's LSTM/GRU/RNN call
    MlasComputeLogistic/MlasComputeTanh), which vectorize where libm's expf did not, and sums
    follow ORT's order, so outputs are within a few ulps of ORT's. Time `T` and batch `B` are
    symbolic; the input and hidden sizes are static. Both PrimFuncs are marked
@@ -288,6 +291,11 @@ def _text(value) -> str:
 
 # Rows of Rᵀ accumulated per pass over the gates (the FMA chain below is written for 4).
 _RT_ROWS = 4
+# A time step's H·Rᵀ and gate updates run in parallel over this many slices of the hidden units (each
+# thread streams its columns of Rᵀ; H_{t-1} is double-buffered so no slice reads a unit another one
+# already updated). Only when every gate comes from H_{t-1} alone (LSTM, RNN, GRU with
+# linear_before_reset): a GRU without it needs all of r before its candidate's products.
+_PARTS = 4
 # The projection's register tile: rows x columns, accumulated over all of k. Each weight vector loaded
 # serves 4 rows (a row at a time re-read all of Wᵀ from L2 per row, L2-bound at ~23 GMAC/s); 4 x 16 floats
 # are 4 AVX-512 / 8 AVX2 / 16 NEON registers, so the tile fits every target's register file.
@@ -301,24 +309,37 @@ def _fma(a, b, c):
 
 
 @T.macro
-def _state_times_rt(gates, state_h, rt, b, hidden, width):
-    """gates[g] = sum over k of H_{t-1}[b, k] * Rᵀ[k, g] for g < width, by FMAs in k order (ORT's order).
+def _state_times_rt(gates, state_h, rt, b, hidden, blocks, lo, hi):
+    """gates[q*H + g] = sum over k of H_{t-1}[b, k] * Rᵀ[k, q*H + g] for the gate blocks q < `blocks` and the
+    hidden units lo <= g < hi, by FMAs in k order (ORT's order).
 
     Rows of Rᵀ stream in order (it is too large for L1; column blocks over all of k were 1.5x
     slower), `_RT_ROWS` rows per pass over `gates`, so `gates` is loaded and stored once per
     `_RT_ROWS` FMAs instead of once per FMA."""
-    for g in T.serial(width):
-        gates[g] = state_h[b, 0] * rt[0, g]
+    for q in T.serial(blocks):
+        for g in T.serial(lo, hi):
+            gates[q * hidden + g] = state_h[b, 0] * rt[0, q * hidden + g]
     for k_block in T.serial((hidden - 1) // _RT_ROWS):
-        for g in T.serial(width):
-            gates[g] = _fma(state_h[b, 1 + k_block * _RT_ROWS + 3], rt[1 + k_block * _RT_ROWS + 3, g],
-                            _fma(state_h[b, 1 + k_block * _RT_ROWS + 2], rt[1 + k_block * _RT_ROWS + 2, g],
-                                 _fma(state_h[b, 1 + k_block * _RT_ROWS + 1], rt[1 + k_block * _RT_ROWS + 1, g],
-                                      _fma(state_h[b, 1 + k_block * _RT_ROWS], rt[1 + k_block * _RT_ROWS, g],
-                                           gates[g]))))
+        for q in T.serial(blocks):
+            for g in T.serial(lo, hi):
+                gates[q * hidden + g] = _fma(
+                    state_h[b, 1 + k_block * _RT_ROWS + 3], rt[1 + k_block * _RT_ROWS + 3, q * hidden + g],
+                    _fma(state_h[b, 1 + k_block * _RT_ROWS + 2], rt[1 + k_block * _RT_ROWS + 2, q * hidden + g],
+                         _fma(state_h[b, 1 + k_block * _RT_ROWS + 1], rt[1 + k_block * _RT_ROWS + 1, q * hidden + g],
+                              _fma(state_h[b, 1 + k_block * _RT_ROWS], rt[1 + k_block * _RT_ROWS, q * hidden + g],
+                                   gates[q * hidden + g]))))
     for k in T.serial(1 + (hidden - 1) // _RT_ROWS * _RT_ROWS, hidden):
-        for g in T.serial(width):
-            gates[g] = _fma(state_h[b, k], rt[k, g], gates[g])
+        for q in T.serial(blocks):
+            for g in T.serial(lo, hi):
+                gates[q * hidden + g] = _fma(state_h[b, k], rt[k, q * hidden + g], gates[q * hidden + g])
+
+
+def _part_bounds(hidden: int) -> tuple[int, int]:
+    """(parts, units per part) of a time step split over threads: `_PARTS` slices of the hidden units, each a
+    whole number of 16-float vectors (fewer parts when the hidden size is small)."""
+    per_part = -(-hidden // _PARTS)
+    units = max(16, -(-per_part // 16) * 16)
+    return -(-hidden // units), units
 
 
 def _clipper(clip: float | None):
@@ -386,6 +407,7 @@ def _projection_kernel(input_size: int, gate_width: int):
 def _lstm_kernel(spec: _Spec, activations, reverse: bool, has_lens: bool):
     """PrimFunc(X·Wᵀ[T,B,4H], Rᵀ[H,4H], Wb+Rb[4H], P[3H], h0[B,H], c0[B,H], lens) -> (Y[T,B,H], Y_h[B,H], Y_c[B,H])."""
     hidden, gate_width = spec.hidden, 4 * spec.hidden
+    parts, units = _part_bounds(hidden)
     gate_act, cell_act, hidden_act = (_ACTIVATIONS[name] for name in activations)
     clip = _clipper(spec.clip)
     input_forget = spec.input_forget
@@ -409,6 +431,7 @@ def _lstm_kernel(spec: _Spec, activations, reverse: bool, has_lens: bool):
         state_h = T.match_buffer(yh_handle, (batch, hidden), "float32")
         state_c = T.match_buffer(yc_handle, (batch, hidden), "float32")
         gates = T.alloc_buffer((gate_width,), "float32")
+        next_h = T.alloc_buffer((hidden,), "float32")
         for b in T.serial(batch):
             if has_lens:
                 length = T.Cast("int64", lens[b])
@@ -423,22 +446,28 @@ def _lstm_kernel(spec: _Spec, activations, reverse: bool, has_lens: bool):
                         step = length - 1 - t
                     else:
                         step = t
-                    _state_times_rt(gates, state_h, rt, b, hidden, gate_width)
-                    for g in T.serial(gate_width):
-                        gates[g] = gates[g] + projected[step, b, g]
+                    for part in T.parallel(parts):
+                        lo = part * units
+                        hi = T.min(lo + units, hidden)
+                        _state_times_rt(gates, state_h, rt, b, hidden, 4, lo, hi)
+                        for q in T.serial(4):
+                            for g in T.serial(lo, hi):
+                                gates[q * hidden + g] = gates[q * hidden + g] + projected[step, b, q * hidden + g]
+                        for j in T.serial(lo, hi):
+                            # gate rows: i = [0, H), o = [H, 2H), f = [2H, 3H), c = [3H, 4H)
+                            input_gate = gate_act(clip((gates[j] + peephole[j] * state_c[b, j]) + bias[j]))
+                            if input_forget:
+                                forget_gate = T.float32(1) - input_gate
+                            else:
+                                forget_gate = gate_act(clip((gates[2 * hidden + j] + peephole[2 * hidden + j] * state_c[b, j])
+                                                            + bias[2 * hidden + j]))
+                            cell = state_c[b, j] * forget_gate + input_gate * cell_act(clip(gates[3 * hidden + j] + bias[3 * hidden + j]))
+                            output_gate = gate_act(clip((gates[hidden + j] + peephole[hidden + j] * cell) + bias[hidden + j]))
+                            state_c[b, j] = cell
+                            next_h[j] = hidden_act(cell) * output_gate
                     for j in T.serial(hidden):
-                        # gate rows: i = [0, H), o = [H, 2H), f = [2H, 3H), c = [3H, 4H)
-                        input_gate = gate_act(clip((gates[j] + peephole[j] * state_c[b, j]) + bias[j]))
-                        if input_forget:
-                            forget_gate = T.float32(1) - input_gate
-                        else:
-                            forget_gate = gate_act(clip((gates[2 * hidden + j] + peephole[2 * hidden + j] * state_c[b, j])
-                                                        + bias[2 * hidden + j]))
-                        cell = state_c[b, j] * forget_gate + input_gate * cell_act(clip(gates[3 * hidden + j] + bias[3 * hidden + j]))
-                        output_gate = gate_act(clip((gates[hidden + j] + peephole[hidden + j] * cell) + bias[hidden + j]))
-                        state_c[b, j] = cell
-                        state_h[b, j] = hidden_act(cell) * output_gate
-                        y[step, b, j] = state_h[b, j]
+                        state_h[b, j] = next_h[j]
+                        y[step, b, j] = next_h[j]
                 else:
                     for j in T.serial(hidden):
                         y[t, b, j] = T.float32(0)
@@ -456,8 +485,7 @@ def _gru_kernel(spec: _Spec, activations, reverse: bool, has_lens: bool):
     gate_act, candidate_act = (_ACTIVATIONS[name] for name in activations)
     clip = _clipper(spec.clip)
     linear_before_reset = spec.linear_before_reset
-    # Columns of Rᵀ accumulated before the reset gate is known: z and r, plus h when linear_before_reset.
-    early_width = gate_width if linear_before_reset else 2 * hidden
+    parts, units = _part_bounds(hidden)
 
     @T.prim_func(private=True, s_tir=True)
     def gru(projected_handle: T.handle, rt_handle: T.handle, bias_handle: T.handle, rbh_handle: T.handle,
@@ -475,6 +503,7 @@ def _gru_kernel(spec: _Spec, activations, reverse: bool, has_lens: bool):
         y = T.match_buffer(y_handle, (steps, batch, hidden), "float32")
         state_h = T.match_buffer(yh_handle, (batch, hidden), "float32")
         gates = T.alloc_buffer((gate_width,), "float32")
+        next_h = T.alloc_buffer((hidden,), "float32")
         reset = T.alloc_buffer((hidden,), "float32")
         reset_h = T.alloc_buffer((hidden,), "float32")
         for b in T.serial(batch):
@@ -491,10 +520,25 @@ def _gru_kernel(spec: _Spec, activations, reverse: bool, has_lens: bool):
                     else:
                         step = t
                     # gate rows: z = [0, H), r = [H, 2H), h = [2H, 3H)
-                    _state_times_rt(gates, state_h, rt, b, hidden, early_width)
-                    for j in T.serial(hidden):
-                        reset[j] = gate_act(clip((gates[hidden + j] + projected[step, b, hidden + j]) + bias[hidden + j]))
-                    if not linear_before_reset:  # h rows: (r⊙H_{t-1})·Rhᵀ
+                    if linear_before_reset:
+                        for part in T.parallel(parts):
+                            lo = part * units
+                            hi = T.min(lo + units, hidden)
+                            _state_times_rt(gates, state_h, rt, b, hidden, 3, lo, hi)
+                            for j in T.serial(lo, hi):
+                                reset_gate = gate_act(clip((gates[hidden + j] + projected[step, b, hidden + j]) + bias[hidden + j]))
+                                update = gate_act(clip((gates[j] + projected[step, b, j]) + bias[j]))
+                                candidate = candidate_act(clip((projected[step, b, 2 * hidden + j] + bias[2 * hidden + j])
+                                                               + reset_gate * (gates[2 * hidden + j] + rbh[j])))
+                                next_h[j] = (T.float32(1) - update) * candidate + update * state_h[b, j]
+                        for j in T.serial(hidden):
+                            state_h[b, j] = next_h[j]
+                            y[step, b, j] = next_h[j]
+                    else:
+                        _state_times_rt(gates, state_h, rt, b, hidden, 2, 0, hidden)
+                        for j in T.serial(hidden):
+                            reset[j] = gate_act(clip((gates[hidden + j] + projected[step, b, hidden + j]) + bias[hidden + j]))
+                        # h rows: (r⊙H_{t-1})·Rhᵀ
                         for k in T.serial(hidden):
                             reset_h[k] = reset[k] * state_h[b, k]
                         for j in T.serial(hidden):
@@ -502,16 +546,12 @@ def _gru_kernel(spec: _Spec, activations, reverse: bool, has_lens: bool):
                         for k in T.serial(1, hidden):
                             for j in T.serial(hidden):
                                 gates[2 * hidden + j] = _fma(reset_h[k], rt[k, 2 * hidden + j], gates[2 * hidden + j])
-                    for j in T.serial(hidden):
-                        update = gate_act(clip((gates[j] + projected[step, b, j]) + bias[j]))
-                        if linear_before_reset:
-                            candidate = candidate_act(clip((projected[step, b, 2 * hidden + j] + bias[2 * hidden + j])
-                                                           + reset[j] * (gates[2 * hidden + j] + rbh[j])))
-                        else:
+                        for j in T.serial(hidden):
+                            update = gate_act(clip((gates[j] + projected[step, b, j]) + bias[j]))
                             candidate = candidate_act(clip((gates[2 * hidden + j] + projected[step, b, 2 * hidden + j])
                                                            + bias[2 * hidden + j]))
-                        state_h[b, j] = (T.float32(1) - update) * candidate + update * state_h[b, j]
-                        y[step, b, j] = state_h[b, j]
+                            state_h[b, j] = (T.float32(1) - update) * candidate + update * state_h[b, j]
+                            y[step, b, j] = state_h[b, j]
                 else:
                     for j in T.serial(hidden):
                         y[t, b, j] = T.float32(0)
@@ -522,6 +562,7 @@ def _gru_kernel(spec: _Spec, activations, reverse: bool, has_lens: bool):
 def _rnn_kernel(spec: _Spec, activations, reverse: bool, has_lens: bool):
     """PrimFunc(X·Wᵀ[T,B,H], Rᵀ[H,H], Wb+Rb[H], h0[B,H], lens) -> (Y[T,B,H], Y_h[B,H])."""
     hidden = spec.hidden
+    parts, units = _part_bounds(hidden)
     (act,) = (_ACTIVATIONS[name] for name in activations)
     clip = _clipper(spec.clip)
 
@@ -540,6 +581,7 @@ def _rnn_kernel(spec: _Spec, activations, reverse: bool, has_lens: bool):
         y = T.match_buffer(y_handle, (steps, batch, hidden), "float32")
         state_h = T.match_buffer(yh_handle, (batch, hidden), "float32")
         gates = T.alloc_buffer((hidden,), "float32")
+        next_h = T.alloc_buffer((hidden,), "float32")
         for b in T.serial(batch):
             if has_lens:
                 length = T.Cast("int64", lens[b])
@@ -553,10 +595,15 @@ def _rnn_kernel(spec: _Spec, activations, reverse: bool, has_lens: bool):
                         step = length - 1 - t
                     else:
                         step = t
-                    _state_times_rt(gates, state_h, rt, b, hidden, hidden)
+                    for part in T.parallel(parts):
+                        lo = part * units
+                        hi = T.min(lo + units, hidden)
+                        _state_times_rt(gates, state_h, rt, b, hidden, 1, lo, hi)
+                        for j in T.serial(lo, hi):
+                            next_h[j] = act(clip((gates[j] + projected[step, b, j]) + bias[j]))
                     for j in T.serial(hidden):
-                        state_h[b, j] = act(clip((gates[j] + projected[step, b, j]) + bias[j]))
-                        y[step, b, j] = state_h[b, j]
+                        state_h[b, j] = next_h[j]
+                        y[step, b, j] = next_h[j]
                 else:
                     for j in T.serial(hidden):
                         y[t, b, j] = T.float32(0)
