@@ -4,8 +4,9 @@ Pipeline position: `schedule_passes(target)`, after FuseOps/FuseTIR, before `rel
 lowers TIR. Rules, first that applies wins:
 
 1. `matmul.schedule_int8_matmul`: packed int8 matmul + fused epilogue, tensorized with the
-   target's int8 dot intrinsic (`intrinsics.py`; a packed float32 matmul with its multiply-add one); `matmul.schedule_int8_pack`: the run-time pack
-   of an activation operand (`pack_activations.py`) with its fused producers;
+   target's int8 dot intrinsic (`intrinsics.py`; a packed float32 matmul with its multiply-add
+   one); `matmul.schedule_int8_pack`: the run-time pack of an activation operand
+   (`pack_activations.py`) with its fused producers;
    `depthwise.schedule_depthwise`: an int8 depthwise conv (channels-last) + fused epilogue;
    `conv_as_matmul.schedule_im2col`: a conv's im2col gather (parallel rows, unrolled taps);
 2. dlight's CPU `Reduction` rule: softmax / layer norm style reductions (not convolutions:

@@ -1,5 +1,8 @@
 """TIR schedule rule: int8 packed matmul (+ fused epilogue) -> tiled, parallel, tensorized kernel.
 
+The same rule schedules a packed float32 matmul with the target's float multiply-add intrinsic
+(`intrinsics.fma_intrin_for`, kstep 1): the intrinsic to use follows the accumulator's dtype.
+
 Pipeline position: `schedule_passes(target)`, after FuseOps/FuseTIR. It acts on PrimFuncs
 holding a `nativeq_int8_matmul` block, i.e. the `call_tir` kernels that
 `pack_weights.PackInt8Weights` created (constant weight `[N/lanes, K/kstep, lanes, kstep]`) and
@@ -35,7 +38,7 @@ import logging
 from dataclasses import dataclass
 
 from nativeq.compile._tvm import Analyzer, Schedule, s_tir, tirx
-from nativeq.compile.schedules.generic import find_block, has_block
+from nativeq.compile.schedules.generic import find_block
 from nativeq.compile.schedules.intrinsics import DotIntrin, row_tile
 from nativeq.compile.schedules.pack_activations import PACK_BLOCK
 from nativeq.compile.schedules.pack_weights import INT4_UNPACK_BLOCK, REDUCTION_BLOCK, ROWS_PAD_BLOCK
