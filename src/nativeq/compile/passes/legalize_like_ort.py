@@ -360,8 +360,12 @@ def _mlas_erf(x):
 # lane accumulators, chunk after chunk (a partial last chunk adds zeros), the lanes reduced as
 # halves 16 -> 8 then adjacent pairs 8 -> 4 -> 2 -> 1; softmax = e * (1 / sum).
 _SOFTMAX_LANES = ort.SOFTMAX_LANES
+_OUT_EWISE_FUSABLE = 4  # TVM OpPatternKind.kOutEWiseFusable
 SOFTMAX_LANES_BLOCK = "mlas_softmax_lanes"  # its reduction must stay serial per lane (see default_schedule)
 SOFTMAX_MAX_LANES_BLOCK = "mlas_softmax_max_lanes"
+SOFTMAX_MAX_TAIL_BLOCK = "mlas_softmax_max_tail"
+SOFTMAX_SUM_TAIL_BLOCK = "mlas_softmax_sum_tail"
+SOFTMAX_INVERSE_BLOCK = "softmax_inverse_sum"
 
 
 def _mlas_sum_exp_element(value, dtype):
@@ -388,20 +392,33 @@ def _mlas_softmax(x, axis):
         outer = list(outer)
         return x(*outer[:axis], k, *outer[axis:])
 
-    chunks = (n + (_SOFTMAX_LANES - 1)) // _SOFTMAX_LANES
+    # Whole chunks of 16 are read as vectors; the partial last chunk (n % 16 elements) is added per lane
+    # after them, as MLAS's masked last iteration does (its missing lanes add 0 / take no maximum). A
+    # clamped read in the vector loop itself would make every vector a gather.
+    chunks = n // _SOFTMAX_LANES
+    tail = n - chunks * _SOFTMAX_LANES
+
+    def tail_lanes(value, identity, name):
+        """The partial last chunk as 16 lanes (clamped reads, a gather once per row; identity past the end)."""
+        def element(*index):
+            outer, lane = index[:-1], index[-1]
+            k = chunks * _SOFTMAX_LANES + lane
+            return tirx.Select(lane < tail, value(outer, tirx.min(k, n - 1)), identity)
+
+        return te.compute([*outer_shape, _SOFTMAX_LANES], element, name=name)
 
     def lane_max(*index):
         outer, lane = index[:-1], index[-1]
         c = te.reduce_axis((0, chunks), name="chunk")
-        k = c * _SOFTMAX_LANES + lane
-        return te.max(tirx.if_then_else(k < n, at(outer, tirx.min(k, n - 1)), tirx.min_value(dtype)), axis=c)
+        return te.max(at(outer, c * _SOFTMAX_LANES + lane), axis=c)
 
     # NOTE: max is exact in any order, so it runs in 16 lanes like the sum (a serial max over the row
     # was a quarter of the softmax time); the lanes block's schedule (softmax.py) vectorizes both.
     lane_maxima = te.compute([*outer_shape, _SOFTMAX_LANES], lane_max, name=SOFTMAX_MAX_LANES_BLOCK)
+    tail_maxima = tail_lanes(at, tirx.min_value(dtype), SOFTMAX_MAX_TAIL_BLOCK)
 
     def row_max(*outer):
-        a = [lane_maxima(*outer, lane) for lane in range(_SOFTMAX_LANES)]
+        a = [tirx.max(lane_maxima(*outer, lane), tail_maxima(*outer, lane)) for lane in range(_SOFTMAX_LANES)]
         while len(a) > 1:
             a = [tirx.max(a[2 * i], a[2 * i + 1]) for i in range(len(a) // 2)]
         return a[0]
@@ -414,19 +431,19 @@ def _mlas_softmax(x, axis):
     def lane_sum(*index):
         outer, lane = index[:-1], index[-1]
         c = te.reduce_axis((0, chunks), name="chunk")
-        k = c * _SOFTMAX_LANES + lane
-        return te.sum(tirx.if_then_else(k < n, exp_at(outer, tirx.min(k, n - 1)), tirx.const(0.0, dtype)), axis=c)
+        return te.sum(exp_at(outer, c * _SOFTMAX_LANES + lane), axis=c)
 
     lanes = te.compute([*outer_shape, _SOFTMAX_LANES], lane_sum, name=SOFTMAX_LANES_BLOCK)
+    tail_sums = tail_lanes(exp_at, tirx.const(0.0, dtype), SOFTMAX_SUM_TAIL_BLOCK)
 
     def inverse_sum(*outer):
-        a = [lanes(*outer, lane) for lane in range(_SOFTMAX_LANES)]
+        a = [lanes(*outer, lane) + tail_sums(*outer, lane) for lane in range(_SOFTMAX_LANES)]
         a = [a[i] + a[i + 8] for i in range(8)]
         while len(a) > 1:
             a = [a[2 * i] + a[2 * i + 1] for i in range(len(a) // 2)]
         return tirx.const(1.0, dtype) / a[0]
 
-    inverse = te.compute(outer_shape, inverse_sum, name="softmax_inverse_sum")
+    inverse = te.compute(outer_shape, inverse_sum, name=SOFTMAX_INVERSE_BLOCK)
 
     def normalize(*index):
         outer = [i for d, i in enumerate(index) if d != axis]
@@ -439,7 +456,10 @@ def _legalize_softmax(bb, call):
     x = call.args[0]
     if x.ty.dtype != "float32":  # TVM's own rule
         return bb.call_te(topi.nn.softmax, x, call.attrs.axis)
-    return bb.call_te(_mlas_softmax, x, int(call.attrs.axis), primfunc_name_hint="softmax")
+    # NOTE: marked out-elementwise-fusable (TVM's pattern analysis calls the per-lane tail reads opaque):
+    # the requantize after a softmax fuses into its last loop.
+    return bb.call_te(_mlas_softmax, x, int(call.attrs.axis), primfunc_name_hint="softmax",
+                      primfunc_attrs={"op_pattern": _OUT_EWISE_FUSABLE})
 
 
 def _unary_rule(mlas_compute, tvm_compute, name: str):

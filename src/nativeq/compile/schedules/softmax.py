@@ -3,8 +3,10 @@
 Pipeline position: `schedule_passes(target)`, after FuseOps/FuseTIR, before dlight's reduction
 rule, for PrimFuncs holding the `mlas_softmax_lanes` block. Per row:
 
-    maxima[l] = max over chunks of x[16c + l], vectorized over the 16 lanes; max = max of the lanes
-    lanes[l] = serial sum over chunks of exp(x[16c + l] - max), vectorized over the 16 lanes
+    maxima[l] = max over whole chunks of x[16c + l], vectorized over the 16 lanes; max = max of the
+                lanes and of the partial last chunk's (one 16-lane gather per row)
+    lanes[l] = serial sum over whole chunks of exp(x[16c + l] - max), vectorized over the 16 lanes,
+               then + the partial last chunk's lane (0 past the row's end)
     inverse  = 1 / (fixed pairwise sum of the lanes)
     out      = epilogue(exp(x - max) * inverse), vectorized along the row
 
@@ -19,7 +21,13 @@ from __future__ import annotations
 import logging
 
 from nativeq.compile._tvm import Schedule, s_tir, tirx
-from nativeq.compile.passes.legalize_like_ort import SOFTMAX_LANES_BLOCK, SOFTMAX_MAX_LANES_BLOCK
+from nativeq.compile.passes.legalize_like_ort import (
+    SOFTMAX_INVERSE_BLOCK,
+    SOFTMAX_LANES_BLOCK,
+    SOFTMAX_MAX_LANES_BLOCK,
+    SOFTMAX_MAX_TAIL_BLOCK,
+    SOFTMAX_SUM_TAIL_BLOCK,
+)
 from nativeq.compile.schedules.generic import has_block
 
 logger = logging.getLogger(__name__)
@@ -51,15 +59,14 @@ def _schedule(sch: Schedule, vector_bits: int) -> Schedule:
     root = sch.get_sblock("root")
     blocks = list(sch.get_child_blocks(root))
     names = [sch.get(b).name_hint for b in blocks]
-    lanes_index = names.index(SOFTMAX_LANES_BLOCK)
-    reductions = blocks[: lanes_index + 1]  # the max lanes, softmax_max, the sum lanes
-    inverse = blocks[lanes_index + 1]
-    tail = blocks[lanes_index + 2:]  # softmax, then the fused epilogue
+    inverse_index = names.index(SOFTMAX_INVERSE_BLOCK)
+    per_row = blocks[: inverse_index + 1]  # the lanes, the tail lanes, the max, the inverse sum
+    tail = blocks[inverse_index + 1:]  # softmax, then the fused epilogue
     for block in tail[:-1]:
         sch.compute_inline(block)
     out = tail[-1]
     *outer, row = sch.get_loops(out)
-    for block in [inverse, *reversed(reductions)]:
+    for block in reversed(per_row):
         sch.compute_at(block, outer[-1])
     lane_blocks = [sch.get_sblock(SOFTMAX_MAX_LANES_BLOCK), sch.get_sblock(SOFTMAX_LANES_BLOCK)]
     chunks = []
@@ -68,6 +75,8 @@ def _schedule(sch: Schedule, vector_bits: int) -> Schedule:
         sch.reorder(chunk, lane)
         sch.vectorize(lane)
         chunks.append(chunk)
+    for name in (SOFTMAX_MAX_TAIL_BLOCK, SOFTMAX_SUM_TAIL_BLOCK):
+        sch.vectorize(sch.get_loops(sch.get_sblock(name))[-1])
     if _extent(sch, row) is not None:
         _, vec = sch.split(row, factors=[None, max(2, vector_bits // 32)])
         sch.vectorize(vec)
