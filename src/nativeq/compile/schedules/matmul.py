@@ -224,11 +224,17 @@ def _schedule(sch: Schedule, intrin: DotIntrin, knobs: TileKnobs | None = None) 
     sch.reorder(*batch_loops, row_outer, col_outer, k_outer, row_inner, col_block, col_lane, k_inner)
     # NOTE: a symbolic batch stays a serial loop around the parallel tiles: fused with symbolic rows, the
     # tile index divides by a product of two symbolic extents, which tensorize's blockize cannot invert.
-    if all(isinstance(sch.get(loop).extent, tirx.IntImm) for loop in batch_loops):
-        tile = sch.fuse(*batch_loops, row_outer, col_outer)
+    parallel_batch = batch_loops if all(isinstance(sch.get(loop).extent, tirx.IntImm) for loop in batch_loops) else []
+    if kdim is None and find_block(sch, ROWS_PAD_BLOCK) is not None:
+        # zero-padded activation rows of a run-time K (P·V: K = T, N = a head's width): built once per row
+        # tile, for all its column tiles (a serial loop). NOTE: with a static K the copy is small next to
+        # the tile's dot products, and the fused row x column tile loop measured faster on x86.
+        rows_at = sch.fuse(*parallel_batch, row_outer) if parallel_batch else row_outer
+        sch.parallel(rows_at)
+        tile = col_outer
     else:
-        tile = sch.fuse(row_outer, col_outer)
-    sch.parallel(tile)
+        tile = rows_at = sch.fuse(*parallel_batch, row_outer, col_outer)
+        sch.parallel(tile)
 
     init = sch.decompose_reduction(matmul, k_outer)
     sch.vectorize(sch.get_loops(init)[-1])
@@ -241,7 +247,7 @@ def _schedule(sch: Schedule, intrin: DotIntrin, knobs: TileKnobs | None = None) 
     # a 4-bit weight: the register tile's k-step of weights unpacked right before its dot products
     unpack = _unpack_int4_at(sch, k_outer)
     # the tile's zero-padded activation rows, built right before the tile needs them
-    _tensorize_tile(sch, intrin, col_lane, init, rows_at=tile, kdim=kdim)
+    _tensorize_tile(sch, intrin, col_lane, init, rows_at=rows_at, kdim=kdim)
     if unpack is not None:
         sch.set_scope(unpack, 0, "local")
     sch.unroll(row_inner)
@@ -345,7 +351,11 @@ def _tensorize_tile(sch: Schedule, intrin: DotIntrin, lane_loop, init, rows_at, 
         sch.compute_at(pad, rows_at)
         pad_loops = sch.get_loops(pad)
         # NOTE: the vector width divides K: a lane predicate (K % width != 0) scalarizes the copy.
-        sch.vectorize(sch.split(pad_loops[-1], factors=[None, _pad_vector_width(kdim)])[1])
+        if kdim is not None:
+            sch.vectorize(sch.split(pad_loops[-1], factors=[None, _pad_vector_width(kdim)])[1])
+        # NOTE: a run-time K stays one plain loop: split, its tail would need a lane predicate (TVM then
+        # scalarizes the copy), or a k-step wide split (4 bytes, a gather per vector with the clamped
+        # read); unsplit, LLVM's loop vectorizer vectorizes it with a scalar remainder.
     sch.tensorize(lane_loop, intrin.name)
     # NOTE: the tile accumulator and the padded activation rows on the stack ("local"; after
     # tensorize, whose intrinsic matches global buffers). As workspace buffers they may alias for
@@ -383,10 +393,9 @@ def schedule_int8_pack(func) -> Schedule | None:
     return sch
 
 
-def _pad_vector_width(kdim: int | None) -> int:
-    """Bytes per vector of the padded-rows copy: the largest of 64/32/16/8/4 dividing K (K is a multiple of the k-step)."""
-    if kdim is None:
-        return 64
+def _pad_vector_width(kdim: int) -> int:
+    """Bytes per vector of the padded-rows copy: the largest of 64/32/16/8/4 dividing K (K is a multiple of the k-step).
+    NOTE: a width that does not divide K leaves a predicate on the vector loop, which TVM scalarizes."""
     return next(width for width in (64, 32, 16, 8, 4, 2, 1) if kdim % width == 0)
 
 
