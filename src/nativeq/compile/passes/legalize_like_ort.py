@@ -366,6 +366,7 @@ SOFTMAX_MAX_LANES_BLOCK = "mlas_softmax_max_lanes"
 SOFTMAX_MAX_TAIL_BLOCK = "mlas_softmax_max_tail"
 SOFTMAX_SUM_TAIL_BLOCK = "mlas_softmax_sum_tail"
 SOFTMAX_INVERSE_BLOCK = "softmax_inverse_sum"
+SOFTMAX_EXP_BLOCK = "mlas_softmax_exp"
 
 
 def _mlas_sum_exp_element(value, dtype):
@@ -425,8 +426,17 @@ def _mlas_softmax(x, axis):
 
     maximum = te.compute(outer_shape, row_max, name="softmax_max")
 
+    def exp_element(*index):
+        outer = [i for d, i in enumerate(index) if d != axis]
+        return _mlas_sum_exp_element(x(*index) - maximum(*outer), dtype)
+
+    # NOTE: each exp computed once, kept for the row (MLAS stores them in the output and scales it in place):
+    # the lane sums and the normalization read them.
+    exps = te.compute(x.shape, exp_element, name=SOFTMAX_EXP_BLOCK)
+
     def exp_at(outer, k):
-        return _mlas_sum_exp_element(at(outer, k) - maximum(*outer), dtype)
+        outer = list(outer)
+        return exps(*outer[:axis], k, *outer[axis:])
 
     def lane_sum(*index):
         outer, lane = index[:-1], index[-1]

@@ -5,10 +5,11 @@ rule, for PrimFuncs holding the `mlas_softmax_lanes` block. Per row:
 
     maxima[l] = max over whole chunks of x[16c + l], vectorized over the 16 lanes; max = max of the
                 lanes and of the partial last chunk's (one 16-lane gather per row)
-    lanes[l] = serial sum over whole chunks of exp(x[16c + l] - max), vectorized over the 16 lanes,
+    e[k]     = exp(x[k] - max), once per element, kept for the row
+    lanes[l] = serial sum over whole chunks of e[16c + l], vectorized over the 16 lanes,
                then + the partial last chunk's lane (0 past the row's end)
     inverse  = 1 / (fixed pairwise sum of the lanes)
-    out      = epilogue(exp(x - max) * inverse), vectorized along the row
+    out      = epilogue(e * inverse), vectorized along the row
 
 with the outermost non-unit loop parallel. The per-lane sums stay serial in chunk order (that
 makes the result bit-identical to ONNX Runtime), so the chunk loop is never split or
@@ -22,6 +23,7 @@ import logging
 
 from nativeq.compile._tvm import Schedule, s_tir, tirx
 from nativeq.compile.passes.legalize_like_ort import (
+    SOFTMAX_EXP_BLOCK,
     SOFTMAX_INVERSE_BLOCK,
     SOFTMAX_LANES_BLOCK,
     SOFTMAX_MAX_LANES_BLOCK,
@@ -77,6 +79,9 @@ def _schedule(sch: Schedule, vector_bits: int) -> Schedule:
         chunks.append(chunk)
     for name in (SOFTMAX_MAX_TAIL_BLOCK, SOFTMAX_SUM_TAIL_BLOCK):
         sch.vectorize(sch.get_loops(sch.get_sblock(name))[-1])
+    exp_row = sch.get_loops(sch.get_sblock(SOFTMAX_EXP_BLOCK))[-1]
+    if _extent(sch, exp_row) is not None:
+        sch.vectorize(sch.split(exp_row, factors=[None, max(2, vector_bits // 32)])[1])
     if _extent(sch, row) is not None:
         _, vec = sch.split(row, factors=[None, max(2, vector_bits // 32)])
         sch.vectorize(vec)
