@@ -3,7 +3,7 @@ Raspberry Pi 5, verify each against ONNX Runtime (the rpi5 build under qemu), an
 (matmul, conv, depthwise) left on the generic schedule.
 
 Default suite: every architecture as ORT's `quantize_static` makes it (QDQ, per-channel, u8
-activations), verified at 64 frames. The other quantizers (per-tensor, s8 activations, dynamic,
+activations), verified at 64 frames, and the Conformer as `quantize_dynamic` makes it. The other quantizers (per-tensor, s8 activations, dynamic,
 QOperator, nativeq's QAT export) are marked slow. Speed lives in `python -m benchmarks.zoo`, not here.
 """
 
@@ -23,6 +23,9 @@ from nativeq.verify import VerifyConfig, verify_artifact  # noqa: E402
 
 FRAMES = 64
 DEFAULT_QUANTIZER = "qdq_u8_pc"
+# Also in the default suite: `quantize_dynamic` leaves the Conformer's convs (1x1, depthwise) and attention in
+# float, which must run the float kernels, not the generic schedule.
+DEFAULT_ALSO = {("conformer", "dynamic")}
 # ORT's dynamic LSTM quantization emits a com.microsoft contrib op (DynamicQuantizeLSTM) that TVM cannot import:
 # compile refuses it in one line, tested below.
 REFUSED = {("lstm_am", "dynamic"): "com.microsoft.DynamicQuantizeLSTM"}
@@ -41,7 +44,7 @@ def _params():
     for name, quantizer in zoo.entries():
         if (name, quantizer) in REFUSED:
             continue
-        marks = [] if quantizer == DEFAULT_QUANTIZER else [pytest.mark.slow]
+        marks = [] if quantizer == DEFAULT_QUANTIZER or (name, quantizer) in DEFAULT_ALSO else [pytest.mark.slow]
         params.append(pytest.param(name, quantizer, id=f"{name}-{quantizer}", marks=marks))
     return params
 
