@@ -35,6 +35,10 @@ logger = logging.getLogger(__name__)
 DEPTHWISE_BLOCK = "nativeq_int8_depthwise"
 DEPTHWISE_CROP = "nativeq_int8_depthwise_crop"
 POSITIONS = 4  # output positions along the last spatial axis per register block
+# NOTE: at least 16 channels per vector step, also where a register holds 4 int32 (NEON): 16 int8 activations
+# are then one load, widened in two steps and multiplied by widening multiply-adds (`smlal`/`smlal2`), instead
+# of a 4-byte load widened twice per 4 products.
+_MIN_LANES = 16
 _OUT_EWISE_FUSABLE = 4  # TVM OpPatternKind.kOutEWiseFusable
 _ERRORS = (s_tir.ScheduleError, RuntimeError, ValueError, TypeError)
 
@@ -143,7 +147,7 @@ def _schedule(sch: Schedule, block, vector_bits: int) -> Schedule | None:
     channels = sch.get(channel).extent
     if not isinstance(channels, tirx.IntImm):
         return None
-    lanes = dividing_lanes(int(channels), vector_bits // 32)  # int32 / float32 accumulators
+    lanes = dividing_lanes(int(channels), max(vector_bits // 32, _MIN_LANES))  # int32 / float32 accumulators
     if lanes is None:
         return None
     position_block, position = sch.split(last_axis, factors=[None, POSITIONS])
