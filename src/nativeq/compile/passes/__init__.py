@@ -30,3 +30,10 @@ def use_counts(func) -> dict:
 
     relax.analysis.post_order_visit(func.body, visit)
     return counts
+
+
+def result_dtype(call) -> str:
+    """The dtype a matmul/conv call produces: its `out_dtype` attribute, or, when that is unset (TVM prints
+    it as None or void: a float op), its first operand's."""
+    out_dtype = str(call.attrs.out_dtype)
+    return str(call.args[0].ty.dtype) if out_dtype in ("", "void", "None") else out_dtype

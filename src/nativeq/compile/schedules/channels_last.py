@@ -35,7 +35,7 @@ from __future__ import annotations
 import numpy as np
 
 from nativeq.compile._tvm import relax, tvm
-from nativeq.compile.passes import rewrite_functions
+from nativeq.compile.passes import result_dtype, rewrite_functions
 from nativeq.compile.passes.lut_elementwise import call_lut, lut_call_operands
 from nativeq.compile.schedules.conv_as_matmul import ConvGeometry, conv_as_matmul
 from nativeq.compile.schedules.depthwise import call_depthwise, call_pad_channels_last
@@ -92,9 +92,9 @@ def _conv_kind(call, intrin: DotIntrin, fma: DotIntrin | None = None) -> str | N
     groups = int(attrs.groups)
     out_channels, in_per_group = (int(d) for d in w.ty.shape.values[:2])
     depthwise = in_per_group == 1 and out_channels == groups
-    if fma is not None and str(x.ty.dtype) == str(w.ty.dtype) == "float32" and str(attrs.out_dtype) in ("", "void", "None", "float32"):
+    if fma is not None and str(x.ty.dtype) == str(w.ty.dtype) == result_dtype(call) == "float32":
         return "float-matmul" if groups == 1 else "depthwise" if depthwise else None
-    if str(attrs.out_dtype) != "int32" or str(x.ty.dtype) != intrin.act_dtype or str(w.ty.dtype) != "int8":
+    if result_dtype(call) != "int32" or str(x.ty.dtype) != intrin.act_dtype or str(w.ty.dtype) != "int8":
         return None
     if groups == 1:
         return "matmul"
@@ -316,8 +316,8 @@ def _permute_constant(const, ndim: int):
 class Int8ConvsChannelsLast:
     """Run int8 convs channels-last and carry the layout between them (see the module docstring).
 
-    `fma`: the target's float multiply-add intrinsic; with it, float32 convs (groups 1) run channels-last
-    as im2col + float matmul too."""
+    `fma`: the target's float multiply-add intrinsic; with it, float32 convs run channels-last too (groups 1
+    as im2col + float matmul, depthwise as the depthwise kernel)."""
 
     def __init__(self, intrin: DotIntrin, fma: DotIntrin | None = None):
         self.intrin, self.fma = intrin, fma

@@ -33,7 +33,7 @@ K of lhs and rhs not provably equal, rhs batch dims neither absent nor provably 
 from __future__ import annotations
 
 from nativeq.compile._tvm import Analyzer, relax, te, tirx, tvm
-from nativeq.compile.passes import rewrite_functions
+from nativeq.compile.passes import result_dtype, rewrite_functions
 from nativeq.compile.schedules.intrinsics import DotIntrin
 from nativeq.compile.schedules.pack_weights import call_packed_matmul
 
@@ -91,10 +91,7 @@ def is_activation_product(call, intrin: DotIntrin) -> bool:
     if len(call.args) != 2:
         return False
     lhs, rhs = call.args
-    out_dtype = str(call.attrs.out_dtype)
-    if out_dtype in ("", "void", "None"):  # a float matmul: the operands' dtype
-        out_dtype = str(lhs.ty.dtype)
-    if out_dtype != intrin.acc_dtype:
+    if result_dtype(call) != intrin.acc_dtype:
         return False
     if isinstance(rhs, tvm.ir.GenericConst):
         return False

@@ -30,7 +30,7 @@ and fused epilogue, dense weights only. The reduction block keeps the int8 kerne
 from __future__ import annotations
 
 from nativeq.compile._tvm import Analyzer, relax, te, tvm
-from nativeq.compile.passes import rewrite_functions
+from nativeq.compile.passes import result_dtype, rewrite_functions
 from nativeq.compile.schedules.intrinsics import DotIntrin, row_tile
 from nativeq.compile.schedules.weight_formats import TILE_LIST_DTYPE, PackedWeight, pack_for_kernel
 
@@ -148,10 +148,7 @@ def _is_packable(call: relax.Call, intrin: DotIntrin) -> bool:
         return False
     x, w = call.args
     x_type, w_type = x.ty, w.ty
-    out_dtype = str(call.attrs.out_dtype)
-    if out_dtype in ("", "void", "None"):  # a float matmul: the operands' dtype
-        out_dtype = str(x_type.dtype)
-    if not isinstance(w, tvm.ir.GenericConst) or out_dtype != intrin.acc_dtype:
+    if not isinstance(w, tvm.ir.GenericConst) or result_dtype(call) != intrin.acc_dtype:
         return False
     if x_type.dtype != intrin.act_dtype or w_type.dtype != intrin.weight_dtype or w_type.ndim != 2 or x_type.ndim < 1:
         return False
