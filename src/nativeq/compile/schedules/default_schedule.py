@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import logging
 
-from nativeq.compile._tvm import DlightCpuReduction, Schedule, TVMTarget, tirx, tvm
+from nativeq.compile._tvm import DlightCpuReduction, TVMTarget, tirx, tvm
 from nativeq.compile.schedules.conv_as_matmul import schedule_im2col
-from nativeq.compile.schedules.depthwise import is_float_depthwise, schedule_depthwise
-from nativeq.compile.schedules.generic import has_integer_matmul, has_multi_axis_reduction, schedule_generic
+from nativeq.compile.schedules.depthwise import DEPTHWISE_BLOCK, schedule_depthwise
+from nativeq.compile.schedules.generic import block_dtype, has_integer_matmul, has_multi_axis_reduction, schedule_generic
 from nativeq.compile.schedules.intrinsics import dot_intrin_for, fma_intrin_for
 from nativeq.compile.schedules.matmul import is_float_matmul, schedule_int8_matmul, schedule_int8_pack
 from nativeq.compile.schedules.pack_activations import PACK_BLOCK
@@ -42,12 +42,6 @@ _SCHEDULED = "tirx.is_scheduled"
 def _vector_bits(target) -> int:
     """Widest vector register the target's int8 family implies (the schedules' vector width)."""
     return {"avx512-vnni": 512, "avx2": 256}.get(target.int8, 128)
-
-
-def _packs_float(func) -> bool:
-    """Whether `func`'s run-time pack (`pack_activations.py`) packs float32 values (for the float kernel)."""
-    sch = Schedule(func)
-    return str(sch.get(sch.get_sblock(PACK_BLOCK)).writes[0].source.dtype) == "float32"
 
 
 def _is_scheduled(func) -> bool:
@@ -91,10 +85,10 @@ class DefaultCpuSchedule:
                 return "int8-matmul", sch
             sch = schedule_int8_pack(func)
             if sch is not None:
-                return ("float-pack" if _packs_float(func) else "int8-pack"), sch
+                return ("float-pack" if block_dtype(func, PACK_BLOCK) == "float32" else "int8-pack"), sch
         sch = schedule_depthwise(func, bits)
         if sch is not None:
-            return ("float-depthwise" if is_float_depthwise(func) else "depthwise"), sch
+            return ("float-depthwise" if block_dtype(func, DEPTHWISE_BLOCK) == "float32" else "depthwise"), sch
         sch = schedule_im2col(func, bits)
         if sch is not None:
             return "im2col", sch

@@ -105,15 +105,6 @@ def call_depthwise(builder, x_cl, w_cl, out_spatial, geometry: ConvGeometry):
     )
 
 
-def is_float_depthwise(func) -> bool:
-    """Whether `func` holds a float32 depthwise block."""
-    if not isinstance(func, tirx.PrimFunc):
-        return False
-    sch = Schedule(func)
-    block = find_block(sch, DEPTHWISE_BLOCK)
-    return block is not None and str(sch.get(block).writes[0].source.dtype) == "float32"
-
-
 def schedule_depthwise(func, vector_bits: int) -> Schedule | None:
     """The schedule of a PrimFunc holding the depthwise block (see the module docstring), or None."""
     if not isinstance(func, tirx.PrimFunc):

@@ -224,6 +224,16 @@ def find_block(sch: Schedule, name: str):
         return None
 
 
+def block_dtype(func, name: str) -> str | None:
+    """The dtype of the buffer that block `name` of PrimFunc `func` writes (which flavour of a kernel it is:
+    int8 or float32), or None when `func` has no such block."""
+    if not isinstance(func, tirx.PrimFunc):
+        return None
+    sch = Schedule(func)
+    block = find_block(sch, name)
+    return None if block is None else str(sch.get(block).writes[0].source.dtype)
+
+
 def has_block(func, name: str) -> bool:
     """Whether `func` is a PrimFunc with a block called `name` (FuseTIR keeps block names, not attrs)."""
     return isinstance(func, tirx.PrimFunc) and find_block(Schedule(func), name) is not None

@@ -38,7 +38,7 @@ import logging
 from dataclasses import dataclass
 
 from nativeq.compile._tvm import Analyzer, Schedule, s_tir, tirx
-from nativeq.compile.schedules.generic import find_block
+from nativeq.compile.schedules.generic import block_dtype, find_block
 from nativeq.compile.schedules.intrinsics import DotIntrin, row_tile
 from nativeq.compile.schedules.pack_activations import PACK_BLOCK
 from nativeq.compile.schedules.pack_weights import INT4_UNPACK_BLOCK, REDUCTION_BLOCK, ROWS_PAD_BLOCK
@@ -109,11 +109,7 @@ def _divisors(n: int) -> list[int]:
 def accumulator_dtype(func) -> str | None:
     """"int32" / "float32": what the packed matmul in `func` accumulates (which intrinsic it was packed for);
     None when `func` holds no packed matmul."""
-    if not isinstance(func, tirx.PrimFunc):
-        return None
-    sch = Schedule(func)
-    block = find_block(sch, REDUCTION_BLOCK)
-    return None if block is None else str(sch.get(block).writes[0].source.dtype)
+    return block_dtype(func, REDUCTION_BLOCK)
 
 
 def is_int8_matmul(func) -> bool:
