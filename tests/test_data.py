@@ -110,3 +110,28 @@ def test_other_sample_rates_are_resampled(tmp_path):
     peak_hz = np.argmax(np.abs(np.fft.rfft(x))) * 16000 / len(x)
     assert abs(peak_hz - 440) <= 1
     assert np.allclose(resample(x, 16000, 16000), x, atol=1e-6)
+
+
+def test_merged_corpus_lists_every_sources_utterances_with_their_audio(corpus, tmp_path, nativeq_cli):
+    second = synth_tiny_corpus(tmp_path / "second", train=3, dev=0, test=1, other=0, seed=9)
+    (second / "extra.tsv").write_text((second / "test.tsv").read_text())  # a split only one source has
+    mixed = tmp_path / "mix" / "both"
+    r = nativeq_cli("data", "merge", "-o", mixed, corpus, second)
+    assert r.returncode == 0, r.stderr
+    assert "train: 9 utterances" in r.stdout and "extra: 1 utterances" in r.stdout
+    for split, sources in {"train": (corpus, second), "dev": (corpus,), "test": (corpus, second), "extra": (second,)}.items():
+        expected = [u for src in sources for u in read_manifest(src, split)]
+        merged = read_manifest(mixed, split)
+        assert [(u.text, u.duration) for u in merged] == [(u.text, u.duration) for u in expected]
+        # the merged rows point at the sources' own audio (relative to the merged corpus)
+        assert all(m.path.resolve() == u.path.resolve() and m.path.read_bytes() == u.path.read_bytes()
+                   for m, u in zip(merged, expected))
+    voices = (mixed / "train.voices.tsv").read_text().splitlines()
+    assert [v.split("\t")[1] for v in voices] == [
+        line.split("\t")[1] for src in (corpus, second) for line in (src / "train.voices.tsv").read_text().splitlines()]
+    assert not (mixed / "extra.voices.tsv").exists()
+    r = nativeq_cli("data", "merge", "-o", mixed, corpus, second)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "already exists" in r.stderr
+    r = nativeq_cli("data", "merge", "-o", tmp_path / "bad", corpus, tmp_path / "nothing")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "nothing" in r.stderr
+    assert not (tmp_path / "bad").exists()

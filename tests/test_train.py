@@ -94,6 +94,27 @@ def test_resume_on_a_bigger_corpus_trains_to_the_new_step_count(corpus, tmp_path
     assert [(r["epoch"], r["step"]) for r in log] == [(1, 1), (2, 2), (3, 3), (4, 7)]
 
 
+def test_init_starts_from_a_models_weights_with_a_fresh_schedule(corpus, tmp_path, nativeq_cli):
+    # From the shipped model: its normalization is kept exactly, the step count starts from 0, and
+    # two small steps move the weights only slightly (a run from scratch would be far away).
+    source, _ = load_model("conformer-tiny")
+    run = tmp_path / "run"
+    cfg = _cfg(corpus, run, steps=2, init="conformer-tiny", lr=1e-3)
+    train(cfg)
+    trained, _ = load_model(run)
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2]
+    assert torch.equal(trained.feat_mean, source.feat_mean) and torch.equal(trained.feat_inv_std, source.feat_inv_std)
+    moved = [k for k, v in trained.state_dict().items() if not torch.equal(v, source.state_dict()[k])]
+    assert moved and all(not k.startswith("feat_") for k in moved)
+    # two steps at lr 1e-3 stay close to the start: the run began from the shipped weights, not from scratch
+    assert max((trained.state_dict()[k] - source.state_dict()[k]).abs().max() for k in moved) < 0.05
+    r = nativeq_cli("train", "--data", corpus, "-o", tmp_path / "both", "--init", "conformer-tiny", "--resume")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--init" in r.stderr
+    r = nativeq_cli("train", "--data", corpus, "-o", tmp_path / "missing", "--init", tmp_path / "nope")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "nope" in r.stderr
+
+
 def test_vtlp_draws_warps_on_a_grid_and_trains(corpus, tmp_path, nativeq_cli):
     from nativeq.models.train import vtlp_warp
 

@@ -258,6 +258,18 @@ def data_synth(out, n_train, n_dev, n_test, n_other, seed, jobs, engines, force)
         click.echo(f"{split}: {n} utterances, {hours:.2f} h -> {out}/{split}.tsv")
 
 
+@data.command("merge")
+@click.option("-o", "--out", required=True, type=click.Path(), help="Output data directory.")
+@click.argument("sources", nargs=-1, required=True, type=click.Path())
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+def data_merge(out, sources, force):
+    """Merge corpora into OUT: each split is the union of the sources' (audio stays in place)."""
+    from nativeq.models.data import merge_corpora
+
+    for split, n in merge_corpora(out, list(sources), force=force).items():
+        click.echo(f"{split}: {n} utterances -> {out}/{split}.tsv")
+
+
 @data.command("human")
 @click.option("--data", "data_dir", required=True, type=click.Path(), help="Data directory to add the split to.")
 @click.option("--split", default="eval-human", show_default=True, help="Name of the manifest to write.")
@@ -286,17 +298,19 @@ def data_human(data_dir, split):
               help="Vocal-tract-length perturbation: warp the mel filters by a factor in [1-V, 1+V] per utterance (e.g. 0.1).")
 @click.option("--skip-bad", is_flag=True, help="Skip missing/corrupt WAVs (with a warning) instead of failing.")
 @click.option("--resume", is_flag=True, help="Continue the run in OUT from its last checkpoint.")
+@click.option("--init", "init", default="", metavar="RUN|NAME",
+              help="Start from these weights (a run directory or a shipped model, e.g. conformer-tiny) with a fresh optimizer and schedule.")
 @click.option("--stop-after-epoch", default=0, show_default=True,
               help="End after this epoch (checkpointed; continue with --resume). 0 = run the schedule out.")
 @click.option("--keep-epochs", default=0, show_default=True, help="Keep the last K epochs' weights in OUT/epochs/ (for `nativeq average`).")
 def train(model_name, data_dir, out, epochs, steps, batch_size, lr, warmup, seed, threads, chunk_size, no_spec_augment,
-          vtlp, skip_bad, resume, stop_after_epoch, keep_epochs):
+          vtlp, skip_bad, resume, init, stop_after_epoch, keep_epochs):
     """Train a Conformer-CTC recognizer (DDP when launched with torchrun)."""
     from nativeq.models.train import TrainConfig, train as train_model
 
     cfg = TrainConfig(model=model_name, data=data_dir, out=out, epochs=epochs, steps=steps, batch_size=batch_size, lr=lr,
                       warmup_steps=warmup, seed=seed, threads=threads, chunk_size=chunk_size,
-                      spec_augment=not no_spec_augment, vtlp=vtlp, skip_bad=skip_bad, resume=resume,
+                      spec_augment=not no_spec_augment, vtlp=vtlp, skip_bad=skip_bad, resume=resume, init=init,
                       stop_after_epoch=stop_after_epoch, keep_epochs=keep_epochs)
     metrics = train_model(cfg)
     click.echo(f"done: dev WER {metrics.get('wer', float('nan')):.4f} CER {metrics.get('cer', float('nan')):.4f} -> {out}")

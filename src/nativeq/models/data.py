@@ -303,6 +303,41 @@ def synthesize_corpus(out: str | os.PathLike, cfg: SynthConfig, force: bool = Fa
     return summary
 
 
+def merge_corpora(out: str | os.PathLike, sources: list[str | os.PathLike], force: bool = False) -> dict:
+    """Write corpus `out` whose splits are the union of the sources' (e.g. a synthesized corpus and
+    one of another engine or of recordings); returns {split: utterances}.
+
+    No audio is copied: manifest paths are rewritten relative to `out`, so the sources must stay
+    where they are. Every split any source has is merged; the voices files too, where present.
+    """
+    out = Path(out)
+    sources = [Path(s) for s in sources]
+    if len(sources) < 2:
+        raise NativeqError(f"merging needs at least two corpora, got {len(sources)}")
+    for src in sources:
+        if not src.is_dir() or not any(p.suffix == ".tsv" for p in src.iterdir()):
+            raise NativeqError(f"{src}: not a corpus directory (no <split>.tsv)")
+        if src.resolve() == out.resolve():
+            raise NativeqError(f"{src}: a source cannot be the output")
+    splits = sorted({p.stem for src in sources for p in src.glob("*.tsv") if "." not in p.stem})
+    counts = {}
+    with atomic_directory(out, force=force) as tmp_dir:
+        for split in splits:
+            have = [src for src in sources if (src / f"{split}.tsv").is_file()]
+            utts = [u for src in have for u in read_manifest(src, split)]  # also validates every row
+            rel = [os.path.relpath(os.path.abspath(u.path), os.path.abspath(out)) for u in utts]
+            lines = [f"{r}\t{u.duration:.3f}\t{u.text}" for r, u in zip(rel, utts)]
+            write_text_atomic(tmp_dir / f"{split}.tsv", "\n".join(lines) + "\n")
+            if all((src / f"{split}.voices.tsv").is_file() for src in have):
+                voices = [line.split("\t", 1)[1] for src in have
+                          for line in (src / f"{split}.voices.tsv").read_text(encoding="utf-8").splitlines() if line]
+                if len(voices) == len(utts):
+                    write_text_atomic(tmp_dir / f"{split}.voices.tsv",
+                                      "\n".join(f"{r}\t{v}" for r, v in zip(rel, voices)) + "\n")
+            counts[split] = len(utts)
+    return counts
+
+
 def _make_utterance_tagged(task):
     return task[0], _make_utterance(task)
 

@@ -50,6 +50,7 @@ class TrainConfig:
     spec_augment: bool = True
     vtlp: float = 0.0  # vocal-tract-length perturbation: mel warp factor drawn from [1 - vtlp, 1 + vtlp] per utterance
     resume: bool = False
+    init: str = ""  # start from these weights (a run directory or a shipped model name); fresh optimizer and schedule
     skip_bad: bool = False
     max_dev: int = 300  # dev utterances decoded per epoch
     train_split: str = "train"
@@ -305,6 +306,8 @@ def train(cfg: TrainConfig) -> dict:
         raise NativeqError(f"--vtlp {cfg.vtlp}: the warp range must be in [0, 0.5) (e.g. 0.1 for factors 0.9-1.1)")
     if cfg.keep_epochs < 0:
         raise NativeqError(f"--keep-epochs {cfg.keep_epochs} must be >= 0")
+    if cfg.init and cfg.resume:
+        raise NativeqError("--init and --resume exclude each other: --resume continues OUT's own checkpoint")
     torch.set_num_threads(max(1, cfg.threads))
     run_dir = Path(cfg.out)
     if cfg.resume:
@@ -315,14 +318,25 @@ def train(cfg: TrainConfig) -> dict:
     else:
         if (run_dir / "checkpoint.pt").exists():
             raise NativeqError(f"{run_dir} already holds a run (use --resume to continue it, or another -o)")
-        model_cfg = preset(cfg.model)
+        init_model = None
+        if cfg.init:
+            from nativeq.models.pretrained import load_model
+
+            init_model, model_cfg = load_model(cfg.init)
+            if type(init_model) is not ConformerCTC:
+                raise NativeqError(f"--init {cfg.init}: a float model is needed (a run of `nativeq train` or a shipped model)")
+        else:
+            model_cfg = preset(cfg.model)
         if cfg.chunk_size >= 0:
             model_cfg = dataclasses.replace(model_cfg, chunk_size=cfg.chunk_size)
     train_utts = check_audio(read_manifest(cfg.data, cfg.train_split), cfg.skip_bad)
     dev_utts = check_audio(read_manifest(cfg.data, cfg.dev_split), cfg.skip_bad)
     torch.manual_seed(cfg.seed)
     model = ConformerCTC(model_cfg)
-    if not cfg.resume:
+    if not cfg.resume and cfg.init:
+        # NOTE: the feature normalization stays the init model's: its weights were trained behind it.
+        load_state_checked(model, init_model.state_dict(), cfg.init)
+    elif not cfg.resume:
         mean, inv_std = feature_statistics(train_utts)
         model.feat_mean.copy_(mean)
         model.feat_inv_std.copy_(inv_std)
