@@ -297,3 +297,43 @@ def test_runtime_of_another_tvm_release_is_refused(built, tmp_path):
     (older / "manifest.json").write_text(json.dumps(seal_manifest(manifest)))
     with pytest.raises(NativeqError, match=r"built with apache-tvm 0\.26\.0 but the aarch64 runtime .* run `nativeq setup-arm`"):
         run_emulated(older, {"x": np.zeros((1, 2, 64), np.float32)})
+
+
+def _matmul_integer_model(w: np.ndarray) -> onnx.ModelProto:
+    """int8 a [1, T, K] x constant int8 w [K, N] -> int32 (MatMulInteger, no zero points): the raw dot products."""
+    k, n = w.shape
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["a", "w"], ["y"])], "mmi",
+        [helper.make_tensor_value_info("a", TensorProto.INT8, [1, "T", k])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [1, "T", n])], [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    return model
+
+
+def test_rpi4_pair_sum_kernel_is_exact_at_the_int16_bound_and_skipped_for_weight_minus_128(tmp_path):
+    """The Pi 4 kernel sums two int8 products in int16 (`addp .8h`) when no weight is -128: exact even where
+    both products are at their extreme (a = -128, w = +-127: 2 x 16256 = 32512); a weight of -128 (whose
+    pairs could reach 32768) keeps the widening kernel. K = 62 and N = 21 are ragged (not whole 4 x 4 tiles)."""
+    rng = np.random.default_rng(7)
+    w = rng.integers(-127, 128, (62, 21), dtype=np.int8)
+    w[:, 0], w[:, 1] = -127, 127
+    with_min = w.copy()
+    with_min[rng.random(w.shape) < 0.05] = -128
+    with_min[:, 2] = -128
+    a = rng.integers(-128, 128, (1, 11, 62), dtype=np.int8)
+    a[0, :3], a[0, 3] = -128, 127
+    # the products at their extreme reach the output: every pair in columns 0 and 1 of rows 0-2 is +-32512
+    assert (a[0, :3].astype(np.int64) @ w[:, :2].astype(np.int64) == [62 * 128 * 127, -62 * 128 * 127]).all()
+    pair_sums = {}
+    for name, weights in (("narrow", w), ("with_min", with_min)):
+        onnx_path = tmp_path / f"{name}.onnx"
+        onnx.save(_matmul_integer_model(weights), onnx_path)
+        artifact = tmp_path / f"{name}_rpi4"
+        compile_model(onnx_path, artifact, CompileConfig(target="rpi4"))
+        got = run_emulated(artifact, {"a": a}, cpu="cortex-a72")[0]
+        expected = a.astype(np.int64) @ weights.astype(np.int64)
+        np.testing.assert_array_equal(got, expected, err_msg=name)
+        pair_sums[name] = sum(1 for line in _disassemble(artifact).splitlines()
+                              if "\taddp\t" in line and ".8h" in line)
+    assert pair_sums["narrow"] > 0 and pair_sums["with_min"] == 0, pair_sums

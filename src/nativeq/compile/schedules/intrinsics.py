@@ -17,6 +17,11 @@ compile time (`pack_weights.py`).
 - `neon` / `sdot` (ARM, int8 x int8, 4 x 4): `smull` + pairwise adds (Pi 4) and `sdot` (Pi 5),
   the sequences of TVM's ARM intrinsics, registered here so that nativeq never has to import
   `tvm.s_tir.tensor_intrin` (which loads every backend's intrinsics).
+- `neon` pair sums (`NEON_PAIR_SUM`, Pi 4): 4 instructions per 16 multiply-adds instead of 6:
+  `smull` / `smull2` (int16 products), `addp` (int16 sums of two products), `sadalp` (widen and
+  accumulate). Exact only when no weight is -128: then |a * w| <= 128 * 127 and two products stay
+  within int16 (<= 32512). The weight packing picks it per matmul from the constant weights
+  (`pack_weights.py`); an operand packed at run time (activation x activation) keeps `neon`.
 
 The float32 twin (`fma_intrin_for`): `C[i] += A[0] * B[i, 0]`, one vector of `lanes` columns
 (16 with AVX-512, 8 with AVX2, 4 with NEON) times one broadcast activation, as `llvm.fmuladd` (a
@@ -42,6 +47,7 @@ class DotIntrin:
     act_dtype: str  # activation dtype the instruction needs ("uint8" on x86, "int8" on ARM, "float32")
     weight_dtype: str = "int8"
     acc_dtype: str = "int32"
+    rows: int = 0  # rows of the register tile (`row_tile`); 0: by lanes
 
     @property
     def is_float(self) -> bool:
@@ -174,6 +180,32 @@ def _neon_4x4_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
 
 
 @T.prim_func(s_tir=True)
+def _neon_4x4_pair_sum_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+    A = T.match_buffer(a, (4,), "int8", offset_factor=1)
+    B = T.match_buffer(b, (4, 4), "int8", offset_factor=1)
+    C = T.match_buffer(c, (4,), "int32", offset_factor=1)
+    with T.sblock("root"):
+        T.reads(C[0:4], A[0:4], B[0:4, 0:4])
+        T.writes(C[0:4])
+        a_i8x16 = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 4), dtype="int8x16")
+        b_i8x16 = B.vload([0, 0], dtype="int8x16")
+        # NOTE: exact only for weights in [-127, 127] (the packing checks): two products per int16 lane.
+        pair_sums = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.addp.v8i16"),
+            T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.smull.v8i16"),
+                                    T.vectorlow(a_i8x16, dtype="int8x8"), T.vectorlow(b_i8x16, dtype="int8x8"),
+                                    dtype="int16x8"),
+            T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.smull.v8i16"),
+                                    T.vectorhigh(a_i8x16, dtype="int8x8"), T.vectorhigh(b_i8x16, dtype="int8x8"),
+                                    dtype="int16x8"),
+            dtype="int16x8",
+        )
+        C[T.ramp(T.int32(0), 1, 4)] = C.vload([0], dtype="int32x4") + T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.saddlp.v4i32.v8i16"), pair_sums, dtype="int32x4"
+        )
+
+
+@T.prim_func(s_tir=True)
 def _sdot_4x4_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
     A = T.match_buffer(a, (4,), "int8", offset_factor=1)
     B = T.match_buffer(b, (4, 4), "int8", offset_factor=1)
@@ -193,10 +225,12 @@ def _sdot_4x4_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
 
 VNNI = DotIntrin("nativeq_dot_16x4_u8i8i32_vnni", lanes=16, kstep=4, act_dtype="uint8")
 AVX2 = DotIntrin("nativeq_dot_8x2_u8i8i32_avx2", lanes=8, kstep=2, act_dtype="uint8")
-NEON = DotIntrin("nativeq_dot_4x4_i8i8i32_neon", lanes=4, kstep=4, act_dtype="int8")
+NEON = DotIntrin("nativeq_dot_4x4_i8i8i32_neon", lanes=4, kstep=4, act_dtype="int8", rows=4)
+NEON_PAIR_SUM = DotIntrin("nativeq_dot_4x4_i8i8i32_neon_pair_sum", lanes=4, kstep=4, act_dtype="int8", rows=4)
 SDOT = DotIntrin("nativeq_dot_4x4_i8i8i32_sdot", lanes=4, kstep=4, act_dtype="int8")
 
 _BY_FAMILY = {"avx512-vnni": VNNI, "avx2": AVX2, "neon": NEON, "sdot": SDOT}
+_FOR_WEIGHTS_ABOVE_MIN = {NEON.name: NEON_PAIR_SUM}  # a faster twin, exact when no weight is -128
 FMA_BY_LANES = {lanes: DotIntrin(f"nativeq_fma_{lanes}x1_f32", lanes=lanes, kstep=1, act_dtype="float32",
                                  weight_dtype="float32", acc_dtype="float32") for lanes in (16, 8, 4)}
 _FMA_LANES = {"avx512-vnni": 16, "avx2": 8, "neon": 4, "sdot": 4}  # float32 lanes of the family's vectors
@@ -215,6 +249,7 @@ def register_intrinsics() -> None:
     TensorIntrin.register(VNNI.name, _desc(16, 4, "uint8"), _vnni_16x4_impl, override=True)
     TensorIntrin.register(AVX2.name, _desc(8, 2, "uint8"), _avx2_8x2_impl, override=True)
     TensorIntrin.register(NEON.name, _desc(4, 4, "int8"), _neon_4x4_impl, override=True)
+    TensorIntrin.register(NEON_PAIR_SUM.name, _desc(4, 4, "int8"), _neon_4x4_pair_sum_impl, override=True)
     TensorIntrin.register(SDOT.name, _desc(4, 4, "int8"), _sdot_4x4_impl, override=True)
     for lanes, intrin in FMA_BY_LANES.items():
         TensorIntrin.register(intrin.name, _fma_desc(lanes), _fma_impl(lanes), override=True)
@@ -222,8 +257,25 @@ def register_intrinsics() -> None:
 
 
 def row_tile(intrin: DotIntrin) -> int:
-    """Rows of the matmul register tile: accumulators (rows x 4 column blocks) fill ~3/4 of the vector registers."""
-    return {16: 6, 8: 3, 4: 6}.get(intrin.lanes, 4)
+    """Rows of the matmul register tile: accumulators (rows x 4 column blocks) fill ~3/4 of the vector registers
+    (NEON without dotprod: 1/2, its products need registers of their own)."""
+    return intrin.rows or {16: 6, 8: 3, 4: 6}.get(intrin.lanes, 4)
+
+
+def intrin_for_weights(intrin: DotIntrin, weights) -> DotIntrin:
+    """`intrin`, or its faster twin when the constant int8 `weights` (numpy) allow it (no value is -128)."""
+    twin = twin_of(intrin)
+    return twin if twin is not None and weights.size and int(weights.min()) > -128 else intrin
+
+
+def twin_of(intrin: DotIntrin) -> DotIntrin | None:
+    """The faster twin `intrin_for_weights` may pick for `intrin`, or None."""
+    return _FOR_WEIGHTS_ABOVE_MIN.get(intrin.name)
+
+
+def is_twin(intrin: DotIntrin) -> bool:
+    """Whether `intrin` is the twin of a target's intrinsic (picked per matmul by `intrin_for_weights`)."""
+    return intrin in _FOR_WEIGHTS_ABOVE_MIN.values()
 
 
 def fma_intrin_for(target) -> DotIntrin | None:

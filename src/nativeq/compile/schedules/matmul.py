@@ -41,7 +41,7 @@ from nativeq.compile._tvm import Analyzer, Schedule, s_tir, tirx
 from nativeq.compile.schedules.generic import block_dtype, find_block
 from nativeq.compile.schedules.intrinsics import DotIntrin, row_tile
 from nativeq.compile.schedules.pack_activations import PACK_BLOCK
-from nativeq.compile.schedules.pack_weights import INT4_UNPACK_BLOCK, REDUCTION_BLOCK, ROWS_PAD_BLOCK
+from nativeq.compile.schedules.pack_weights import INT4_UNPACK_BLOCK, REDUCTION_BLOCK, ROWS_PAD_BLOCK, packed_intrin
 from nativeq.compile.schedules.weight_formats import TILE_LIST_DTYPE
 from nativeq.compile.tir_rewrite import rewrite_stmt
 
@@ -171,6 +171,7 @@ def int8_matmul_n_blocks(func, intrin: DotIntrin) -> int | None:
 
 
 def _schedule(sch: Schedule, intrin: DotIntrin, knobs: TileKnobs | None = None) -> Schedule | None:
+    intrin = packed_intrin(sch, intrin)
     lanes, kstep = intrin.lanes, intrin.kstep
     matmul = sch.get_sblock(REDUCTION_BLOCK)
     *row_loops, j, k = sch.get_loops(matmul)

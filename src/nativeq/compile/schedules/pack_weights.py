@@ -31,13 +31,14 @@ from __future__ import annotations
 
 from nativeq.compile._tvm import Analyzer, relax, te, tvm
 from nativeq.compile.passes import result_dtype, rewrite_functions
-from nativeq.compile.schedules.intrinsics import DotIntrin, row_tile
+from nativeq.compile.schedules.intrinsics import DotIntrin, intrin_for_weights, is_twin, row_tile, twin_of
 from nativeq.compile.schedules.weight_formats import TILE_LIST_DTYPE, PackedWeight, pack_for_kernel
 
 # NOTE: TVM's OpPatternKind enum: kElemWise=0, kBroadcast=1, kInjective=2, kCommReduce=3, kOutEWiseFusable=4.
 _OUT_EWISE_FUSABLE = 4
 INT8_MATMUL_ATTR = "nativeq.int8_matmul"
 REDUCTION_BLOCK = "nativeq_int8_matmul"
+PACKED_FOR = "nativeq.packed_for"  # reduction block annotation: the intrinsic a twin-packed operand needs
 ROWS_PAD_BLOCK = "nativeq_int8_rows_pad"
 ROWS_CROP_BLOCK = "nativeq_int8_rows_crop"
 INT4_UNPACK_BLOCK = "nativeq_int4_unpack"
@@ -45,7 +46,7 @@ INT4_UNPACK_BLOCK = "nativeq_int4_unpack"
 
 def packed_matmul_te(x: te.Tensor, wp: te.Tensor, lanes: int, kstep: int, row_tile: int, n_out=None,
                      blocks: te.Tensor | None = None, int4_tiles: int | None = None, k_in: int | None = None,
-                     list_group: int = 1) -> te.Tensor:
+                     list_group: int = 1, intrin_name: str = "") -> te.Tensor:
     """int32 (float32: float32) matmul of `x` [..., rows, K] with a packed operand `wp` [*wbatch, N/lanes, K/kstep, lanes, kstep].
 
     `wbatch` is empty (a constant weight shared by every batch entry of `x`) or `x`'s batch dims (an
@@ -63,6 +64,9 @@ def packed_matmul_te(x: te.Tensor, wp: te.Tensor, lanes: int, kstep: int, row_ti
     [N/lanes/list_group, W] int16 when `wp` holds only the listed tiles of each column block (one list per
     `list_group` column blocks; the reduction then runs over the W listed k-steps; `k_in` is the padded K
     the activation is read with).
+
+    `intrin_name` (annotated on the reduction block, which FuseTIR keeps) names the intrinsic the
+    operand was packed for when the weights chose it (`intrinsics.intrin_for_weights`).
     """
     if int4_tiles is not None:
         wp = _unpack_int4(wp, int4_tiles)
@@ -112,7 +116,8 @@ def packed_matmul_te(x: te.Tensor, wp: te.Tensor, lanes: int, kstep: int, row_ti
             axis=k,
         )
 
-    acc = te.compute((*x.shape[:-1], n), compute, name=REDUCTION_BLOCK)
+    acc = te.compute((*x.shape[:-1], n), compute, name=REDUCTION_BLOCK,
+                     attrs={PACKED_FOR: intrin_name} if intrin_name else None)
     crop_cols = n_out is not None and not analyzer.can_prove_equal(n_out, n)
     if not pad_rows and not crop_cols:
         return acc
@@ -141,6 +146,16 @@ def _unpack_int4(packed: te.Tensor, tiles: int) -> te.Tensor:
         return low_first >> four  # arithmetic shift: sign-extends the nibble
 
     return te.compute((n_blocks, tiles, lanes, kstep), unpack, name=INT4_UNPACK_BLOCK)
+
+
+def packed_intrin(sch, intrin: DotIntrin) -> DotIntrin:
+    """The intrinsic the packed matmul of Schedule `sch` was packed for: the target's `intrin`, or its twin
+    when `intrin_for_weights` picked it (named in the reduction block's annotation)."""
+    twin = twin_of(intrin)
+    if twin is None:
+        return intrin
+    annotations = sch.get(sch.get_sblock(REDUCTION_BLOCK)).annotations
+    return twin if PACKED_FOR in annotations and str(annotations[PACKED_FOR]) == twin.name else intrin
 
 
 def _is_packable(call: relax.Call, intrin: DotIntrin) -> bool:
@@ -181,6 +196,7 @@ def call_packed_matmul(builder, x, packed, intrin: DotIntrin, n_out=None, weight
         kstep=intrin.kstep,
         row_tile=row_tile(intrin),
         n_out=n_out,
+        intrin_name=intrin.name if is_twin(intrin) else "",
         **formats,
         primfunc_name_hint="f32_matmul_packed" if intrin.is_float else "int8_matmul_packed",
         primfunc_attrs={
@@ -207,11 +223,13 @@ class _Packer(relax.PyExprMutator):
         # zero rows up to whole k-steps (the kernel zero-pads x's K to match) and zero columns up to whole
         # vectors (the kernel's epilogue crops them); 4-bit / block-sparse when the values allow
         integer = not self.intrin.is_float
-        weight = pack_for_kernel(w.value.numpy(), self.intrin.lanes, self.intrin.kstep,
+        values = w.value.numpy()
+        intrin = intrin_for_weights(self.intrin, values) if integer else self.intrin
+        weight = pack_for_kernel(values, intrin.lanes, intrin.kstep,
                                  allow_sparse=self.sparse and integer, allow_int4=self.int4 and integer)
         self.packed += 1
         self.formats.append(weight.format_name())
-        return call_packed_matmul(self.builder_, x, None, self.intrin, weight=weight)
+        return call_packed_matmul(self.builder_, x, None, intrin, weight=weight)
 
 
 @tvm.transform.module_pass(opt_level=0, name="nativeq.PackInt8Weights")
