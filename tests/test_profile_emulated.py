@@ -128,3 +128,69 @@ def test_the_plugin_counts_per_block_only_when_asked(artifact):
     assert per_block == whole  # every executed block counted once, at its start address
     assert blocks.library in blocks.maps
     np.testing.assert_array_equal(plain.outputs[0], blocks.outputs[0])
+
+
+# Two kernels, each handing an unnamed function (a parallel lambda, `.L` label: no symbol, as LLVM emits
+# TVM's private functions) to an external launcher; the lambdas lie side by side and branch to labels of
+# their own. Every address of a lambda belongs to the kernel that references it.
+_TWO_LAMBDAS = """
+    .text
+    .p2align 2
+.Llambda_a:
+    mov w0, #1
+    cbz w1, .La_end
+    b .La_mid
+    nop
+.La_mid:
+    add w0, w0, #1
+    b .La_end
+    nop
+.La_end:
+    ret
+.Llambda_b:
+    mov w0, #2
+    b .Lb_done
+    nop
+.Lb_done:
+    add w0, w0, #2
+    ret
+.Llambda_end:
+    .globl kernel_a
+    .type kernel_a, %function
+kernel_a:
+    adrp x0, .Llambda_a
+    add x0, x0, :lo12:.Llambda_a
+    b launch
+    .size kernel_a, .-kernel_a
+    .globl kernel_b
+    .type kernel_b, %function
+kernel_b:
+    adrp x0, .Llambda_b
+    add x0, x0, :lo12:.Llambda_b
+    b launch
+    .size kernel_b, .-kernel_b
+"""
+
+
+def test_unnamed_lambdas_side_by_side_count_to_the_kernel_that_launches_them(tmp_path):
+    """A lambda's own branch targets are not functions: followed, the first lambda found (its range then
+    reaching over its neighbour) claimed the second lambda's labels, and a QuartzNet profile gave one
+    matmul kernel the instructions of five others."""
+    import shutil
+    import subprocess
+
+    gcc = shutil.which("aarch64-linux-gnu-gcc")
+    assert gcc, "aarch64-linux-gnu-gcc missing: apt-get install gcc-aarch64-linux-gnu"
+    (tmp_path / "k.s").write_text(_TWO_LAMBDAS)
+    library = tmp_path / "k.so"
+    subprocess.run([gcc, "-shared", "-nostdlib", "-o", library, tmp_path / "k.s"], check=True)
+    functions, _ = elf_functions(library)
+    text_start = min(start for start, _, name in functions if name != "[model.so plt]")
+    lambda_a = range(text_start, text_start + 8 * 4, 4)  # 8 instructions, then lambda_b's 5
+    lambda_b = range(lambda_a.stop, lambda_a.stop + 5 * 4, 4)
+
+    def owner(address):
+        return next(name for start, end, name in functions if start <= address < end)
+
+    assert [owner(a) for a in lambda_a] == ["kernel_a"] * 8
+    assert [owner(a) for a in lambda_b] == ["kernel_b"] * 5

@@ -148,7 +148,8 @@ def _sext(value: int, bits: int) -> int:
 
 def _code_references(code: bytes, at: int, start: int, end: int) -> set[int]:
     """Addresses the aarch64 code in [start, end) (mapped at link-time address `at`) computes or calls:
-    ADR, ADRP + ADD (how TVM passes a parallel lambda to TVMBackendParallelLaunch), B and BL."""
+    ADR, ADRP + ADD (how TVM passes a parallel lambda to TVMBackendParallelLaunch) and BL. Not B: its
+    targets are a function's own labels (or a tail call), not functions of their own."""
     targets, pages = set(), {}
     for pc in range(start - start % 4, end - 3, 4):
         offset = pc - at
@@ -165,7 +166,7 @@ def _code_references(code: bytes, at: int, start: int, end: int) -> set[int]:
             base = pages.get((insn >> 5) & 0x1F)
             if base is not None:
                 targets.add(base + (((insn >> 10) & 0xFFF) << (12 if insn >> 22 & 1 else 0)))
-        elif insn & 0x7C000000 == 0x14000000:  # B / BL
+        elif insn & 0xFC000000 == 0x94000000:  # BL
             targets.add(pc + (_sext(insn & 0x3FFFFFF, 26) << 2))
     return targets
 
@@ -176,7 +177,7 @@ def elf_functions(path) -> tuple[list[tuple[int, int, str]], int]:
 
     Named functions come from `.symtab` (local ones too), or `.dynsym` of a stripped library. TVM
     emits its parallel lambdas (and some `_compute_` bodies) with private linkage, hence without a
-    symbol: code outside every symbol that a function references (ADR / ADRP+ADD / B / BL, how the
+    symbol: code outside every symbol that a function references (ADR / ADRP+ADD / BL, how the
     wrapper hands its lambda to TVMBackendParallelLaunch) is taken as a function of the referencing
     function's name, up to the next function, transitively. A symbol's run-time address is its
     address + (the load address of file offset 0 - the returned link-time address).
@@ -224,16 +225,21 @@ def elf_functions(path) -> tuple[list[tuple[int, int, str]], int]:
         i = bisect.bisect_right(starts, address) - 1
         return i >= 0 and address < starts[i] + max(named[starts[i]][0], 4)
 
-    # unnamed code referenced from a named function, then from what that found, and so on
+    # unnamed code referenced from a named function, then from what that found, and so on, in rounds: an
+    # unnamed function ends where the next known one starts, so every start a round can find is known
+    # before the next round scans (a range reaching over other lambdas would claim their code)
     found: dict[int, str] = {}
-    work = [(start, start + size, name) for start, (size, name) in named.items() if size]
-    while work:
-        start, end, name = work.pop()
-        for target in sorted(_code_references(code, code_at, start, end)):
-            if code_at <= target < code_end and target % 4 == 0 and not covered(target) and target not in found:
-                found[target] = name
-                following = [a for a in (*starts, *found) if a > target]
-                work.append((target, min(following, default=code_end), name))
+    frontier = [(start, start + size, name) for start, (size, name) in named.items() if size]
+    while frontier:
+        new: dict[int, str] = {}
+        for start, end, name in frontier:
+            for target in sorted(_code_references(code, code_at, start, end)):
+                if code_at <= target < code_end and target % 4 == 0 and not covered(target) \
+                        and target not in found and target not in new:
+                    new[target] = name
+        found.update(new)
+        bounds = sorted({*starts, *found, code_end})
+        frontier = [(target, bounds[bisect.bisect_right(bounds, target)], name) for target, name in new.items()]
     boundaries = sorted({*starts, *found, code_end})
     functions = []
     for start in sorted({*starts, *found}):
