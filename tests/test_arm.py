@@ -337,3 +337,48 @@ def test_rpi4_pair_sum_kernel_is_exact_at_the_int16_bound_and_skipped_for_weight
         pair_sums[name] = sum(1 for line in _disassemble(artifact).splitlines()
                               if "\taddp\t" in line and ".8h" in line)
     assert pair_sums["narrow"] > 0 and pair_sums["with_min"] == 0, pair_sums
+
+
+def _depthwise_integer_model(w: np.ndarray, spatial: list, **attrs) -> onnx.ModelProto:
+    """int8 x [1, C, *spatial] depthwise ConvInteger with constant int8 w [C, 1, *K] -> int32 (exact sums)."""
+    channels = w.shape[0]
+    graph = helper.make_graph(
+        [helper.make_node("ConvInteger", ["x", "w"], ["y"], group=channels, **attrs)], "depthwise",
+        [helper.make_tensor_value_info("x", TensorProto.INT8, [1, channels, *spatial])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [1, channels, *(f"o{i}" for i in range(len(spatial)))])],
+        [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    return model
+
+
+@pytest.mark.parametrize("kernel, spatial, shape, attrs, minus_128", [
+    ((5,), ["T"], (37,), dict(pads=[4, 4], dilations=[2]), False),  # odd taps (a zero tap added), block crop
+    ((4,), ["T"], (41,), dict(strides=[2]), False),                  # no padding: the pairing pads the copy
+    ((3, 3), [9, 11], (9, 11), dict(pads=[1, 1, 1, 1], strides=[2, 2]), False),  # 2-D, pairs along the width
+    ((5,), ["T"], (37,), dict(pads=[2, 2]), True),                   # a weight of -128: products widened one by one
+])
+def test_rpi4_depthwise_sums_tap_pairs_in_int16_exactly(kernel, spatial, shape, attrs, minus_128, tmp_path):
+    """int8 depthwise convs on ARM sum the products of two neighbouring taps in int16 (`smull` + `smlal`, then
+    widened into int32) when no weight is -128: every output equals ONNX Runtime's int32 ConvInteger, also with
+    the extreme operands (x = -128 against w = +-127), ragged channel counts and tap counts."""
+    rng = np.random.default_rng(11)
+    channels = 24 if len(kernel) == 2 else 32
+    w = rng.integers(-127, 128, (channels, 1, *kernel), dtype=np.int8)
+    w[0], w[1] = -127, 127
+    if minus_128:
+        w[2, 0, 0] = -128
+    onnx_path = tmp_path / "depthwise.onnx"
+    onnx.save(_depthwise_integer_model(w, spatial, **attrs), onnx_path)
+    artifact = tmp_path / "rpi4"
+    compile_model(onnx_path, artifact, CompileConfig(target="rpi4"))
+    x = rng.integers(-128, 128, (1, channels, *shape), dtype=np.int8)
+    x[0, :2] = -128
+    got = run_emulated(artifact, {"x": x}, cpu="cortex-a72")[0]
+    expected = _ort(onnx_path, {"x": x})[0]
+    np.testing.assert_array_equal(got, expected)
+    assert abs(int(expected[0, :2].min())) >= 2 * 128 * 127  # the extreme pairs reach the output
+    # a second product accumulated in int16 (`smlal` into .8h lanes) is the pair sum's signature
+    pair_sums = sum(1 for line in _disassemble(artifact).splitlines()
+                    if ("\tsmlal\t" in line or "\tsmlal2\t" in line) and ".8h" in line.split("\t")[-1].split(",")[0])
+    assert (pair_sums == 0) if minus_128 else (pair_sums > 0)

@@ -153,9 +153,10 @@ def analyze(func, dims: dict[str, int]) -> tuple[str, int]:
             continue
         if kind == ELEMENTWISE:
             kind = REDUCTION
-        if _is_multiply_accumulate(block):
+        products = _multiply_accumulates(block)
+        if products:
             kind = CONTRACTION
-            macs += _iterations(block, dims)
+            macs += products * _iterations(block, dims)
     return kind, macs
 
 
@@ -189,19 +190,28 @@ def _is_operand(expr) -> bool:
     return False
 
 
-def _is_multiply_accumulate(block) -> bool:
-    """`C[i] = C[i] + a * b` with a and b buffer loads that differ (x * x, a sum of squares, is a norm)."""
+def _is_product(expr) -> bool:
+    """`a * b` of two buffer loads that differ (x * x, a sum of squares, is a norm)."""
+    expr = _strip_casts(expr)
+    return (isinstance(expr, tirx.Mul) and _is_operand(expr.a) and _is_operand(expr.b)
+            and not structural_equal(expr.a, expr.b))
+
+
+def _multiply_accumulates(block) -> int:
+    """Products a block accumulates per iteration: 1 for `C[i] = C[i] + a * b` with a and b buffer loads,
+    2 for `C[i] = C[i] + (a * b + c * d)` (a depthwise conv's pair of taps summed in int16), else 0."""
     store = block.body
     if not isinstance(store, tirx.BufferStore) or not isinstance(store.value, tirx.Add):
-        return False
+        return 0
     for acc, term in ((store.value.a, store.value.b), (store.value.b, store.value.a)):
         if not (isinstance(acc, _LOAD) and _loaded_buffer(acc).same_as(store.buffer)):
             continue
-        product = _strip_casts(term)
-        if (isinstance(product, tirx.Mul) and _is_operand(product.a) and _is_operand(product.b)
-                and not structural_equal(product.a, product.b)):
-            return True
-    return False
+        term = _strip_casts(term)
+        if _is_product(term):
+            return 1
+        if isinstance(term, tirx.Add) and _is_product(term.a) and _is_product(term.b):
+            return 2
+    return 0
 
 
 def _iterations(block, dims: dict[str, int]) -> int:

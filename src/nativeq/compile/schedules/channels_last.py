@@ -38,7 +38,9 @@ from nativeq.compile._tvm import relax, tvm
 from nativeq.compile.passes import result_dtype, rewrite_functions
 from nativeq.compile.passes.lut_elementwise import call_lut, lut_call_operands
 from nativeq.compile.schedules.conv_as_matmul import ConvGeometry, conv_as_matmul
-from nativeq.compile.schedules.depthwise import call_depthwise, call_pad_channels_last
+from nativeq.compile.schedules.depthwise import (
+    call_depthwise, call_pad_channels_last, pair_taps_extra_rows, pair_taps_weight,
+)
 from nativeq.compile.schedules.intrinsics import DotIntrin
 
 _CONVS = {"relax.nn.conv1d": ("NCW", "OIW"), "relax.nn.conv2d": ("NCHW", "OIHW")}
@@ -282,14 +284,21 @@ class _ChannelsLast(relax.PyExprMutator):
             x_cl = self._as_channels_last(x)
         out_spatial = list(call.ty.shape.values[2:])
         if kind == "depthwise":
-            w_cl = relax.const(np.ascontiguousarray(weight[:, 0].transpose(*range(1, ndim + 1), 0)), str(weight.dtype))  # [*K, C]
-            if geometry.padded:
+            w_taps = np.ascontiguousarray(weight[:, 0].transpose(*range(1, ndim + 1), 0))  # [*K, C]
+            # ARM (int8 activations): neighbouring taps' products summed in int16 where the weights allow it; x86
+            # keeps its kernel (AVX-512 VNNI multiplies int16 pairs with `vpdpwssd` already)
+            arm = self.intrin is not None and self.intrin.act_dtype == "int8" and str(x.ty.dtype) == "int8"
+            paired = pair_taps_weight(w_taps) if arm else None
+            w_cl = relax.const(w_taps if paired is None else paired, str(weight.dtype))
+            if geometry.padded or paired is not None:
                 # NOTE: one padded copy of the input (a cheap vectorized kernel) rather than a bounds check
                 # per tap in the depthwise kernel's inner loop, which keeps it branch-free.
-                before, after = geometry.padding[:ndim], geometry.padding[ndim:]
+                before, after = list(geometry.padding[:ndim]), list(geometry.padding[ndim:])
+                if paired is not None:
+                    after[-1] += pair_taps_extra_rows(w_taps.shape[-2], geometry.strides[-1], geometry.dilation[-1])
                 x_cl = self.builder_.emit(call_pad_channels_last(self.builder_, x_cl, before, after, geometry.pad_value))
                 geometry = ConvGeometry(geometry.strides, geometry.dilation, (0,) * (2 * ndim))
-            return call_depthwise(self.builder_, x_cl, w_cl, out_spatial, geometry)
+            return call_depthwise(self.builder_, x_cl, w_cl, out_spatial, geometry, pair_taps=paired is not None)
         intrin = self.fma if kind == "float-matmul" else self.intrin
         return conv_as_matmul(self.builder_, x_cl, weight, out_spatial, geometry, intrin)
 

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
+
 from nativeq.compile._tvm import Analyzer, Schedule, s_tir, te, tirx
 from nativeq.compile.schedules.conv_as_matmul import ConvGeometry, gather_padded, tap_position
 from nativeq.compile.schedules.generic import dividing_lanes, find_block
@@ -43,13 +45,20 @@ _OUT_EWISE_FUSABLE = 4  # TVM OpPatternKind.kOutEWiseFusable
 _ERRORS = (s_tir.ScheduleError, RuntimeError, ValueError, TypeError)
 
 
-def depthwise_te(x: te.Tensor, w: te.Tensor, out_spatial, **geometry_kwargs) -> te.Tensor:
+def depthwise_te(x: te.Tensor, w: te.Tensor, out_spatial, pair_taps: bool = False, **geometry_kwargs) -> te.Tensor:
     """int32 depthwise conv of `x` [N, *S, C] (8-bit) with `w` [*K, C] (int8): [N, *out_spatial, C]
     (float32 when x and w are float32).
 
     The last output axis is computed padded to whole blocks of `POSITIONS` (reading clamped input
     positions there) and cropped after, so the schedule can hold a block of outputs in registers
     without a bounds predicate in its inner loop.
+
+    `pair_taps` (int8 x and w, no weight -128, the last tap axis of `w` even: `pair_taps_weight`): the
+    products of two neighbouring taps are summed in int16 before they are widened into the int32
+    accumulator (ARM: `smull` + `smlal`, then `saddw`, instead of widening every product). Exact:
+    |x * w| <= 128 * 127, so two products stay within int16. No read is clamped: the caller pads `x`'s
+    last axis by `pair_taps_extra_rows` past what the conv reads (a zero tap the pairing added past the
+    kernel, the output block padding), so the inner loop has no bounds arithmetic.
     """
     geometry = ConvGeometry.from_te_kwargs(**geometry_kwargs)
     *kernel, channels = w.shape
@@ -57,8 +66,10 @@ def depthwise_te(x: te.Tensor, w: te.Tensor, out_spatial, **geometry_kwargs) -> 
     input_last = x.shape[-2]
     padded_last = (last + POSITIONS - 1) // POSITIONS * POSITIONS
     crop = not (isinstance(last, (int, tirx.IntImm)) and int(last) % POSITIONS == 0)
-    taps = [te.reduce_axis((0, k), name=f"k{i}") for i, k in enumerate(kernel)]
     acc_dtype = "float32" if w.dtype == "float32" else "int32"
+    if pair_taps:
+        return _paired_taps_te(x, w, outer, last, padded_last, crop, geometry)
+    taps = [te.reduce_axis((0, k), name=f"k{i}") for i, k in enumerate(kernel)]
 
     def compute(n, *index):
         out_index, c = index[:-1], index[-1]
@@ -67,6 +78,45 @@ def depthwise_te(x: te.Tensor, w: te.Tensor, out_spatial, **geometry_kwargs) -> 
             position[-1] = tirx.min(position[-1], input_last - 1)
         value = gather_padded(x, n, position, c, geometry)
         return te.sum(value.astype(acc_dtype) * w[(*taps, c)].astype(acc_dtype), axis=taps)
+
+    acc = te.compute((x.shape[0], *outer, padded_last if crop else last, channels), compute, name=DEPTHWISE_BLOCK)
+    if not crop:
+        return acc
+    return te.compute((x.shape[0], *outer, last, channels), lambda *i: acc[i], name=DEPTHWISE_CROP)
+
+
+def pair_taps_weight(weight: np.ndarray) -> np.ndarray | None:
+    """`weight` [*K, C] int8 with its last tap axis zero-padded to an even length, when the int16 pair sums of
+    `depthwise_te(pair_taps=True)` are exact for it (no value is -128, at least 2 taps), else None."""
+    if weight.dtype != np.int8 or weight.shape[-2] < 2 or int(weight.min()) == -128:
+        return None
+    if weight.shape[-2] % 2:
+        pad = [(0, 0)] * weight.ndim
+        pad[-2] = (0, 1)
+        weight = np.pad(weight, pad)
+    return np.ascontiguousarray(weight)
+
+
+def pair_taps_extra_rows(kernel_last: int, stride: int, dilation: int) -> int:
+    """Input rows past the conv's own that `depthwise_te(pair_taps=True)` may read along the last spatial
+    axis: the zero tap added to an odd `kernel_last`, and the outputs computed past the end up to a whole
+    block of `POSITIONS`."""
+    return dilation * (kernel_last % 2) + (POSITIONS - 1) * stride
+
+
+def _paired_taps_te(x, w, outer, last, padded_last, crop, geometry):
+    *kernel, channels = w.shape
+    outer_taps = [te.reduce_axis((0, k), name=f"k{i}") for i, k in enumerate(kernel[:-1])]
+    pair = te.reduce_axis((0, kernel[-1] // 2), name="pair")
+
+    def compute(n, *index):
+        out_index, c = index[:-1], index[-1]
+
+        def product(tap):
+            value = gather_padded(x, n, tap_position(out_index, [*outer_taps, tap], geometry), c, geometry)
+            return value.astype("int16") * w[(*outer_taps, tap, c)].astype("int16")
+
+        return te.sum((product(2 * pair) + product(2 * pair + 1)).astype("int32"), axis=[*outer_taps, pair])
 
     acc = te.compute((x.shape[0], *outer, padded_last if crop else last, channels), compute, name=DEPTHWISE_BLOCK)
     if not crop:
@@ -96,11 +146,11 @@ def call_pad_channels_last(builder, x_cl, before, after, pad_value: float):
                            primfunc_name_hint="pad")
 
 
-def call_depthwise(builder, x_cl, w_cl, out_spatial, geometry: ConvGeometry):
+def call_depthwise(builder, x_cl, w_cl, out_spatial, geometry: ConvGeometry, pair_taps: bool = False):
     """`builder.call_te` of `depthwise_te`, marked so FuseOps fuses the requantize epilogue into it."""
     float_kernel = str(w_cl.ty.dtype) == "float32"
     return builder.call_te(
-        depthwise_te, x_cl, w_cl, out_spatial=list(out_spatial), **geometry.as_te_kwargs(),
+        depthwise_te, x_cl, w_cl, out_spatial=list(out_spatial), pair_taps=pair_taps, **geometry.as_te_kwargs(),
         primfunc_name_hint="f32_depthwise" if float_kernel else "int8_depthwise", primfunc_attrs={"op_pattern": _OUT_EWISE_FUSABLE},
     )
 
