@@ -55,7 +55,7 @@ def depthwise_te(x: te.Tensor, w: te.Tensor, out_spatial, pair_taps: bool = Fals
 
     `pair_taps` (int8 x and w, no weight -128, the last tap axis of `w` even: `pair_taps_weight`): the
     products of two neighbouring taps are summed in int16 before they are widened into the int32
-    accumulator (ARM: `smull` + `smlal`, then `saddw`, instead of widening every product). Exact:
+    accumulator (ARM: `smull` + `smlal`, then one widening add, instead of widening every product). Exact:
     |x * w| <= 128 * 127, so two products stay within int16. No read is clamped: the caller pads `x`'s
     last axis by `pair_taps_extra_rows` past what the conv reads (a zero tap the pairing added past the
     kernel, the output block padding), so the inner loop has no bounds arithmetic.
@@ -67,8 +67,6 @@ def depthwise_te(x: te.Tensor, w: te.Tensor, out_spatial, pair_taps: bool = Fals
     padded_last = (last + POSITIONS - 1) // POSITIONS * POSITIONS
     crop = not (isinstance(last, (int, tirx.IntImm)) and int(last) % POSITIONS == 0)
     acc_dtype = "float32" if w.dtype == "float32" else "int32"
-    if pair_taps:
-        return _paired_taps_te(x, w, outer, last, padded_last, crop, geometry)
     taps = [te.reduce_axis((0, k), name=f"k{i}") for i, k in enumerate(kernel)]
 
     def compute(n, *index):
@@ -79,6 +77,8 @@ def depthwise_te(x: te.Tensor, w: te.Tensor, out_spatial, pair_taps: bool = Fals
         value = gather_padded(x, n, position, c, geometry)
         return te.sum(value.astype(acc_dtype) * w[(*taps, c)].astype(acc_dtype), axis=taps)
 
+    if pair_taps:
+        compute = _paired_taps(x, w, geometry)
     acc = te.compute((x.shape[0], *outer, padded_last if crop else last, channels), compute, name=DEPTHWISE_BLOCK)
     if not crop:
         return acc
@@ -104,8 +104,9 @@ def pair_taps_extra_rows(kernel_last: int, stride: int, dilation: int) -> int:
     return dilation * (kernel_last % 2) + (POSITIONS - 1) * stride
 
 
-def _paired_taps_te(x, w, outer, last, padded_last, crop, geometry):
-    *kernel, channels = w.shape
+def _paired_taps(x, w, geometry):
+    """The compute of `depthwise_te(pair_taps=True)`: int16 sums of two neighbouring taps' products, widened."""
+    *kernel, _ = w.shape
     outer_taps = [te.reduce_axis((0, k), name=f"k{i}") for i, k in enumerate(kernel[:-1])]
     pair = te.reduce_axis((0, kernel[-1] // 2), name="pair")
 
@@ -118,10 +119,7 @@ def _paired_taps_te(x, w, outer, last, padded_last, crop, geometry):
 
         return te.sum((product(2 * pair) + product(2 * pair + 1)).astype("int32"), axis=[*outer_taps, pair])
 
-    acc = te.compute((x.shape[0], *outer, padded_last if crop else last, channels), compute, name=DEPTHWISE_BLOCK)
-    if not crop:
-        return acc
-    return te.compute((x.shape[0], *outer, last, channels), lambda *i: acc[i], name=DEPTHWISE_CROP)
+    return compute
 
 
 def pad_channels_last_te(x: te.Tensor, before, after, pad_value: float) -> te.Tensor:
