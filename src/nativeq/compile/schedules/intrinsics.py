@@ -151,58 +151,44 @@ def _avx2_8x2_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
         )
 
 
-@T.prim_func(s_tir=True)
-def _neon_4x4_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
-    A = T.match_buffer(a, (4,), "int8", offset_factor=1)
-    B = T.match_buffer(b, (4, 4), "int8", offset_factor=1)
-    C = T.match_buffer(c, (4,), "int32", offset_factor=1)
-    with T.sblock("root"):
-        T.reads(C[0:4], A[0:4], B[0:4, 0:4])
-        T.writes(C[0:4])
-        a_i8x8 = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 2), dtype="int8x8")
-        b_i8x16 = B.vload([0, 0], dtype="int8x16")
-        # rows 0-1 (low half) and 2-3 (high half): int16 products, pairwise-widened to int32, then paired up.
-        low = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.saddlp.v4i32.v8i16"),
-            T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.smull.v8i16"),
-                                    a_i8x8, T.vectorlow(b_i8x16, dtype="int8x8"), dtype="int16x8"),
-            dtype="int32x4",
-        )
-        high = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.saddlp.v4i32.v8i16"),
-            T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.smull.v8i16"),
-                                    a_i8x8, T.vectorhigh(b_i8x16, dtype="int8x8"), dtype="int16x8"),
-            dtype="int32x4",
-        )
-        C[T.ramp(T.int32(0), 1, 4)] = C.vload([0], dtype="int32x4") + T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.addp.v4i32"), low, high, dtype="int32x4"
-        )
+def _neon(name: str, *args, dtype: str):
+    return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(f"llvm.aarch64.neon.{name}"), *args, dtype=dtype)
 
 
-@T.prim_func(s_tir=True)
-def _neon_4x4_pair_sum_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
-    A = T.match_buffer(a, (4,), "int8", offset_factor=1)
-    B = T.match_buffer(b, (4, 4), "int8", offset_factor=1)
-    C = T.match_buffer(c, (4,), "int32", offset_factor=1)
-    with T.sblock("root"):
-        T.reads(C[0:4], A[0:4], B[0:4, 0:4])
-        T.writes(C[0:4])
-        a_i8x16 = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 4), dtype="int8x16")
-        b_i8x16 = B.vload([0, 0], dtype="int8x16")
-        # NOTE: exact only for weights in [-127, 127] (the packing checks): two products per int16 lane.
-        pair_sums = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.addp.v8i16"),
-            T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.smull.v8i16"),
-                                    T.vectorlow(a_i8x16, dtype="int8x8"), T.vectorlow(b_i8x16, dtype="int8x8"),
-                                    dtype="int16x8"),
-            T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.smull.v8i16"),
-                                    T.vectorhigh(a_i8x16, dtype="int8x8"), T.vectorhigh(b_i8x16, dtype="int8x8"),
-                                    dtype="int16x8"),
-            dtype="int16x8",
-        )
-        C[T.ramp(T.int32(0), 1, 4)] = C.vload([0], dtype="int32x4") + T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.saddlp.v4i32.v8i16"), pair_sums, dtype="int32x4"
-        )
+def _widened_then_paired(low, high):
+    """int32 row sums of the int16 products: each product widened (pairwise) first. Exact for any int8."""
+    return _neon("addp.v4i32", _neon("saddlp.v4i32.v8i16", low, dtype="int32x4"),
+                 _neon("saddlp.v4i32.v8i16", high, dtype="int32x4"), dtype="int32x4")
+
+
+def _paired_then_widened(low, high):
+    """int32 row sums of the int16 products: two products summed in int16 first, then widened.
+    NOTE: exact only for weights in [-127, 127] (the packing checks): |a * w| <= 128 * 127 twice fits int16."""
+    return _neon("saddlp.v4i32.v8i16", _neon("addp.v8i16", low, high, dtype="int16x8"), dtype="int32x4")
+
+
+def _neon_4x4_impl(row_sums):
+    """The Pi 4 dot tile: int16 products of the activations with rows 0-1 (`low`) and 2-3 (`high`) of the
+    weight tile (`smull`), summed per row by `row_sums` into the int32 accumulators."""
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (4,), "int8", offset_factor=1)
+        B = T.match_buffer(b, (4, 4), "int8", offset_factor=1)
+        C = T.match_buffer(c, (4,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:4], A[0:4], B[0:4, 0:4])
+            T.writes(C[0:4])
+            a_i8x16 = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 4), dtype="int8x16")
+            b_i8x16 = B.vload([0, 0], dtype="int8x16")
+            C[T.ramp(T.int32(0), 1, 4)] = C.vload([0], dtype="int32x4") + row_sums(
+                _neon("smull.v8i16", T.vectorlow(a_i8x16, dtype="int8x8"), T.vectorlow(b_i8x16, dtype="int8x8"),
+                      dtype="int16x8"),
+                _neon("smull.v8i16", T.vectorhigh(a_i8x16, dtype="int8x8"), T.vectorhigh(b_i8x16, dtype="int8x8"),
+                      dtype="int16x8"),
+            )
+
+    return impl
 
 
 @T.prim_func(s_tir=True)
@@ -248,8 +234,9 @@ def register_intrinsics() -> None:
         return
     TensorIntrin.register(VNNI.name, _desc(16, 4, "uint8"), _vnni_16x4_impl, override=True)
     TensorIntrin.register(AVX2.name, _desc(8, 2, "uint8"), _avx2_8x2_impl, override=True)
-    TensorIntrin.register(NEON.name, _desc(4, 4, "int8"), _neon_4x4_impl, override=True)
-    TensorIntrin.register(NEON_PAIR_SUM.name, _desc(4, 4, "int8"), _neon_4x4_pair_sum_impl, override=True)
+    TensorIntrin.register(NEON.name, _desc(4, 4, "int8"), _neon_4x4_impl(_widened_then_paired), override=True)
+    TensorIntrin.register(NEON_PAIR_SUM.name, _desc(4, 4, "int8"), _neon_4x4_impl(_paired_then_widened),
+                          override=True)
     TensorIntrin.register(SDOT.name, _desc(4, 4, "int8"), _sdot_4x4_impl, override=True)
     for lanes, intrin in FMA_BY_LANES.items():
         TensorIntrin.register(intrin.name, _fma_desc(lanes), _fma_impl(lanes), override=True)
