@@ -8,7 +8,8 @@ Every malformed file is a one-line `NativeqError` naming the file and the proble
 not audio, sample rate 0 or outside 1 kHz .. 1 MHz, no channels, no samples, NaN/inf
 samples, a WAV data size of 0 with data after it). A file that ends before its header says
 (a truncated download or recording, or a header claiming 2 GB) is a warning naming the file;
-the samples present are used.
+the samples present are used. Header lengths are never trusted for an allocation: a FLAC stream
+whose STREAMINFO gives no length (0, as streaming encoders write it) is read to its end.
 
 Torch-free (numpy, soundfile, scipy), so the host-side transcription path can use it. The
 device-side runner (`runtime/runner/run.py`) reads 16 kHz mono 16-bit WAV with the standard
@@ -35,6 +36,8 @@ MAX_RATE = 1_000_000
 # 11.025k, 22.05k, 44.1k, 48k, 96k, 192k); odder rates (e.g. 7999 Hz) use the nearest such ratio,
 # off by at most 0.0125 %, which keeps the polyphase filter (20 taps per unit of its larger term) small.
 _MAX_RATIO_TERM = 4_000
+UNKNOWN_FRAMES = 2**63 - 1  # libsndfile's frame count of a stream whose length its header does not give
+_BLOCK_FRAMES = 1 << 16
 
 
 class AudioTruncatedWarning(UserWarning):
@@ -110,11 +113,11 @@ def _check_wav_header(path: Path, header: _RiffHeader) -> str | None:
     if header.data_bytes == 0 and header.data_present > 0:
         raise _fail(path, f"WAV header says the data chunk is empty but {header.data_present} bytes follow it "
                           f"(an unfinished recording? repair with: sox --ignore-length {path.name} fixed.wav)")
-    block = header.channels * max(1, header.bits // 8)
+    block = header.channels * max(1, (header.bits + 7) // 8)  # samples are whole bytes (12 bits in 2)
     if header.data_bytes == 0xFFFFFFFF:  # streaming writers' "unknown length": read to the end
         return None
-    if header.data_present < header.data_bytes:
-        claimed, present = header.data_bytes // block, header.data_present // block
+    claimed, present = header.data_bytes // block, header.data_present // block
+    if present < claimed:  # whole frames: a partial frame at the end is not audio either way
         return (f"the WAV header promises {claimed} frames ({claimed / header.rate:.2f} s) but the file holds "
                 f"{present} ({present / header.rate:.2f} s): truncated")
     return None
@@ -173,12 +176,12 @@ def read_audio(path: str | os.PathLike, rate: int = SAMPLE_RATE) -> np.ndarray:
     info = audio_info(path)
     sf = _soundfile()
     try:
-        x, _ = sf.read(str(path), dtype="float32", always_2d=True)
+        x = _decode(sf, path, info.channels)
     except sf.LibsndfileError as e:
         reason = str(e).rsplit(": ", 1)[-1].strip().rstrip(".")
         raise _fail(path, f"cannot decode its {info.format} data ({reason}): truncated or corrupt") from None
     truncated = info.truncated
-    if truncated is None and len(x) < info.frames:
+    if truncated is None and info.frames != UNKNOWN_FRAMES and len(x) < info.frames:
         truncated = f"the header promises {info.frames} frames but only {len(x)} decode: truncated"
     if len(x) == 0:
         raise _fail(path, "no audio samples could be decoded")
@@ -190,6 +193,74 @@ def read_audio(path: str | os.PathLike, rate: int = SAMPLE_RATE) -> np.ndarray:
     if info.rate != rate:
         mono = resample(mono, info.rate, rate)
     return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def _decode(sf, path: Path, channels: int) -> np.ndarray:
+    """Every frame libsndfile decodes from `path`, float32 [frames, channels], read in blocks.
+
+    A header's frame count is not trusted for an allocation: a FLAC stream's STREAMINFO may say 0
+    (unknown, as streaming encoders write it; libsndfile then reports `UNKNOWN_FRAMES`) or any length.
+    NOTE: soundfile seeks to the end of every read it makes, and libsndfile's FLAC reader refuses to seek
+    to (or past) the end of a stream whose STREAMINFO length is wrong or unknown, after which the handle
+    stays failed: the read that reaches the end fails after filling its buffer. The end is then found
+    by seeking on fresh handles (a seek succeeds exactly before the end), and the frames up to it are read
+    with the last frame's read, which fails the same way, into a buffer of its own.
+    """
+    blocks, done = [], 0
+    with sf.SoundFile(str(path)) as f:
+        claimed = f.frames
+        while True:
+            try:
+                block = f.read(_BLOCK_FRAMES, dtype="float32", always_2d=True)
+            except sf.LibsndfileError as e:
+                if not _seek_past_end(e):
+                    raise
+                break
+            blocks.append(block)
+            done += len(block)
+            if len(block) < _BLOCK_FRAMES:
+                return np.concatenate(blocks)
+    # NOTE: a seek to exactly the claimed length succeeds without decoding: the search stays below it.
+    end = _stream_end(sf, path, done, min(done + _BLOCK_FRAMES, claimed))
+    if end > done:
+        with sf.SoundFile(str(path)) as f:
+            f.seek(done)
+            if end - done > 1:
+                blocks.append(f.read(end - done - 1, dtype="float32", always_2d=True))
+            last = np.zeros((1, channels), np.float32)
+            try:
+                f.read(1, dtype="float32", always_2d=True, out=last)
+            except sf.LibsndfileError as e:
+                if not _seek_past_end(e):
+                    raise
+            blocks.append(last)
+    return np.concatenate(blocks) if blocks else np.zeros((0, channels), np.float32)
+
+
+def _stream_end(sf, path: Path, low: int, high: int) -> int:
+    """The number of frames of a stream known to end in [low, high]: the first position a seek fails at
+    (one fresh handle a probe: a failed seek leaves its handle failed)."""
+    def can_seek(position: int) -> bool:
+        with sf.SoundFile(str(path)) as f:
+            try:
+                f.seek(position)
+                return True
+            except sf.LibsndfileError as e:
+                if not _seek_past_end(e):
+                    raise
+                return False
+
+    while low < high:  # invariant: the end is in [low, high]; `high` itself is never probed
+        middle = (low + high) // 2
+        if can_seek(middle):
+            low = middle + 1
+        else:
+            high = middle
+    return low
+
+
+def _seek_past_end(error) -> bool:
+    return "psf_fseek" in str(getattr(error, "error_string", ""))
 
 
 def resample(x: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:

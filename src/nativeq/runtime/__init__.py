@@ -21,6 +21,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import os
+import struct
 import sys
 import tempfile
 import threading
@@ -117,6 +118,35 @@ def _load_tvm_runtime(ffi) -> None:
         _runtime_loaded = True
 
 
+def _check_elf_segments(library: Path, data: bytes) -> None:
+    """Refuse an ELF library whose loadable segments reach past its end (a truncated file).
+
+    NOTE: the dynamic loader maps such segments anyway, and the first access to a page past the end of
+    the file kills the process with SIGBUS. Anything else that is no valid ELF, dlopen refuses itself.
+    """
+    if len(data) < 64 or data[:4] != b"\x7fELF" or data[4] not in (1, 2) or data[5] not in (1, 2):
+        return
+    wide, order = data[4] == 2, "<" if data[5] == 1 else ">"
+    if wide:  # ELF64: e_phoff at 32, e_phentsize and e_phnum at 54
+        phoff = struct.unpack_from(order + "Q", data, 32)[0]
+        phentsize, phnum = struct.unpack_from(order + "HH", data, 54)
+    else:  # ELF32: e_phoff at 28, e_phentsize and e_phnum at 42
+        phoff = struct.unpack_from(order + "I", data, 28)[0]
+        phentsize, phnum = struct.unpack_from(order + "HH", data, 42)
+    for i in range(phnum):
+        at = phoff + i * phentsize
+        if at + (56 if wide else 32) > len(data):
+            raise NativeqError(f"artifact file {library} is cut short: its ELF program headers end past its "
+                               f"{len(data)} bytes")
+        if wide:
+            kind, _, offset, _, _, size = struct.unpack_from(order + "IIQQQQ", data, at)
+        else:
+            kind, offset, _, _, size = struct.unpack_from(order + "IIIII", data, at)
+        if kind == 1 and offset + size > len(data):  # PT_LOAD
+            raise NativeqError(f"artifact file {library} is cut short: a loadable segment ends at byte "
+                               f"{offset + size}, the file has {len(data)}")
+
+
 def _load_library(library: Path, digest: str, ffi):
     """dlopen the artifact's library from a private copy of the bytes whose sha256 is checked here.
 
@@ -126,6 +156,7 @@ def _load_library(library: Path, digest: str, ffi):
     data = library.read_bytes()
     if hashlib.sha256(data).hexdigest() != digest:
         raise NativeqError(f"artifact file {library} was modified (sha256 mismatch)")
+    _check_elf_segments(library, data)
     handle, private = tempfile.mkstemp(prefix=f"nativeq-{digest[:16]}-", suffix=library.suffix)
     try:
         with os.fdopen(handle, "wb") as out:

@@ -94,10 +94,11 @@ class TensorSpec:
         return d
 
     def __str__(self) -> str:
+        name = _shown(self.name)
         if self.shape is None:
-            return f"{self.name}: {self.dtype}[?]"
+            return f"{name}: {self.dtype}[?]"
         dims = ", ".join(str(d) for d in self.shape)
-        return f"{self.name}: {self.dtype}[{dims}]"
+        return f"{name}: {self.dtype}[{dims}]"
 
 
 # ----------------------------------------------------------------------------- the seal
@@ -200,7 +201,13 @@ class _Fields:
 
 def _plain_name(name) -> bool:
     return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name \
-        and "\0" not in name and name != MANIFEST_NAME
+        and name.isprintable() and name != MANIFEST_NAME
+
+
+def _shown(name: str) -> str:
+    """A file name for a one-line message: as it is, or quoted with escapes if it holds a line break or another
+    unprintable character."""
+    return name if name.isprintable() else repr(name)
 
 
 def _check_fields(artifact_dir: Path, manifest: dict) -> None:
@@ -246,7 +253,10 @@ def _check_fields(artifact_dir: Path, manifest: dict) -> None:
         if repeated:
             raise NativeqError(f"{f.where} {key!r} names {repeated[0]!r} more than once")
 
-    for i, check in enumerate(manifest.get("shape_checks") or []):  # absent in artifacts without conditions
+    checks = manifest.get("shape_checks")  # absent in artifacts without conditions
+    if checks is not None and not isinstance(checks, list):
+        raise f.fail("shape_checks", "a list of conditions or null", checks)
+    for i, check in enumerate(checks or []):
         if not isinstance(check, dict):
             raise f.fail(f"shape_checks[{i}]", "an object {node, op, lhs, rhs}", check)
         for key in ("node", "op", "lhs", "rhs"):
@@ -288,7 +298,8 @@ def _check_memory(f: _Fields, memory) -> None:
 def read_manifest(artifact_dir: str | Path) -> dict:
     """Parse and validate `artifact_dir/manifest.json`; a one-line NativeqError naming the problem otherwise.
 
-    Checks, in order: the directory and file exist; the file is a JSON object without repeated keys;
+    Checks, in order: the directory and file exist, the file a regular one (not a symlink, FIFO or device);
+    it is a JSON object without repeated keys;
     `schema` is this nativeq's; `manifest_sha256` matches the rest of the manifest; every field the
     runtime, `verify` and the bundler read has its type (see the module docstring). The files themselves
     are checked by `check_files`.
@@ -300,12 +311,19 @@ def read_manifest(artifact_dir: str | Path) -> dict:
         raise NativeqError(f"artifact {artifact_dir} is not a directory (expected the output of `nativeq compile`)")
     path = artifact_dir / MANIFEST_NAME
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicate_keys)
+        mode = os.lstat(path).st_mode
     except FileNotFoundError:
         raise NativeqError(f"{artifact_dir} is not a nativeq artifact (no {MANIFEST_NAME})") from None
+    except OSError as e:
+        raise NativeqError(f"{path} cannot be read: {e.strerror or e}") from None
+    # NOTE: checked before any open: opening a FIFO blocks, and a symlink to /dev/zero reads without end.
+    if not stat.S_ISREG(mode):
+        raise NativeqError(f"{path} is not a regular file (a symlink, directory, FIFO or device)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicate_keys)
     except NativeqError as e:
         raise NativeqError(f"{path} {e}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: not JSON, not UTF-8, a number of 4300+ digits
         raise NativeqError(f"{path} is not valid JSON: {str(e) or type(e).__name__}") from None
     if not isinstance(manifest, dict):
         raise NativeqError(f"{path} is not a nativeq manifest (a JSON {_type_name(manifest)}, not an object)")
@@ -334,7 +352,7 @@ def check_files(artifact_dir: str | Path, manifest: dict, *, skip: tuple[str, ..
         if name == MANIFEST_NAME:
             continue
         if name not in files:
-            raise NativeqError(f"artifact {artifact_dir} contains {name}, which its manifest does not list")
+            raise NativeqError(f"artifact {artifact_dir} contains {_shown(name)}, which its manifest does not list")
         if not stat.S_ISREG(entry.stat(follow_symlinks=False).st_mode):
             raise NativeqError(f"artifact file {artifact_dir / name} is not a regular file")
     for name, digest in files.items():

@@ -12,7 +12,8 @@ alive than that. Against the peak RSS growth of one call (threads=1) it is 4.3-6
 ORT-quantized transformer encoder of the tests (T = 1000, 4000, 16000; tests/test_memory.py) and
 3.9-6.8x for the shipped conformer-tiny (T = 1000, 6000, 24000).
 
-`CompiledModel.run` refuses a call whose bound exceeds the limit before running it. The limit is
+`CompiledModel.run` refuses a call whose bound, plus the copies it makes of strided, misaligned or
+read-only inputs, exceeds the limit before running it (and before reading any input element). The limit is
 `nativeq.load(path, max_memory=...)`: bytes, or a string "512MB", "4GB" (powers of 1000), "4GiB" /
 "4G" (powers of 1024); by default `NATIVEQ_MAX_MEMORY` (same forms) if set, else the memory
 available when the model was loaded (`MemAvailable` of /proc/meminfo, else sysconf) minus
@@ -32,6 +33,7 @@ MARGIN_MIN = 256 << 20
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
           "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
           "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+UNBOUNDED = 2**63  # bytes: what `MemoryFormula.bytes` gives when the bound overflows a float
 _SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([a-z]*)\s*")
 
 
@@ -97,23 +99,34 @@ class MemoryFormula:
         return None if memory is None else cls(memory["bytes"])
 
     def bytes(self, sizes: dict[str, int]) -> int:
-        """The bound for these sizes (a dim the formula names but `sizes` lacks counts as 1)."""
+        """The bound for these sizes (a dim the formula names but `sizes` lacks counts as 1).
+
+        A bound beyond float range (a huge coefficient or power) is `UNBOUNDED`, more than any machine has."""
         total = 0.0
         for coef, dims in self.terms:
+            if coef == 0:
+                continue
             term = coef
             for name, power in dims:
-                term *= float(sizes.get(name, 1)) ** power
+                try:
+                    term *= float(sizes.get(name, 1)) ** power
+                except OverflowError:
+                    return UNBOUNDED
             total += term
-        return math.ceil(total)
+        return math.ceil(total) if total < UNBOUNDED else UNBOUNDED
 
 
-def check_memory(formula: MemoryFormula | None, sizes: dict[str, int], limit: int | None, where: str) -> None:
-    """Refuse (one-line NativeqError) a call whose bound exceeds `limit`; nothing when either is unknown."""
-    if formula is None or limit is None:
+def check_memory(formula: MemoryFormula | None, sizes: dict[str, int], limit: int | None, where: str,
+                 copies: int = 0) -> None:
+    """Refuse (one-line NativeqError) a call whose bound (plus `copies` bytes of input copies the runtime makes)
+    exceeds `limit`; nothing when the limit is unknown, or when there is neither a formula nor a copy."""
+    if (formula is None and not copies) or limit is None:
         return
-    need = formula.bytes(sizes)
+    need = (0 if formula is None else formula.bytes(sizes)) + copies
     if need > limit:
         shown = ", ".join(f"{k}={v}" for k, v in sorted(sizes.items())) or "static shapes"
+        if copies:
+            shown += f", {format_bytes(copies)} of input copies"
         raise NativeqError(f"{where}: a call with {shown} needs up to {format_bytes(need)} ({need} bytes, estimated) "
                            f"and the limit is {format_bytes(limit)} ({limit} bytes): use smaller inputs or raise "
                            f"max_memory (NATIVEQ_MAX_MEMORY)")

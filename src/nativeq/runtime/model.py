@@ -73,13 +73,18 @@ def runtime_threads() -> int:
     return int(import_tvm_ffi().get_global_func("runtime.NumThreads")())
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def _shape_text(shape) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
 def check_inputs(specs: tuple[TensorSpec, ...], inputs: Mapping[str, object],
                  shape_checks: list[dict] | tuple = ()) -> list[np.ndarray]:
-    """Validate `inputs` against `specs`; return the arrays in spec order.
+    """Validate `inputs` against `specs`; return the arrays in spec order (C-contiguous).
 
     Not a mapping, a wrong or missing name, a value that is no array, a dtype other than the
     declared one (no silent casts), a wrong rank, a static dim of another size, a symbolic dim
@@ -87,6 +92,14 @@ def check_inputs(specs: tuple[TensorSpec, ...], inputs: Mapping[str, object],
     NativeqError naming the input, what was expected and what was given; sizes that break one
     of the artifact's `shape_checks` (`shape_checks.py`) one naming the ONNX node.
     """
+    arrays, _ = checked_structure(specs, inputs, shape_checks)
+    return [checked_values(spec, array) for spec, array in zip(specs, arrays)]
+
+
+def checked_structure(specs: tuple[TensorSpec, ...], inputs: Mapping[str, object],
+                      shape_checks: list[dict] | tuple = ()) -> tuple[list[np.ndarray], dict[str, int]]:
+    """The checks of `check_inputs` that read no element: the arrays as given (in spec order, not copied)
+    and the symbolic sizes they bind. Cheap whatever the sizes (a zero-stride view of terabytes included)."""
     if not isinstance(inputs, Mapping):
         example = ", ".join(f"{s.name!r}: array" for s in specs)
         raise NativeqError(
@@ -107,7 +120,7 @@ def check_inputs(specs: tuple[TensorSpec, ...], inputs: Mapping[str, object],
             array = value if isinstance(value, np.ndarray) else np.asarray(value)
         except (ValueError, TypeError) as e:
             raise NativeqError(f"input {spec.name!r} is not an array: {str(e).splitlines()[0]}") from None
-        if array.dtype != np.dtype(spec.dtype):
+        if array.dtype != _numpy_dtype(spec):
             raise NativeqError(f"input {spec.name!r}: expected dtype {spec.dtype}, got {array.dtype}")
         if array.ndim != len(spec.shape):
             raise NativeqError(
@@ -133,30 +146,38 @@ def check_inputs(specs: tuple[TensorSpec, ...], inputs: Mapping[str, object],
                 )
             else:
                 bound[str(want)] = (got, spec.name)
-        if array.dtype.kind == "f" and not _all_finite(array):
-            bad = array.size - int(np.count_nonzero(np.isfinite(array)))
-            raise NativeqError(
-                f"input {spec.name!r} has {bad} NaN or infinite value{'s' if bad > 1 else ''}; "
-                f"the model takes finite values only"
-            )
-        # NOTE: not np.ascontiguousarray, which returns a 0-d array as shape (1,) and the VM refuses it.
-        arrays.append(array if array.flags.c_contiguous else np.ascontiguousarray(array))
+        arrays.append(array)
+    sizes = {name: size for name, (size, _) in bound.items()}
     if shape_checks:
-        check_shape_conditions(list(shape_checks), {name: size for name, (size, _) in bound.items()})
-    return arrays
+        check_shape_conditions(list(shape_checks), sizes)
+    return arrays, sizes
 
 
-def _symbolic_sizes(specs: tuple[TensorSpec, ...], inputs: Mapping[str, object]) -> dict[str, int]:
-    """The symbolic sizes of the inputs that have the declared rank (the largest where two disagree)."""
-    sizes: dict[str, int] = {}
-    for spec in specs:
-        shape = getattr(inputs.get(spec.name), "shape", None)
-        if spec.shape is None or not isinstance(shape, tuple) or len(shape) != len(spec.shape):
-            continue
-        for want, got in zip(spec.shape, shape):
-            if isinstance(want, str) and isinstance(got, int):
-                sizes[want] = max(got, sizes.get(want, 0))
-    return sizes
+def checked_values(spec: TensorSpec, array: np.ndarray) -> np.ndarray:
+    """`array` (which passed `checked_structure`) refused if a float input holds NaN or infinity; C-contiguous."""
+    if array.dtype.kind == "f" and not _all_finite(array):
+        bad = array.size - int(np.count_nonzero(np.isfinite(array)))
+        raise NativeqError(
+            f"input {spec.name!r} has {bad} NaN or infinite value{'s' if bad > 1 else ''}; "
+            f"the model takes finite values only"
+        )
+    # NOTE: not np.ascontiguousarray, which returns a 0-d array as shape (1,) and the VM refuses it.
+    return array if array.flags.c_contiguous else np.ascontiguousarray(array)
+
+
+def _numpy_dtype(spec: TensorSpec) -> np.dtype:
+    """The numpy dtype of a manifest dtype name (bfloat16, float8 and 4-bit names need ml_dtypes)."""
+    try:
+        return np.dtype(spec.dtype)
+    except TypeError:
+        pass
+    try:
+        import ml_dtypes
+
+        return np.dtype(getattr(ml_dtypes, spec.dtype))
+    except (ImportError, AttributeError, TypeError):
+        raise NativeqError(f"{spec.name!r} has dtype {spec.dtype}, which numpy cannot represent here "
+                           f"(install ml_dtypes)") from None
 
 
 def _all_finite(array: np.ndarray) -> bool:
@@ -169,9 +190,15 @@ def _all_finite(array: np.ndarray) -> bool:
 ALIGNMENT = 64  # bytes: what TVM's kernels assume of every tensor they are given
 
 
+def needs_copy(array: np.ndarray) -> bool:
+    """Whether `aligned` copies `array`: not C-contiguous, not 64-byte aligned, or read-only (DLPack before
+    version 1.0, which tvm-ffi asks for, cannot mark a tensor read-only, so numpy refuses to export it)."""
+    return not (array.flags.c_contiguous and array.flags.writeable and array.ctypes.data % ALIGNMENT == 0)
+
+
 def aligned(array: np.ndarray) -> np.ndarray:
-    """`array` if it is C-contiguous at a 64-byte aligned address, else such a copy of it."""
-    if array.flags.c_contiguous and array.ctypes.data % ALIGNMENT == 0:
+    """`array` if it is C-contiguous, writeable and at a 64-byte aligned address, else such a copy of it."""
+    if not needs_copy(array):
         return array
     buffer = np.empty(array.nbytes + ALIGNMENT, np.uint8)
     offset = -buffer.ctypes.data % ALIGNMENT
@@ -185,8 +212,8 @@ def aligned(array: np.ndarray) -> np.ndarray:
 _WIDE_4BIT = {"int4": np.int8, "uint4": np.uint8}
 
 
-def _widen_4bit(array: np.ndarray) -> np.ndarray:
-    wide = _WIDE_4BIT.get(array.dtype.name)
+def _widen_4bit(array: np.ndarray, dtype: str) -> np.ndarray:
+    wide = _WIDE_4BIT.get(dtype)
     return array if wide is None else array.astype(wide)
 
 
@@ -250,35 +277,55 @@ class CompiledModel:
         return entry
 
     def run(self, inputs: Mapping[str, object]) -> dict[str, np.ndarray]:
-        if self._memory is not None and isinstance(inputs, Mapping):
-            # NOTE: before check_inputs, which reads every value (finiteness) and may copy it: a refused size
-            # costs nothing however large its inputs are.
-            self.check_memory(_symbolic_sizes(self.inputs, inputs))
-        arrays = [aligned(_widen_4bit(a)) for a in check_inputs(self.inputs, inputs, self.manifest.get("shape_checks") or ())]
+        given, sizes = checked_structure(self.inputs, inputs, self.manifest.get("shape_checks") or ())
+        # NOTE: before any element is read (finiteness) or copied (a strided, misaligned or read-only input), so a
+        # refused size costs nothing however large its inputs are; the copies count towards the bound.
+        copied = [spec.dtype in _WIDE_4BIT or needs_copy(a) for spec, a in zip(self.inputs, given)]
+        self.check_memory(sizes, sum(a.nbytes for a, copy in zip(given, copied) if copy))
+        arrays = [aligned(_widen_4bit(checked_values(spec, a), spec.dtype)) if copy else checked_values(spec, a)
+                  for spec, a, copy in zip(self.inputs, given, copied)]
         entry = self._entry()
         ffi = self._ffi
         # NOTE: zero-copy both ways (DLPack): a tensor copy costs ~30 us a call, more than a small model's
         # kernels. The kernels read the caller's arrays in place and never write them; every call's outputs
         # are fresh VM allocations, so the returned arrays own their memory (through the DLPack capsule).
-        result = entry(*(ffi.from_dlpack(a) for a in arrays))
+        try:
+            result = entry(*(ffi.from_dlpack(a) for a in arrays))
+        except Exception as e:  # noqa: BLE001  (the VM checks its arguments: a manifest that does not describe its library)
+            raise NativeqError(f"artifact {self.path}: calling {self._entry_name!r} failed: {_first_line(e)}") from None
         values = [result] if isinstance(result, ffi.Tensor) else list(result)
         if len(values) != len(self.outputs):
             raise NativeqError(
                 f"artifact {self.path} returned {len(values)} outputs, its manifest lists {len(self.outputs)}"
             )
-        return {spec.name: _narrow_4bit(np.from_dlpack(value), spec.dtype) for spec, value in zip(self.outputs, values)}
+        return {spec.name: self._output(spec, np.from_dlpack(value)) for spec, value in zip(self.outputs, values)}
+
+    def _output(self, spec: TensorSpec, array: np.ndarray) -> np.ndarray:
+        """`array` as the output `spec` declares it; a NativeqError if the library returned another dtype, rank or
+        static size (a manifest edited to describe another library: returned as is, it would be mislabelled)."""
+        wide = _WIDE_4BIT.get(spec.dtype)
+        dtype = np.dtype(wide) if wide is not None else _numpy_dtype(spec)
+        shape_agrees = spec.shape is None or (array.ndim == len(spec.shape) and all(
+            not isinstance(want, int) or want == got for want, got in zip(spec.shape, array.shape)))
+        if array.dtype != dtype or not shape_agrees:
+            raise NativeqError(f"artifact {self.path}: its library returned {spec.name!r} as {array.dtype}"
+                               f"{list(array.shape)}, its manifest declares {spec}; recompile it")
+        return _narrow_4bit(array, spec.dtype)
 
     def memory_needed(self, sizes: Mapping[str, int]) -> int | None:
         """Upper bound in bytes of what one call with these symbolic sizes allocates (None: no formula)."""
         return None if self._memory is None else self._memory.bytes(dict(sizes))
 
-    def check_memory(self, sizes: Mapping[str, int]) -> None:
-        """Refuse (NativeqError) symbolic sizes whose memory bound exceeds `max_memory`."""
+    def check_memory(self, sizes: Mapping[str, int], copies: int = 0) -> None:
+        """Refuse (NativeqError) symbolic sizes whose memory bound (plus `copies` bytes of input copies) exceeds
+        `max_memory`."""
         sizes = dict(sizes)
-        if self._default_limit and self._memory is not None and self.max_memory is not None \
-                and self._memory.bytes(sizes) > self.max_memory:
+        need = (self._memory.bytes(sizes) if self._memory is not None else 0) + copies
+        if self.max_memory is None or need <= self.max_memory:
+            return
+        if self._default_limit:
             self.max_memory = default_limit()  # memory may have been freed since the load
-        check_memory(self._memory, sizes, self.max_memory, f"artifact {self.path}")
+        check_memory(self._memory, sizes, self.max_memory, f"artifact {self.path}", copies)
 
     def __call__(self, **inputs) -> dict[str, np.ndarray]:
         return self.run(inputs)

@@ -19,14 +19,23 @@ from nativeq.errors import NativeqError
 _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
            ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod}
 _CALLS = {"min": min, "max": max}
+_LIMIT = 2**63  # sizes are int64 in the compiled code
 
 
 def evaluate(text: str, dims: dict[str, int]) -> int:
-    """The value of the size expression `text` with the symbolic sizes `dims`; ValueError if it is not one."""
+    """The value of the size expression `text` with the symbolic sizes `dims`; ValueError if it is not one, or if
+    a value in it (an intermediate one too) leaves int64."""
     return _evaluate(ast.parse(text, mode="eval").body, dims)
 
 
 def _evaluate(node: ast.AST, dims: dict[str, int]) -> int:
+    value = _value(node, dims)
+    if abs(value) >= _LIMIT:
+        raise ValueError(f"{ast.unparse(node)[:60]} is beyond int64")
+    return value
+
+
+def _value(node: ast.AST, dims: dict[str, int]) -> int:
     if isinstance(node, ast.Constant) and type(node.value) is int:
         return node.value
     if isinstance(node, ast.Name):
@@ -51,8 +60,11 @@ def check_shape_conditions(checks: list[dict], dims: dict[str, int]) -> None:
     for check in checks:
         try:
             lhs, rhs = evaluate(check["lhs"], dims), evaluate(check["rhs"], dims)
-        except (ValueError, SyntaxError, KeyError, TypeError) as e:
-            raise NativeqError(f"manifest field 'shape_checks' holds an invalid condition {check!r}: {e}") from None
+        except (ValueError, SyntaxError, KeyError, TypeError, RecursionError, MemoryError) as e:
+            # RecursionError, MemoryError: an expression nested too deep for Python's parser or for `_evaluate`
+            shown = {k: (v[:60] + "...") if isinstance(v, str) and len(v) > 60 else v for k, v in check.items()}
+            raise NativeqError(f"manifest field 'shape_checks' holds an invalid condition {shown!r}: "
+                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         if lhs == rhs:
             continue
         sizes = ", ".join(f"{name}={value}" for name, value in sorted(dims.items()))
