@@ -53,8 +53,9 @@ def test_quick_demo_report_has_real_numbers(demo_out):
     summary = json.loads((out / "summary.json").read_text())
     # one progress line per stage, each with its time
     stage_lines = [line for line in stdout.splitlines() if line.startswith("[")]
-    assert len(stage_lines) == 8 and all(" s, total " in line for line in stage_lines)
-    assert set(summary["stage_seconds"]) == {"data", "float", "qat", "export", "compile", "verify", "bench", "report"}
+    assert len(stage_lines) == 9 and all(" s, total " in line for line in stage_lines)
+    assert set(summary["stage_seconds"]) == {"data", "float", "qat", "export", "shipped", "compile", "verify", "bench",
+                                             "report"}
     assert all(s > 0 for s in summary["stage_seconds"].values())
 
     wers = [summary["float"]["wer"]] + [v["wer"] for v in summary["variants"].values()]
@@ -83,6 +84,21 @@ def test_quick_demo_report_has_real_numbers(demo_out):
         assert kinds == {"nativeq int8", "ort qdq", "ort fp32", "pytorch fp32"} and len(engines) == 5
         assert all(ms > 0 for ms in engines.values())
         assert 0.0 <= summary["bench"][key]["compiled_wer"] <= 5.0
+
+    # the shipped QAT model of a variant is what gets compiled; bit-exact with ORT, so the same transcripts
+    from nativeq._data import shipped_onnx_models
+
+    shipped = summary["shipped"]
+    for key, art in summary["artifacts"].items():
+        expected = f"{summary['float']['model']}-{art['variant']}"
+        assert (art["model"] == "shipped") == (expected in shipped_onnx_models()), key
+        if art["model"] == "shipped":
+            assert shipped[art["variant"]]["name"] == expected
+            assert (out / art["onnx"]).read_bytes() == shipped_onnx_models()[expected].read_bytes()
+    for key in host:
+        variant = summary["bench"][key]["variant"]
+        if variant in shipped:
+            assert summary["bench"][key]["compiled_wer"] == pytest.approx(shipped[variant]["wer"], abs=1e-12)
 
     report = (out / "report.md").read_text()
     assert f"{100 * summary['float']['wer']:.1f}" in report

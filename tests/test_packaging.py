@@ -158,6 +158,8 @@ def test_wheel_carries_the_tuning_logs_and_compiles_outside_the_repo(tmp_path):
     for f in (*DATABASE_FILES, "nativeq_tuning.json"):
         assert f"nativeq/tuning_logs/{VNNI}/{f}" in names
     assert "nativeq/targets/builtin.json" in names
+    for shipped_model in ("conformer-tiny-int8", "conformer-tiny-int4-2to4"):
+        assert {f"nativeq/pretrained/{shipped_model}/model.onnx", f"nativeq/pretrained/{shipped_model}/metrics.json"} <= names
 
     venv = tmp_path / "venv"
     subprocess.run([sys._base_executable, "-m", "venv", "--without-pip", str(venv)], check=True)
@@ -180,6 +182,8 @@ def test_wheel_carries_the_tuning_logs_and_compiles_outside_the_repo(tmp_path):
         assert res.returncode == 0, res.stderr
         return res.stdout
 
+    listed = run("models")
+    assert "conformer-tiny-int8" in listed and "conformer-tiny-int4-2to4" in listed
     shipped = purelib / "nativeq" / "tuning_logs" / VNNI
     assert f"{shipped} (shipped with nativeq):" in run("tune", "--status")
     if _host_base() != VNNI:

@@ -111,6 +111,26 @@ def targets(as_json):
     click.echo(targets_table(ts))
 
 
+@main.command("models")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def models_cmd(as_json):
+    """List the models shipped with nativeq (float checkpoints and trained QDQ models), usable by name."""
+    from nativeq.models.pretrained import shipped_models
+
+    rows = shipped_models()
+    if as_json:
+        _echo_json(rows)
+        return
+    from nativeq._text import aligned_table
+
+    def percent(value):
+        return "-" if value is None else f"{100 * value:.1f}%"
+
+    click.echo(aligned_table(["name", "kind", "recipe", "MB", "test WER", "festival WER"],
+                             [[r["name"], r["kind"], r["recipe"], f"{r['bytes'] / 1e6:.2f}", percent(r["test_wer"]),
+                               percent(r["other_wer"])] for r in rows]))
+
+
 # ----------------------------------------------------------------------------- compile
 @main.command("compile")
 @click.argument("model", type=click.Path())

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import onnx
 
+from nativeq._data import missing_model_message, onnx_model_path
 from nativeq._fs import atomic_directory, sha256_file
 from nativeq._log import Stages, held_native_output
 from nativeq._text import aligned_table, first_line
@@ -134,7 +135,7 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
     """Read `path` as ONNX and run the full `onnx.checker` on it."""
     path = Path(path)
     if not path.exists():
-        raise NativeqError(f"model file {path} does not exist")
+        raise NativeqError(missing_model_message(path))
     if not path.is_file():
         raise NativeqError(f"model file {path} is not a file")
     try:
@@ -259,7 +260,7 @@ def compile_model(model_path, out_dir, cfg: CompileConfig, force: bool = False, 
 
     progress: name each stage on stderr as it starts and ends (only on a terminal, see `nativeq._log`)."""
     started = time.perf_counter()
-    model_path, out_dir = Path(model_path), Path(out_dir)
+    model_path, out_dir = onnx_model_path(model_path), Path(out_dir)
     target = get_target(cfg.target)
     if out_dir.exists() and not force:
         raise NativeqError(f"output {out_dir} already exists (use --force to replace it)")

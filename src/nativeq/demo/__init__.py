@@ -1,8 +1,10 @@
 """`nativeq demo`: the whole flow on the shipped model, with a report.
 
-    speech set (synthesized) -> float WER -> QAT fine-tune per variant (int8; int4 + 2:4)
-    -> QDQ export + ORT-vs-PyTorch-integer fidelity -> compile per target -> verify vs ORT
-    (native on x86, qemu for aarch64) -> bench on the host -> report.md + plots + summary.json
+    speech set (synthesized) -> float WER -> a short QAT fine-tune per variant (int8; int4 + 2:4)
+    -> QDQ export + ORT-vs-PyTorch-integer fidelity -> the shipped, fully trained QAT models of
+    the variants (ORT WER) -> compile per target (the shipped model of a variant when nativeq
+    ships one, else the short run's export) -> verify vs ORT (native on x86, qemu for aarch64)
+    -> bench on the host -> report.md + plots + summary.json
 
 Each stage prints one progress line with its elapsed time and has a check; a violated check
 (e.g. an artifact more than `tol_steps` quantization steps off ORT) ends the run with a

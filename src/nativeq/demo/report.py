@@ -32,9 +32,10 @@ def _save(fig, path: Path) -> None:
 
 
 def _points(summary: dict) -> list[tuple[str, float, float]]:
-    """(name, stored MB, WER) for the float model and each QAT variant."""
+    """(name, stored MB, WER) for the float model, each shipped QAT model and each of the demo's short QAT runs."""
     points = [("float", summary["float"]["stored_bytes"] / 1e6, summary["float"]["wer"])]
-    points += [(name, v["stored_bytes"] / 1e6, v["wer"]) for name, v in summary["variants"].items()]
+    points += [(f"{name} shipped", v["stored_bytes"] / 1e6, v["wer"]) for name, v in summary.get("shipped", {}).items()]
+    points += [(f"{name} {v['steps']} steps", v["stored_bytes"] / 1e6, v["wer"]) for name, v in summary["variants"].items()]
     return points
 
 
@@ -50,10 +51,11 @@ def plot_wer_vs_size(summary: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     front = _pareto(points)
     ax.plot([p[1] for p in front], [100 * p[2] for p in front], "--", color="#999999", zorder=1, label="Pareto front")
-    for name, mb, wer in points:
-        ax.scatter([mb], [100 * wer], s=90, color=_COLORS.get(name, "#2ca02c"), zorder=2, edgecolor="black")
-        ax.annotate(f"{name}\n{mb:.2f} MB, {100 * wer:.1f}%", (mb, 100 * wer), textcoords="offset points",
-                    xytext=(8, 6), fontsize=9)
+    for name, mb, wer in points:  # named in the legend: points of equal size would overlap as annotations
+        color = _COLORS.get(name.split(" ")[0], "#2ca02c")
+        ax.scatter([mb], [100 * wer], s=90, color=color, zorder=2, edgecolor="black",
+                   marker="o" if name == "float" or name.endswith("shipped") else "^",
+                   label=f"{name}: {mb:.2f} MB, {100 * wer:.1f}%")
     ax.set_xlabel("stored model size (MB): integer weights, sparse indices, scales")
     used = min(summary["data"]["counts"]["test"], summary["config"]["budget"]["test"])
     ax.set_ylabel(f"test WER (%) on {used} utterances")
@@ -63,7 +65,7 @@ def plot_wer_vs_size(summary: dict, path: Path) -> None:
     wers = [100 * p[2] for p in points]
     ax.set_ylim(max(0.0, min(wers) - 10), max(wers) + 12)
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper right", fontsize=8)
     _save(fig, path)
     plt.close(fig)
 
@@ -89,7 +91,8 @@ def _latency_bars(summary: dict) -> list[tuple[str, dict]]:
             if "fp32" in e["name"]:
                 baselines.setdefault(e["name"], e)  # the same float model for every variant
             else:
-                bars.append((f"{b['variant']}: {_engine_label(e['name'])}", e))
+                model = " (shipped)" if b.get("model") == "shipped" else ""
+                bars.append((f"{b['variant']}{model}: {_engine_label(e['name'])}", e))
     return bars + [(f"float: {_engine_label(n)}", e) for n, e in baselines.items()]
 
 
@@ -153,12 +156,13 @@ ACCURACY_HEADER = ["model", "recipe", "WER %", "CER %", "stored MB", "compiled w
                    "compiled host WER %"]
 
 
-def artifact_sizes(summary: dict, variant: str) -> tuple[str, str]:
-    """(compiled weight MB, model.so MB) of `variant`'s artifacts, one `MB (target)` per target joined by
-    ", "; "-" without artifacts or for artifacts whose manifest had no sizes (an older summary)."""
+def artifact_sizes(summary: dict, variant: str, model: str = "demo") -> tuple[str, str]:
+    """(compiled weight MB, model.so MB) of the artifacts of `variant` built from `model` ("shipped" or "demo"),
+    one `MB (target)` per target joined by ", "; "-" without artifacts or for artifacts whose manifest had no
+    sizes (an older summary)."""
     weights, library = [], []
     for art in summary.get("artifacts", {}).values():
-        if art.get("variant") != variant:
+        if art.get("variant") != variant or art.get("model", "demo") != model:
             continue
         for values, key in ((weights, "weight_bytes"), (library, "library_bytes")):
             if art.get(key) is not None:
@@ -167,17 +171,40 @@ def artifact_sizes(summary: dict, variant: str) -> tuple[str, str]:
 
 
 def accuracy_rows(summary: dict) -> list[list[str]]:
-    """The rows of the accuracy and size table (`ACCURACY_HEADER`): the float model, then each QAT variant with its
-    stored size (`qat.convert.storage_bytes`) next to what its compiled artifacts store and weigh."""
+    """The rows of the accuracy and size table (`ACCURACY_HEADER`): the float model, then per QAT variant its shipped
+    model (WER in ONNX Runtime) and the demo's short run (WER of the PyTorch integer model), each with its stored
+    size (`qat.convert.storage_bytes`) next to what its compiled artifacts store and weigh."""
     f = summary["float"]
     rows = [["float (fp32)", "-", f"{100 * f['wer']:.1f}", f"{100 * f['cer']:.1f}", f"{f['stored_bytes'] / 1e6:.2f}",
              "-", "-", "1.00", "-"]]
+    shipped = summary.get("shipped", {})
     for name, v in summary["variants"].items():
-        compiled = next((b["compiled_wer"] for b in summary["bench"].values() if b["variant"] == name), None)
-        rows.append([name, f"{v['weight_bits']}-bit, {v['sparsity']}, {v['steps']} QAT steps", f"{100 * v['wer']:.1f}",
-                     f"{100 * v['cer']:.1f}", f"{v['stored_bytes'] / 1e6:.2f}", *artifact_sizes(summary, name),
-                     f"{v['fraction_of_float']:.2f}", f"{100 * compiled:.1f}" if compiled is not None else "-"])
+        for label, model, r in ((f"{name}: shipped {shipped[name]['name']}" if name in shipped else "", "shipped",
+                                 shipped.get(name)), (f"{name}: this run", "demo", v)):
+            if r is None:
+                continue
+            compiled = next((b["compiled_wer"] for b in summary["bench"].values()
+                             if b["variant"] == name and b.get("model", "demo") == model), None)
+            rows.append([label, f"{r['weight_bits']}-bit, {r['sparsity']}, {r['steps']} QAT steps",
+                         f"{100 * r['wer']:.1f}", f"{100 * r['cer']:.1f}", f"{r['stored_bytes'] / 1e6:.2f}",
+                         *artifact_sizes(summary, name, model), f"{r['fraction_of_float']:.2f}",
+                         f"{100 * compiled:.1f}" if compiled is not None else "-"])
     return rows
+
+
+def _built_from(art: dict) -> str:
+    """The ONNX file an artifact was compiled from (older summaries: the demo's export of its variant)."""
+    onnx_file = art.get("onnx") or f"models/{art['variant']}.onnx"
+    return f"`{onnx_file}`"
+
+
+def _accuracy_note(summary: dict) -> str:
+    if not summary.get("shipped"):
+        return ("Each variant: the demo's own short QAT fine-tune (WER of its PyTorch integer model); nativeq ships no "
+                "trained QAT model of this source model, so the artifacts are built from these.")
+    return ("Shipped: the QAT model nativeq ships for the variant (its model card has the commands that trained it); "
+            "WER of the QDQ file in ONNX Runtime. This run: the demo's own short QAT fine-tune, to show the recipe end "
+            "to end; WER of its PyTorch integer model. The artifacts are built from the shipped models.")
 
 
 def render_markdown(summary: dict) -> str:
@@ -194,20 +221,22 @@ def render_markdown(summary: dict) -> str:
         "## Accuracy and size",
         "",
     ]
-    parts += [_md_table(ACCURACY_HEADER, accuracy_rows(summary)), "",
+    parts += [_md_table(ACCURACY_HEADER, accuracy_rows(summary)), "", _accuracy_note(summary), "",
               "![WER vs stored size](wer_vs_size.png)", "", "## Export fidelity (ORT vs PyTorch integer model)", ""]
     rows = [[n, e["layers"], e["layer_max_steps"], f"{e['layer_exact_pct']:.3f}", e["same_transcript"]]
             for n, e in summary["export"].items()]
     parts += [_md_table(["variant", "quantized layers", "max int8 steps (per layer)", "% exact", "same transcript"], rows),
               "", "## Verification (compiled artifact vs ONNX Runtime, real speech features)", ""]
-    rows = [[k, v["execution"], v["frames"], f"{v['max_steps']:g}" if v["max_steps"] is not None else "-",
+    rows = [[k, _built_from(summary["artifacts"][k]), v["execution"], v["frames"],
+             f"{v['max_steps']:g}" if v["max_steps"] is not None else "-",
              f"{v['exact_pct']:.2f}" if v["exact_pct"] is not None else "-", "pass" if v["passed"] else "FAIL",
              f"{summary['artifacts'][k]['bytes'] / 1e6:.2f}", f"{summary['artifacts'][k]['seconds']:.0f}"]
             for k, v in summary["verify"].items()]
-    parts += [_md_table(["artifact", "execution", "frames", "max steps", "% exact", "result", "artifact MB",
+    parts += [_md_table(["artifact", "built from", "execution", "frames", "max steps", "% exact", "result", "artifact MB",
                          "compile s"], rows), "", "![verification](verify.png)", "", "## Latency on this machine", ""]
     if summary["bench"]:
-        rows = [[b["variant"], _engine_label(e["name"]), f"{e['median_ms']:.2f}", f"{e['p10_ms']:.2f}", f"{e['p90_ms']:.2f}"]
+        rows = [[b["variant"] + (" (shipped)" if b.get("model") == "shipped" else ""), _engine_label(e["name"]),
+                 f"{e['median_ms']:.2f}", f"{e['p10_ms']:.2f}", f"{e['p90_ms']:.2f}"]
                 for b in summary["bench"].values() for e in b["engines"]]
         parts += [_md_table(["variant", "engine", "median ms", "p10 ms", "p90 ms"], rows), "",
                   "![latency](latency.png)", ""]

@@ -140,7 +140,7 @@ def stage_qat(cfg: DemoConfig, work: Path, data: dict):
                          "stored_bytes": storage["bytes"], "fraction_of_float": storage["fraction_of_float"],
                          "seconds": time.perf_counter() - started}
     line = ", ".join(f"{n} WER {r['wer']:.3f} ({r['stored_bytes'] / 1e6:.2f} MB)" for n, r in results.items())
-    return results, f"{b.qat_steps} steps each: {line}"
+    return results, f"a short run to show the recipe, {b.qat_steps} steps each: {line}"
 
 
 # ----------------------------------------------------------------------------- 4 export + fidelity
@@ -190,25 +190,75 @@ def stage_export(cfg: DemoConfig, work: Path, data: dict):
     return results, line
 
 
-# ----------------------------------------------------------------------------- 5 compile
+# ----------------------------------------------------------------------------- 5 shipped QAT models
+def shipped_variant(cfg: DemoConfig, name: str) -> Path | None:
+    """The QDQ model nativeq ships for `variant` of cfg.model (`pretrained/<model>-<variant>/model.onnx`),
+    trained far longer than the demo's short QAT run; None for a model without one (e.g. a user's run)."""
+    from nativeq._data import shipped_onnx_models
+
+    return shipped_onnx_models().get(f"{cfg.model}-{name}")
+
+
+def _ort_wer(onnx_path: Path, data: dict, limit: int, threads: int) -> dict:
+    """WER/CER of a QDQ model in ONNX Runtime (greedy CTC, one utterance per run) on the demo's test utterances."""
+    import jiwer
+    import onnx
+
+    from nativeq.demo.transcribe import greedy_text, wav_features
+    from nativeq.export.fidelity import ort_session
+
+    session = ort_session(onnx.load(str(onnx_path)), threads=threads)
+    utts = _test_utterances(data["dir"], limit)
+    refs = [u.text for u in utts]
+    hyps = [greedy_text(session.run(None, {"feats": wav_features(u.path)})[0][0]) or "<empty>" for u in utts]
+    return {"wer": float(jiwer.wer(refs, hyps)), "cer": float(jiwer.cer(refs, hyps))}
+
+
+def stage_shipped(cfg: DemoConfig, work: Path, data: dict):
+    """Copy the shipped QAT models into OUT/models and measure them on the same test utterances in ONNX Runtime."""
+    import shutil
+
+    results = {}
+    for name in cfg.variant_names:
+        source = shipped_variant(cfg, name)
+        if source is None:
+            continue
+        onnx_path = work / "models" / f"{name}-shipped.onnx"
+        shutil.copyfile(source, onnx_path)
+        card = json.loads((source.parent / "metrics.json").read_text())
+        metrics = _ort_wer(onnx_path, data, cfg.budget.test, cfg.threads)
+        _check(_wer_ok(metrics["wer"]), f"shipped {source.parent.name}: WER {metrics['wer']} is not a number ≥ 0")
+        results[name] = {"name": source.parent.name, "onnx": str(onnx_path.relative_to(work)), **card["recipe"],
+                         "wer": metrics["wer"], "cer": metrics["cer"], "stored_bytes": card["storage"]["bytes"],
+                         "fraction_of_float": card["storage"]["fraction_of_float"],
+                         "card_test_wer": card["test"]["wer"]}
+    if not results:
+        return results, f"none shipped for {cfg.model}; the short QAT runs above are compiled"
+    return results, ", ".join(f"{r['name']} ({r['steps']} QAT steps) WER {r['wer']:.3f} in ORT" for r in results.values())
+
+
+# ----------------------------------------------------------------------------- 6 compile
 def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def stage_compile(cfg: DemoConfig, work: Path):
+def stage_compile(cfg: DemoConfig, work: Path, exported: dict, shipped: dict):
+    """Compile each variant for each target: its shipped QAT model when there is one, else this run's export."""
     from nativeq.compile import CompileConfig, compile_model
 
     results = {}
     for name in cfg.variant_names:
+        onnx_rel, model = (shipped[name]["onnx"], "shipped") if name in shipped else (exported[name]["onnx"], "demo")
         for target in cfg.targets:
             key = f"{name}-{target}"
             started = time.perf_counter()
             out = work / "artifacts" / key
             out.parent.mkdir(parents=True, exist_ok=True)
-            compiled = compile_model(work / "models" / f"{name}.onnx", out, CompileConfig(target=target))
+            compiled = compile_model(work / onnx_rel, out, CompileConfig(target=target))
             manifest = compiled.manifest
             sizes = manifest.get("sizes") or {}
-            results[key] = {"variant": name, "target": target, "dir": str(out.relative_to(work)),
+            results[key] = {"variant": name, "model": model, "onnx": onnx_rel, "target": target,
+                            "dir": str(out.relative_to(work)),
                             "arch": manifest["target"].get("arch"), "bytes": _dir_bytes(out),
                             "weight_bytes": sizes.get("weight_bytes"), "library_bytes": sizes.get("library_bytes"),
                             "tuning": manifest.get("tuning"),
@@ -217,7 +267,7 @@ def stage_compile(cfg: DemoConfig, work: Path):
     return results, line
 
 
-# ----------------------------------------------------------------------------- 6 verify
+# ----------------------------------------------------------------------------- 7 verify
 def stage_verify(cfg: DemoConfig, work: Path, data: dict, compiled: dict):
     from nativeq._fs import write_bytes_atomic
     from nativeq.verify import VerifyConfig, verify_artifact
@@ -229,12 +279,13 @@ def stage_verify(cfg: DemoConfig, work: Path, data: dict, compiled: dict):
     write_bytes_atomic(inputs, buffer.getvalue())
     results = {}
     for key, art in compiled.items():
-        report = verify_artifact(work / art["dir"], work / "models" / f"{art['variant']}.onnx",
+        report = verify_artifact(work / art["dir"], work / art["onnx"],
                                  VerifyConfig(inputs=str(inputs), tol_steps=1.0))
         outputs = [o.to_json() for o in report.outputs]
         steps = max((o["max_steps"] for o in outputs if o["max_steps"] is not None), default=None)
         exact = min((o["exact_pct"] for o in outputs if o["exact_pct"] is not None), default=None)
-        results[key] = {"target": art["target"], "variant": art["variant"], "execution": report.execution,
+        results[key] = {"target": art["target"], "variant": art["variant"], "model": art["model"],
+                        "execution": report.execution,
                         "passed": report.passed, "max_steps": steps, "exact_pct": exact,
                         "frames": int(feed["feats"].shape[1]), "outputs": outputs}
         if not report.passed:
@@ -245,7 +296,7 @@ def stage_verify(cfg: DemoConfig, work: Path, data: dict, compiled: dict):
     return results, line
 
 
-# ----------------------------------------------------------------------------- 7 bench (+ compiled WER)
+# ----------------------------------------------------------------------------- 8 bench (+ compiled WER)
 def _time_engines(runners: dict, warmup: int, repeat: int) -> list[dict]:
     """Median/p10/p90 ms per engine; runs are interleaved so load changes hit every engine alike."""
     from nativeq.verify.bench import time_interleaved
@@ -261,7 +312,7 @@ def _latencies(cfg: DemoConfig, work: Path, art: dict, feats: np.ndarray) -> lis
     from nativeq.verify.bench import ort_session
 
     compiled = load(work / art["dir"])
-    qdq = work / "models" / f"{art['variant']}.onnx"
+    qdq = work / art["onnx"]
     qdq_best, level = ort_session(qdq, ("all", "basic", "disabled"), cfg.threads)
     qdq_plain, _ = ort_session(qdq, ("disabled",), cfg.threads)
     fp32, fp32_level = ort_session(work / "models" / "float.onnx", ("all", "basic", "disabled"), cfg.threads)
@@ -307,7 +358,8 @@ def stage_bench(cfg: DemoConfig, work: Path, data: dict, compiled: dict):
         wer = _compiled_wer(work / art["dir"], data, b.test)
         if not _wer_ok(wer):
             raise NativeqError(f"{key}: compiled WER {wer} is not a number ≥ 0")
-        results[key] = {"variant": art["variant"], "target": art["target"], "frames": frames, "threads": cfg.threads,
+        results[key] = {"variant": art["variant"], "model": art["model"], "target": art["target"], "frames": frames,
+                        "threads": cfg.threads,
                         "engines": engines, "compiled_wer": wer}
     if not results:
         return results, "no artifact for this machine's architecture among --targets; nothing timed"
@@ -363,7 +415,7 @@ def run_demo(cfg: DemoConfig, echo=print) -> DemoResult:
     torch.set_num_threads(cfg.threads)
     # NOTE: the TVM thread pool reads TVM_NUM_THREADS when it first starts (the first native run).
     os.environ["TVM_NUM_THREADS"] = str(cfg.threads)
-    clock = _Clock(echo, total=8)
+    clock = _Clock(echo, total=9)
     echo(f"nativeq demo{' --quick' if cfg.quick else ''}: {cfg.model}, variants {', '.join(cfg.variant_names)}, "
          f"targets {', '.join(cfg.targets)} -> {out}")
     with atomic_directory(out, force=cfg.force or previous_demo) as work, warnings.catch_warnings():
@@ -375,11 +427,12 @@ def run_demo(cfg: DemoConfig, echo=print) -> DemoResult:
         floating = clock.run("float", stage_float, cfg, work, data)
         qat = clock.run("qat", stage_qat, cfg, work, data)
         exported = clock.run("export", stage_export, cfg, work, data)
-        compiled = clock.run("compile", stage_compile, cfg, work)
+        shipped = clock.run("shipped", stage_shipped, cfg, work, data)
+        compiled = clock.run("compile", stage_compile, cfg, work, exported, shipped)
         verified = clock.run("verify", stage_verify, cfg, work, data, compiled)
         bench = clock.run("bench", stage_bench, cfg, work, data, compiled)
         summary = {"config": {**asdict(cfg), "variants": list(cfg.variant_names), "budget": asdict(cfg.budget)}, "machine": _machine(), "data": data,
-                   "float": floating, "variants": qat, "export": exported, "artifacts": compiled,
+                   "float": floating, "variants": qat, "export": exported, "shipped": shipped, "artifacts": compiled,
                    "verify": verified, "bench": bench, "stage_seconds": dict(clock.times),
                    "stage_cpu_seconds": dict(clock.cpu_times)}
         summary = json.loads(json.dumps(summary, default=str))

@@ -21,6 +21,35 @@ def pretrained_names() -> list[str]:
     return sorted(p.name for p in PRETRAINED_DIR.iterdir() if (p / "model.safetensors").is_file())
 
 
+def _recipe_text(recipe: dict) -> str:
+    """e.g. "4-bit (8-bit ends), 2:4, 5000 QAT steps from conformer-tiny"."""
+    bits = f"{recipe.get('weight_bits', '?')}-bit" + (" (8-bit ends)" if recipe.get("mixed") else "")
+    return f"{bits}, {recipe.get('sparsity', '?')}, {recipe.get('steps', '?')} QAT steps from {recipe.get('source', '?')}"
+
+
+def shipped_models() -> list[dict]:
+    """Every model shipped with nativeq, one dict each: name, kind ("float checkpoint" for a PyTorch model that
+    `train --init` / `finetune` / `eval` / `export-float` take, "QDQ ONNX" for a quantized model that `compile` /
+    `verify` / `bench` / `tune` take by name), recipe, bytes on disk and the test WER its metrics.json records."""
+    from nativeq._data import shipped_onnx_models
+
+    onnx_models = shipped_onnx_models()
+    rows = []
+    for name in sorted(set(pretrained_names()) | set(onnx_models)):
+        folder = PRETRAINED_DIR / name
+        metrics_path = folder / "metrics.json"
+        metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+        if name in onnx_models:
+            kind, weights, recipe = "QDQ ONNX", onnx_models[name], _recipe_text(metrics.get("recipe", {}))
+        else:
+            recipe, kind, weights = "float32", "float checkpoint", folder / "model.safetensors"
+        test = metrics.get("test", {})
+        rows.append({"name": name, "kind": kind, "recipe": recipe, "bytes": weights.stat().st_size,
+                     "test_wer": test.get("wer"), "other_wer": metrics.get("other", {}).get("wer"),
+                     "path": str(weights)})
+    return rows
+
+
 def resolve_model_dir(run_or_name: str | os.PathLike) -> Path:
     """A run directory as given, or the directory of a shipped model name."""
     path = Path(run_or_name)

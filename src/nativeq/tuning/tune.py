@@ -24,7 +24,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nativeq._data import LOCAL_TUNING_LOGS, PACKAGE_DIR
+from nativeq._data import LOCAL_TUNING_LOGS, PACKAGE_DIR, onnx_model_path
 from nativeq.errors import NativeqError
 from nativeq.targets import Target, get_target
 from nativeq.tuning import database as dbfiles
@@ -249,7 +249,7 @@ def task_budgets(total: int, n_tasks: int, minimum: int) -> int:
 def tune_model(model_path, cfg: TuneConfig) -> TuneResult:
     """Tune the kernels of the ONNX model at `model_path` for `cfg.target` into the database directory."""
     started = time.perf_counter()
-    model_path = Path(model_path)
+    model_path = onnx_model_path(model_path)
     target = get_target(cfg.target)
     if cfg.trials < 1:
         raise NativeqError(f"--trials {cfg.trials}: must be at least 1")

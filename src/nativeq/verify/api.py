@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from nativeq._data import missing_model_message, onnx_model_path
 from nativeq._fs import sha256_file
 from nativeq._text import first_line
 from nativeq.errors import NativeqError
@@ -52,7 +53,7 @@ class VerifyConfig:
 
 def _read_onnx(path: Path) -> onnx.ModelProto:
     if not path.is_file():
-        raise NativeqError(f"model file {path} does not exist")
+        raise NativeqError(missing_model_message(path))
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # noqa: BLE001
@@ -134,7 +135,7 @@ def _artifact_runner(artifact: Path, manifest: dict):
 
 def verify_artifact(artifact, onnx_path, cfg: VerifyConfig = VerifyConfig()) -> VerifyReport:
     """Compare the artifact directory `artifact` with ONNX Runtime running `onnx_path`."""
-    artifact, onnx_path = Path(artifact), Path(onnx_path)
+    artifact, onnx_path = Path(artifact), onnx_model_path(onnx_path)
     manifest = read_manifest(artifact)
     model = _read_onnx(onnx_path)
     in_specs, out_specs = input_specs(manifest), output_specs(manifest)

@@ -16,11 +16,12 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
+from nativeq._data import onnx_model_path
 from nativeq.errors import NativeqError
 
 
@@ -238,13 +239,15 @@ def bench_model(model_path, cfg: BenchConfig):
 
     With cfg.emulate, count aarch64 instructions instead (see `bench_emulated_model`).
     """
+    model_path = onnx_model_path(model_path)
+    if cfg.float_onnx:
+        cfg = replace(cfg, float_onnx=str(onnx_model_path(cfg.float_onnx)))
     if cfg.emulate:
         return bench_emulated_model(model_path, cfg)
     if cfg.threads < 1:
         raise NativeqError(f"--threads must be ≥ 1, got {cfg.threads}")
     # NOTE: the TVM thread pool reads TVM_NUM_THREADS when it first starts, so set it before any run.
     os.environ["TVM_NUM_THREADS"] = str(cfg.threads)
-    model_path = Path(model_path)
     from nativeq.compile import CompileConfig, compile_model, load_onnx
     from nativeq.runtime import load
     from nativeq.verify.inputs import check_dims, random_inputs
