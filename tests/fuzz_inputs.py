@@ -51,7 +51,6 @@ import os
 import random
 import shutil
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -66,6 +65,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 
 import qdq_models  # noqa: E402
+from fuzz_runner import run_in_children  # noqa: E402
 
 KINDS = ("runtime", "manifest", "audio")
 OUTCOMES = ("error", "warning", "verified", "crash", "traceback", "wrong")
@@ -140,29 +140,6 @@ def _first_line(e: BaseException) -> str:
 # Base models and artifacts
 
 
-def _two_io_model():
-    """x[1, T, 16], z[1, T, 8] -> y = QDQ(MatMul(QDQ(x), DQ(W)) + QDQ(z))[1, T, 8], r = QDQ(Relu(QDQ(x)))[1, T, 16]."""
-    from onnx import TensorProto, helper
-
-    rng = np.random.default_rng(7)
-    nodes, inits = [], []
-    xa = qdq_models._q_dq(nodes, inits, "x", "x", 0.05, "int8")
-    w = qdq_models._weight_dq(nodes, inits, "fc", rng.normal(0, 0.2, (16, 8)).astype(np.float32), axis=1)
-    nodes.append(helper.make_node("MatMul", [xa, w], ["mm"], name="mm"))
-    za = qdq_models._q_dq(nodes, inits, "z", "z", 0.1, "int8")
-    nodes.append(helper.make_node("Add", ["mm", za], ["sum"], name="add"))
-    ya = qdq_models._q_dq(nodes, inits, "y", "sum", 0.1, "int8")
-    nodes.append(helper.make_node("Identity", [ya], ["y"], name="y_out"))
-    nodes.append(helper.make_node("Relu", [xa], ["relu"], name="relu"))
-    ra = qdq_models._q_dq(nodes, inits, "r", "relu", 0.05, "int8")
-    nodes.append(helper.make_node("Identity", [ra], ["r"], name="r_out"))
-
-    def value(name, n):
-        return helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, "T", n])
-
-    return qdq_models._finish(nodes, inits, [value("x", 16), value("z", 8)], [value("y", 8), value("r", 16)], "two_io")
-
-
 def _uint8_in_model():
     """x uint8[T, 16] -> DequantizeLinear -> MatMul(DQ(W)) -> QuantizeLinear -> y uint8[T, 8] (integer in and out)."""
     from onnx import TensorProto, helper, numpy_helper
@@ -199,7 +176,7 @@ def base_model(name: str):
     if name == "matmul":  # the conftest `matmul_artifact`: x float32[1, T, 64] -> y float32[1, T, 48], int8 QDQ
         return qdq_models.qdq_matmul()
     if name == "two_io":
-        return _two_io_model()
+        return qdq_models.two_io(k=16, n=8)
     if name == "uint8_in":
         return _uint8_in_model()
     if name == "traced":
@@ -1796,41 +1773,18 @@ def prepare_bases(kind: str, workdir: Path) -> None:
 
 def run_campaign(kind: str, count: int, seed: int, out: Path, workdir: Path, case_timeout: float = 60.0) -> list[dict]:
     """Run cases 0..count-1 of `kind` in child processes; one record per case (dead or hung children give crashes)."""
-    out.unlink(missing_ok=True)
     workdir.mkdir(parents=True, exist_ok=True)
     prepare_bases(kind, workdir)
-    log = (workdir / "campaign.log").open("ab")
-    done: dict[int, dict] = {}
-    todo = list(range(count))
-    while todo:
-        proc = subprocess.Popen([sys.executable, __file__, "--worker", "--kind", kind, "--seed", str(seed), "--out",
-                                 str(out), "--workdir", str(workdir), "--indices", ",".join(map(str, todo))],
-                                env={**os.environ, "OMP_NUM_THREADS": "1", "TVM_NUM_THREADS": "1"},
-                                stdout=log, stderr=subprocess.STDOUT)
-        last_progress, seen = time.monotonic(), 0
-        while proc.poll() is None:
-            time.sleep(0.2)
-            lines = out.read_text().splitlines() if out.exists() else []
-            if len(lines) != seen:
-                seen, last_progress = len(lines), time.monotonic()
-            elif time.monotonic() - last_progress > case_timeout:
-                proc.kill()
-                proc.wait()
-        records = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
-        for r in records:
-            if "outcome" in r:
-                done[r["index"]] = r
-        died = [r["index"] for r in records if r.get("started") and r["index"] not in done]
-        for index in died:
-            case = make_case(kind, index, seed)
-            done[index] = {"index": index, "id": case.id, "category": case.category, "base": case.base,
-                           "mutation": describe_case(case, workdir), "outcome": "crash",
-                           "detail": f"process died (exit {proc.returncode}) or hung"}
-            with out.open("a") as f:
-                f.write(json.dumps(done[index]) + "\n")
-        todo = [i for i in range(count) if i not in done]
-    log.close()
-    return [done[i] for i in range(count)]
+
+    def crash(index: int, returncode: int | None) -> dict:
+        case = make_case(kind, index, seed)
+        return {"index": index, "id": case.id, "category": case.category, "base": case.base,
+                "mutation": describe_case(case, workdir), "outcome": "crash",
+                "detail": f"process died (exit {returncode}) or hung"}
+
+    worker = [sys.executable, __file__, "--worker", "--kind", kind, "--seed", str(seed), "--out", str(out),
+              "--workdir", str(workdir)]
+    return run_in_children(worker, count, out, workdir, crash, case_timeout, poll_seconds=0.2)
 
 
 def summary_table(kind: str, records: list[dict]) -> str:

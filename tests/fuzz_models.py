@@ -38,6 +38,7 @@ from onnx import TensorProto, helper, numpy_helper
 sys.path.insert(0, str(Path(__file__).parent))
 
 import qdq_models  # noqa: E402
+from fuzz_runner import run_in_children  # noqa: E402
 
 CATEGORIES = ("truncate", "byteflip", "scale", "zero_point", "dtype", "shape", "opset", "attribute", "structure")
 BASES = ("qdq_matmul", "qlinear_conv", "dynamic_matmul")
@@ -689,42 +690,14 @@ def _worker(indices: list[int], seed: int, workdir: Path, out: Path, cli_every: 
 def run_campaign(count: int, seed: int, out: Path, workdir: Path, cli_every: int = 10,
                  case_timeout: float = 300.0) -> list[dict]:
     """Run cases 0..count-1 in child processes; return one record per case (dead children give crashes)."""
-    out.unlink(missing_ok=True)
-    workdir.mkdir(parents=True, exist_ok=True)
-    log = (workdir / "campaign.log").open("ab")  # what TVM and ONNX Runtime print while the cases run
-    done: dict[int, dict] = {}
-    todo = list(range(count))
-    while todo:
-        proc = subprocess.Popen([sys.executable, __file__, "--worker", "--seed", str(seed), "--out", str(out),
-                                 "--workdir", str(workdir), "--cli-every", str(cli_every),
-                                 "--indices", ",".join(map(str, todo))],
-                                env={**os.environ, "OMP_NUM_THREADS": "1", "TVM_NUM_THREADS": "1"},
-                                stdout=log, stderr=subprocess.STDOUT)
-        last_progress, seen = time.monotonic(), 0
-        while proc.poll() is None:
-            time.sleep(0.5)
-            lines = out.read_text().splitlines() if out.exists() else []
-            if len(lines) != seen:
-                seen, last_progress = len(lines), time.monotonic()
-            elif time.monotonic() - last_progress > case_timeout:
-                proc.kill()
-                proc.wait()
-        records = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
-        started = [r["index"] for r in records if r.get("started")]
-        for r in records:
-            if "outcome" in r:
-                done[r["index"]] = r
-        died = [i for i in started if i not in done]
-        for index in died:
-            case = make_case(index, seed)
-            done[index] = {"index": index, "id": case.id, "category": case.category, "base": case.base,
-                           "mutation": case.mutation, "outcome": "crash",
-                           "detail": f"process died (exit {proc.returncode}) or hung"}
-            with out.open("a") as f:
-                f.write(json.dumps(done[index]) + "\n")
-        todo = [i for i in range(count) if i not in done]
-    log.close()
-    return [done[i] for i in range(count)]
+    def crash(index: int, returncode: int | None) -> dict:
+        case = make_case(index, seed)
+        return {"index": index, "id": case.id, "category": case.category, "base": case.base,
+                "mutation": case.mutation, "outcome": "crash", "detail": f"process died (exit {returncode}) or hung"}
+
+    worker = [sys.executable, __file__, "--worker", "--seed", str(seed), "--out", str(out), "--workdir", str(workdir),
+              "--cli-every", str(cli_every)]
+    return run_in_children(worker, count, out, workdir, crash, case_timeout)
 
 
 REFUSAL_STAGES = ("parse", "onnx.checker", "validate", "import")

@@ -178,6 +178,28 @@ def _finish(nodes, inits, inputs, outputs, name: str, opset: int = OPSET) -> onn
     return model
 
 
+def two_io(k: int = 64, n: int = 48) -> onnx.ModelProto:
+    """Two inputs, two outputs: x[1, T, k], z[1, T, n] -> y = QDQ(MatMul(QDQ(x), DQ(W)) + QDQ(z))[1, T, n] and
+    r = QDQ(Relu(QDQ(x)))[1, T, k]."""
+    rng = np.random.default_rng(7)
+    nodes, inits = [], []
+    xa = _q_dq(nodes, inits, "x", "x", 0.05, "int8")
+    w = _weight_dq(nodes, inits, "fc", rng.normal(0, 0.2, (k, n)).astype(np.float32), axis=1)
+    nodes.append(helper.make_node("MatMul", [xa, w], ["mm"], name="mm"))
+    za = _q_dq(nodes, inits, "z", "z", 0.1, "int8")
+    nodes.append(helper.make_node("Add", ["mm", za], ["sum"], name="add"))
+    ya = _q_dq(nodes, inits, "y", "sum", 0.1, "int8")
+    nodes.append(helper.make_node("Identity", [ya], ["y"], name="y_out"))
+    nodes.append(helper.make_node("Relu", [xa], ["relu"], name="relu"))
+    ra = _q_dq(nodes, inits, "r", "relu", 0.05, "int8")
+    nodes.append(helper.make_node("Identity", [ra], ["r"], name="r_out"))
+
+    def value(name: str, size: int):
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, "T", size])
+
+    return _finish(nodes, inits, [value("x", k), value("z", n)], [value("y", n), value("r", k)], "two_io")
+
+
 def _quantize_input(nodes, inits, scale: float, act_dtype: str) -> tuple[str, str, str]:
     """x -> QuantizeLinear; returns (quantized name, scale name, zero-point name)."""
     _, npdt, zp = _act_qtype(act_dtype)

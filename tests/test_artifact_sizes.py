@@ -310,7 +310,19 @@ def test_demo_report_shows_artifact_sizes_next_to_stored_sizes():
     stored = ACCURACY_HEADER.index("stored MB")
     assert ACCURACY_HEADER[stored + 1:stored + 3] == ["compiled weights MB", "model.so MB"]
     by_name = {row[0]: row for row in rows}
-    assert by_name["int8"][stored:stored + 3] == ["2.10", "2.19 (host), 2.15 (rpi5)", "2.65 (host), 2.50 (rpi5)"]
-    assert by_name["int4"][stored:stored + 3] == ["1.10", "-", "-"]
+    assert by_name["int8: this run"][stored:stored + 3] == ["2.10", "2.19 (host), 2.15 (rpi5)", "2.65 (host), 2.50 (rpi5)"]
+    assert by_name["int4: this run"][stored:stored + 3] == ["1.10", "-", "-"]
     assert by_name["float (fp32)"][stored:stored + 3] == ["8.00", "-", "-"]
-    assert by_name["int8"][-1] == "22.0"
+    assert by_name["int8: this run"][-1] == "22.0"
+
+    # with a shipped model of a variant, its artifacts and compiled WER go to the shipped row
+    summary["shipped"] = {"int8": {"name": "m-int8", "weight_bits": 8, "sparsity": "dense", "steps": 1200, "wer": 0.19,
+                                   "cer": 0.09, "stored_bytes": 2_130_000, "fraction_of_float": 0.26}}
+    for key in ("int8-host", "int8-rpi5"):
+        summary["artifacts"][key]["model"] = "shipped"
+    summary["bench"]["int8-host"]["model"] = "shipped"
+    by_name = {row[0]: row for row in accuracy_rows(summary)}
+    assert by_name["int8: shipped m-int8"][stored:stored + 3] == ["2.13", "2.19 (host), 2.15 (rpi5)",
+                                                                  "2.65 (host), 2.50 (rpi5)"]
+    assert by_name["int8: shipped m-int8"][-1] == "22.0"
+    assert by_name["int8: this run"][stored + 1:stored + 3] == ["-", "-"] and by_name["int8: this run"][-1] == "-"

@@ -206,3 +206,29 @@ def test_zoo_model_with_symbolic_batch(name, tmp_path_factory, monkeypatch):
     for row in range(3):
         alone = model.run({spec.input_name: batch[row:row + 1]})[spec.output_name]
         np.testing.assert_array_equal(out[row:row + 1], alone)
+
+
+def test_output_declared_with_a_size_the_graph_does_not_compute_gets_the_computed_one(tmp_path):
+    """An output declared [1, 3, 8] that the graph computes as [1, T, 8]: ONNX Runtime returns what the graph
+    computes (with a warning), so the artifact does too, and its manifest says so."""
+    import qdq_models
+
+    import nativeq
+
+    model = qdq_models.two_io(k=16, n=8)
+    y = model.graph.output[0].type.tensor_type.shape.dim
+    y[1].Clear()
+    y[1].dim_value = 3
+    onnx.save(model, tmp_path / "m.onnx")
+    compiled = compile_model(tmp_path / "m.onnx", tmp_path / "a", CompileConfig(target="host", use_tuning=False))
+    assert compiled.manifest["outputs"][0]["shape"] == [1, "T", 8]
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.normal(size=(1, 40, 16)).astype(np.float32), "z": rng.normal(size=(1, 40, 8)).astype(np.float32)}
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    want = ort.InferenceSession(str(tmp_path / "m.onnx"), so).run(None, feeds)
+    got = nativeq.load(tmp_path / "a").run(feeds)
+    assert got["y"].shape == want[0].shape == (1, 40, 8)
+    np.testing.assert_array_equal(got["y"], want[0])
+    np.testing.assert_array_equal(got["r"], want[1])

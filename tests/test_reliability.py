@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
 
 import nativeq
 import qdq_models
@@ -36,31 +35,12 @@ PY_ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "OMP_NUM_THREADS": "1
           "PYTHONPATH": str(ROOT / "src")}
 
 
-def _two_io_model() -> onnx.ModelProto:
-    """x[1, T, 64], z[1, T, 48] -> y = QDQ(MatMul(QDQ(x), DQ(W)) + z), r = QDQ(Relu(QDQ(x)))[1, T, 64]."""
-    rng = np.random.default_rng(7)
-    nodes, inits = [], []
-    xa = qdq_models._q_dq(nodes, inits, "x", "x", 0.05, "int8")
-    w = qdq_models._weight_dq(nodes, inits, "fc", rng.normal(0, 0.2, (64, 48)).astype(np.float32), axis=1)
-    nodes.append(helper.make_node("MatMul", [xa, w], ["mm"], name="mm"))
-    za = qdq_models._q_dq(nodes, inits, "z", "z", 0.1, "int8")
-    nodes.append(helper.make_node("Add", ["mm", za], ["sum"], name="add"))
-    ya = qdq_models._q_dq(nodes, inits, "y", "sum", 0.1, "int8")
-    nodes.append(helper.make_node("Identity", [ya], ["y"], name="y_out"))
-    nodes.append(helper.make_node("Relu", [xa], ["relu"], name="relu"))
-    ra = qdq_models._q_dq(nodes, inits, "r", "relu", 0.05, "int8")
-    nodes.append(helper.make_node("Identity", [ra], ["r"], name="r_out"))
-    value = lambda name, n: helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, "T", n])  # noqa: E731
-    return qdq_models._finish(nodes, inits, [value("x", 64), value("z", 48)], [value("y", 48), value("r", 64)],
-                              "two_io")
-
-
 @pytest.fixture(scope="session")
 def two_io_artifact(tmp_path_factory):
     from nativeq.compile import CompileConfig, compile_model
 
     root = tmp_path_factory.mktemp("two_io")
-    onnx.save(_two_io_model(), root / "two_io.onnx")
+    onnx.save(qdq_models.two_io(), root / "two_io.onnx")
     compile_model(root / "two_io.onnx", root / "artifact", CompileConfig(target="host", use_tuning=False))
     return root / "two_io.onnx", root / "artifact"
 

@@ -272,6 +272,9 @@ def compile_model(model_path, out_dir, cfg: CompileConfig, force: bool = False, 
     stages = Stages("compile", enabled=progress)
     with stages.stage(f"import {model_path.name}"):
         mod, shape_checks = import_model_with_checks(model, model_path)
+        from nativeq.compile.onnx_import import with_computed_output_dims
+
+        model = with_computed_output_dims(model, mod)  # the manifest describes the outputs the library returns
     seconds = {"import": time.perf_counter() - started}
     if shape_checks:
         first = shape_checks[0]

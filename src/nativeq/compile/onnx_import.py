@@ -131,6 +131,56 @@ class _Pad(onnx_frontend.Pad):
 _CONVERTER_FIXES = {"Range": _Range, "Gather": _Gather, "Pad": _Pad, **RECURRENT_CONVERTERS}
 
 
+def with_computed_output_dims(model: onnx.ModelProto, mod) -> onnx.ModelProto:
+    """`model` with each graph output's declared dims replaced where the imported graph computes another size.
+
+    A declared static size the graph does not compute (an output declared [1, 3, 8] that is [1, T, 8]) would
+    make the manifest describe outputs the library never returns; ONNX Runtime, too, returns what the graph
+    computes (with a warning). A replaced dim takes the input dim's name when the computed size is one, else
+    a name of its own (`<output>_dim<k>`). The model itself is left alone when every declaration agrees.
+    """
+    ret = mod["main"].ret_ty
+    fields = list(ret.fields) if isinstance(ret, relax.TupleType) else [ret]
+    if len(fields) != len(model.graph.output):
+        return model
+    names = _input_dim_names(model.graph, mod)
+    fixed = None
+    for k, (info, field) in enumerate(zip(model.graph.output, fields)):
+        if not isinstance(field, relax.TensorType) or field.shape is None or not hasattr(field.shape, "values"):
+            continue
+        computed = list(field.shape.values)
+        declared = info.type.tensor_type.shape.dim
+        if not info.type.tensor_type.HasField("shape") or len(declared) != len(computed):
+            continue
+        for axis, (dim, value) in enumerate(zip(declared, computed)):
+            if not dim.HasField("dim_value") or (isinstance(value, tvm.tirx.IntImm) and value.value == dim.dim_value):
+                continue
+            if fixed is None:
+                fixed = onnx.ModelProto()
+                fixed.CopyFrom(model)
+            target = fixed.graph.output[k].type.tensor_type.shape.dim[axis]
+            if isinstance(value, tvm.tirx.IntImm):
+                target.dim_value = int(value.value)
+            else:
+                target.dim_param = names.get(value, f"{info.name}_dim{axis}")
+    return model if fixed is None else fixed
+
+
+def _input_dim_names(graph: onnx.GraphProto, mod) -> dict:
+    """TVM's dim variable of each symbolic input dim -> its ONNX dim name."""
+    initializers = {t.name for t in graph.initializer}
+    inputs = [vi for vi in graph.input if vi.name not in initializers]
+    names = {}
+    for value_info, param in zip(inputs, mod["main"].params):
+        ty = param.ty
+        if not isinstance(ty, relax.TensorType) or ty.shape is None:
+            continue
+        for dim, value in zip(value_info.type.tensor_type.shape.dim, ty.shape.values):
+            if isinstance(value, tvm.tirx.Var) and dim.dim_param:
+                names[value] = dim.dim_param
+    return names
+
+
 class _Importer(onnx_frontend.ONNXGraphImporter):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -142,15 +192,7 @@ class _Importer(onnx_frontend.ONNXGraphImporter):
 
         A condition over a variable that is not an input dim (a data-dependent size) is left out.
         """
-        names: dict[object, str] = {}
-        inputs = [vi for vi in graph.input if vi.name in self._input_names]
-        for value_info, param in zip(inputs, mod["main"].params):
-            ty = param.ty
-            if not isinstance(ty, relax.TensorType) or ty.shape is None:
-                continue
-            for dim, value in zip(value_info.type.tensor_type.shape.dim, ty.shape.values):
-                if isinstance(value, tvm.tirx.Var) and dim.dim_param:
-                    names[value] = dim.dim_param
+        names = _input_dim_names(graph, mod)
         checks, seen = [], set()
         for node, op, lhs, rhs in self._checks:
             lhs_text, rhs_text = _expr_text(lhs, names), _expr_text(rhs, names)
