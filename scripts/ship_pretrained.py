@@ -32,23 +32,9 @@ def recipe(run: Path) -> dict:
             "power_of_two_scales": quant["power_of_two_scales"]}
 
 
-def ort_wer(onnx_path: Path, data: str, split: str) -> dict:
-    import jiwer
-    import onnx
-
-    from nativeq.demo.transcribe import greedy_text, wav_features
-    from nativeq.export.fidelity import ort_session
-    from nativeq.models.data import check_audio, read_manifest
-
-    session = ort_session(onnx.load(str(onnx_path)))
-    utts = check_audio(read_manifest(data, split))
-    hyps = [greedy_text(session.run(None, {"feats": wav_features(u.path)})[0][0]) or "<empty>" for u in utts]
-    refs = [u.text for u in utts]
-    return {"wer": float(jiwer.wer(refs, hyps)), "cer": float(jiwer.cer(refs, hyps)), "utterances": len(utts),
-            "split": split}
-
-
 def ship(run: Path, name: str, data: str, command: str, force: bool) -> Path:
+    from nativeq.demo.transcribe import onnx_model_wer
+    from nativeq.models.data import check_audio, read_manifest
     from nativeq.models.evaluate import EvalConfig, evaluate_run
     from nativeq.qat.convert import storage_bytes
     from nativeq.qat.finetune import ExportRunConfig, export_run, load_qat_model
@@ -62,7 +48,8 @@ def ship(run: Path, name: str, data: str, command: str, force: bool) -> Path:
         for split in ("test", "other", "eval-human"):
             result = evaluate_run(EvalConfig(model=str(run), data=data, split=split, threads=2))
             metrics[split] = {k: result[k] for k in ("wer", "cer", "utterances")}
-        metrics["test_ort"] = ort_wer(onnx_tmp, data, "test")
+        test = check_audio(read_manifest(data, "test"))
+        metrics["test_ort"] = {**onnx_model_wer(onnx_tmp, test), "split": "test"}
         with atomic_directory(out, force=force) as work:
             (work / "model.onnx").write_bytes(onnx_tmp.read_bytes())
             write_json_atomic(work / "metrics.json", metrics)

@@ -199,24 +199,11 @@ def shipped_variant(cfg: DemoConfig, name: str) -> Path | None:
     return shipped_onnx_models().get(f"{cfg.model}-{name}")
 
 
-def _ort_wer(onnx_path: Path, data: dict, limit: int, threads: int) -> dict:
-    """WER/CER of a QDQ model in ONNX Runtime (greedy CTC, one utterance per run) on the demo's test utterances."""
-    import jiwer
-    import onnx
-
-    from nativeq.demo.transcribe import greedy_text, wav_features
-    from nativeq.export.fidelity import ort_session
-
-    session = ort_session(onnx.load(str(onnx_path)), threads=threads)
-    utts = _test_utterances(data["dir"], limit)
-    refs = [u.text for u in utts]
-    hyps = [greedy_text(session.run(None, {"feats": wav_features(u.path)})[0][0]) or "<empty>" for u in utts]
-    return {"wer": float(jiwer.wer(refs, hyps)), "cer": float(jiwer.cer(refs, hyps))}
-
-
 def stage_shipped(cfg: DemoConfig, work: Path, data: dict):
     """Copy the shipped QAT models into OUT/models and measure them on the same test utterances in ONNX Runtime."""
     import shutil
+
+    from nativeq.demo.transcribe import onnx_model_wer
 
     results = {}
     for name in cfg.variant_names:
@@ -226,7 +213,7 @@ def stage_shipped(cfg: DemoConfig, work: Path, data: dict):
         onnx_path = work / "models" / f"{name}-shipped.onnx"
         shutil.copyfile(source, onnx_path)
         card = json.loads((source.parent / "metrics.json").read_text())
-        metrics = _ort_wer(onnx_path, data, cfg.budget.test, cfg.threads)
+        metrics = onnx_model_wer(onnx_path, _test_utterances(data["dir"], cfg.budget.test), cfg.threads)
         _check(_wer_ok(metrics["wer"]), f"shipped {source.parent.name}: WER {metrics['wer']} is not a number ≥ 0")
         results[name] = {"name": source.parent.name, "onnx": str(onnx_path.relative_to(work)), **card["recipe"],
                          "wer": metrics["wer"], "cer": metrics["cer"], "stored_bytes": card["storage"]["bytes"],

@@ -215,3 +215,17 @@ def _ids_text(ids: np.ndarray) -> str:
     from nativeq.models.text import ctc_greedy_collapse, decode
 
     return decode(ctc_greedy_collapse(ids.tolist()))
+
+
+def onnx_model_wer(onnx_path: str | Path, utterances, threads: int = 1) -> dict:
+    """WER/CER of an ONNX speech model (`feats` [1, T, 80] -> logits) in ONNX Runtime, greedy CTC, one utterance
+    per run (no padding), on `utterances` (`models.data.Utterance`s)."""
+    import jiwer
+    import onnx
+
+    from nativeq.export.fidelity import ort_session
+
+    session = ort_session(onnx.load(str(onnx_path)), threads=threads)
+    refs = [u.text for u in utterances]
+    hyps = [greedy_text(session.run(None, {"feats": wav_features(u.path)})[0][0]) or "<empty>" for u in utterances]
+    return {"wer": float(jiwer.wer(refs, hyps)), "cer": float(jiwer.cer(refs, hyps)), "utterances": len(refs)}
