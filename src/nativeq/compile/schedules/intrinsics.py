@@ -167,9 +167,9 @@ def _paired_then_widened(low, high):
     return _neon("saddlp.v4i32.v8i16", _neon("addp.v8i16", low, high, dtype="int16x8"), dtype="int32x4")
 
 
-def _neon_4x4_impl(row_sums):
-    """The Pi 4 dot tile: int16 products of the activations with rows 0-1 (`low`) and 2-3 (`high`) of the
-    weight tile (`smull`), summed per row by `row_sums` into the int32 accumulators."""
+def _arm_4x4_impl(accumulate):
+    """An ARM dot tile: `accumulate(c, a, b)` adds the products of the 4 activations `a` (broadcast to int8x16)
+    with the 4x4 weight tile `b` (int8x16, one row per output) to the int32x4 accumulators `c`."""
 
     @T.prim_func(s_tir=True)
     def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
@@ -181,32 +181,30 @@ def _neon_4x4_impl(row_sums):
             T.writes(C[0:4])
             a_i8x16 = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 4), dtype="int8x16")
             b_i8x16 = B.vload([0, 0], dtype="int8x16")
-            C[T.ramp(T.int32(0), 1, 4)] = C.vload([0], dtype="int32x4") + row_sums(
-                _neon("smull.v8i16", T.vectorlow(a_i8x16, dtype="int8x8"), T.vectorlow(b_i8x16, dtype="int8x8"),
-                      dtype="int16x8"),
-                _neon("smull.v8i16", T.vectorhigh(a_i8x16, dtype="int8x8"), T.vectorhigh(b_i8x16, dtype="int8x8"),
-                      dtype="int16x8"),
-            )
+            C[T.ramp(T.int32(0), 1, 4)] = accumulate(C.vload([0], dtype="int32x4"), a_i8x16, b_i8x16)
 
     return impl
 
 
-@T.prim_func(s_tir=True)
-def _sdot_4x4_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
-    A = T.match_buffer(a, (4,), "int8", offset_factor=1)
-    B = T.match_buffer(b, (4, 4), "int8", offset_factor=1)
-    C = T.match_buffer(c, (4,), "int32", offset_factor=1)
-    with T.sblock("root"):
-        T.reads(C[0:4], A[0:4], B[0:4, 0:4])
-        T.writes(C[0:4])
-        a_i8x16 = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 4), dtype="int8x16")
-        C[T.ramp(T.int32(0), 1, 4)] = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"),
-            C.vload([0], dtype="int32x4"),
-            a_i8x16,
-            B.vload([0, 0], dtype="int8x16"),
-            dtype="int32x4",
+def _neon_products(row_sums):
+    """The Pi 4 tile: int16 products of the activations with rows 0-1 (`low`) and 2-3 (`high`) of the weight tile
+    (`smull`), summed per row by `row_sums` into the int32 accumulators."""
+
+    def accumulate(c, a_i8x16, b_i8x16):
+        return c + row_sums(
+            _neon("smull.v8i16", T.vectorlow(a_i8x16, dtype="int8x8"), T.vectorlow(b_i8x16, dtype="int8x8"),
+                  dtype="int16x8"),
+            _neon("smull.v8i16", T.vectorhigh(a_i8x16, dtype="int8x8"), T.vectorhigh(b_i8x16, dtype="int8x8"),
+                  dtype="int16x8"),
         )
+
+    return accumulate
+
+
+def _sdot(c, a_i8x16, b_i8x16):
+    """The Pi 5 tile: one `sdot` (four int8 products per int32 lane)."""
+    return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"), c, a_i8x16,
+                                   b_i8x16, dtype="int32x4")
 
 
 VNNI = DotIntrin("nativeq_dot_16x4_u8i8i32_vnni", lanes=16, kstep=4, act_dtype="uint8")
@@ -234,10 +232,10 @@ def register_intrinsics() -> None:
         return
     TensorIntrin.register(VNNI.name, _desc(16, 4, "uint8"), _vnni_16x4_impl, override=True)
     TensorIntrin.register(AVX2.name, _desc(8, 2, "uint8"), _avx2_8x2_impl, override=True)
-    TensorIntrin.register(NEON.name, _desc(4, 4, "int8"), _neon_4x4_impl(_widened_then_paired), override=True)
-    TensorIntrin.register(NEON_PAIR_SUM.name, _desc(4, 4, "int8"), _neon_4x4_impl(_paired_then_widened),
+    TensorIntrin.register(NEON.name, _desc(4, 4, "int8"), _arm_4x4_impl(_neon_products(_widened_then_paired)), override=True)
+    TensorIntrin.register(NEON_PAIR_SUM.name, _desc(4, 4, "int8"), _arm_4x4_impl(_neon_products(_paired_then_widened)),
                           override=True)
-    TensorIntrin.register(SDOT.name, _desc(4, 4, "int8"), _sdot_4x4_impl, override=True)
+    TensorIntrin.register(SDOT.name, _desc(4, 4, "int8"), _arm_4x4_impl(_sdot), override=True)
     for lanes, intrin in FMA_BY_LANES.items():
         TensorIntrin.register(intrin.name, _fma_desc(lanes), _fma_impl(lanes), override=True)
     _registered = True
