@@ -56,7 +56,7 @@ def test_int8_matmul_is_one_tensorized_contraction_with_all_the_macs(tmp_path):
     text = result.summary()
     assert f"MACs share at T={T}" in text and "WARNING" not in text
     (row,) = [ln for ln in text.splitlines() if ln.startswith(mm["name"])]
-    assert row.split()[1:] == ["contraction", "int8", "tensorized", "100.0", "1"], row
+    assert row.split()[1:] == ["contraction", "int8", "tensorized", "100.0", "1", "fc_MatMul", "+5"], row
 
 
 def test_shares_follow_macs_times_calls(tmp_path):
@@ -94,7 +94,7 @@ def test_float_conv_on_the_generic_path_warns(tmp_path):
     (conv,) = _contractions(result)
     assert conv["schedule"] == "generic" and conv["macs"] == T * 48 * 32 * 3 and conv["share"] == 1.0
     warnings = [ln for ln in result.summary().splitlines() if ln.startswith("WARNING")]
-    assert warnings == [f"WARNING: contraction kernel {conv['name']} (100.0% of MACs) is on the generic path: "
+    assert warnings == [f"WARNING: contraction kernel {conv['name']} (ONNX conv_Conv) (100.0% of MACs) is on the generic path: "
                         f"expect it to be slow"]
     quiet = _compile(tmp_path, qdq_models.qdq_conv1d(c_in=32, c_out=48, kernel=3, t="T"), name="q", int8=False)
     assert "(1 contraction, 1 on the generic path)" in quiet.summary() and "WARNING" not in quiet.summary()
@@ -158,7 +158,7 @@ def test_cli_explain_table_and_json(nativeq_cli, tmp_path):
     res = nativeq_cli("compile", "m.onnx", "--target", "host", "-o", "out", "--no-tuning", "--explain", "--dim", f"T={T}")
     assert res.returncode == 0, res.stderr
     header = [ln for ln in res.stdout.splitlines() if ln.startswith("kernel ")]
-    assert header and header[0].split() == ["kernel", "kind", "schedule", "MACs", "%", "calls"], res.stdout
+    assert header and header[0].split() == ["kernel", "kind", "schedule", "MACs", "%", "calls", "ONNX", "nodes"], res.stdout
     res = nativeq_cli("compile", "m.onnx", "--target", "host", "-o", "out2", "--no-tuning", "--json")
     assert res.returncode == 0, res.stderr
     data = json.loads(res.stdout)
@@ -172,3 +172,45 @@ def test_int8_sites_are_named_by_their_onnx_nodes(tmp_path):
     assert [s["site"] for s in result.explain] == ["fc0_MatMul", "fc1_MatMul", "fc2_MatMul"]
     assert all(s["status"] == "int8" for s in result.explain)
     assert "fc1_MatMul" in result.explain_table()
+
+
+# ----------------------------------------------------------------------------- ONNX nodes of each kernel
+def _node_names(kernel, op=None):
+    return [n["name"] for n in kernel["onnx_nodes"] if op is None or n["op"] == op]
+
+
+def test_kernels_name_the_onnx_nodes_they_compute(tmp_path):
+    result = _compile(tmp_path, qdq_models.qdq_matmul(k=64, n=48), dims={"T": T})
+    (mm,) = _contractions(result)
+    # compute nodes first (graph order), then the quantize/dequantize nodes folded into the kernel
+    assert _node_names(mm)[:2] == ["fc_MatMul", "fc_Add"]
+    assert set(_node_names(mm)) == {"fc_MatMul", "fc_Add", "x_DQ", "fc_wDQ", "y_Q", "y_DQ"}
+    assert {n["op"] for n in mm["onnx_nodes"]} == {"MatMul", "Add", "QuantizeLinear", "DequantizeLinear"}
+    others = {name for k in result.kernels if k is not mm for name in _node_names(k)}
+    assert others == {"x_Q"}  # the input's quantize is its own kernel; the Identity computes nothing
+
+
+def test_a_kernel_shared_by_layers_lists_each_layer(tmp_path):
+    """Two 64x64 layers run one kernel (FuseTIR keeps one copy); the 64x32 layer has its own."""
+    result = _compile(tmp_path, _mlp(widths=(64, 64, 64, 32)), dims={"T": T})
+    by_calls = {k["calls"]: k for k in _contractions(result)}
+    assert set(by_calls) == {1, 2}
+    assert _node_names(by_calls[2], "MatMul") == ["fc0_MatMul", "fc1_MatMul"] and by_calls[2]["macs"] == T * 64 * 64
+    assert _node_names(by_calls[1], "MatMul") == ["fc2_MatMul"] and by_calls[1]["macs"] == T * 64 * 32
+
+
+def test_rewritten_and_unnamed_nodes_are_named_as_the_user_wrote_them(tmp_path):
+    """A QLinearMatMul (rewritten to DequantizeLinear/MatMul/QuantizeLinear before import) is named as itself;
+    a node without a name gets `<OpType>_<index>`."""
+    result = _compile(tmp_path, qdq_models.qlinear_matmul(k=64, n=48), dims={"T": T})
+    (mm,) = _contractions(result)
+    assert mm["onnx_nodes"][0] == {"op": "QLinearMatMul", "name": "fc_QLinearMatMul"}
+    assert not any("_MatMul" in n["name"] and n["op"] == "MatMul" for k in result.kernels for n in k["onnx_nodes"])
+
+    model = _mlp(widths=(64, 32))
+    for node in model.graph.node:
+        node.name = ""
+    index = next(i for i, node in enumerate(model.graph.node) if node.op_type == "MatMul")
+    result = _compile(tmp_path, model, name="unnamed", dims={"T": T})
+    (mm,) = _contractions(result)
+    assert mm["onnx_nodes"][0] == {"op": "MatMul", "name": f"MatMul_{index}"}

@@ -89,6 +89,11 @@ def test_cli_json_and_table(artifact):
     table = runner.invoke(main, ["profile", str(artifact), "--emulate", "--dim", "T=48", "--runs", "1"])
     assert table.exit_code == 0, table.output
     assert "runtime/VM" in table.output and "total" in table.output
+    header = next(ln for ln in table.output.splitlines() if ln.startswith("kernel "))
+    assert header.rstrip().endswith("ONNX nodes")
+    named = {r["name"]: r["onnx_nodes"] for r in data["rows"] if r["where"] == "kernel"}
+    assert named == {k["name"]: [n["name"] for n in k["onnx_nodes"]] for k in read_manifest(artifact)["kernels"]}
+    assert any(nodes[:1] == ["conv_Conv"] for nodes in named.values())
 
 
 def test_a_host_artifact_is_refused_in_one_line(tmp_path):

@@ -89,13 +89,18 @@ def test_profile_lists_the_manifest_kernels(matmul_artifact):
         record = records[k.name]
         assert k.calls == record["calls"] == k.manifest_calls
         assert (k.kind, k.schedule, k.mac_share) == (record["kind"], record["schedule"], record["share"])
+        assert k.onnx_nodes == tuple(n["name"] for n in record["onnx_nodes"])
         assert k.ms > 0
+    (mm,) = [k for k in profile.kernels if k.kind == "contraction"]
+    assert mm.onnx_nodes[:2] == ("fc_MatMul", "fc_Add")  # the ONNX nodes it computes, compute nodes first
     assert sum(k.share for k in profile.kernels) == pytest.approx(1.0)
     assert [k.ms for k in profile.kernels] == sorted((k.ms for k in profile.kernels), reverse=True)
     assert profile.vm_calls > 0 and profile.threads == 1 and profile.runs == 3
     assert profile.instrumented_ms > 0 and profile.plain_ms > 0
     table = profile.table()
     assert all(name in table for name in records) and "instrumented inference" in table
+    (row,) = [ln for ln in table.splitlines() if ln.startswith(mm.name)]
+    assert row.endswith(f"fc_MatMul +{len(mm.onnx_nodes) - 1}") and "ONNX nodes" in table
 
 
 def test_profile_cli_json_and_top(matmul_artifact, nativeq_cli):
@@ -105,6 +110,8 @@ def test_profile_cli_json_and_top(matmul_artifact, nativeq_cli):
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert {k["name"]: k["calls"] for k in data["kernels"]} == {k["name"]: k["calls"] for k in manifest["kernels"]}
+    assert {k["name"]: k["onnx_nodes"] for k in data["kernels"]} == \
+        {k["name"]: [n["name"] for n in k["onnx_nodes"]] for k in manifest["kernels"]}
     assert sum(k["share"] for k in data["kernels"]) == pytest.approx(1.0)
     assert data["overhead_ms"] == pytest.approx(data["instrumented_ms"] - data["plain_ms"])
 

@@ -1,6 +1,7 @@
 """The public-architecture zoo (`benchmarks/zoo`) through the user path: compile for x86 and for the
-Raspberry Pi 5, verify each against ONNX Runtime (the rpi5 build under qemu), and no contraction kernel
-(matmul, conv, depthwise) left on the generic schedule.
+Raspberry Pi 5, verify each against ONNX Runtime (the rpi5 build under qemu), no contraction kernel
+(matmul, conv, depthwise) left on the generic schedule, and every contraction kernel named by the ONNX
+contraction nodes it computes (and every such node by a kernel).
 
 Default suite: every architecture as ORT's `quantize_static` makes it (QDQ, per-channel, u8
 activations), verified at 64 frames, and the Conformer as `quantize_dynamic` makes it. The other quantizers (per-tensor, s8 activations, dynamic,
@@ -68,12 +69,32 @@ def _generic_contractions(manifest: dict) -> list[str]:
     return [k["name"] for k in manifest["kernels"] if k["kind"] == "contraction" and k["schedule"] in GENERIC_PATH]
 
 
+# ONNX ops that multiply-accumulate: each is computed by a contraction kernel that names it
+_CONTRACTION_OPS = {"MatMul", "Gemm", "QGemm", "Conv", "ConvTranspose", "QLinearMatMul", "QLinearConv", "MatMulInteger",
+                    "ConvInteger", "LSTM", "GRU", "RNN"}
+
+
+def _unnamed_contractions(manifest: dict, model_path) -> list[str]:
+    """Contraction kernels that name no contraction ONNX node, and contraction nodes of the graph no kernel names."""
+    import onnx
+
+    kernels = [k for k in manifest["kernels"] if k["kind"] == "contraction"]
+    problems = [f"kernel {k['name']} names {[n['name'] for n in k['onnx_nodes']][:4]}" for k in kernels
+                if not any(n["op"] in _CONTRACTION_OPS for n in k["onnx_nodes"])]
+    named = {n["name"] for k in manifest["kernels"] for n in k["onnx_nodes"]}
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    problems += [f"node {node.name} ({node.op_type}) in no kernel" for node in graph.node
+                 if node.op_type in _CONTRACTION_OPS and node.name not in named]
+    return problems
+
+
 @pytest.mark.parametrize("name, quantizer", _params())
 def test_zoo_model_compiles_verifies_and_has_no_contraction_on_the_generic_path(name, quantizer, zoo_cache, tmp_path):
     model = zoo.build(name, quantizer, zoo_cache)
     dims = zoo.get_model(name).dims(FRAMES)
     result = compile_model(model, tmp_path / "host", CompileConfig(target="host", use_tuning=False))
     assert _generic_contractions(result.manifest) == [], result.explain_table()
+    assert _unnamed_contractions(result.manifest, model) == []
     _check_verify(verify_artifact(tmp_path / "host", model, VerifyConfig(runs=1, dims=dims)), name)
 
 
@@ -84,6 +105,7 @@ def test_zoo_model_verifies_on_rpi5_under_qemu(name, quantizer, zoo_cache, tmp_p
     dims = zoo.get_model(name).dims(FRAMES)
     result = compile_model(model, tmp_path / "rpi5", CompileConfig(target="rpi5", use_tuning=False))
     assert _generic_contractions(result.manifest) == []
+    assert _unnamed_contractions(result.manifest, model) == []
     _check_verify(verify_artifact(tmp_path / "rpi5", model, VerifyConfig(runs=1, dims=dims)), name)
 
 

@@ -18,3 +18,13 @@ def first_line(error: BaseException) -> str:
         if not ln.startswith(("Traceback", "File ", "File:", "[bt]")) and not ln[:1].isdigit():
             return ln
     return lines[0] if lines else type(error).__name__
+
+
+def nodes_text(names, width: int = 40) -> str:
+    """A kernel's ONNX nodes in one table cell: the first (cut in the middle to `width`) and how many more."""
+    if not names:
+        return "-"
+    first = names[0]
+    if len(first) > width:
+        first = first[:width // 2 - 2] + "..." + first[-(width - width // 2 - 1):]
+    return first + (f" +{len(names) - 1}" if len(names) > 1 else "")

@@ -41,3 +41,11 @@ from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock  # noqa: F401,E40
 from tvm import topi  # noqa: F401,E402
 from tvm.sym import Analyzer  # noqa: F401,E402  (was tvm.arith.Analyzer: proofs on symbolic shapes)
 from tvm_ffi import structural_equal  # noqa: F401,E402  (was tvm.ir.structural_equal)
+
+
+def with_type_of(expr, like):
+    """`expr` (a freshly built Relax expression) given the type `like` has, without renormalizing it."""
+    from tvm.relax.expr import _update_type
+
+    _update_type(expr, like.ty)
+    return expr

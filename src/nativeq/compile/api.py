@@ -293,7 +293,10 @@ def compile_model(model_path, out_dir, cfg: CompileConfig, force: bool = False, 
                                 compressed_weights=not cfg.dense_weights)
         build_passes, captures = _with_captures(passes)
         sized = capture_instrument()
-        with held_native_output(), tvm.transform.PassContext(opt_level=3, instruments=[sized]):
+        from nativeq.compile.provenance import NodeProvenance
+
+        provenance = NodeProvenance(stop_after=_SCHEDULE_PASS)
+        with held_native_output(), tvm.transform.PassContext(opt_level=3, instruments=[sized, provenance]):
             executable = relax.build(
                 mod, tvm_target, relax_pipeline=tvm.transform.Sequential(build_passes, name="nativeq_compile"),
                 tir_pipeline=tir_pipeline(),
@@ -301,6 +304,7 @@ def compile_model(model_path, out_dir, cfg: CompileConfig, force: bool = False, 
     seconds["build"] = time.perf_counter() - started - seconds["import"]
     applied = next((dict(p.applied) for p in passes if p.info.name == "nativeq.ApplyTuningDatabase"), {})
     kernels, kernel_dims = _kernel_report(passes, captures, applied, cfg.dims)
+    _add_onnx_nodes(kernels, provenance)
     weights, arena_result = _size_report(sized, kernels, kernel_dims)
     if cfg.tuning_log is not None and database is not None and not applied:
         # NOTE: records are keyed on the exact kernel IR: a change to the int8 passes or kernel
@@ -392,6 +396,18 @@ def _size_report(sized, kernels: list[dict] | None, kernel_dims: dict) -> tuple[
     except Exception as e:  # noqa: BLE001
         warnings.warn(f"activation arena unavailable: {first_line(e)}", stacklevel=3)
     return weights, arena_result
+
+
+def _add_onnx_nodes(kernels: list[dict] | None, provenance) -> None:
+    """Each kernel record gets `onnx_nodes`: the ONNX nodes its calls compute (`provenance.py`), in graph order.
+    Followed wrongly, they cost the report only, with a warning."""
+    try:
+        nodes = provenance.kernel_nodes()
+    except Exception as e:  # noqa: BLE001
+        warnings.warn(f"ONNX nodes of the kernels unavailable: {first_line(e)}", stacklevel=3)
+        return
+    for record in kernels or []:
+        record["onnx_nodes"] = nodes.get(record["name"], [])
 
 
 def _kernel_report(passes: list, captures, tuned: dict, dims: dict[str, int]) -> tuple[list[dict] | None, dict]:

@@ -20,6 +20,8 @@ PrimFunc::
   model's total (0 when the model has no contraction).
 - weight_bytes (added by `compile_model`, `sizes.py`): the bytes of the distinct constants its
   calls read, as the library stores them (after weight packing).
+- onnx_nodes (added by `compile_model`, `provenance.py`): the ONNX nodes its calls compute,
+  [{"op": "MatMul", "name": "/blocks.0/ff/MatMul"}, ...], compute nodes first.
 """
 
 from __future__ import annotations
@@ -236,15 +238,18 @@ def report_lines(kernels: list[dict], explain: bool, dims: dict[str, int] | None
     slow = [k for k in contractions if k["schedule"] in GENERIC_PATH]
     if not explain:
         return [f"  kernels: {len(kernels)} ({len(contractions)} contraction, {len(slow)} on the generic path)"]
-    from nativeq._text import aligned_table
+    from nativeq._text import aligned_table, nodes_text
+    from nativeq.runtime.manifest import kernel_onnx_nodes
 
     at = f" at {', '.join(f'{k}={v}' for k, v in dims.items())}" if dims else ""
     rows = [(k["name"], k["kind"], k["schedule"], f"{100 * k['share']:.1f}" if k["kind"] == CONTRACTION else "-",
-             str(k["calls"])) for k in kernels]
+             str(k["calls"]), nodes_text(kernel_onnx_nodes(k))) for k in kernels]
     lines = [f"kernels: {len(kernels)} ({len(contractions)} contraction, {len(slow)} on the generic path); "
              f"MACs share{at}",
-             aligned_table(("kernel", "kind", "schedule", "MACs %", "calls"), rows)]
+             aligned_table(("kernel", "kind", "schedule", "MACs %", "calls", "ONNX nodes"), rows)]
     for k in slow:
-        lines.append(f"WARNING: contraction kernel {k['name']} ({100 * k['share']:.1f}% of MACs) is on the generic path: "
-                     f"expect it to be slow")
+        nodes = kernel_onnx_nodes(k, compute_only=True)
+        computes = f" (ONNX {', '.join(nodes[:3])}{', ...' if len(nodes) > 3 else ''})" if nodes else ""
+        lines.append(f"WARNING: contraction kernel {k['name']}{computes} ({100 * k['share']:.1f}% of MACs) is on the "
+                     f"generic path: expect it to be slow")
     return lines

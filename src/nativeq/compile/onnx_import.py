@@ -35,15 +35,10 @@ import onnx
 
 from nativeq.compile._tvm import Analyzer, onnx_convert_map, onnx_frontend, relax, tvm
 from nativeq.compile.onnx_legalize import IMPORTER_BUILTIN_OPS, check_importable, legalize
-from nativeq.compile.passes.int8 import ONNX_NODES_ATTR
+from nativeq.compile.provenance import node_span, span_node, with_node_spans
 from nativeq.compile.recurrent import CONVERTERS as RECURRENT_CONVERTERS, check_node as check_recurrent_node
 
 _BROADCAST_OPS = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Where", "Equal", "Less", "Greater", "And", "Or"}
-
-
-# ONNX ops whose result variable is named and recorded (module attribute `ONNX_NODES_ATTR`: variable name ->
-# ONNX node name) so `passes/int8.py explain_sites` reports the node, not `main/lv81`.
-_CONTRACTIONS = {"MatMul", "Conv", "ConvTranspose", "Gemm"}
 
 
 @dataclass(frozen=True)
@@ -69,13 +64,17 @@ def import_onnx(model: onnx.ModelProto, shape_dict: dict | None = None) -> "tvm.
 
 
 def import_onnx_with_checks(model: onnx.ModelProto, shape_dict: dict | None = None) -> tuple["tvm.IRModule", list[ShapeCheck]]:
-    """`import_onnx`, and the shape conditions the artifact must check at run time."""
-    model = legalize(model)
+    """`import_onnx`, and the shape conditions the artifact must check at run time.
+
+    Every call of the module's `main` carries a span naming the ONNX node it converts (`provenance.node_span`;
+    the user's node where the legalization rewrote it).
+    """
+    origins: dict[str, tuple[str, str]] = {}
+    model = legalize(model, origins)
     check_importable(model)
-    importer = _importer(shape_dict)
+    importer = _importer(shape_dict, origins)
     mod = importer.from_onnx(model.graph, _opset(model))
-    if importer.contraction_nodes:
-        mod = mod.with_attr(ONNX_NODES_ATTR, dict(importer.contraction_nodes))
+    mod["main"] = with_node_spans(mod["main"], importer.var_nodes)
     return mod, importer.checks_by_onnx_name(model.graph, mod)
 
 
@@ -88,8 +87,10 @@ def _opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
-def _importer(shape_dict: dict | None) -> "_Importer":
-    return _Importer(shape_dict or {}, "float32", keep_params_in_input=False, sanitize=True)
+def _importer(shape_dict: dict | None, origins: dict[str, tuple[str, str]] | None = None) -> "_Importer":
+    importer = _Importer(shape_dict or {}, "float32", keep_params_in_input=False, sanitize=True)
+    importer.origins = origins or {}
+    return importer
 
 
 class _Range(onnx_frontend.Range):
@@ -185,7 +186,8 @@ class _Importer(onnx_frontend.ONNXGraphImporter):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._checks: list[tuple[str, str, object, object]] = []  # (node, op, lhs PrimExpr, rhs PrimExpr)
-        self.contraction_nodes: dict[str, str] = {}  # Relax variable name -> ONNX node name
+        self.origins: dict[str, tuple[str, str]] = {}  # legalized node name -> the user's node (op type, name)
+        self.var_nodes: dict = {}  # Relax variable bound while converting a node -> that node (op type, name)
 
     def checks_by_onnx_name(self, graph: onnx.GraphProto, mod) -> list[ShapeCheck]:
         """The collected conditions with TVM's dim variables renamed to the graph inputs' ONNX dim names.
@@ -214,7 +216,8 @@ class _Importer(onnx_frontend.ONNXGraphImporter):
                 "The following operators are not supported for frontend ONNX: " + ", ".join(sorted(unsupported)))
 
     def _convert_operator(self, op_name, inputs, attrs, opset):
-        node = str(attrs.get("tvm_custom", {}).get("name") or op_name)
+        name = str(attrs.get("tvm_custom", {}).get("name") or op_name)
+        node = self.origins.get(name, (op_name, name))[1]
         if op_name in _BROADCAST_OPS:
             renamed = []
             inputs = _unify_operand_shapes(self.bb, _immediates_as_tensor_constants(inputs), renamed)
@@ -226,34 +229,43 @@ class _Importer(onnx_frontend.ONNXGraphImporter):
             result = self.bb.normalize(fixed.get_converter(opset)(self.bb, inputs, attrs, [self._nodes, self._params]))
         if op_name == "Reshape":
             self._check_same_size(node, inputs[0], result)
-        if op_name in _CONTRACTIONS:
-            result = self._name_contraction(result, node)
-        return result
+        return self._attribute(result, self.origins.get(name, (op_name, name)))
 
-    def _name_contraction(self, expr, node: str, depth: int = 0):
-        """`expr` with its matmul/conv call (itself, or under a bias add / reshape on its first operand)
-        bound to a variable recorded as ONNX node `node` (`contraction_nodes`)."""
-        if depth > 3:
+    def _attribute(self, expr, node: tuple[str, str]):
+        """`expr` (a converter's result) with its calls spanned as ONNX node `node`; the variables bound while
+        converting it recorded as `node`'s (`var_nodes`; `import_onnx` spans their calls once the import is done).
+
+        Stops at variables already recorded (earlier nodes'); a variable bound to a call an earlier node left
+        unbound (spanned already) keeps that node.
+        """
+        if isinstance(expr, relax.Var):
+            self._record_bound(expr, node)
             return expr
-        if isinstance(expr, relax.Var):  # bound by the converter itself: record the variable it made
-            value = self.bb.lookup_binding(expr)
-            if _is_contraction(value):
-                self.contraction_nodes[str(expr.name)] = node
-            elif isinstance(value, relax.Call) and value.args:
-                self._name_contraction(value.args[0], node, depth + 1)
-            return expr
-        if not isinstance(expr, relax.Call):
-            return expr
-        if _is_contraction(expr):
-            var = self.bb.emit(expr, name_hint=f"onnx_{len(self.contraction_nodes)}")
-            self.contraction_nodes[str(var.name)] = node
-            return var
-        if not expr.args:
-            return expr
-        first = self._name_contraction(expr.args[0], node, depth + 1)
-        if first.same_as(expr.args[0]):
-            return expr
-        return relax.Call(expr.op, [first, *expr.args[1:]], expr.attrs, expr.ty_args)
+        if isinstance(expr, relax.Call):
+            args = [self._attribute(arg, node) for arg in expr.args]
+            if span_node(expr.span) is not None and all(a.same_as(b) for a, b in zip(args, expr.args)):
+                return expr
+            return self.bb.normalize(relax.Call(expr.op, args, expr.attrs, expr.ty_args,
+                                                span=expr.span if span_node(expr.span) else node_span(node)))
+        if isinstance(expr, relax.Tuple):
+            fields = [self._attribute(field, node) for field in expr.fields]
+            return expr if all(a.same_as(b) for a, b in zip(fields, expr.fields)) else self.bb.normalize(relax.Tuple(fields))
+        if isinstance(expr, relax.TupleGetItem):
+            self._record_bound(expr.tuple_value, node)
+        return expr
+
+    def _record_bound(self, var, node: tuple[str, str]) -> None:
+        """Record `var` and the variables its binding reads, back to those already recorded, as `node`'s."""
+        pending = [var]
+        while pending:
+            var = pending.pop()
+            if not isinstance(var, relax.Var) or var in self.var_nodes:
+                continue
+            value = self.bb.lookup_binding(var)
+            if value is None:  # a graph input or parameter
+                continue
+            self.var_nodes[var] = span_node(getattr(value, "span", None)) or node
+            relax.analysis.post_order_visit(value, lambda e: pending.append(e) if isinstance(e, relax.Var) else None)
 
     def _check_same_size(self, node: str, data, result) -> None:
         """Record `numel(data) == numel(result)` unless TVM can prove it (Relax's reshape does not check it)."""
@@ -262,11 +274,6 @@ class _Importer(onnx_frontend.ONNXGraphImporter):
             return
         if not Analyzer().can_prove_equal(before, after):
             self._checks.append((node, "Reshape", before, after))
-
-
-def _is_contraction(expr) -> bool:
-    return isinstance(expr, relax.Call) and getattr(expr.op, "name", "").split(".")[-1] in (
-        "matmul", "conv1d", "conv2d", "conv3d", "conv1d_transpose", "conv2d_transpose")
 
 
 def _immediates_as_tensor_constants(inputs):

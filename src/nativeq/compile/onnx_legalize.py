@@ -57,12 +57,21 @@ _INT4_RANGE = {TensorProto.INT4: (-8, 7), TensorProto.UINT4: (0, 15)}
 IMPORTER_BUILTIN_OPS = {"If", "Constant"}
 
 
-def legalize(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Return a copy of `model` in which every node is one TVM's ONNX importer can convert exactly."""
+def legalize(model: onnx.ModelProto, origins: dict[str, str] | None = None) -> onnx.ModelProto:
+    """Return a copy of `model` in which every node is one TVM's ONNX importer can convert exactly.
+
+    Nodes without a name get `<OpType>_<index>`. origins: when given, filled with each node name of the copy ->
+    the node of `model` it comes from, as (op type, name) (a rewrite's nodes -> the node they replace).
+    """
     out = onnx.ModelProto()
     out.CopyFrom(model)
     _check_default_opset(out)
     ctx = _Context(out)
+    for index, node in enumerate(out.graph.node):
+        if not node.name:
+            node.name = ctx.fresh(f"{node.op_type}_{index}")
+    origins = {} if origins is None else origins
+    origins.update((node.name, (node.op_type, node.name)) for node in out.graph.node)
     refuse_unsupported_quantized_types(ctx)
     widen_int4_initializers(ctx)
     # Each folding round can make more dimensions static for shape inference: repeat to a fixed point.
@@ -77,6 +86,8 @@ def legalize(model: onnx.ModelProto) -> onnx.ModelProto:
             if replacement is not None:
                 break
         new_nodes.extend(replacement if replacement is not None else [node])
+        for new_node in replacement or ():
+            origins[new_node.name] = origins.get(node.name, (node.op_type, node.name))
     del out.graph.node[:]
     out.graph.node.extend(new_nodes)
     ctx.flush_initializers()

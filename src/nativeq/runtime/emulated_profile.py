@@ -31,9 +31,9 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from nativeq._text import aligned_table
+from nativeq._text import aligned_table, nodes_text
 from nativeq.errors import NativeqError
-from nativeq.runtime.manifest import input_specs, read_manifest
+from nativeq.runtime.manifest import input_specs, kernel_onnx_nodes, read_manifest
 from nativeq.runtime.profile import ProfileConfig, prepare_inputs
 
 _NAME_WIDTH = 72  # kernel names in the table are cut in the middle to this width (--json has them whole)
@@ -56,6 +56,7 @@ class KernelInsns:
     calls: int | None = None  # call sites the compiler counted (manifest)
     macs: int | None = None  # multiply-accumulates per inference, all calls, at the manifest's kernel_dims
     mac_share: float | None = None  # its share of the model's MACs (manifest)
+    onnx_nodes: tuple[str, ...] = ()  # the ONNX nodes its calls compute (manifest; compute nodes first)
 
 
 @dataclass(frozen=True)
@@ -108,8 +109,9 @@ class EmulatedProfile:
             if per_mac:
                 ipm = self.insns_per_mac(k)
                 row.append("-" if ipm is None else f"{ipm:.3f}")
-            rows.append(tuple(row))
-        header = ["kernel", "calls", "instructions", "share", "kind", "schedule", "MACs"] + (["insn/MAC"] if per_mac else [])
+            rows.append((*row, nodes_text(k.onnx_nodes)))
+        header = ["kernel", "calls", "instructions", "share", "kind", "schedule", "MACs"] + (["insn/MAC"] if per_mac else []) \
+            + ["ONNX nodes"]
         lines.append(aligned_table(tuple(header), rows))
         rest = kernels[len(shown):]
         if rest:
@@ -415,14 +417,15 @@ def profile_emulated(artifact, cfg: ProfileConfig = ProfileConfig(emulate=True),
             name=name, instructions=insns, share=insns / whole if whole else 0.0, where=where,
             kind=_optional(record, "kind", str), schedule=_optional(record, "schedule", str),
             calls=_optional(record, "calls", int), macs=_macs(record),
-            mac_share=_optional(record, "share", (int, float)),
+            mac_share=_optional(record, "share", (int, float)), onnx_nodes=kernel_onnx_nodes(record),
         ))
     for name, record in kernels.items():  # a kernel that never ran still gets its row (0 instructions)
         if ("kernel", name) not in once and ("kernel", name) not in many:
             rows.append(KernelInsns(name=name, instructions=0, share=0.0, where="kernel",
                                     kind=_optional(record, "kind", str), schedule=_optional(record, "schedule", str),
                                     calls=_optional(record, "calls", int), macs=_macs(record),
-                                    mac_share=_optional(record, "share", (int, float))))
+                                    mac_share=_optional(record, "share", (int, float)),
+                                    onnx_nodes=kernel_onnx_nodes(record)))
     rows.sort(key=lambda r: (-r.instructions, r.name))
     kernel_dims = manifest.get("kernel_dims") if isinstance(manifest.get("kernel_dims"), dict) else None
     return EmulatedProfile(

@@ -22,7 +22,8 @@ Schema (version 1)::
       "memory": null | {"method", "bytes": [{"coef", "dims": {"T": 2}}]},  # bound of a call's memory (runtime/memory.py)
       "sizes": {"weight_bytes", "code_bytes", "library_bytes", "debug_bytes", "stripped",
                 "arena_bytes", "arena_expr", "arena_dims": {"T": 64}},  # what the artifact costs (compile/sizes.py)
-      "kernels": [{"name", "kind", "schedule", "rule", "macs", "calls", "share", "weight_bytes"}],
+      "kernels": [{"name", "kind", "schedule", "rule", "macs", "calls", "share", "weight_bytes",
+                   "onnx_nodes": [{"op", "name"}]}],
       "kernel_dims": {"T": 64},         # the symbolic sizes the kernel report (and arena_bytes) assume
       "build": {...}, "tuning": {...}, "int8_report": {...} | null, "compile_seconds": 1.2
     }
@@ -361,6 +362,19 @@ def check_files(artifact_dir: str | Path, manifest: dict, *, skip: tuple[str, ..
             raise NativeqError(f"artifact file {path} is missing")
         if name not in skip and sha256_file(path) != digest:
             raise NativeqError(f"artifact file {path} was modified (sha256 mismatch)")
+
+
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")  # nodes a kernel computes "on the side"
+
+
+def kernel_onnx_nodes(record: dict, compute_only: bool = False) -> tuple[str, ...]:
+    """The names of the ONNX nodes a kernel record of the manifest says its calls compute (none if it does not say);
+    compute_only: leave out the quantize/dequantize nodes."""
+    nodes = record.get("onnx_nodes")
+    if not isinstance(nodes, list):
+        return ()
+    return tuple(n["name"] for n in nodes if isinstance(n, dict) and isinstance(n.get("name"), str)
+                 and not (compute_only and n.get("op") in QDQ_OPS))
 
 
 def input_specs(manifest: dict) -> tuple[TensorSpec, ...]:

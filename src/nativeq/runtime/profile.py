@@ -30,10 +30,10 @@ from time import perf_counter_ns
 import numpy as np
 
 from nativeq._fs import write_bytes_atomic
-from nativeq._text import aligned_table, first_line
+from nativeq._text import aligned_table, first_line, nodes_text
 from nativeq.errors import NativeqError
 from nativeq.runtime.cpu import machine_arch
-from nativeq.runtime.manifest import TensorSpec, input_specs, output_specs, read_manifest
+from nativeq.runtime.manifest import TensorSpec, input_specs, kernel_onnx_nodes, output_specs, read_manifest
 from nativeq.runtime.model import aligned, check_inputs, import_tvm_ffi, runtime_threads
 
 _WIDE_INT_HIGH = 16  # random int32/int64 inputs (often lengths or indices) are drawn from [0, 16)
@@ -262,6 +262,7 @@ class KernelTime:
     schedule: str | None = None  # the schedule it was built with (manifest)
     mac_share: float | None = None  # its share of the model's multiply-accumulates (manifest)
     manifest_calls: int | None = None  # call sites the compiler counted (manifest)
+    onnx_nodes: tuple[str, ...] = ()  # the ONNX nodes its calls compute (manifest; compute nodes first)
 
 
 @dataclass(frozen=True)
@@ -300,8 +301,9 @@ class Profile:
             name = k.name if len(k.name) <= _NAME_WIDTH else k.name[:_NAME_WIDTH - 28] + "..." + k.name[-25:]
             calls = _calls_text(k.calls) + ("" if k.manifest_calls in (None, k.calls) else f" (manifest {k.manifest_calls})")
             mac = "-" if k.mac_share is None else f"{100 * k.mac_share:.1f}%"
-            rows.append((name, calls, f"{k.ms:.4f}", f"{100 * k.share:.1f}%", k.kind or "-", k.schedule or "-", mac))
-        lines.append(aligned_table(("kernel", "calls", "ms", "time", "kind", "schedule", "MACs"), rows))
+            rows.append((name, calls, f"{k.ms:.4f}", f"{100 * k.share:.1f}%", k.kind or "-", k.schedule or "-", mac,
+                         nodes_text(k.onnx_nodes)))
+        lines.append(aligned_table(("kernel", "calls", "ms", "time", "kind", "schedule", "MACs", "ONNX nodes"), rows))
         rest = self.kernels[len(shown):]
         if rest:
             lines.append(f"... {len(rest)} more kernel{'s' if len(rest) > 1 else ''}: {sum(k.ms for k in rest):.4f} ms "
@@ -431,7 +433,7 @@ def profile_artifact(artifact, cfg: ProfileConfig = ProfileConfig()):
             name=name, calls=int(calls) if float(calls).is_integer() else calls, ms=ms,
             share=ms / total if total else 0.0, kind=_optional(record, "kind", str),
             schedule=_optional(record, "schedule", str), mac_share=_optional(record, "share", (int, float)),
-            manifest_calls=_optional(record, "calls", int)))
+            manifest_calls=_optional(record, "calls", int), onnx_nodes=kernel_onnx_nodes(record)))
     kernels.sort(key=lambda k: (-k.ms, k.name))
     return Profile(
         artifact=str(artifact), target=manifest["target"]["name"], threads=cfg.threads or runtime_threads(),

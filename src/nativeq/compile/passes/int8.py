@@ -12,6 +12,7 @@ from nativeq.compile.passes.fold_dequantize_quantize import FoldDequantizeQuanti
 from nativeq.compile.passes.lower_qdq_to_integer import LowerQDQToInteger
 from nativeq.compile.passes.lut_elementwise import LutElementwise
 from nativeq.compile.passes.remove_identity_reshapes import RemoveIdentityReshapes
+from nativeq.compile.provenance import span_node
 from nativeq.compile.passes.qdq_sites import (
     CONTRACTION_OPS,
     ActivationProductSite,
@@ -20,9 +21,6 @@ from nativeq.compile.passes.qdq_sites import (
     match_site,
     op_name,
 )
-
-# Module attribute the ONNX import sets: Relax variable name of each MatMul/Conv/Gemm -> its ONNX node name.
-ONNX_NODES_ATTR = "nativeq.onnx_nodes"
 
 _INTEGER_DTYPES = ("int8", "uint8")
 
@@ -58,13 +56,12 @@ def _is_integer_contraction(call) -> bool:
 
 
 def explain_sites(mod, target) -> list[dict]:
-    """One dict per matmul/conv in `mod`: site (its ONNX node when the import recorded it, else the Relax var),
+    """One dict per matmul/conv in `mod`: site (its ONNX node, from the call's span, else the Relax var),
     op, status ("int8"/"float"), reason.
 
     Works on the module as imported (what the int8 passes will do) and on an already lowered one.
     """
     kernel_dtype = activation_dtype(target)
-    onnx_nodes = dict(mod.attrs[ONNX_NODES_ATTR]) if mod.attrs is not None and ONNX_NODES_ATTR in mod.attrs else {}
     sites = []
     for gvar, func in mod.functions_items():
         if not isinstance(func, relax.Function):
@@ -74,7 +71,7 @@ def explain_sites(mod, target) -> list[dict]:
             op = CONTRACTION_OPS.get(op_name(value))
             if op is None:
                 continue
-            name = str(onnx_nodes.get(_name(var), f"{_name(gvar)}/{_name(var)}"))
+            name = (span_node(value.span) or ("", f"{_name(gvar)}/{_name(var)}"))[1]
             if _is_integer_contraction(value):
                 dtypes = " x ".join(str(a.ty.dtype) for a in value.args[:2])
                 sites.append({"site": name, "op": op, "status": "int8", "reason": f"integer {dtypes} -> int32"})
