@@ -110,6 +110,38 @@ def test_time_steps_split_over_threads_match_ort(tmp_path):
     _assert_float_close(_compile_and_verify_lengths(model, tmp_path), expected_outputs=1)
 
 
+def test_packed_recurrent_weights_give_the_same_sums(tmp_path, monkeypatch):
+    """Hidden sizes whose Rᵀ is packed in column panels (LSTM 64: panels of 16; GRU 128, linear_before_reset=1 as
+    torch exports it: 32; RNN 32: 16) compute
+    bit-identically to Rᵀ read row by row (the same FMAs in the same order), and within ORT's few ulps."""
+    import torch
+    from torch import nn
+
+    import nativeq
+    from nativeq.compile import recurrent
+
+    torch.manual_seed(3)
+
+    class Packed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(16, 64, batch_first=True)
+            self.gru = nn.GRU(64, 128, batch_first=True)
+            self.rnn = nn.RNN(128, 32, batch_first=True)
+
+        def forward(self, x):
+            return self.rnn(self.gru(self.lstm(x)[0])[0])[0]
+
+    model = _torch_export(Packed(), torch.randn(2, 10, 16), {1: "T"}, tmp_path)
+    reports = _compile_and_verify_lengths(model, tmp_path, lengths=(37,))
+    _assert_float_close(reports, expected_outputs=1)
+    monkeypatch.setattr(recurrent, "_panel_width", lambda spec: None)
+    compile_model(tmp_path / "model.onnx", tmp_path / "rows", CompileConfig(target="host"))
+    x = np.random.default_rng(0).standard_normal((2, 37, 16)).astype(np.float32)
+    packed, rows = (nativeq.load(tmp_path / name).run({"x": x}) for name in ("out", "rows"))
+    assert np.array_equal(packed["y"], rows["y"])
+
+
 def test_torch_time_major_bidirectional_matches_ort(tmp_path):
     """Bidirectional GRU and tanh RNN, time-major (batch_first=False) with batch 2, then a Linear."""
     import torch

@@ -60,16 +60,18 @@ IMPORTER_BUILTIN_OPS = {"If", "Constant"}
 def legalize(model: onnx.ModelProto, origins: dict[str, str] | None = None) -> onnx.ModelProto:
     """Return a copy of `model` in which every node is one TVM's ONNX importer can convert exactly.
 
-    Nodes without a name get `<OpType>_<index>`. origins: when given, filled with each node name of the copy ->
+    A node without a name gets its first output's. origins: when given, filled with each node name of the copy ->
     the node of `model` it comes from, as (op type, name) (a rewrite's nodes -> the node they replace).
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
     _check_default_opset(out)
     ctx = _Context(out)
-    for index, node in enumerate(out.graph.node):
-        if not node.name:
-            node.name = ctx.fresh(f"{node.op_type}_{index}")
+    names = {node.name for node in out.graph.node}
+    for node in out.graph.node:
+        if not node.name:  # named after its first output, as nativeq's errors name an unnamed node
+            node.name = node.output[0] if node.output and node.output[0] not in names else ctx.fresh(node.op_type)
+            names.add(node.name)
     origins = {} if origins is None else origins
     origins.update((node.name, (node.op_type, node.name)) for node in out.graph.node)
     refuse_unsupported_quantized_types(ctx)

@@ -7,13 +7,15 @@ QDQ models, so they only ever see float32 tensors.
 Lowering, per direction `d`:
 
 1. the input projection `X·W[d]ᵀ` for every time step at once, as a TIR PrimFunc (blocks of 4
-   rows in parallel, 4 x 16 accumulator tiles kept in registers); a Relax matmul would get the default
+   rows in parallel, their X rows interleaved k-major, 4 x 16 accumulator tiles kept in registers);
+   a Relax matmul would get the default
    CPU schedules, which run a float matmul with a symbolic row count as one strided serial dot
    product per output (10x slower);
 2. one `relax.call_tir` to a TIR PrimFunc (built here, added with `bb.add_func`) that runs the
    recurrence: batch elements one after the other (they are independent), a serial loop over
-   time inside, `H·R[d]ᵀ` accumulated 4 rows of `R[d]ᵀ` at a time so the innermost loop is a
-   contiguous chain of axpys LLVM vectorizes, then the biases, peepholes and activations in contiguous
+   time inside, `H·R[d]ᵀ` with `R[d]ᵀ` packed in panels of gate columns, each contiguous over all of
+   k and accumulated in registers (`_state_times_rt_panels`; `R[d]ᵀ` row by row, 4 rows per pass over
+   the gates, when the hidden size is not a multiple of 16), then the biases, peepholes and activations in contiguous
    per-gate loops. Each time step runs in parallel over slices of the hidden units (`_PARTS`): a
    thread streams only its slice's columns of `R[d]ᵀ` (which alone exceeds L1 and, for a 256-unit
    LSTM, a core's L2) and writes its units of the next state to a second buffer, so the sums are
@@ -224,6 +226,10 @@ def _convert(bb, op: str, inputs, attr):
         w_transposed = bb.normalize(relax.op.permute_dims(w_d))  # [I, G·H]: row k scales X_t[k]
         projected = bb.emit(relax.call_tir(projection, [x, w_transposed], relax.TensorType([steps, batch, gates], "float32")))
         r_transposed = bb.normalize(relax.op.permute_dims(r_d))  # [H, G·H]: row k scales H_{t-1}[k]
+        panel = _panel_width(spec)
+        if panel is not None:  # [G·H / panel, H, panel]: a panel of columns, contiguous over all of k
+            r_transposed = bb.normalize(relax.op.permute_dims(
+                relax.op.reshape(r_transposed, [hidden, gates // panel, panel]), [1, 0, 2]))
         lens_arg = lens if lens is not None else bb.normalize(relax.const(np.zeros(1, "int32")))
 
         kernel_args = [projected, r_transposed, bb.normalize(gate_bias)]
@@ -334,6 +340,55 @@ def _state_times_rt(gates, state_h, rt, b, hidden, blocks, lo, hi):
                 gates[q * hidden + g] = _fma(state_h[b, k], rt[k, q * hidden + g], gates[q * hidden + g])
 
 
+@T.macro
+def _state_times_rt_panels(gates, state_h, rt, b, hidden, blocks, lo, hi):
+    """`_state_times_rt` on Rᵀ packed in panels (`rt[p, k, c]` = Rᵀ[k, p * panel + c], `_panel_width`): a
+    panel of gate columns is accumulated in registers over all of k, by FMAs in k order (the same sums),
+    reading each panel contiguously; H_{t-1}[k] is loaded once per panel instead of once per 4 columns."""
+    for q in T.serial(blocks):
+        for p in T.serial((hi - lo) // rt.shape[2]):
+            panel = (q * hidden + lo) // rt.shape[2] + p
+            acc = T.alloc_buffer((rt.shape[2],), "float32", scope="local")
+            for c in T.vectorized(rt.shape[2]):
+                acc[c] = state_h[b, 0] * rt[panel, 0, c]
+            for k_block in T.serial((hidden - 1) // _RT_ROWS):
+                for u in T.unroll(_RT_ROWS):
+                    for c in T.vectorized(rt.shape[2]):
+                        acc[c] = _fma(state_h[b, 1 + k_block * _RT_ROWS + u], rt[panel, 1 + k_block * _RT_ROWS + u, c],
+                                      acc[c])
+            for k in T.serial(1 + (hidden - 1) // _RT_ROWS * _RT_ROWS, hidden):
+                for c in T.vectorized(rt.shape[2]):
+                    acc[c] = _fma(state_h[b, k], rt[panel, k, c], acc[c])
+            for c in T.vectorized(rt.shape[2]):
+                gates[q * hidden + lo + p * rt.shape[2] + c] = acc[c]
+
+
+# Gate columns per panel of the packed Rᵀ (`_state_times_rt_panels`): 64 floats are 4 AVX-512 / 8 AVX2 / 16 NEON
+# accumulator registers; one broadcast of H_{t-1}[k] serves them all.
+_PANEL = 64
+
+
+def _panel_width(spec) -> int | None:
+    """Columns per panel of the packed Rᵀ, or None to keep Rᵀ row-major: every slice of hidden units a time step's
+    threads take (`_part_bounds`) must be whole panels, and a GRU without linear_before_reset reads Rᵀ's candidate
+    columns after its reset gate, outside the panels' loop."""
+    if spec.op == "GRU" and not spec.linear_before_reset:
+        return None
+    _, units = _part_bounds(spec.hidden)
+    for panel in (_PANEL, 32, 16):
+        if spec.hidden % panel == 0 and units % panel == 0:
+            return panel
+    return None
+
+
+def _rt_layout(spec, gate_width: int):
+    """(the shape of Rᵀ as the recurrence reads it, the macro computing H_{t-1}·Rᵀ on it)."""
+    panel = _panel_width(spec)
+    if panel is None:
+        return (spec.hidden, gate_width), _state_times_rt
+    return (gate_width // panel, spec.hidden, panel), _state_times_rt_panels
+
+
 def _part_bounds(hidden: int) -> tuple[int, int]:
     """(parts, units per part) of a time step split over threads: `_PARTS` slices of the hidden units, each a
     whole number of 16-float vectors (fewer parts when the hidden size is small)."""
@@ -371,17 +426,28 @@ def _projection_kernel(input_size: int, gate_width: int):
         wt = T.match_buffer(wt_handle, (input_size, gate_width), "float32")
         out = T.match_buffer(out_handle, (steps, batch, gate_width), "float32")
         for tile in T.parallel((steps * batch + rows_per_tile - 1) // rows_per_tile):
+            # the tile's rows of X interleaved, k-major: one k's values of all rows are adjacent (one vector load on
+            # NEON, broadcast by lane; one broadcast load each on x86) and need no address of their own
+            x_tile = T.alloc_buffer((input_size, rows_per_tile), "float32", scope="local")
+            for k in T.serial(input_size):
+                for r in T.unroll(rows_per_tile):
+                    row = T.min(tile * rows_per_tile + r, steps * batch - 1)
+                    x_tile[k, r] = x[row // batch, row % batch, k]
             for chunk in T.serial(chunks):
                 acc = T.alloc_buffer((rows_per_tile, columns), "float32", scope="local")
                 for r in T.unroll(rows_per_tile):
                     for g in T.vectorized(columns):
-                        row = T.min(tile * rows_per_tile + r, steps * batch - 1)
-                        acc[r, g] = x[row // batch, row % batch, 0] * wt[0, chunk * columns + g]
-                for k in T.serial(1, input_size):
+                        acc[r, g] = x_tile[0, r] * wt[0, chunk * columns + g]
+                for k_block in T.serial((input_size - 1) // _RT_ROWS):
+                    for u in T.unroll(_RT_ROWS):
+                        for r in T.unroll(rows_per_tile):
+                            for g in T.vectorized(columns):
+                                acc[r, g] = _fma(x_tile[1 + k_block * _RT_ROWS + u, r],
+                                                 wt[1 + k_block * _RT_ROWS + u, chunk * columns + g], acc[r, g])
+                for k in T.serial(1 + (input_size - 1) // _RT_ROWS * _RT_ROWS, input_size):
                     for r in T.unroll(rows_per_tile):
                         for g in T.vectorized(columns):
-                            row = T.min(tile * rows_per_tile + r, steps * batch - 1)
-                            acc[r, g] = _fma(x[row // batch, row % batch, k], wt[k, chunk * columns + g], acc[r, g])
+                            acc[r, g] = _fma(x_tile[k, r], wt[k, chunk * columns + g], acc[r, g])
                 for r in T.serial(rows_per_tile):
                     if tile * rows_per_tile + r < steps * batch:
                         for g in T.vectorized(columns):
@@ -408,6 +474,7 @@ def _lstm_kernel(spec: _Spec, activations, reverse: bool, has_lens: bool):
     """PrimFunc(X·Wᵀ[T,B,4H], Rᵀ[H,4H], Wb+Rb[4H], P[3H], h0[B,H], c0[B,H], lens) -> (Y[T,B,H], Y_h[B,H], Y_c[B,H])."""
     hidden, gate_width = spec.hidden, 4 * spec.hidden
     parts, units = _part_bounds(hidden)
+    rt_shape, times_rt = _rt_layout(spec, gate_width)
     gate_act, cell_act, hidden_act = (_ACTIVATIONS[name] for name in activations)
     clip = _clipper(spec.clip)
     input_forget = spec.input_forget
@@ -421,7 +488,7 @@ def _lstm_kernel(spec: _Spec, activations, reverse: bool, has_lens: bool):
         batch = T.int64()
         num_lens = T.int64()
         projected = T.match_buffer(projected_handle, (steps, batch, gate_width), "float32")
-        rt = T.match_buffer(rt_handle, (hidden, gate_width), "float32")
+        rt = T.match_buffer(rt_handle, rt_shape, "float32")
         bias = T.match_buffer(bias_handle, (gate_width,), "float32")
         peephole = T.match_buffer(p_handle, (3 * hidden,), "float32")
         h0 = T.match_buffer(h0_handle, (batch, hidden), "float32")
@@ -449,7 +516,7 @@ def _lstm_kernel(spec: _Spec, activations, reverse: bool, has_lens: bool):
                     for part in T.parallel(parts):
                         lo = part * units
                         hi = T.min(lo + units, hidden)
-                        _state_times_rt(gates, state_h, rt, b, hidden, 4, lo, hi)
+                        times_rt(gates, state_h, rt, b, hidden, 4, lo, hi)
                         for q in T.serial(4):
                             for g in T.serial(lo, hi):
                                 gates[q * hidden + g] = gates[q * hidden + g] + projected[step, b, q * hidden + g]
@@ -486,6 +553,7 @@ def _gru_kernel(spec: _Spec, activations, reverse: bool, has_lens: bool):
     clip = _clipper(spec.clip)
     linear_before_reset = spec.linear_before_reset
     parts, units = _part_bounds(hidden)
+    rt_shape, times_rt = _rt_layout(spec, gate_width)
 
     @T.prim_func(private=True, s_tir=True)
     def gru(projected_handle: T.handle, rt_handle: T.handle, bias_handle: T.handle, rbh_handle: T.handle,
@@ -495,7 +563,7 @@ def _gru_kernel(spec: _Spec, activations, reverse: bool, has_lens: bool):
         batch = T.int64()
         num_lens = T.int64()
         projected = T.match_buffer(projected_handle, (steps, batch, gate_width), "float32")
-        rt = T.match_buffer(rt_handle, (hidden, gate_width), "float32")
+        rt = T.match_buffer(rt_handle, rt_shape, "float32")
         bias = T.match_buffer(bias_handle, (gate_width,), "float32")
         rbh = T.match_buffer(rbh_handle, (hidden,), "float32")
         h0 = T.match_buffer(h0_handle, (batch, hidden), "float32")
@@ -524,7 +592,7 @@ def _gru_kernel(spec: _Spec, activations, reverse: bool, has_lens: bool):
                         for part in T.parallel(parts):
                             lo = part * units
                             hi = T.min(lo + units, hidden)
-                            _state_times_rt(gates, state_h, rt, b, hidden, 3, lo, hi)
+                            times_rt(gates, state_h, rt, b, hidden, 3, lo, hi)
                             for j in T.serial(lo, hi):
                                 reset_gate = gate_act(clip((gates[hidden + j] + projected[step, b, hidden + j]) + bias[hidden + j]))
                                 update = gate_act(clip((gates[j] + projected[step, b, j]) + bias[j]))
@@ -563,6 +631,7 @@ def _rnn_kernel(spec: _Spec, activations, reverse: bool, has_lens: bool):
     """PrimFunc(X·Wᵀ[T,B,H], Rᵀ[H,H], Wb+Rb[H], h0[B,H], lens) -> (Y[T,B,H], Y_h[B,H])."""
     hidden = spec.hidden
     parts, units = _part_bounds(hidden)
+    rt_shape, times_rt = _rt_layout(spec, hidden)
     (act,) = (_ACTIVATIONS[name] for name in activations)
     clip = _clipper(spec.clip)
 
@@ -574,7 +643,7 @@ def _rnn_kernel(spec: _Spec, activations, reverse: bool, has_lens: bool):
         batch = T.int64()
         num_lens = T.int64()
         projected = T.match_buffer(projected_handle, (steps, batch, hidden), "float32")
-        rt = T.match_buffer(rt_handle, (hidden, hidden), "float32")
+        rt = T.match_buffer(rt_handle, rt_shape, "float32")
         bias = T.match_buffer(bias_handle, (hidden,), "float32")
         h0 = T.match_buffer(h0_handle, (batch, hidden), "float32")
         lens = T.match_buffer(lens_handle, (num_lens,), "int32")
@@ -598,7 +667,7 @@ def _rnn_kernel(spec: _Spec, activations, reverse: bool, has_lens: bool):
                     for part in T.parallel(parts):
                         lo = part * units
                         hi = T.min(lo + units, hidden)
-                        _state_times_rt(gates, state_h, rt, b, hidden, 1, lo, hi)
+                        times_rt(gates, state_h, rt, b, hidden, 1, lo, hi)
                         for j in T.serial(lo, hi):
                             next_h[j] = act(clip((gates[j] + projected[step, b, j]) + bias[j]))
                     for j in T.serial(hidden):
