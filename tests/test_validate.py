@@ -320,11 +320,13 @@ def test_compile_refuses_in_one_cli_line(nativeq_cli, tmp_path):
 
 
 def test_importer_failure_prints_one_line_and_nothing_on_stdout(nativeq_cli, tmp_path):
-    """TVM's importer prints the failing operator on stdout and a C++ warning on stderr; compile keeps neither."""
+    """TVM's importer prints the failing operator on stdout and a C++ warning on stderr; compile keeps neither,
+    and names the user's node (a QLinearConv, which the importer sees rewritten to a float Conv)."""
     model = qdq_models.qlinear_conv(c_in=4, c_out=6, kernel=(3,), spatial=(12,))
     model.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 5  # 5 channels into a 4-channel conv
     onnx.save(model, tmp_path / "channels.onnx")
     res = nativeq_cli("compile", "channels.onnx", "--target", "host", "-o", "out")
     assert res.returncode == 2, (res.stdout, res.stderr)
     assert res.stdout == ""
-    assert res.stderr.startswith("error: TVM's ONNX importer failed on channels.onnx: ") and res.stderr.count("\n") == 1, res.stderr
+    assert res.stderr.startswith("error: QLinearConv node 'conv_QLinearConv': TVM's ONNX importer cannot convert it: ") \
+        and res.stderr.count("\n") == 1, res.stderr

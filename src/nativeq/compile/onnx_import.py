@@ -33,10 +33,12 @@ from dataclasses import dataclass
 
 import onnx
 
+from nativeq._text import first_line
 from nativeq.compile._tvm import Analyzer, onnx_convert_map, onnx_frontend, relax, tvm
 from nativeq.compile.onnx_legalize import IMPORTER_BUILTIN_OPS, check_importable, legalize
 from nativeq.compile.provenance import node_span, span_node, with_node_spans
 from nativeq.compile.recurrent import CONVERTERS as RECURRENT_CONVERTERS, check_node as check_recurrent_node
+from nativeq.errors import NativeqError
 
 _BROADCAST_OPS = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Where", "Equal", "Less", "Greater", "And", "Or"}
 
@@ -217,7 +219,15 @@ class _Importer(onnx_frontend.ONNXGraphImporter):
 
     def _convert_operator(self, op_name, inputs, attrs, opset):
         name = str(attrs.get("tvm_custom", {}).get("name") or op_name)
-        node = self.origins.get(name, (op_name, name))[1]
+        user_op, node = self.origins.get(name, (op_name, name))
+        try:
+            return self._convert_node(op_name, inputs, attrs, opset, name, node)
+        except NativeqError:
+            raise
+        except Exception as e:  # noqa: BLE001  (TVM's converters raise anything from KeyError to TVMError)
+            raise NativeqError(f"{user_op} node '{node}': TVM's ONNX importer cannot convert it: {first_line(e)}") from None
+
+    def _convert_node(self, op_name, inputs, attrs, opset, name: str, node: str):
         if op_name in _BROADCAST_OPS:
             renamed = []
             inputs = _unify_operand_shapes(self.bb, _immediates_as_tensor_constants(inputs), renamed)
