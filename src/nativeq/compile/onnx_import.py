@@ -36,7 +36,7 @@ import onnx
 from nativeq._text import first_line
 from nativeq.compile._tvm import Analyzer, onnx_convert_map, onnx_frontend, relax, tvm
 from nativeq.compile.onnx_legalize import IMPORTER_BUILTIN_OPS, check_importable, legalize
-from nativeq.compile.provenance import node_span, span_node, with_node_spans
+from nativeq.compile.provenance import node_span, span_node, used_vars, with_node_spans
 from nativeq.compile.recurrent import CONVERTERS as RECURRENT_CONVERTERS, check_node as check_recurrent_node
 from nativeq.errors import NativeqError
 
@@ -275,7 +275,7 @@ class _Importer(onnx_frontend.ONNXGraphImporter):
             if value is None:  # a graph input or parameter
                 continue
             self.var_nodes[var] = span_node(getattr(value, "span", None)) or node
-            relax.analysis.post_order_visit(value, lambda e: pending.append(e) if isinstance(e, relax.Var) else None)
+            pending.extend(used_vars(value))
 
     def _check_same_size(self, node: str, data, result) -> None:
         """Record `numel(data) == numel(result)` unless TVM can prove it (Relax's reshape does not check it)."""

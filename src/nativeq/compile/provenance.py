@@ -96,7 +96,8 @@ def _bindings(func) -> list:
     return [(b.var, b.value) for block in func.body.blocks for b in block.bindings]
 
 
-def _used_vars(value) -> list:
+def used_vars(value) -> list:
+    """The variables an expression reads (with repeats)."""
     found = []
     relax.analysis.post_order_visit(value, lambda e: found.append(e) if isinstance(e, relax.Var) else None)
     return found
@@ -106,7 +107,7 @@ def _users(bindings, params=()) -> dict:
     """variable (bound, or a parameter) -> the variables of the bindings that read it (bindings in order)."""
     users = {var: [] for var in [*params, *(var for var, _ in bindings)]}
     for var, value in bindings:
-        for used in _used_vars(value):
+        for used in used_vars(value):
             if used in users and used is not var:
                 users[used].append(var)
     return users
@@ -124,7 +125,7 @@ def initial_nodes(func) -> dict:
 
 
 def _op_key(value) -> str | None:
-    """What a binding computes, short of its operands: the op or callee (for call_tir, the kernel) and the attrs."""
+    """What a binding computes, short of its operands: the op or callee (for call_tir, the kernel)."""
     if not isinstance(value, relax.Call):
         return type(value).__name__ if isinstance(value, (relax.TupleGetItem, relax.Tuple)) else None
     op = value.op
