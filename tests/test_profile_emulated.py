@@ -94,6 +94,9 @@ def test_cli_json_and_table(artifact):
     named = {r["name"]: r["onnx_nodes"] for r in data["rows"] if r["where"] == "kernel"}
     assert named == {k["name"]: [n["name"] for n in k["onnx_nodes"]] for k in read_manifest(artifact)["kernels"]}
     assert any(nodes[:1] == ["conv_Conv"] for nodes in named.values())
+    kernel_total = sum(r["instructions"] for r in data["rows"] if r["where"] == "kernel")
+    assert sum(data["by_onnx_op"].values()) == kernel_total and next(iter(data["by_onnx_op"])) == "Conv"
+    assert "kernel instructions by ONNX op (each kernel under its first node's op): Conv " in table.output
 
 
 def test_a_host_artifact_is_refused_in_one_line(tmp_path):

@@ -101,6 +101,10 @@ def test_profile_lists_the_manifest_kernels(matmul_artifact):
     assert all(name in table for name in records) and "instrumented inference" in table
     (row,) = [ln for ln in table.splitlines() if ln.startswith(mm.name)]
     assert row.endswith(f"fc_MatMul +{len(mm.onnx_nodes) - 1}") and "ONNX nodes" in table
+    # every kernel's time under the op of its first ONNX node: the matmul's, and the input's QuantizeLinear
+    assert set(profile.by_op) == {"MatMul", "QuantizeLinear"} and mm.onnx_op == "MatMul"
+    assert sum(profile.by_op.values()) == pytest.approx(profile.kernel_ms) and profile.by_op["MatMul"] == mm.ms
+    assert "kernel time by ONNX op (each kernel under its first node's op): " in table
 
 
 def test_profile_cli_json_and_top(matmul_artifact, nativeq_cli):
@@ -114,6 +118,7 @@ def test_profile_cli_json_and_top(matmul_artifact, nativeq_cli):
         {k["name"]: [n["name"] for n in k["onnx_nodes"]] for k in manifest["kernels"]}
     assert sum(k["share"] for k in data["kernels"]) == pytest.approx(1.0)
     assert data["overhead_ms"] == pytest.approx(data["instrumented_ms"] - data["plain_ms"])
+    assert sum(data["by_onnx_op_ms"].values()) == pytest.approx(data["kernel_ms"])
 
     proc = nativeq_cli("profile", artifact, "--dim", "T=50", "--runs", "2", "--top", "1")
     assert proc.returncode == 0, proc.stderr

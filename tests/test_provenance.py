@@ -61,3 +61,16 @@ def test_a_removed_binding_with_nothing_in_its_place_goes_to_its_first_recompute
     before = _chain([relax.op.nn.relu, relax.op.exp, relax.op.add], ["A", "B", "C"])
     after = _chain([relax.op.nn.relu, relax.op.add], [None, None])
     assert _names(carry_nodes(before, initial_nodes(before), after), after) == [["A"], ["B", "C"]]
+
+
+def test_kernel_costs_sum_by_the_op_of_their_first_node():
+    from nativeq.runtime.manifest import by_onnx_op, by_onnx_op_line, kernel_onnx_op
+
+    records = [{"onnx_nodes": [{"op": "MatMul", "name": "a"}, {"op": "Add", "name": "b"}]},
+               {"onnx_nodes": [{"op": "Softmax", "name": "s"}]}, {"onnx_nodes": []}, {}]
+    assert [kernel_onnx_op(r) for r in records] == ["MatMul", "Softmax", None, None]
+    totals = by_onnx_op(zip((kernel_onnx_op(r) for r in records), (3.0, 1.0, 0.5, 0.5)))
+    assert totals == {"MatMul": 3.0, "-": 1.0, "Softmax": 1.0}  # largest first, then by name
+    assert by_onnx_op_line(totals, "time") == "time by ONNX op (each kernel under its first node's op): " \
+                                              "MatMul 60.0%, - 20.0%, Softmax 20.0%"
+    assert by_onnx_op_line({"-": 2.0}, "time") is None

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from nativeq._text import aligned_table, nodes_text
 from nativeq.errors import NativeqError
-from nativeq.runtime.manifest import input_specs, kernel_onnx_nodes, read_manifest
+from nativeq.runtime.manifest import by_onnx_op, by_onnx_op_line, input_specs, kernel_onnx_nodes, kernel_onnx_op, read_manifest
 from nativeq.runtime.profile import ProfileConfig, prepare_inputs
 
 _NAME_WIDTH = 72  # kernel names in the table are cut in the middle to this width (--json has them whole)
@@ -57,6 +57,7 @@ class KernelInsns:
     macs: int | None = None  # multiply-accumulates per inference, all calls, at the manifest's kernel_dims
     mac_share: float | None = None  # its share of the model's MACs (manifest)
     onnx_nodes: tuple[str, ...] = ()  # the ONNX nodes its calls compute (manifest; compute nodes first)
+    onnx_op: str | None = None  # the op of the first of them
 
 
 @dataclass(frozen=True)
@@ -129,17 +130,25 @@ class EmulatedProfile:
             sizes = ", ".join(f"{k}={v}" for k, v in sorted(self.kernel_dims.items()))
             lines.append(f"MACs: shares at the manifest's sizes ({sizes}); instructions per MAC need --dim at those "
                          f"sizes")
+        by_op = by_onnx_op_line(self.by_op, "kernel instructions")
+        if by_op:
+            lines.append(by_op)
         lines.append(f"total {self.total:,} per inference (kernels {100 * self._sum('kernel') / max(self.whole, 1):.1f}%, "
                      f"runtime/VM {100 * self._sum('runtime') / max(self.whole, 1):.1f}%) vs the whole count "
                      f"{self.whole:,}; startup and first call {self.startup / 1e6:.1f} M"
                      + (f"; {self.lost_blocks} blocks uncounted" if self.lost_blocks else ""))
         return "\n".join(lines)
 
+    @property
+    def by_op(self) -> dict[str, float]:
+        """Kernel instructions per inference by the ONNX op of each kernel's first node (`manifest.by_onnx_op`)."""
+        return by_onnx_op((r.onnx_op, r.instructions) for r in self.rows if r.where == "kernel")
+
     def to_json(self) -> str:
         data = asdict(self)
         data["rows"] = [dict(asdict(r), insns_per_mac=self.insns_per_mac(r)) for r in self.rows]
         data.update(total=self.total, kernels_total=self._sum("kernel"), model_so_other_total=self._sum("model.so"),
-                    runtime_total=self._sum("runtime"))
+                    runtime_total=self._sum("runtime"), by_onnx_op=self.by_op)
         return json.dumps(data, indent=2)
 
 
@@ -418,6 +427,7 @@ def profile_emulated(artifact, cfg: ProfileConfig = ProfileConfig(emulate=True),
             kind=_optional(record, "kind", str), schedule=_optional(record, "schedule", str),
             calls=_optional(record, "calls", int), macs=_macs(record),
             mac_share=_optional(record, "share", (int, float)), onnx_nodes=kernel_onnx_nodes(record),
+            onnx_op=kernel_onnx_op(record),
         ))
     for name, record in kernels.items():  # a kernel that never ran still gets its row (0 instructions)
         if ("kernel", name) not in once and ("kernel", name) not in many:
@@ -425,7 +435,7 @@ def profile_emulated(artifact, cfg: ProfileConfig = ProfileConfig(emulate=True),
                                     kind=_optional(record, "kind", str), schedule=_optional(record, "schedule", str),
                                     calls=_optional(record, "calls", int), macs=_macs(record),
                                     mac_share=_optional(record, "share", (int, float)),
-                                    onnx_nodes=kernel_onnx_nodes(record)))
+                                    onnx_nodes=kernel_onnx_nodes(record), onnx_op=kernel_onnx_op(record)))
     rows.sort(key=lambda r: (-r.instructions, r.name))
     kernel_dims = manifest.get("kernel_dims") if isinstance(manifest.get("kernel_dims"), dict) else None
     return EmulatedProfile(

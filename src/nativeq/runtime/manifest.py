@@ -377,6 +377,31 @@ def kernel_onnx_nodes(record: dict, compute_only: bool = False) -> tuple[str, ..
                  and not (compute_only and n.get("op") in QDQ_OPS))
 
 
+def kernel_onnx_op(record: dict) -> str | None:
+    """The op of the first ONNX node a kernel record names (its main computation: compute nodes come first)."""
+    nodes = record.get("onnx_nodes")
+    first = nodes[0] if isinstance(nodes, list) and nodes else None
+    return first.get("op") if isinstance(first, dict) and isinstance(first.get("op"), str) else None
+
+
+def by_onnx_op(costs) -> dict[str, float]:
+    """(op or None, cost) pairs summed per op ("-" for kernels that name none), largest first."""
+    totals: dict[str, float] = {}
+    for op, cost in costs:
+        totals[op or "-"] = totals.get(op or "-", 0) + cost
+    return dict(sorted(totals.items(), key=lambda item: (-item[1], item[0])))
+
+
+def by_onnx_op_line(totals: dict[str, float], unit: str, shown: int = 6) -> str | None:
+    """One summary line of `by_onnx_op` totals as shares, or None when no kernel names an op."""
+    whole = sum(totals.values())
+    if not whole or set(totals) == {"-"}:
+        return None
+    parts = [f"{op} {100 * cost / whole:.1f}%" for op, cost in list(totals.items())[:shown]]
+    more = f", ... {len(totals) - shown} more" if len(totals) > shown else ""
+    return f"{unit} by ONNX op (each kernel under its first node's op): {', '.join(parts)}{more}"
+
+
 def input_specs(manifest: dict) -> tuple[TensorSpec, ...]:
     return tuple(TensorSpec.from_json(d) for d in manifest["inputs"])
 

@@ -33,7 +33,8 @@ from nativeq._fs import write_bytes_atomic
 from nativeq._text import aligned_table, first_line, nodes_text
 from nativeq.errors import NativeqError
 from nativeq.runtime.cpu import machine_arch
-from nativeq.runtime.manifest import TensorSpec, input_specs, kernel_onnx_nodes, output_specs, read_manifest
+from nativeq.runtime.manifest import (TensorSpec, by_onnx_op, by_onnx_op_line, input_specs, kernel_onnx_nodes,
+                                     kernel_onnx_op, output_specs, read_manifest)
 from nativeq.runtime.model import aligned, check_inputs, import_tvm_ffi, runtime_threads
 
 _WIDE_INT_HIGH = 16  # random int32/int64 inputs (often lengths or indices) are drawn from [0, 16)
@@ -263,6 +264,7 @@ class KernelTime:
     mac_share: float | None = None  # its share of the model's multiply-accumulates (manifest)
     manifest_calls: int | None = None  # call sites the compiler counted (manifest)
     onnx_nodes: tuple[str, ...] = ()  # the ONNX nodes its calls compute (manifest; compute nodes first)
+    onnx_op: str | None = None  # the op of the first of them
 
 
 @dataclass(frozen=True)
@@ -281,6 +283,11 @@ class Profile:
     @property
     def kernel_ms(self) -> float:
         return sum(k.ms for k in self.kernels)
+
+    @property
+    def by_op(self) -> dict[str, float]:
+        """Milliseconds per inference by the ONNX op of each kernel's first node (`manifest.by_onnx_op`)."""
+        return by_onnx_op((k.onnx_op, k.ms) for k in self.kernels)
 
     @property
     def overhead_ms(self) -> float:
@@ -313,6 +320,9 @@ class Profile:
             sites = sum(k.manifest_calls or 0 for k in idle)
             lines.append(f"never called though the manifest counts {sites} call site{'s' if sites != 1 else ''}: "
                          f"{', '.join(k.name for k in idle)}")
+        by_op = by_onnx_op_line(self.by_op, "kernel time")
+        if by_op:
+            lines.append(by_op)
         lines.append(f"kernels {self.kernel_ms:.4f} ms + VM calls {self.vm_ms:.4f} ms ({_calls_text(self.vm_calls)} "
                      f"allocation/shape calls) per instrumented inference")
         lines.append(f"instrumented inference {self.instrumented_ms:.4f} ms vs plain {self.plain_ms:.4f} ms (medians): "
@@ -323,7 +333,7 @@ class Profile:
     def to_json(self) -> str:
         data = asdict(self)
         data["kernels"] = [asdict(k) for k in self.kernels]
-        data.update(kernel_ms=self.kernel_ms, overhead_ms=self.overhead_ms,
+        data.update(kernel_ms=self.kernel_ms, by_onnx_op_ms=self.by_op, overhead_ms=self.overhead_ms,
                     overhead_us_per_call=self.overhead_us_per_call)
         return json.dumps(data, indent=2)
 
@@ -433,7 +443,8 @@ def profile_artifact(artifact, cfg: ProfileConfig = ProfileConfig()):
             name=name, calls=int(calls) if float(calls).is_integer() else calls, ms=ms,
             share=ms / total if total else 0.0, kind=_optional(record, "kind", str),
             schedule=_optional(record, "schedule", str), mac_share=_optional(record, "share", (int, float)),
-            manifest_calls=_optional(record, "calls", int), onnx_nodes=kernel_onnx_nodes(record)))
+            manifest_calls=_optional(record, "calls", int), onnx_nodes=kernel_onnx_nodes(record),
+            onnx_op=kernel_onnx_op(record)))
     kernels.sort(key=lambda k: (-k.ms, k.name))
     return Profile(
         artifact=str(artifact), target=manifest["target"]["name"], threads=cfg.threads or runtime_threads(),
