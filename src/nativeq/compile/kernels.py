@@ -121,29 +121,26 @@ def schedule_word(rule: str | None, kind: str) -> str:
     return SCHEDULE_WORDS.get(rule, rule)
 
 
+def called_kernel(expr) -> str | None:
+    """The name of the PrimFunc `expr` calls (a call_tir, call_tir_inplace, call_tir_with_grad), else None."""
+    if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name in _CALL_OPS and expr.args \
+            and isinstance(expr.args[0], tvm.ir.GlobalVar):
+        return expr.args[0].name_hint
+    return None
+
+
 def count_calls(functions: dict) -> dict[str, int]:
     """How many call_tir of the Relax functions in `functions` name each PrimFunc."""
-    ops = {tvm.ir.Op.get(name) for name in _CALL_OPS if _op_exists(name)}
     counts: dict[str, int] = {}
 
     def visit(expr):
-        if isinstance(expr, relax.Call) and any(expr.op.same_as(op) for op in ops) and expr.args \
-                and isinstance(expr.args[0], tvm.ir.GlobalVar):
-            name = expr.args[0].name_hint
+        if (name := called_kernel(expr)) is not None:
             counts[name] = counts.get(name, 0) + 1
 
     for func in functions.values():
         if isinstance(func, relax.Function):
             relax.analysis.post_order_visit(func.body, visit)
     return counts
-
-
-def _op_exists(name: str) -> bool:
-    try:
-        tvm.ir.Op.get(name)
-    except Exception:  # noqa: BLE001  (an op this TVM does not have)
-        return False
-    return True
 
 
 def analyze(func, dims: dict[str, int]) -> tuple[str, int]:

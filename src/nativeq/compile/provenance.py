@@ -39,10 +39,10 @@ import bisect
 import difflib
 
 from nativeq.compile._tvm import relax, tvm, with_type_of
+from nativeq.compile.kernels import called_kernel
 from nativeq.runtime.manifest import QDQ_OPS
 
 _SPAN_PREFIX = "onnx:"  # spans nativeq sets (TVMScript-parsed functions carry spans of their own)
-_CALL_OPS = ("relax.call_tir", "relax.call_tir_inplace", "relax.call_tir_with_grad")
 _ANY = object()  # an operand any operand matches (`_Matcher.find`)
 
 
@@ -130,9 +130,8 @@ def _op_key(value) -> str | None:
         return type(value).__name__ if isinstance(value, (relax.TupleGetItem, relax.Tuple)) else None
     op = value.op
     name = str(getattr(op, "name", None) or getattr(op, "name_hint", "?"))
-    if name in _CALL_OPS and value.args and isinstance(value.args[0], tvm.ir.GlobalVar):
-        name += ":" + value.args[0].name_hint
-    return name
+    kernel = called_kernel(value)
+    return name if kernel is None else f"{name}:{kernel}"
 
 
 def _operands(value) -> list:
@@ -310,17 +309,17 @@ class NodeProvenance:
             self._open.clear()
 
     def _follow(self, before, after) -> None:
-        for gvar, func in after.functions_items():
+        previous_functions = {g.name_hint: f for g, f in before.functions_items()}
+        functions = {g.name_hint: f for g, f in after.functions_items()}
+        for name, func in functions.items():
             if not _is_tracked(func):
                 continue
-            name = gvar.name_hint
-            previous = next((f for g, f in before.functions_items() if g.name_hint == name), None)
+            previous = previous_functions.get(name)
             if name not in self.nodes:
                 self.nodes[name] = initial_nodes(previous if previous is not None else func)
                 self._record_order(self.nodes[name], previous if previous is not None else func)
             if previous is None or previous.same_as(func):
                 continue
-            functions = {g.name_hint: f for g, f in after.functions_items()}
             self.nodes[name] = carry_nodes(previous, self.nodes[name], func, functions)
 
     def _record_order(self, nodes: dict, func) -> None:
@@ -333,16 +332,14 @@ class NodeProvenance:
         in graph order, the quantize/dequantize nodes after the others."""
         if self.final is None:
             return {}
-        ops = {tvm.ir.Op.get(name) for name in _CALL_OPS}
         found: dict[str, set] = {}
         for gvar, func in self.final.functions_items():
             nodes = self.nodes.get(gvar.name_hint)
             if not _is_tracked(func) or nodes is None:
                 continue
             for var, value in _bindings(func):
-                if isinstance(value, relax.Call) and any(value.op.same_as(op) for op in ops) and value.args \
-                        and isinstance(value.args[0], tvm.ir.GlobalVar):
-                    found.setdefault(value.args[0].name_hint, set()).update(nodes.get(var, ()))
+                if (kernel := called_kernel(value)) is not None:
+                    found.setdefault(kernel, set()).update(nodes.get(var, ()))
         return {kernel: [{"op": op, "name": name} for op, name in sorted(
                     nodes, key=lambda n: (n[0] in QDQ_OPS, self.order.get(n, len(self.order)), n))]
                 for kernel, nodes in found.items()}
