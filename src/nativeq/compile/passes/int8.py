@@ -9,6 +9,7 @@ from __future__ import annotations
 from nativeq.compile._tvm import relax
 from nativeq.compile.passes.fold_bias_into_accumulator import FoldBiasIntoAccumulator
 from nativeq.compile.passes.fold_dequantize_quantize import FoldDequantizeQuantize
+from nativeq.compile.passes.fold_quantize_dequantize import FoldQuantizeDequantize
 from nativeq.compile.passes.lower_qdq_to_integer import LowerQDQToInteger
 from nativeq.compile.passes.lut_elementwise import LutElementwise
 from nativeq.compile.passes.remove_identity_reshapes import RemoveIdentityReshapes
@@ -38,6 +39,7 @@ def lowering_passes(kernel_activation_dtype: str | None) -> list:
         FoldBiasIntoAccumulator(require_exact=True),
         FoldDequantizeQuantize(),
         LutElementwise(),
+        FoldQuantizeDequantize(),
     ]
 
 

@@ -1,7 +1,7 @@
 """LutElementwise: an elementwise chain that starts at one 8-bit tensor becomes a 256-entry table lookup.
 
-Where it sits: last of the int8 passes (after LowerQDQToInteger and FoldBiasIntoAccumulator), before
-the kernel layout passes, LegalizeOps and FoldConstant.
+Where it sits: among the int8 passes, after LowerQDQToInteger and FoldBiasIntoAccumulator, before
+FoldQuantizeDequantize, the kernel layout passes, LegalizeOps and FoldConstant.
 
 A QDQ graph re-quantizes around every float op, so an activation often leaves an integer kernel as
 an 8-bit tensor `x` and then runs a chain of elementwise ops whose other operands are scalar
