@@ -30,7 +30,7 @@ from nativeq.compile.passes.qdq_sites import op_name, resolve, static_scalar
 
 LAYOUT_OPS = {"relax.reshape", "relax.permute_dims", "relax.strided_slice", "relax.squeeze",
               "relax.expand_dims", "relax.flatten"}
-_INTEGER_DTYPES = ("int8", "uint8", "int16", "uint16")
+INTEGER_DTYPES = ("int8", "uint8", "int16", "uint16")
 
 
 def _round_trip_exact(scale1, scale2) -> bool:
@@ -65,7 +65,7 @@ class _Rewriter(relax.PyExprMutator):
             return None
         q = value.args[0]
         scale1, zero1 = static_scalar(value.args[1], self.var2val), static_scalar(value.args[2], self.var2val)
-        if scale1 is None or zero1 is None or str(q.ty.dtype) not in _INTEGER_DTYPES:
+        if scale1 is None or zero1 is None or str(q.ty.dtype) not in INTEGER_DTYPES:
             return None
         if not _round_trip_exact(scale1, scale2):
             return None
@@ -73,7 +73,7 @@ class _Rewriter(relax.PyExprMutator):
 
     def visit_call_(self, call):
         call = self.visit_expr_post_order(call)
-        if op_name(call) != "relax.quantize" or str(call.ty.dtype) not in _INTEGER_DTYPES:
+        if op_name(call) != "relax.quantize" or str(call.ty.dtype) not in INTEGER_DTYPES:
             return call
         matched = self._match(call)
         if matched is None:

@@ -30,15 +30,9 @@ import numpy as np
 
 from nativeq.compile._tvm import relax, tvm
 from nativeq.compile.passes import rewrite_functions, use_counts
+from nativeq.compile.passes.fold_dequantize_quantize import INTEGER_DTYPES
 from nativeq.compile.passes.qdq_sites import op_name, resolve, static_scalar
-
-_INTEGER_DTYPES = ("int8", "uint8", "int16", "uint16")
-
-
-def _is_power_of_two(scale: np.ndarray) -> bool:
-    mantissa, _ = np.frexp(np.float32(scale))
-    return bool(scale > 0 and mantissa == 0.5)
-
+from nativeq.compile.passes.scalars_as_tensors import is_power_of_two
 
 def rounded_in_float(emit, x, scale: np.ndarray, zero_point: int, dtype: str):
     """clip(round(x / scale), qmin - z, qmax - z) * scale: dequantize(quantize(x)) without the integers.
@@ -47,7 +41,7 @@ def rounded_in_float(emit, x, scale: np.ndarray, zero_point: int, dtype: str):
     info = np.iinfo(dtype)
     scale = np.float32(scale)
     # NOTE: x * 2^-k is x / 2^k exactly; a multiplication stays one (a division by a loaded value does not)
-    scaled = emit(relax.op.multiply(x, relax.const(np.float32(1.0) / scale, "float32")) if _is_power_of_two(scale)
+    scaled = emit(relax.op.multiply(x, relax.const(np.float32(1.0) / scale, "float32")) if is_power_of_two(scale)
                   else relax.op.divide(x, relax.const(scale, "float32")))
     rounded = emit(relax.op.round(scaled))
     upper = relax.const(np.float32(int(info.max) - zero_point), "float32")
@@ -77,7 +71,7 @@ class _Rewriter(relax.PyExprMutator):
             return None
         dtype = str(quantize.ty.dtype)
         x = quantize.args[0]
-        if dtype not in _INTEGER_DTYPES or str(x.ty.dtype) != "float32":
+        if dtype not in INTEGER_DTYPES or str(x.ty.dtype) != "float32":
             return None
         if isinstance(resolve(x, self.var2val), tvm.ir.GenericConst):  # a quantized constant: FoldConstant folds it
             return None

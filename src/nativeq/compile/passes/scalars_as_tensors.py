@@ -63,7 +63,8 @@ def _tvm_rule(op_name: str):
     return tvm.ir.Op.get(op_name).get_attr("FLegalize")
 
 
-def _is_power_of_two(value: np.ndarray) -> bool:
+def is_power_of_two(value: np.ndarray) -> bool:
+    """A positive float32 2^k (x / value is then exactly x * (1 / value))."""
     mantissa, _ = np.frexp(np.float32(value))
     return bool(value > 0 and mantissa == 0.5)
 
@@ -101,7 +102,7 @@ def _qdq_rule(op_name: str):
         zero = int(zero_point_value) == 0
         # NOTE: as float32 (exact for 8-bit values): the kernel adds it without an int -> float conversion
         zero_points = zero_point if zero else relax.const(np.full((length,), zero_point_value, np.float32))
-        if op_name == "relax.quantize" and _is_power_of_two(scale_value) and x.ty.dtype == "float32":
+        if op_name == "relax.quantize" and is_power_of_two(scale_value) and x.ty.dtype == "float32":
             # NOTE: LLVM turns a division by an immediate 2^k into a multiplication, not one by a value
             # loaded from memory (measured: the QAT model's int8 kernels 10% slower); multiply here.
             inverse = relax.const(np.full((length,), np.float32(1.0) / scale_value, np.float32))
