@@ -233,3 +233,125 @@ def test_value_before_rounding_of_a_conv_and_of_an_op_without_a_float64_kernel(t
     from math import erf
     expected = conv + np.vectorize(erf)(conv)
     assert np.allclose(pre, expected, rtol=1e-6, atol=1e-6)
+
+
+# A tie where ONNX Runtime's QLinearMatMul rounds the wrong way, found by a numpy search over float32
+# scales: 53 * 27 * SX_Q * SW_Q / SY_Q is 49.49999631867146, correctly rounded 49; ONNX Runtime's
+# integer kernel requantizes with a float32 multiplier and gives 50.
+SX_Q, SW_Q, SY_Q, QX_Q, QW_Q = (np.float32(0.012536394409835339), np.float32(0.006831058766692877),
+                                np.float32(0.0024756835773587227), 53, 27)
+
+
+def _qoperator_tie_model() -> onnx.ModelProto:
+    """x[1, 4] -> QuantizeLinear -> QLinearMatMul(W1) -> QLinearMatMul(W2) -> DequantizeLinear -> y[1, 2]
+    (QOperator format: the products have no QuantizeLinear); y1q[0, 0] is the tie above, one step of it
+    two steps of y[0, 0]."""
+    w1 = np.array([[QW_Q, 0, 1], [0, 8, 3], [0, 5, -2], [0, 0, 4]], np.int8)
+    w2 = np.array([[127, 3], [0, 40], [0, -50]], np.int8)
+    sw2 = np.float32(0.01)
+    sy2 = np.float32(float(SY_Q) * float(sw2) * 127 / 2)
+    inits = [numpy_helper.from_array(np.asarray(v), k) for k, v in {
+        "sx": SX_Q, "zx": np.uint8(0), "w1": w1, "sw1": SW_Q, "zw": np.int8(0), "sy1": SY_Q, "zy1": np.uint8(0),
+        "w2": w2, "sw2": sw2, "sy2": sy2, "zy2": np.uint8(0)}.items()]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"], name="/input/QuantizeLinear"),
+             helper.make_node("QLinearMatMul", ["xq", "sx", "zx", "w1", "sw1", "zw", "sy1", "zy1"], ["y1q"], name="mm1"),
+             helper.make_node("QLinearMatMul", ["y1q", "sy1", "zy1", "w2", "sw2", "zw", "sy2", "zy2"], ["y2q"], name="mm2"),
+             helper.make_node("DequantizeLinear", ["y2q", "sy2", "zy2"], ["y"], name="/output/DequantizeLinear")]
+    graph = helper.make_graph(nodes, "qoperator_tie", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.fixture(scope="module")
+def qoperator_tie_case(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qoperator_tie")
+    onnx.save(_qoperator_tie_model(), root / "tie.onnx")
+    compile_model(root / "tie.onnx", root / "art", CompileConfig(target="host", use_tuning=False))
+    np.savez(root / "x.npz", x=np.array([[QX_Q * SX_Q, 255 * SX_Q, 100 * SX_Q, 7 * SX_Q]], np.float32))
+    return root / "tie.onnx", root / "art", root / "x.npz"
+
+
+def test_a_qoperator_tie_is_localized_at_the_qlinear_node(qoperator_tie_case, nativeq_cli):
+    """The QLinearMatMul output has no QuantizeLinear: it is a site of its own, checked on the QDQ form, and in
+    isolation ONNX Runtime runs the QLinearMatMul node itself."""
+    import onnxruntime as ort
+    from fractions import Fraction
+
+    onnx_path, art, x = qoperator_tie_case
+    exact = Fraction(QX_Q * QW_Q) * Fraction(float(SX_Q)) * Fraction(float(SW_Q)) / Fraction(float(SY_Q))
+    assert 0 < Fraction(99, 2) - exact < Fraction(1, 10**5)  # just below 49.5: correctly rounded, 49
+    model = _qoperator_tie_model()
+    model.graph.output.append(helper.make_tensor_value_info("y1q", TensorProto.UINT8, [1, 3]))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert int(session.run(["y1q"], {"x": np.load(x)["x"]})[0][0, 0]) == 50
+
+    report = verify_artifact(art, onnx_path, VerifyConfig(inputs=str(x)))
+    assert not report.passed
+    (loc,) = report.localizations
+    assert (loc.kind, loc.site, loc.node, loc.op, loc.quantize_node) == ("tie", "y1q", "mm1", "QLinearMatMul", None)
+    assert (loc.index, loc.nativeq, loc.onnxruntime, loc.rounded, loc.differing) == ([0, 0], 49, 50, 49, 1)
+    assert loc.exact == pytest.approx(float(exact), abs=1e-9)
+    assert loc.isolated_agrees and loc.isolated_differing == 1 and loc.reason is None  # ORT's kernel, in isolation too
+    text = " ".join(report.table().split())
+    assert "the output of QLinearMatMul node 'mm1'" in text and "a rounding tie, within float32 error of 49.5" in text
+    passed = nativeq_cli("verify", art, "--onnx", onnx_path, "--inputs", x, "--accept-ties")
+    assert passed.returncode == 0 and "from rounding ties only" in passed.stdout, passed.stdout + passed.stderr
+
+
+def test_a_planted_compiler_bug_in_a_qoperator_model_is_an_error(qoperator_tie_case, tmp_path, monkeypatch):
+    onnx_path, _, x = qoperator_tie_case
+    _planted_compiler_bug(monkeypatch)
+    compile_model(onnx_path, tmp_path / "art", CompileConfig(target="host", use_tuning=False))
+    report = verify_artifact(tmp_path / "art", onnx_path, VerifyConfig(inputs=str(x), accept_ties=True))
+    assert not report.passed and not report.ties_accepted
+    (loc,) = report.localizations
+    assert (loc.kind, loc.site, loc.node, loc.op) == ("error", "y1q", "mm1", "QLinearMatMul")
+    assert loc.differing == 2 and loc.ties == 1 and loc.index == [0, 1] and not loc.isolated_agrees
+
+
+def test_zoo_dynamic_transformer_localizes_to_a_dynamic_quantize_tie(tmp_path):
+    """quantize_dynamic: the activations are quantized at run time (DynamicQuantizeLinear), after float ops whose
+    float32 results the engines compute in different orders; the first such site that differs is a tie."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import zoo
+
+    onnx_path = Path(zoo.build("transformer_postnorm", "dynamic", str(tmp_path)))
+    compile_model(onnx_path, tmp_path / "art", CompileConfig(target="host", use_tuning=False))
+    report = verify_artifact(tmp_path / "art", onnx_path, VerifyConfig(dims={"T": 200}, accept_ties=True))
+    assert not report.within_tolerance and report.passed
+    loc = report.localizations[0]
+    assert (loc.kind, loc.quantize_op, loc.op) == ("tie", "DynamicQuantizeLinear", "LayerNormalization")
+    assert loc.isolated_agrees and abs(loc.exact - round(loc.exact)) == pytest.approx(0.5, abs=1e-3)
+
+
+def test_value_before_rounding_of_a_float32_op_with_constant_node_inputs(tmp_path):
+    """InstanceNormalization (no float64 kernel in ONNX Runtime) with its scale and bias from Constant nodes."""
+    from nativeq.verify import localize
+
+    rng = np.random.default_rng(2)
+    xq = rng.integers(0, 256, (1, 3, 50)).astype(np.uint8)
+    gamma, beta = np.array([1.0, 0.5, 2.0], np.float32), np.array([0.0, 0.1, -0.2], np.float32)
+    nodes = [helper.make_node("Constant", [], ["gamma"], value=numpy_helper.from_array(gamma)),
+             helper.make_node("Constant", [], ["beta"], value=numpy_helper.from_array(beta)),
+             helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+             helper.make_node("InstanceNormalization", ["xd", "gamma", "beta"], ["y"], name="norm"),
+             helper.make_node("QuantizeLinear", ["y", "sy", "zy"], ["yq"], name="q")]
+    inits = [numpy_helper.from_array(v, k) for k, v in {"sx": np.array(0.02, np.float32), "zx": np.array(128, np.uint8),
+                                                       "sy": np.array(0.03, np.float32), "zy": np.array(0, np.int8)}.items()]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("xq", TensorProto.UINT8, [1, 3, 50])],
+                              [helper.make_tensor_value_info("yq", TensorProto.INT8, [1, 3, 50])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    constants, q = localize._constants(model.graph), model.graph.node[-1]
+    sub, frontier = localize._subgraph(model, q, constants)
+    exact_model, feeds = localize._float64_model(sub, q, constants, list(model.opset_import), {"xq": xq},
+                                                 {"InstanceNormalization"})
+    pre = localize._ort_run(exact_model, "disable", feeds, tmp_path, "exact")["y"]
+    x = (xq.astype(np.float64) - 128) * 0.02
+    expected = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
+    expected = expected * gamma[:, None] + beta[:, None]
+    assert frontier == ["xq"] and np.allclose(pre, expected, rtol=1e-5, atol=1e-5)

@@ -2,8 +2,11 @@
 
 Run by `verify_artifact` when an output is beyond tolerance, on the input set that failed:
 
-1. Sites are the outputs of QuantizeLinear nodes on activations (not on constants), in the ONNX
-   graph's (topological) node order. A copy of the model with every site added as a graph output
+1. Sites are the quantized activations, in the ONNX graph's (topological) node order: the outputs
+   of QuantizeLinear nodes on activations (not on constants), of DynamicQuantizeLinear, and of the
+   QOperator ops (QLinearMatMul, QLinearConv, com.microsoft QLinearAdd, QGemm, ...), which are
+   checked on their QDQ form (`compile/onnx_legalize.py` rewrites each into DequantizeLinear ->
+   float op -> QuantizeLinear, keeping its output's name) while ONNX Runtime runs the model as given. A copy of the model with every site added as a graph output
    is compiled with the artifact's target and build options (read from its manifest: target
    name, int8, dims, input shapes, tuning database) and run next to ONNX Runtime given the same
    extra outputs. For each failing output, its first ancestor site whose integers differ is the
@@ -16,7 +19,8 @@ Run by `verify_artifact` when an output is beyond tolerance, on the input set th
    DequantizeLinear nodes feeding it (at most `MAX_SUBGRAPH_NODES`) become a small model; both
    engines run it on the same input values (ONNX Runtime's values of the site's inputs). The
    value before rounding is evaluated in float64 (dequantized operands are exact in float64;
-   the subgraph runs in float64 in ONNX Runtime) as x / scale + zero_point.
+   the subgraph runs in float64 in ONNX Runtime) as x / scale + zero_point. A DynamicQuantizeLinear
+   site is the node alone: x is ONNX Runtime's input to it, scale and zero point its run-time ones.
 3. An element is a tie when that value lies within `TIE_RTOL` · max(1, |value - zero_point|) of
    k + 0.5 and the two engines' integers are k and k + 1. The site's kind is `tie` when every
    element that differs, in the full model and in isolation, is a tie; `error` otherwise;
@@ -59,7 +63,8 @@ class Localization:
     site: str | None = None
     node: str | None = None
     op: str | None = None
-    quantize_node: str | None = None
+    quantize_node: str | None = None  # the node producing the site: QuantizeLinear or DynamicQuantizeLinear
+    quantize_op: str | None = None  # its op; None for a QOperator op's output (`node` is then that op)
     index: list | None = None
     nativeq: int | None = None
     onnxruntime: int | None = None
@@ -84,16 +89,17 @@ class Localization:
                                  break_on_hyphens=False, break_long_words=False)
         at = "[" + ", ".join(map(str, self.index or [])) + "]"
         plural = "s differ" if self.differing != 1 else " differs"
+        producer = (f"the {self.quantize_op} {self.quantize_node!r} of {self.op} node {self.node!r}" if self.quantize_op
+                    else f"the output of {self.op} node {self.node!r}")
         text = (f"localization ({outs}): the first quantized tensor where the engines differ is {self.site!r}, "
-                f"the QuantizeLinear {self.quantize_node!r} of {self.op} node {self.node!r}: {self.differing} "
+                f"{producer}: {self.differing} "
                 f"element{plural}" + (f" ({self.ties} of them ties)" if self.kind == "error" and self.ties else "")
                 + f"; at {at} nativeq {self.nativeq}, ONNX Runtime {self.onnxruntime}")
         if self.exact is not None:
             text += f", value before rounding {self.exact:.9g}"
         if self.kind == "tie":
-            text += (f": a rounding tie, within float32 error of {min(self.nativeq, self.onnxruntime)}.5, where ONNX "
-                     f"Runtime's float arithmetic and nativeq's integer arithmetic may round either way (rounded "
-                     f"exactly: {self.rounded})")
+            text += (f": a rounding tie, within float32 error of {min(self.nativeq, self.onnxruntime)}.5, where the two "
+                     f"engines' arithmetic may round either way (rounded exactly: {self.rounded})")
         elif self.kind == "error":
             text += f": not a tie: an error (rounded exactly: {self.rounded})"
         if self.isolated_agrees is not None:
@@ -137,6 +143,45 @@ def quantized_sites(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     """QuantizeLinear nodes on activations, in graph order."""
     constants = _constants(model.graph)
     return [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in constants]
+
+
+@dataclass
+class _Site:
+    """A quantized activation and what its value before rounding is evaluated on: `quantize`, the
+    QuantizeLinear (or DynamicQuantizeLinear) producing it in `model` (the user's model, or its QDQ form).
+    `op`: the QOperator node producing it in the user's model, run alone in the isolated check."""
+
+    name: str
+    model: onnx.ModelProto
+    constants: dict
+    quantize: onnx.NodeProto
+    dtype: int
+    op: onnx.NodeProto | None = None
+
+
+def _sites(model: onnx.ModelProto) -> tuple[list[_Site], dict]:
+    """The quantized activations of `model` in graph order; and the QDQ form's node names -> (op, node) of `model`."""
+    from nativeq.compile.onnx_legalize import legalize
+
+    origins: dict = {}
+    try:
+        qdq = legalize(model, origins)
+    except Exception:  # noqa: BLE001  (a model legalize refuses has no QDQ form; its QuantizeLinear sites remain)
+        qdq, origins = model, {}
+    qdq_constants, constants = _constants(qdq.graph), _constants(model.graph)
+    quantize_in_qdq = {q.output[0]: q for q in quantized_sites(qdq)}
+    sites = []
+    for node in model.graph.node:
+        name = node.output[0] if node.output else ""
+        if node.op_type == "DynamicQuantizeLinear":
+            sites.append(_Site(name, model, constants, node, TensorProto.UINT8))
+        elif name in quantize_in_qdq:
+            q = quantize_in_qdq[name]
+            op = None if node.op_type == "QuantizeLinear" else node
+            sites.append(_Site(name, qdq, qdq_constants, q, _q_dtype(q, qdq_constants), op))
+        elif node.op_type == "QuantizeLinear" and node.input[0] not in constants:  # e.g. to int4: a Clip in the QDQ form
+            sites.append(_Site(name, model, constants, node, _q_dtype(node, constants)))
+    return sites, origins
 
 
 def _ancestors(model: onnx.ModelProto, tensor: str) -> set[str]:
@@ -290,6 +335,10 @@ def _float64_model(nodes, q, constants, opsets, feeds: dict, float32_ops=frozens
         if node.op_type == "Conv" and node.input[0] in parts and node.input[1] in parts:
             new_nodes += _integer_conv(node, parts, constants, new_feeds, inputs)
             continue
+        for name in node.input:
+            if name in constants and name not in inits and not any(name in n.output for n in nodes):
+                value = constants[name]
+                inits[name] = value.astype(np.float64) if value.dtype == np.float32 else value
         new = onnx.NodeProto()
         new.CopyFrom(node)
         if node.op_type in float32_ops:
@@ -308,10 +357,6 @@ def _float64_model(nodes, q, constants, opsets, feeds: dict, float32_ops=frozens
             if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == TensorProto.FLOAT:
                 a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float64), a.t.name))
         new_nodes.append(new)
-        for name in node.input:
-            if name in constants and name not in inits and not any(name in n.output for n in nodes):
-                value = constants[name]
-                inits[name] = value.astype(np.float64) if value.dtype == np.float32 else value
     for name, value in feeds.items():
         if any(name in n.input for n in nodes if n.op_type != "DequantizeLinear"):
             value = value.astype(np.float64) if value.dtype == np.float32 else value
@@ -422,15 +467,15 @@ def localize(onnx_path: Path, manifest: dict, inputs: dict, got: dict, failing: 
 
 
 def _localize(model, manifest, inputs, got, failing, ort_opt, max_sites, tmp: Path) -> list[Localization]:
-    constants = _constants(model.graph)
-    qnodes = quantized_sites(model)
-    if not qnodes:
-        return [Localization(kind="unlocalized", outputs=list(failing), reason="the model has no QuantizeLinear on activations")]
-    sites = [q.output[0] for q in qnodes]
+    site_list, origins = _sites(model)
+    if not site_list:
+        return [Localization(kind="unlocalized", outputs=list(failing), reason="the model has no quantized activations "
+                             "(QuantizeLinear, DynamicQuantizeLinear or QOperator outputs)")]
+    by_name = {site.name: site for site in site_list}
+    sites = list(by_name)
     infos = _value_infos(model)
     types = {name: v.type.tensor_type.elem_type for name, v in infos.items()}
-    for q in qnodes:
-        types[q.output[0]] = _q_dtype(q, constants)
+    types.update((site.name, site.dtype) for site in site_list)
     theirs = _ort_run(_with_outputs(model, sites, infos, types), ort_opt, inputs, tmp, "with_sites")
     extended = _with_outputs(model, sites, infos, types, {s: np.ndim(theirs[s]) for s in sites})
     run_copy = _compile(extended, manifest, tmp, "with_sites", keep_dims=True)
@@ -470,14 +515,12 @@ def _localize(model, manifest, inputs, got, failing, ort_opt, max_sites, tmp: Pa
         results.append(Localization(kind="unlocalized", outputs=unlocalized, compiles=compiles, ort_runs=ort_runs,
                                     reason="every quantized tensor they depend on agrees: the difference arises in "
                                            "float arithmetic after the last QuantizeLinear"))
-    opsets = list(model.opset_import)
     for i, (site, outs) in enumerate(by_site.items()):
-        q = qnodes[sites.index(site)]
         if i >= max_sites:
             results.append(Localization(kind="unlocalized", site=site, outputs=outs,
                                         reason=f"not checked: at most {max_sites} sites are checked"))
             continue
-        loc = _check_site(model, q, constants, opsets, inputs, ours, theirs, ort_opt, manifest, tmp, i)
+        loc = _check_site(by_name[site], model, origins, inputs, ours, theirs, ort_opt, manifest, tmp, i)
         loc.outputs = outs
         if bisected:
             loc.reason = ((loc.reason + "; ") if loc.reason else "") + (
@@ -529,44 +572,24 @@ def _bisect_cuts(model, candidates: list[str], manifest, inputs, theirs, infos, 
     return candidates[high], values, len(values)
 
 
-def _check_site(model, q, constants, opsets, inputs, ours, theirs, ort_opt, manifest, tmp: Path, i: int) -> Localization:
-    site = q.output[0]
-    producer = {o: n for n in model.graph.node for o in n.output}
-    node = producer.get(q.input[0])
-    loc = Localization(kind="error", site=site, quantize_node=q.name, node=node.name if node else None,
-                       op=node.op_type if node else None)
-    a, b = np.asarray(ours[site]), np.asarray(theirs[site])
+def _check_site(site: _Site, user_model, origins: dict, inputs, ours, theirs, ort_opt, manifest, tmp: Path, i: int) -> Localization:
+    model, q, constants = site.model, site.quantize, site.constants
+    producer = {o: n for n in model.graph.node for o in n.output}.get(q.input[0])
+    loc = Localization(kind="error", site=site.name)
+    if producer is not None:  # named as in the user's model (a QOperator op, not the float op of its QDQ form)
+        loc.op, loc.node = origins.get(producer.name, (producer.op_type, producer.name))
+    if origins.get(q.name, (q.op_type, q.name))[1] == q.name:  # the user's model has this QuantizeLinear
+        loc.quantize_node, loc.quantize_op = q.name, q.op_type
+    a, b = np.asarray(ours[site.name]), np.asarray(theirs[site.name])
     info = np.iinfo(b.dtype)
     loc.differing = int((a != b).sum())
 
-    nodes, frontier = _subgraph(model, q, constants)
-    feeds = {}
-    missing = [t for t in frontier if t not in theirs and t not in inputs]
-    if missing:
-        infos = _value_infos(model)
-        types = {name: v.type.tensor_type.elem_type for name, v in infos.items()}
-        extra = _ort_run(_with_outputs(model, missing, infos, types), ort_opt, inputs, tmp, f"frontier{i}")
-        loc.ort_runs += 1
-    for t in frontier:
-        feeds[t] = np.asarray(inputs[t] if t in inputs else theirs[t] if t in theirs else extra[t])
-
-    scale, zp = _quant_params(q, constants, b.shape)
     try:
-        float32_ops: set[str] = set()
-        for _ in range(4):
-            exact_model, exact_feeds = _float64_model(nodes, q, constants, opsets, feeds, float32_ops)
-            try:
-                pre = _ort_run(exact_model, "disable", exact_feeds, tmp, f"exact{i}")[q.input[0]]
-                break
-            except Exception as e:  # noqa: BLE001
-                missing_kernel = re.search(r"implementation for (\w+)\(", str(e))
-                if not missing_kernel or missing_kernel.group(1) in float32_ops:
-                    raise
-                float32_ops.add(missing_kernel.group(1))
-        loc.ort_runs += 1
-        exact = np.asarray(pre, np.float64) / scale + zp
-        if float32_ops:
-            loc.reason = f"value before rounding computed with {', '.join(sorted(float32_ops))} in float32"
+        if q.op_type == "DynamicQuantizeLinear":
+            nodes, feeds, exact, zp = _dynamic_value_before_rounding(model, q, inputs, ort_opt, tmp, i, loc)
+        else:
+            nodes, feeds, exact, zp = _value_before_rounding(model, q, constants, inputs, theirs, ort_opt, tmp, i,
+                                                             loc, b.shape)
     except Exception as e:  # noqa: BLE001  (an op ONNX Runtime has no float64 kernel for)
         first = tuple(int(v) for v in np.argwhere(a != b)[0])
         loc.index, loc.nativeq, loc.onnxruntime = list(first), int(a[first]), int(b[first])
@@ -584,10 +607,14 @@ def _check_site(model, q, constants, opsets, inputs, ours, theirs, ort_opt, mani
     loc.exact = float(exact[first])
     loc.rounded = int(np.rint(np.clip(exact[first], info.min, info.max)))
 
-    isolated = _isolated_model(nodes, q, constants, opsets, feeds, helper.np_dtype_to_tensor_dtype(b.dtype), b.shape)
-    iso_ort = _ort_run(isolated, ort_opt, feeds, tmp, f"isolated{i}")[site]
+    opsets = model.opset_import
+    if site.op is not None:  # ONNX Runtime runs the user's QOperator node, as in the whole model
+        nodes, constants, opsets = [site.op], {**constants, **_constants(user_model.graph)}, user_model.opset_import
+    isolated = _isolated_model(nodes, q, constants, list(opsets), feeds,
+                               helper.np_dtype_to_tensor_dtype(b.dtype), b.shape)
+    iso_ort = _ort_run(isolated, ort_opt, feeds, tmp, f"isolated{i}")[site.name]
     loc.ort_runs += 1
-    iso_ours = _compile(isolated, manifest, tmp, f"isolated{i}", keep_dims=False)(feeds)[site]
+    iso_ours = _compile(isolated, manifest, tmp, f"isolated{i}", keep_dims=False)(feeds)[site.name]
     loc.compiles += 1
     iso_diff = iso_ours != iso_ort
     loc.isolated_differing = int(iso_diff.sum())
@@ -597,3 +624,49 @@ def _check_site(model, q, constants, opsets, inputs, ours, theirs, ort_opt, mani
         loc.reason = f"{loc.reason}; {note}" if loc.reason else note
     loc.kind = "tie" if loc.isolated_agrees and loc.ties == loc.differing else "error"
     return loc
+
+
+def _value_before_rounding(model, q, constants, inputs, theirs, ort_opt, tmp: Path, i: int, loc: Localization, shape):
+    """The subgraph from the DequantizeLinear frontier to QuantizeLinear `q`, its input values (ONNX Runtime's),
+    x / scale + zero_point of `q` evaluated in float64, and the zero point."""
+    nodes, frontier = _subgraph(model, q, constants)
+    feeds = {}
+    missing = [t for t in frontier if t not in theirs and t not in inputs]
+    if missing:
+        infos = _value_infos(model)
+        types = {name: v.type.tensor_type.elem_type for name, v in infos.items()}
+        extra = _ort_run(_with_outputs(model, missing, infos, types), ort_opt, inputs, tmp, f"frontier{i}")
+        loc.ort_runs += 1
+    for t in frontier:
+        feeds[t] = np.asarray(inputs[t] if t in inputs else theirs[t] if t in theirs else extra[t])
+
+    scale, zp = _quant_params(q, constants, shape)
+    float32_ops: set[str] = set()
+    for _ in range(4):
+        exact_model, exact_feeds = _float64_model(nodes, q, constants, list(model.opset_import), feeds, float32_ops)
+        try:
+            pre = _ort_run(exact_model, "disable", exact_feeds, tmp, f"exact{i}")[q.input[0]]
+            break
+        except Exception as e:  # noqa: BLE001
+            missing_kernel = re.search(r"implementation for (\w+)\(", str(e))
+            if not missing_kernel or missing_kernel.group(1) in float32_ops:
+                raise
+            float32_ops.add(missing_kernel.group(1))
+    loc.ort_runs += 1
+    if float32_ops:
+        loc.reason = f"value before rounding computed with {', '.join(sorted(float32_ops))} in float32"
+    return nodes, feeds, np.asarray(pre, np.float64) / scale + zp, zp
+
+
+def _dynamic_value_before_rounding(model, q, inputs, ort_opt, tmp: Path, i: int, loc: Localization):
+    """DynamicQuantizeLinear `q` alone, its input (ONNX Runtime's), x / scale + zero_point in float64 with ONNX
+    Runtime's run-time scale and zero point, and the zero point."""
+    x, scale, zp = q.input[0], q.output[1], q.output[2]
+    infos = _value_infos(model)
+    types = {name: v.type.tensor_type.elem_type for name, v in infos.items()}
+    types.update({x: TensorProto.FLOAT, scale: TensorProto.FLOAT, zp: TensorProto.UINT8})
+    got = _ort_run(_with_outputs(model, [x, scale, zp], infos, types), ort_opt, inputs, tmp, f"dynamic{i}")
+    loc.ort_runs += 1
+    feeds = {x: np.asarray(inputs[x] if x in inputs else got[x], np.float32)}
+    zero_point = float(np.asarray(got[zp]))
+    return [q], feeds, feeds[x].astype(np.float64) / float(np.asarray(got[scale])) + zero_point, zero_point
