@@ -1,7 +1,8 @@
 """The public-architecture zoo (`benchmarks/zoo`) through the user path: compile for x86 and for the
 Raspberry Pi 5, verify each against ONNX Runtime (the rpi5 build under qemu), no contraction kernel
 (matmul, conv, depthwise) left on the generic schedule, and every contraction kernel named by the ONNX
-contraction nodes it computes (and every such node by a kernel).
+contraction nodes it computes (and every such node by a kernel), and on x86 no dot-product kernel whose
+register tile stays in memory.
 
 Default suite: every architecture as ORT's `quantize_static` makes it (QDQ, per-channel, u8
 activations), verified at 64 frames, and the Conformer as `quantize_dynamic` makes it. The other quantizers (per-tensor, s8 activations, dynamic,
@@ -10,6 +11,9 @@ QOperator, nativeq's QAT export) are marked slow. Speed lives in `python -m benc
 
 from __future__ import annotations
 
+import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -75,6 +79,24 @@ def _unnamed_contractions(manifest: dict, model_path) -> list[str]:
     return problems
 
 
+_X86_DOT = re.compile(r"\t(vpdpbusd|vpdpwssd|vfmadd\w*ps) ")
+# a vector store to a stack slot at a run-time index: `vmovups %zmm1,0xf0(%rsp,%rax,4)`
+_X86_STACK_INDEXED_STORE = re.compile(r"\tvmov\w+ +%[xyz]mm\d+,(-?0x[0-9a-f]+)?\(%rsp,%r\w+")
+
+
+def _tiles_in_memory(library: Path) -> list[str]:
+    """x86 kernels whose dot products keep their accumulators in memory: about one stack store at a run-time index
+    per dot instruction, where LLVM could not promote the register tile (an index it cannot prove constant)."""
+    asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(library)], capture_output=True, text=True,
+                         check=True).stdout
+    found = []
+    for function in re.split(r"\n(?=[0-9a-f]+ <)", asm):
+        dots = len(_X86_DOT.findall(function))
+        if dots >= 4 and len(_X86_STACK_INDEXED_STORE.findall(function)) >= dots // 2:
+            found.append(function.split("<", 1)[1].split(">", 1)[0])
+    return found
+
+
 @pytest.mark.parametrize("name, quantizer", _params())
 def test_zoo_model_compiles_verifies_and_has_no_contraction_on_the_generic_path(name, quantizer, zoo_cache, tmp_path):
     model = zoo.build(name, quantizer, zoo_cache)
@@ -82,6 +104,8 @@ def test_zoo_model_compiles_verifies_and_has_no_contraction_on_the_generic_path(
     result = compile_model(model, tmp_path / "host", CompileConfig(target="host", use_tuning=False))
     assert _generic_contractions(result.manifest) == [], result.explain_table()
     assert _unnamed_contractions(result.manifest, model) == []
+    if shutil.which("objdump"):
+        assert _tiles_in_memory(tmp_path / "host" / "model.so") == []
     _check_verify(verify_artifact(tmp_path / "host", model, VerifyConfig(runs=1, dims=dims, accept_ties=True)))
 
 

@@ -226,7 +226,13 @@ def _schedule(sch: Schedule, intrin: DotIntrin, knobs: TileKnobs | None = None) 
         # zero-padded activation rows of a run-time K (P·V: K = T, N = a head's width): built once per row
         # tile, for all its column tiles (a serial loop). NOTE: with a static K the copy is small next to
         # the tile's dot products, and the fused row x column tile loop measured faster on x86.
-        rows_at = sch.fuse(*parallel_batch, row_outer) if parallel_batch else row_outer
+        # NOTE: row tiles outermost, the static batch (heads) inside: the fused index then splits by a static
+        # extent, and the tile's accumulator region is a constant offset from it (batch outermost, it divides
+        # by the symbolic row-tile count, the accumulator's index stays a run-time offset, and LLVM keeps the
+        # tile in memory, one load and one store per multiply-add).
+        if parallel_batch:
+            sch.reorder(row_outer, *parallel_batch)
+        rows_at = sch.fuse(row_outer, *parallel_batch) if parallel_batch else row_outer
         sch.parallel(rows_at)
         tile = col_outer
     else:
