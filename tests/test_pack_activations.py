@@ -322,3 +322,31 @@ def test_symbolic_n_epilogue_runs_on_whole_tiles_then_crops():
     crops = [name for name, text in blocks.items() if name.endswith("_pad") and "_pad[" in text.split("T.reads(", 1)[1]
              and "_pad[" not in _writes(text)]
     assert crops, "no crop from the padded buffer"
+
+
+def test_int8_attention_on_a_sliced_time_axis_compiles_and_matches_onnxruntime(tmp_path):
+    """Q, K, V on every second frame (a Slice with step 2 along T): LegalizeOps writes the sliced length as another
+    expression of T than the one inferred when the pack of Kᵀ was built; the pack is rebuilt after LegalizeOps
+    (`passes/repack_after_legalize.py`), where FuseTIR used to stop with "Inconsistent buffers"."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from test_float_kernels import _float_attention
+
+    class Calibration(CalibrationDataReader):
+        def __init__(self):
+            rng = np.random.default_rng(0)
+            self.feeds = iter([{n: rng.standard_normal((1, 4, 40, 36)).astype(np.float32) for n in "qkv"}
+                               for _ in range(4)])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    onnx.save(_float_attention(time_step=2), tmp_path / "float.onnx")
+    quantize_static(str(tmp_path / "float.onnx"), str(tmp_path / "qdq.onnx"), Calibration(), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    op_types_to_quantize=["MatMul", "Softmax", "Transpose", "Slice"])
+    result = compile_model(tmp_path / "qdq.onnx", tmp_path / "art", CompileConfig(target="host", use_tuning=False),
+                           progress=False)
+    assert {k["schedule"] for k in result.kernels if k["kind"] == "contraction"} == {"int8 tensorized"}
+    for frames in (45, 200):
+        report = verify_artifact(tmp_path / "art", tmp_path / "qdq.onnx", VerifyConfig(dims={"T": frames}, accept_ties=True))
+        assert report.passed, report.table()

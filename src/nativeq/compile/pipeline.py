@@ -24,6 +24,7 @@ from nativeq.compile._tvm import TVMTarget, relax, tvm
 from nativeq.compile.passes.int8 import int8_passes
 from nativeq.compile.passes.legalize_like_ort import legalize_like_ort
 from nativeq.compile.passes.lut_elementwise import MarkLutElementwise
+from nativeq.compile.passes.repack_after_legalize import RepackAfterLegalize
 from nativeq.compile.passes.scalars_as_tensors import scalars_as_tensors
 from nativeq.compile.schedules import kernel_relax_passes, schedule_passes
 
@@ -57,6 +58,7 @@ def _passes(target, *, int8: bool, tuning_database: Path | None, compressed_weig
         relax.backend.DispatchSampling(),
         relax.backend.DispatchSortScan(),
         relax.transform.LegalizeOps(customize_legalize_map={**scalars_as_tensors(), **legalize_like_ort()}),
+        *([RepackAfterLegalize()] if int8 else []),
         relax.transform.AnnotateTIROpPattern(),
         MarkLutElementwise(),
         relax.transform.FoldConstant(),
