@@ -21,41 +21,50 @@ EXACT = 80.5000028268177
 FIRST = "/layer1/MatMul"
 
 
-def _tie_model(w1_tweak: int = 0) -> onnx.ModelProto:
-    """x[1, 4] -> Q/DQ -> MatMul(W1) -> Q/DQ -> MatMul(W2) -> Q/DQ -> y[1, 2]. W1 column 0 is (QW, 0, 0, 0),
-    so y1[0, 0] is the tie above; W2 carries one step of y1[0, 0] to two steps of y[0, 0]. `w1_tweak` is
-    added to W1[1, 1] (one weight step: a planted bug)."""
-    w1 = np.array([[QW, 0, 1], [0, 8, 3], [0, 5, -2], [0, 0, 4]], np.int8)
+def _two_layer_model(sx, sw, sy1, qw: int, qoperator: bool = False, w1_tweak: int = 0) -> onnx.ModelProto:
+    """x[1, 4] -> Q/DQ -> MatMul(W1) -> Q/DQ -> MatMul(W2) -> Q/DQ -> y[1, 2] (with `qoperator`: QuantizeLinear ->
+    QLinearMatMul(W1) -> QLinearMatMul(W2) -> DequantizeLinear, the products without a QuantizeLinear). W1 column 0
+    is (qw, 0, 0, 0), so y1[0, 0] = qx * qw * sx * sw / sy1; W2 carries one step of y1[0, 0] to two steps of
+    y[0, 0]. `w1_tweak` is added to W1[1, 1] (one weight step: a planted bug)."""
+    w1 = np.array([[qw, 0, 1], [0, 8, 3], [0, 5, -2], [0, 0, 4]], np.int8)
     w1[1, 1] += w1_tweak
     w2 = np.array([[127, 3], [0, 40], [0, -50]], np.int8)
     sw2 = np.float32(0.01)
-    sy2 = np.float32(float(SY1) * float(sw2) * 127 / 2)
-    inits = [
-        numpy_helper.from_array(np.array(SX, np.float32), "sx"), numpy_helper.from_array(np.array(0, np.uint8), "zx"),
-        numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(np.array(SW, np.float32), "sw1"),
-        numpy_helper.from_array(np.array(0, np.int8), "zw"),
-        numpy_helper.from_array(np.array(SY1, np.float32), "sy1"), numpy_helper.from_array(np.array(0, np.uint8), "zy1"),
-        numpy_helper.from_array(w2, "w2"), numpy_helper.from_array(np.array(sw2, np.float32), "sw2"),
-        numpy_helper.from_array(np.array(sy2, np.float32), "sy2"), numpy_helper.from_array(np.array(0, np.uint8), "zy2"),
-    ]
-    nodes = [
-        helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"], name="/input/QuantizeLinear"),
-        helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"], name="/input/DequantizeLinear"),
-        helper.make_node("DequantizeLinear", ["w1", "sw1", "zw"], ["w1d"], name="/layer1/w/DequantizeLinear"),
-        helper.make_node("MatMul", ["xd", "w1d"], ["y1"], name=FIRST),
-        helper.make_node("QuantizeLinear", ["y1", "sy1", "zy1"], ["y1q"], name="/layer1/QuantizeLinear"),
-        helper.make_node("DequantizeLinear", ["y1q", "sy1", "zy1"], ["y1d"], name="/layer1/DequantizeLinear"),
-        helper.make_node("DequantizeLinear", ["w2", "sw2", "zw"], ["w2d"], name="/layer2/w/DequantizeLinear"),
-        helper.make_node("MatMul", ["y1d", "w2d"], ["y2"], name="/layer2/MatMul"),
-        helper.make_node("QuantizeLinear", ["y2", "sy2", "zy2"], ["y2q"], name="/layer2/QuantizeLinear"),
-        helper.make_node("DequantizeLinear", ["y2q", "sy2", "zy2"], ["y"], name="/output/DequantizeLinear"),
-    ]
-    graph = helper.make_graph(nodes, "tie", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+    sy2 = np.float32(float(sy1) * float(sw2) * 127 / 2)
+    inits = [numpy_helper.from_array(np.asarray(v), k) for k, v in {
+        "sx": sx, "zx": np.uint8(0), "w1": w1, "sw1": sw, "zw": np.int8(0), "sy1": sy1, "zy1": np.uint8(0),
+        "w2": w2, "sw2": sw2, "sy2": sy2, "zy2": np.uint8(0)}.items()]
+    if qoperator:
+        nodes = [
+            helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"], name="/input/QuantizeLinear"),
+            helper.make_node("QLinearMatMul", ["xq", "sx", "zx", "w1", "sw1", "zw", "sy1", "zy1"], ["y1q"], name="mm1"),
+            helper.make_node("QLinearMatMul", ["y1q", "sy1", "zy1", "w2", "sw2", "zw", "sy2", "zy2"], ["y2q"], name="mm2"),
+            helper.make_node("DequantizeLinear", ["y2q", "sy2", "zy2"], ["y"], name="/output/DequantizeLinear"),
+        ]
+    else:
+        nodes = [
+            helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"], name="/input/QuantizeLinear"),
+            helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"], name="/input/DequantizeLinear"),
+            helper.make_node("DequantizeLinear", ["w1", "sw1", "zw"], ["w1d"], name="/layer1/w/DequantizeLinear"),
+            helper.make_node("MatMul", ["xd", "w1d"], ["y1"], name=FIRST),
+            helper.make_node("QuantizeLinear", ["y1", "sy1", "zy1"], ["y1q"], name="/layer1/QuantizeLinear"),
+            helper.make_node("DequantizeLinear", ["y1q", "sy1", "zy1"], ["y1d"], name="/layer1/DequantizeLinear"),
+            helper.make_node("DequantizeLinear", ["w2", "sw2", "zw"], ["w2d"], name="/layer2/w/DequantizeLinear"),
+            helper.make_node("MatMul", ["y1d", "w2d"], ["y2"], name="/layer2/MatMul"),
+            helper.make_node("QuantizeLinear", ["y2", "sy2", "zy2"], ["y2q"], name="/layer2/QuantizeLinear"),
+            helper.make_node("DequantizeLinear", ["y2q", "sy2", "zy2"], ["y"], name="/output/DequantizeLinear"),
+        ]
+    graph = helper.make_graph(nodes, "two_layers", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+def _tie_model(w1_tweak: int = 0) -> onnx.ModelProto:
+    """The QDQ model of the tie above (y1[0, 0] is the tie)."""
+    return _two_layer_model(SX, SW, SY1, QW, w1_tweak=w1_tweak)
 
 
 @pytest.fixture(scope="module")
@@ -162,17 +171,23 @@ def test_no_localization_when_verify_passes_or_when_turned_off(tie_case):
     assert not report.passed and report.localizations == []
 
 
-def test_zoo_transformer_at_200_frames_localizes_to_a_tie(tmp_path):
+def _zoo_verified_at_200_frames(name: str, quantizer: str, tmp_path):
+    """The zoo entry compiled for the host and verified at T=200 with ties accepted: it must be beyond tolerance and
+    pass; its first localization."""
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from benchmarks import zoo
 
-    onnx_path = Path(zoo.build("transformer_prenorm", "qdq_u8_pc", str(tmp_path)))
+    onnx_path = Path(zoo.build(name, quantizer, str(tmp_path)))
     compile_model(onnx_path, tmp_path / "art", CompileConfig(target="host", use_tuning=False))
     report = verify_artifact(tmp_path / "art", onnx_path, VerifyConfig(dims={"T": 200}, accept_ties=True))
     assert not report.within_tolerance and report.passed
-    loc = report.localizations[0]
+    return report.localizations[0]
+
+
+def test_zoo_transformer_at_200_frames_localizes_to_a_tie(tmp_path):
+    loc = _zoo_verified_at_200_frames("transformer_prenorm", "qdq_u8_pc", tmp_path)
     assert (loc.kind, loc.node, loc.op) == ("tie", "/blocks.0/linear1/MatMul", "MatMul")
     assert loc.site == "/blocks.0/linear1/MatMul_output_0_QuantizeLinear_Output" and loc.isolated_agrees
 
@@ -243,26 +258,8 @@ SX_Q, SW_Q, SY_Q, QX_Q, QW_Q = (np.float32(0.012536394409835339), np.float32(0.0
 
 
 def _qoperator_tie_model() -> onnx.ModelProto:
-    """x[1, 4] -> QuantizeLinear -> QLinearMatMul(W1) -> QLinearMatMul(W2) -> DequantizeLinear -> y[1, 2]
-    (QOperator format: the products have no QuantizeLinear); y1q[0, 0] is the tie above, one step of it
-    two steps of y[0, 0]."""
-    w1 = np.array([[QW_Q, 0, 1], [0, 8, 3], [0, 5, -2], [0, 0, 4]], np.int8)
-    w2 = np.array([[127, 3], [0, 40], [0, -50]], np.int8)
-    sw2 = np.float32(0.01)
-    sy2 = np.float32(float(SY_Q) * float(sw2) * 127 / 2)
-    inits = [numpy_helper.from_array(np.asarray(v), k) for k, v in {
-        "sx": SX_Q, "zx": np.uint8(0), "w1": w1, "sw1": SW_Q, "zw": np.int8(0), "sy1": SY_Q, "zy1": np.uint8(0),
-        "w2": w2, "sw2": sw2, "sy2": sy2, "zy2": np.uint8(0)}.items()]
-    nodes = [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"], name="/input/QuantizeLinear"),
-             helper.make_node("QLinearMatMul", ["xq", "sx", "zx", "w1", "sw1", "zw", "sy1", "zy1"], ["y1q"], name="mm1"),
-             helper.make_node("QLinearMatMul", ["y1q", "sy1", "zy1", "w2", "sw2", "zw", "sy2", "zy2"], ["y2q"], name="mm2"),
-             helper.make_node("DequantizeLinear", ["y2q", "sy2", "zy2"], ["y"], name="/output/DequantizeLinear")]
-    graph = helper.make_graph(nodes, "qoperator_tie", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    """The QOperator model of the tie above: y1q[0, 0] is the tie."""
+    return _two_layer_model(SX_Q, SW_Q, SY_Q, QW_Q, qoperator=True)
 
 
 @pytest.fixture(scope="module")
@@ -315,16 +312,7 @@ def test_a_planted_compiler_bug_in_a_qoperator_model_is_an_error(qoperator_tie_c
 def test_zoo_dynamic_transformer_localizes_to_a_dynamic_quantize_tie(tmp_path):
     """quantize_dynamic: the activations are quantized at run time (DynamicQuantizeLinear), after float ops whose
     float32 results the engines compute in different orders; the first such site that differs is a tie."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from benchmarks import zoo
-
-    onnx_path = Path(zoo.build("transformer_postnorm", "dynamic", str(tmp_path)))
-    compile_model(onnx_path, tmp_path / "art", CompileConfig(target="host", use_tuning=False))
-    report = verify_artifact(tmp_path / "art", onnx_path, VerifyConfig(dims={"T": 200}, accept_ties=True))
-    assert not report.within_tolerance and report.passed
-    loc = report.localizations[0]
+    loc = _zoo_verified_at_200_frames("transformer_postnorm", "dynamic", tmp_path)
     assert (loc.kind, loc.quantize_op, loc.op) == ("tie", "DynamicQuantizeLinear", "LayerNormalization")
     assert loc.isolated_agrees and abs(loc.exact - round(loc.exact)) == pytest.approx(0.5, abs=1e-3)
 
