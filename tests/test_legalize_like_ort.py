@@ -203,6 +203,25 @@ def test_softmax_is_bit_identical_to_onnxruntime(shape, t, tmp_path):
     np.testing.assert_array_equal(out, ref)
 
 
+@pytest.mark.parametrize("op", ["Softmax", "LogSoftmax"])
+@pytest.mark.parametrize("n", [1, 7, 16, 17, 29, 32, 48, 100])
+def test_softmax_and_log_softmax_of_static_rows_are_bit_identical_and_vectorized(op, n, tmp_path):
+    """A class axis of static length (a CTC head's LogSoftmax over 32 tokens): no chunk of 16 (n < 16), exactly one,
+    whole chunks only (no tail) and a tail; MLAS's max, exp and lane sums, log-softmax as (x - max) - log(sum)."""
+    model = unary_model(op, [1, "T", n], axis=-1)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    result = compile_model(path, tmp_path / "art", CompileConfig(target="host", use_tuning=False))
+    assert [k["schedule"] for k in result.kernels] == ["softmax"], result.kernels
+    x = (np.random.default_rng(n).normal(0, 4, (1, 123, n))).astype(np.float32)
+    x[0, 0, :] = 1e-30  # a row of equal values
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    ref = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    out = load(tmp_path / "art").run({"x": x})
+    np.testing.assert_array_equal(np.asarray(out["y"] if isinstance(out, dict) else out[0]), ref)
+
+
 def test_round_is_ties_to_even_like_onnxruntime_and_vectorized(tmp_path):
     """ONNX Round: ties to even (2.5 -> 2, -0.5 -> -0), and the kernel on a symbolic length is vector code
     (TOPI's `nearbyint` is scalarized by TVM's vectorizer: one vroundss per element on x86)."""

@@ -383,7 +383,9 @@ def _mlas_sum_exp_element(value, dtype):
     return _horner(dtype, value, ort.EXP_POLY) * scale
 
 
-def _mlas_softmax(x, axis):
+def _mlas_softmax(x, axis, log: bool = False):
+    """Softmax along `axis` as MLAS computes it; with `log`, log-softmax: (x - max) - log(sum), MLAS's
+    `Input + NegativeMaximum - Logarithm` with the same maximum and sum of exps."""
     dtype, ndim = x.dtype, len(x.shape)
     axis = axis % ndim
     n = x.shape[axis]
@@ -399,12 +401,14 @@ def _mlas_softmax(x, axis):
     chunks = n // _SOFTMAX_LANES
     tail = n - chunks * _SOFTMAX_LANES
 
-    def tail_lanes(value, identity, name):
-        """The partial last chunk as 16 lanes (clamped reads, a gather once per row; identity past the end)."""
+    def tail_lanes(value, combine, name):
+        """The partial last chunk as 16 lanes (clamped reads, a gather once per row), `combine(value, inside)` giving
+        the value a lane contributes. NOTE: no Select around the read: TVM simplifies a Select's value under its
+        condition, which drops the clamp (a read past the row, past the buffer on the last one)."""
         def element(*index):
             outer, lane = index[:-1], index[-1]
             k = chunks * _SOFTMAX_LANES + lane
-            return tirx.Select(lane < tail, value(outer, tirx.min(k, n - 1)), identity)
+            return combine(value(outer, tirx.min(k, n - 1)), lane < tail)
 
         return te.compute([*outer_shape, _SOFTMAX_LANES], element, name=name)
 
@@ -416,7 +420,8 @@ def _mlas_softmax(x, axis):
     # NOTE: max is exact in any order, so it runs in 16 lanes like the sum (a serial max over the row
     # was a quarter of the softmax time); the lanes block's schedule (softmax.py) vectorizes both.
     lane_maxima = te.compute([*outer_shape, _SOFTMAX_LANES], lane_max, name=SOFTMAX_MAX_LANES_BLOCK)
-    tail_maxima = tail_lanes(at, tirx.min_value(dtype), SOFTMAX_MAX_TAIL_BLOCK)
+    # a lane past the row's end reads its last element again, which leaves the maximum as it is
+    tail_maxima = tail_lanes(at, lambda value, inside: value, SOFTMAX_MAX_TAIL_BLOCK)
 
     def row_max(*outer):
         a = [tirx.max(lane_maxima(*outer, lane), tail_maxima(*outer, lane)) for lane in range(_SOFTMAX_LANES)]
@@ -444,32 +449,42 @@ def _mlas_softmax(x, axis):
         return te.sum(exp_at(outer, c * _SOFTMAX_LANES + lane), axis=c)
 
     lanes = te.compute([*outer_shape, _SOFTMAX_LANES], lane_sum, name=SOFTMAX_LANES_BLOCK)
-    tail_sums = tail_lanes(exp_at, tirx.const(0.0, dtype), SOFTMAX_SUM_TAIL_BLOCK)
+    # a lane past the row's end adds +0 (its exp, finite and >= 0, times 0), as MLAS's masked lanes do
+    tail_sums = tail_lanes(exp_at, lambda value, inside: value * inside.astype(dtype), SOFTMAX_SUM_TAIL_BLOCK)
 
     def inverse_sum(*outer):
         a = [lanes(*outer, lane) + tail_sums(*outer, lane) for lane in range(_SOFTMAX_LANES)]
         a = [a[i] + a[i + 8] for i in range(8)]
         while len(a) > 1:
             a = [a[2 * i] + a[2 * i + 1] for i in range(len(a) // 2)]
-        return tirx.const(1.0, dtype) / a[0]
+        return tirx.log(a[0]) if log else tirx.const(1.0, dtype) / a[0]
 
+    # NOTE: log-softmax keeps the block's name: the softmax schedule computes the row's blocks up to it per row
     inverse = te.compute(outer_shape, inverse_sum, name=SOFTMAX_INVERSE_BLOCK)
 
     def normalize(*index):
         outer = [i for d, i in enumerate(index) if d != axis]
+        if log:
+            return (x(*index) - maximum(*outer)) - inverse(*outer)
         return exp_at(outer, index[axis]) * inverse(*outer)
 
-    return te.compute(x.shape, normalize, name="softmax")
+    return te.compute(x.shape, normalize, name="log_softmax" if log else "softmax")
 
 
-def _legalize_softmax(bb, call):
-    x = call.args[0]
-    if x.ty.dtype != "float32":  # TVM's own rule
-        return bb.call_te(topi.nn.softmax, x, call.attrs.axis)
-    # NOTE: marked out-elementwise-fusable (TVM's pattern analysis calls the per-lane tail reads opaque):
-    # the requantize after a softmax fuses into its last loop.
-    return bb.call_te(_mlas_softmax, x, int(call.attrs.axis), primfunc_name_hint="softmax",
-                      primfunc_attrs={"op_pattern": _OUT_EWISE_FUSABLE})
+def _softmax_rule(log: bool):
+    """Legalization of float32 softmax (log-softmax) by `_mlas_softmax`; other dtypes keep TVM's own rule."""
+    name, tvm_compute = ("log_softmax", topi.nn.log_softmax) if log else ("softmax", topi.nn.softmax)
+
+    def legalize(bb, call):
+        x = call.args[0]
+        if x.ty.dtype != "float32":
+            return bb.call_te(tvm_compute, x, call.attrs.axis)
+        # NOTE: marked out-elementwise-fusable (TVM's pattern analysis calls the per-lane tail reads opaque):
+        # the requantize after a softmax fuses into its last loop.
+        return bb.call_te(_mlas_softmax, x, int(call.attrs.axis), log, primfunc_name_hint=name,
+                          primfunc_attrs={"op_pattern": _OUT_EWISE_FUSABLE})
+
+    return legalize
 
 
 def _unary_rule(mlas_compute, tvm_compute, name: str):
@@ -488,7 +503,8 @@ def legalize_like_ort() -> dict:
     """`LegalizeOps(customize_legalize_map=...)` entries: op name -> legalization function."""
     return {
         "relax.nn.layer_norm": _legalize_layer_norm,
-        "relax.nn.softmax": _legalize_softmax,
+        "relax.nn.softmax": _softmax_rule(log=False),
+        "relax.nn.log_softmax": _softmax_rule(log=True),
         "relax.sigmoid": _unary_rule(_mlas_logistic, topi.sigmoid, "sigmoid"),
         "relax.erf": _unary_rule(_mlas_erf, topi.erf, "erf"),
         "relax.tanh": _unary_rule(_mlas_tanh, topi.tanh, "tanh"),

@@ -73,10 +73,13 @@ def _schedule(sch: Schedule, vector_bits: int) -> Schedule:
     lane_blocks = [sch.get_sblock(SOFTMAX_MAX_LANES_BLOCK), sch.get_sblock(SOFTMAX_LANES_BLOCK)]
     chunks = []
     for lane_block in lane_blocks:
+        if _reduce_extent(sch, lane_block) == 1:  # compute_at left no chunk loop: the lanes are the last loop
+            sch.vectorize(sch.get_loops(lane_block)[-1])
+            continue
         *_, lane, chunk = sch.get_loops(lane_block)
         sch.reorder(chunk, lane)
         sch.vectorize(lane)
-        chunks.append(chunk)
+        chunks.append((lane_block, chunk))
     for name in (SOFTMAX_MAX_TAIL_BLOCK, SOFTMAX_SUM_TAIL_BLOCK):
         sch.vectorize(sch.get_loops(sch.get_sblock(name))[-1])
     exp_row = sch.get_loops(sch.get_sblock(SOFTMAX_EXP_BLOCK))[-1]
@@ -89,6 +92,12 @@ def _schedule(sch: Schedule, vector_bits: int) -> Schedule:
     # scalarizes; unsplit, LLVM's loop vectorizer vectorizes it with a scalar remainder.
     sch.parallel(next((loop for loop in outer if _extent(sch, loop) != 1), outer[0]))
     # NOTE: last: vectorize/parallel need the lanes blocks whole (reduction blocks with their init).
-    for lane_block, chunk in zip(lane_blocks, chunks):
+    for lane_block, chunk in chunks:
         sch.decompose_reduction(lane_block, chunk)
     return sch
+
+
+def _reduce_extent(sch, block) -> int | None:
+    """The extent of `block`'s reduction (the chunks of a row), when static."""
+    (extent,) = [iv.dom.extent for iv in sch.get(block).iter_vars if iv.iter_type == tirx.IterVar.CommReduce]
+    return int(extent) if isinstance(extent, tirx.IntImm) else None
