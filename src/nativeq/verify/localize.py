@@ -6,7 +6,8 @@ Run by `verify_artifact` when an output is beyond tolerance, on the input set th
    of QuantizeLinear nodes on activations (not on constants), of DynamicQuantizeLinear, and of the
    QOperator ops (QLinearMatMul, QLinearConv, com.microsoft QLinearAdd, QGemm, ...), which are
    checked on their QDQ form (`compile/onnx_legalize.py` rewrites each into DequantizeLinear ->
-   float op -> QuantizeLinear, keeping its output's name) while ONNX Runtime runs the model as given. A copy of the model with every site added as a graph output
+   float op -> QuantizeLinear, keeping its output's name) while ONNX Runtime runs the model as
+   given. A copy of the model with every site added as a graph output
    is compiled with the artifact's target and build options (read from its manifest: target
    name, int8, dims, input shapes, tuning database) and run next to ONNX Runtime given the same
    extra outputs. For each failing output, its first ancestor site whose integers differ is the

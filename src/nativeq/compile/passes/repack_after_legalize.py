@@ -5,7 +5,7 @@ Pipeline position: right after LegalizeOps (`compile/pipeline.py`), before FuseO
 `PackInt8Activations` builds each pack PrimFunc before LegalizeOps, from its operand's inferred shape.
 LegalizeOps then gives the operand's producer the shape its TE computation derives, which can be
 another, equal expression of the same symbolic sizes: a time axis sliced with step 2 is inferred
-as `(min(2^62, T) + 1) // 2` and legalized as `(min(2^62, T) + 1 - min(0, T)) // 2`. When FuseOps
+as `(min(2^63 - 1, T) + 1) // 2` and legalized as `(min(2^63 - 1, T) + 1 - min(0, T)) // 2`. When FuseOps
 then fuses the producer (a permute_dims) into the pack, FuseTIR finds two buffers of different
 shapes for one tensor and stops with an internal error ("Inconsistent buffers ... mapped to the
 same relax var"). A pack whose operand's shape is no longer its PrimFunc's input shape is built
