@@ -137,7 +137,16 @@ def test_every_task_failing_is_a_one_line_error(tmp_path, monkeypatch):
     assert list(entry["failed"]) == [conv] and entry["tasks"] == {}
 
 
-def test_ctrl_c_still_stops_the_run(tmp_path, monkeypatch):
+@pytest.fixture
+def ctrl_c_reaches_python():
+    """SIGINT handled as Python's default (KeyboardInterrupt) for the test: a test run started as a background job
+    without job control inherits SIGINT ignored, and `tune` rightly leaves an ignored SIGINT ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_still_stops_the_run(tmp_path, monkeypatch, ctrl_c_reaches_python):
     """Ctrl-C is not a task failure: it ends the run (`error: interrupted`, exit 130), also when it lands in a
     Python callback TVM calls from C++ (which hands it back as a RuntimeError with an empty message)."""
     from nativeq.compile._tvm import meta_schedule as ms
