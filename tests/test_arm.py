@@ -382,3 +382,24 @@ def test_rpi4_depthwise_sums_tap_pairs_in_int16_exactly(kernel, spatial, shape, 
     pair_sums = sum(1 for line in _disassemble(artifact).splitlines()
                     if ("\tsmlal\t" in line or "\tsmlal2\t" in line) and ".8h" in line.split("\t")[-1].split(",")[0])
     assert (pair_sums == 0) if minus_128 else (pair_sums > 0)
+
+
+@pytest.mark.parametrize("k, grouped", [(128, True), (94, True), (36, False), (64, False)])
+def test_rpi5_sdot_kernel_reads_four_k_steps_per_activation_load_and_is_exact(k, grouped, tmp_path):
+    """On the Pi 5 a dense int8 matmul whose (padded) K is a multiple of 16, at least 80, loads 16 activations at
+    once and reads them as the indexed lanes of four `sdot`s (`sdot v.4s, v.16b, v.4b[i]`); K = 36 (9 k-steps)
+    and K = 64 (a k loop LLVM unrolls fully) keep the one-k-step kernel (a broadcast load per `sdot` row).
+    K = 94 is padded to 96; N = 21 and 11 rows are ragged."""
+    rng = np.random.default_rng(k)
+    w = rng.integers(-128, 128, (k, 21), dtype=np.int8)
+    a = rng.integers(-128, 128, (1, 11, k), dtype=np.int8)
+    a[0, 0] = -128
+    onnx_path = tmp_path / "mmi.onnx"
+    onnx.save(_matmul_integer_model(w), onnx_path)
+    artifact = tmp_path / "rpi5"
+    compile_model(onnx_path, artifact, CompileConfig(target="rpi5"))
+    np.testing.assert_array_equal(run_emulated(artifact, {"a": a}, cpu="cortex-a76")[0],
+                                  a.astype(np.int64) @ w.astype(np.int64))
+    sdots = [line for line in _disassemble(artifact).splitlines() if "\tsdot\t" in line]
+    indexed = [line for line in sdots if ".4b[" in line]
+    assert sdots and (len(indexed) == len(sdots) if grouped else not indexed), sdots[:8]

@@ -72,7 +72,12 @@ class ApplyTuningDatabase:
     def _apply_int8_knobs(self, mod, database, twins: dict) -> dict[str, str]:
         """Schedule the int8 matmuls that have template records (in place in `mod`); {kernel: knobs}."""
         from nativeq.compile.schedules.intrinsics import dot_intrin_for
-        from nativeq.compile.schedules.matmul import int8_matmul_n_blocks, register_tile, schedule_int8_matmul
+        from nativeq.compile.schedules.matmul import (
+            int8_matmul_n_blocks,
+            kernel_intrin,
+            register_tile,
+            schedule_int8_matmul,
+        )
         from nativeq.tuning.template import is_tunable_int8_matmul, knobs_for
 
         intrin = dot_intrin_for(self.target) if self.target is not None else None
@@ -83,7 +88,8 @@ class ApplyTuningDatabase:
             func = mod[gvar]
             if not is_tunable_int8_matmul(func, intrin):
                 continue
-            knobs = knobs_for(candidates, database, default=register_tile(int8_matmul_n_blocks(func, intrin), intrin))
+            knobs = knobs_for(candidates, database, default=register_tile(int8_matmul_n_blocks(func, intrin),
+                                                                      kernel_intrin(func, intrin)))
             sch = schedule_int8_matmul(func, intrin, knobs) if knobs is not None else None
             if sch is not None:
                 updates[gvar] = sch.mod["main"].with_attr(_SCHEDULED, True)

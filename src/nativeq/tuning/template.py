@@ -27,6 +27,7 @@ from nativeq.compile.schedules.matmul import (
     apply_int8_matmul,
     int8_matmul_n_blocks,
     is_int8_matmul,
+    kernel_intrin,
     tile_choices,
     without_tile_list_reads,
 )
@@ -103,7 +104,7 @@ def int8_matmul_space(intrin: DotIntrin, postprocs: list):
     def design_spaces(sch):
         n_blocks = int8_matmul_n_blocks(sch.mod["main"], intrin)
         spaces = []
-        for knobs in tile_choices(n_blocks, intrin):
+        for knobs in tile_choices(n_blocks, kernel_intrin(sch, intrin)):
             candidate = sch.copy()
             candidate.annotate(candidate.get_sblock(REDUCTION_BLOCK), TILE_ANNOTATION, knobs.as_text())
             scheduled = apply_int8_matmul(candidate, intrin, knobs)

@@ -195,7 +195,7 @@ def extract_tasks(mod, target: Target, dims: dict[str, int]) -> tuple[list[Task]
     """
     from nativeq.compile._tvm import meta_schedule as ms, s_tir, tirx
     from nativeq.compile.schedules.intrinsics import dot_intrin_for
-    from nativeq.compile.schedules.matmul import int8_matmul_n_blocks, is_int8_matmul, tile_choices
+    from nativeq.compile.schedules.matmul import int8_matmul_n_blocks, is_int8_matmul, kernel_intrin, tile_choices
     from nativeq.tuning.template import is_tunable_int8_matmul, size_vars, specialize, task_module
 
     intrin = dot_intrin_for(target)
@@ -214,7 +214,7 @@ def extract_tasks(mod, target: Target, dims: dict[str, int]) -> tuple[list[Task]
             if static is None:
                 skipped.append(f"{name} (symbolic sizes that cannot be bound)")
                 continue
-            choices = len(tile_choices(int8_matmul_n_blocks(func, intrin), intrin))
+            choices = len(tile_choices(int8_matmul_n_blocks(func, intrin), kernel_intrin(func, intrin)))
         else:
             static = func if not size_vars(func) else None
             if static is None:

@@ -22,6 +22,11 @@ compile time (`pack_weights.py`).
   accumulate). Exact only when no weight is -128: then |a * w| <= 128 * 127 and two products stay
   within int16 (<= 32512). The weight packing picks it per matmul from the constant weights
   (`pack_weights.py`); an operand packed at run time (activation x activation) keeps `neon`.
+- `sdot` over 4 k-steps (`SDOT_LANES`, Pi 5): the activations of 4 consecutive k-steps loaded as one
+  16-byte vector, each `sdot` reading its k-step's 4 bytes as an indexed lane (`sdot v.4s, v.16b, v.4b[i]`),
+  instead of one broadcast load (`ld1r`, no address offset: plus an add) per row and k-step. Same weight
+  layout (4 consecutive [lanes, kstep] tiles); `matmul._grouped_dot` picks it for a dense weight whose K
+  allows it (`grouped_of`).
 
 The float32 twin (`fma_intrin_for`): `C[i] += A[0] * B[i, 0]`, one vector of `lanes` columns
 (16 with AVX-512, 8 with AVX2, 4 with NEON) times one broadcast activation, as `llvm.fmuladd` (a
@@ -34,7 +39,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nativeq.compile._tvm import T, TensorIntrin
+from nativeq.compile._tvm import T, TensorIntrin, tirx
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,8 @@ class DotIntrin:
     weight_dtype: str = "int8"
     acc_dtype: str = "int32"
     rows: int = 0  # rows of the register tile (`row_tile`); 0: by lanes
+    groups: int = 1  # k-steps per call (`groups * kstep` activations loaded as one vector)
+    cols: int = 4  # column blocks of the default register tile (`matmul.register_tile`)
 
     @property
     def is_float(self) -> bool:
@@ -67,6 +74,27 @@ def _desc(lanes: int, kstep: int, act_dtype: str):
                 with T.sblock("update"):
                     vi, vk = T.axis.remap("SR", [i, k])
                     C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    return desc
+
+
+def _grouped_desc(lanes: int, kstep: int, groups: int, act_dtype: str):
+    """`_desc` over `groups` consecutive k-steps: the weight tiles [groups, lanes, kstep] as the packing lays
+    them out ([N/lanes, K/kstep, lanes, kstep]), the activations as one run of `groups * kstep`."""
+    width = groups * kstep
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (width,), act_dtype, offset_factor=1)
+        B = T.match_buffer(b, (groups, lanes, kstep), "int8", offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:width], B[0:groups, 0:lanes, 0:kstep])
+            T.writes(C[0:lanes])
+            for i, k in T.grid(lanes, width):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vk // kstep, vi, vk % kstep], "int32")
 
     return desc
 
@@ -207,13 +235,42 @@ def _sdot(c, a_i8x16, b_i8x16):
                                    b_i8x16, dtype="int32x4")
 
 
+def _sdot_lanes_impl(groups: int):
+    """The Pi 5 tile over `groups` k-steps: the activations loaded once (`groups * 4` bytes, a plain load with an
+    address offset), each `sdot` reading its k-step's 4 bytes as an indexed lane (`sdot v.4s, v.16b, v.4b[g]`)
+    instead of a broadcast load (`ld1r`, no address offset: one more instruction per row and k-step)."""
+    width = groups * 4
+
+    def chain(c, a_i32, B):
+        for g in range(groups):
+            lane = T.reinterpret(tirx.Shuffle([a_i32], [g] * 4), dtype="int8x16")
+            c = _sdot(c, B.vload([g, 0, 0], dtype="int8x16"), lane)
+        return c
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (width,), "int8", offset_factor=1)
+        B = T.match_buffer(b, (groups, 4, 4), "int8", offset_factor=1)
+        C = T.match_buffer(c, (4,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:4], A[0:width], B[0:groups, 0:4, 0:4])
+            T.writes(C[0:4])
+            C[T.ramp(T.int32(0), 1, 4)] = chain(C.vload([0], dtype="int32x4"),
+                                                T.reinterpret(A.vload([0], f"int8x{width}"), dtype=f"int32x{groups}"), B)
+
+    return impl
+
+
 VNNI = DotIntrin("nativeq_dot_16x4_u8i8i32_vnni", lanes=16, kstep=4, act_dtype="uint8")
 AVX2 = DotIntrin("nativeq_dot_8x2_u8i8i32_avx2", lanes=8, kstep=2, act_dtype="uint8")
 NEON = DotIntrin("nativeq_dot_4x4_i8i8i32_neon", lanes=4, kstep=4, act_dtype="int8", rows=4)
 NEON_PAIR_SUM = DotIntrin("nativeq_dot_4x4_i8i8i32_neon_pair_sum", lanes=4, kstep=4, act_dtype="int8", rows=4)
 SDOT = DotIntrin("nativeq_dot_4x4_i8i8i32_sdot", lanes=4, kstep=4, act_dtype="int8")
+# NOTE: 2 column blocks: with 4 the tile's 16 weight vectors (4 k-steps x 4 blocks) and 24 accumulators spill.
+SDOT_LANES = DotIntrin("nativeq_dot_4x16_i8i8i32_sdot_lanes", lanes=4, kstep=4, act_dtype="int8", groups=4, cols=2)
 
 _BY_FAMILY = {"avx512-vnni": VNNI, "avx2": AVX2, "neon": NEON, "sdot": SDOT}
+_GROUPED = {SDOT.name: SDOT_LANES}  # a faster form over consecutive k-steps (a dense weight, K a multiple)
 _FOR_WEIGHTS_ABOVE_MIN = {NEON.name: NEON_PAIR_SUM}  # a faster twin, exact when no weight is -128
 FMA_BY_LANES = {lanes: DotIntrin(f"nativeq_fma_{lanes}x1_f32", lanes=lanes, kstep=1, act_dtype="float32",
                                  weight_dtype="float32", acc_dtype="float32") for lanes in (16, 8, 4)}
@@ -236,6 +293,8 @@ def register_intrinsics() -> None:
     TensorIntrin.register(NEON_PAIR_SUM.name, _desc(4, 4, "int8"), _arm_4x4_impl(_neon_products(_paired_then_widened)),
                           override=True)
     TensorIntrin.register(SDOT.name, _desc(4, 4, "int8"), _arm_4x4_impl(_sdot), override=True)
+    TensorIntrin.register(SDOT_LANES.name, _grouped_desc(4, 4, SDOT_LANES.groups, "int8"),
+                          _sdot_lanes_impl(SDOT_LANES.groups), override=True)
     for lanes, intrin in FMA_BY_LANES.items():
         TensorIntrin.register(intrin.name, _fma_desc(lanes), _fma_impl(lanes), override=True)
     _registered = True
@@ -251,6 +310,11 @@ def intrin_for_weights(intrin: DotIntrin, weights) -> DotIntrin:
     """`intrin`, or its faster twin when the constant int8 `weights` (numpy) allow it (no value is -128)."""
     twin = twin_of(intrin)
     return twin if twin is not None and weights.size and int(weights.min()) > -128 else intrin
+
+
+def grouped_of(intrin: DotIntrin) -> DotIntrin | None:
+    """The intrinsic covering `groups` consecutive k-steps of `intrin` per call, or None."""
+    return _GROUPED.get(intrin.name)
 
 
 def twin_of(intrin: DotIntrin) -> DotIntrin | None:
