@@ -384,22 +384,32 @@ def test_rpi4_depthwise_sums_tap_pairs_in_int16_exactly(kernel, spatial, shape, 
     assert (pair_sums == 0) if minus_128 else (pair_sums > 0)
 
 
+@pytest.mark.parametrize("target", ["rpi5", "rpi4"])
 @pytest.mark.parametrize("k, grouped", [(128, True), (94, True), (36, False), (64, False)])
-def test_rpi5_sdot_kernel_reads_four_k_steps_per_activation_load_and_is_exact(k, grouped, tmp_path):
-    """On the Pi 5 a dense int8 matmul whose (padded) K is a multiple of 16, at least 80, loads 16 activations at
-    once and reads them as the indexed lanes of four `sdot`s (`sdot v.4s, v.16b, v.4b[i]`); K = 36 (9 k-steps)
-    and K = 64 (a k loop LLVM unrolls fully) keep the one-k-step kernel (a broadcast load per `sdot` row).
-    K = 94 is padded to 96; N = 21 and 11 rows are ragged."""
+def test_arm_kernel_reads_four_k_steps_per_activation_load_and_is_exact(k, grouped, target, tmp_path):
+    """A dense int8 matmul whose (padded) K is a multiple of 16, at least 80, loads 16 activations of a row at once:
+    on the Pi 5 they are the indexed lanes of four `sdot`s (`sdot v.4s, v.16b, v.4b[i]`), on the Pi 4 (pair-sum
+    kernel: no weight is -128) four `dup v.4s, v.s[i]`. K = 36 (9 k-steps) and K = 64 (a k loop LLVM unrolls
+    fully) keep the one-k-step kernel (a broadcast load, `ld1r`, per row and k-step). K = 94 is padded to 96;
+    N = 21 and 11 rows are ragged."""
     rng = np.random.default_rng(k)
-    w = rng.integers(-128, 128, (k, 21), dtype=np.int8)
+    w = rng.integers(-127, 128, (k, 21), dtype=np.int8)
+    w[:, 0] = 127
     a = rng.integers(-128, 128, (1, 11, k), dtype=np.int8)
     a[0, 0] = -128
     onnx_path = tmp_path / "mmi.onnx"
     onnx.save(_matmul_integer_model(w), onnx_path)
-    artifact = tmp_path / "rpi5"
-    compile_model(onnx_path, artifact, CompileConfig(target="rpi5"))
-    np.testing.assert_array_equal(run_emulated(artifact, {"a": a}, cpu="cortex-a76")[0],
-                                  a.astype(np.int64) @ w.astype(np.int64))
-    sdots = [line for line in _disassemble(artifact).splitlines() if "\tsdot\t" in line]
-    indexed = [line for line in sdots if ".4b[" in line]
-    assert sdots and (len(indexed) == len(sdots) if grouped else not indexed), sdots[:8]
+    artifact = tmp_path / target
+    compile_model(onnx_path, artifact, CompileConfig(target=target))
+    cpu = {"rpi5": "cortex-a76", "rpi4": "cortex-a72"}[target]
+    np.testing.assert_array_equal(run_emulated(artifact, {"a": a}, cpu=cpu)[0], a.astype(np.int64) @ w.astype(np.int64))
+    lines = _disassemble(artifact).splitlines()
+    broadcasts = [line for line in lines if "\tld1r\t" in line]
+    if target == "rpi5":
+        sdots = [line for line in lines if "\tsdot\t" in line]
+        indexed = [line for line in sdots if ".4b[" in line]
+        assert sdots and (len(indexed) == len(sdots) if grouped else not indexed), sdots[:8]
+    else:
+        lane_dups = [line for line in lines if "\tdup\t" in line and ".s[" in line]
+        assert bool(lane_dups) == grouped, lane_dups[:8]
+    assert bool(broadcasts) != grouped, broadcasts[:8]

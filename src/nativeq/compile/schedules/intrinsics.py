@@ -24,7 +24,8 @@ compile time (`pack_weights.py`).
   (`pack_weights.py`); an operand packed at run time (activation x activation) keeps `neon`.
 - `sdot` over 4 k-steps (`SDOT_LANES`, Pi 5): the activations of 4 consecutive k-steps loaded as one
   16-byte vector, each `sdot` reading its k-step's 4 bytes as an indexed lane (`sdot v.4s, v.16b, v.4b[i]`),
-  instead of one broadcast load (`ld1r`, no address offset: plus an add) per row and k-step. Same weight
+  instead of one broadcast load (`ld1r`, no address offset: plus an add) per row and k-step. The Pi 4's
+  pair-sum kernel has the same grouped form (`NEON_PAIR_SUM_LANES`, a `dup` of the lane per k-step). Same weight
   layout (4 consecutive [lanes, kstep] tiles); `matmul._grouped_dot` picks it for a dense weight whose K
   allows it (`grouped_of`).
 
@@ -235,16 +236,17 @@ def _sdot(c, a_i8x16, b_i8x16):
                                    b_i8x16, dtype="int32x4")
 
 
-def _sdot_lanes_impl(groups: int):
-    """The Pi 5 tile over `groups` k-steps: the activations loaded once (`groups * 4` bytes, a plain load with an
-    address offset), each `sdot` reading its k-step's 4 bytes as an indexed lane (`sdot v.4s, v.16b, v.4b[g]`)
-    instead of a broadcast load (`ld1r`, no address offset: one more instruction per row and k-step)."""
+def _lanes_impl(accumulate, groups: int):
+    """An ARM dot tile over `groups` k-steps: the activations loaded once (`groups * 4` bytes, a plain load with an
+    address offset), each k-step's 4 bytes taken as a lane broadcast for `accumulate(c, a_i8x16, b_i8x16)` (as in
+    `_arm_4x4_impl`): `sdot`'s indexed form reads the lane itself (`sdot v.4s, v.16b, v.4b[g]`), NEON takes a `dup`.
+    Either replaces a broadcast load per row and k-step (`ld1r`, no address offset: plus an add)."""
     width = groups * 4
 
     def chain(c, a_i32, B):
         for g in range(groups):
             lane = T.reinterpret(tirx.Shuffle([a_i32], [g] * 4), dtype="int8x16")
-            c = _sdot(c, B.vload([g, 0, 0], dtype="int8x16"), lane)
+            c = accumulate(c, lane, B.vload([g, 0, 0], dtype="int8x16"))
         return c
 
     @T.prim_func(s_tir=True)
@@ -261,16 +263,24 @@ def _sdot_lanes_impl(groups: int):
     return impl
 
 
+def _sdot_indexed(c, a_lane_i8x16, b_i8x16):
+    """`_sdot` with the broadcast activations as the third operand, where `sdot`'s indexed form takes them."""
+    return _sdot(c, b_i8x16, a_lane_i8x16)
+
+
 VNNI = DotIntrin("nativeq_dot_16x4_u8i8i32_vnni", lanes=16, kstep=4, act_dtype="uint8")
 AVX2 = DotIntrin("nativeq_dot_8x2_u8i8i32_avx2", lanes=8, kstep=2, act_dtype="uint8")
 NEON = DotIntrin("nativeq_dot_4x4_i8i8i32_neon", lanes=4, kstep=4, act_dtype="int8", rows=4)
 NEON_PAIR_SUM = DotIntrin("nativeq_dot_4x4_i8i8i32_neon_pair_sum", lanes=4, kstep=4, act_dtype="int8", rows=4)
+NEON_PAIR_SUM_LANES = DotIntrin("nativeq_dot_4x16_i8i8i32_neon_pair_sum_lanes", lanes=4, kstep=4, act_dtype="int8",
+                                rows=4, groups=4)
 SDOT = DotIntrin("nativeq_dot_4x4_i8i8i32_sdot", lanes=4, kstep=4, act_dtype="int8")
 # NOTE: 2 column blocks: with 4 the tile's 16 weight vectors (4 k-steps x 4 blocks) and 24 accumulators spill.
 SDOT_LANES = DotIntrin("nativeq_dot_4x16_i8i8i32_sdot_lanes", lanes=4, kstep=4, act_dtype="int8", groups=4, cols=2)
 
 _BY_FAMILY = {"avx512-vnni": VNNI, "avx2": AVX2, "neon": NEON, "sdot": SDOT}
-_GROUPED = {SDOT.name: SDOT_LANES}  # a faster form over consecutive k-steps (a dense weight, K a multiple)
+# faster forms over consecutive k-steps (a dense weight, K a multiple)
+_GROUPED = {SDOT.name: SDOT_LANES, NEON_PAIR_SUM.name: NEON_PAIR_SUM_LANES}
 _FOR_WEIGHTS_ABOVE_MIN = {NEON.name: NEON_PAIR_SUM}  # a faster twin, exact when no weight is -128
 FMA_BY_LANES = {lanes: DotIntrin(f"nativeq_fma_{lanes}x1_f32", lanes=lanes, kstep=1, act_dtype="float32",
                                  weight_dtype="float32", acc_dtype="float32") for lanes in (16, 8, 4)}
@@ -294,7 +304,9 @@ def register_intrinsics() -> None:
                           override=True)
     TensorIntrin.register(SDOT.name, _desc(4, 4, "int8"), _arm_4x4_impl(_sdot), override=True)
     TensorIntrin.register(SDOT_LANES.name, _grouped_desc(4, 4, SDOT_LANES.groups, "int8"),
-                          _sdot_lanes_impl(SDOT_LANES.groups), override=True)
+                          _lanes_impl(_sdot_indexed, SDOT_LANES.groups), override=True)
+    TensorIntrin.register(NEON_PAIR_SUM_LANES.name, _grouped_desc(4, 4, NEON_PAIR_SUM_LANES.groups, "int8"),
+                          _lanes_impl(_neon_products(_paired_then_widened), NEON_PAIR_SUM_LANES.groups), override=True)
     for lanes, intrin in FMA_BY_LANES.items():
         TensorIntrin.register(intrin.name, _fma_desc(lanes), _fma_impl(lanes), override=True)
     _registered = True
