@@ -356,6 +356,8 @@ def _depthwise_integer_model(w: np.ndarray, spatial: list, **attrs) -> onnx.Mode
     ((5,), ["T"], (37,), dict(pads=[4, 4], dilations=[2]), False),  # odd taps (a zero tap added), block crop
     ((4,), ["T"], (41,), dict(strides=[2]), False),                  # no padding: the pairing pads the copy
     ((3, 3), [9, 11], (9, 11), dict(pads=[1, 1, 1, 1], strides=[2, 2]), False),  # 2-D, pairs along the width
+    ((3, 3), [25, 5], (25, 5), dict(pads=[1, 1, 1, 1]), False),  # DS-CNN's 5 columns: a block of 5 positions
+    ((3, 3), [8, 7], (8, 7), dict(pads=[1, 1, 1, 1]), False),    # 7 columns: blocks of 4, cropped
     ((5,), ["T"], (37,), dict(pads=[2, 2]), True),                   # a weight of -128: products widened one by one
 ])
 def test_rpi4_depthwise_sums_tap_pairs_in_int16_exactly(kernel, spatial, shape, attrs, minus_128, tmp_path):

@@ -58,7 +58,24 @@ CASES = {
                                  {"T": 12}),
     "separable2d-stride2": (lambda: qdq_models.qdq_separable_block(2, channels=16, kernel=3, stride=2,
                                                                    spatial=(13, 9), act_dtype="int8"), {}),
+    # depthwise register blocks of 6 and 3 output columns (a width 4 does not divide), and 4 with a crop (7)
+    "separable2d-w6": (lambda: qdq_models.qdq_separable_block(2, channels=32, kernel=3, spatial=(10, 6),
+                                                              residual=False), {}),
+    "separable2d-w7": (lambda: qdq_models.qdq_separable_block(2, channels=32, kernel=3, spatial=(8, 7),
+                                                              residual=False), {}),
+    "separable2d-w3-s8": (lambda: qdq_models.qdq_separable_block(2, channels=32, kernel=3, spatial=(12, 3),
+                                                                 act_dtype="int8", residual=False), {}),
 }
+
+
+@pytest.mark.parametrize("last, positions", [(5, 5), (6, 6), (3, 3), (7, 4), (8, 4), (12, 4), (10, 5), (1, 4)])
+def test_depthwise_register_block_divides_a_static_last_axis(last, positions):
+    """Output positions per depthwise register block: 4, or for a static width 4 does not divide the first of 5, 6,
+    3 that does (DS-CNN's 5 columns computed as 5, not 8 cropped to 5); 4 with a crop otherwise."""
+    from nativeq.compile.schedules.depthwise import positions_for
+
+    assert positions_for(last) == positions
+    assert positions_for(tvm.tirx.Var("T", "int64")) == 4
 
 
 @pytest.mark.parametrize("name", list(CASES))

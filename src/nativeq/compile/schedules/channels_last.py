@@ -295,7 +295,8 @@ class _ChannelsLast(relax.PyExprMutator):
                 # per tap in the depthwise kernel's inner loop, which keeps it branch-free.
                 before, after = list(geometry.padding[:ndim]), list(geometry.padding[ndim:])
                 if paired is not None:
-                    after[-1] += pair_taps_extra_rows(w_taps.shape[-2], geometry.strides[-1], geometry.dilation[-1])
+                    after[-1] += pair_taps_extra_rows(w_taps.shape[-2], geometry.strides[-1], geometry.dilation[-1],
+                                                      out_spatial[-1])
                 x_cl = self.builder_.emit(call_pad_channels_last(self.builder_, x_cl, before, after, geometry.pad_value))
                 geometry = ConvGeometry(geometry.strides, geometry.dilation, (0,) * (2 * ndim))
             return call_depthwise(self.builder_, x_cl, w_cl, out_spatial, geometry, pair_taps=paired is not None)

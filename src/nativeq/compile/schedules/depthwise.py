@@ -14,12 +14,12 @@ vector axis instead: every tap is one contiguous vector load of C activations an
 Schedule (`schedule_depthwise`, schedule_passes, after FuseTIR; the rule `DefaultCpuSchedule` names
 "depthwise"):
 
-    for (n, *o, t0) in parallel:                    # blocks of 4 output positions along the last axis
-        for c0 in C / lanes:
-            acc[4][lanes] = 0                        # on the stack
-            for k in taps:                           # each weight vector loaded once for 4 positions
-                for t in unroll(4): acc[t] += widen(x[.., t0*4 + t .., c0*lanes:]) * widen(w[k, c0*lanes:])
-            out[n, *o, t0*4:, c0*lanes:] = epilogue(acc)    # requantize, vectorized; cropped to T
+    for (n, *o, t0) in parallel:                    # blocks of P = 4 output positions along the last axis
+        for c0 in C / lanes:                         # (P = 5, 6 or 3 for a static axis 4 does not divide)
+            acc[P][lanes] = 0                        # on the stack
+            for k in taps:                           # each weight vector loaded once for P positions
+                for t in unroll(P): acc[t] += widen(x[.., t0*P + t .., c0*lanes:]) * widen(w[k, c0*lanes:])
+            out[n, *o, t0*P:, c0*lanes:] = epilogue(acc)    # requantize, vectorized; cropped to T
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ logger = logging.getLogger(__name__)
 
 DEPTHWISE_BLOCK = "nativeq_int8_depthwise"
 DEPTHWISE_CROP = "nativeq_int8_depthwise_crop"
-POSITIONS = 4  # output positions along the last spatial axis per register block
+POSITIONS = 4  # output positions along the last spatial axis per register block (`positions_for`)
+_POSITION_CHOICES = (4, 5, 6, 3)  # block sizes that fit the registers; a static axis takes the first dividing it
 # NOTE: at least 16 channels per vector step, also where a register holds 4 int32 (NEON): 16 int8 activations
 # are then one load, widened in two steps and multiplied by widening multiply-adds (`smlal`/`smlal2`), instead
 # of a 4-byte load widened twice per 4 products.
@@ -45,11 +46,20 @@ _OUT_EWISE_FUSABLE = 4  # TVM OpPatternKind.kOutEWiseFusable
 _ERRORS = (s_tir.ScheduleError, RuntimeError, ValueError, TypeError)
 
 
+def positions_for(last) -> int:
+    """Output positions per register block along a last spatial axis of extent `last`: `POSITIONS`, or for a static
+    extent it does not divide (DS-CNN's 5 columns) the first of `_POSITION_CHOICES` that does, so that no output
+    is computed past the end and cropped (5 columns in blocks of 4: 8 computed)."""
+    if isinstance(last, (int, tirx.IntImm)):
+        return next((p for p in _POSITION_CHOICES if int(last) % p == 0), POSITIONS)
+    return POSITIONS
+
+
 def depthwise_te(x: te.Tensor, w: te.Tensor, out_spatial, pair_taps: bool = False, **geometry_kwargs) -> te.Tensor:
     """int32 depthwise conv of `x` [N, *S, C] (8-bit) with `w` [*K, C] (int8): [N, *out_spatial, C]
     (float32 when x and w are float32).
 
-    The last output axis is computed padded to whole blocks of `POSITIONS` (reading clamped input
+    The last output axis is computed padded to whole blocks of `positions_for(last)` (reading clamped input
     positions there) and cropped after, so the schedule can hold a block of outputs in registers
     without a bounds predicate in its inner loop.
 
@@ -64,8 +74,9 @@ def depthwise_te(x: te.Tensor, w: te.Tensor, out_spatial, pair_taps: bool = Fals
     *kernel, channels = w.shape
     *outer, last = out_spatial
     input_last = x.shape[-2]
-    padded_last = (last + POSITIONS - 1) // POSITIONS * POSITIONS
-    crop = not (isinstance(last, (int, tirx.IntImm)) and int(last) % POSITIONS == 0)
+    positions = positions_for(last)
+    padded_last = (last + positions - 1) // positions * positions
+    crop = not (isinstance(last, (int, tirx.IntImm)) and int(last) % positions == 0)
     acc_dtype = "float32" if w.dtype == "float32" else "int32"
     taps = [te.reduce_axis((0, k), name=f"k{i}") for i, k in enumerate(kernel)]
 
@@ -97,11 +108,11 @@ def pair_taps_weight(weight: np.ndarray) -> np.ndarray | None:
     return np.ascontiguousarray(weight)
 
 
-def pair_taps_extra_rows(kernel_last: int, stride: int, dilation: int) -> int:
+def pair_taps_extra_rows(kernel_last: int, stride: int, dilation: int, out_last) -> int:
     """Input rows past the conv's own that `depthwise_te(pair_taps=True)` may read along the last spatial
-    axis: the zero tap added to an odd `kernel_last`, and the outputs computed past the end up to a whole
-    block of `POSITIONS`."""
-    return dilation * (kernel_last % 2) + (POSITIONS - 1) * stride
+    axis: the zero tap added to an odd `kernel_last`, and the outputs computed past the end (`out_last` of them
+    are real) up to a whole block of `positions_for(out_last)`."""
+    return dilation * (kernel_last % 2) + (positions_for(out_last) - 1) * stride
 
 
 def _paired_taps(x, w, geometry):
@@ -189,7 +200,7 @@ def _schedule(sch: Schedule, block, vector_bits: int) -> Schedule | None:
     lanes = dividing_lanes(int(channels), max(vector_bits // 32, _MIN_LANES))  # int32 / float32 accumulators
     if lanes is None:
         return None
-    position_block, position = sch.split(last_axis, factors=[None, POSITIONS])
+    position_block, position = sch.split(last_axis, factors=[None, positions_for(sch.get(last_axis).extent)])
     c_outer, c_lane = sch.split(channel, factors=[None, lanes])
     sch.reorder(*outer, position_block, c_outer, *taps, position, c_lane)
     tile = sch.fuse(*outer, position_block)
