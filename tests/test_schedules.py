@@ -280,3 +280,27 @@ def test_float_batched_matmul_runs_on_the_packed_float_kernel(n, tmp_path):
     va = rng.standard_normal((1, 4, length, length if n == "T" else n)).astype(np.float32)
     got = vm["main"](tvm.runtime.tensor(pa), tvm.runtime.tensor(va)).numpy()
     np.testing.assert_allclose(got, pa.astype(np.float64) @ va.astype(np.float64), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("target_name", ["rpi5", "x86-avx512-vnni"])
+def test_epilogue_copies_its_per_column_inputs_once_per_tile(target_name):
+    """The requantize epilogue's per-column inputs (bias, scale) are copied onto the stack once per register tile,
+    for the tile's columns only, before the tile's rows read them (read in place, LLVM reloads them for every row:
+    it cannot prove the output stores leave them unchanged)."""
+    target = get_target(target_name)
+    _, w, bias, scale = _random_layer(5)
+    mod = _requant_module(w, bias, scale, 48, act_dtype="int8" if target_name == "rpi5" else "uint8")
+    seq = list(compile_pipeline(target).passes)
+    upto = next(i for i, p in enumerate(seq) if p.info.name == "FuseTIR") + 1
+    (sched,) = schedule_passes(target)
+    scheduled = sched(tvm.transform.Sequential(seq[:upto])(mod))
+    (func,) = [f for gv, f in scheduled.functions_items() if "int8_matmul" in gv.name_hint]
+    text = func.script()
+    dots = text.index('T.sblock("nativeq_int8_matmul_update_o")')  # the tile's dot products, then its epilogue
+    epilogue = text.index('T.sblock("compute')
+    for name in ("param_1", "param_2"):  # bias, scale
+        copy = text.index(f'T.sblock("{name}_local")')
+        assert dots < copy < epilogue, text
+        # the copy covers the tile's columns: one vector of nr * lanes, indexed by the tile
+        loop = text.rindex("for ax0 in T.vectorized(", 0, copy)
+        assert text[loop:copy].count("for ") == 1, text[loop:copy]

@@ -268,6 +268,7 @@ def _schedule(sch: Schedule, intrin: DotIntrin, knobs: TileKnobs | None = None) 
         *_, epi_cols = sch.get_loops(last)
         _, epi_lane = sch.split(epi_cols, factors=[None, lanes])
         sch.vectorize(epi_lane)
+        _column_inputs_on_stack(sch, last, tile)
     # a 4-bit weight: the register tile's k-step of weights unpacked right before its dot products
     unpack = _unpack_int4_at(sch, k_outer)
     # the tile's zero-padded activation rows, built right before the tile needs them
@@ -293,6 +294,26 @@ def _grouped_dot(sch: Schedule, intrin: DotIntrin, kdim: int | None) -> DotIntri
     block = sch.get(sch.get_sblock(REDUCTION_BLOCK))
     listed = LISTED_TILES in block.annotations or any(_is_tile_list(r.source) for r in block.reads)
     return intrin if listed else grouped
+
+
+def _column_inputs_on_stack(sch: Schedule, last, tile) -> None:
+    """Copy the epilogue's per-column inputs (scales, zero points, bounds: [..., N] with unit leading dims) for the
+    tile's columns onto the stack once per tile, before its rows read them.
+
+    NOTE: read in place, LLVM reloads them for every row of the tile: it cannot prove that the output stores
+    between the rows leave them unchanged (on NEON 7 loads per 8 outputs of a per-channel requantize; x86 folds
+    them into its instructions' memory operands, where the copy measured neutral). On the stack they stay in
+    registers across the rows."""
+    names = {r.source.name for r in sch.get(last).reads}
+    for index, region in enumerate(list(sch.get(last).reads)):
+        shape = region.source.shape
+        if len(shape) < 1 or not all(isinstance(d, tirx.IntImm) and int(d) == 1 for d in shape[:-1]):
+            continue
+        if isinstance(shape[-1], tirx.IntImm) and int(shape[-1]) == 1:
+            continue
+        copy = sch.cache_read(last, index, "local")
+        sch.compute_at(copy, tile)
+        sch.vectorize(sch.get_loops(copy)[-1])
 
 
 def _unpack_int4_at(sch: Schedule, loop):
