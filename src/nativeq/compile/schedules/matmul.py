@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 MIN_GROUPED_TRIPS = 5  # k-loop trips below which the grouped dot intrinsic is not used (`_grouped_dot`)
 LISTED_TILES = "nativeq_listed_tiles"  # reduction block annotation: the weight is block-sparse (a tile list)
 
+
 def _largest_divisor_at_most(n: int, limit: int) -> int:
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
@@ -304,7 +305,6 @@ def _column_inputs_on_stack(sch: Schedule, last, tile) -> None:
     between the rows leave them unchanged (on NEON 7 loads per 8 outputs of a per-channel requantize; x86 folds
     them into its instructions' memory operands, where the copy measured neutral). On the stack they stay in
     registers across the rows."""
-    names = {r.source.name for r in sch.get(last).reads}
     for index, region in enumerate(list(sch.get(last).reads)):
         shape = region.source.shape
         if len(shape) < 1 or not all(isinstance(d, tirx.IntImm) and int(d) == 1 for d in shape[:-1]):
