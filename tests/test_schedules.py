@@ -52,14 +52,18 @@ def _build(mod, target, tmp_path):
     return ex, lib
 
 
-def _rules(mod, target):
-    """Which nativeq rule schedules each PrimFunc of `mod` after legalization and fusion."""
+def _scheduled(mod, target):
+    """`mod` through the pipeline up to and including FuseTIR, then nativeq's schedule pass: (pass, module)."""
     seq = [p for p in compile_pipeline(target).passes]
-    # everything up to and including FuseTIR
     upto = next(i for i, p in enumerate(seq) if p.info.name == "FuseTIR") + 1
     fused = tvm.transform.Sequential(seq[:upto])(mod)
     (sched,) = schedule_passes(target)
-    sched(fused)
+    return sched, sched(fused)
+
+
+def _rules(mod, target):
+    """Which nativeq rule schedules each PrimFunc of `mod` after legalization and fusion."""
+    sched, _ = _scheduled(mod, target)
     return sched.applied
 
 
@@ -290,10 +294,7 @@ def test_epilogue_copies_its_per_column_inputs_once_per_tile(target_name):
     target = get_target(target_name)
     _, w, bias, scale = _random_layer(5)
     mod = _requant_module(w, bias, scale, 48, act_dtype="int8" if target_name == "rpi5" else "uint8")
-    seq = list(compile_pipeline(target).passes)
-    upto = next(i for i, p in enumerate(seq) if p.info.name == "FuseTIR") + 1
-    (sched,) = schedule_passes(target)
-    scheduled = sched(tvm.transform.Sequential(seq[:upto])(mod))
+    _, scheduled = _scheduled(mod, target)
     (func,) = [f for gv, f in scheduled.functions_items() if "int8_matmul" in gv.name_hint]
     text = func.script()
     dots = text.index('T.sblock("nativeq_int8_matmul_update_o")')  # the tile's dot products, then its epilogue
