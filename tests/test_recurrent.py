@@ -10,6 +10,9 @@ Several recurrent nodes share one graph so that each case costs a single compile
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+
 import numpy as np
 import onnx
 import pytest
@@ -405,3 +408,66 @@ def test_raspberry_pi_artifact_matches_ort_under_qemu(target, case, tmp_path):
             assert out.max_steps <= 1 + 1e-4 and out.exact_pct >= 99.0, report.table()
         else:
             assert out.max_abs <= FLOAT_TOLERANCE, report.table()
+
+
+def _innermost_fma_loop(disassembly: str, function: str) -> list[str]:
+    """The instructions of `function`'s innermost loop (a backward branch with no branch inside) with the most
+    `fmla`s, from objdump -d text."""
+    lines, inside = [], False
+    for line in disassembly.splitlines():
+        if line.endswith(">:"):
+            inside = line.endswith(f"<{function}>:")
+        elif inside and ":\t" in line:
+            address, text = line.split(":\t", 1)
+            lines.append((int(address, 16), text.split("//")[0].strip()))
+    best: list[str] = []
+    for position, (address, text) in enumerate(lines):
+        target = text.split()[-2] if text.startswith("b.") and len(text.split()) >= 3 else None
+        if target is None or int(target, 16) >= address:
+            continue
+        body = [t for a, t in lines[:position + 1] if a >= int(target, 16)]
+        if any(t.startswith("b.") for t in body[:-1]):
+            continue  # not innermost
+        if sum(t.startswith("fmla") for t in body) > sum(t.startswith("fmla") for t in best):
+            best = body
+    return best
+
+
+@pytest.mark.arm
+def test_projection_loads_its_weight_panels_in_pairs_on_arm(tmp_path):
+    """The input projection reads Wᵀ in 16-column panels contiguous over k, so its unrolled k-steps load weights as
+    `ldp q` pairs (a row of an unpacked Wᵀ is G·4 bytes away, past `ldp`'s 1 KB reach: single `ldr q`s), and a
+    k-step's 4 rows of X as one vector read by lane (not a scalar load per row or pair of rows).
+    LSTM(64 -> 40) then GRU(40 -> 20) (a gate width of 60: a zero-padded last panel), rpi5 under qemu vs ORT."""
+    import torch
+    from torch import nn
+
+    objdump = shutil.which("aarch64-linux-gnu-objdump")
+    assert objdump, "aarch64-linux-gnu-objdump missing: apt-get install binutils-aarch64-linux-gnu"
+    torch.manual_seed(4)
+
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(64, 40, batch_first=True)
+            self.gru = nn.GRU(40, 20, batch_first=True)
+
+        def forward(self, x):
+            return self.gru(self.lstm(x)[0])[0]
+
+    model = _torch_export(Stack(), torch.randn(1, 10, 64), {1: "T"}, tmp_path)
+    path = tmp_path / "model.onnx"
+    onnx.save(model, path)
+    compile_model(path, tmp_path / "out", CompileConfig(target="rpi5"))
+    disassembly = subprocess.run([objdump, "-d", "--no-show-raw-insn", str(tmp_path / "out" / "model.so")],
+                                 capture_output=True, text=True, check=True).stdout
+    loop = _innermost_fma_loop(disassembly, "lstm_projection_i64_g160_compute_")
+    fmla = sum(t.startswith("fmla") for t in loop)
+    pairs = sum(t.split()[0] == "ldp" and t.split()[1].startswith("q") for t in loop)
+    other_loads = [t for t in loop if t.split()[0] in ("ldr", "ldur", "ld1r") or (t.split()[0] == "ldp" and t.split()[1][0] != "q")]
+    assert fmla >= 64 and not other_loads, loop
+    # a weight vector serves 4 rows (fmla / 4 of them), one vector of X a k-step's 16 FMAs; two vectors per ldp
+    assert pairs * 2 == fmla // 4 + fmla // 16, loop
+    report = verify_artifact(tmp_path / "out", path, VerifyConfig(runs=1, dims={"T": 23}))
+    assert report.passed and "emulated" in report.execution, report.table()
+    _assert_float_close([report], expected_outputs=1)

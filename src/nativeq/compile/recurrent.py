@@ -7,7 +7,8 @@ QDQ models, so they only ever see float32 tensors.
 Lowering, per direction `d`:
 
 1. the input projection `X·W[d]ᵀ` for every time step at once, as a TIR PrimFunc (blocks of 4
-   rows in parallel, their X rows interleaved k-major, 4 x 16 accumulator tiles kept in registers);
+   rows in parallel, their X rows interleaved k-major, 4 x 16 accumulator tiles kept in registers,
+   `W[d]ᵀ` packed in panels of 16 gate columns contiguous over k);
    a Relax matmul would get the default
    CPU schedules, which run a float matmul with a symbolic row count as one strided serial dot
    product per output (10x slower);
@@ -223,8 +224,8 @@ def _convert(bb, op: str, inputs, attr):
         else:
             gate_bias = relax.op.add(w_bias, r_bias)
         projection = bb.add_func(_projection_kernel(input_size, gates), f"{op.lower()}_projection_i{input_size}_g{gates}")
-        w_transposed = bb.normalize(relax.op.permute_dims(w_d))  # [I, G·H]: row k scales X_t[k]
-        projected = bb.emit(relax.call_tir(projection, [x, w_transposed], relax.TensorType([steps, batch, gates], "float32")))
+        projected = bb.emit(relax.call_tir(projection, [x, _projection_panels(bb, w_d, input_size, gates)],
+                                           relax.TensorType([steps, batch, gates], "float32")))
         r_transposed = bb.normalize(relax.op.permute_dims(r_d))  # [H, G·H]: row k scales H_{t-1}[k]
         panel = _panel_width(spec)
         if panel is not None:  # [G·H / panel, H, panel]: a panel of columns, contiguous over all of k
@@ -262,6 +263,20 @@ def _convert(bb, op: str, inputs, attr):
         outputs = [bb.normalize(relax.op.permute_dims(outputs[0], [2, 0, 1, 3]))] + [
             bb.normalize(relax.op.permute_dims(state, [1, 0, 2])) for state in outputs[1:]]
     return relax.Tuple(outputs)
+
+
+def _projection_panels(bb, w_d, input_size: int, gates: int):
+    """W[d] [G·H, I] as the projection reads it: Wᵀ in panels of `_PROJECTION_COLUMNS` gate columns, each
+    contiguous over all of k ([ceil(G·H / 16), I, 16], the last panel zero-padded). A k-step of a panel is one
+    64-byte line and the next k-step the next line, so the kernel's unrolled k-steps load their weights in
+    pairs (NEON `ldp`, whose offset reach is 1 KB; a row of the unpacked Wᵀ is 4 KB away)."""
+    panels = -(-gates // _PROJECTION_COLUMNS)
+    w_padded = w_d
+    if panels * _PROJECTION_COLUMNS != gates:
+        zeros = relax.const(np.zeros((panels * _PROJECTION_COLUMNS - gates, input_size), "float32"))
+        w_padded = relax.op.concat([w_d, zeros], axis=0)
+    return bb.normalize(relax.op.permute_dims(
+        relax.op.reshape(w_padded, [panels, _PROJECTION_COLUMNS, input_size]), [0, 2, 1]))
 
 
 def _take(bb, tensor, index: int):
@@ -405,17 +420,39 @@ def _clipper(clip: float | None):
 
 
 def _projection_kernel(input_size: int, gate_width: int):
-    """PrimFunc(X[T,B,I], Wᵀ[I,G]) -> X·Wᵀ [T,B,G]: every time step at once, row blocks in parallel.
+    """PrimFunc(X[T,B,I], Wᵀ panels[P,I,16]) -> X·Wᵀ [T,B,G]: every time step at once, row blocks in parallel.
 
     Why not a Relax matmul: the default CPU schedules give a float matmul with a symbolic row count
     dlight's reduction rule, a serial dot product per output over a strided weight column (3 ms of
     the 3.4 ms of a T=200, 64 -> 256 LSTM projection). Here a tile of `_PROJECTION_ROWS` rows x
-    `_PROJECTION_COLUMNS` columns is accumulated in registers over all of k (one FMA per term, in k
-    order), each weight vector loaded once for the tile's rows; the last row block repeats its last
-    row and stores only the real ones.
+    `_PROJECTION_COLUMNS` columns (one panel of `_projection_panels`) is accumulated in registers over
+    all of k (one FMA per term, in k order), each weight vector loaded once for the tile's rows; the
+    last row block repeats its last row and stores only the real ones, the last panel of a gate width
+    that is not a multiple of 16 stores only its real columns.
     """
     rows_per_tile, columns = _PROJECTION_ROWS, _PROJECTION_COLUMNS
     chunks, tail = divmod(gate_width, columns)
+    panels = chunks + (tail > 0)
+
+    @T.macro
+    def accumulate(acc, x_tile, wt, panel):
+        for r in T.unroll(rows_per_tile):
+            for g in T.vectorized(columns):
+                acc[r, g] = x_tile[0, r] * wt[panel, 0, g]
+        for k_block in T.serial((input_size - 1) // _RT_ROWS):
+            for u in T.unroll(_RT_ROWS):
+                # the k-step's rows as one vector, read by lane (NEON: one load, `fmla` by element; x86 folds
+                # the lanes back into broadcast loads)
+                x_k = T.alloc_buffer((rows_per_tile,), "float32", scope="local")
+                for r in T.vectorized(rows_per_tile):
+                    x_k[r] = x_tile[1 + k_block * _RT_ROWS + u, r]
+                for r in T.unroll(rows_per_tile):
+                    for g in T.vectorized(columns):
+                        acc[r, g] = _fma(x_k[r], wt[panel, 1 + k_block * _RT_ROWS + u, g], acc[r, g])
+        for k in T.serial(1 + (input_size - 1) // _RT_ROWS * _RT_ROWS, input_size):
+            for r in T.unroll(rows_per_tile):
+                for g in T.vectorized(columns):
+                    acc[r, g] = _fma(x_tile[k, r], wt[panel, k, g], acc[r, g])
 
     @T.prim_func(private=True, s_tir=True)
     def projection(x_handle: T.handle, wt_handle: T.handle, out_handle: T.handle):
@@ -423,7 +460,7 @@ def _projection_kernel(input_size: int, gate_width: int):
         steps = T.int64()
         batch = T.int64()
         x = T.match_buffer(x_handle, (steps, batch, input_size), "float32")
-        wt = T.match_buffer(wt_handle, (input_size, gate_width), "float32")
+        wt = T.match_buffer(wt_handle, (panels, input_size, columns), "float32")
         out = T.match_buffer(out_handle, (steps, batch, gate_width), "float32")
         for tile in T.parallel((steps * batch + rows_per_tile - 1) // rows_per_tile):
             # the tile's rows of X interleaved, k-major: one k's values of all rows are adjacent (one vector load on
@@ -435,37 +472,20 @@ def _projection_kernel(input_size: int, gate_width: int):
                     x_tile[k, r] = x[row // batch, row % batch, k]
             for chunk in T.serial(chunks):
                 acc = T.alloc_buffer((rows_per_tile, columns), "float32", scope="local")
-                for r in T.unroll(rows_per_tile):
-                    for g in T.vectorized(columns):
-                        acc[r, g] = x_tile[0, r] * wt[0, chunk * columns + g]
-                for k_block in T.serial((input_size - 1) // _RT_ROWS):
-                    for u in T.unroll(_RT_ROWS):
-                        for r in T.unroll(rows_per_tile):
-                            for g in T.vectorized(columns):
-                                acc[r, g] = _fma(x_tile[1 + k_block * _RT_ROWS + u, r],
-                                                 wt[1 + k_block * _RT_ROWS + u, chunk * columns + g], acc[r, g])
-                for k in T.serial(1 + (input_size - 1) // _RT_ROWS * _RT_ROWS, input_size):
-                    for r in T.unroll(rows_per_tile):
-                        for g in T.vectorized(columns):
-                            acc[r, g] = _fma(x_tile[k, r], wt[k, chunk * columns + g], acc[r, g])
+                accumulate(acc, x_tile, wt, chunk)
                 for r in T.serial(rows_per_tile):
                     if tile * rows_per_tile + r < steps * batch:
                         for g in T.vectorized(columns):
                             row = tile * rows_per_tile + r
                             out[row // batch, row % batch, chunk * columns + g] = acc[r, g]
             if tail > 0:
+                acc = T.alloc_buffer((rows_per_tile, columns), "float32", scope="local")
+                accumulate(acc, x_tile, wt, chunks)
                 for r in T.serial(rows_per_tile):
                     if tile * rows_per_tile + r < steps * batch:
                         for g in T.serial(tail):
                             row = tile * rows_per_tile + r
-                            out[row // batch, row % batch, chunks * columns + g] = (
-                                x[row // batch, row % batch, 0] * wt[0, chunks * columns + g])
-                        for k in T.serial(1, input_size):
-                            for g in T.serial(tail):
-                                row = tile * rows_per_tile + r
-                                out[row // batch, row % batch, chunks * columns + g] = _fma(
-                                    x[row // batch, row % batch, k], wt[k, chunks * columns + g],
-                                    out[row // batch, row % batch, chunks * columns + g])
+                            out[row // batch, row % batch, chunks * columns + g] = acc[r, g]
 
     return projection
 
