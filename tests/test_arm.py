@@ -391,9 +391,10 @@ def test_rpi4_depthwise_sums_tap_pairs_in_int16_exactly(kernel, spatial, shape, 
 def test_arm_kernel_reads_four_k_steps_per_activation_load_and_is_exact(k, grouped, target, tmp_path):
     """A dense int8 matmul whose (padded) K is a multiple of 16, at least 80, loads 16 activations of a row at once:
     on the Pi 5 they are the indexed lanes of four `sdot`s (`sdot v.4s, v.16b, v.4b[i]`), on the Pi 4 (pair-sum
-    kernel: no weight is -128) four `dup v.4s, v.s[i]`. K = 36 (9 k-steps) and K = 64 (a k loop LLVM unrolls
-    fully) keep the one-k-step kernel (a broadcast load, `ld1r`, per row and k-step). K = 94 is padded to 96;
-    N = 21 and 11 rows are ragged."""
+    kernel: no weight is -128) four `dup v.4s, v.s[i]`, and each int16 lane sums the products of two k-steps
+    (`smull` + `smlal`; exact at the bound: row 0 x column 0 is -128 x 127 at every k). K = 36 (9 k-steps) and
+    K = 64 (a k loop LLVM unrolls fully) keep the one-k-step kernel (a broadcast load, `ld1r`, per row and
+    k-step). K = 94 is padded to 96; N = 21 and 11 rows are ragged."""
     rng = np.random.default_rng(k)
     w = rng.integers(-127, 128, (k, 21), dtype=np.int8)
     w[:, 0] = 127
@@ -414,4 +415,9 @@ def test_arm_kernel_reads_four_k_steps_per_activation_load_and_is_exact(k, group
     else:
         lane_dups = [line for line in lines if "\tdup\t" in line and ".s[" in line]
         assert bool(lane_dups) == grouped, lane_dups[:8]
+        # grouped: two k-steps' products summed in int16 (`smlal` into .8h), widened into int32 partial sums;
+        # one k-step: two products of the same k-step summed in int16 (`addp` of .8h)
+        k_step_pairs = [line for line in lines if ("\tsmlal\t" in line or "\tsmlal2\t" in line) and ".8h," in line]
+        int16_addp = [line for line in lines if "\taddp\t" in line and ".8h," in line]
+        assert bool(k_step_pairs) == grouped and bool(int16_addp) != grouped, (k_step_pairs[:4], int16_addp[:4])
     assert bool(broadcasts) != grouped, broadcasts[:8]
