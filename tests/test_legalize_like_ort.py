@@ -203,6 +203,38 @@ def test_softmax_is_bit_identical_to_onnxruntime(shape, t, tmp_path):
     np.testing.assert_array_equal(out, ref)
 
 
+@pytest.mark.arm
+@pytest.mark.parametrize("target", ["rpi4", "rpi5"])
+def test_softmax_over_symbolic_rows_vectorizes_its_exps_on_arm(target, tmp_path):
+    """Attention-like scores over a subsampled time axis: the per-row exp loop is vector code on NEON (`fmla v.4s`
+    for MLAS's polynomial; placed per row, the loop began at a bound that only T >= 1 makes 0 and kept a guard
+    around its store, so LLVM left it scalar), and the outputs under qemu equal ONNX Runtime's bit for bit
+    (rows of 77: a tail)."""
+    import subprocess
+
+    from nativeq.runtime.emulate import run_emulated
+
+    # rows of a subsampled time axis, (T - 1) // 2 + 1, as after a stride-2 convolution stem
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("MaxPool", ["x"], ["pooled"], kernel_shape=[1, 1], strides=[2, 2]),
+         helper.make_node("Softmax", ["pooled"], ["y"], axis=-1)],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, "T", "T"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, "R", "R"])]), opset_imports=[helper.make_opsetid("", 21)])
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    compile_model(path, tmp_path / "art", CompileConfig(target=target, use_tuning=False))
+    x = (np.random.default_rng(8).normal(0, 3, (1, 4, 153, 153))).astype(np.float32)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    ref = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    cpu = {"rpi4": "cortex-a72", "rpi5": "cortex-a76"}[target]
+    np.testing.assert_array_equal(run_emulated(tmp_path / "art", {"x": x}, cpu=cpu)[0], ref)
+    asm = subprocess.run(["aarch64-linux-gnu-objdump", "-d", "--no-show-raw-insn", str(tmp_path / "art" / "model.so")],
+                         capture_output=True, text=True, check=True).stdout
+    vector_fmas = [line for line in asm.splitlines() if "\tfmla\t" in line and ".4s" in line]
+    assert len(vector_fmas) >= 6, "the softmax's exp polynomial is not vector code"
+
+
 @pytest.mark.parametrize("op", ["Softmax", "LogSoftmax"])
 @pytest.mark.parametrize("n", [1, 7, 16, 17, 29, 32, 48, 100])
 def test_softmax_and_log_softmax_of_static_rows_are_bit_identical_and_vectorized(op, n, tmp_path):
