@@ -291,6 +291,27 @@ def test_rpi5_sdot_build_matches_reference_under_qemu(attention_onnx, tmp_path):
         np.testing.assert_array_equal(got, attention_reference(**inputs))
 
 
+@pytest.mark.arm
+def test_run_time_k_rows_are_copied_by_a_split_loop_on_arm(attention_onnx, tmp_path, monkeypatch):
+    """P·V's activation rows (K = T, known at run time) are copied into the zero-padded tile rows by a loop that
+    LoopPartition splits where the length check holds (`generic.split_off_guards`): vector code on NEON. The same
+    build with the copy left whole (byte by byte, the check in the loop) runs more instructions per inference;
+    both equal the exact integer reference."""
+    from nativeq.compile.schedules import matmul
+    from nativeq.runtime.emulate import count_instructions, run_emulated
+
+    split, whole = tmp_path / "split", tmp_path / "whole"
+    compile_model(attention_onnx, split, CompileConfig(target="rpi5", use_tuning=False))
+    monkeypatch.setattr(matmul, "split_off_guards", lambda sch, loop: None)
+    compile_model(attention_onnx, whole, CompileConfig(target="rpi5", use_tuning=False))
+    inputs = _inputs(96, seed=7)
+    for artifact in (split, whole):
+        np.testing.assert_array_equal(run_emulated(artifact, inputs)[0], attention_reference(**inputs))
+    counts = {name: count_instructions(artifact, inputs, repeat=2).per_inference
+              for name, artifact in (("split", split), ("whole", whole))}
+    assert counts["split"] < 0.95 * counts["whole"], counts
+
+
 def _blocks_text(func) -> dict[str, str]:
     """Block name -> its text in the TVMScript of `func` (up to the next block)."""
     parts = func.script().split('with T.sblock("')[1:]

@@ -200,6 +200,17 @@ def full_reduction_vectorize(sch: Schedule, block, vector_bits: int) -> None:
     sch.vectorize(sch.get_loops(init)[-1])
 
 
+def split_off_guards(sch: Schedule, loop) -> None:
+    """Have TVM's LoopPartition (s_tir lowering) split `loop`, whose extent is symbolic, into a part where its body's
+    guards hold and the rest, so that the main part is a plain loop.
+
+    NOTE: a loop `compute_at` places per row covers its readers' region in a form that stays right when the
+    region is empty (it starts at `min(0, last index)`, its store guarded by `0 <= start + i`), and a zero-padded
+    copy guards its reads by the run-time length; NEON has no masked stores, so LLVM keeps such a loop scalar
+    (x86 vectorizes it with masked stores). LoopPartition splits only loops that ask for it."""
+    sch.annotate(loop, "pragma_loop_partition_hint", 1)
+
+
 def has_multi_axis_reduction(func) -> bool:
     """Whether a block reduces over 2+ axes (convolutions), which dlight's softmax/norm rule schedules poorly."""
     sch = Schedule(func)

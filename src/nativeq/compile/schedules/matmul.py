@@ -38,7 +38,7 @@ import logging
 from dataclasses import dataclass
 
 from nativeq.compile._tvm import Analyzer, Schedule, s_tir, tirx
-from nativeq.compile.schedules.generic import block_dtype, find_block
+from nativeq.compile.schedules.generic import block_dtype, find_block, split_off_guards
 from nativeq.compile.schedules.intrinsics import DotIntrin, grouped_of, row_tile
 from nativeq.compile.schedules.pack_activations import PACK_BLOCK
 from nativeq.compile.schedules.pack_weights import INT4_UNPACK_BLOCK, REDUCTION_BLOCK, ROWS_PAD_BLOCK, packed_intrin
@@ -414,6 +414,9 @@ def _tensorize_tile(sch: Schedule, intrin: DotIntrin, lane_loop, init, rows_at, 
         # NOTE: the vector width divides K: a lane predicate (K % width != 0) scalarizes the copy.
         if kdim is not None:
             sch.vectorize(sch.split(pad_loops[-1], factors=[None, _pad_vector_width(kdim)])[1])
+        elif intrin.lanes == 4:  # 128-bit vectors (NEON): no masked stores, the guarded copy went byte by byte
+            # NOTE: x86 copies the guarded loop with masked vectors; split there, attention at T = 1000 ran 17% slower
+            split_off_guards(sch, pad_loops[-1])
         # NOTE: a run-time K stays one plain loop: split, its tail would need a lane predicate (TVM then
         # scalarizes the copy), or a k-step wide split (4 bytes, a gather per vector with the clamped
         # read); unsplit, LLVM's loop vectorizer vectorizes it with a scalar remainder.

@@ -30,7 +30,7 @@ from nativeq.compile.passes.legalize_like_ort import (
     SOFTMAX_MAX_TAIL_BLOCK,
     SOFTMAX_SUM_TAIL_BLOCK,
 )
-from nativeq.compile.schedules.generic import has_block
+from nativeq.compile.schedules.generic import has_block, split_off_guards
 
 logger = logging.getLogger(__name__)
 
@@ -85,12 +85,8 @@ def _schedule(sch: Schedule, vector_bits: int) -> Schedule:
     exp_row = sch.get_loops(sch.get_sblock(SOFTMAX_EXP_BLOCK))[-1]
     if _extent(sch, exp_row) is not None:
         sch.vectorize(sch.split(exp_row, factors=[None, max(2, vector_bits // 32)])[1])
-    else:
-        # NOTE: placed per row, the loop covers the region its readers need, written so that it stays right for an
-        # empty row: it starts at min(0, last index) and guards its store with `0 <= start + i`. LoopPartition
-        # (s_tir lowering) splits the always-true part off when asked; otherwise LLVM keeps the guarded store
-        # scalar on NEON (no masked stores): a scalar MLAS exp per element on the Pi cores.
-        sch.annotate(exp_row, "pragma_loop_partition_hint", 1)
+    else:  # placed per row, a guarded loop: without the split, a scalar MLAS exp per element on NEON
+        split_off_guards(sch, exp_row)
     if _extent(sch, row) is not None:
         _, vec = sch.split(row, factors=[None, max(2, vector_bits // 32)])
         sch.vectorize(vec)
