@@ -58,6 +58,7 @@ class DotIntrin:
     rows: int = 0  # rows of the register tile (`row_tile`); 0: by lanes
     groups: int = 1  # k-steps per call (`groups * kstep` activations loaded as one vector)
     cols: int = 4  # column blocks of the default register tile (`matmul.register_tile`)
+    min_trips: int = 1  # a grouped form: k-loop trips (K / (groups * kstep)) below which it is not used
 
     @property
     def is_float(self) -> bool:
@@ -307,7 +308,11 @@ NEON_PAIR_SUM_LANES = DotIntrin("nativeq_dot_4x16_i8i8i32_neon_pair_sum_lanes", 
                                 rows=4, groups=4, cols=2)
 SDOT = DotIntrin("nativeq_dot_4x4_i8i8i32_sdot", lanes=4, kstep=4, act_dtype="int8")
 # NOTE: 2 column blocks: with 4 the tile's 16 weight vectors (4 k-steps x 4 blocks) and 24 accumulators spill.
-SDOT_LANES = DotIntrin("nativeq_dot_4x16_i8i8i32_sdot_lanes", lanes=4, kstep=4, act_dtype="int8", groups=4, cols=2)
+# At least 5 trips: with 3 or 4 LLVM unrolls the k loop fully, loads every weight vector of the tile up front and
+# spills them (K = 48 and 64: 7-10% more instructions than the one-k-step kernel; K = 80: 12% fewer). The Pi 4's
+# grouped kernel, on its smaller tile, is ahead from one trip (K = 16, 32, 48, 64: 8-14% fewer instructions).
+SDOT_LANES = DotIntrin("nativeq_dot_4x16_i8i8i32_sdot_lanes", lanes=4, kstep=4, act_dtype="int8", groups=4, cols=2,
+                       min_trips=5)
 
 _BY_FAMILY = {"avx512-vnni": VNNI, "avx2": AVX2, "neon": NEON, "sdot": SDOT}
 # faster forms over consecutive k-steps (a dense weight, K a multiple)

@@ -47,7 +47,6 @@ from nativeq.compile.tir_rewrite import rewrite_stmt
 
 logger = logging.getLogger(__name__)
 
-MIN_GROUPED_TRIPS = 5  # k-loop trips below which the grouped dot intrinsic is not used (`_grouped_dot`)
 LISTED_TILES = "nativeq_listed_tiles"  # reduction block annotation: the weight is block-sparse (a tile list)
 
 
@@ -283,14 +282,12 @@ def _schedule(sch: Schedule, intrin: DotIntrin, knobs: TileKnobs | None = None) 
 
 def _grouped_dot(sch: Schedule, intrin: DotIntrin, kdim: int | None) -> DotIntrin:
     """The intrinsic the register tile's dot products use: `intrin`'s grouped form (several k-steps per call,
-    `intrinsics.grouped_of`) when the static K divides into at least `MIN_GROUPED_TRIPS` of its groups and the
+    `intrinsics.grouped_of`) when the static K divides into at least `min_trips` of its groups and the
     weight is dense (a block-sparse weight's listed tiles are not consecutive k-steps), else `intrin`."""
     grouped = grouped_of(intrin)
     if grouped is None or kdim is None or kdim % (grouped.kstep * grouped.groups):
         return intrin
-    # NOTE: with 3 or 4 trips LLVM unrolls the k loop fully, loads every weight vector of the tile up front and
-    # spills them (rpi5, K = 48 and 64: 7-10% more instructions than the one-k-step kernel; K = 80: 12% fewer).
-    if kdim // (grouped.kstep * grouped.groups) < MIN_GROUPED_TRIPS:
+    if kdim // (grouped.kstep * grouped.groups) < grouped.min_trips:
         return intrin
     block = sch.get(sch.get_sblock(REDUCTION_BLOCK))
     listed = LISTED_TILES in block.annotations or any(_is_tile_list(r.source) for r in block.reads)
