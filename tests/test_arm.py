@@ -312,9 +312,10 @@ def _matmul_integer_model(w: np.ndarray) -> onnx.ModelProto:
 
 
 def test_rpi4_pair_sum_kernel_is_exact_at_the_int16_bound_and_skipped_for_weight_minus_128(tmp_path):
-    """The Pi 4 kernel sums two int8 products in int16 (`addp .8h`) when no weight is -128: exact even where
-    both products are at their extreme (a = -128, w = +-127: 2 x 16256 = 32512); a weight of -128 (whose
-    pairs could reach 32768) keeps the widening kernel. K = 62 and N = 21 are ragged (not whole 4 x 4 tiles)."""
+    """The Pi 4 kernel sums two int8 products in int16 when no weight is -128 (K = 62 padded to 64: the grouped
+    kernel, two k-steps per int16 lane, `smlal .8h`): exact even where both products are at their extreme (a =
+    -128, w = +-127: 2 x 16256 = 32512); a weight of -128 (whose pairs could reach 32768) keeps the widening
+    kernel. K = 62 and N = 21 are ragged (not whole 4 x 4 tiles)."""
     rng = np.random.default_rng(7)
     w = rng.integers(-127, 128, (62, 21), dtype=np.int8)
     w[:, 0], w[:, 1] = -127, 127
@@ -335,7 +336,8 @@ def test_rpi4_pair_sum_kernel_is_exact_at_the_int16_bound_and_skipped_for_weight
         expected = a.astype(np.int64) @ weights.astype(np.int64)
         np.testing.assert_array_equal(got, expected, err_msg=name)
         pair_sums[name] = sum(1 for line in _disassemble(artifact).splitlines()
-                              if "\taddp\t" in line and ".8h" in line)
+                              if ("\taddp\t" in line or "\tsmlal\t" in line or "\tsmlal2\t" in line)
+                              and ".8h," in line)
     assert pair_sums["narrow"] > 0 and pair_sums["with_min"] == 0, pair_sums
 
 
