@@ -414,9 +414,9 @@ def _tensorize_tile(sch: Schedule, intrin: DotIntrin, lane_loop, init, rows_at, 
         elif intrin.lanes == 4:  # 128-bit vectors (NEON): no masked stores, the guarded copy went byte by byte
             # NOTE: x86 copies the guarded loop with masked vectors; split there, attention at T = 1000 ran 17% slower
             split_off_guards(sch, pad_loops[-1])
-        # NOTE: a run-time K stays one plain loop: split, its tail would need a lane predicate (TVM then
+        # NOTE: a run-time K is not split by a vector width: its tail would need a lane predicate (TVM then
         # scalarizes the copy), or a k-step wide split (4 bytes, a gather per vector with the clamped
-        # read); unsplit, LLVM's loop vectorizer vectorizes it with a scalar remainder.
+        # read); LLVM's loop vectorizer vectorizes the loop (x86: masked; NEON: its guard-free part).
     sch.tensorize(lane_loop, intrin.name)
     # NOTE: the tile accumulator and the padded activation rows on the stack ("local"; after
     # tensorize, whose intrinsic matches global buffers). As workspace buffers they may alias for
