@@ -17,6 +17,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import qdq_models
+from disassembly import aarch64_disassembly
 from nativeq.compile import CompileConfig, compile_model
 from nativeq.errors import NativeqError
 from nativeq.runtime import emulate
@@ -105,17 +106,11 @@ def _count(objdump_text: str, mnemonics: tuple[str, ...]) -> int:
     return count
 
 
-def _disassemble(artifact) -> str:
-    objdump = shutil.which("aarch64-linux-gnu-objdump")
-    assert objdump, "aarch64-linux-gnu-objdump missing: apt-get install binutils-aarch64-linux-gnu"
-    return subprocess.run([objdump, "-d", str(artifact / "model.so")], capture_output=True, text=True, check=True).stdout
-
-
 def test_rpi4_libraries_never_contain_sdot(built):
     """`sdot` is an illegal instruction on the Pi 4's Cortex-A72; the rpi5 count is reported, not asserted."""
     for model in MODELS:
-        rpi4 = _disassemble(built[model, "rpi4"][0])
-        rpi5 = _disassemble(built[model, "rpi5"][0])
+        rpi4 = aarch64_disassembly(built[model, "rpi4"][0])
+        rpi5 = aarch64_disassembly(built[model, "rpi5"][0])
         assert _count(rpi4, ("fmla", "fmul", "fadd", "ldr", "str", "ret")) > 0  # the parser sees instructions
         assert _count(rpi4, ("sdot", "udot", "usdot")) == 0
         widening = ("smull", "smull2", "smlal", "smlal2", "sadalp", "saddlp")
@@ -134,7 +129,7 @@ def test_rpi5_artifact_on_cortex_a72_is_refused_not_sigill(built):
 def test_without_the_feature_check_sdot_code_dies_with_sigill(built, tmp_path):
     """What the runner's HWCAP check prevents: rpi5 code with `sdot` on a cortex-a72 is an illegal instruction."""
     artifact, _ = built["matmul_static", "rpi5"]
-    if _count(_disassemble(artifact), ("sdot",)) == 0:
+    if _count(aarch64_disassembly(artifact), ("sdot",)) == 0:
         pytest.skip("the rpi5 library has no sdot yet (no ARM int8 dot-product kernels in the pipeline)")
     unchecked = tmp_path / "unchecked"
     shutil.copytree(artifact, unchecked)
@@ -335,7 +330,7 @@ def test_rpi4_pair_sum_kernel_is_exact_at_the_int16_bound_and_skipped_for_weight
         got = run_emulated(artifact, {"a": a}, cpu="cortex-a72")[0]
         expected = a.astype(np.int64) @ weights.astype(np.int64)
         np.testing.assert_array_equal(got, expected, err_msg=name)
-        pair_sums[name] = sum(1 for line in _disassemble(artifact).splitlines()
+        pair_sums[name] = sum(1 for line in aarch64_disassembly(artifact).splitlines()
                               if ("\taddp\t" in line or "\tsmlal\t" in line or "\tsmlal2\t" in line)
                               and ".8h," in line)
     assert pair_sums["narrow"] > 0 and pair_sums["with_min"] == 0, pair_sums
@@ -383,7 +378,7 @@ def test_rpi4_depthwise_sums_tap_pairs_in_int16_exactly(kernel, spatial, shape, 
     np.testing.assert_array_equal(got, expected)
     assert abs(int(expected[0, :2].min())) >= 2 * 128 * 127  # the extreme pairs reach the output
     # a second product accumulated in int16 (`smlal` into .8h lanes) is the pair sum's signature
-    pair_sums = sum(1 for line in _disassemble(artifact).splitlines()
+    pair_sums = sum(1 for line in aarch64_disassembly(artifact).splitlines()
                     if ("\tsmlal\t" in line or "\tsmlal2\t" in line) and ".8h" in line.split("\t")[-1].split(",")[0])
     assert (pair_sums == 0) if minus_128 else (pair_sums > 0)
 
@@ -410,7 +405,7 @@ def test_arm_kernel_reads_four_k_steps_per_activation_load_and_is_exact(k, targe
     compile_model(onnx_path, artifact, CompileConfig(target=target))
     cpu = {"rpi5": "cortex-a76", "rpi4": "cortex-a72"}[target]
     np.testing.assert_array_equal(run_emulated(artifact, {"a": a}, cpu=cpu)[0], a.astype(np.int64) @ w.astype(np.int64))
-    lines = _disassemble(artifact).splitlines()
+    lines = aarch64_disassembly(artifact).splitlines()
     broadcasts = [line for line in lines if "\tld1r\t" in line]
     if target == "rpi5":
         sdots = [line for line in lines if "\tsdot\t" in line]

@@ -210,8 +210,7 @@ def test_softmax_over_symbolic_rows_vectorizes_its_exps_on_arm(target, tmp_path)
     for MLAS's polynomial; placed per row, the loop began at a bound that only T >= 1 makes 0 and kept a guard
     around its store, so LLVM left it scalar), and the outputs under qemu equal ONNX Runtime's bit for bit
     (rows of 77: a tail)."""
-    import subprocess
-
+    from disassembly import aarch64_disassembly
     from nativeq.runtime.emulate import run_emulated
 
     # rows of a subsampled time axis, (T - 1) // 2 + 1, as after a stride-2 convolution stem
@@ -229,9 +228,8 @@ def test_softmax_over_symbolic_rows_vectorizes_its_exps_on_arm(target, tmp_path)
     ref = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     cpu = {"rpi4": "cortex-a72", "rpi5": "cortex-a76"}[target]
     np.testing.assert_array_equal(run_emulated(tmp_path / "art", {"x": x}, cpu=cpu)[0], ref)
-    asm = subprocess.run(["aarch64-linux-gnu-objdump", "-d", "--no-show-raw-insn", str(tmp_path / "art" / "model.so")],
-                         capture_output=True, text=True, check=True).stdout
-    vector_fmas = [line for line in asm.splitlines() if "\tfmla\t" in line and ".4s" in line]
+    vector_fmas = [line for line in aarch64_disassembly(tmp_path / "art", raw_bytes=False).splitlines()
+                   if "\tfmla\t" in line and ".4s" in line]
     assert len(vector_fmas) >= 6, "the softmax's exp polynomial is not vector code"
 
 

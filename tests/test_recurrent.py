@@ -10,13 +10,12 @@ Several recurrent nodes share one graph so that each case costs a single compile
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+
+from disassembly import aarch64_disassembly
 
 from nativeq.compile.api import CompileConfig, compile_model
 from nativeq.errors import NativeqError
@@ -442,8 +441,6 @@ def test_projection_loads_its_weight_panels_in_pairs_on_arm(tmp_path):
     import torch
     from torch import nn
 
-    objdump = shutil.which("aarch64-linux-gnu-objdump")
-    assert objdump, "aarch64-linux-gnu-objdump missing: apt-get install binutils-aarch64-linux-gnu"
     torch.manual_seed(4)
 
     class Stack(nn.Module):
@@ -459,9 +456,8 @@ def test_projection_loads_its_weight_panels_in_pairs_on_arm(tmp_path):
     path = tmp_path / "model.onnx"
     onnx.save(model, path)
     compile_model(path, tmp_path / "out", CompileConfig(target="rpi5"))
-    disassembly = subprocess.run([objdump, "-d", "--no-show-raw-insn", str(tmp_path / "out" / "model.so")],
-                                 capture_output=True, text=True, check=True).stdout
-    loop = _innermost_fma_loop(disassembly, "lstm_projection_i64_g160_compute_")
+    loop = _innermost_fma_loop(aarch64_disassembly(tmp_path / "out", raw_bytes=False),
+                               "lstm_projection_i64_g160_compute_")
     fmla = sum(t.startswith("fmla") for t in loop)
     pairs = sum(t.split()[0] == "ldp" and t.split()[1].startswith("q") for t in loop)
     other_loads = [t for t in loop if t.split()[0] in ("ldr", "ldur", "ld1r") or (t.split()[0] == "ldp" and t.split()[1][0] != "q")]
