@@ -307,10 +307,10 @@ def _matmul_integer_model(w: np.ndarray) -> onnx.ModelProto:
 
 
 def test_rpi4_pair_sum_kernel_is_exact_at_the_int16_bound_and_skipped_for_weight_minus_128(tmp_path):
-    """The Pi 4 kernel sums two int8 products in int16 when no weight is -128 (K = 62 padded to 64: the grouped
-    kernel, two k-steps per int16 lane, `smlal .8h`): exact even where both products are at their extreme (a =
-    -128, w = +-127: 2 x 16256 = 32512); a weight of -128 (whose pairs could reach 32768) keeps the widening
-    kernel. K = 62 and N = 21 are ragged (not whole 4 x 4 tiles)."""
+    """The Pi 4 kernel sums two int8 products in int16 when no weight is -128 (K = 62 padded to 64, k along the
+    lanes: the products at k and k + 8 in one int16 lane, `smlal2 .8h`): exact even where both products are at
+    their extreme (a = -128, w = +-127: 2 x 16256 = 32512); a weight of -128 (whose pairs could reach 32768) keeps
+    the widening kernel. K = 62 and N = 21 are ragged (not whole 4 x 16 tiles)."""
     rng = np.random.default_rng(7)
     w = rng.integers(-127, 128, (62, 21), dtype=np.int8)
     w[:, 0], w[:, 1] = -127, 127
@@ -383,17 +383,13 @@ def test_rpi4_depthwise_sums_tap_pairs_in_int16_exactly(kernel, spatial, shape, 
     assert (pair_sums == 0) if minus_128 else (pair_sums > 0)
 
 
-@pytest.mark.parametrize("target", ["rpi5", "rpi4"])
 @pytest.mark.parametrize("k", [128, 94, 36, 64])
-def test_arm_kernel_reads_four_k_steps_per_activation_load_and_is_exact(k, target, tmp_path):
-    """A dense int8 matmul whose (padded) K is a multiple of 16 loads 16 activations of a row at once: on the Pi 5
-    (K at least 80) they are the indexed lanes of four `sdot`s (`sdot v.4s, v.16b, v.4b[i]`), on the Pi 4 (pair-sum
-    kernel: no weight is -128) four `dup v.4s, v.s[i]`, and each int16 lane sums the products of two k-steps
-    (`smull` + `smlal`; exact at the bound: row 0 x column 0 is -128 x 127 at every k). K = 36 (9 k-steps) keeps
-    the one-k-step kernel (a broadcast load, `ld1r`, per row and k-step), and so does K = 64 on the Pi 5 (a k loop
-    LLVM unrolls fully); the Pi 4's grouped kernel pays from one trip. K = 94 is padded to 96; N = 21 and 11 rows
-    are ragged."""
-    grouped = k != 36 and not (k == 64 and target == "rpi5")
+def test_rpi5_kernel_reads_four_k_steps_per_activation_load_and_is_exact(k, tmp_path):
+    """A dense int8 matmul on the Pi 5 whose (padded) K is a multiple of 16 and at least 80 loads 16 activations of a
+    row at once, the indexed lanes of four `sdot`s (`sdot v.4s, v.16b, v.4b[i]`); K = 36 (9 k-steps) and K = 64 (a
+    k loop LLVM unrolls fully) keep the one-k-step kernel (a broadcast load, `ld1r`, per row and k-step). Exact at
+    the bound: row 0 x column 0 is -128 x 127 at every k. K = 94 is padded to 96; N = 21 and 11 rows are ragged."""
+    grouped = k not in (36, 64)
     rng = np.random.default_rng(k)
     w = rng.integers(-127, 128, (k, 21), dtype=np.int8)
     w[:, 0] = 127
@@ -401,22 +397,50 @@ def test_arm_kernel_reads_four_k_steps_per_activation_load_and_is_exact(k, targe
     a[0, 0] = -128
     onnx_path = tmp_path / "mmi.onnx"
     onnx.save(_matmul_integer_model(w), onnx_path)
-    artifact = tmp_path / target
-    compile_model(onnx_path, artifact, CompileConfig(target=target))
-    cpu = {"rpi5": "cortex-a76", "rpi4": "cortex-a72"}[target]
-    np.testing.assert_array_equal(run_emulated(artifact, {"a": a}, cpu=cpu)[0], a.astype(np.int64) @ w.astype(np.int64))
+    artifact = tmp_path / "rpi5"
+    compile_model(onnx_path, artifact, CompileConfig(target="rpi5"))
+    np.testing.assert_array_equal(run_emulated(artifact, {"a": a}, cpu="cortex-a76")[0],
+                                  a.astype(np.int64) @ w.astype(np.int64))
     lines = aarch64_disassembly(artifact).splitlines()
     broadcasts = [line for line in lines if "\tld1r\t" in line]
-    if target == "rpi5":
-        sdots = [line for line in lines if "\tsdot\t" in line]
-        indexed = [line for line in sdots if ".4b[" in line]
-        assert sdots and (len(indexed) == len(sdots) if grouped else not indexed), sdots[:8]
-    else:
-        lane_dups = [line for line in lines if "\tdup\t" in line and ".s[" in line]
-        assert bool(lane_dups) == grouped, lane_dups[:8]
-        # grouped: two k-steps' products summed in int16 (`smlal` into .8h), widened into int32 partial sums;
-        # one k-step: two products of the same k-step summed in int16 (`addp` of .8h)
-        k_step_pairs = [line for line in lines if ("\tsmlal\t" in line or "\tsmlal2\t" in line) and ".8h," in line]
-        int16_addp = [line for line in lines if "\taddp\t" in line and ".8h," in line]
-        assert bool(k_step_pairs) == grouped and bool(int16_addp) != grouped, (k_step_pairs[:4], int16_addp[:4])
+    sdots = [line for line in lines if "\tsdot\t" in line]
+    indexed = [line for line in sdots if ".4b[" in line]
+    assert sdots and (len(indexed) == len(sdots) if grouped else not indexed), sdots[:8]
     assert bool(broadcasts) != grouped, broadcasts[:8]
+
+
+def _operand(line: str, index: int) -> str:
+    return line.split("\t")[-1].split(",")[index].strip()
+
+
+@pytest.mark.parametrize("k, n, rows, bits", [
+    (128, 64, 50, 8),
+    (94, 21, 11, 8),   # K padded to 96, N to 24, rows to 12
+    (36, 12, 7, 8),    # K padded to 48 (3 k-steps of 16)
+    (130, 99, 13, 4),  # 4-bit weights (every value in [-8, 7]), unpacked in the kernel
+])
+def test_rpi4_kernel_multiplies_with_k_along_the_lanes_exactly(k, n, rows, bits, tmp_path):
+    """A dense int8 matmul on the Pi 4 (no weight -128) accumulates with k along the vector lanes: each output keeps
+    four int32 partial sums, `smull` + `smlal2` multiply 16 activations of a row by 16 weights of a column (two
+    products per int16 lane: exact at the bound, row 0 x column 0 is -128 x 127 at every k) and `sadalp` widens them
+    into the partial sums, which `addp` adds once per register tile. No broadcast of activations (`ld1r`, `dup`).
+    Ragged K, N and rows are padded; a 4-bit weight is unpacked per k-step inside the kernel."""
+    low, high = (-8, 8) if bits == 4 else (-127, 128)
+    rng = np.random.default_rng(k * n)
+    w = rng.integers(low, high, (k, n), dtype=np.int8)
+    w[:, 0] = high - 1
+    a = rng.integers(-128, 128, (1, rows, k), dtype=np.int8)
+    a[0, 0] = -128
+    onnx_path = tmp_path / "mmi.onnx"
+    onnx.save(_matmul_integer_model(w), onnx_path)
+    artifact = tmp_path / "rpi4"
+    compile_model(onnx_path, artifact, CompileConfig(target="rpi4"))
+    np.testing.assert_array_equal(run_emulated(artifact, {"a": a}, cpu="cortex-a72")[0],
+                                  a.astype(np.int64) @ w.astype(np.int64))
+    lines = aarch64_disassembly(artifact).splitlines()
+    products = [line for line in lines if "\tsmlal2\t" in line and _operand(line, 0).endswith(".8h")]
+    widened = [line for line in lines if "\tsadalp\t" in line and _operand(line, 0).endswith(".4s")]
+    tile_sums = [line for line in lines if "\taddp\t" in line and _operand(line, 0).endswith(".4s")]
+    broadcasts = [line for line in lines if "\tld1r\t" in line or ("\tdup\t" in line and ".s[" in line)]
+    assert products and widened and tile_sums, (products[:4], widened[:4], tile_sums[:4])
+    assert not broadcasts, broadcasts[:8]

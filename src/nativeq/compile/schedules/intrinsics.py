@@ -24,12 +24,16 @@ compile time (`pack_weights.py`).
   (`pack_weights.py`); an operand packed at run time (activation x activation) keeps `neon`.
 - `sdot` over 4 k-steps (`SDOT_LANES`, Pi 5): the activations of 4 consecutive k-steps loaded as one
   16-byte vector, each `sdot` reading its k-step's 4 bytes as an indexed lane (`sdot v.4s, v.16b, v.4b[i]`),
-  instead of one broadcast load (`ld1r`, no address offset: plus an add) per row and k-step. The Pi 4's
-  pair-sum kernel has the same grouped form (`NEON_PAIR_SUM_LANES`, a `dup` of the lane per k-step) and sums
-  the products of two k-steps per int16 lane (`smull` + `smlal`, same bound), widened into two int32 partial
-  sums per output and added once per call: 14 instructions per 64 multiply-adds instead of 16, on a 4 x 2
-  tile (on 4 x 4 the partial sums spill). Same weight layout (4 consecutive [lanes, kstep] tiles);
-  `matmul._grouped_dot` picks it for a dense weight whose K allows it (`grouped_of`).
+  instead of one broadcast load (`ld1r`, no address offset: plus an add) per row and k-step. Same weight layout
+  (4 consecutive [lanes, kstep] tiles); `matmul._grouped_dot` picks it for a dense weight whose K allows it
+  (`grouped_of`).
+- k along the lanes (`NEON_K_LANES`, Pi 4, a dense weight without -128; `dense_form_of` the pair-sum twin): the
+  weight packed [N/4, K/16, 4, 16], so that one 16-byte load holds 16 consecutive k of one output column, as does a
+  plain load of an activation row. `smull` + `smlal2` multiply them (two products per int16 lane, the pair-sum
+  bound) and `sadalp` widens the 8 sums into 4 int32 partial sums of that output: 3 instructions per 16
+  multiply-adds, no broadcast. The partial sums are added once per register tile (`addp`,
+  `partial_sums_intrin`): the schedule `rfactor`s the reduction (`matmul._partial_sums_rfactor`). The scheme of
+  MLAS's A72 int8 kernel.
 
 The float32 twin (`fma_intrin_for`): `C[i] += A[0] * B[i, 0]`, one vector of `lanes` columns
 (16 with AVX-512, 8 with AVX2, 4 with NEON) times one broadcast activation, as `llvm.fmuladd` (a
@@ -59,6 +63,7 @@ class DotIntrin:
     groups: int = 1  # k-steps per call (`groups * kstep` activations loaded as one vector)
     cols: int = 4  # column blocks of the default register tile (`matmul.register_tile`)
     min_trips: int = 1  # a grouped form: k-loop trips (K / (groups * kstep)) below which it is not used
+    partial_sums: int = 1  # int32 partial sums per output the kernel accumulates, added once per tile (`_k_lanes_desc`)
 
     @property
     def is_float(self) -> bool:
@@ -99,6 +104,30 @@ def _grouped_desc(lanes: int, kstep: int, groups: int, act_dtype: str):
                 with T.sblock("update"):
                     vi, vk = T.axis.remap("SR", [i, k])
                     C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vk // kstep, vi, vk % kstep], "int32")
+
+    return desc
+
+
+def _k_lanes_desc(lanes: int, kstep: int, partial_sums: int):
+    """`_desc` with k along the vector lanes: each output accumulates `partial_sums` int32 partial sums, partial
+    sum `j` of a call the products at k = h * kstep/2 + 2j + p (h, p in {0, 1}), where `smull` + `smlal2` +
+    `sadalp` put them. The matmul schedule adds an output's partial sums once per register tile (`rfactor`)."""
+    half = kstep // 2
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (kstep,), "int8", offset_factor=1)
+        B = T.match_buffer(b, (lanes, kstep), "int8", offset_factor=1)
+        C = T.match_buffer(c, (lanes, partial_sums), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:lanes, 0:partial_sums], A[0:kstep], B[0:lanes, 0:kstep])
+            T.writes(C[0:lanes, 0:partial_sums])
+            for i, h, j, p in T.grid(lanes, 2, partial_sums, 2):
+                with T.sblock("update"):
+                    # NOTE: the partial-sum axis first, as `rfactor` orders the block's iterators
+                    vj, vi, vh, vp = T.axis.remap("SSRR", [j, i, h, p])
+                    C[vi, vj] = C[vi, vj] + T.cast(A[vh * half + vj * 2 + vp], "int32") * T.cast(
+                        B[vi, vh * half + vj * 2 + vp], "int32")
 
     return desc
 
@@ -251,28 +280,64 @@ def _per_k_step(accumulate):
     return chain
 
 
-def _neon_k_step_pairs(c, lanes, weights):
-    """The Pi 4 tile over pairs of k-steps: an int16 lane of `smull` + `smlal` sums the products of one weight row and
-    k position at two k-steps, `saddlp`/`sadalp` widen them into two int32 partial sums per output row, and one
-    `addp` per call adds the partials to the accumulators: 14 instructions per 64 multiply-adds (per k-step, as
-    `_paired_then_widened`: 16).
-    NOTE: exact only for weights in [-127, 127] (the packing checks): |a * w| <= 128 * 127 twice fits int16."""
-    sums = {}
-    for g in range(0, len(lanes), 2):
-        for half, vector_half in (("low", T.vectorlow), ("high", T.vectorhigh)):
-            first, second = (_neon("smull.v8i16", vector_half(a, dtype="int8x8"), vector_half(b, dtype="int8x8"),
-                                   dtype="int16x8") for a, b in zip(lanes[g:g + 2], weights[g:g + 2]))
-            pair = first + second
-            widened = _neon("saddlp.v4i32.v8i16", pair, dtype="int32x4")
-            sums[half] = widened if half not in sums else sums[half] + widened
-    return c + _neon("addp.v4i32", sums["low"], sums["high"], dtype="int32x4")
+@T.prim_func(s_tir=True)
+def _neon_k_lanes_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+    A = T.match_buffer(a, (16,), "int8", offset_factor=1)
+    B = T.match_buffer(b, (4, 16), "int8", offset_factor=1)
+    C = T.match_buffer(c, (4, 4), "int32", offset_factor=1)
+    with T.sblock("root"):
+        T.reads(C[0:4, 0:4], A[0:16], B[0:4, 0:16])
+        T.writes(C[0:4, 0:4])
+        # per output column i: the int16 sums of the products at k and k + 8 (`smull` + `smlal2`), pairwise widened
+        # and added to its 4 partial sums (`sadalp`). NOTE: exact only for weights in [-127, 127] (the packing
+        # checks), as `_paired_then_widened`.
+        for i in T.unroll(4):
+            C[i, T.ramp(T.int32(0), 1, 4)] = C.vload([i, 0], dtype="int32x4") + _neon(
+                "saddlp.v4i32.v8i16",
+                _neon("smull.v8i16", T.vectorlow(A.vload([0], dtype="int8x16"), dtype="int8x8"),
+                      T.vectorlow(B.vload([i, 0], dtype="int8x16"), dtype="int8x8"), dtype="int16x8")
+                + _neon("smull.v8i16", T.vectorhigh(A.vload([0], dtype="int8x16"), dtype="int8x8"),
+                        T.vectorhigh(B.vload([i, 0], dtype="int8x16"), dtype="int8x8"), dtype="int16x8"),
+                dtype="int32x4")
+
+
+def _partial_sums_desc(lanes: int, partial_sums: int):
+    """Each of `lanes` outputs plus its `partial_sums` partial sums (the write-back of a k-along-lanes kernel)."""
+
+    @T.prim_func(s_tir=True)
+    def desc(p: T.handle, c: T.handle) -> None:
+        P = T.match_buffer(p, (lanes, partial_sums), "int32", offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:lanes], P[0:lanes, 0:partial_sums])
+            T.writes(C[0:lanes])
+            for i, j in T.grid(lanes, partial_sums):
+                with T.sblock("update"):
+                    vj, vi = T.axis.remap("RS", [j, i])  # NOTE: the partial-sum axis first, as `rfactor` orders them
+                    C[vi] = C[vi] + P[vi, vj]
+
+    return desc
+
+
+@T.prim_func(s_tir=True)
+def _neon_partial_sums_impl(p: T.handle, c: T.handle) -> None:
+    P = T.match_buffer(p, (4, 4), "int32", offset_factor=1)
+    C = T.match_buffer(c, (4,), "int32", offset_factor=1)
+    with T.sblock("root"):
+        T.reads(C[0:4], P[0:4, 0:4])
+        T.writes(C[0:4])
+        C[T.ramp(T.int32(0), 1, 4)] = C.vload([0], dtype="int32x4") + _neon(
+            "addp.v4i32",
+            _neon("addp.v4i32", P.vload([0, 0], dtype="int32x4"), P.vload([1, 0], dtype="int32x4"), dtype="int32x4"),
+            _neon("addp.v4i32", P.vload([2, 0], dtype="int32x4"), P.vload([3, 0], dtype="int32x4"), dtype="int32x4"),
+            dtype="int32x4")
 
 
 def _lanes_impl(chain, groups: int):
     """An ARM dot tile over `groups` k-steps: the activations loaded once (`groups * 4` bytes, a plain load with an
     address offset), each k-step's 4 bytes taken as a lane broadcast to int8x16, the k-steps accumulated by
-    `chain(c, lanes, weights)`: `sdot`'s indexed form reads the lane itself (`sdot v.4s, v.16b, v.4b[g]`), NEON
-    takes a `dup`. Either replaces a broadcast load per row and k-step (`ld1r`, no address offset: plus an add)."""
+    `chain(c, lanes, weights)`: `sdot`'s indexed form reads the lane itself (`sdot v.4s, v.16b, v.4b[g]`) instead of
+    a broadcast load per row and k-step (`ld1r`, no address offset: plus an add)."""
     width = groups * 4
 
     def lanes_of(a_i32):
@@ -303,21 +368,27 @@ VNNI = DotIntrin("nativeq_dot_16x4_u8i8i32_vnni", lanes=16, kstep=4, act_dtype="
 AVX2 = DotIntrin("nativeq_dot_8x2_u8i8i32_avx2", lanes=8, kstep=2, act_dtype="uint8")
 NEON = DotIntrin("nativeq_dot_4x4_i8i8i32_neon", lanes=4, kstep=4, act_dtype="int8", rows=4)
 NEON_PAIR_SUM = DotIntrin("nativeq_dot_4x4_i8i8i32_neon_pair_sum", lanes=4, kstep=4, act_dtype="int8", rows=4)
-# NOTE: 2 column blocks: with 4 the 16 accumulators and a call's int32 partial sums spill.
-NEON_PAIR_SUM_LANES = DotIntrin("nativeq_dot_4x16_i8i8i32_neon_pair_sum_lanes", lanes=4, kstep=4, act_dtype="int8",
-                                rows=4, groups=4, cols=2)
 SDOT = DotIntrin("nativeq_dot_4x4_i8i8i32_sdot", lanes=4, kstep=4, act_dtype="int8")
 # NOTE: 2 column blocks: with 4 the tile's 16 weight vectors (4 k-steps x 4 blocks) and 24 accumulators spill.
 # At least 5 trips: with 3 or 4 LLVM unrolls the k loop fully, loads every weight vector of the tile up front and
-# spills them (K = 48 and 64: 7-10% more instructions than the one-k-step kernel; K = 80: 12% fewer). The Pi 4's
-# grouped kernel, on its smaller tile, is ahead from one trip (K = 16, 32, 48, 64: 8-14% fewer instructions).
+# spills them (K = 48 and 64: 7-10% more instructions than the one-k-step kernel; K = 80: 12% fewer).
 SDOT_LANES = DotIntrin("nativeq_dot_4x16_i8i8i32_sdot_lanes", lanes=4, kstep=4, act_dtype="int8", groups=4, cols=2,
                        min_trips=5)
 
+# NOTE: the Pi 4's fastest kernel for a dense weight without -128 (`smull` + `smlal2` + `sadalp`: 3 instructions per 16
+# multiply-adds, no broadcast). Each product pair fits int16 as in NEON_PAIR_SUM.
+# One column block (4 outputs) per row: every output holds a vector of partial sums (4 x 4: 16 accumulators).
+NEON_K_LANES = DotIntrin("nativeq_dot_4x16_i8i8i32_neon_k_lanes", lanes=4, kstep=16, act_dtype="int8", rows=4, cols=1,
+                         partial_sums=4)
+
+NEON_PARTIAL_SUMS = "nativeq_add_partial_sums_4x4_i32_neon"  # its write-back: 4 outputs' partial sums by `addp`
+_PARTIAL_SUMS = {NEON_K_LANES.name: NEON_PARTIAL_SUMS}
+
 _BY_FAMILY = {"avx512-vnni": VNNI, "avx2": AVX2, "neon": NEON, "sdot": SDOT}
 # faster forms over consecutive k-steps (a dense weight, K a multiple)
-_GROUPED = {SDOT.name: SDOT_LANES, NEON_PAIR_SUM.name: NEON_PAIR_SUM_LANES}
+_GROUPED = {SDOT.name: SDOT_LANES}
 _FOR_WEIGHTS_ABOVE_MIN = {NEON.name: NEON_PAIR_SUM}  # a faster twin, exact when no weight is -128
+_DENSE_FORM = {NEON_PAIR_SUM.name: NEON_K_LANES}  # the twin's layout for a dense weight
 FMA_BY_LANES = {lanes: DotIntrin(f"nativeq_fma_{lanes}x1_f32", lanes=lanes, kstep=1, act_dtype="float32",
                                  weight_dtype="float32", acc_dtype="float32") for lanes in (16, 8, 4)}
 _FMA_LANES = {"avx512-vnni": 16, "avx2": 8, "neon": 4, "sdot": 4}  # float32 lanes of the family's vectors
@@ -341,8 +412,8 @@ def register_intrinsics() -> None:
     TensorIntrin.register(SDOT.name, _desc(4, 4, "int8"), _arm_4x4_impl(_sdot), override=True)
     TensorIntrin.register(SDOT_LANES.name, _grouped_desc(4, 4, SDOT_LANES.groups, "int8"),
                           _lanes_impl(_per_k_step(_sdot_indexed), SDOT_LANES.groups), override=True)
-    TensorIntrin.register(NEON_PAIR_SUM_LANES.name, _grouped_desc(4, 4, NEON_PAIR_SUM_LANES.groups, "int8"),
-                          _lanes_impl(_neon_k_step_pairs, NEON_PAIR_SUM_LANES.groups), override=True)
+    TensorIntrin.register(NEON_K_LANES.name, _k_lanes_desc(4, 16, 4), _neon_k_lanes_impl, override=True)
+    TensorIntrin.register(NEON_PARTIAL_SUMS, _partial_sums_desc(4, 4), _neon_partial_sums_impl, override=True)
     for lanes, intrin in FMA_BY_LANES.items():
         TensorIntrin.register(intrin.name, _fma_desc(lanes), _fma_impl(lanes), override=True)
     _registered = True
@@ -360,6 +431,11 @@ def intrin_for_weights(intrin: DotIntrin, weights) -> DotIntrin:
     return twin if twin is not None and weights.size and int(weights.min()) > -128 else intrin
 
 
+def partial_sums_intrin(intrin: DotIntrin) -> str:
+    """The intrinsic adding the partial sums of `intrin` (one with `partial_sums` > 1) per output, by name."""
+    return _PARTIAL_SUMS[intrin.name]
+
+
 def grouped_of(intrin: DotIntrin) -> DotIntrin | None:
     """The intrinsic covering `groups` consecutive k-steps of `intrin` per call, or None."""
     return _GROUPED.get(intrin.name)
@@ -370,9 +446,22 @@ def twin_of(intrin: DotIntrin) -> DotIntrin | None:
     return _FOR_WEIGHTS_ABOVE_MIN.get(intrin.name)
 
 
+def dense_form_of(intrin: DotIntrin) -> DotIntrin | None:
+    """The layout a dense weight packed for `intrin` is better multiplied in (k along the lanes), or None."""
+    return _DENSE_FORM.get(intrin.name)
+
+
+def packed_forms(intrin: DotIntrin) -> list[DotIntrin]:
+    """The intrinsics other than the target's `intrin` that a constant weight may be packed for (`pack_weights.py`
+    picks one per matmul from the weight's values and format, and names it on the kernel)."""
+    twin = twin_of(intrin)
+    forms = [twin] if twin is not None else []
+    return forms + [form for form in map(dense_form_of, forms) if form is not None]
+
+
 def is_twin(intrin: DotIntrin) -> bool:
-    """Whether `intrin` is the twin of a target's intrinsic (picked per matmul by `intrin_for_weights`)."""
-    return intrin in _FOR_WEIGHTS_ABOVE_MIN.values()
+    """Whether `intrin` is a packed form of some target's intrinsic (`packed_forms`) rather than the target's own."""
+    return intrin in _FOR_WEIGHTS_ABOVE_MIN.values() or intrin in _DENSE_FORM.values()
 
 
 def fma_intrin_for(target) -> DotIntrin | None:

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 from nativeq.compile._tvm import Analyzer, Schedule, s_tir, tirx
 from nativeq.compile.schedules.generic import block_dtype, find_block, split_off_guards
-from nativeq.compile.schedules.intrinsics import DotIntrin, grouped_of, row_tile
+from nativeq.compile.schedules.intrinsics import DotIntrin, grouped_of, partial_sums_intrin, row_tile
 from nativeq.compile.schedules.pack_activations import PACK_BLOCK
 from nativeq.compile.schedules.pack_weights import INT4_UNPACK_BLOCK, REDUCTION_BLOCK, ROWS_PAD_BLOCK, packed_intrin
 from nativeq.compile.schedules.weight_formats import TILE_LIST_DTYPE
@@ -207,6 +207,11 @@ def _schedule(sch: Schedule, intrin: DotIntrin, knobs: TileKnobs | None = None) 
         return None
     n, kdim = _extent(sch, j), _extent(sch, k)
     dot = _grouped_dot(sch, intrin, kdim)
+    partial_sums = None  # the block adding each output's partial sums (k along the lanes)
+    if dot.partial_sums > 1:
+        partial_sums = matmul
+        matmul, k_outer, k_inner = _partial_sums_rfactor(sch, matmul, dot)
+        *row_loops, j, _ = sch.get_loops(matmul)[:-len(k_inner)]
 
     # Side inputs of the epilogue that FuseOps computed as blocks of their own ahead of the matmul
     # (a residual's dequantize, a transposed operand): inlined into their epilogue consumer, so the
@@ -215,12 +220,13 @@ def _schedule(sch: Schedule, intrin: DotIntrin, knobs: TileKnobs | None = None) 
 
     # Epilogue: inline every block after the matmul into the last one (requantize chains, GELU
     # diamonds), keep that one for reverse_compute_at.
-    epilogue = _blocks_after(sch, matmul)
+    result = matmul if partial_sums is None else partial_sums  # the block writing the int32 matmul result
+    epilogue = _blocks_after(sch, result)
     if not epilogue:
         # the matmul writes the function's output (no epilogue, no crop): accumulate in a buffer of the
         # kernel's own, which the tile loop copies out, so that the register tile can live on the stack
-        sch.cache_write(matmul, 0, "global")
-        epilogue = _blocks_after(sch, matmul)
+        sch.cache_write(result, 0, "global")
+        epilogue = _blocks_after(sch, result)
     for block in epilogue[:-1]:
         sch.compute_inline(block)
     last = epilogue[-1] if epilogue else None
@@ -238,12 +244,14 @@ def _schedule(sch: Schedule, intrin: DotIntrin, knobs: TileKnobs | None = None) 
         knobs = register_tile(n // lanes, dot)
     row_outer, row_inner = sch.split(rows, factors=[None, knobs.mr])
     col_outer, col_block, col_lane = sch.split(j, factors=[None, knobs.nr, lanes])
-    k_outer, k_inner = sch.split(k, factors=[None, kstep * dot.groups])
-    sch.reorder(*batch_loops, row_outer, col_outer, k_outer, row_inner, col_block, col_lane, k_inner)
+    if partial_sums is None:
+        k_outer, k_inner = sch.split(k, factors=[None, kstep * dot.groups])
+        k_inner = [k_inner]
+    sch.reorder(*batch_loops, row_outer, col_outer, k_outer, row_inner, col_block, col_lane, *k_inner)
     # NOTE: a symbolic batch stays a serial loop around the parallel tiles: fused with symbolic rows, the
     # tile index divides by a product of two symbolic extents, which tensorize's blockize cannot invert.
     parallel_batch = batch_loops if all(isinstance(sch.get(loop).extent, tirx.IntImm) for loop in batch_loops) else []
-    if kdim is None and find_block(sch, ROWS_PAD_BLOCK) is not None:
+    if (kdim is None or partial_sums is not None) and find_block(sch, ROWS_PAD_BLOCK) is not None:
         # zero-padded activation rows of a run-time K (P·V: K = T, N = a head's width): built once per row
         # tile, for all its column tiles (a serial loop). NOTE: with a static K the copy is small next to
         # the tile's dot products, and the fused row x column tile loop measured faster on x86.
@@ -262,6 +270,8 @@ def _schedule(sch: Schedule, intrin: DotIntrin, knobs: TileKnobs | None = None) 
 
     init = sch.decompose_reduction(matmul, k_outer)
     sch.vectorize(sch.get_loops(init)[-1])
+    if partial_sums is not None:
+        _add_partial_sums_at(sch, partial_sums, tile, dot)
     if last is not None:
         # NOTE: before tensorize: reverse_compute_at after it trips over the replaced inner block.
         sch.reverse_compute_at(last, tile)
@@ -278,6 +288,36 @@ def _schedule(sch: Schedule, intrin: DotIntrin, knobs: TileKnobs | None = None) 
     sch.unroll(row_inner)
     sch.unroll(col_block)
     return sch
+
+
+def _partial_sums_rfactor(sch: Schedule, matmul, dot: DotIntrin):
+    """Split the reduction of `matmul` for a kernel with k along the lanes, k = k_outer * kstep + half * kstep/2 +
+    2 * partial + pair (`intrinsics._k_lanes_desc`), and `rfactor` it over `partial`: a block accumulating
+    `dot.partial_sums` partial sums per output ([..., rows, N, partial_sums]) in the loops of `matmul`, and
+    `matmul` left adding them. Returns the partial-sum block, its k_outer loop and its [half, partial, pair] loops."""
+    *_, k = sch.get_loops(matmul)
+    k_outer, half, partial, pair = sch.split(k, factors=[None, 2, dot.partial_sums, 2])
+    ndim = len(sch.get(matmul).writes[0].source.shape)
+    sums = sch.rfactor(partial, factor_axis=ndim)
+    *_, k_outer, half, partial, pair = sch.get_loops(sums)
+    return sums, k_outer, [half, partial, pair]
+
+
+def _add_partial_sums_at(sch: Schedule, block, tile, dot: DotIntrin) -> None:
+    """The write-back block of `rfactor` (each output the sum of its partial sums) computed per register tile, after
+    its dot products, into a tile buffer on the stack; tensorized (`intrinsics.partial_sums_intrin`) per `lanes`
+    outputs."""
+    sch.reverse_compute_at(block, tile)
+    # NOTE: `rfactor` puts the partial-sum axis first: the loops under the tile are (partial, [unit dims,] rows, cols)
+    loops = sch.get_loops(block)
+    partial = loops[[sch.get(loop) for loop in loops].index(sch.get(tile)) + 1]
+    rows, cols = loops[-2:]
+    col_block, col_lane = sch.split(cols, factors=[None, dot.lanes])
+    sch.reorder(rows, col_block, col_lane, partial)
+    init = sch.decompose_reduction(block, col_lane)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.tensorize(col_lane, partial_sums_intrin(dot))
+    sch.set_scope(init, 0, "local")
 
 
 def _grouped_dot(sch: Schedule, intrin: DotIntrin, kdim: int | None) -> DotIntrin:

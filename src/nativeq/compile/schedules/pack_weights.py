@@ -31,7 +31,8 @@ from __future__ import annotations
 
 from nativeq.compile._tvm import Analyzer, relax, te, tvm
 from nativeq.compile.passes import result_dtype, rewrite_functions
-from nativeq.compile.schedules.intrinsics import DotIntrin, intrin_for_weights, is_twin, row_tile, twin_of
+from nativeq.compile.schedules.intrinsics import (DotIntrin, dense_form_of, intrin_for_weights, is_twin, packed_forms,
+                                                  row_tile)
 from nativeq.compile.schedules.weight_formats import TILE_LIST_DTYPE, PackedWeight, pack_for_kernel
 
 # NOTE: TVM's OpPatternKind enum: kElemWise=0, kBroadcast=1, kInjective=2, kCommReduce=3, kOutEWiseFusable=4.
@@ -151,11 +152,9 @@ def _unpack_int4(packed: te.Tensor, tiles: int) -> te.Tensor:
 def packed_intrin(sch, intrin: DotIntrin) -> DotIntrin:
     """The intrinsic the packed matmul of Schedule `sch` was packed for: the target's `intrin`, or its twin
     when `intrin_for_weights` picked it (named in the reduction block's annotation)."""
-    twin = twin_of(intrin)
-    if twin is None:
-        return intrin
     annotations = sch.get(sch.get_sblock(REDUCTION_BLOCK)).annotations
-    return twin if PACKED_FOR in annotations and str(annotations[PACKED_FOR]) == twin.name else intrin
+    name = str(annotations[PACKED_FOR]) if PACKED_FOR in annotations else ""
+    return next((form for form in packed_forms(intrin) if form.name == name), intrin)
 
 
 def _is_packable(call: relax.Call, intrin: DotIntrin) -> bool:
@@ -227,6 +226,11 @@ class _Packer(relax.PyExprMutator):
         intrin = intrin_for_weights(self.intrin, values) if integer else self.intrin
         weight = pack_for_kernel(values, intrin.lanes, intrin.kstep,
                                  allow_sparse=self.sparse and integer, allow_int4=self.int4 and integer)
+        dense_form = dense_form_of(intrin)
+        if weight.blocks is None and dense_form is not None:
+            intrin = dense_form
+            weight = pack_for_kernel(values, intrin.lanes, intrin.kstep, allow_sparse=False,
+                                     allow_int4=self.int4 and integer)
         self.packed += 1
         self.formats.append(weight.format_name())
         return call_packed_matmul(self.builder_, x, None, intrin, weight=weight)
