@@ -58,9 +58,11 @@ BAND, STEP = 16, 4  # the kernel-friendly block: 16 outputs x 4 inputs
 
 
 def pruned_weight(k: int, n: int, sparsity: float, bits: int, rng) -> np.ndarray:
-    """A random [K, N] weight with round(sparsity * K/4) of the 4-input blocks zero in every band of 16 outputs."""
-    high = 2 ** (bits - 1)
-    w = rng.integers(-high, high, (k, n), dtype=np.int8)
+    """A random [K, N] weight with round(sparsity * K/4) of the 4-input blocks zero in every band of 16 outputs.
+    Values in [-(2^(bits-1) - 1), 2^(bits-1) - 1], the symmetric range nativeq's QAT export and ORT's per-channel
+    int8 weights use (on the Pi 4 a weight of -128 selects a slower dense kernel)."""
+    high = 2 ** (bits - 1) - 1
+    w = rng.integers(-high, high + 1, (k, n), dtype=np.int8)
     k_blocks = -(-k // STEP)
     pruned = int(round(sparsity * k_blocks))
     for band in range(0, n, BAND):

@@ -444,3 +444,35 @@ def test_rpi4_kernel_multiplies_with_k_along_the_lanes_exactly(k, n, rows, bits,
     broadcasts = [line for line in lines if "\tld1r\t" in line or ("\tdup\t" in line and ".s[" in line)]
     assert products and widened and tile_sums, (products[:4], widened[:4], tile_sums[:4])
     assert not broadcasts, broadcasts[:8]
+
+
+@pytest.mark.parametrize("k, n, rows, sparsity, bits", [
+    (576, 144, 75, 0.5, 8),
+    (130, 40, 11, 0.75, 4),  # ragged K, lists shared by 8 columns (N / 4 = 10 blocks), 4-bit values, 11 rows
+])
+def test_rpi4_block_sparse_kernel_gathers_the_listed_activations_exactly(k, n, rows, sparsity, bits, tmp_path):
+    """A weight pruned in 16 x 4 blocks on the Pi 4: per row tile and list, the activations at the listed blocks are
+    gathered into contiguous rows, which the kernel with k along the lanes multiplies by the listed weights joined
+    into 16-wide tiles (`smlal2 .8h`, no broadcast): every output equals the int64 product, the artifact stores the
+    listed blocks only. Column 0 is +-max at every kept k against a = -128 (the int16 pair bound)."""
+    from test_weight_formats import block_pruned
+
+    rng = np.random.default_rng(k + n)
+    high = 2 ** (bits - 1) - 1
+    w = block_pruned(rng.integers(-high, high + 1, (k, n), dtype=np.int8), sparsity, rng)
+    w[:, 0] = np.where(np.abs(w[:, :16].astype(int)).sum(axis=1) > 0, high, 0)
+    a = rng.integers(-128, 128, (1, rows, k), dtype=np.int8)
+    a[0, 0] = -128
+    onnx_path = tmp_path / "mmi.onnx"
+    onnx.save(_matmul_integer_model(w), onnx_path)
+    artifact = tmp_path / "rpi4"
+    compile_model(onnx_path, artifact, CompileConfig(target="rpi4"))
+    np.testing.assert_array_equal(run_emulated(artifact, {"a": a}, cpu="cortex-a72")[0],
+                                  a.astype(np.int64) @ w.astype(np.int64))
+    dense_bytes = -(-k // 16) * 16 * -(-n // 4) * 4
+    weight_bytes = json.loads((artifact / "manifest.json").read_text())["sizes"]["weight_bytes"]
+    assert weight_bytes < dense_bytes * (1 - sparsity + 0.1) * bits / 8 + 64, (weight_bytes, dense_bytes)
+    lines = aarch64_disassembly(artifact).splitlines()
+    products = [line for line in lines if "\tsmlal2\t" in line and _operand(line, 0).endswith(".8h")]
+    broadcasts = [line for line in lines if "\tld1r\t" in line or ("\tdup\t" in line and ".s[" in line)]
+    assert products and not broadcasts, (products[:4], broadcasts[:8])

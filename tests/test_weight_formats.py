@@ -18,8 +18,10 @@ from nativeq.compile.schedules.weight_formats import (
     SPARSE_MAX_DENSITY,
     pack_for_kernel,
     pack_int4_pairs,
+    to_int4,
     unpack_int4_pairs,
     unpack_to_dense,
+    with_wider_tiles,
 )
 
 BAND, STEP = 16, 4  # the kernel-friendly block: 16 outputs x 4 inputs
@@ -120,6 +122,28 @@ def test_arm_tiles_share_one_list_per_16_columns_of_a_16x4_pruned_weight():
     packed = pack_for_kernel(w4, lanes=4, kstep=4)
     assert packed.group == 1 and packed.blocks.shape == (16, 8)
     np.testing.assert_array_equal(unpack_to_dense(packed), w4)
+
+
+@pytest.mark.parametrize("k, n, sparsity, bits", [(144, 64, 0.5, 8), (130, 40, 0.75, 8), (576, 144, 0.5, 4)])
+def test_listed_blocks_join_into_wider_tiles_and_round_trip(k, n, sparsity, bits):
+    """The Pi 4's kernel with k along the lanes reads 16 listed inputs per weight vector: the 4 x 4 tiles of a
+    block-sparse weight are joined four at a time (each list padded with zero tiles to a multiple of 4), the
+    listed unit stays 4, and the weight it stands for is unchanged (8-bit and 4-bit; N = 40 shares lists by 8
+    columns)."""
+    rng = np.random.default_rng(k + n)
+    w = block_pruned(_random((k, n), bits, rng), sparsity, rng)
+    packed = pack_for_kernel(w, lanes=4, kstep=4, allow_int4=False)
+    wide = with_wider_tiles(packed, 16)
+    listed = packed.blocks.shape[1]
+    assert (wide.kstep, wide.list_unit, wide.group) == (16, 4, packed.group)
+    assert wide.blocks.shape[1] == -(-listed // 4) * 4 and wide.tiles == wide.blocks.shape[1] // 4
+    assert wide.values.shape == (packed.values.shape[0], wide.tiles, 4, 16)
+    padded_k = -(-k // 4) * 4
+    np.testing.assert_array_equal(unpack_to_dense(wide), np.pad(w, ((0, padded_k - k), (0, 0))))
+    if bits == 4:
+        np.testing.assert_array_equal(unpack_to_dense(to_int4(wide)), unpack_to_dense(wide))
+    with pytest.raises(ValueError, match="block-sparse"):
+        with_wider_tiles(pack_for_kernel(w, lanes=4, kstep=4, allow_sparse=False), 16)
 
 
 def test_density_threshold_is_the_documented_one():

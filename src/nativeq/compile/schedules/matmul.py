@@ -23,6 +23,13 @@ Schedule (rows = the row axis, tiled; batch axes fused into the parallel tile lo
 With a symbolic N (activation products such as Q·Kᵀ) the epilogue is instead padded to whole tiles
 and cropped afterwards (`_schedule_padded_epilogue`), so that no lane predicate scalarizes it.
 
+With k along the vector lanes (`intrinsics.NEON_K_LANES`, the Pi 4's kernel for dense and block-sparse constant
+weights) every output accumulates 4 int32 partial sums: the reduction is `rfactor`ed into a partial-sum block
+(tensorized) and a write-back adding them once per tile (`addp`, `_add_partial_sums_at`). Its tiles are one
+column block wide, so the parallel loop runs over row tiles and builds their activation rows once (zero padded,
+or for a block-sparse weight the listed blocks of each list gathered contiguous: `_gather_at`), the column tiles
+inside.
+
 The int32 accumulator is the fused function's intermediate buffer; after `reverse_compute_at`
 buffer compaction shrinks it to the `mr x nr*lanes` tile. Row tiles divide the (padded)
 rows exactly, because TVM's tensorize rejects predicated blocks; the zero-padded activation
@@ -41,7 +48,8 @@ from nativeq.compile._tvm import Analyzer, Schedule, s_tir, tirx
 from nativeq.compile.schedules.generic import block_dtype, find_block, split_off_guards
 from nativeq.compile.schedules.intrinsics import DotIntrin, grouped_of, partial_sums_intrin, row_tile
 from nativeq.compile.schedules.pack_activations import PACK_BLOCK
-from nativeq.compile.schedules.pack_weights import INT4_UNPACK_BLOCK, REDUCTION_BLOCK, ROWS_PAD_BLOCK, packed_intrin
+from nativeq.compile.schedules.pack_weights import (INT4_UNPACK_BLOCK, LISTED_GATHER_BLOCK, REDUCTION_BLOCK,
+                                                    ROWS_PAD_BLOCK, packed_intrin)
 from nativeq.compile.schedules.weight_formats import TILE_LIST_DTYPE
 from nativeq.compile.tir_rewrite import rewrite_stmt
 
@@ -242,6 +250,10 @@ def _schedule(sch: Schedule, intrin: DotIntrin, knobs: TileKnobs | None = None) 
         knobs = TileKnobs(row_tile(dot), 1)
     elif knobs is None or knobs not in tile_choices(n // lanes, dot):
         knobs = register_tile(n // lanes, dot)
+    gather = find_block(sch, LISTED_GATHER_BLOCK)
+    blocks_per_list = _columns_per_list(sch, gather, n, lanes) if gather is not None else None
+    if blocks_per_list is not None and blocks_per_list % knobs.nr:
+        knobs = register_tile(n // lanes, dot)  # a column tile within one list's columns
     row_outer, row_inner = sch.split(rows, factors=[None, knobs.mr])
     col_outer, col_block, col_lane = sch.split(j, factors=[None, knobs.nr, lanes])
     if partial_sums is None:
@@ -251,10 +263,11 @@ def _schedule(sch: Schedule, intrin: DotIntrin, knobs: TileKnobs | None = None) 
     # NOTE: a symbolic batch stays a serial loop around the parallel tiles: fused with symbolic rows, the
     # tile index divides by a product of two symbolic extents, which tensorize's blockize cannot invert.
     parallel_batch = batch_loops if all(isinstance(sch.get(loop).extent, tirx.IntImm) for loop in batch_loops) else []
-    if (kdim is None or partial_sums is not None) and find_block(sch, ROWS_PAD_BLOCK) is not None:
-        # zero-padded activation rows of a run-time K (P·V: K = T, N = a head's width): built once per row
-        # tile, for all its column tiles (a serial loop). NOTE: with a static K the copy is small next to
-        # the tile's dot products, and the fused row x column tile loop measured faster on x86.
+    if kdim is None and find_block(sch, ROWS_PAD_BLOCK) is not None or partial_sums is not None:
+        # zero-padded activation rows of a run-time K (P·V: K = T, N = a head's width), or of a kernel with k
+        # along the lanes (one column block per tile: many tiles per row tile): built once per row tile, for all
+        # its column tiles (a serial loop). NOTE: with a static K the copy is small next to the tile's dot
+        # products, and the fused row x column tile loop measured faster on x86.
         # NOTE: row tiles outermost, the static batch (heads) inside: the fused index then splits by a static
         # extent, and the tile's accumulator region is a constant offset from it (batch outermost, it divides
         # by the symbolic row-tile count, the accumulator's index stays a run-time offset, and LLVM keeps the
@@ -264,6 +277,10 @@ def _schedule(sch: Schedule, intrin: DotIntrin, knobs: TileKnobs | None = None) 
         rows_at = sch.fuse(row_outer, *parallel_batch) if parallel_batch else row_outer
         sch.parallel(rows_at)
         tile = col_outer
+        if gather is not None:
+            # the row tile's activations at the listed blocks of one list, gathered before its column tiles
+            band, tile = sch.split(col_outer, factors=[None, blocks_per_list // knobs.nr])
+            _gather_at(sch, gather, band)
     else:
         tile = rows_at = sch.fuse(*parallel_batch, row_outer, col_outer)
         sch.parallel(tile)
@@ -285,6 +302,8 @@ def _schedule(sch: Schedule, intrin: DotIntrin, knobs: TileKnobs | None = None) 
     _tensorize_tile(sch, dot, col_lane, init, rows_at=rows_at, kdim=kdim)
     if unpack is not None:
         sch.set_scope(unpack, 0, "local")
+    if gather is not None:
+        sch.set_scope(gather, 0, "local")
     sch.unroll(row_inner)
     sch.unroll(col_block)
     return sch
@@ -301,6 +320,30 @@ def _partial_sums_rfactor(sch: Schedule, matmul, dot: DotIntrin):
     sums = sch.rfactor(partial, factor_axis=ndim)
     *_, k_outer, half, partial, pair = sch.get_loops(sums)
     return sums, k_outer, [half, partial, pair]
+
+
+def _columns_per_list(sch: Schedule, gather, n: int, lanes: int) -> int:
+    """Column blocks (of `lanes`) that share one list of a block-sparse weight with a listed-block gather."""
+    n_lists = int(sch.get(gather).writes[0].source.shape[-2])
+    return n // lanes // n_lists
+
+
+def _gather_at(sch: Schedule, gather, loop) -> None:
+    """Compute the listed-block gather (`pack_weights.LISTED_GATHER_BLOCK`: the rows of a tile at one list's
+    blocks, contiguous) at `loop`, a listed block (4 bytes) per copy. (The stack scope comes after tensorize, whose
+    intrinsic matches global buffers.)"""
+    sch.compute_at(gather, loop)
+    *_, rows, k = sch.get_loops(gather)
+    listed, unit = sch.split(k, factors=[None, _gather_unit(sch, gather)])
+    sch.reorder(listed, rows, unit)  # each list entry read once for the tile's rows
+    sch.vectorize(unit)
+
+
+def _gather_unit(sch: Schedule, gather) -> int:
+    """Inputs per listed block of a gather: the gathered row's length over the list's."""
+    block = sch.get(gather)
+    lists = next(r.source for r in block.reads if _is_tile_list(r.source))
+    return int(block.writes[0].source.shape[-1]) // int(lists.shape[-1])
 
 
 def _add_partial_sums_at(sch: Schedule, block, tile, dot: DotIntrin) -> None:

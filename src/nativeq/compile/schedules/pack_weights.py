@@ -33,7 +33,8 @@ from nativeq.compile._tvm import Analyzer, relax, te, tvm
 from nativeq.compile.passes import result_dtype, rewrite_functions
 from nativeq.compile.schedules.intrinsics import (DotIntrin, dense_form_of, intrin_for_weights, is_twin, packed_forms,
                                                   row_tile)
-from nativeq.compile.schedules.weight_formats import TILE_LIST_DTYPE, PackedWeight, pack_for_kernel
+from nativeq.compile.schedules.weight_formats import (TILE_LIST_DTYPE, WIDE_SPARSE_MAX_DENSITY, PackedWeight,
+                                                      pack_for_kernel, to_int4, with_wider_tiles)
 
 # NOTE: TVM's OpPatternKind enum: kElemWise=0, kBroadcast=1, kInjective=2, kCommReduce=3, kOutEWiseFusable=4.
 _OUT_EWISE_FUSABLE = 4
@@ -43,11 +44,12 @@ PACKED_FOR = "nativeq.packed_for"  # reduction block annotation: the intrinsic a
 ROWS_PAD_BLOCK = "nativeq_int8_rows_pad"
 ROWS_CROP_BLOCK = "nativeq_int8_rows_crop"
 INT4_UNPACK_BLOCK = "nativeq_int4_unpack"
+LISTED_GATHER_BLOCK = "nativeq_int8_listed_gather"
 
 
 def packed_matmul_te(x: te.Tensor, wp: te.Tensor, lanes: int, kstep: int, row_tile: int, n_out=None,
                      blocks: te.Tensor | None = None, int4_tiles: int | None = None, k_in: int | None = None,
-                     list_group: int = 1, intrin_name: str = "") -> te.Tensor:
+                     list_group: int = 1, list_unit: int | None = None, intrin_name: str = "") -> te.Tensor:
     """int32 (float32: float32) matmul of `x` [..., rows, K] with a packed operand `wp` [*wbatch, N/lanes, K/kstep, lanes, kstep].
 
     `wbatch` is empty (a constant weight shared by every batch entry of `x`) or `x`'s batch dims (an
@@ -65,6 +67,10 @@ def packed_matmul_te(x: te.Tensor, wp: te.Tensor, lanes: int, kstep: int, row_ti
     [N/lanes/list_group, W] int16 when `wp` holds only the listed tiles of each column block (one list per
     `list_group` column blocks; the reduction then runs over the W listed k-steps; `k_in` is the padded K
     the activation is read with).
+
+    With `list_unit` < kstep (a kernel with k along the lanes) each tile joins kstep/list_unit listed blocks of
+    `list_unit` inputs: the activation's listed blocks are gathered into contiguous rows first (one per list,
+    `nativeq_int8_listed_gather`), which the reduction reads like a dense activation.
 
     `intrin_name` (annotated on the reduction block, which FuseTIR keeps) names the intrinsic the
     operand was packed for when the weights chose it (`intrinsics.intrin_for_weights`).
@@ -105,15 +111,28 @@ def packed_matmul_te(x: te.Tensor, wp: te.Tensor, lanes: int, kstep: int, row_ti
         x = te.compute((*batch, padded_rows, x_kdim), pad, name=ROWS_PAD_BLOCK)
     k = te.reduce_axis((0, kdim), name="k")
     acc_dtype = "float32" if wp.dtype == "float32" else "int32"
+    gathered = None
+    if blocks is not None and list_unit is not None and list_unit != kstep:
+        unit = list_unit
+        listed_x = x
+
+        def gather(*i):
+            block = _listed_block(blocks[i[-2], i[-1] // unit], x_kdim // unit)
+            return listed_x[(*i[:-2], block * unit + i[-1] % unit)]
+
+        gathered = te.compute((*x.shape[:-1], blocks.shape[0], kdim), gather, name=LISTED_GATHER_BLOCK)
 
     def compute(*idx):
         *row_idx, j = idx
         w_batch = row_idx[:-1] if wbatch else []
-        listed = None if blocks is None else blocks[j // (lanes * list_group), k // kstep]
-        x_k = k if listed is None else _listed_block(listed, x_kdim // kstep) * kstep + k % kstep
+        if gathered is not None:
+            activation = gathered[(*row_idx, j // (lanes * list_group), k)]
+        else:
+            listed = None if blocks is None else blocks[j // (lanes * list_group), k // kstep]
+            x_k = k if listed is None else _listed_block(listed, x_kdim // kstep) * kstep + k % kstep
+            activation = x[(*row_idx, x_k)]
         return te.sum(
-            x[(*row_idx, x_k)].astype(acc_dtype)
-            * wp[(*w_batch, j // lanes, k // kstep, j % lanes, k % kstep)].astype(acc_dtype),
+            activation.astype(acc_dtype) * wp[(*w_batch, j // lanes, k // kstep, j % lanes, k % kstep)].astype(acc_dtype),
             axis=k,
         )
 
@@ -183,6 +202,7 @@ def call_packed_matmul(builder, x, packed, intrin: DotIntrin, n_out=None, weight
             formats["blocks"] = relax.const(weight.blocks, TILE_LIST_DTYPE)
             formats["k_in"] = weight.k
             formats["list_group"] = weight.group
+            formats["list_unit"] = weight.list_unit
         if weight.int4:
             formats["int4_tiles"] = weight.tiles
         if weight.n != weight.values.shape[0] * intrin.lanes:
@@ -203,6 +223,16 @@ def call_packed_matmul(builder, x, packed, intrin: DotIntrin, n_out=None, weight
             INT8_MATMUL_ATTR: f"{intrin.name}:{intrin.lanes}x{intrin.kstep}",
         },
     )
+
+
+def _in_wider_tiles(values, weight: PackedWeight, form: DotIntrin, allow_int4: bool) -> PackedWeight:
+    """`weight` (packed for the target's tile) repacked for `form`, a kernel with k along the lanes: its listed blocks
+    joined into `form.kstep` wide tiles (`weight_formats.with_wider_tiles`) when that density pays, else dense."""
+    if weight.blocks is not None:
+        sparse = with_wider_tiles(pack_for_kernel(values, weight.lanes, weight.kstep, allow_int4=False), form.kstep)
+        if sparse.density <= WIDE_SPARSE_MAX_DENSITY:
+            return to_int4(sparse) if weight.int4 else sparse
+    return pack_for_kernel(values, form.lanes, form.kstep, allow_sparse=False, allow_int4=allow_int4)
 
 
 @relax.expr_functor.mutator
@@ -227,10 +257,8 @@ class _Packer(relax.PyExprMutator):
         weight = pack_for_kernel(values, intrin.lanes, intrin.kstep,
                                  allow_sparse=self.sparse and integer, allow_int4=self.int4 and integer)
         dense_form = dense_form_of(intrin)
-        if weight.blocks is None and dense_form is not None:
-            intrin = dense_form
-            weight = pack_for_kernel(values, intrin.lanes, intrin.kstep, allow_sparse=False,
-                                     allow_int4=self.int4 and integer)
+        if dense_form is not None:
+            intrin, weight = dense_form, _in_wider_tiles(values, weight, dense_form, self.int4 and integer)
         self.packed += 1
         self.formats.append(weight.format_name())
         return call_packed_matmul(self.builder_, x, None, intrin, weight=weight)

@@ -12,12 +12,16 @@ for AVX-512 VNNI's `vpdpbusd`, 8 x 2 for AVX2's `vpmaddwd`, 4 x 4 for ARM's `sdo
               blocks [N/lanes/g, W] int16               and the k-step index of each one (one list per g
                                                          column blocks: 4 on ARM for 16 x 4 blocks)
     4-bit     the same values with two tiles per byte   tile 2i in the low nibble, tile 2i+1 in the high one
+    wider     values [N/lanes, W/j, lanes, j*kstep]     a kernel with k along the lanes (Pi 4: 4 x 16 tiles):
+              blocks [N/lanes/g, W] int16               j = 4 listed blocks joined per tile, W padded to a
+                                                         multiple of j (`with_wider_tiles`, `unit` = kstep)
 
 Block-sparse pays only when whole tiles are zero: the kernel then skips their dot instructions and
 their bytes. A weight pruned in 16 x 4 blocks with the same number of blocks kept per 16 output
 channels (`nativeq finetune --sparsity` with a balanced block pattern) has equal W in every column
 block; otherwise column blocks with fewer non-zero tiles are padded with zero tiles (index 0) up to
-the largest W. Sparse is chosen when W / (K/kstep) <= `SPARSE_MAX_DENSITY`; 2:4 or unstructured
+the largest W. Sparse is chosen when W / (K/kstep) <= `SPARSE_MAX_DENSITY` (wider tiles, whose kernel gathers
+the listed activations first: `WIDE_SPARSE_MAX_DENSITY`, after the padding); 2:4 or unstructured
 sparsity leaves almost no zero tile, so those weights stay dense (their zeros are still multiplied).
 
 4-bit is chosen when every value lies in [-8, 7] (an int4 QDQ weight, widened to int8 on import):
@@ -33,6 +37,11 @@ import numpy as np
 # NOTE: at this density the sparse kernel still beats the dense one (benchmarks/sparse_matmul.py, 75 rows:
 # rpi5 1.11-1.14x fewer instructions at 25% of the tiles zero; x86 1.30x faster at 50%).
 SPARSE_MAX_DENSITY = 0.75
+# NOTE: the wider tiles of a kernel with k along the lanes (`with_wider_tiles`) cost a gather of the listed activations
+# per row tile and list, and pad each list to whole tiles: rpi4, 75 rows, 50% of the 16 x 4 blocks zero, K x N =
+# 576 x 144: 1.53x fewer instructions than dense at density 0.5, 144 x 576 (density 0.56): 1.33x, 99 x 64 (0.64):
+# 0.96x.
+WIDE_SPARSE_MAX_DENSITY = 0.6
 TILE_LIST_DTYPE = "int16"  # the k-step index list of a block-sparse weight (signed: see pack_weights._listed_block)
 INT4_MIN, INT4_MAX = -8, 7
 
@@ -55,16 +64,23 @@ class PackedWeight:
     lanes: int
     kstep: int
     group: int = 1  # column blocks sharing one tile list (blocks has N/lanes/group rows)
+    unit: int = 0  # k per listed block (sparse); 0: kstep. A smaller unit: `kstep // unit` listed blocks per tile
+
+    @property
+    def list_unit(self) -> int:
+        return self.unit or self.kstep
 
     @property
     def tiles(self) -> int:
         """W: tiles per column block the kernel multiplies."""
-        return self.blocks.shape[1] if self.blocks is not None else self.k // self.kstep
+        if self.blocks is None:
+            return self.k // self.kstep
+        return self.blocks.shape[1] * self.list_unit // self.kstep
 
     @property
     def density(self) -> float:
         """Fraction of the K/kstep tiles of each column block that the kernel multiplies."""
-        return self.tiles / (self.k // self.kstep)
+        return self.tiles * self.kstep / self.k
 
     @property
     def nbytes(self) -> int:
@@ -136,6 +152,31 @@ def pack_for_kernel(weight: np.ndarray, lanes: int, kstep: int, *, allow_sparse:
     return PackedWeight(values, blocks, int4, padded_k, n, lanes, kstep, group)
 
 
+def with_wider_tiles(packed: PackedWeight, kstep: int) -> PackedWeight:
+    """A block-sparse `packed` weight with its listed tiles joined `kstep // packed.kstep` at a time into tiles of
+    `kstep` consecutive listed inputs (each list padded with zero tiles, index 0, to a multiple): the layout of a
+    kernel with k along the lanes, which reads `kstep` activations of the listed blocks gathered into one vector.
+    The listed unit stays `packed.kstep`."""
+    if packed.blocks is None or packed.int4 or kstep % packed.kstep:
+        raise ValueError("wider tiles need an 8-bit block-sparse weight and a multiple of its k-step")
+    joined = kstep // packed.kstep
+    listed = packed.blocks.shape[1]
+    width = -(-listed // joined) * joined
+    blocks = np.pad(packed.blocks, ((0, 0), (0, width - listed)))
+    values = np.pad(packed.values, ((0, 0), (0, width - listed), (0, 0), (0, 0)))
+    n_blocks, _, lanes, unit = values.shape
+    # [N/lanes, width, lanes, unit] -> [N/lanes, width/joined, lanes, joined * unit]
+    values = values.reshape(n_blocks, width // joined, joined, lanes, unit).transpose(0, 1, 3, 2, 4)
+    values = np.ascontiguousarray(values.reshape(n_blocks, width // joined, lanes, kstep))
+    return PackedWeight(values, blocks, False, packed.k, packed.n, lanes, kstep, packed.group, unit)
+
+
+def to_int4(packed: PackedWeight) -> PackedWeight:
+    """`packed` with its tiles stored two per byte (every value must lie in [-8, 7])."""
+    return PackedWeight(pack_int4_pairs(packed.values), packed.blocks, True, packed.k, packed.n, packed.lanes,
+                        packed.kstep, packed.group, packed.unit)
+
+
 def _list_groups(present: np.ndarray) -> tuple[int, np.ndarray]:
     """The most column blocks (4, 2 or 1) that can share one tile list at no extra tile, and the lists' pattern.
 
@@ -154,11 +195,16 @@ def _list_groups(present: np.ndarray) -> tuple[int, np.ndarray]:
 def unpack_to_dense(packed: PackedWeight) -> np.ndarray:
     """The [K, N] int8 weight a `PackedWeight` stands for (K padded to whole k-steps): the reference for tests."""
     tiles = unpack_int4_pairs(packed.values, packed.tiles) if packed.int4 else packed.values
-    n_blocks, k_blocks = tiles.shape[0], packed.k // packed.kstep
-    dense = np.zeros((n_blocks, k_blocks, packed.lanes, packed.kstep), np.int8)
+    unit = packed.list_unit
+    n_blocks = tiles.shape[0]
     if packed.blocks is None:
-        dense[:] = tiles
+        dense = tiles
     else:
+        # the listed blocks of each tile: [N/lanes, W, lanes, kstep] -> [N/lanes, W * kstep/unit, lanes, unit]
+        joined = packed.kstep // unit
+        tiles = tiles.reshape(n_blocks, -1, packed.lanes, joined, unit).transpose(0, 1, 3, 2, 4)
+        tiles = tiles.reshape(n_blocks, -1, packed.lanes, unit)
+        dense = np.zeros((n_blocks, packed.k // unit, packed.lanes, unit), np.int8)
         for col in range(n_blocks):
             for slot, block in enumerate(packed.blocks[col // packed.group]):
                 dense[col, block] += tiles[col, slot]  # padding slots hold zeros
