@@ -152,3 +152,26 @@ def test_depthwise_and_separable_kernels_get_their_schedules(tmp_path):
     rules = schedule_rules(qdq_models.qdq_separable_block(1, channels=64, kernel=9), tmp_path)
     assert any("depthwise" in k and v == "depthwise" for k, v in rules.items()), rules
     assert any("int8_matmul_packed" in k and v == "int8-matmul" for k, v in rules.items()), rules
+
+
+@pytest.mark.parametrize("target_name, act_dtype", [("host", "uint8"), ("rpi5", "int8")])
+def test_depthwise_kernel_reads_a_padded_copy_without_clamping(target_name, act_dtype, tmp_path):
+    """A padded depthwise conv over a symbolic axis computes its last register block past the end (then crops);
+    the padded input copy also holds the rows that block reads (3 x stride past the conv's own), so the kernel
+    reads no clamped row index (`min`): on x86 a clamp cost 5 scalar instructions next to every 16-lane
+    multiply-add of the tap loop (QuartzNet's k = 33-63 depthwise convs). The outputs still equal ORT's."""
+    model = qdq_models.qdq_conv1d(c_in=32, c_out=32, groups=32, kernel=15, act_dtype=act_dtype)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    target = get_target(target_name)
+    mod = import_model(model, path)
+    with TVMTarget(target.tvm_dict()):
+        passes = [*int8_passes(target), *kernel_relax_passes(target), relax.transform.LegalizeOps()]
+        mod = tvm.transform.Sequential(passes)(mod)
+    (kernel,) = [f for gv, f in mod.functions_items() if gv.name_hint.startswith("int8_depthwise")]
+    text = kernel.script()
+    assert "nativeq_int8_depthwise" in text and "T.min(" not in text, text
+    if target_name == "host":
+        compile_model(path, tmp_path / "art", CompileConfig(target="host", use_tuning=False))
+        report = verify_artifact(tmp_path / "art", path, VerifyConfig(dims={"T": 70}, runs=2))
+        assert report.passed and report.outputs[0].max_steps == 0, report.table()

@@ -39,7 +39,7 @@ from nativeq.compile.passes import result_dtype, rewrite_functions
 from nativeq.compile.passes.lut_elementwise import call_lut, lut_call_operands
 from nativeq.compile.schedules.conv_as_matmul import ConvGeometry, conv_as_matmul
 from nativeq.compile.schedules.depthwise import (
-    call_depthwise, call_pad_channels_last, pair_taps_extra_rows, pair_taps_weight,
+    call_depthwise, call_pad_channels_last, extra_rows, pair_taps_weight,
 )
 from nativeq.compile.schedules.intrinsics import DotIntrin
 
@@ -290,16 +290,18 @@ class _ChannelsLast(relax.PyExprMutator):
             arm = self.intrin is not None and self.intrin.act_dtype == "int8" and str(x.ty.dtype) == "int8"
             paired = pair_taps_weight(w_taps) if arm else None
             w_cl = relax.const(w_taps if paired is None else paired, str(weight.dtype))
-            if geometry.padded or paired is not None:
+            copied = geometry.padded or paired is not None
+            if copied:
                 # NOTE: one padded copy of the input (a cheap vectorized kernel) rather than a bounds check
-                # per tap in the depthwise kernel's inner loop, which keeps it branch-free.
+                # per tap in the depthwise kernel's inner loop, which keeps it branch-free; it also holds the
+                # rows the kernel's last block of outputs reads past the end (no clamped reads either).
                 before, after = list(geometry.padding[:ndim]), list(geometry.padding[ndim:])
-                if paired is not None:
-                    after[-1] += pair_taps_extra_rows(w_taps.shape[-2], geometry.strides[-1], geometry.dilation[-1],
-                                                      out_spatial[-1])
+                after[-1] += extra_rows(w_taps.shape[-2], geometry.strides[-1], geometry.dilation[-1], out_spatial[-1],
+                                        pair_taps=paired is not None)
                 x_cl = self.builder_.emit(call_pad_channels_last(self.builder_, x_cl, before, after, geometry.pad_value))
                 geometry = ConvGeometry(geometry.strides, geometry.dilation, (0,) * (2 * ndim))
-            return call_depthwise(self.builder_, x_cl, w_cl, out_spatial, geometry, pair_taps=paired is not None)
+            return call_depthwise(self.builder_, x_cl, w_cl, out_spatial, geometry, pair_taps=paired is not None,
+                                  rows_past_end=copied)
         intrin = self.fma if kind == "float-matmul" else self.intrin
         return conv_as_matmul(self.builder_, x_cl, weight, out_spatial, geometry, intrin)
 

@@ -55,20 +55,23 @@ def positions_for(last) -> int:
     return POSITIONS
 
 
-def depthwise_te(x: te.Tensor, w: te.Tensor, out_spatial, pair_taps: bool = False, **geometry_kwargs) -> te.Tensor:
+def depthwise_te(x: te.Tensor, w: te.Tensor, out_spatial, pair_taps: bool = False, rows_past_end: bool = False,
+                 **geometry_kwargs) -> te.Tensor:
     """int32 depthwise conv of `x` [N, *S, C] (8-bit) with `w` [*K, C] (int8): [N, *out_spatial, C]
     (float32 when x and w are float32).
 
-    The last output axis is computed padded to whole blocks of `positions_for(last)` (reading clamped input
-    positions there) and cropped after, so the schedule can hold a block of outputs in registers
-    without a bounds predicate in its inner loop.
+    The last output axis is computed padded to whole blocks of `positions_for(last)` and cropped after, so the
+    schedule can hold a block of outputs in registers without a bounds predicate in its inner loop. The
+    padding outputs read clamped input positions, unless `rows_past_end`: the caller padded `x`'s last axis
+    by `extra_rows` past what the conv reads (one padded copy of the input instead of a clamp per position
+    and tap in the inner loop: on x86 5 scalar instructions next to each 16-lane multiply-add).
 
     `pair_taps` (int8 x and w, no weight -128, the last tap axis of `w` even: `pair_taps_weight`): the
     products of two neighbouring taps are summed in int16 before they are widened into the int32
     accumulator (ARM: `smull` + `smlal`, then one widening add, instead of widening every product). Exact:
     |x * w| <= 128 * 127, so two products stay within int16. No read is clamped: the caller pads `x`'s
-    last axis by `pair_taps_extra_rows` past what the conv reads (a zero tap the pairing added past the
-    kernel, the output block padding), so the inner loop has no bounds arithmetic.
+    last axis by `extra_rows(..., pair_taps=True)` past what the conv reads (a zero tap the pairing added past
+    the kernel, the output block padding).
     """
     geometry = ConvGeometry.from_te_kwargs(**geometry_kwargs)
     *kernel, channels = w.shape
@@ -83,7 +86,7 @@ def depthwise_te(x: te.Tensor, w: te.Tensor, out_spatial, pair_taps: bool = Fals
     def compute(n, *index):
         out_index, c = index[:-1], index[-1]
         position = tap_position(out_index, taps, geometry)
-        if crop and not geometry.padded:  # the padding rows read a clamped (valid) input row; the crop drops them
+        if crop and not geometry.padded and not rows_past_end:  # the padding rows read a clamped (valid) input row
             position[-1] = tirx.min(position[-1], input_last - 1)
         value = gather_padded(x, n, position, c, geometry)
         return te.sum(value.astype(acc_dtype) * w[(*taps, c)].astype(acc_dtype), axis=taps)
@@ -108,11 +111,13 @@ def pair_taps_weight(weight: np.ndarray) -> np.ndarray | None:
     return np.ascontiguousarray(weight)
 
 
-def pair_taps_extra_rows(kernel_last: int, stride: int, dilation: int, out_last) -> int:
-    """Input rows past the conv's own that `depthwise_te(pair_taps=True)` may read along the last spatial
-    axis: the zero tap added to an odd `kernel_last`, and the outputs computed past the end (`out_last` of them
-    are real) up to a whole block of `positions_for(out_last)`."""
-    return dilation * (kernel_last % 2) + (positions_for(out_last) - 1) * stride
+def extra_rows(kernel_last: int, stride: int, dilation: int, out_last, pair_taps: bool = False) -> int:
+    """Input rows past the conv's own that `depthwise_te(rows_past_end=True)` (and `pair_taps=True`) may read
+    along the last spatial axis: the outputs computed past the end (`out_last` of them are real) up to a whole
+    block of `positions_for(out_last)`, and with `pair_taps` the zero tap added to an odd `kernel_last`."""
+    block = positions_for(out_last)
+    whole_blocks = isinstance(out_last, (int, tirx.IntImm)) and int(out_last) % block == 0
+    return (dilation * (kernel_last % 2) if pair_taps else 0) + (0 if whole_blocks else (block - 1) * stride)
 
 
 def _paired_taps(x, w, geometry):
@@ -155,11 +160,13 @@ def call_pad_channels_last(builder, x_cl, before, after, pad_value: float):
                            primfunc_name_hint="pad")
 
 
-def call_depthwise(builder, x_cl, w_cl, out_spatial, geometry: ConvGeometry, pair_taps: bool = False):
+def call_depthwise(builder, x_cl, w_cl, out_spatial, geometry: ConvGeometry, pair_taps: bool = False,
+                   rows_past_end: bool = False):
     """`builder.call_te` of `depthwise_te`, marked so FuseOps fuses the requantize epilogue into it."""
     float_kernel = str(w_cl.ty.dtype) == "float32"
     return builder.call_te(
-        depthwise_te, x_cl, w_cl, out_spatial=list(out_spatial), pair_taps=pair_taps, **geometry.as_te_kwargs(),
+        depthwise_te, x_cl, w_cl, out_spatial=list(out_spatial), pair_taps=pair_taps, rows_past_end=rows_past_end,
+        **geometry.as_te_kwargs(),
         primfunc_name_hint="f32_depthwise" if float_kernel else "int8_depthwise", primfunc_attrs={"op_pattern": _OUT_EWISE_FUSABLE},
     )
 

@@ -263,11 +263,12 @@ def _schedule(sch: Schedule, intrin: DotIntrin, knobs: TileKnobs | None = None) 
     # NOTE: a symbolic batch stays a serial loop around the parallel tiles: fused with symbolic rows, the
     # tile index divides by a product of two symbolic extents, which tensorize's blockize cannot invert.
     parallel_batch = batch_loops if all(isinstance(sch.get(loop).extent, tirx.IntImm) for loop in batch_loops) else []
-    if kdim is None and find_block(sch, ROWS_PAD_BLOCK) is not None or partial_sums is not None:
-        # zero-padded activation rows of a run-time K (P·V: K = T, N = a head's width), or of a kernel with k
-        # along the lanes (one column block per tile: many tiles per row tile): built once per row tile, for all
-        # its column tiles (a serial loop). NOTE: with a static K the copy is small next to the tile's dot
-        # products, and the fused row x column tile loop measured faster on x86.
+    if (kdim is None or lanes == 4) and find_block(sch, ROWS_PAD_BLOCK) is not None or partial_sums is not None:
+        # zero-padded activation rows (of a run-time K: P·V, K = T, N = a head's width; on NEON of any K) and
+        # a kernel with k along the lanes (one column block per tile): the rows built once per row tile, for all
+        # its column tiles (a serial loop). NOTE: on NEON a copy per tile was a `memcpy` call per 6 x 8 tile (zoo
+        # Conformer, Pi 5: 46.5 -> 42.7 M instructions once per row tile); on x86, with a static K, the fused
+        # row x column tile loop measured faster.
         # NOTE: row tiles outermost, the static batch (heads) inside: the fused index then splits by a static
         # extent, and the tile's accumulator region is a constant offset from it (batch outermost, it divides
         # by the symbolic row-tile count, the accumulator's index stays a run-time offset, and LLVM keeps the
