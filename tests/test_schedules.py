@@ -358,3 +358,35 @@ def test_padded_activation_rows_are_built_once_per_row_tile_on_arm(target_name, 
     row_tiles = -(-600 // mr)
     assert (int(extent) == row_tiles) if per_row_tile else (int(extent) > row_tiles), (int(extent), row_tiles)
 
+
+
+@pytest.mark.parametrize("pruned", [False, True])
+def test_every_tile_choice_of_the_k_lanes_kernel_schedules(pruned):
+    """The Pi 4's kernel with k along the lanes (dense, and block-sparse with its listed-activation gather) takes
+    every register tile the tuner may record, including one-row tiles (whose row loop TVM drops) and column
+    tiles that do not divide a tile list's columns (the default tile then)."""
+    from test_weight_formats import block_pruned
+
+    from nativeq.compile.schedules.intrinsics import NEON_K_LANES, dot_intrin_for
+    from nativeq.compile.schedules.matmul import (int8_matmul_n_blocks, is_int8_matmul, kernel_intrin,
+                                                  schedule_int8_matmul, tile_choices)
+
+    target = get_target("rpi4")
+    rng = np.random.default_rng(6)
+    w = rng.integers(-127, 128, (576, 144), dtype=np.int8)
+    if pruned:
+        w = block_pruned(w, 0.5, rng)
+    bias = rng.integers(-5000, 5000, 144).astype(np.int32)
+    scale = (rng.random(144) * 2e-4 + 1e-5).astype(np.float32)
+    mod = _requant_module(w, bias, scale, tvm.tirx.Var("T", "int64"), "int8")
+    seq = [p for p in compile_pipeline(target).passes]
+    upto = next(i for i, p in enumerate(seq) if p.info.name == "FuseTIR") + 1
+    with tvm.target.Target(target.tvm_dict()):
+        fused = tvm.transform.Sequential(seq[:upto])(mod)
+        (func,) = [f for f in fused.functions.values() if isinstance(f, tvm.tirx.PrimFunc) and is_int8_matmul(f)]
+        intrin = dot_intrin_for(target)
+        assert kernel_intrin(func, intrin) == NEON_K_LANES
+        choices = tile_choices(int8_matmul_n_blocks(func, NEON_K_LANES), NEON_K_LANES)
+        assert any(k.mr == 1 for k in choices) and any(k.nr > 1 for k in choices), choices
+        failed = [k.as_text() for k in choices if schedule_int8_matmul(func, intrin, k) is None]
+    assert not failed, failed

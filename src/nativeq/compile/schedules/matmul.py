@@ -334,9 +334,10 @@ def _gather_at(sch: Schedule, gather, loop) -> None:
     blocks, contiguous) at `loop`, a listed block (4 bytes) per copy. (The stack scope comes after tensorize, whose
     intrinsic matches global buffers.)"""
     sch.compute_at(gather, loop)
-    *_, rows, k = sch.get_loops(gather)
+    loops = sch.get_loops(gather)
+    *rows, k = loops[[sch.get(outer) for outer in loops].index(sch.get(loop)) + 1:]  # no rows loop for one row
     listed, unit = sch.split(k, factors=[None, _gather_unit(sch, gather)])
-    sch.reorder(listed, rows, unit)  # each list entry read once for the tile's rows
+    sch.reorder(listed, *rows, unit)  # each list entry read once for the tile's rows
     sch.vectorize(unit)
 
 
@@ -352,12 +353,12 @@ def _add_partial_sums_at(sch: Schedule, block, tile, dot: DotIntrin) -> None:
     its dot products, into a tile buffer on the stack; tensorized (`intrinsics.partial_sums_intrin`) per `lanes`
     outputs."""
     sch.reverse_compute_at(block, tile)
-    # NOTE: `rfactor` puts the partial-sum axis first: the loops under the tile are (partial, [unit dims,] rows, cols)
+    # NOTE: `rfactor` puts the partial-sum axis first: the loops under the tile are (partial, [rows,] cols), rows
+    # (and unit batch dims) absent where the tile has one
     loops = sch.get_loops(block)
-    partial = loops[[sch.get(loop) for loop in loops].index(sch.get(tile)) + 1]
-    rows, cols = loops[-2:]
+    partial, *rows, cols = loops[[sch.get(loop) for loop in loops].index(sch.get(tile)) + 1:]
     col_block, col_lane = sch.split(cols, factors=[None, dot.lanes])
-    sch.reorder(rows, col_block, col_lane, partial)
+    sch.reorder(*rows, col_block, col_lane, partial)
     init = sch.decompose_reduction(block, col_lane)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.tensorize(col_lane, partial_sums_intrin(dot))
