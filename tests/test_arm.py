@@ -418,17 +418,20 @@ def _operand(line: str, index: int) -> str:
     (94, 21, 11, 8),   # K padded to 96, N to 24, rows to 12
     (36, 12, 7, 8),    # K padded to 48 (3 k-steps of 16)
     (130, 99, 13, 4),  # 4-bit weights (every value in [-8, 7]), unpacked in the kernel
+    (128, 64, 50, "full"),  # weights holding -128: no int16 pair sums
 ])
 def test_rpi4_kernel_multiplies_with_k_along_the_lanes_exactly(k, n, rows, bits, tmp_path):
-    """A dense int8 matmul on the Pi 4 (no weight -128) accumulates with k along the vector lanes: each output keeps
-    four int32 partial sums, `smull` + `smlal2` multiply 16 activations of a row by 16 weights of a column (two
-    products per int16 lane: exact at the bound, row 0 x column 0 is -128 x 127 at every k) and `sadalp` widens them
-    into the partial sums, which `addp` adds once per register tile. No broadcast of activations (`ld1r`, `dup`).
-    Ragged K, N and rows are padded; a 4-bit weight is unpacked per k-step inside the kernel."""
-    low, high = (-8, 8) if bits == 4 else (-127, 128)
+    """A dense int8 matmul on the Pi 4 accumulates with k along the vector lanes: each output keeps four int32
+    partial sums, `smull` + `smlal2` multiply 16 activations of a row by 16 weights of a column (two products per
+    int16 lane, when no weight is -128: exact at the bound, row 0 x column 0 is -128 x 127 at every k) and `sadalp`
+    widens them into the partial sums, which `addp` adds once per register tile. With a weight of -128 the two
+    halves' products (`smull`, `smull2`) are widened separately (-128 x -128 at every k of row 0 x column 0). No
+    broadcast of activations (`ld1r`, `dup`). Ragged K, N and rows are padded; a 4-bit weight is unpacked per
+    k-step inside the kernel."""
+    low, high = {4: (-8, 8), 8: (-127, 128), "full": (-128, 128)}[bits]
     rng = np.random.default_rng(k * n)
     w = rng.integers(low, high, (k, n), dtype=np.int8)
-    w[:, 0] = high - 1
+    w[:, 0] = -128 if bits == "full" else high - 1
     a = rng.integers(-128, 128, (1, rows, k), dtype=np.int8)
     a[0, 0] = -128
     onnx_path = tmp_path / "mmi.onnx"
@@ -438,11 +441,15 @@ def test_rpi4_kernel_multiplies_with_k_along_the_lanes_exactly(k, n, rows, bits,
     np.testing.assert_array_equal(run_emulated(artifact, {"a": a}, cpu="cortex-a72")[0],
                                   a.astype(np.int64) @ w.astype(np.int64))
     lines = aarch64_disassembly(artifact).splitlines()
-    products = [line for line in lines if "\tsmlal2\t" in line and _operand(line, 0).endswith(".8h")]
+    pair_sums = [line for line in lines if ("\tsmlal2\t" in line or "\tsmlal\t" in line)
+                 and _operand(line, 0).endswith(".8h")]
+    high_halves = [line for line in lines if "\tsmull2\t" in line and _operand(line, 0).endswith(".8h")]
     widened = [line for line in lines if "\tsadalp\t" in line and _operand(line, 0).endswith(".4s")]
     tile_sums = [line for line in lines if "\taddp\t" in line and _operand(line, 0).endswith(".4s")]
     broadcasts = [line for line in lines if "\tld1r\t" in line or ("\tdup\t" in line and ".s[" in line)]
+    products = high_halves if bits == "full" else pair_sums
     assert products and widened and tile_sums, (products[:4], widened[:4], tile_sums[:4])
+    assert not (pair_sums if bits == "full" else []), pair_sums[:4]
     assert not broadcasts, broadcasts[:8]
 
 

@@ -292,6 +292,26 @@ def test_rpi5_sdot_build_matches_reference_under_qemu(attention_onnx, tmp_path):
 
 
 @pytest.mark.arm
+def test_rpi4_build_matches_reference_under_qemu(attention_onnx, tmp_path):
+    """On the Pi 4, P·V (a static N: a head's width) runs on the kernel with k along the lanes in its form for any
+    int8 operands (`smull` + `smull2`, each widened by `sadalp`, no int16 pair sums: both operands may be -128);
+    Q·Kᵀ (N = T) keeps the one-k-step kernel. Every output equals the int64 reference."""
+    from disassembly import aarch64_disassembly
+
+    from nativeq.runtime.emulate import run_emulated
+
+    artifact = tmp_path / "rpi4"
+    compile_model(attention_onnx, artifact, CompileConfig(target="rpi4", use_tuning=False))
+    lines = aarch64_disassembly(artifact).splitlines()
+    assert any("\tsmull2\t" in line and ".8h," in line for line in lines)
+    assert not any(("\tsmlal2\t" in line or "\tsmlal\t" in line) and ".8h," in line for line in lines)
+    for t in (1, 37):
+        inputs = _inputs(t, seed=200 + t)
+        (got,) = run_emulated(artifact, inputs, cpu="cortex-a72")
+        np.testing.assert_array_equal(got, attention_reference(**inputs))
+
+
+@pytest.mark.arm
 def test_run_time_k_rows_are_copied_by_a_split_loop_on_arm(attention_onnx, tmp_path, monkeypatch):
     """P·V's activation rows (K = T, known at run time) are copied into the zero-padded tile rows by a loop that
     LoopPartition splits where the length check holds (`generic.split_off_guards`): vector code on NEON. The same

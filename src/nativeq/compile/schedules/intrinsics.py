@@ -280,25 +280,37 @@ def _per_k_step(accumulate):
     return chain
 
 
-@T.prim_func(s_tir=True)
-def _neon_k_lanes_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
-    A = T.match_buffer(a, (16,), "int8", offset_factor=1)
-    B = T.match_buffer(b, (4, 16), "int8", offset_factor=1)
-    C = T.match_buffer(c, (4, 4), "int32", offset_factor=1)
-    with T.sblock("root"):
-        T.reads(C[0:4, 0:4], A[0:16], B[0:4, 0:16])
-        T.writes(C[0:4, 0:4])
-        # per output column i: the int16 sums of the products at k and k + 8 (`smull` + `smlal2`), pairwise widened
-        # and added to its 4 partial sums (`sadalp`). NOTE: exact only for weights in [-127, 127] (the packing
-        # checks), as `_paired_then_widened`.
-        for i in T.unroll(4):
-            C[i, T.ramp(T.int32(0), 1, 4)] = C.vload([i, 0], dtype="int32x4") + _neon(
-                "saddlp.v4i32.v8i16",
-                _neon("smull.v8i16", T.vectorlow(A.vload([0], dtype="int8x16"), dtype="int8x8"),
-                      T.vectorlow(B.vload([i, 0], dtype="int8x16"), dtype="int8x8"), dtype="int16x8")
-                + _neon("smull.v8i16", T.vectorhigh(A.vload([0], dtype="int8x16"), dtype="int8x8"),
-                        T.vectorhigh(B.vload([i, 0], dtype="int8x16"), dtype="int8x8"), dtype="int16x8"),
-                dtype="int32x4")
+def _neon_k_lanes_impl(pair_sums: bool):
+    """The Pi 4's tile with k along the lanes: per output column i, the products of the 16 activations with its 16
+    weights (`smull` low halves, `smull2` high halves) widened pairwise into its 4 partial sums (`sadalp`). With
+    `pair_sums` the two halves' products are added in int16 first (`smull` + `smlal2`, one `sadalp`: 3 instructions
+    per 16 multiply-adds instead of 4). NOTE: `pair_sums` is exact only for weights in [-127, 127] (the packing
+    checks), as `_paired_then_widened`; without it any int8 operands are exact (operands packed at run time)."""
+
+    def products(a, b, half):
+        return _neon("smull.v8i16", half(a, dtype="int8x8"), half(b, dtype="int8x8"), dtype="int16x8")
+
+    def widened(v):
+        return _neon("saddlp.v4i32.v8i16", v, dtype="int32x4")
+
+    def accumulate(c, a, b):
+        low, high = products(a, b, T.vectorlow), products(a, b, T.vectorhigh)
+        return c + (widened(low + high) if pair_sums else widened(low) + widened(high))
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (16,), "int8", offset_factor=1)
+        B = T.match_buffer(b, (4, 16), "int8", offset_factor=1)
+        C = T.match_buffer(c, (4, 4), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:4, 0:4], A[0:16], B[0:4, 0:16])
+            T.writes(C[0:4, 0:4])
+            for i in T.unroll(4):
+                C[i, T.ramp(T.int32(0), 1, 4)] = accumulate(C.vload([i, 0], dtype="int32x4"),
+                                                             A.vload([0], dtype="int8x16"),
+                                                             B.vload([i, 0], dtype="int8x16"))
+
+    return impl
 
 
 def _partial_sums_desc(lanes: int, partial_sums: int):
@@ -381,14 +393,18 @@ SDOT_LANES = DotIntrin("nativeq_dot_4x16_i8i8i32_sdot_lanes", lanes=4, kstep=4, 
 NEON_K_LANES = DotIntrin("nativeq_dot_4x16_i8i8i32_neon_k_lanes", lanes=4, kstep=16, act_dtype="int8", rows=4, cols=1,
                          partial_sums=4)
 
+# The same for any int8 operands (no int16 pair sums: `smull` + `smull2`, two `sadalp`): operands packed at run time.
+NEON_K_LANES_WIDE = DotIntrin("nativeq_dot_4x16_i8i8i32_neon_k_lanes_wide", lanes=4, kstep=16, act_dtype="int8", rows=4,
+                              cols=1, partial_sums=4)
 NEON_PARTIAL_SUMS = "nativeq_add_partial_sums_4x4_i32_neon"  # its write-back: 4 outputs' partial sums by `addp`
-_PARTIAL_SUMS = {NEON_K_LANES.name: NEON_PARTIAL_SUMS}
+_PARTIAL_SUMS = {NEON_K_LANES.name: NEON_PARTIAL_SUMS, NEON_K_LANES_WIDE.name: NEON_PARTIAL_SUMS}
 
 _BY_FAMILY = {"avx512-vnni": VNNI, "avx2": AVX2, "neon": NEON, "sdot": SDOT}
 # faster forms over consecutive k-steps (a dense weight, K a multiple)
 _GROUPED = {SDOT.name: SDOT_LANES}
 _FOR_WEIGHTS_ABOVE_MIN = {NEON.name: NEON_PAIR_SUM}  # a faster twin, exact when no weight is -128
-_DENSE_FORM = {NEON_PAIR_SUM.name: NEON_K_LANES}  # the twin's layout for a dense weight
+_DENSE_FORM = {NEON_PAIR_SUM.name: NEON_K_LANES, NEON.name: NEON_K_LANES_WIDE}  # the layout for a dense weight
+_RUN_TIME_FORM = {NEON.name: NEON_K_LANES_WIDE}  # the layout an operand packed at run time gets
 FMA_BY_LANES = {lanes: DotIntrin(f"nativeq_fma_{lanes}x1_f32", lanes=lanes, kstep=1, act_dtype="float32",
                                  weight_dtype="float32", acc_dtype="float32") for lanes in (16, 8, 4)}
 _FMA_LANES = {"avx512-vnni": 16, "avx2": 8, "neon": 4, "sdot": 4}  # float32 lanes of the family's vectors
@@ -412,7 +428,10 @@ def register_intrinsics() -> None:
     TensorIntrin.register(SDOT.name, _desc(4, 4, "int8"), _arm_4x4_impl(_sdot), override=True)
     TensorIntrin.register(SDOT_LANES.name, _grouped_desc(4, 4, SDOT_LANES.groups, "int8"),
                           _lanes_impl(_per_k_step(_sdot_indexed), SDOT_LANES.groups), override=True)
-    TensorIntrin.register(NEON_K_LANES.name, _k_lanes_desc(4, 16, 4), _neon_k_lanes_impl, override=True)
+    TensorIntrin.register(NEON_K_LANES.name, _k_lanes_desc(4, 16, 4), _neon_k_lanes_impl(pair_sums=True),
+                          override=True)
+    TensorIntrin.register(NEON_K_LANES_WIDE.name, _k_lanes_desc(4, 16, 4), _neon_k_lanes_impl(pair_sums=False),
+                          override=True)
     TensorIntrin.register(NEON_PARTIAL_SUMS, _partial_sums_desc(4, 4), _neon_partial_sums_impl, override=True)
     for lanes, intrin in FMA_BY_LANES.items():
         TensorIntrin.register(intrin.name, _fma_desc(lanes), _fma_impl(lanes), override=True)
@@ -451,17 +470,25 @@ def dense_form_of(intrin: DotIntrin) -> DotIntrin | None:
     return _DENSE_FORM.get(intrin.name)
 
 
+def run_time_form_of(intrin: DotIntrin) -> DotIntrin | None:
+    """The layout an operand packed at run time (`pack_activations.py`) is better multiplied in, or None."""
+    return _RUN_TIME_FORM.get(intrin.name)
+
+
 def packed_forms(intrin: DotIntrin) -> list[DotIntrin]:
-    """The intrinsics other than the target's `intrin` that a constant weight may be packed for (`pack_weights.py`
-    picks one per matmul from the weight's values and format, and names it on the kernel)."""
+    """The intrinsics other than the target's `intrin` that an operand may be packed for (`pack_weights.py` picks
+    one per matmul from the weight's values and format, `pack_activations.py` the run-time form; the kernel names
+    it)."""
     twin = twin_of(intrin)
-    forms = [twin] if twin is not None else []
-    return forms + [form for form in map(dense_form_of, forms) if form is not None]
+    forms = [twin, dense_form_of(intrin), run_time_form_of(intrin)]
+    if twin is not None:
+        forms.append(dense_form_of(twin))
+    return list(dict.fromkeys(form for form in forms if form is not None))
 
 
 def is_twin(intrin: DotIntrin) -> bool:
     """Whether `intrin` is a packed form of some target's intrinsic (`packed_forms`) rather than the target's own."""
-    return intrin in _FOR_WEIGHTS_ABOVE_MIN.values() or intrin in _DENSE_FORM.values()
+    return any(intrin in forms.values() for forms in (_FOR_WEIGHTS_ABOVE_MIN, _DENSE_FORM, _RUN_TIME_FORM))
 
 
 def fma_intrin_for(target) -> DotIntrin | None:

@@ -21,6 +21,9 @@ marks its own (`op_pattern=kOutEWiseFusable`, `nativeq.int8_matmul`), so FuseOps
 epilogue (zero-point corrections, rescale, quantize) and `matmul.py` tensorizes it; if that schedule
 does not apply, the generic rule schedules it, still exact.
 
+On the Pi 4 (NEON without dotprod) an rhs with a static N (P·V) is packed for the kernel with k along the lanes in
+its form for any int8 operands (`intrinsics.run_time_form_of`: [..., N/4, K/16, 4, 16]).
+
 With the float multiply-add intrinsic (`intrinsics.fma_intrin_for`) the same pass takes float32
 activation products (attention a `quantize_dynamic` model keeps in float): packed `[..., N/lanes, K,
 lanes, 1]`, run on the packed float kernel.
@@ -34,7 +37,7 @@ from __future__ import annotations
 
 from nativeq.compile._tvm import Analyzer, relax, te, tirx, tvm
 from nativeq.compile.passes import result_dtype, rewrite_functions
-from nativeq.compile.schedules.intrinsics import DotIntrin
+from nativeq.compile.schedules.intrinsics import DotIntrin, run_time_form_of
 from nativeq.compile.schedules.pack_weights import call_packed_matmul
 
 PACK_BLOCK = "nativeq_int8_pack"
@@ -122,14 +125,19 @@ class _ActivationPacker(relax.PyExprMutator):
         if not is_activation_product(call, self.intrin):
             return call
         lhs, rhs = call.args
-        lanes, kstep = self.intrin.lanes, self.intrin.kstep
+        intrin = self.intrin
+        if isinstance(_shape(rhs)[-1], tirx.IntImm):
+            # NOTE: a symbolic N (Q·Kᵀ: N = T) keeps the target's kernel: its epilogue runs on whole padded tiles
+            # (`matmul._schedule_padded_epilogue`), which the k-along-lanes kernel does not have (its lane predicate
+            # scalarized the epilogue: 1.5x the Pi 4's instructions on Q·Kᵀ)
+            intrin = run_time_form_of(intrin) or intrin
         packed = self.builder_.emit(
-            self.builder_.call_te(pack_activation_te, rhs, lanes=lanes, kstep=kstep,
-                                  primfunc_name_hint="f32_pack_activation" if self.intrin.is_float else "int8_pack_activation",
+            self.builder_.call_te(pack_activation_te, rhs, lanes=intrin.lanes, kstep=intrin.kstep,
+                                  primfunc_name_hint="f32_pack_activation" if intrin.is_float else "int8_pack_activation",
                                   primfunc_attrs={"op_pattern": _INJECTIVE})
         )
         self.packed += 1
-        return call_packed_matmul(self.builder_, lhs, packed, self.intrin, n_out=_shape(rhs)[-1])
+        return call_packed_matmul(self.builder_, lhs, packed, intrin, n_out=_shape(rhs)[-1])
 
 
 @tvm.transform.module_pass(opt_level=0, name="nativeq.PackInt8Activations")
