@@ -33,7 +33,9 @@ compile time (`pack_weights.py`).
   bound) and `sadalp` widens the 8 sums into 4 int32 partial sums of that output: 3 instructions per 16
   multiply-adds, no broadcast. The partial sums are added once per register tile (`addp`,
   `partial_sums_intrin`): the schedule `rfactor`s the reduction (`matmul._partial_sums_rfactor`). The scheme of
-  MLAS's A72 int8 kernel.
+  MLAS's A72 int8 kernel. `NEON_K_LANES_WIDE`, the same without the int16 pair sums (`smull` and `smull2` each
+  widened: 4 instructions per 16), is exact for any int8: a weight holding -128 (`dense_form_of(NEON)`) and an
+  operand packed at run time (`run_time_form_of`).
 
 The float32 twin (`fma_intrin_for`): `C[i] += A[0] * B[i, 0]`, one vector of `lanes` columns
 (16 with AVX-512, 8 with AVX2, 4 with NEON) times one broadcast activation, as `llvm.fmuladd` (a
