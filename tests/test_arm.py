@@ -393,14 +393,7 @@ def test_rpi5_kernel_reads_four_k_steps_per_activation_load_and_is_exact(k, tmp_
     rng = np.random.default_rng(k)
     w = rng.integers(-127, 128, (k, 21), dtype=np.int8)
     w[:, 0] = 127
-    a = rng.integers(-128, 128, (1, 11, k), dtype=np.int8)
-    a[0, 0] = -128
-    onnx_path = tmp_path / "mmi.onnx"
-    onnx.save(_matmul_integer_model(w), onnx_path)
-    artifact = tmp_path / "rpi5"
-    compile_model(onnx_path, artifact, CompileConfig(target="rpi5"))
-    np.testing.assert_array_equal(run_emulated(artifact, {"a": a}, cpu="cortex-a76")[0],
-                                  a.astype(np.int64) @ w.astype(np.int64))
+    artifact = _exact_matmul(w, 11, rng, tmp_path, "rpi5")
     lines = aarch64_disassembly(artifact).splitlines()
     broadcasts = [line for line in lines if "\tld1r\t" in line]
     sdots = [line for line in lines if "\tsdot\t" in line]
@@ -411,6 +404,25 @@ def test_rpi5_kernel_reads_four_k_steps_per_activation_load_and_is_exact(k, tmp_
 
 def _operand(line: str, index: int) -> str:
     return line.split("\t")[-1].split(",")[index].strip()
+
+
+def _activation_broadcasts(lines: list[str]) -> list[str]:
+    """Disassembly lines broadcasting activations: `ld1r`, or a `dup` of one 32-bit lane."""
+    return [line for line in lines if "\tld1r\t" in line or ("\tdup\t" in line and ".s[" in line)]
+
+
+def _exact_matmul(w: np.ndarray, rows: int, rng, tmp_path, target: str = "rpi4"):
+    """MatMulInteger a [1, rows, K] x `w` compiled for `target`; under qemu every output equals the int64 product
+    (row 0 of `a` is -128, the extreme activation). Returns the artifact."""
+    a = rng.integers(-128, 128, (1, rows, w.shape[0]), dtype=np.int8)
+    a[0, 0] = -128
+    onnx_path = tmp_path / "mmi.onnx"
+    onnx.save(_matmul_integer_model(w), onnx_path)
+    artifact = tmp_path / target
+    compile_model(onnx_path, artifact, CompileConfig(target=target))
+    cpu = {"rpi5": "cortex-a76", "rpi4": "cortex-a72"}[target]
+    np.testing.assert_array_equal(run_emulated(artifact, {"a": a}, cpu=cpu)[0], a.astype(np.int64) @ w.astype(np.int64))
+    return artifact
 
 
 @pytest.mark.parametrize("k, n, rows, bits", [
@@ -432,21 +444,14 @@ def test_rpi4_kernel_multiplies_with_k_along_the_lanes_exactly(k, n, rows, bits,
     rng = np.random.default_rng(k * n)
     w = rng.integers(low, high, (k, n), dtype=np.int8)
     w[:, 0] = -128 if bits == "full" else high - 1
-    a = rng.integers(-128, 128, (1, rows, k), dtype=np.int8)
-    a[0, 0] = -128
-    onnx_path = tmp_path / "mmi.onnx"
-    onnx.save(_matmul_integer_model(w), onnx_path)
-    artifact = tmp_path / "rpi4"
-    compile_model(onnx_path, artifact, CompileConfig(target="rpi4"))
-    np.testing.assert_array_equal(run_emulated(artifact, {"a": a}, cpu="cortex-a72")[0],
-                                  a.astype(np.int64) @ w.astype(np.int64))
+    artifact = _exact_matmul(w, rows, rng, tmp_path)
     lines = aarch64_disassembly(artifact).splitlines()
     pair_sums = [line for line in lines if ("\tsmlal2\t" in line or "\tsmlal\t" in line)
                  and _operand(line, 0).endswith(".8h")]
     high_halves = [line for line in lines if "\tsmull2\t" in line and _operand(line, 0).endswith(".8h")]
     widened = [line for line in lines if "\tsadalp\t" in line and _operand(line, 0).endswith(".4s")]
     tile_sums = [line for line in lines if "\taddp\t" in line and _operand(line, 0).endswith(".4s")]
-    broadcasts = [line for line in lines if "\tld1r\t" in line or ("\tdup\t" in line and ".s[" in line)]
+    broadcasts = _activation_broadcasts(lines)
     products = high_halves if bits == "full" else pair_sums
     assert products and widened and tile_sums, (products[:4], widened[:4], tile_sums[:4])
     assert not (pair_sums if bits == "full" else []), pair_sums[:4]
@@ -468,18 +473,11 @@ def test_rpi4_block_sparse_kernel_gathers_the_listed_activations_exactly(k, n, r
     high = 2 ** (bits - 1) - 1
     w = block_pruned(rng.integers(-high, high + 1, (k, n), dtype=np.int8), sparsity, rng)
     w[:, 0] = np.where(np.abs(w[:, :16].astype(int)).sum(axis=1) > 0, high, 0)
-    a = rng.integers(-128, 128, (1, rows, k), dtype=np.int8)
-    a[0, 0] = -128
-    onnx_path = tmp_path / "mmi.onnx"
-    onnx.save(_matmul_integer_model(w), onnx_path)
-    artifact = tmp_path / "rpi4"
-    compile_model(onnx_path, artifact, CompileConfig(target="rpi4"))
-    np.testing.assert_array_equal(run_emulated(artifact, {"a": a}, cpu="cortex-a72")[0],
-                                  a.astype(np.int64) @ w.astype(np.int64))
+    artifact = _exact_matmul(w, rows, rng, tmp_path)
     dense_bytes = -(-k // 16) * 16 * -(-n // 4) * 4
     weight_bytes = json.loads((artifact / "manifest.json").read_text())["sizes"]["weight_bytes"]
     assert weight_bytes < dense_bytes * (1 - sparsity + 0.1) * bits / 8 + 64, (weight_bytes, dense_bytes)
     lines = aarch64_disassembly(artifact).splitlines()
     products = [line for line in lines if "\tsmlal2\t" in line and _operand(line, 0).endswith(".8h")]
-    broadcasts = [line for line in lines if "\tld1r\t" in line or ("\tdup\t" in line and ".s[" in line)]
+    broadcasts = _activation_broadcasts(lines)
     assert products and not broadcasts, (products[:4], broadcasts[:8])
