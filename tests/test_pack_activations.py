@@ -293,9 +293,9 @@ def test_rpi5_sdot_build_matches_reference_under_qemu(attention_onnx, tmp_path):
 
 @pytest.mark.arm
 def test_rpi4_build_matches_reference_under_qemu(attention_onnx, tmp_path):
-    """On the Pi 4, P·V (a static N: a head's width) runs on the kernel with k along the lanes in its form for any
-    int8 operands (`smull` + `smull2`, each widened by `sadalp`, no int16 pair sums: both operands may be -128);
-    Q·Kᵀ (N = T) keeps the one-k-step kernel. Every output equals the int64 reference."""
+    """On the Pi 4 both attention products (Q·Kᵀ with N = T on whole padded tiles, P·V with K = T) run on the kernel
+    with k along the lanes in its form for any int8 operands (`smull` + `smull2`, each widened by `sadalp`, no int16
+    pair sums: both operands may be -128). Every output equals the int64 reference."""
     from disassembly import aarch64_disassembly
 
     from nativeq.runtime.emulate import run_emulated
@@ -342,11 +342,13 @@ def _writes(text: str) -> str:
     return text.split("T.writes(", 1)[1].split(")", 1)[0] if "T.writes(" in text else ""
 
 
-def test_symbolic_n_epilogue_runs_on_whole_tiles_then_crops():
+@pytest.mark.parametrize("target_name", ["x86-avx512-vnni", "rpi4"])
+def test_symbolic_n_epilogue_runs_on_whole_tiles_then_crops(target_name):
     """Q·Kᵀ has N = T (symbolic): its epilogue runs unpredicated on whole 16-lane tiles into a padded
     buffer, and a plain copy crops it (a lane predicate would scalarize the epilogue). P·V (N = the
-    head size, static) keeps its epilogue in the tile directly."""
-    target = get_target("x86-avx512-vnni")
+    head size, static) keeps its epilogue in the tile directly. The same on the Pi 4, whose kernel with k along
+    the lanes adds each output's partial sums per tile (an `rfactor` write-back) before the padded epilogue."""
+    target = get_target(target_name)
     passes = _passes(target, upto="nativeq.DefaultCpuSchedule")
     with tvm.transform.PassContext(opt_level=3):
         scheduled = tvm.transform.Sequential(passes)(import_onnx(attention_products_model()))
@@ -363,6 +365,7 @@ def test_symbolic_n_epilogue_runs_on_whole_tiles_then_crops():
     crops = [name for name, text in blocks.items() if name.endswith("_pad") and "_pad[" in text.split("T.reads(", 1)[1]
              and "_pad[" not in _writes(text)]
     assert crops, "no crop from the padded buffer"
+    assert ("nativeq_int8_matmul_rf_update_o" in blocks) == (target_name == "rpi4"), sorted(blocks)
 
 
 def test_int8_attention_on_a_sliced_time_axis_compiles_and_matches_onnxruntime(tmp_path):

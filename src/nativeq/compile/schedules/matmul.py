@@ -239,7 +239,7 @@ def _schedule(sch: Schedule, intrin: DotIntrin, knobs: TileKnobs | None = None) 
         sch.compute_inline(block)
     last = epilogue[-1] if epilogue else None
     if last is not None and n is None:
-        padded = _schedule_padded_epilogue(sch, intrin, sch.get(last).name_hint, kdim)
+        padded = _schedule_padded_epilogue(sch, intrin, sch.get(last).name_hint, kdim, dot)
         if padded is not None:
             return padded
 
@@ -353,6 +353,12 @@ def _add_partial_sums_at(sch: Schedule, block, tile, dot: DotIntrin) -> None:
     its dot products, into a tile buffer on the stack; tensorized (`intrinsics.partial_sums_intrin`) per `lanes`
     outputs."""
     sch.reverse_compute_at(block, tile)
+    _tensorize_partial_sums(sch, block, tile, dot)
+
+
+def _tensorize_partial_sums(sch: Schedule, block, tile, dot: DotIntrin) -> None:
+    """Tensorize the write-back block of `rfactor`, computed under loop `tile`, per `lanes` outputs; its tile buffer
+    on the stack."""
     # NOTE: `rfactor` puts the partial-sum axis first: the loops under the tile are (partial, [rows,] cols), rows
     # (and unit batch dims) absent where the tile has one
     loops = sch.get_loops(block)
@@ -425,7 +431,8 @@ def _inline_epilogue_inputs(sch: Schedule, matmul) -> None:
         sch.compute_inline(block)
 
 
-def _schedule_padded_epilogue(sch: Schedule, intrin: DotIntrin, last_name: str, kdim: int | None) -> Schedule | None:
+def _schedule_padded_epilogue(sch: Schedule, intrin: DotIntrin, last_name: str, kdim: int | None,
+                              dot: DotIntrin | None = None) -> Schedule | None:
     """The schedule for a symbolic N: the epilogue on whole register tiles, then a crop; None if it does not apply.
 
     With N symbolic the tile's epilogue would carry a `col < N` predicate on its vector lanes, which
@@ -472,14 +479,28 @@ def _schedule_padded_epilogue(sch: Schedule, intrin: DotIntrin, last_name: str, 
         for block in inputs:
             sch.compute_at(block, col_outer)
         sch.compute_at(matmul, col_outer)
-        *_, m_rows, m_cols, k = sch.get_loops(matmul)
-        k_outer, k_inner = sch.split(k, factors=[None, kstep])
-        sch.reorder(k_outer, m_rows, m_cols, k_inner)
+        partial_sums = None
+        if dot is not None and dot.partial_sums > 1:  # k along the lanes: the partial sums, then their write-back
+            partial_sums, matmul = matmul, sch.get_sblock(REDUCTION_BLOCK + "_rf")
+            sch.compute_at(matmul, col_outer)
+            loops = sch.get_loops(matmul)
+            # NOTE: `rfactor` puts the partial-sum axis first: (partial, [rows,] cols, k_outer, half, pair)
+            partial, *m_rows, m_cols, k_outer, half, pair = loops[[sch.get(x) for x in loops].index(sch.get(col_outer)) + 1:]
+            k_inner = [half, partial, pair]
+        else:
+            *_, m_rows, m_cols, k = sch.get_loops(matmul)
+            m_rows = [m_rows]
+            k_outer, k_inner = sch.split(k, factors=[None, kstep])
+            k_inner = [k_inner]
+        sch.reorder(k_outer, *m_rows, m_cols, *k_inner)
         init = sch.decompose_reduction(matmul, k_outer)
         sch.vectorize(sch.get_loops(init)[-1])
+        if partial_sums is not None:
+            _tensorize_partial_sums(sch, partial_sums, col_outer, dot)
         # the padded activation rows once per row block, for all its column tiles
-        _tensorize_tile(sch, intrin, m_cols, init, rows_at=row_block, kdim=kdim)
-        sch.unroll(m_rows)
+        _tensorize_tile(sch, dot or intrin, m_cols, init, rows_at=row_block, kdim=kdim)
+        for loop in m_rows:
+            sch.unroll(loop)
     except (s_tir.ScheduleError, RuntimeError, ValueError, TypeError) as err:
         logger.debug("padded epilogue schedule does not apply: %s", err)
         return None

@@ -125,12 +125,7 @@ class _ActivationPacker(relax.PyExprMutator):
         if not is_activation_product(call, self.intrin):
             return call
         lhs, rhs = call.args
-        intrin = self.intrin
-        if isinstance(_shape(rhs)[-1], tirx.IntImm):
-            # NOTE: a symbolic N (Q·Kᵀ: N = T) keeps the target's kernel: its epilogue runs on whole padded tiles
-            # (`matmul._schedule_padded_epilogue`), which the k-along-lanes kernel does not have (its lane predicate
-            # scalarized the epilogue: 1.5x the Pi 4's instructions on Q·Kᵀ)
-            intrin = run_time_form_of(intrin) or intrin
+        intrin = run_time_form_of(self.intrin) or self.intrin
         packed = self.builder_.emit(
             self.builder_.call_te(pack_activation_te, rhs, lanes=intrin.lanes, kstep=intrin.kstep,
                                   primfunc_name_hint="f32_pack_activation" if intrin.is_float else "int8_pack_activation",
