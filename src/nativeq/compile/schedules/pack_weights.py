@@ -114,11 +114,10 @@ def packed_matmul_te(x: te.Tensor, wp: te.Tensor, lanes: int, kstep: int, row_ti
     gathered = None
     if blocks is not None and list_unit is not None and list_unit != kstep:
         unit = list_unit
-        listed_x = x
 
         def gather(*i):
             block = _listed_block(blocks[i[-2], i[-1] // unit], x_kdim // unit)
-            return listed_x[(*i[:-2], block * unit + i[-1] % unit)]
+            return x[(*i[:-2], block * unit + i[-1] % unit)]
 
         gathered = te.compute((*x.shape[:-1], blocks.shape[0], kdim), gather, name=LISTED_GATHER_BLOCK)
 

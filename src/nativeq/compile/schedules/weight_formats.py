@@ -147,9 +147,8 @@ def pack_for_kernel(weight: np.ndarray, lanes: int, kstep: int, *, allow_sparse:
                     values[col, :len(kept)] = dense[col, kept]
         else:
             group = 1
-    if int4:
-        values = pack_int4_pairs(values)
-    return PackedWeight(values, blocks, int4, padded_k, n, lanes, kstep, group)
+    weight = PackedWeight(values, blocks, False, padded_k, n, lanes, kstep, group)
+    return to_int4(weight) if int4 else weight
 
 
 def with_wider_tiles(packed: PackedWeight, kstep: int) -> PackedWeight:
