@@ -52,13 +52,17 @@ def _build(mod, target, tmp_path):
     return ex, lib
 
 
-def _scheduled(mod, target):
-    """`mod` through the pipeline up to and including FuseTIR, then nativeq's schedule pass: (pass, module)."""
+def _fused(mod, target):
+    """`mod` through the pipeline up to and including FuseTIR (the PrimFuncs the schedule rules see)."""
     seq = [p for p in compile_pipeline(target).passes]
     upto = next(i for i, p in enumerate(seq) if p.info.name == "FuseTIR") + 1
-    fused = tvm.transform.Sequential(seq[:upto])(mod)
+    return tvm.transform.Sequential(seq[:upto])(mod)
+
+
+def _scheduled(mod, target):
+    """`mod` through the pipeline up to and including FuseTIR, then nativeq's schedule pass: (pass, module)."""
     (sched,) = schedule_passes(target)
-    return sched, sched(fused)
+    return sched, sched(_fused(mod, target))
 
 
 def _rules(mod, target):
@@ -339,10 +343,7 @@ def test_padded_activation_rows_are_built_once_per_row_tile_on_arm(target_name, 
     from nativeq.compile.schedules.pack_weights import ROWS_PAD_BLOCK
 
     target = get_target(target_name)
-    rng = np.random.default_rng(4)
-    w = rng.integers(-127, 128, (144, 576), dtype=np.int8)
-    bias = rng.integers(-5000, 5000, 576).astype(np.int32)
-    scale = (rng.random(576) * 2e-4 + 1e-5).astype(np.float32)
+    _, w, bias, scale = _random_layer(4, 144, 576)
     act_dtype = "uint8" if target_name.startswith("x86") else "int8"
     _, mod = _scheduled(_requant_module(w, bias, scale, tvm.tirx.Var("T", "int64"), act_dtype), target)
     (func,) = [f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
@@ -359,7 +360,6 @@ def test_padded_activation_rows_are_built_once_per_row_tile_on_arm(target_name, 
     assert (int(extent) == row_tiles) if per_row_tile else (int(extent) > row_tiles), (int(extent), row_tiles)
 
 
-
 @pytest.mark.parametrize("pruned", [False, True])
 def test_every_tile_choice_of_the_k_lanes_kernel_schedules(pruned):
     """The Pi 4's kernel with k along the lanes (dense, and block-sparse with its listed-activation gather) takes
@@ -372,17 +372,13 @@ def test_every_tile_choice_of_the_k_lanes_kernel_schedules(pruned):
                                                   schedule_int8_matmul, tile_choices)
 
     target = get_target("rpi4")
-    rng = np.random.default_rng(6)
-    w = rng.integers(-127, 128, (576, 144), dtype=np.int8)
+    rng, w, bias, scale = _random_layer(6, 576, 144)
+    w = np.maximum(w, -127)  # no -128: the pair-sum form
     if pruned:
         w = block_pruned(w, 0.5, rng)
-    bias = rng.integers(-5000, 5000, 144).astype(np.int32)
-    scale = (rng.random(144) * 2e-4 + 1e-5).astype(np.float32)
     mod = _requant_module(w, bias, scale, tvm.tirx.Var("T", "int64"), "int8")
-    seq = [p for p in compile_pipeline(target).passes]
-    upto = next(i for i, p in enumerate(seq) if p.info.name == "FuseTIR") + 1
     with tvm.target.Target(target.tvm_dict()):
-        fused = tvm.transform.Sequential(seq[:upto])(mod)
+        fused = _fused(mod, target)
         (func,) = [f for f in fused.functions.values() if isinstance(f, tvm.tirx.PrimFunc) and is_int8_matmul(f)]
         intrin = dot_intrin_for(target)
         assert kernel_intrin(func, intrin) == NEON_K_LANES

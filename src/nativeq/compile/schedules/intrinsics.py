@@ -250,8 +250,9 @@ def _arm_4x4_impl(accumulate):
 
 
 def _neon_products(row_sums):
-    """The Pi 4 tile: int16 products of the activations with rows 0-1 (`low`) and 2-3 (`high`) of the weight tile
-    (`smull`), summed per row by `row_sums` into the int32 accumulators."""
+    """The Pi 4 tile: int16 products (`smull`) of the low and high 8 bytes of the activations with those of the weights,
+    added to the int32 accumulators by `row_sums(low, high)`. One-k-step tile: `low` holds weight rows 0-1, `high`
+    rows 2-3; with k along the lanes (`_neon_k_lanes_impl`), k 0-7 and 8-15 of one output."""
 
     def accumulate(c, a_i8x16, b_i8x16):
         return c + row_sums(
@@ -282,22 +283,24 @@ def _per_k_step(accumulate):
     return chain
 
 
-def _neon_k_lanes_impl(pair_sums: bool):
+def _summed_then_widened(low, high):
+    """The 4 int32 partial sums of one output from its products at k (`low`) and k + 8 (`high`): summed in int16
+    (`smull` + `smlal2`), then pairwise widened (`sadalp`). NOTE: exact only for weights in [-127, 127] (the packing
+    checks), as `_paired_then_widened`."""
+    return _neon("saddlp.v4i32.v8i16", low + high, dtype="int32x4")
+
+
+def _each_widened(low, high):
+    """`_summed_then_widened` exact for any int8: each half's products pairwise widened (`smull` and `smull2`, two
+    `sadalp`)."""
+    return _neon("saddlp.v4i32.v8i16", low, dtype="int32x4") + _neon("saddlp.v4i32.v8i16", high, dtype="int32x4")
+
+
+def _neon_k_lanes_impl(partial_sums):
     """The Pi 4's tile with k along the lanes: per output column i, the products of the 16 activations with its 16
-    weights (`smull` low halves, `smull2` high halves) widened pairwise into its 4 partial sums (`sadalp`). With
-    `pair_sums` the two halves' products are added in int16 first (`smull` + `smlal2`, one `sadalp`: 3 instructions
-    per 16 multiply-adds instead of 4). NOTE: `pair_sums` is exact only for weights in [-127, 127] (the packing
-    checks), as `_paired_then_widened`; without it any int8 operands are exact (operands packed at run time)."""
-
-    def products(a, b, half):
-        return _neon("smull.v8i16", half(a, dtype="int8x8"), half(b, dtype="int8x8"), dtype="int16x8")
-
-    def widened(v):
-        return _neon("saddlp.v4i32.v8i16", v, dtype="int32x4")
-
-    def accumulate(c, a, b):
-        low, high = products(a, b, T.vectorlow), products(a, b, T.vectorhigh)
-        return c + (widened(low + high) if pair_sums else widened(low) + widened(high))
+    weights (`_neon_products`, the activations not broadcast) added to its 4 partial sums by `partial_sums(low,
+    high)`."""
+    accumulate = _neon_products(partial_sums)
 
     @T.prim_func(s_tir=True)
     def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
@@ -430,9 +433,9 @@ def register_intrinsics() -> None:
     TensorIntrin.register(SDOT.name, _desc(4, 4, "int8"), _arm_4x4_impl(_sdot), override=True)
     TensorIntrin.register(SDOT_LANES.name, _grouped_desc(4, 4, SDOT_LANES.groups, "int8"),
                           _lanes_impl(_per_k_step(_sdot_indexed), SDOT_LANES.groups), override=True)
-    TensorIntrin.register(NEON_K_LANES.name, _k_lanes_desc(4, 16, 4), _neon_k_lanes_impl(pair_sums=True),
+    TensorIntrin.register(NEON_K_LANES.name, _k_lanes_desc(4, 16, 4), _neon_k_lanes_impl(_summed_then_widened),
                           override=True)
-    TensorIntrin.register(NEON_K_LANES_WIDE.name, _k_lanes_desc(4, 16, 4), _neon_k_lanes_impl(pair_sums=False),
+    TensorIntrin.register(NEON_K_LANES_WIDE.name, _k_lanes_desc(4, 16, 4), _neon_k_lanes_impl(_each_widened),
                           override=True)
     TensorIntrin.register(NEON_PARTIAL_SUMS, _partial_sums_desc(4, 4), _neon_partial_sums_impl, override=True)
     for lanes, intrin in FMA_BY_LANES.items():
