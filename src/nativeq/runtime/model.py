@@ -6,6 +6,7 @@ package, whose `__init__` loads the compiler (see `nativeq.runtime`).
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import threading
@@ -97,22 +98,25 @@ def check_inputs(specs: tuple[TensorSpec, ...], inputs: Mapping[str, object],
 
 
 def checked_structure(specs: tuple[TensorSpec, ...], inputs: Mapping[str, object],
-                      shape_checks: list[dict] | tuple = ()) -> tuple[list[np.ndarray], dict[str, int]]:
+                      shape_checks: list[dict] | tuple = (),
+                      dtypes: tuple[np.dtype, ...] | None = None) -> tuple[list[np.ndarray], dict[str, int]]:
     """The checks of `check_inputs` that read no element: the arrays as given (in spec order, not copied)
-    and the symbolic sizes they bind. Cheap whatever the sizes (a zero-stride view of terabytes included)."""
-    if not isinstance(inputs, Mapping):
+    and the symbolic sizes they bind. Cheap whatever the sizes (a zero-stride view of terabytes included).
+    `dtypes`: the specs' numpy dtypes, if the caller has them already (`_numpy_dtype` per spec)."""
+    if not isinstance(inputs, (dict, Mapping)):  # dict first: the ABC check is slower
         example = ", ".join(f"{s.name!r}: array" for s in specs)
         raise NativeqError(
             f"run() takes a dict of input name -> array, got {type(inputs).__name__}; e.g. run({{{example}}})"
         )
-    by_name = {s.name: s for s in specs}
-    for name in inputs:
-        if name not in by_name:
-            listing = "; ".join(str(s) for s in specs)
-            raise NativeqError(f"unknown input {name!r}; the model's inputs are: {listing}")
+    if len(inputs) != len(specs) or not all(s.name in inputs for s in specs):
+        by_name = {s.name: s for s in specs}
+        for name in inputs:
+            if name not in by_name:
+                listing = "; ".join(str(s) for s in specs)
+                raise NativeqError(f"unknown input {name!r}; the model's inputs are: {listing}")
     arrays: list[np.ndarray] = []
     bound: dict[str, tuple[int, str]] = {}
-    for spec in specs:
+    for index, spec in enumerate(specs):
         if spec.name not in inputs:
             raise NativeqError(f"missing input {spec.name!r} ({spec})")
         value = inputs[spec.name]
@@ -120,7 +124,7 @@ def checked_structure(specs: tuple[TensorSpec, ...], inputs: Mapping[str, object
             array = value if isinstance(value, np.ndarray) else np.asarray(value)
         except (ValueError, TypeError) as e:
             raise NativeqError(f"input {spec.name!r} is not an array: {str(e).splitlines()[0]}") from None
-        if array.dtype != _numpy_dtype(spec):
+        if array.dtype != (_numpy_dtype(spec) if dtypes is None else dtypes[index]):
             raise NativeqError(f"input {spec.name!r}: expected dtype {spec.dtype}, got {array.dtype}")
         if array.ndim != len(spec.shape):
             raise NativeqError(
@@ -181,10 +185,22 @@ def _numpy_dtype(spec: TensorSpec) -> np.dtype:
 
 
 def _all_finite(array: np.ndarray) -> bool:
-    """No NaN and no infinity in the float array: one summing pass, no temporary array for float16/32."""
+    """No NaN and no infinity in the float array: one pass, no temporary array.
+
+    float32/64 in C order: the dot product of the values with themselves (BLAS), which is NaN or infinite
+    if any value is; a finite array whose squares overflow takes the exact check. float16: a float64 sum,
+    which no float16 values overflow."""
+    if array.dtype in _BLAS_FLOATS and array.flags.c_contiguous:
+        flat = array.reshape(-1)
+        if math.isfinite(np.dot(flat, flat)):
+            return True
+        return bool(np.isfinite(array).all())
     if array.dtype.itemsize <= 4:  # a float64 sum of float16/32 values cannot overflow: non-finite iff NaN/inf
         return bool(np.isfinite(array.sum(dtype=np.float64)))
     return bool(np.isfinite(array).all())
+
+
+_BLAS_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 ALIGNMENT = 64  # bytes: what TVM's kernels assume of every tensor they are given
@@ -255,6 +271,10 @@ class CompiledModel:
         self._library = library
         self._entry_name = manifest["entry"]
         self._local = threading.local()
+        self._input_dtypes = tuple(_numpy_dtype(spec) for spec in self.inputs)
+        self._output_dtypes = tuple(np.dtype(_WIDE_4BIT[spec.dtype]) if spec.dtype in _WIDE_4BIT
+                                    else _numpy_dtype(spec) for spec in self.outputs)
+        self._shape_checks = tuple(manifest.get("shape_checks") or ())
         if self._memory is not None and not any(isinstance(d, str) for s in self.inputs for d in s.shape or ()):
             self.check_memory({})  # static shapes: every call needs the same
         self._entry()  # the loading thread's VM: a broken library fails in `load`, not at the first call
@@ -277,20 +297,29 @@ class CompiledModel:
         return entry
 
     def run(self, inputs: Mapping[str, object]) -> dict[str, np.ndarray]:
-        given, sizes = checked_structure(self.inputs, inputs, self.manifest.get("shape_checks") or ())
-        # NOTE: before any element is read (finiteness) or copied (a strided, misaligned or read-only input), so a
-        # refused size costs nothing however large its inputs are; the copies count towards the bound.
-        copied = [spec.dtype in _WIDE_4BIT or needs_copy(a) for spec, a in zip(self.inputs, given)]
-        self.check_memory(sizes, sum(a.nbytes for a, copy in zip(given, copied) if copy))
-        arrays = [aligned(_widen_4bit(checked_values(spec, a), spec.dtype)) if copy else checked_values(spec, a)
-                  for spec, a, copy in zip(self.inputs, given, copied)]
-        entry = self._entry()
+        given, sizes = checked_structure(self.inputs, inputs, self._shape_checks, self._input_dtypes)
         ffi = self._ffi
         # NOTE: zero-copy both ways (DLPack): a tensor copy costs ~30 us a call, more than a small model's
         # kernels. The kernels read the caller's arrays in place and never write them; every call's outputs
         # are fresh VM allocations, so the returned arrays own their memory (through the DLPack capsule).
+        # An input is copied (aligned) if it is strided, read-only (DLPack cannot mark it so), not 64-byte
+        # aligned, or 4-bit; the tensor's data pointer is the cheap way to read the address.
+        tensors = [None if spec.dtype in _WIDE_4BIT or not (a.flags.c_contiguous and a.flags.writeable)
+                   else ffi.from_dlpack(a) for spec, a in zip(self.inputs, given)]
+        tensors = [None if t is None or t.data_ptr() % ALIGNMENT else t for t in tensors]
+        # NOTE: before any element is read (finiteness) or copied, so a refused size costs nothing however
+        # large its inputs are; the copies count towards the bound.
+        self.check_memory(sizes, sum(a.nbytes for a, t in zip(given, tensors) if t is None))
+        for spec, a in zip(self.inputs, given):
+            checked_values(spec, a)
+        staged = [self._staged(index, _widen_4bit(a, spec.dtype))
+                  for index, (spec, a, t) in enumerate(zip(self.inputs, given, tensors)) if t is None]
+        if staged:
+            copies = iter(staged)
+            tensors = [ffi.from_dlpack(next(copies)) if t is None else t for t in tensors]
+        entry = self._entry()
         try:
-            result = entry(*(ffi.from_dlpack(a) for a in arrays))
+            result = entry(*tensors)
         except Exception as e:  # noqa: BLE001  (the VM checks its arguments: a manifest that does not describe its library)
             raise NativeqError(f"artifact {self.path}: calling {self._entry_name!r} failed: {_first_line(e)}") from None
         values = [result] if isinstance(result, ffi.Tensor) else list(result)
@@ -298,13 +327,29 @@ class CompiledModel:
             raise NativeqError(
                 f"artifact {self.path} returned {len(values)} outputs, its manifest lists {len(self.outputs)}"
             )
-        return {spec.name: self._output(spec, np.from_dlpack(value)) for spec, value in zip(self.outputs, values)}
+        arrays = [np.from_dlpack(value) for value in values]
+        if staged:  # an output that is an input (or a view of one) must not be the buffer the next call overwrites
+            arrays = [array.copy() if any(np.may_share_memory(array, copy) for copy in staged)
+                      else array for array in arrays]
+        return {spec.name: self._output(spec, dtype, array)
+                for spec, dtype, array in zip(self.outputs, self._output_dtypes, arrays)}
 
-    def _output(self, spec: TensorSpec, array: np.ndarray) -> np.ndarray:
-        """`array` as the output `spec` declares it; a NativeqError if the library returned another dtype, rank or
-        static size (a manifest edited to describe another library: returned as is, it would be mislabelled)."""
-        wide = _WIDE_4BIT.get(spec.dtype)
-        dtype = np.dtype(wide) if wide is not None else _numpy_dtype(spec)
+    def _staged(self, index: int, array: np.ndarray) -> np.ndarray:
+        """`array` copied into the calling thread's 64-byte aligned buffer for input `index`, kept from call to
+        call (grown when too small): most numpy arrays are only 16-byte aligned, and a fresh aligned allocation
+        per call costs several times the copy of a small input."""
+        buffers = self._local.__dict__.setdefault("staging", {})
+        buffer = buffers.get(index)
+        if buffer is None or buffer.nbytes < array.nbytes:
+            buffer = buffers[index] = aligned(np.empty(max(array.nbytes, ALIGNMENT), np.uint8))
+        copy = buffer[:array.nbytes].view(array.dtype).reshape(array.shape)
+        np.copyto(copy, array)
+        return copy
+
+    def _output(self, spec: TensorSpec, dtype: np.dtype, array: np.ndarray) -> np.ndarray:
+        """`array` as the output `spec` declares it (`dtype`: what the library returns for it); a NativeqError if
+        the library returned another dtype, rank or static size (a manifest edited to describe another library:
+        returned as is, it would be mislabelled)."""
         shape_agrees = spec.shape is None or (array.ndim == len(spec.shape) and all(
             not isinstance(want, int) or want == got for want, got in zip(spec.shape, array.shape)))
         if array.dtype != dtype or not shape_agrees:
