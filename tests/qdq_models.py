@@ -133,11 +133,12 @@ def qdq_conv2d(c_in: int = 8, c_out: int = 16, kernel: int = 3, h: int = 20, w: 
 
 def qdq_separable_block(ndim: int = 1, channels: int = 32, kernel: int = 5, stride: int = 1, dilation: int = 1,
                         spatial=("T",), act_dtype: str = "uint8", residual: bool = True, same: bool = True,
-                        seed: int = 0) -> onnx.ModelProto:
+                        pooled: bool = False, seed: int = 0) -> onnx.ModelProto:
     """A depthwise-separable block (MobileNet / QuartzNet / DS-CNN), channels first:
     x[1, C, *S] -> Q/DQ -> depthwise Conv (k, stride, dilation, 'same' padding) + bias -> Relu -> Q/DQ
     -> pointwise 1x1 Conv + bias -> Q/DQ (-> + x -> Q/DQ when residual and stride 1) -> y.
-    same=False: no padding ('valid'), so the output is shorter and there is no residual."""
+    same=False: no padding ('valid'), so the output is shorter and there is no residual.
+    pooled: a keyword-spotting head after it, GlobalAveragePool -> Q/DQ -> Flatten: y[1, C]."""
     rng = np.random.default_rng(seed)
     nodes, inits = [], []
     xa = _q_dq(nodes, inits, "x", "x", 0.05, act_dtype)
@@ -156,6 +157,11 @@ def qdq_separable_block(ndim: int = 1, channels: int = 32, kernel: int = 5, stri
     if residual and stride == 1 and same:
         nodes.append(helper.make_node("Add", [out, xa], ["res"], name="res_Add"))
         out = _q_dq(nodes, inits, "resq", "res", 0.12, act_dtype)
+    if pooled:
+        nodes.append(helper.make_node("GlobalAveragePool", [out], ["pool"], name="pool"))
+        pool = _q_dq(nodes, inits, "poolq", "pool", 0.02, act_dtype)
+        nodes.append(helper.make_node("Flatten", [pool], ["y"], name="flatten"))
+        return _model(nodes, inits, [1, channels, *spatial], [1, channels], "qdq_separable_block")
     nodes.append(helper.make_node("Identity", [out], ["y"], name="out"))
     shrinks = stride != 1 or not same
     out_spatial = [d if (isinstance(d, str) or not shrinks) else (d + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1

@@ -147,6 +147,21 @@ def test_separable_block_has_no_transpose_between_convs(ndim, tmp_path):
     assert any(n.startswith("int8_depthwise") for n in names) and any(n.startswith("int8_matmul_packed") for n in names)
 
 
+@pytest.mark.parametrize("ndim, spatial, dims", [(2, (25, 5), {}), (1, ("T",), {"T": 37})])
+def test_global_average_pool_reads_the_channels_last_value(ndim, spatial, dims, tmp_path):
+    """GlobalAveragePool ([N, C, 1, ...], keepdims) after channels-last convs averages the channels-last value
+    and reshapes: no transpose of the whole activation back to channels first (DS-CNN's head), and the result
+    equals ONNX Runtime's (the pooled value dequantized: 0 difference)."""
+    model = qdq_models.qdq_separable_block(ndim, channels=32, kernel=3, spatial=spatial, residual=False, pooled=True)
+    main = _kernel_level(model, tmp_path)["main"].script()
+    assert main.count("R.call_tir(transpose") == 1, main  # the input's, to channels-last
+    path = tmp_path / "pooled.onnx"
+    onnx.save(model, path)
+    compile_model(path, tmp_path / "art", CompileConfig(target="host", use_tuning=False))
+    report = verify_artifact(tmp_path / "art", path, VerifyConfig(dims=dims, runs=2))
+    assert report.passed and report.outputs[0].max_abs == 0.0, report.table()
+
+
 def test_depthwise_and_separable_kernels_get_their_schedules(tmp_path):
     """No contraction kernel of a separable block is left to the generic rule."""
     rules = schedule_rules(qdq_models.qdq_separable_block(1, channels=64, kernel=9), tmp_path)
