@@ -65,6 +65,14 @@ CASES = {
                                                               residual=False), {}),
     "separable2d-w3-s8": (lambda: qdq_models.qdq_separable_block(2, channels=32, kernel=3, spatial=(12, 3),
                                                                  act_dtype="int8", residual=False), {}),
+    # x86 VNNI: 4 taps per `vpdpbusd` lane (kernels of 8 taps and more): ragged tap groups, stride, dilation,
+    # no padding, 2-D, a symbolic length the register blocks crop
+    "quad-taps-1d-k15-stride2-dilated": (lambda: qdq_models.qdq_separable_block(1, channels=32, kernel=15, stride=2,
+                                                                                dilation=2), {"T": 53}),
+    "quad-taps-1d-valid-k9": (lambda: qdq_models.qdq_separable_block(1, channels=16, kernel=9, same=False),
+                              {"T": 30}),
+    "quad-taps-2d-k9": (lambda: qdq_models.qdq_separable_block(2, channels=16, kernel=9, spatial=(11, 13),
+                                                               residual=False), {}),
 }
 
 
@@ -160,6 +168,26 @@ def test_global_average_pool_reads_the_channels_last_value(ndim, spatial, dims, 
     compile_model(path, tmp_path / "art", CompileConfig(target="host", use_tuning=False))
     report = verify_artifact(tmp_path / "art", path, VerifyConfig(dims=dims, runs=2))
     assert report.passed and report.outputs[0].max_abs == 0.0, report.table()
+
+
+def test_long_depthwise_kernels_multiply_four_taps_per_vnni_lane(tmp_path):
+    """On AVX-512 VNNI a depthwise conv of 8+ taps along its last axis reads its input as 32-bit words of 4
+    neighbouring taps (one `interleave_taps` kernel) and multiplies them with `vpdpbusd`; exactness: the
+    `quad-taps-*` cases above."""
+    import re
+    import subprocess
+
+    if get_target("host").int8 != "avx512-vnni":
+        pytest.skip("host is not AVX-512 VNNI")
+    path = tmp_path / "k33.onnx"
+    onnx.save(qdq_models.qdq_separable_block(1, channels=64, kernel=33), path)
+    names = _primfunc_names(_kernel_level(onnx.load(path), tmp_path))
+    assert any(n.startswith("interleave_taps") for n in names) and not any(n.startswith("pad") for n in names), names
+    compile_model(path, tmp_path / "art", CompileConfig(target="host", use_tuning=False, debug=True))
+    text = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(tmp_path / "art" / "model.so")],
+                          capture_output=True, text=True, check=True).stdout
+    depthwise = re.search(r"<[^>]*int8_depthwise[^>]*_compute_>:\n(.*?)\n\n", text, re.S).group(1)
+    assert "vpdpbusd" in depthwise and "vpmaddwd" not in depthwise, depthwise[:2000]
 
 
 def test_depthwise_and_separable_kernels_get_their_schedules(tmp_path):

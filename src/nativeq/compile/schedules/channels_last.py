@@ -39,9 +39,10 @@ from nativeq.compile.passes import result_dtype, rewrite_functions
 from nativeq.compile.passes.lut_elementwise import call_lut, lut_call_operands
 from nativeq.compile.schedules.conv_as_matmul import ConvGeometry, conv_as_matmul
 from nativeq.compile.schedules.depthwise import (
-    call_depthwise, call_pad_channels_last, extra_rows, pair_taps_weight,
+    call_depthwise, call_interleave_taps, call_pad_channels_last, extra_rows, pair_taps_weight, quad_extra_rows,
+    quad_taps_weight,
 )
-from nativeq.compile.schedules.intrinsics import DotIntrin
+from nativeq.compile.schedules.intrinsics import DEPTHWISE_QUAD, VNNI, DotIntrin
 
 _CONVS = {"relax.nn.conv1d": ("NCW", "OIW"), "relax.nn.conv2d": ("NCHW", "OIHW")}
 _ELEMENTWISE = {
@@ -51,6 +52,9 @@ _ELEMENTWISE = {
     "relax.erf", "relax.where", "relax.quantize", "relax.dequantize",
 }
 _SPATIAL_MEANS = {"relax.mean", "relax.variance", "relax.sum", "relax.max"}
+# NOTE: measured (x86, VNNI): QuartzNet's k = 33..63 0.85-0.92x time with quad taps, DS-CNN's 3x3 1.18x (each output
+# builds its own words there: a word serves one position unless the kernel spans several groups of 4)
+QUAD_TAPS_FROM = 8  # taps along the last axis from which a depthwise conv multiplies 4 per `vpdpbusd` lane
 
 
 def to_channels_last(ndim: int) -> list[int]:
@@ -296,6 +300,13 @@ class _ChannelsLast(relax.PyExprMutator):
         self._bind_plain(binding, pooled)
         return True
 
+    def _quad_taps(self, x, weight) -> bool:
+        """Whether an int8 depthwise conv runs 4 taps per `vpdpbusd` lane (`depthwise_te(quad_taps=True)`): AVX-512
+        VNNI, uint8 activations, int8 weights, channels a multiple of its 16 lanes, more than one tap along the
+        last axis."""
+        return (self.intrin is VNNI and str(x.ty.dtype) == "uint8" and str(weight.dtype) == "int8"
+                and weight.shape[0] % 16 == 0 and weight.shape[-1] >= QUAD_TAPS_FROM and "avx512-vnni" in DEPTHWISE_QUAD)
+
     def _conv(self, call, kind: str):
         """The channels-last lowering of a conv `_conv_kind` called `kind` ("matmul" / "depthwise" / "float-matmul")."""
         x, w = call.args
@@ -320,6 +331,15 @@ class _ChannelsLast(relax.PyExprMutator):
             # keeps its kernel (AVX-512 VNNI multiplies int16 pairs with `vpdpwssd` already)
             arm = self.intrin is not None and self.intrin.act_dtype == "int8" and str(x.ty.dtype) == "int8"
             paired = pair_taps_weight(w_taps) if arm else None
+            if self._quad_taps(x, weight):
+                before, after = list(geometry.padding[:ndim]), list(geometry.padding[ndim:])
+                after[-1] += quad_extra_rows(w_taps.shape[-2], geometry.strides[-1], geometry.dilation[-1],
+                                             out_spatial[-1])
+                x4 = self.builder_.emit(call_interleave_taps(self.builder_, x_cl, before, after, geometry.pad_value,
+                                                             geometry.dilation[-1]))
+                geometry = ConvGeometry(geometry.strides, geometry.dilation, (0,) * (2 * ndim))
+                return call_depthwise(self.builder_, x4, relax.const(quad_taps_weight(w_taps), "int8"), out_spatial,
+                                      geometry, rows_past_end=True, quad_taps=True)
             w_cl = relax.const(w_taps if paired is None else paired, str(weight.dtype))
             copied = geometry.padded or paired is not None
             if copied:

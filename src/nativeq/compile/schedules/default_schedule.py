@@ -28,7 +28,7 @@ from nativeq.compile._tvm import DlightCpuReduction, TVMTarget, tirx, tvm
 from nativeq.compile.schedules.conv_as_matmul import schedule_im2col
 from nativeq.compile.schedules.depthwise import DEPTHWISE_BLOCK, schedule_depthwise
 from nativeq.compile.schedules.generic import block_dtype, has_integer_matmul, has_multi_axis_reduction, schedule_generic
-from nativeq.compile.schedules.intrinsics import dot_intrin_for, fma_intrin_for
+from nativeq.compile.schedules.intrinsics import depthwise_quad_intrin_for, dot_intrin_for, fma_intrin_for
 from nativeq.compile.schedules.matmul import is_float_matmul, schedule_int8_matmul, schedule_int8_pack
 from nativeq.compile.schedules.pack_activations import PACK_BLOCK
 from nativeq.compile.schedules.parallel import without_parallel, worth_parallel
@@ -57,6 +57,7 @@ class DefaultCpuSchedule:
         self.tvm_target = TVMTarget(target.tvm_dict())
         self.intrin = dot_intrin_for(target)
         self.fma = fma_intrin_for(target)
+        self.depthwise_quad = depthwise_quad_intrin_for(target)
         self.applied: dict[str, str] = {}  # PrimFunc name -> rule that scheduled it
 
     def schedule(self, func):
@@ -86,7 +87,7 @@ class DefaultCpuSchedule:
             sch = schedule_int8_pack(func)
             if sch is not None:
                 return ("float-pack" if block_dtype(func, PACK_BLOCK) == "float32" else "int8-pack"), sch
-        sch = schedule_depthwise(func, bits)
+        sch = schedule_depthwise(func, bits, self.depthwise_quad)
         if sch is not None:
             return ("float-depthwise" if block_dtype(func, DEPTHWISE_BLOCK) == "float32" else "depthwise"), sch
         sch = schedule_im2col(func, bits)

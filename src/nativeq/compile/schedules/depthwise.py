@@ -20,6 +20,12 @@ Schedule (`schedule_depthwise`, schedule_passes, after FuseTIR; the rule `Defaul
             for k in taps:                           # each weight vector loaded once for P positions
                 for t in unroll(P): acc[t] += widen(x[.., t0*P + t .., c0*lanes:]) * widen(w[k, c0*lanes:])
             out[n, *o, t0*P:, c0*lanes:] = epilogue(acc)    # requantize, vectorized; cropped to T
+
+On AVX-512 VNNI a uint8 conv of 8+ taps along its last axis (QuartzNet's 33-63, a Conformer's 15) runs 4 taps
+per instruction instead: its padded input is written once as 32-bit words of 4 neighbouring taps per channel
+(`interleave_taps_te`), the weight as [*K', G, C, 4], and each tap step of the loop above is one `vpdpbusd`
+(16 channels x 4 taps) instead of 4 widening multiply-adds and adds. A word serves every output position
+whose taps cover it, so short kernels (3x3) gain nothing from it and keep the loop above.
 """
 
 from __future__ import annotations
@@ -56,7 +62,7 @@ def positions_for(last) -> int:
 
 
 def depthwise_te(x: te.Tensor, w: te.Tensor, out_spatial, pair_taps: bool = False, rows_past_end: bool = False,
-                 **geometry_kwargs) -> te.Tensor:
+                 quad_taps: bool = False, **geometry_kwargs) -> te.Tensor:
     """int32 depthwise conv of `x` [N, *S, C] (8-bit) with `w` [*K, C] (int8): [N, *out_spatial, C]
     (float32 when x and w are float32).
 
@@ -72,9 +78,13 @@ def depthwise_te(x: te.Tensor, w: te.Tensor, out_spatial, pair_taps: bool = Fals
     |x * w| <= 128 * 127, so two products stay within int16. No read is clamped: the caller pads `x`'s
     last axis by `extra_rows(..., pair_taps=True)` past what the conv reads (a zero tap the pairing added past
     the kernel, the output block padding).
+
+    `quad_taps` (x86 AVX-512 VNNI, uint8 x): `x` is `interleave_taps_te`'s uint32 [N, *S, C] (each channel's 4
+    neighbouring taps along the last axis as the bytes of one word) and `w` is `quad_taps_weight`'s
+    [*K', G, C, 4]: one `vpdpbusd` lane multiplies 4 taps of one channel.
     """
     geometry = ConvGeometry.from_te_kwargs(**geometry_kwargs)
-    *kernel, channels = w.shape
+    *kernel, channels = w.shape[:-1] if quad_taps else w.shape
     *outer, last = out_spatial
     input_last = x.shape[-2]
     positions = positions_for(last)
@@ -93,6 +103,8 @@ def depthwise_te(x: te.Tensor, w: te.Tensor, out_spatial, pair_taps: bool = Fals
 
     if pair_taps:
         compute = _paired_taps(x, w, geometry)
+    if quad_taps:
+        compute = _quad_taps(x, w, geometry)
     acc = te.compute((x.shape[0], *outer, padded_last if crop else last, channels), compute, name=DEPTHWISE_BLOCK)
     if not crop:
         return acc
@@ -138,21 +150,85 @@ def _paired_taps(x, w, geometry):
     return compute
 
 
+QUAD = 4  # taps a `vpdpbusd` lane multiplies
+
+
+def quad_taps_weight(weight: np.ndarray) -> np.ndarray:
+    """`weight` [*K, C] as [*K[:-1], G, C, 4]: the last tap axis zero-padded to G = ceil(K / 4) groups of 4 taps,
+    each channel's 4 taps side by side (`depthwise_te(quad_taps=True)`)."""
+    *kernel, channels = weight.shape
+    groups = -(-kernel[-1] // QUAD)
+    pad = [(0, 0)] * weight.ndim
+    pad[-2] = (0, groups * QUAD - kernel[-1])
+    padded = np.pad(weight, pad).reshape(*kernel[:-1], groups, QUAD, channels)
+    return np.ascontiguousarray(np.moveaxis(padded, -2, -1))
+
+
+def quad_extra_rows(kernel_last: int, stride: int, dilation: int, out_last) -> int:
+    """Input rows past the conv's own that `depthwise_te(quad_taps=True)` reads: `extra_rows`, and the zero taps
+    that round the last tap axis up to groups of 4."""
+    return extra_rows(kernel_last, stride, dilation, out_last) + dilation * (-kernel_last % QUAD)
+
+
+def interleave_taps_te(x: te.Tensor, before, after, pad_value: float, dilation: int) -> te.Tensor:
+    """x [N, *S, C] (uint8) zero-point padded like `pad_channels_last_te`, as uint32 [N, *S', C]: byte j of
+    position t along the last axis is the padded input at t + j * dilation (the pad value past the end), so one
+    32-bit lane holds a channel's 4 neighbouring taps (elementwise over C: no gather, no shuffle)."""
+    shape, geometry = _padded(x, before, after, pad_value)
+
+    def compute(n, *index):
+        *position, c = index
+        position = [i - b for i, b in zip(position, before)]
+        word = tirx.const(0, "uint32")
+        for j in range(QUAD):
+            tap = gather_padded(x, n, [*position[:-1], position[-1] + j * dilation], c, geometry)
+            word = word | (tap.astype("uint32") << tirx.const(8 * j, "uint32"))
+        return word
+
+    return te.compute(shape, compute, name="interleave_taps")
+
+
+def call_interleave_taps(builder, x_cl, before, after, pad_value: float, dilation: int):
+    return builder.call_te(interleave_taps_te, x_cl, before=list(before), after=list(after), pad_value=pad_value,
+                           dilation=dilation, primfunc_name_hint="interleave_taps")
+
+
+def _quad_taps(x4, w4, geometry):
+    """The compute of `depthwise_te(quad_taps=True)`: 4 taps of a channel per step of the last tap axis."""
+    *kernel, groups, _, _ = w4.shape
+    outer_taps = [te.reduce_axis((0, k), name=f"k{i}") for i, k in enumerate(kernel)]
+    group = te.reduce_axis((0, groups), name="group")
+    quad = te.reduce_axis((0, QUAD), name="quad")
+
+    def compute(n, *index):
+        out_index, c = index[:-1], index[-1]
+        position = tap_position(out_index, [*outer_taps, group * QUAD], geometry)
+        byte = (x4[(n, *position, c)] >> (quad * 8).astype("uint32")) & tirx.const(255, "uint32")
+        return te.sum(byte.astype("int32") * w4[(*outer_taps, group, c, quad)].astype("int32"),
+                      axis=[*outer_taps, group, quad])
+
+    return compute
+
+
 def pad_channels_last_te(x: te.Tensor, before, after, pad_value: float) -> te.Tensor:
     """x [N, *S, C] zero-point padded along the spatial axes. The padded sizes are simplified here: the kernel
     that reads the result is specialized to its shape, which must equal what the Relax graph spells later
     (FuseTIR refuses `(T - 1) // 2 + 1 + 32` for `(T - 1) // 2 + 33`)."""
-    analyzer = Analyzer()
-    spatial = x.shape[1:-1]
-    shape = [x.shape[0], *(analyzer.simplify(d + b + a) for d, b, a in zip(spatial, before, after)), x.shape[-1]]
-
-    ones = (1,) * len(spatial)
-    geometry = ConvGeometry(ones, ones, (*before, *after), pad_value)
+    shape, geometry = _padded(x, before, after, pad_value)
 
     def compute(n, *index):
         return gather_padded(x, n, [i - b for i, b in zip(index[:-1], before)], index[-1], geometry)
 
     return te.compute(shape, compute, name="pad")
+
+
+def _padded(x: te.Tensor, before, after, pad_value: float):
+    """(the shape of x [N, *S, C] padded by `before` / `after` along S, simplified; the geometry reading x padded)."""
+    analyzer = Analyzer()
+    spatial = x.shape[1:-1]
+    shape = [x.shape[0], *(analyzer.simplify(d + b + a) for d, b, a in zip(spatial, before, after)), x.shape[-1]]
+    ones = (1,) * len(spatial)
+    return shape, ConvGeometry(ones, ones, (*before, *after), pad_value)
 
 
 def call_pad_channels_last(builder, x_cl, before, after, pad_value: float):
@@ -161,18 +237,21 @@ def call_pad_channels_last(builder, x_cl, before, after, pad_value: float):
 
 
 def call_depthwise(builder, x_cl, w_cl, out_spatial, geometry: ConvGeometry, pair_taps: bool = False,
-                   rows_past_end: bool = False):
+                   rows_past_end: bool = False, quad_taps: bool = False):
     """`builder.call_te` of `depthwise_te`, marked so FuseOps fuses the requantize epilogue into it."""
     float_kernel = str(w_cl.ty.dtype) == "float32"
     return builder.call_te(
         depthwise_te, x_cl, w_cl, out_spatial=list(out_spatial), pair_taps=pair_taps, rows_past_end=rows_past_end,
-        **geometry.as_te_kwargs(),
+        quad_taps=quad_taps, **geometry.as_te_kwargs(),
         primfunc_name_hint="f32_depthwise" if float_kernel else "int8_depthwise", primfunc_attrs={"op_pattern": _OUT_EWISE_FUSABLE},
     )
 
 
-def schedule_depthwise(func, vector_bits: int) -> Schedule | None:
-    """The schedule of a PrimFunc holding the depthwise block (see the module docstring), or None."""
+def schedule_depthwise(func, vector_bits: int, quad_intrin: str | None = None) -> Schedule | None:
+    """The schedule of a PrimFunc holding the depthwise block (see the module docstring), or None.
+
+    `quad_intrin`: the tensor intrinsic multiplying 4 taps of 16 channels (`depthwise_te(quad_taps=True)`), if the
+    target has one; a quad-tap kernel without it is not scheduled."""
     if not isinstance(func, tirx.PrimFunc):
         return None
     sch = Schedule(func)
@@ -180,13 +259,13 @@ def schedule_depthwise(func, vector_bits: int) -> Schedule | None:
     if block is None:
         return None
     try:
-        return _schedule(sch, block, vector_bits)
+        return _schedule(sch, block, vector_bits, quad_intrin)
     except _ERRORS as err:
         logger.debug("depthwise schedule does not apply: %s", err)
         return None
 
 
-def _schedule(sch: Schedule, block, vector_bits: int) -> Schedule | None:
+def _schedule(sch: Schedule, block, vector_bits: int, quad_intrin: str | None) -> Schedule | None:
     children = list(sch.get_child_blocks(sch.get_sblock("root")))
     names = [sch.get(b).name_hint for b in children]
     position = names.index(DEPTHWISE_BLOCK)
@@ -200,21 +279,26 @@ def _schedule(sch: Schedule, block, vector_bits: int) -> Schedule | None:
     loops = sch.get_loops(block)
     n_taps = len(sch.get(block).iter_vars) - len(sch.get(block).writes[0].source.shape)
     spatial, taps = loops[:-n_taps], loops[-n_taps:]
+    quad = _is_quad(sch, block)
+    if quad and (quad_intrin is None or last is None):
+        return None
+    quad_loop = taps.pop() if quad else None
     *outer, last_axis, channel = spatial
     channels = sch.get(channel).extent
     if not isinstance(channels, tirx.IntImm):
         return None
-    lanes = dividing_lanes(int(channels), max(vector_bits // 32, _MIN_LANES))  # int32 / float32 accumulators
-    if lanes is None:
+    lanes = 16 if quad else dividing_lanes(int(channels), max(vector_bits // 32, _MIN_LANES))  # int32 / f32 accumulators
+    if lanes is None or int(channels) % lanes:
         return None
     position_block, position = sch.split(last_axis, factors=[None, positions_for(sch.get(last_axis).extent)])
     c_outer, c_lane = sch.split(channel, factors=[None, lanes])
-    sch.reorder(*outer, position_block, c_outer, *taps, position, c_lane)
+    sch.reorder(*outer, position_block, c_outer, *taps, position, c_lane, *([quad_loop] if quad else []))
     tile = sch.fuse(*outer, position_block)
     sch.parallel(tile)
     # NOTE: vectorize before decompose_reduction: after it the update block has no init and no longer
     # counts as a reduction block, which vectorize requires.
-    sch.vectorize(c_lane)
+    if not quad:
+        sch.vectorize(c_lane)
     sch.unroll(position)
     init = sch.decompose_reduction(block, taps[0])
     sch.vectorize(sch.get_loops(init)[-1])
@@ -222,4 +306,14 @@ def _schedule(sch: Schedule, block, vector_bits: int) -> Schedule | None:
         sch.reverse_compute_at(last, c_outer)
         sch.vectorize(sch.get_loops(last)[-1])
         sch.set_scope(init, 0, "local")  # the accumulators of one register block, on the stack
+    if quad:
+        sch.tensorize(c_lane, quad_intrin)
     return sch
+
+
+def _is_quad(sch: Schedule, block) -> bool:
+    """Whether the depthwise block is `depthwise_te(quad_taps=True)`'s: its innermost reduction is 4 taps."""
+    reduce_vars = [iv for iv in sch.get(block).iter_vars if iv.iter_type == tirx.IterVar.CommReduce]
+    extent = reduce_vars[-1].dom.extent if reduce_vars else None
+    return isinstance(extent, tirx.IntImm) and int(extent) == QUAD and any(
+        str(r.source.dtype) == "uint32" for r in sch.get(block).reads)  # the interleaved taps, 4 bytes a word

@@ -214,6 +214,44 @@ def _avx2_8x2_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
         )
 
 
+def _depthwise_quad_desc():
+    """4 depthwise taps on 16 channels: int32 accumulators (the register block's, `local`) += the 4 products of
+    each channel's uint8 activations (the bytes of one uint32 word) and int8 weights (`depthwise.py`, quad taps)."""
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (16,), "uint32", offset_factor=1)
+        B = T.match_buffer(b, (16, 4), "int8", offset_factor=1)
+        C = T.match_buffer(c, (16,), "int32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:16], B[0:16, 0:4])
+            T.writes(C[0:16])
+            for i, k in T.grid(16, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.Cast("int32", T.shift_right(A[vi], T.Cast("uint32", vk * 8)) & T.uint32(255)) * T.Cast("int32", B[vi, vk])
+
+    return desc
+
+
+@T.prim_func(s_tir=True)
+def _vnni_depthwise_quad_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+    A = T.match_buffer(a, (16,), "uint32", offset_factor=1)
+    B = T.match_buffer(b, (16, 4), "int8", offset_factor=1)
+    C = T.match_buffer(c, (16,), "int32", offset_factor=1, scope="local")
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:16], B[0:16, 0:4])
+        T.writes(C[0:16])
+        # NOTE: lane i adds the 4 products of bytes 4i..4i+3: each channel's own taps, no broadcast.
+        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+            C.vload([0], dtype="int32x16"),
+            T.reinterpret(A.vload([0], dtype="uint32x16"), dtype="uint8x64"),
+            B.vload([0, 0], dtype="int8x64"),
+            dtype="int32x16",
+        )
+
+
 def _neon(name: str, *args, dtype: str):
     return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(f"llvm.aarch64.neon.{name}"), *args, dtype=dtype)
 
@@ -410,6 +448,8 @@ _GROUPED = {SDOT.name: SDOT_LANES}
 _FOR_WEIGHTS_ABOVE_MIN = {NEON.name: NEON_PAIR_SUM}  # a faster twin, exact when no weight is -128
 _DENSE_FORM = {NEON_PAIR_SUM.name: NEON_K_LANES, NEON.name: NEON_K_LANES_WIDE}  # the layout for a dense weight
 _RUN_TIME_FORM = {NEON.name: NEON_K_LANES_WIDE}  # the layout an operand packed at run time gets
+# 4 depthwise taps on 16 channels (`depthwise.py`, quad taps), by int8 family
+DEPTHWISE_QUAD = {"avx512-vnni": "nativeq_depthwise_quad_16x4_u8i8i32_vnni"}
 FMA_BY_LANES = {lanes: DotIntrin(f"nativeq_fma_{lanes}x1_f32", lanes=lanes, kstep=1, act_dtype="float32",
                                  weight_dtype="float32", acc_dtype="float32") for lanes in (16, 8, 4)}
 _FMA_LANES = {"avx512-vnni": 16, "avx2": 8, "neon": 4, "sdot": 4}  # float32 lanes of the family's vectors
@@ -440,6 +480,8 @@ def register_intrinsics() -> None:
     TensorIntrin.register(NEON_PARTIAL_SUMS, _partial_sums_desc(4, 4), _neon_partial_sums_impl, override=True)
     for lanes, intrin in FMA_BY_LANES.items():
         TensorIntrin.register(intrin.name, _fma_desc(lanes), _fma_impl(lanes), override=True)
+    TensorIntrin.register(DEPTHWISE_QUAD["avx512-vnni"], _depthwise_quad_desc(), _vnni_depthwise_quad_impl,
+                          override=True)
     _registered = True
 
 
@@ -503,6 +545,14 @@ def fma_intrin_for(target) -> DotIntrin | None:
         return None
     register_intrinsics()
     return FMA_BY_LANES[lanes]
+
+
+def depthwise_quad_intrin_for(target) -> str | None:
+    """The quad-tap depthwise intrinsic of a nativeq Target's int8 family (`DEPTHWISE_QUAD`), or None."""
+    name = DEPTHWISE_QUAD.get(getattr(target, "int8", None))
+    if name is not None:
+        register_intrinsics()
+    return name
 
 
 def dot_intrin_for(target) -> DotIntrin | None:
