@@ -42,7 +42,7 @@ from nativeq.compile.schedules.depthwise import (
     call_depthwise, call_interleave_taps, call_pad_channels_last, extra_rows, pair_taps_weight, quad_extra_rows,
     quad_taps_weight,
 )
-from nativeq.compile.schedules.intrinsics import DEPTHWISE_QUAD, VNNI, DotIntrin
+from nativeq.compile.schedules.intrinsics import VNNI, DotIntrin
 
 _CONVS = {"relax.nn.conv1d": ("NCW", "OIW"), "relax.nn.conv2d": ("NCHW", "OIHW")}
 _ELEMENTWISE = {
@@ -52,9 +52,9 @@ _ELEMENTWISE = {
     "relax.erf", "relax.where", "relax.quantize", "relax.dequantize",
 }
 _SPATIAL_MEANS = {"relax.mean", "relax.variance", "relax.sum", "relax.max"}
-# NOTE: measured (x86, VNNI): QuartzNet's k = 33..63 0.85-0.92x time with quad taps, DS-CNN's 3x3 1.18x (each output
-# builds its own words there: a word serves one position unless the kernel spans several groups of 4)
-QUAD_TAPS_FROM = 8  # taps along the last axis from which a depthwise conv multiplies 4 per `vpdpbusd` lane
+# Taps along the last axis from which a depthwise conv multiplies 4 per `vpdpbusd` lane. Measured on AVX-512 VNNI:
+# QuartzNet's k = 33..63 0.85-0.92x time, DS-CNN's 3x3 1.18x (a word serves one output position there).
+QUAD_TAPS_FROM = 8
 
 
 def to_channels_last(ndim: int) -> list[int]:
@@ -302,10 +302,10 @@ class _ChannelsLast(relax.PyExprMutator):
 
     def _quad_taps(self, x, weight) -> bool:
         """Whether an int8 depthwise conv runs 4 taps per `vpdpbusd` lane (`depthwise_te(quad_taps=True)`): AVX-512
-        VNNI, uint8 activations, int8 weights, channels a multiple of its 16 lanes, more than one tap along the
-        last axis."""
+        VNNI, uint8 activations, int8 weights, channels a multiple of its 16 lanes, `QUAD_TAPS_FROM` taps or more
+        along the last axis."""
         return (self.intrin is VNNI and str(x.ty.dtype) == "uint8" and str(weight.dtype) == "int8"
-                and weight.shape[0] % 16 == 0 and weight.shape[-1] >= QUAD_TAPS_FROM and "avx512-vnni" in DEPTHWISE_QUAD)
+                and weight.shape[0] % 16 == 0 and weight.shape[-1] >= QUAD_TAPS_FROM)
 
     def _conv(self, call, kind: str):
         """The channels-last lowering of a conv `_conv_kind` called `kind` ("matmul" / "depthwise" / "float-matmul")."""

@@ -214,24 +214,21 @@ def _avx2_8x2_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
         )
 
 
-def _depthwise_quad_desc():
+@T.prim_func(s_tir=True)
+def _depthwise_quad_desc(a: T.handle, b: T.handle, c: T.handle) -> None:
     """4 depthwise taps on 16 channels: int32 accumulators (the register block's, `local`) += the 4 products of
     each channel's uint8 activations (the bytes of one uint32 word) and int8 weights (`depthwise.py`, quad taps)."""
-
-    @T.prim_func(s_tir=True)
-    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (16,), "uint32", offset_factor=1)
-        B = T.match_buffer(b, (16, 4), "int8", offset_factor=1)
-        C = T.match_buffer(c, (16,), "int32", offset_factor=1, scope="local")
-        with T.sblock("root"):
-            T.reads(C[0:16], A[0:16], B[0:16, 0:4])
-            T.writes(C[0:16])
-            for i, k in T.grid(16, 4):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.Cast("int32", T.shift_right(A[vi], T.Cast("uint32", vk * 8)) & T.uint32(255)) * T.Cast("int32", B[vi, vk])
-
-    return desc
+    A = T.match_buffer(a, (16,), "uint32", offset_factor=1)
+    B = T.match_buffer(b, (16, 4), "int8", offset_factor=1)
+    C = T.match_buffer(c, (16,), "int32", offset_factor=1, scope="local")
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:16], B[0:16, 0:4])
+        T.writes(C[0:16])
+        for i, k in T.grid(16, 4):
+            with T.sblock("update"):
+                vi, vk = T.axis.remap("SR", [i, k])
+                C[vi] = C[vi] + T.Cast("int32", T.shift_right(A[vi], T.Cast("uint32", vk * 8)) & T.uint32(255)) * T.Cast(
+                    "int32", B[vi, vk])
 
 
 @T.prim_func(s_tir=True)
@@ -480,7 +477,7 @@ def register_intrinsics() -> None:
     TensorIntrin.register(NEON_PARTIAL_SUMS, _partial_sums_desc(4, 4), _neon_partial_sums_impl, override=True)
     for lanes, intrin in FMA_BY_LANES.items():
         TensorIntrin.register(intrin.name, _fma_desc(lanes), _fma_impl(lanes), override=True)
-    TensorIntrin.register(DEPTHWISE_QUAD["avx512-vnni"], _depthwise_quad_desc(), _vnni_depthwise_quad_impl,
+    TensorIntrin.register(DEPTHWISE_QUAD["avx512-vnni"], _depthwise_quad_desc, _vnni_depthwise_quad_impl,
                           override=True)
     _registered = True
 
