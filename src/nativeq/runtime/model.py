@@ -212,6 +212,15 @@ def needs_copy(array: np.ndarray) -> bool:
     return not (array.flags.c_contiguous and array.flags.writeable and array.ctypes.data % ALIGNMENT == 0)
 
 
+def _in_place(ffi, spec: TensorSpec, array: np.ndarray):
+    """The DLPack tensor of `array` when the kernels can read it in place (`needs_copy`'s conditions, the address
+    read from the tensor, which is cheaper than `ndarray.ctypes`; a 4-bit input is always widened), else None."""
+    if spec.dtype in _WIDE_4BIT or not (array.flags.c_contiguous and array.flags.writeable):
+        return None
+    tensor = ffi.from_dlpack(array)
+    return None if tensor.data_ptr() % ALIGNMENT else tensor
+
+
 def aligned(array: np.ndarray) -> np.ndarray:
     """`array` if it is C-contiguous, writeable and at a 64-byte aligned address, else such a copy of it."""
     if not needs_copy(array):
@@ -302,21 +311,16 @@ class CompiledModel:
         # NOTE: zero-copy both ways (DLPack): a tensor copy costs ~30 us a call, more than a small model's
         # kernels. The kernels read the caller's arrays in place and never write them; every call's outputs
         # are fresh VM allocations, so the returned arrays own their memory (through the DLPack capsule).
-        # An input is copied (aligned) if it is strided, read-only (DLPack cannot mark it so), not 64-byte
-        # aligned, or 4-bit; the tensor's data pointer is the cheap way to read the address.
-        tensors = [None if spec.dtype in _WIDE_4BIT or not (a.flags.c_contiguous and a.flags.writeable)
-                   else ffi.from_dlpack(a) for spec, a in zip(self.inputs, given)]
-        tensors = [None if t is None or t.data_ptr() % ALIGNMENT else t for t in tensors]
+        tensors = [_in_place(ffi, spec, a) for spec, a in zip(self.inputs, given)]
         # NOTE: before any element is read (finiteness) or copied, so a refused size costs nothing however
         # large its inputs are; the copies count towards the bound.
         self.check_memory(sizes, sum(a.nbytes for a, t in zip(given, tensors) if t is None))
-        for spec, a in zip(self.inputs, given):
+        staged = []
+        for index, (spec, a) in enumerate(zip(self.inputs, given)):
             checked_values(spec, a)
-        staged = [self._staged(index, _widen_4bit(a, spec.dtype))
-                  for index, (spec, a, t) in enumerate(zip(self.inputs, given, tensors)) if t is None]
-        if staged:
-            copies = iter(staged)
-            tensors = [ffi.from_dlpack(next(copies)) if t is None else t for t in tensors]
+            if tensors[index] is None:
+                staged.append(self._staged(index, _widen_4bit(a, spec.dtype)))
+                tensors[index] = ffi.from_dlpack(staged[-1])
         entry = self._entry()
         try:
             result = entry(*tensors)
