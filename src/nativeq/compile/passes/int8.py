@@ -13,6 +13,7 @@ from nativeq.compile.passes.fold_quantize_dequantize import FoldQuantizeDequanti
 from nativeq.compile.passes.lower_qdq_to_integer import LowerQDQToInteger
 from nativeq.compile.passes.lut_elementwise import LutElementwise
 from nativeq.compile.passes.remove_identity_reshapes import RemoveIdentityReshapes
+from nativeq.compile.passes.softmax_reads_integers import SoftmaxReadsIntegers
 from nativeq.compile.provenance import span_node
 from nativeq.compile.passes.qdq_sites import (
     CONTRACTION_OPS,
@@ -39,6 +40,7 @@ def lowering_passes(kernel_activation_dtype: str | None) -> list:
         FoldBiasIntoAccumulator(require_exact=True),
         FoldDequantizeQuantize(),
         LutElementwise(),
+        SoftmaxReadsIntegers(),
         FoldQuantizeDequantize(),
     ]
 

@@ -383,17 +383,42 @@ def _mlas_sum_exp_element(value, dtype):
     return _horner(dtype, value, ort.EXP_POLY) * scale
 
 
-def _mlas_softmax(x, axis, log: bool = False):
+def _mlas_softmax(x, axis, log: bool = False, dequantize: tuple | None = None):
     """Softmax along `axis` as MLAS computes it; with `log`, log-softmax: (x - max) - log(sum), MLAS's
-    `Input + NegativeMaximum - Logarithm` with the same maximum and sum of exps."""
-    dtype, ndim = x.dtype, len(x.shape)
+    `Input + NegativeMaximum - Logarithm` with the same maximum and sum of exps.
+
+    dequantize: (scale, zero point) when `x` holds integers: the softmax of dequantize(x), each element
+    read as relax.dequantize computes it, float(x - z) * s. The row's maximum is taken over the integers
+    and then dequantized: for s > 0 the dequantized value is monotone in x, so it is the same maximum.
+    """
+    ndim = len(x.shape)
     axis = axis % ndim
     n = x.shape[axis]
     outer_shape = [d for i, d in enumerate(x.shape) if i != axis]
+    dtype = "float32" if dequantize is not None else x.dtype
 
-    def at(outer, k):
+    def stored_at(outer, k):
         outer = list(outer)
         return x(*outer[:axis], k, *outer[axis:])
+
+    if dequantize is None:
+        def value_of(stored):
+            return stored
+    else:
+        scale, zero_point = dequantize
+        if not scale > 0:
+            raise ValueError(f"softmax of a dequantized tensor needs a positive scale, got {scale}")
+
+        def value_of(stored):
+            # NOTE: float(q - z) * s as one FMA with +0: the same rounding as the product (the exact product
+            # plus +0 rounds once, and q - z = 0 gives +0 either way) that LLVM can neither contract with
+            # the `- max` after it (a fence would, but keeps the loop scalar) nor fold back into a product
+            # (fma(x, y, +0) -> x * y needs no-signed-zeros)
+            return _fma(dtype, (stored.astype("int32") - zero_point).astype(dtype), tirx.const(scale, dtype),
+                        tirx.const(0.0, dtype))
+
+    def read(*index):
+        return value_of(x(*index))
 
     # Whole chunks of 16 are read as vectors; the partial last chunk (n % 16 elements) is added per lane
     # after them, as MLAS's masked last iteration does (its missing lanes add 0 / take no maximum). A
@@ -415,25 +440,25 @@ def _mlas_softmax(x, axis, log: bool = False):
     def lane_max(*index):
         outer, lane = index[:-1], index[-1]
         c = te.reduce_axis((0, chunks), name="chunk")
-        return te.max(at(outer, c * _SOFTMAX_LANES + lane), axis=c)
+        return te.max(stored_at(outer, c * _SOFTMAX_LANES + lane), axis=c)
 
     # NOTE: max is exact in any order, so it runs in 16 lanes like the sum (a serial max over the row
     # was a quarter of the softmax time); the lanes block's schedule (softmax.py) vectorizes both.
     lane_maxima = te.compute([*outer_shape, _SOFTMAX_LANES], lane_max, name=SOFTMAX_MAX_LANES_BLOCK)
     # a lane past the row's end reads its last element again, which leaves the maximum as it is
-    tail_maxima = tail_lanes(at, lambda value, inside: value, SOFTMAX_MAX_TAIL_BLOCK)
+    tail_maxima = tail_lanes(stored_at, lambda value, inside: value, SOFTMAX_MAX_TAIL_BLOCK)
 
     def row_max(*outer):
         a = [tirx.max(lane_maxima(*outer, lane), tail_maxima(*outer, lane)) for lane in range(_SOFTMAX_LANES)]
         while len(a) > 1:
             a = [tirx.max(a[2 * i], a[2 * i + 1]) for i in range(len(a) // 2)]
-        return a[0]
+        return value_of(a[0])
 
     maximum = te.compute(outer_shape, row_max, name="softmax_max")
 
     def exp_element(*index):
         outer = [i for d, i in enumerate(index) if d != axis]
-        return _mlas_sum_exp_element(x(*index) - maximum(*outer), dtype)
+        return _mlas_sum_exp_element(read(*index) - maximum(*outer), dtype)
 
     # NOTE: each exp computed once, kept for the row (MLAS stores them in the output and scales it in place):
     # the lane sums and the normalization read them.
@@ -465,7 +490,7 @@ def _mlas_softmax(x, axis, log: bool = False):
     def normalize(*index):
         outer = [i for d, i in enumerate(index) if d != axis]
         if log:
-            return (x(*index) - maximum(*outer)) - inverse(*outer)
+            return (read(*index) - maximum(*outer)) - inverse(*outer)
         return exp_at(outer, index[axis]) * inverse(*outer)
 
     return te.compute(x.shape, normalize, name="log_softmax" if log else "softmax")
@@ -473,18 +498,28 @@ def _mlas_softmax(x, axis, log: bool = False):
 
 def _softmax_rule(log: bool):
     """Legalization of float32 softmax (log-softmax) by `_mlas_softmax`; other dtypes keep TVM's own rule."""
-    name, tvm_compute = ("log_softmax", topi.nn.log_softmax) if log else ("softmax", topi.nn.softmax)
+    tvm_compute = topi.nn.log_softmax if log else topi.nn.softmax
 
     def legalize(bb, call):
         x = call.args[0]
         if x.ty.dtype != "float32":
             return bb.call_te(tvm_compute, x, call.attrs.axis)
-        # NOTE: marked out-elementwise-fusable (TVM's pattern analysis calls the per-lane tail reads opaque):
-        # the requantize after a softmax fuses into its last loop.
-        return bb.call_te(_mlas_softmax, x, int(call.attrs.axis), log, primfunc_name_hint=name,
-                          primfunc_attrs={"op_pattern": _OUT_EWISE_FUSABLE})
+        return _call_mlas_softmax(bb, x, int(call.attrs.axis), log)
 
     return legalize
+
+
+def _call_mlas_softmax(bb, x, axis: int, log: bool, dequantize: tuple | None = None):
+    # NOTE: marked out-elementwise-fusable (TVM's pattern analysis calls the per-lane tail reads opaque):
+    # the requantize after a softmax fuses into its last loop.
+    return bb.call_te(_mlas_softmax, x, axis, log, dequantize, primfunc_name_hint="log_softmax" if log else "softmax",
+                      primfunc_attrs={"op_pattern": _OUT_EWISE_FUSABLE})
+
+
+def softmax_of_dequantized(bb, q, axis: int, log: bool, scale: float, zero_point: int):
+    """`bb.call_te` of the (log-)softmax of dequantize(q, scale, zero_point), reading the integers q
+    (passes/softmax_reads_integers.py)."""
+    return _call_mlas_softmax(bb, q, axis, log, (scale, zero_point))
 
 
 def _unary_rule(mlas_compute, tvm_compute, name: str):
