@@ -630,12 +630,13 @@ def qdq_activation_chain(act: str = "gelu", k: int = 32, n: int = 48, t="T", act
 
 
 def qdq_softmax(n="N", t="T", log: bool = False, act_dtype: str = "uint8", scale: float = 0.0371,
-                scores: str = "input", seed: int = 0) -> onnx.ModelProto:
+                scores: str = "input", axis: int = -1, seed: int = 0) -> onnx.ModelProto:
     """Scores -> Q/DQ -> Softmax (LogSoftmax) over the last axis -> y, as attention and a CTC head read them.
 
     scores "input": x[1, t, n] itself; "matmul": x[1, t, 16] -> Q/DQ -> x·W with a constant QDQ weight
     [16, n]; "attention": x[1, t, 16] -> Q/DQ -> x·xᵀ (rows of t). A softmax's result goes through a final
     Q/DQ (scale 1/255, zero point 0: the way quantize_static quantizes it); a log-softmax's is returned float.
+    axis: the softmax's axis.
     """
     rng = np.random.default_rng(seed)
     nodes, inits = [], []
@@ -653,9 +654,9 @@ def qdq_softmax(n="N", t="T", log: bool = False, act_dtype: str = "uint8", scale
         src, in_shape = "scores", [1, t, 16]
     scores_dq = _q_dq(nodes, inits, "s", src, scale, act_dtype)
     if log:
-        nodes.append(helper.make_node("LogSoftmax", [scores_dq], ["y"], axis=-1, name="LogSoftmax"))
+        nodes.append(helper.make_node("LogSoftmax", [scores_dq], ["y"], axis=axis, name="LogSoftmax"))
     else:
-        nodes.append(helper.make_node("Softmax", [scores_dq], ["p"], axis=-1, name="Softmax"))
+        nodes.append(helper.make_node("Softmax", [scores_dq], ["p"], axis=axis, name="Softmax"))
         inits.append(numpy_helper.from_array(np.array(1 / 255, np.float32), "p_scale"))
         inits.append(numpy_helper.from_array(np.array(0, np.uint8), "p_zp"))
         nodes.append(helper.make_node("QuantizeLinear", ["p", "p_scale", "p_zp"], ["p_q"], name="p_Q"))

@@ -105,6 +105,21 @@ def test_softmax_of_quantized_scores_matches_onnxruntime_exactly(n, log, act, tm
         np.testing.assert_array_equal(compiled.run({"x": x})["y"], _ort(model, {"x": x}))
 
 
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log-softmax"])
+def test_softmax_over_the_time_axis_matches_onnxruntime_exactly(log, tmp_path):
+    """The softmax over a middle axis (time, of run-time length) of quantized scores."""
+    model = qdq_models.qdq_softmax(n=24, log=log, axis=1)
+    path = tmp_path / "softmax_t.onnx"
+    onnx.save(model, path)
+    compile_model(path, tmp_path / "art", CompileConfig(target="host", use_tuning=False))
+    compiled = load(tmp_path / "art")
+    assert not any("round" in k["name"] for k in compiled.manifest["kernels"])
+    rng = np.random.default_rng(2)
+    for t in (1, 17, 33):
+        x = _rows(rng, (1, t, 24), 0.0371)
+        np.testing.assert_array_equal(compiled.run({"x": x})["y"], _ort(model, {"x": x}))
+
+
 @pytest.mark.parametrize("scores", ["matmul", "attention"])
 def test_the_scores_cross_memory_as_bytes_and_the_result_is_unchanged(scores, tmp_path, monkeypatch):
     model = qdq_models.qdq_softmax(n=48, scores=scores, act_dtype="uint8", scale=0.02)
