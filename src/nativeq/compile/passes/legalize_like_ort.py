@@ -504,22 +504,17 @@ def _softmax_rule(log: bool):
         x = call.args[0]
         if x.ty.dtype != "float32":
             return bb.call_te(tvm_compute, x, call.attrs.axis)
-        return _call_mlas_softmax(bb, x, int(call.attrs.axis), log)
+        return call_mlas_softmax(bb, x, int(call.attrs.axis), log)
 
     return legalize
 
 
-def _call_mlas_softmax(bb, x, axis: int, log: bool, dequantize: tuple | None = None):
+def call_mlas_softmax(bb, x, axis: int, log: bool, dequantize: tuple | None = None):
+    """`bb.call_te` of `_mlas_softmax` (with `dequantize`: of the integers `x`, passes/softmax_reads_integers.py)."""
     # NOTE: marked out-elementwise-fusable (TVM's pattern analysis calls the per-lane tail reads opaque):
     # the requantize after a softmax fuses into its last loop.
     return bb.call_te(_mlas_softmax, x, axis, log, dequantize, primfunc_name_hint="log_softmax" if log else "softmax",
                       primfunc_attrs={"op_pattern": _OUT_EWISE_FUSABLE})
-
-
-def softmax_of_dequantized(bb, q, axis: int, log: bool, scale: float, zero_point: int):
-    """`bb.call_te` of the (log-)softmax of dequantize(q, scale, zero_point), reading the integers q
-    (passes/softmax_reads_integers.py)."""
-    return _call_mlas_softmax(bb, q, axis, log, (scale, zero_point))
 
 
 def _unary_rule(mlas_compute, tvm_compute, name: str):

@@ -28,7 +28,7 @@ import numpy as np
 from nativeq.compile._tvm import relax, tvm
 from nativeq.compile.passes import rewrite_functions, use_counts
 from nativeq.compile.passes.fold_dequantize_quantize import INTEGER_DTYPES
-from nativeq.compile.passes.legalize_like_ort import softmax_of_dequantized
+from nativeq.compile.passes.legalize_like_ort import call_mlas_softmax
 from nativeq.compile.passes.qdq_sites import op_name, resolve, static_scalar
 
 _SOFTMAX_OPS = {"relax.nn.softmax": False, "relax.nn.log_softmax": True}  # op -> log
@@ -74,7 +74,7 @@ class _Rewriter(relax.PyExprMutator):
             return super().visit_var_binding_(binding)
         q, scale, zero_point = matched
         self.rewritten += 1
-        call = softmax_of_dequantized(self.builder_, self.visit_expr(q), int(value.attrs.axis), log, scale, zero_point)
+        call = call_mlas_softmax(self.builder_, self.visit_expr(q), int(value.attrs.axis), log, (scale, zero_point))
         self.set_var_remap(binding.var, self.builder_.emit(call, name_hint=str(binding.var.name)))
 
 
