@@ -162,3 +162,19 @@ def test_table_as_the_graph_output_with_a_rank_3_constant(act_dtype, tmp_path):
     out, ref = compiled.run({"x": x})["y"], session.run(None, {"x": x})[0]
     # the float tanh of TVM and of ORT may differ in the last bits; the table holds TVM's own values
     np.testing.assert_allclose(out, ref, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("act_dtype", ["uint8", "int8"])
+def test_lookups_after_an_avx512_matmul_are_gathers(act_dtype, tmp_path):
+    """On AVX-512 a 16-lane table lookup in a matmul's epilogue is one `vpgatherdd` (passes/gather_table_lookups.py),
+    not 16 extract / load / insert triples; its results: the exactness test above (host is AVX-512 here)."""
+    import re
+    import subprocess
+
+    path = tmp_path / "gelu.onnx"
+    onnx.save(qdq_models.qdq_activation_chain("gelu", act_dtype=act_dtype), path)
+    compile_model(path, tmp_path / "art", CompileConfig(target="x86-avx512-vnni", use_tuning=False, debug=True))
+    text = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(tmp_path / "art" / "model.so")],
+                          capture_output=True, text=True, check=True).stdout
+    # the table holds the chain's float results here (the graph returns them): `vgatherdps`
+    assert re.search(r"\bv(p)?gatherd(d|ps)\b", text) and "vpextrd" not in text

@@ -99,10 +99,12 @@ def _tir_pipeline_factory():
     """TVM's default s_tir lowering, then `LocalTilesOnStack`; TVM's host and device finalization."""
     from tvm.s_tir.pipeline import default_s_tir_pipeline
 
+    from nativeq.compile.passes.gather_table_lookups import GatherTableLookups
     from nativeq.compile.passes.local_tiles_on_stack import LocalTilesOnStack
 
     lowering, finalize_host, finalize_device = default_s_tir_pipeline()
-    return tvm.transform.Sequential([lowering, LocalTilesOnStack], name="nativeq_tir"), finalize_host, finalize_device
+    passes = [lowering, LocalTilesOnStack, GatherTableLookups]
+    return tvm.transform.Sequential(passes, name="nativeq_tir"), finalize_host, finalize_device
 
 
 def tir_pipeline() -> str:

@@ -30,6 +30,8 @@ from nativeq.compile.passes import rewrite_functions, use_counts
 from nativeq.compile.passes.qdq_sites import op_name, static_scalar
 
 LUT_BLOCK = "nativeq_lut"
+TABLE_ENTRIES = 256
+GATHER_SLACK = 3  # bytes after an 8-bit table's entries
 LUT_ATTR = "nativeq.lut"
 LUT_OFFSET_ATTR = "nativeq.lut_offset"  # the lookup's index offset (-table start), for passes that re-emit it
 _ELEMWISE = 0  # TVM OpPatternKind.kElemWise
@@ -102,7 +104,12 @@ def lut_lookup_te(x, table, offset: int):
 
 
 def call_lut(builder, x, table, offset: int):
-    """`builder.call_te` of `lut_lookup_te`, marked (with its offset) as nativeq's table lookup."""
+    """`builder.call_te` of `lut_lookup_te`, marked (with its offset) as nativeq's table lookup.
+
+    An 8-bit table gets `GATHER_SLACK` zero entries after its 256: a 32-bit gather
+    (passes/gather_table_lookups.py) reads 4 bytes at an entry, which the slack keeps inside the table."""
+    if _dtype(table) in ("uint8", "int8") and int(table.ty.shape.values[0]) == TABLE_ENTRIES:
+        table = builder.emit(relax.op.concat([table, relax.const(np.zeros(GATHER_SLACK, _dtype(table)))], axis=0))
     return builder.call_te(lut_lookup_te, x, table, offset=offset, primfunc_name_hint=LUT_BLOCK,
                            primfunc_attrs={LUT_ATTR: 1, LUT_OFFSET_ATTR: offset})
 
