@@ -586,10 +586,12 @@ def ort_dynamic_quantized_encoder(weight_dtype: str = "int8", seed: int = 0) -> 
 
 
 def qdq_activation_chain(act: str = "gelu", k: int = 32, n: int = 48, t="T", act_dtype: str = "uint8",
-                         seed: int = 0) -> onnx.ModelProto:
+                         seed: int = 0, second_matmul: bool = False) -> onnx.ModelProto:
     """x[1, t, k] -> Q/DQ -> MatMul(DQ(W)) -> Q/DQ -> `act` written as QDQ ops, as ORT `quantize_static` does
     -> Q/DQ -> y[1, t, n]. act: "gelu" (x * (1 + erf(x / sqrt 2)) * 0.5), "silu" (x * sigmoid(x)), "tanh",
     "relu" (one cheap op: not worth a table), "silu_channel_scale" (silu, then a per-channel Mul).
+    second_matmul: the activation feeds another QDQ MatMul (n -> k, y[1, t, k]), as in a transformer's FFN, so
+    its table holds 8-bit values.
     """
     rng = np.random.default_rng(seed)
     nodes, inits = [], []
@@ -625,8 +627,12 @@ def qdq_activation_chain(act: str = "gelu", k: int = 32, n: int = 48, t="T", act
         out = op("Relu", [h], "relu", 0.04)
     else:
         raise ValueError(act)
+    if second_matmul:
+        w2 = _weight_dq(nodes, inits, "fc2", rng.normal(0, 0.2, (n, k)).astype(np.float32), axis=1)
+        nodes.append(helper.make_node("MatMul", [out, w2], ["mm2"], name="fc2_MatMul"))
+        out = _q_dq(nodes, inits, "y2", "mm2", 0.1, act_dtype)
     nodes.append(helper.make_node("Identity", [out], ["y"], name="out"))
-    return _model(nodes, inits, [1, t, k], [1, t, n], f"qdq_{act}")
+    return _model(nodes, inits, [1, t, k], [1, t, k if second_matmul else n], f"qdq_{act}")
 
 
 def qdq_softmax(n="N", t="T", log: bool = False, act_dtype: str = "uint8", scale: float = 0.0371,

@@ -13,6 +13,7 @@ from nativeq.compile.passes import int8 as int8_passes
 from nativeq.compile.passes.int8 import lowering_passes
 from nativeq.compile.passes.lut_elementwise import LUT_BLOCK, worth_a_table
 from nativeq.runtime import load
+from nativeq.targets import get_target
 
 
 @pytest.mark.parametrize("ops, worth", [
@@ -164,17 +165,29 @@ def test_table_as_the_graph_output_with_a_rank_3_constant(act_dtype, tmp_path):
     np.testing.assert_allclose(out, ref, rtol=0, atol=2e-6)
 
 
+@pytest.mark.parametrize("second_matmul", [False, True], ids=["float table", "8-bit table"])
 @pytest.mark.parametrize("act_dtype", ["uint8", "int8"])
-def test_lookups_after_an_avx512_matmul_are_gathers(act_dtype, tmp_path):
-    """On AVX-512 a 16-lane table lookup in a matmul's epilogue is one `vpgatherdd` (passes/gather_table_lookups.py),
-    not 16 extract / load / insert triples; its results: the exactness test above (host is AVX-512 here)."""
+def test_lookups_after_an_avx512_matmul_are_gathers(act_dtype, second_matmul, tmp_path, request):
+    """On AVX-512 a 16-lane table lookup in a matmul's epilogue is one gather (passes/gather_table_lookups.py), not
+    16 extract / load / insert triples: `vgatherdps` from a float table (the graph returns the activation),
+    `vpgatherdd` reading 4 bytes per entry from an 8-bit one (the activation feeds another matmul). Same results as
+    the per-element chain (and, for the float table, the exactness test above)."""
     import re
     import subprocess
 
+    model = qdq_models.qdq_activation_chain("gelu", act_dtype=act_dtype, second_matmul=second_matmul)
     path = tmp_path / "gelu.onnx"
-    onnx.save(qdq_models.qdq_activation_chain("gelu", act_dtype=act_dtype), path)
+    onnx.save(model, path)
     compile_model(path, tmp_path / "art", CompileConfig(target="x86-avx512-vnni", use_tuning=False, debug=True))
     text = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(tmp_path / "art" / "model.so")],
                           capture_output=True, text=True, check=True).stdout
-    # the table holds the chain's float results here (the graph returns them): `vgatherdps`
-    assert re.search(r"\bv(p)?gatherd(d|ps)\b", text) and "vpextrd" not in text
+    assert re.search(r"\bvpgatherdd\b" if second_matmul else r"\bvgatherdps\b", text) and "vpextrd" not in text
+    if get_target("host").int8 != "avx512-vnni":
+        return
+    _, with_gathers = _compile(model, tmp_path, "lut")
+    request.getfixturevalue("without_tables")
+    _, per_element = _compile(model, tmp_path, "chain")
+    rng = np.random.default_rng(4)
+    for t in (1, 7, 64):
+        x = rng.uniform(-8, 8, (1, t, 32)).astype(np.float32)  # the quantizer's whole range: every entry read
+        np.testing.assert_array_equal(with_gathers.run({"x": x})["y"], per_element.run({"x": x})["y"])
