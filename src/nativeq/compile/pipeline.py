@@ -12,8 +12,9 @@ Modelled on `tvm/relax/backend/cpu_generic/pipeline.py`, with nativeq's three ho
 A MetaSchedule tuning database, when one is used, is applied right before the default
 schedules, so tuned functions keep their tuned schedule.
 
-The TIR lowering after `relax.build` hands the kernels over is TVM's own (`s_tir`) with one pass
-appended (`tir_pipeline`): `passes/local_tiles_on_stack.py` keeps register tiles on the stack.
+The TIR lowering after `relax.build` hands the kernels over is TVM's own (`s_tir`) with two passes
+appended (`tir_pipeline`): `passes/local_tiles_on_stack.py` keeps register tiles on the stack, and
+`passes/gather_table_lookups.py` turns vectors of table lookups into AVX-512 gathers.
 """
 
 from __future__ import annotations
@@ -96,7 +97,8 @@ TIR_PIPELINE = "nativeq"
 
 
 def _tir_pipeline_factory():
-    """TVM's default s_tir lowering, then `LocalTilesOnStack`; TVM's host and device finalization."""
+    """TVM's default s_tir lowering, then `LocalTilesOnStack` and `GatherTableLookups`; TVM's host and device
+    finalization."""
     from tvm.s_tir.pipeline import default_s_tir_pipeline
 
     from nativeq.compile.passes.gather_table_lookups import GatherTableLookups

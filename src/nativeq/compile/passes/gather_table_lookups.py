@@ -1,4 +1,4 @@
-"""TIR pass: a vector of 8-bit table lookups becomes one AVX-512 `vpgatherdd`.
+"""TIR pass: a vector of table lookups becomes one AVX-512 gather (`vpgatherdd` / `vgatherdps`).
 
 Pipeline position: the TIR lowering (`compile/pipeline.py` `tir_pipeline`), after TVM's VectorizeLoop and
 `LocalTilesOnStack`, for functions compiled for a target with AVX-512.
