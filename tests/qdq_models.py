@@ -108,9 +108,9 @@ def qdq_conv1d(c_in: int = 32, c_out: int = 48, kernel: int = 3, t="T", act_dtyp
     return _model(nodes, inits, [1, c_in, t], [1, c_out, t_out], "qdq_conv1d")
 
 
-def qdq_conv2d(c_in: int = 8, c_out: int = 16, kernel: int = 3, h: int = 20, w: int = 20, act_dtype: str = "int8",
+def qdq_conv2d(c_in: int = 8, c_out: int = 16, kernel: int = 3, h=20, w: int = 20, act_dtype: str = "int8",
                stride: int = 2, relu: bool = True, seed: int = 0) -> onnx.ModelProto:
-    """x[1, c_in, h, w] -> Q/DQ -> Conv2d(DQ(W)) + bias (-> Relu) -> Q/DQ -> y."""
+    """x[1, c_in, h, w] -> Q/DQ -> Conv2d(DQ(W)) + bias (-> Relu) -> Q/DQ -> y (h may be symbolic, e.g. "T")."""
     rng = np.random.default_rng(seed)
     nodes, inits = [], []
     xa = _q_dq(nodes, inits, "x", "x", 0.05, act_dtype)
@@ -126,7 +126,7 @@ def qdq_conv2d(c_in: int = 8, c_out: int = 16, kernel: int = 3, h: int = 20, w: 
         out = "relu"
     yq = _q_dq(nodes, inits, "y", out, 0.1, act_dtype)
     nodes.append(helper.make_node("Identity", [yq], ["y"], name="out"))
-    ho = (h + 2 - kernel) // stride + 1
+    ho = f"{h}_out" if isinstance(h, str) else (h + 2 - kernel) // stride + 1
     wo = (w + 2 - kernel) // stride + 1
     return _model(nodes, inits, [1, c_in, h, w], [1, c_out, ho, wo], "qdq_conv2d")
 
@@ -668,3 +668,75 @@ def qdq_softmax(n="N", t="T", log: bool = False, act_dtype: str = "uint8", scale
         nodes.append(helper.make_node("QuantizeLinear", ["p", "p_scale", "p_zp"], ["p_q"], name="p_Q"))
         nodes.append(helper.make_node("DequantizeLinear", ["p_q", "p_scale", "p_zp"], ["y"], name="p_DQ"))
     return _model(nodes, inits, in_shape, [1, t, row], "qdq_softmax")
+
+
+def conv_transpose(c_in: int = 16, c_out: int = 8, kernel=(5,), stride=(2,), pads=(2, 2), output_padding=(0,),
+                   spatial=("T",), quantized: bool = True, act_dtype: str = "uint8", bias: bool = True, groups: int = 1,
+                   seed: int = 0) -> onnx.ModelProto:
+    """x[1, c_in, *spatial] (-> Q/DQ) -> ConvTranspose(W[c_in, c_out / groups, *kernel], DQ'd per output channel when
+    `quantized`) + bias (-> Q/DQ) -> y[1, c_out, *out]; a symbolic spatial size gives a symbolic output size."""
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+    w = rng.normal(0, 0.2, (c_in, c_out // groups, *kernel)).astype(np.float32)
+    if quantized:
+        xa = _q_dq(nodes, inits, "x", "x", 0.05, act_dtype)
+        wt = _weight_dq(nodes, inits, "deconv", w, axis=1, per_channel=groups == 1)
+    else:
+        xa, wt = "x", "deconv_w"
+        inits.append(numpy_helper.from_array(w, wt))
+    inputs = [xa, wt]
+    if bias:
+        inits.append(numpy_helper.from_array(rng.normal(0, 0.1, c_out).astype(np.float32), "deconv_b"))
+        inputs.append("deconv_b")
+    nodes.append(helper.make_node("ConvTranspose", inputs, ["deconv"], name="deconv_ConvTranspose",
+                                  kernel_shape=list(kernel), strides=list(stride), pads=list(pads),
+                                  output_padding=list(output_padding), group=groups))
+    out = _q_dq(nodes, inits, "y", "deconv", 0.1, act_dtype) if quantized else "deconv"
+    nodes.append(helper.make_node("Identity", [out], ["y"], name="out"))
+    n = len(kernel)
+    out_shape = [f"{d}_out" if isinstance(d, str) else
+                 (d - 1) * stride[i] + kernel[i] - pads[i] - pads[n + i] + output_padding[i] for i, d in enumerate(spatial)]
+    return _model(nodes, inits, [1, c_in, *spatial], [1, c_out, *out_shape], "conv_transpose")
+
+
+def prelu(slope: str = "scalar", c: int = 16, t="T", quantized: bool = False, seed: int = 0) -> onnx.ModelProto:
+    """x[1, c, t] -> PRelu(slope: one value ("scalar") or one per channel, [c, 1]) -> y; `quantized`: between two
+    QDQ 1x1 convs (uint8), the PRelu's input and output quantized too, as ORT's quantize_static leaves it."""
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+    values = rng.uniform(0.05, 0.5, (1,) if slope == "scalar" else (c, 1)).astype(np.float32)
+    inits.append(numpy_helper.from_array(values, "slope"))
+    src = "x"
+    if quantized:
+        xa = _q_dq(nodes, inits, "x", "x", 0.05, "uint8")
+        w = _weight_dq(nodes, inits, "pw1", rng.normal(0, 0.3, (c, c, 1)).astype(np.float32), axis=0)
+        nodes.append(helper.make_node("Conv", [xa, w], ["pw1"], name="pw1_Conv", kernel_shape=[1]))
+        src = _q_dq(nodes, inits, "pw1o", "pw1", 0.08, "uint8")
+    nodes.append(helper.make_node("PRelu", [src, "slope"], ["act"], name="act_PRelu"))
+    out = "act"
+    if quantized:
+        a = _q_dq(nodes, inits, "acto", "act", 0.06, "uint8")
+        w = _weight_dq(nodes, inits, "pw2", rng.normal(0, 0.3, (c, c, 1)).astype(np.float32), axis=0)
+        nodes.append(helper.make_node("Conv", [a, w], ["pw2"], name="pw2_Conv", kernel_shape=[1]))
+        out = _q_dq(nodes, inits, "y", "pw2", 0.1, "uint8")
+    nodes.append(helper.make_node("Identity", [out], ["y"], name="out"))
+    return _model(nodes, inits, [1, c, t], [1, c, t], "prelu")
+
+
+def group_norm_one_group(c: int = 16, t="T", seed: int = 0) -> onnx.ModelProto:
+    """GroupNorm(1, c) as torch exports it: x[1, c, t] -> Reshape [1, 1, -1] -> InstanceNormalization -> Reshape
+    [1, c, -1] -> Mul(gamma[c, 1]) -> Add(beta[c, 1]) -> y. One mean and variance over the whole tensor."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(np.array([1, 1, -1], np.int64), "flat"),
+             numpy_helper.from_array(np.array([1, c, -1], np.int64), "back"),
+             numpy_helper.from_array(np.ones(1, np.float32), "in_scale"),
+             numpy_helper.from_array(np.zeros(1, np.float32), "in_bias"),
+             numpy_helper.from_array(rng.uniform(0.5, 1.5, (c, 1)).astype(np.float32), "gamma"),
+             numpy_helper.from_array(rng.normal(0, 0.1, (c, 1)).astype(np.float32), "beta")]
+    nodes = [helper.make_node("Reshape", ["x", "flat"], ["flat_x"], name="flat_Reshape"),
+             helper.make_node("InstanceNormalization", ["flat_x", "in_scale", "in_bias"], ["normed"], name="norm",
+                              epsilon=1e-5),
+             helper.make_node("Reshape", ["normed", "back"], ["back_x"], name="back_Reshape"),
+             helper.make_node("Mul", ["back_x", "gamma"], ["scaled"], name="gamma_Mul"),
+             helper.make_node("Add", ["scaled", "beta"], ["y"], name="beta_Add")]
+    return _model(nodes, inits, [1, c, t], [1, c, t], "group_norm_one_group")

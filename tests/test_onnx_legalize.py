@@ -365,3 +365,45 @@ def test_unify_operand_shapes_renames_the_smaller_operand():
         bb.emit_func_output(out)
     assert unified[0].same_as(x)
     assert str(unified[1].ty.shape.values[2]) == str((t - 3) // 4)
+
+
+@pytest.mark.parametrize("slope", ["scalar", "channel"])
+def test_prelu_becomes_where_and_runs_at_a_symbolic_length(slope, tmp_path):
+    """PRelu -> Less, Mul, Where. A one-element slope used to fail to compile on a symbolic last axis (the importer
+    made it a per-channel slope there); the legalized model equals the original in ORT, and the compiled one equals
+    ORT bit for bit (the same float multiply) at two lengths."""
+    from nativeq.compile import CompileConfig, compile_model
+    import nativeq
+
+    model = zoo.prelu(slope)
+    legal = legalize(model)
+    assert "PRelu" not in {n.op_type for n in legal.graph.node}
+    for t in (7, 33):
+        feeds = _x((1, 16, t), seed=t)
+        np.testing.assert_array_equal(ort_run(legal, feeds)[0], ort_run(model, feeds)[0])
+    path = tmp_path / "prelu.onnx"
+    onnx.save(model, path)
+    compile_model(path, tmp_path / "art", CompileConfig(target="host", use_tuning=False))
+    loaded = nativeq.load(tmp_path / "art")
+    for t in (7, 33):
+        feeds = _x((1, 16, t), seed=t)
+        np.testing.assert_array_equal(loaded.run(feeds)["y"], ort_run(model, feeds)[0])
+
+
+def test_quantized_prelu_between_convs_stays_channels_last(tmp_path):
+    """A per-channel PRelu between two QDQ 1x1 convs fuses into the first conv's epilogue: no transpose of the
+    activation back to channels first and again (the comparison of the Where form carries the layout), and the
+    result equals ONNX Runtime's."""
+    from kernel_rules import schedule_rules
+
+    from nativeq.compile import CompileConfig, compile_model
+    from nativeq.verify import VerifyConfig, verify_artifact
+
+    model = zoo.prelu("channel", quantized=True)
+    rules = schedule_rules(model, tmp_path)
+    assert sum("transpose" in name for name in rules) == 2, rules  # the input's and the output's
+    path = tmp_path / "prelu_q.onnx"
+    onnx.save(model, path)
+    compile_model(path, tmp_path / "art", CompileConfig(target="host", use_tuning=False))
+    report = verify_artifact(tmp_path / "art", path, VerifyConfig(dims={"T": 29}, runs=2))
+    assert report.passed and report.outputs[0].max_abs == 0.0, report.table()

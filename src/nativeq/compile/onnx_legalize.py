@@ -31,6 +31,9 @@ user could run anywhere:
   and the slices are summed in int32. A run-time weight is accepted when its static shape
   bounds every sum within 2**24 (C/group * kernel size * 255 * 255), refused otherwise.
 
+- PRelu -> Less, Mul, Where (the importer puts a one-element slope on the last axis, which must then be
+  static, and runs a per-channel one between two transposes of the whole tensor).
+
 MatMulInteger and DynamicQuantizeLinear are left alone: TVM's converters compute them
 exactly (int32 matmul; the same rounding as ORT).
 
@@ -868,6 +871,24 @@ def ms_qgemm_to_qdq(node: onnx.NodeProto, ctx: _Context):
     return nodes
 
 
+def prelu_to_where(node: onnx.NodeProto, ctx: _Context):
+    """PRelu -> Where(Less(x, 0), Mul(x, slope), x), its definition (the slope broadcasts to x by ONNX's rules).
+
+    TVM's importer makes a one-element slope a per-channel one on the last axis, whose legalization needs that
+    axis static (a waveform model's time axis is not), and a per-channel slope on another axis a transpose of
+    the whole tensor there and back around the comparison."""
+    if node.op_type != "PRelu" or node.domain not in ("", "ai.onnx"):
+        return None
+    x, slope = node.input
+    elem = _elem_types(ctx).get(x, TensorProto.FLOAT)
+    base = node.name or node.output[0]
+    zero = ctx.const(f"{base}_zero", np.zeros((), helper.tensor_dtype_to_np_dtype(elem)))
+    negative, scaled = ctx.fresh(f"{node.output[0]}_negative"), ctx.fresh(f"{node.output[0]}_scaled")
+    return [helper.make_node("Less", [x, zero], [negative], name=ctx.fresh(f"{base}_Less")),
+            helper.make_node("Mul", [x, slope], [scaled], name=ctx.fresh(f"{base}_Mul")),
+            helper.make_node("Where", [negative, scaled, x], list(node.output), name=ctx.fresh(f"{base}_Where"))]
+
+
 def _input(node: onnx.NodeProto, index: int) -> str:
     return "" if _is_absent(node, index) else node.input[index]
 
@@ -897,4 +918,5 @@ _NODE_REWRITES = (
     ms_qlinear_to_qdq,
     ms_qlinear_concat_to_qdq,
     ms_qgemm_to_qdq,
+    prelu_to_where,
 )

@@ -49,7 +49,8 @@ _ELEMENTWISE = {
     "relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.maximum", "relax.minimum",
     "relax.astype", "relax.clip", "relax.nn.relu", "relax.nn.silu", "relax.nn.gelu", "relax.nn.gelu_tanh",
     "relax.sigmoid", "relax.tanh", "relax.exp", "relax.negative", "relax.round", "relax.abs", "relax.sqrt",
-    "relax.erf", "relax.where", "relax.quantize", "relax.dequantize",
+    "relax.erf", "relax.where", "relax.quantize", "relax.dequantize", "relax.less", "relax.less_equal",
+    "relax.greater", "relax.greater_equal", "relax.equal", "relax.not_equal",
 }
 _SPATIAL_MEANS = {"relax.mean", "relax.variance", "relax.sum", "relax.max"}
 # Taps along the last axis from which a depthwise conv multiplies 4 per `vpdpbusd` lane. Measured on AVX-512 VNNI:
