@@ -7,6 +7,7 @@ every matmul/conv, whether that list turns it into an integer kernel or leaves i
 from __future__ import annotations
 
 from nativeq.compile._tvm import relax
+from nativeq.compile.passes.conv_transpose_as_conv import ConvTransposeAsConv
 from nativeq.compile.passes.fold_bias_into_accumulator import FoldBiasIntoAccumulator
 from nativeq.compile.passes.fold_dequantize_quantize import FoldDequantizeQuantize
 from nativeq.compile.passes.fold_quantize_dequantize import FoldQuantizeDequantize
@@ -35,6 +36,7 @@ def activation_dtype(target) -> str | None:
 def lowering_passes(kernel_activation_dtype: str | None) -> list:
     """The int8 passes in pipeline order, for kernels reading `kernel_activation_dtype` activations."""
     return [
+        ConvTransposeAsConv(),
         RemoveIdentityReshapes(),
         LowerQDQToInteger(kernel_activation_dtype),
         FoldBiasIntoAccumulator(require_exact=True),
