@@ -218,3 +218,20 @@ def test_depthwise_kernel_reads_a_padded_copy_without_clamping(target_name, act_
         compile_model(path, tmp_path / "art", CompileConfig(target="host", use_tuning=False))
         report = verify_artifact(tmp_path / "art", path, VerifyConfig(dims={"T": 70}, runs=2))
         assert report.passed and report.outputs[0].max_steps == 0, report.table()
+
+
+@pytest.mark.parametrize("width", [40, 9])
+def test_conv2d_over_symbolic_time_with_wide_rows_is_tensorized(width, tmp_path):
+    """A 2-D conv over [T, width] with T symbolic: its GEMM has T x width rows (padded to whole register tiles,
+    cropped back). With width sharing a divisor with the tile (40, 9), TVM's first region-cover analysis cannot
+    prove that the padded rows cover the crop and used to refuse the whole schedule (generic path); the matmul is
+    now tensorized, and the result equals ONNX Runtime's."""
+    model = qdq_models.qdq_conv2d(c_in=16, c_out=16, h="T", w=width, stride=1, act_dtype="uint8")
+    rules = schedule_rules(model, tmp_path)
+    assert not any(v == "generic" for k, v in rules.items() if "matmul" in k), rules
+    assert any(v == "int8-matmul" for v in rules.values()), rules
+    path = tmp_path / "wide.onnx"
+    onnx.save(model, path)
+    compile_model(path, tmp_path / "art", CompileConfig(target="host", use_tuning=False))
+    report = verify_artifact(tmp_path / "art", path, VerifyConfig(dims={"T": 13}, runs=2))
+    assert report.passed and report.outputs[0].max_abs == 0.0, report.table()
