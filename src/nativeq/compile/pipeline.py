@@ -27,6 +27,7 @@ from nativeq.compile.passes.legalize_like_ort import legalize_like_ort
 from nativeq.compile.passes.lut_elementwise import MarkLutElementwise
 from nativeq.compile.passes.repack_after_legalize import RepackAfterLegalize
 from nativeq.compile.passes.scalars_as_tensors import scalars_as_tensors
+from nativeq.compile.passes.symbolic_reshapes_as_views import symbolic_reshapes_as_views
 from nativeq.compile.schedules import kernel_relax_passes, schedule_passes
 
 
@@ -58,7 +59,8 @@ def _passes(target, *, int8: bool, tuning_database: Path | None, compressed_weig
         # library dispatch and legalization to TIR, then fusion
         relax.backend.DispatchSampling(),
         relax.backend.DispatchSortScan(),
-        relax.transform.LegalizeOps(customize_legalize_map={**scalars_as_tensors(), **legalize_like_ort()}),
+        relax.transform.LegalizeOps(customize_legalize_map={**scalars_as_tensors(), **legalize_like_ort(),
+                                                           **symbolic_reshapes_as_views()}),
         *([RepackAfterLegalize()] if int8 else []),
         relax.transform.AnnotateTIROpPattern(),
         MarkLutElementwise(),

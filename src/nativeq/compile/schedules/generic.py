@@ -151,7 +151,7 @@ def reduction_vectorize(sch: Schedule, block, vector_bits: int) -> None:
     n_spatial = len(kinds) - len(kinds.lstrip("S"))
     if kinds != "S" * n_spatial + "R" * (len(kinds) - n_spatial) or n_spatial == len(kinds):
         return
-    if n_spatial == 0:
+    if all(_extent(sch, loop) == 1 for loop in loops[:n_spatial]):
         full_reduction_vectorize(sch, block, vector_bits)
         return
     spatial, reduction = loops[:n_spatial], loops[n_spatial:]
@@ -185,14 +185,18 @@ def full_reduction_vectorize(sch: Schedule, block, vector_bits: int) -> None:
     partial result per vector lane (`rfactor` over the innermost axis split by the vector width),
     accumulated with vector instructions over the rest of the tensor, then the lanes reduced.
 
-    Needs a static innermost axis that the vector width (or a half or quarter of it) divides: a lane
-    predicate would scalarize the vector loop. Otherwise the block is left as it is."""
+    A static innermost axis takes a vector width (or a half or quarter of it) that divides it; a symbolic one the
+    full width, its last vector split off (`split_off_guards`: a lane predicate would scalarize the vector loop).
+    Otherwise the block is left as it is. Spatial loops of extent 1 (a mean kept as [1, 1, 1]) stay outside."""
     loops = sch.get_loops(block)
     innermost = _extent(sch, loops[-1])
-    lanes = dividing_lanes(innermost, max(2, vector_bits // _block_dtype_bits(sch, block))) if innermost else None
+    full_width = max(2, vector_bits // _block_dtype_bits(sch, block))
+    lanes = dividing_lanes(innermost, full_width) if innermost else full_width
     if lanes is None:
         return
-    _, lane = sch.split(loops[-1], factors=[None, lanes])
+    rows, lane = sch.split(loops[-1], factors=[None, lanes])
+    if innermost is None:
+        split_off_guards(sch, rows)
     partial = sch.rfactor(lane, factor_axis=0)
     *outer, lane = sch.get_loops(partial)
     sch.vectorize(lane)
@@ -219,6 +223,26 @@ def has_multi_axis_reduction(func) -> bool:
     except _ERRORS:
         return False
     return any(_iter_kinds(sch, b).count("R") >= 2 for b in blocks)
+
+
+def has_whole_tensor_reduction(func) -> bool:
+    """Whether a block reduces to one value (every spatial extent 1) that a later block broadcasts: a mean over the
+    whole tensor, such as GroupNorm with one group or a mean over all frames. dlight's norm rule then takes the
+    broadcast's axis for its rows and recomputes the whole reduction for every element (quadratic time)."""
+    sch = Schedule(func)
+    try:
+        blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    except _ERRORS:
+        return False
+
+    def spatial_extents(block):
+        return [iv.dom.extent for iv in sch.get(block).iter_vars if iv.iter_type == tirx.IterVar.DataPar]
+
+    def is_one(extent) -> bool:
+        return isinstance(extent, tirx.IntImm) and int(extent) == 1
+
+    whole = [b for b in blocks if "R" in _iter_kinds(sch, b) and all(is_one(e) for e in spatial_extents(b))]
+    return bool(whole) and any(not all(is_one(e) for e in spatial_extents(b)) for b in blocks)
 
 
 def dividing_lanes(extent: int, lanes: int) -> int | None:
