@@ -194,6 +194,30 @@ def test_arena_of_a_static_model_is_a_number_without_dims(tmp_path):
     assert (planned, expr, dims) == (2 * 8 * 16 * 4, None, {})
 
 
+def test_a_waveform_model_is_reported_at_a_length_it_can_take(tmp_path):
+    """A framing conv of 256 taps on a waveform of L samples has no output at the report's default L = 64 (its
+    lengths, MACs and arena would be negative: the manifest used to be refused at load). The report takes the first
+    of the larger sizes at which every contraction does work, for the MACs and the arena alike."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.1, (16, 1, 256)).astype(np.float32), "w")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], name="frames", kernel_shape=[256], strides=[128])]
+    graph = helper.make_graph(nodes, "framing", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, "L"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, "F"])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "framing.onnx"
+    onnx.save(model, path)
+    result = compile_model(path, tmp_path / "art", CompileConfig(target="host", use_tuning=False))
+    manifest = result.manifest
+    assert manifest["kernel_dims"] == manifest["sizes"]["arena_dims"] == {"L": 1024}
+    assert manifest["sizes"]["arena_bytes"] >= 0
+    frames = (1024 - 256) // 128 + 1
+    contraction = [k for k in manifest["kernels"] if k["kind"] == "contraction"]
+    assert len(contraction) == 1 and frames * 16 * 256 <= contraction[0]["macs"] < 2 * frames * 16 * 256  # rows padded to tiles
+    import nativeq
+
+    nativeq.load(tmp_path / "art")  # the manifest is valid
+
+
 def test_compile_summary_prints_the_sizes(built):
     from nativeq.compile.api import CompileResult
 

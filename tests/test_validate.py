@@ -84,7 +84,8 @@ def test_valid_models_pass(name):
     (0.0, "is 0; a scale must be finite and > 0"),
     (-0.5, "is -0.5; a scale must be finite and > 0"),
     (np.nan, "is nan"),
-    (np.inf, "is inf"),
+    (np.inf, "is inf; a scale must be finite and > 0 (calibrated on a tensor holding an infinity, such as an "
+             "attention mask: leave that tensor out of quantization)"),
     (-np.inf, "is -inf"),
     (1e38, "overflow FLOAT (largest usable scale 1.33444e+36)"),
     (1e-40, "below the smallest normal FLOAT"),

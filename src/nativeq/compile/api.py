@@ -414,13 +414,17 @@ def _kernel_report(passes: list, captures, tuned: dict, dims: dict[str, int]) ->
     """(the kernel records, the symbolic sizes their MACs are counted at) of the module just built."""
     if captures is None or captures[0].functions is None:
         return None, {}
-    from nativeq.compile.kernels import kernel_table, report_dims, size_names
+    from nativeq.compile.kernels import DEFAULT_SIZE, LARGER_SIZES, kernel_table, report_dims, size_names
 
     lowered, built = captures[0].functions, captures[1].functions
-    at = dict(sorted({**report_dims(size_names(lowered), dims), **dims}.items()))  # fixed sizes (--dim) included
     rules = next((dict(p.applied) for p in passes if p.info.name == _SCHEDULE_PASS), {})
     try:
-        return kernel_table(lowered, built, tuned, rules, at), at
+        for default in (DEFAULT_SIZE, *LARGER_SIZES):
+            at = dict(sorted({**report_dims(size_names(lowered), dims, default), **dims}.items()))  # --dim included
+            table = kernel_table(lowered, built, tuned, rules, at)
+            if all(r["macs"] > 0 for r in table if r["kind"] == "contraction"):
+                break
+        return table, at
     except Exception as e:  # noqa: BLE001  (a report, not the build: IR it cannot read costs the report only)
         warnings.warn(f"kernel report unavailable: {first_line(e)}", stacklevel=3)
         return None, {}

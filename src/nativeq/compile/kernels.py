@@ -44,6 +44,9 @@ SCHEDULE_WORDS = {
 }
 GENERIC_PATH = ("generic", "unscheduled")  # schedules on which a contraction is slow
 DEFAULT_SIZE = 64  # a symbolic size the report is not given a value for
+# ... larger ones, tried in turn when a contraction has no work at the smaller (a waveform of 64 samples is
+# shorter than its first conv's kernel)
+LARGER_SIZES = (1024, 16384)
 BATCH_SIZE = 1  # ... when its name says batch
 _BATCH_NAMES = ("batch", "batch_size", "n", "b", "bs")
 _CALL_OPS = ("relax.call_tir", "relax.call_tir_inplace", "relax.call_tir_with_grad")
@@ -70,10 +73,10 @@ class CaptureModule:
         return mod
 
 
-def report_dims(names, given: dict[str, int] | None = None) -> dict[str, int]:
-    """The value of each symbolic size name for the report: `given`, else 1 for batch names, else 64."""
+def report_dims(names, given: dict[str, int] | None = None, default: int = DEFAULT_SIZE) -> dict[str, int]:
+    """The value of each symbolic size name for the report: `given`, else 1 for batch names, else `default`."""
     given = given or {}
-    return {n: int(given.get(n, BATCH_SIZE if n.lower() in _BATCH_NAMES else DEFAULT_SIZE)) for n in sorted(set(names))}
+    return {n: int(given.get(n, BATCH_SIZE if n.lower() in _BATCH_NAMES else default)) for n in sorted(set(names))}
 
 
 def size_names(functions: dict) -> list[str]:

@@ -268,7 +268,10 @@ def _check_scale(facts: _ModelFacts, node: _Node, role: str, name: str, quant_ty
     for i, s in enumerate(values):
         where = f"{role} '{name}'" + (f"[{i}]" if values.size > 1 else "")
         if not math.isfinite(s):
-            raise NativeqError(f"{node.label}: {where} is {s}; a scale must be finite and > 0")
+            # an infinite range: what a calibrator measures on a tensor holding -inf (an attention mask)
+            hint = " (calibrated on a tensor holding an infinity, such as an attention mask: leave that tensor " \
+                   "out of quantization)" if math.isinf(s) else ""
+            raise NativeqError(f"{node.label}: {where} is {s}; a scale must be finite and > 0{hint}")
         if s <= 0:
             raise NativeqError(f"{node.label}: {where} is {s:g}; a scale must be finite and > 0")
         if s < tiny:
