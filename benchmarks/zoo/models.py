@@ -349,6 +349,70 @@ class Wav2Vec2FeatureExtractor(nn.Module):
         return self.projection(self.layer_norm(x.transpose(1, 2)))
 
 
+# ----------------------------------------------------------------------------- Conv-TasNet-style separator
+class TasNetBlock(nn.Module):
+    """1x1 conv, PReLU, GroupNorm(1, C) (global layer norm), dilated depthwise conv, PReLU, gLN, 1x1 conv; residual."""
+
+    def __init__(self, channels: int, hidden: int, dilation: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv1d(channels, hidden, 1), nn.PReLU(), nn.GroupNorm(1, hidden),
+            nn.Conv1d(hidden, hidden, 3, padding=dilation, dilation=dilation, groups=hidden), nn.PReLU(),
+            nn.GroupNorm(1, hidden), nn.Conv1d(hidden, channels, 1))
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+class ConvTasNet(nn.Module):
+    """Waveform in, one masked source out: strided Conv1d encoder (16 taps, stride 8), a bottleneck, 4 TCN blocks
+    (dilations 1-8), a sigmoid mask on the encoding, ConvTranspose1d decoder back to the waveform."""
+
+    def __init__(self, filters: int = 128, channels: int = 64, hidden: int = 128):
+        super().__init__()
+        self.encoder = nn.Conv1d(1, filters, 16, stride=8, bias=False)
+        self.bottleneck = nn.Conv1d(filters, channels, 1)
+        self.blocks = nn.Sequential(*(TasNetBlock(channels, hidden, d) for d in (1, 2, 4, 8)))
+        self.mask = nn.Conv1d(channels, filters, 1)
+        self.decoder = nn.ConvTranspose1d(filters, 1, 16, stride=8, bias=False)
+
+    def forward(self, waveform):  # [1, S]
+        encoded = self.encoder(waveform.unsqueeze(1)).relu()
+        masked = encoded * torch.sigmoid(self.mask(self.blocks(self.bottleneck(encoded))))
+        return self.decoder(masked).squeeze(1)
+
+
+# ----------------------------------------------------------------------------- ResNet speaker embedding
+class BasicBlock(nn.Module):
+    """Two 3x3 Conv2d + BatchNorm, ReLU; a strided 1x1 conv + BatchNorm on the shortcut where the shape changes."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
+            nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out))
+        self.shortcut = (nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+                         if stride != 1 or c_in != c_out else nn.Identity())
+
+    def forward(self, x):
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+class ResNetSpeaker(nn.Module):
+    """Log-mel [1, T, 80] -> Conv2d stem + MaxPool, 3 basic blocks (16, 32 /2, 64 /2 channels), mean over time,
+    Linear -> a 128-dim speaker embedding."""
+
+    def __init__(self, embedding: int = 128):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, 1, 1), nn.ReLU(), nn.MaxPool2d(2))
+        self.blocks = nn.Sequential(BasicBlock(16, 16, 1), BasicBlock(16, 32, 2), BasicBlock(32, 64, 2))
+        self.head = nn.Linear(64 * 10, embedding)
+
+    def forward(self, feats):  # [1, T, 80]
+        x = self.blocks(self.stem(feats.unsqueeze(1)))  # [1, 64, T/8, 10]
+        return self.head(x.mean(2).flatten(1))
+
+
 # ----------------------------------------------------------------------------- construction and export
 def seeded(factory, seed: int) -> nn.Module:
     """`factory()` with weights drawn from `seed` (global RNG state is left untouched), in eval mode."""
@@ -422,4 +486,6 @@ BUILDERS = {
     "gru_am": lambda: RecurrentCTC("gru"),
     "whisper_encoder": WhisperEncoder,
     "wav2vec2_fe": Wav2Vec2FeatureExtractor,
+    "convtasnet": ConvTasNet,
+    "resnet_speaker": ResNetSpeaker,
 }

@@ -106,6 +106,12 @@ ZOO: dict[str, ZooModel] = {
                                 ORT_STATIC + ("dynamic",)),
     "wav2vec2_fe": ZooModel("wav2vec2 feature encoder: 7 strided Conv1d, GroupNorm, GELU, LayerNorm + projection",
                             "wav2vec2_fe", "waveform", (1, "S"), "features", {1: "T_out"}, "waveform", ORT_STATIC),
+    "convtasnet": ZooModel("Conv-TasNet-style separator: Conv1d encoder /8, 4 TCN blocks (PReLU, GroupNorm with one "
+                           "group, dilated depthwise), sigmoid mask, ConvTranspose1d decoder", "convtasnet", "waveform",
+                           (1, "S"), "separated", {1: "S_out"}, "waveform", ORT_STATIC),
+    "resnet_speaker": ZooModel("ResNet speaker embedding: Conv2d stem + MaxPool, 3 basic blocks (stride 2, 1x1 "
+                               "shortcuts), mean over time, Linear", "resnet_speaker", "feats", (1, "T", 80),
+                               "embedding", {}, "logmel", ORT_STATIC),
     "shipped_conformer": ZooModel(f"nativeq's shipped {SHIPPED} (float export: nativeq.export.float_onnx)", None,
                                   "feats", ("B", "T", 80), "logits", {0: "B", 1: "T_out"}, "shipped_logmel",
                                   ("qat", "qdq_u8_pc", "qdq_s8_pc", "dynamic", "qoperator")),
