@@ -9,6 +9,7 @@ import json
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 import qdq_models
 from kernel_rules import schedule_rules
 
@@ -64,3 +65,22 @@ def test_group_norm_with_one_group_reshapes_as_views_and_matches_onnxruntime(tmp
     for t in (5, 301):
         x = np.random.default_rng(t).normal(0.5, 2.0, (1, 16, t)).astype(np.float32)
         np.testing.assert_allclose(loaded.run({"x": x})["y"], session.run(None, {"x": x})[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.arm
+def test_whole_tensor_sums_add_in_the_same_order_on_the_pi(tmp_path):
+    """16 partial sums on every target: the Pi 5 build (4-lane NEON) computes bit for bit what the x86 build does,
+    so a normalization followed by a quantize rounds alike on both (with 4 partial sums on NEON and 16 on AVX-512,
+    a Conv-TasNet-style separator differed by 4 output steps)."""
+    from nativeq.runtime.emulate import run_emulated
+
+    model = qdq_models.group_norm_one_group(c=16)
+    path = tmp_path / "gn.onnx"
+    onnx.save(model, path)
+    x = np.random.default_rng(3).normal(0.5, 2.0, (1, 16, 997)).astype(np.float32)
+    outputs = {}
+    for target in ("host", "rpi5"):
+        compile_model(path, tmp_path / target, CompileConfig(target=target, use_tuning=False))
+    outputs["host"] = nativeq.load(tmp_path / "host").run({"x": x})["y"]
+    (outputs["rpi5"],) = run_emulated(tmp_path / "rpi5", {"x": x})
+    np.testing.assert_array_equal(outputs["rpi5"], outputs["host"])

@@ -152,7 +152,7 @@ def reduction_vectorize(sch: Schedule, block, vector_bits: int) -> None:
     if kinds != "S" * n_spatial + "R" * (len(kinds) - n_spatial) or n_spatial == len(kinds):
         return
     if all(_extent(sch, loop) == 1 for loop in loops[:n_spatial]):
-        full_reduction_vectorize(sch, block, vector_bits)
+        full_reduction_vectorize(sch, block)
         return
     spatial, reduction = loops[:n_spatial], loops[n_spatial:]
     lanes = max(2, vector_bits // _block_dtype_bits(sch, block))
@@ -180,18 +180,22 @@ def reduction_vectorize(sch: Schedule, block, vector_bits: int) -> None:
     sch.vectorize(sch.get_loops(init)[-1])
 
 
-def full_reduction_vectorize(sch: Schedule, block, vector_bits: int) -> None:
+REDUCTION_LANES = 16  # partial results of a whole-tensor reduction, whatever the target's vector width
+
+
+def full_reduction_vectorize(sch: Schedule, block) -> None:
     """A reduction of a whole tensor to one value (the min and max of a run-time quantization): one
     partial result per vector lane (`rfactor` over the innermost axis split by the vector width),
     accumulated with vector instructions over the rest of the tensor, then the lanes reduced.
 
-    A static innermost axis takes a vector width (or a half or quarter of it) that divides it; a symbolic one the
-    full width, its last vector split off (`split_off_guards`: a lane predicate would scalarize the vector loop).
-    Otherwise the block is left as it is. Spatial loops of extent 1 (a mean kept as [1, 1, 1]) stay outside."""
+    `REDUCTION_LANES` partial results on every target (one AVX-512 vector, two AVX2 or four NEON ones), so that a
+    float sum adds in the same order, and rounds the same, on x86 and on the Pi. A static innermost axis takes
+    that many lanes or a half or quarter of them that divides it; a symbolic one all of them, its last vector
+    split off (`split_off_guards`: a lane predicate would scalarize the vector loop). Otherwise the block is left
+    as it is. Spatial loops of extent 1 (a mean kept as [1, 1, 1]) stay outside."""
     loops = sch.get_loops(block)
     innermost = _extent(sch, loops[-1])
-    full_width = max(2, vector_bits // _block_dtype_bits(sch, block))
-    lanes = dividing_lanes(innermost, full_width) if innermost else full_width
+    lanes = dividing_lanes(innermost, REDUCTION_LANES) if innermost else REDUCTION_LANES
     if lanes is None:
         return
     rows, lane = sch.split(loops[-1], factors=[None, lanes])
