@@ -699,6 +699,14 @@ def conv_transpose(c_in: int = 16, c_out: int = 8, kernel=(5,), stride=(2,), pad
     return _model(nodes, inits, [1, c_in, *spatial], [1, c_out, *out_shape], "conv_transpose")
 
 
+def _qdq_pointwise(nodes, inits, name: str, src: str, c: int, in_scale: float, out_scale: float, rng) -> str:
+    """Q/DQ(src) -> 1x1 Conv (int8 weight, per channel, no bias) -> Q/DQ, uint8 activations; the dequantized output."""
+    a = _q_dq(nodes, inits, f"{name}_in", src, in_scale, "uint8")
+    w = _weight_dq(nodes, inits, name, rng.normal(0, 0.3, (c, c, 1)).astype(np.float32), axis=0)
+    nodes.append(helper.make_node("Conv", [a, w], [name], name=f"{name}_Conv", kernel_shape=[1]))
+    return _q_dq(nodes, inits, f"{name}_out", name, out_scale, "uint8")
+
+
 def prelu(slope: str = "scalar", c: int = 16, t="T", quantized: bool = False, seed: int = 0) -> onnx.ModelProto:
     """x[1, c, t] -> PRelu(slope: one value ("scalar") or one per channel, [c, 1]) -> y; `quantized`: between two
     QDQ 1x1 convs (uint8), the PRelu's input and output quantized too, as ORT's quantize_static leaves it."""
@@ -706,19 +714,9 @@ def prelu(slope: str = "scalar", c: int = 16, t="T", quantized: bool = False, se
     nodes, inits = [], []
     values = rng.uniform(0.05, 0.5, (1,) if slope == "scalar" else (c, 1)).astype(np.float32)
     inits.append(numpy_helper.from_array(values, "slope"))
-    src = "x"
-    if quantized:
-        xa = _q_dq(nodes, inits, "x", "x", 0.05, "uint8")
-        w = _weight_dq(nodes, inits, "pw1", rng.normal(0, 0.3, (c, c, 1)).astype(np.float32), axis=0)
-        nodes.append(helper.make_node("Conv", [xa, w], ["pw1"], name="pw1_Conv", kernel_shape=[1]))
-        src = _q_dq(nodes, inits, "pw1o", "pw1", 0.08, "uint8")
+    src = _qdq_pointwise(nodes, inits, "pw1", "x", c, 0.05, 0.08, rng) if quantized else "x"
     nodes.append(helper.make_node("PRelu", [src, "slope"], ["act"], name="act_PRelu"))
-    out = "act"
-    if quantized:
-        a = _q_dq(nodes, inits, "acto", "act", 0.06, "uint8")
-        w = _weight_dq(nodes, inits, "pw2", rng.normal(0, 0.3, (c, c, 1)).astype(np.float32), axis=0)
-        nodes.append(helper.make_node("Conv", [a, w], ["pw2"], name="pw2_Conv", kernel_shape=[1]))
-        out = _q_dq(nodes, inits, "y", "pw2", 0.1, "uint8")
+    out = _qdq_pointwise(nodes, inits, "pw2", "act", c, 0.06, 0.1, rng) if quantized else "act"
     nodes.append(helper.make_node("Identity", [out], ["y"], name="out"))
     return _model(nodes, inits, [1, c, t], [1, c, t], "prelu")
 
@@ -740,3 +738,20 @@ def group_norm_one_group(c: int = 16, t="T", seed: int = 0) -> onnx.ModelProto:
              helper.make_node("Mul", ["back_x", "gamma"], ["scaled"], name="gamma_Mul"),
              helper.make_node("Add", ["scaled", "beta"], ["y"], name="beta_Add")]
     return _model(nodes, inits, [1, c, t], [1, c, t], "group_norm_one_group")
+
+
+def scalar_length_slice(c: int = 8) -> onnx.ModelProto:
+    """x[1, T, c] -> the first (T + 1) // 2 frames, the length computed as torch's dynamo exporter writes it: Shape
+    (start 1, end 2) -> Squeeze -> Add 1 -> Div 2 -> Reshape [1] -> Slice ends. Float, no QDQ."""
+    inits = [numpy_helper.from_array(np.array(1, np.int64), "one"), numpy_helper.from_array(np.array(2, np.int64), "two"),
+             numpy_helper.from_array(np.array([1], np.int64), "as_1d"),
+             numpy_helper.from_array(np.array([0], np.int64), "starts"),
+             numpy_helper.from_array(np.array([1], np.int64), "axes")]
+    nodes = [helper.make_node("Shape", ["x"], ["t_1d"], name="t_Shape", start=1, end=2),
+             helper.make_node("Squeeze", ["t_1d"], ["t"], name="t_Squeeze"),
+             helper.make_node("Add", ["t", "one"], ["t_plus"], name="t_Add"),
+             helper.make_node("Div", ["t_plus", "two"], ["half"], name="half_Div"),
+             helper.make_node("Reshape", ["half", "as_1d"], ["ends"], name="ends_Reshape"),
+             helper.make_node("Slice", ["x", "starts", "ends", "axes"], ["y"], name="first_half")]
+    return _finish(nodes, inits, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "T", c])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "H", c])], "scalar_length_slice", opset=18)

@@ -407,3 +407,23 @@ def test_quantized_prelu_between_convs_stays_channels_last(tmp_path):
     compile_model(path, tmp_path / "art", CompileConfig(target="host", use_tuning=False))
     report = verify_artifact(tmp_path / "art", path, VerifyConfig(dims={"T": 29}, runs=2))
     assert report.passed and report.outputs[0].max_abs == 0.0, report.table()
+
+
+def test_a_length_computed_as_a_scalar_and_reshaped_imports(tmp_path):
+    """torch's dynamo exporter computes output lengths from Shape as scalars and reshapes them to [1] for Slice:
+    TVM's importer refused the Reshape of that scalar (a Whisper-style encoder exported with dynamo=True). It
+    compiles now, and slices what ORT slices at odd and even lengths."""
+    from nativeq.compile import CompileConfig, compile_model
+    import nativeq
+
+    model = zoo.scalar_length_slice()
+    path = tmp_path / "half.onnx"
+    onnx.save(model, path)
+    compile_model(path, tmp_path / "art", CompileConfig(target="host", use_tuning=False))
+    loaded = nativeq.load(tmp_path / "art")
+    for t in (7, 20):
+        feeds = _x((1, t, 8), seed=t)
+        expected = ort_run(model, feeds)[0]
+        got = loaded.run(feeds)["y"]
+        assert got.shape == expected.shape == (1, (t + 1) // 2, 8)
+        np.testing.assert_array_equal(got, expected)

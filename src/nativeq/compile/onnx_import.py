@@ -130,8 +130,19 @@ class _Pad(onnx_frontend.Pad):
         return relax.op.nn.pad(inputs[0], pad_width, "constant", float(constant_value))
 
 
+class _Reshape(onnx_frontend.Reshape):
+    @classmethod
+    def _impl_v13(cls, bb, inputs, attr, params):
+        """A reshape of a scalar size (torch's dynamo exporter: Shape -> Squeeze -> Add -> Div -> Reshape [1], an
+        output length to slice by) as the reshape of a one-dim shape: TVM keeps such a scalar as a PrimValue, which
+        its converter refuses ("Reshape expects the input data to be a Tensor")."""
+        if tvm.ir.is_prim_expr(inputs[0]):
+            inputs = [relax.ShapeExpr([inputs[0]]), *inputs[1:]]
+        return super()._impl_v13(bb, inputs, attr, params)
+
+
 # Converters used instead of TVM's; LSTM/GRU/RNN have none in TVM 0.27 (see recurrent.py).
-_CONVERTER_FIXES = {"Range": _Range, "Gather": _Gather, "Pad": _Pad, **RECURRENT_CONVERTERS}
+_CONVERTER_FIXES = {"Range": _Range, "Gather": _Gather, "Pad": _Pad, "Reshape": _Reshape, **RECURRENT_CONVERTERS}
 
 
 def with_computed_output_dims(model: onnx.ModelProto, mod) -> onnx.ModelProto:
