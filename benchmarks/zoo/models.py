@@ -476,6 +476,19 @@ def export_float_onnx(module: nn.Module, example: torch.Tensor, io_names: OnnxIO
     return buf.getvalue()
 
 
+def export_dynamo_onnx(module: nn.Module, example: torch.Tensor, input_name: str, symbolic: dict[int, str],
+                       opset: int = 18) -> bytes:
+    """`torch.onnx.export(dynamo=True)` of `module` (the exporter torch uses by default), the axes named in
+    `symbolic` (axis -> name) dynamic from a quarter of the example's size up; returns the serialized model."""
+    dims = {axis: torch.export.Dim(name, min=max(2, example.shape[axis] // 4), max=example.shape[axis] * 100)
+            for axis, name in symbolic.items()}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(module, (example,), dynamo=True, input_names=[input_name], opset_version=opset,
+                                    dynamic_shapes={input_name: dims} if dims else None, verbose=False)
+    return program.model_proto.SerializeToString()
+
+
 BUILDERS = {
     "transformer_postnorm": lambda: TransformerCTC(norm_first=False),
     "transformer_prenorm": lambda: TransformerCTC(norm_first=True),
