@@ -44,6 +44,12 @@ from tvm.sym import Analyzer  # noqa: F401,E402  (was tvm.arith.Analyzer: proofs
 from tvm_ffi import structural_equal  # noqa: F401,E402  (was tvm.ir.structural_equal)
 
 
+def cached_flags(sch, block):
+    """TVM's cached (affine_binding, region_cover, stage_pipeline) of `block` in Schedule `sch` (a test hook of
+    ScheduleState, `_get_cached_flags`)."""
+    return sch.state._get_cached_flags(sch.get_sref(block))
+
+
 def with_type_of(expr, like):
     """`expr` (a freshly built Relax expression) given the type `like` has, without renormalizing it."""
     from tvm.relax.expr import _update_type

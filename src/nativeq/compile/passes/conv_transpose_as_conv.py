@@ -25,7 +25,7 @@ import numpy as np
 
 from nativeq.compile._tvm import relax, te, tvm
 from nativeq.compile.passes import rewrite_functions
-from nativeq.compile.passes.qdq_sites import const_array, op_name, resolve
+from nativeq.compile.passes.qdq_sites import op_name, resolve, static_value
 
 _TRANSPOSED = {"relax.nn.conv1d_transpose": ("NCW", "IOW", relax.op.nn.conv1d),
                "relax.nn.conv2d_transpose": ("NCHW", "IOHW", relax.op.nn.conv2d)}
@@ -38,25 +38,23 @@ def _ints(values) -> list[int]:
 class _Weight:
     """A constant transposed-convolution weight [C, O, *K]: float32, or integers with their dequantization."""
 
-    def __init__(self, values: np.ndarray, scale=None, zero_point=None, axis: int | None = None):
-        self.values, self.scale, self.zero_point, self.axis = values, scale, zero_point, axis
+    def __init__(self, values: np.ndarray, scale=None, zero_point=None):
+        self.values, self.scale, self.zero_point = values, scale, zero_point
 
     @classmethod
     def of(cls, expr, var2val) -> "_Weight | None":
         value = resolve(expr, var2val)
-        array = const_array(value)
-        if array is not None:
-            return cls(array) if array.dtype == np.float32 else None
         if op_name(value) != "relax.dequantize" or str(value.attrs.out_dtype) != "float32":
-            return None
-        data, scale, zero_point = (const_array(resolve(a, var2val)) for a in value.args)
+            array = static_value(value, var2val)
+            return cls(array) if array is not None and array.dtype == np.float32 else None
+        data, scale, zero_point = (static_value(a, var2val) for a in value.args)
         if data is None or scale is None or zero_point is None:
             return None
         axis = int(value.attrs.axis) % data.ndim
         for param in (scale, zero_point):
             if param.size > 1 and (param.ndim != 1 or axis != 1 or param.size != data.shape[1]):
                 return None  # per channel along an axis other than the output channels
-        return cls(data, scale, zero_point, axis)
+        return cls(data, scale, zero_point)
 
     def zero_taps_value(self) -> np.ndarray:
         """The stored value of a zero tap, broadcastable to [C, O, 1...]: 0, or the zero point per output channel."""

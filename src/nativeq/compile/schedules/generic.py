@@ -219,13 +219,18 @@ def split_off_guards(sch: Schedule, loop) -> None:
     sch.annotate(loop, "pragma_loop_partition_hint", 1)
 
 
-def has_multi_axis_reduction(func) -> bool:
-    """Whether a block reduces over 2+ axes (convolutions), which dlight's softmax/norm rule schedules poorly."""
+def _root_blocks(func) -> tuple[Schedule, list]:
+    """A Schedule of `func` and the blocks under its root ([] when it has none TVM can schedule)."""
     sch = Schedule(func)
     try:
-        blocks = sch.get_child_blocks(sch.get_sblock("root"))
+        return sch, list(sch.get_child_blocks(sch.get_sblock("root")))
     except _ERRORS:
-        return False
+        return sch, []
+
+
+def has_multi_axis_reduction(func) -> bool:
+    """Whether a block reduces over 2+ axes (convolutions), which dlight's softmax/norm rule schedules poorly."""
+    sch, blocks = _root_blocks(func)
     return any(_iter_kinds(sch, b).count("R") >= 2 for b in blocks)
 
 
@@ -233,11 +238,7 @@ def has_whole_tensor_reduction(func) -> bool:
     """Whether a block reduces to one value (every spatial extent 1) that a later block broadcasts: a mean over the
     whole tensor, such as GroupNorm with one group or a mean over all frames. dlight's norm rule then takes the
     broadcast's axis for its rows and recomputes the whole reduction for every element (quadratic time)."""
-    sch = Schedule(func)
-    try:
-        blocks = sch.get_child_blocks(sch.get_sblock("root"))
-    except _ERRORS:
-        return False
+    sch, blocks = _root_blocks(func)
 
     def spatial_extents(block):
         return [iv.dom.extent for iv in sch.get(block).iter_vars if iv.iter_type == tirx.IterVar.DataPar]
@@ -282,11 +283,7 @@ def has_integer_matmul(func) -> bool:
     """Whether a block accumulates 8-bit products into int32 over one axis (an activation x activation
     matmul, e.g. attention's Q.K^T and P.V): dlight's reduction rule keeps such a reduction innermost
     and scalar; `reduction_vectorize` turns it into rows x vector-of-columns multiply-adds."""
-    sch = Schedule(func)
-    try:
-        blocks = sch.get_child_blocks(sch.get_sblock("root"))
-    except _ERRORS:
-        return False
+    sch, blocks = _root_blocks(func)
     for block in blocks:
         stmt = sch.get(block)
         if _iter_kinds(sch, block).count("R") != 1 or len(stmt.writes) != 1 or str(stmt.writes[0].source.dtype) != "int32":

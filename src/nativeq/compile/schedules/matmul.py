@@ -44,7 +44,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from nativeq.compile._tvm import Analyzer, Schedule, s_tir, tirx
+from nativeq.compile._tvm import Analyzer, Schedule, cached_flags, s_tir, tirx
 from nativeq.compile.schedules.generic import block_dtype, find_block, split_off_guards
 from nativeq.compile.schedules.intrinsics import DotIntrin, grouped_of, partial_sums_intrin, row_tile
 from nativeq.compile.schedules.pack_activations import PACK_BLOCK
@@ -155,14 +155,11 @@ def _schedule_of(func) -> Schedule:
     stage pipeline and every compute-at / reverse-compute-at would be refused: the kernel fell to the generic path.
     The same analysis proves it once the rows are split (after `decompose_reduction`)."""
     sch = Schedule(func)
-    flags = sch.state._get_cached_flags  # TVM's own test hook: (affine_binding, region_cover, stage_pipeline)
-    if flags(sch.get_sref(sch.get_sblock("root"))).stage_pipeline:
+    root = sch.get_sblock("root")
+    if cached_flags(sch, root).stage_pipeline:
         return sch
-    children = [b for b in sch.get_child_blocks(sch.get_sblock("root"))]
-    uncovered = [sch.get(b).name_hint for b in children if not flags(sch.get_sref(b)).region_cover]
-    if uncovered != [ROWS_CROP_BLOCK]:
-        return sch
-    return Schedule(func, enable_check=False)
+    uncovered = [sch.get(b).name_hint for b in sch.get_child_blocks(root) if not cached_flags(sch, b).region_cover]
+    return Schedule(func, enable_check=False) if uncovered == [ROWS_CROP_BLOCK] else sch
 
 
 def without_tile_list_reads(func):
