@@ -721,10 +721,13 @@ def prelu(slope: str = "scalar", c: int = 16, t="T", quantized: bool = False, se
     return _model(nodes, inits, [1, c, t], [1, c, t], "prelu")
 
 
-def group_norm_one_group(c: int = 16, t="T", seed: int = 0) -> onnx.ModelProto:
+def group_norm_one_group(c: int = 16, t="T", quantized: bool = False, seed: int = 0) -> onnx.ModelProto:
     """GroupNorm(1, c) as torch exports it: x[1, c, t] -> Reshape [1, 1, -1] -> InstanceNormalization -> Reshape
-    [1, c, -1] -> Mul(gamma[c, 1]) -> Add(beta[c, 1]) -> y. One mean and variance over the whole tensor."""
+    [1, c, -1] -> Mul(gamma[c, 1]) -> Add(beta[c, 1]) -> y. One mean and variance over the whole tensor.
+    `quantized`: between two QDQ 1x1 convs (uint8), every op's output quantized, as ORT's quantize_static leaves it."""
     rng = np.random.default_rng(seed)
+    if quantized:
+        return _quantized_group_norm(c, t, rng)
     inits = [numpy_helper.from_array(np.array([1, 1, -1], np.int64), "flat"),
              numpy_helper.from_array(np.array([1, c, -1], np.int64), "back"),
              numpy_helper.from_array(np.ones(1, np.float32), "in_scale"),
@@ -738,6 +741,30 @@ def group_norm_one_group(c: int = 16, t="T", seed: int = 0) -> onnx.ModelProto:
              helper.make_node("Mul", ["back_x", "gamma"], ["scaled"], name="gamma_Mul"),
              helper.make_node("Add", ["scaled", "beta"], ["y"], name="beta_Add")]
     return _model(nodes, inits, [1, c, t], [1, c, t], "group_norm_one_group")
+
+
+def _quantized_group_norm(c: int, t, rng) -> onnx.ModelProto:
+    nodes, inits = [], []
+    src = _qdq_pointwise(nodes, inits, "pw1", "x", c, 0.05, 0.08, rng)
+    inits += [numpy_helper.from_array(np.array([1, 1, -1], np.int64), "flat"),
+              numpy_helper.from_array(np.array([1, c, -1], np.int64), "back"),
+              numpy_helper.from_array(np.ones(1, np.float32), "in_scale"),
+              numpy_helper.from_array(np.zeros(1, np.float32), "in_bias"),
+              numpy_helper.from_array(rng.uniform(0.5, 1.5, (c, 1)).astype(np.float32), "gamma"),
+              numpy_helper.from_array(rng.normal(0, 0.1, (c, 1)).astype(np.float32), "beta")]
+    nodes.append(helper.make_node("Reshape", [src, "flat"], ["flat_x"], name="flat_Reshape"))
+    flat = _q_dq(nodes, inits, "flat", "flat_x", 0.08, "uint8")
+    nodes.append(helper.make_node("InstanceNormalization", [flat, "in_scale", "in_bias"], ["normed"], name="norm",
+                                  epsilon=1e-5))
+    normed = _q_dq(nodes, inits, "normed", "normed", 0.03, "uint8")
+    nodes.append(helper.make_node("Reshape", [normed, "back"], ["back_x"], name="back_Reshape"))
+    back = _q_dq(nodes, inits, "back", "back_x", 0.03, "uint8")
+    nodes.append(helper.make_node("Mul", [back, "gamma"], ["scaled"], name="gamma_Mul"))
+    scaled = _q_dq(nodes, inits, "scaled", "scaled", 0.04, "uint8")
+    nodes.append(helper.make_node("Add", [scaled, "beta"], ["shifted"], name="beta_Add"))
+    out = _qdq_pointwise(nodes, inits, "pw2", "shifted", c, 0.04, 0.1, rng)
+    nodes.append(helper.make_node("Identity", [out], ["y"], name="out"))
+    return _model(nodes, inits, [1, c, t], [1, c, t], "group_norm_one_group_q")
 
 
 def scalar_length_slice(c: int = 8) -> onnx.ModelProto:
@@ -755,3 +782,31 @@ def scalar_length_slice(c: int = 8) -> onnx.ModelProto:
              helper.make_node("Slice", ["x", "starts", "ends", "axes"], ["y"], name="first_half")]
     return _finish(nodes, inits, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "T", c])],
                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "H", c])], "scalar_length_slice", opset=18)
+
+
+def qdq_conv_pool(pool: str = "MaxPool", ndim: int = 2, c: int = 16, kernel=2, stride=2, pads=0, ceil_mode: int = 0,
+                  spatial=("T", 20), act_dtype: str = "uint8", seed: int = 0) -> onnx.ModelProto:
+    """x[1, c, *spatial] -> Q/DQ -> 3x3 (3-tap) Conv + Relu -> Q/DQ -> MaxPool / AveragePool (kernel, stride, pads on
+    every spatial axis) -> Q/DQ -> 1x1 Conv -> Q/DQ -> y: a CNN stem as ORT's quantize_static leaves it (the pool's
+    output quantized with its input's scale and zero point)."""
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+    spatial = tuple(spatial[:ndim])
+    xa = _q_dq(nodes, inits, "x", "x", 0.05, act_dtype)
+    w1 = _weight_dq(nodes, inits, "conv1", rng.normal(0, 0.2, (c, c, *[3] * ndim)).astype(np.float32), axis=0)
+    nodes.append(helper.make_node("Conv", [xa, w1], ["conv1"], name="conv1_Conv", kernel_shape=[3] * ndim,
+                                  pads=[1] * (2 * ndim)))
+    nodes.append(helper.make_node("Relu", ["conv1"], ["relu"], name="conv1_Relu"))
+    act = _q_dq(nodes, inits, "act", "relu", 0.04, act_dtype)
+    attrs = {"kernel_shape": [kernel] * ndim, "strides": [stride] * ndim, "pads": [pads] * (2 * ndim),
+             "ceil_mode": ceil_mode}
+    if pool == "AveragePool":
+        attrs["count_include_pad"] = 0
+    nodes.append(helper.make_node(pool, [act], ["pooled"], name="pool", **attrs))
+    pooled = _q_dq(nodes, inits, "pooled", "pooled", 0.04 if pool == "MaxPool" else 0.03, act_dtype)
+    w2 = _weight_dq(nodes, inits, "conv2", rng.normal(0, 0.2, (c, c, *[1] * ndim)).astype(np.float32), axis=0)
+    nodes.append(helper.make_node("Conv", [pooled, w2], ["conv2"], name="conv2_Conv", kernel_shape=[1] * ndim))
+    out = _q_dq(nodes, inits, "y", "conv2", 0.1, act_dtype)
+    nodes.append(helper.make_node("Identity", [out], ["y"], name="out"))
+    out_shape = [f"{d}_out" if isinstance(d, str) else f"S{i}_out" for i, d in enumerate(spatial)]
+    return _model(nodes, inits, [1, c, *spatial], [1, c, *out_shape], f"qdq_conv_{pool.lower()}")

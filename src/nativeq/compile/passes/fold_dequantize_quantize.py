@@ -18,6 +18,11 @@ relative error of the two float32 roundings is far below 1/2 for |q - z1| < 2^22
 
 The move then runs on 8-bit data (a quarter of the bytes) and the kernels around it lose a
 dequantize, a divide and a round. Only per-tensor scales and zero points known at compile time.
+
+A max (MaxPool, ReduceMax) commutes with dequantize too when the scale is positive: the largest of
+(q - z) * s is (max(q) - z) * s, and a max pool's padding (-inf in float, the dtype's minimum in
+integers) never wins a window that holds an element. So DequantizeLinear -> MaxPool -> QuantizeLinear
+runs as an 8-bit max pool (ONNX Runtime's QDQ MaxPool does the same).
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from nativeq.compile.passes.qdq_sites import op_name, resolve, static_scalar
 
 LAYOUT_OPS = {"relax.reshape", "relax.permute_dims", "relax.strided_slice", "relax.squeeze",
               "relax.expand_dims", "relax.flatten"}
+# Ops that commute with dequantize for a positive scale: max(s * (q - z)) = s * (max(q) - z).
+ORDER_PRESERVING_OPS = {"relax.nn.max_pool1d", "relax.nn.max_pool2d", "relax.nn.max_pool3d", "relax.max"}
 INTEGER_DTYPES = ("int8", "uint8", "int16", "uint16")
 
 
@@ -53,14 +60,17 @@ class _Rewriter(relax.PyExprMutator):
         return rewrite_functions(self, self.prepare, remove_unused=True)
 
     def _match(self, call):
-        """(q, layout calls outermost first, z1, z2) if `call` is quantize(layout(dequantize(q))) with one scale."""
+        """(q, layout / max calls outermost first, z1, z2) if `call` is quantize(layout(dequantize(q))) with one
+        scale (positive if a max is among the calls)."""
         scale2, zero2 = static_scalar(call.args[1], self.var2val), static_scalar(call.args[2], self.var2val)
         if scale2 is None or zero2 is None:
             return None
         layout, value = [], resolve(call.args[0], self.var2val)
-        while op_name(value) in LAYOUT_OPS:
+        while op_name(value) in LAYOUT_OPS | ORDER_PRESERVING_OPS:
             layout.append(value)
             value = resolve(value.args[0], self.var2val)
+        if any(op_name(move) in ORDER_PRESERVING_OPS for move in layout) and not scale2 > 0:
+            return None
         if op_name(value) != "relax.dequantize" or str(value.ty.dtype) != "float32":
             return None
         q = value.args[0]
@@ -93,7 +103,8 @@ class _Rewriter(relax.PyExprMutator):
 
 @tvm.transform.module_pass(opt_level=0, name="nativeq.FoldDequantizeQuantize")
 class FoldDequantizeQuantize:
-    """Replace quantize(layout(dequantize(q))) with the same per-tensor scale by the layout ops on q."""
+    """Replace quantize(layout(dequantize(q))) with the same per-tensor scale by the layout ops on q (max pools
+    and reductions too, for a positive scale)."""
 
     def transform_module(self, mod, _ctx):
         return _Rewriter(mod).transform()

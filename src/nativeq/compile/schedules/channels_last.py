@@ -13,8 +13,9 @@ Output: every such conv works on channels-last tensors `[N, *S, C]`: a full conv
 matmul (`conv_as_matmul.py`) with its producer's zero-point `nn.pad` folded into the im2col, a
 depthwise conv as the `depthwise.py` kernel reading one channels-last padded copy of its input.
 The ops around them (requantize epilogues, quantize/dequantize, residual adds, activations, pads,
-a mean over all spatial axes to [N, C], the 8-bit table lookups of `LutElementwise`) are
-rewritten to channels-last too, with their constants permuted, so consecutive convs exchange
+a mean over all spatial axes to [N, C], max and average pools, the 8-bit table lookups of
+`LutElementwise`, GroupNorm with one group between its [N, 1, C x S] reshapes) are rewritten to
+channels-last too, with their constants permuted, so consecutive convs exchange
 channels-last tensors and no transpose is left between them. Where a channels-first value is
 still needed (an op this pass does not know, a graph output), a `permute_dims` back is emitted;
 `permute_dims` pairs that cancel (the model's own [N, T, C] <-> [N, C, T] transposes) vanish.
@@ -34,7 +35,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nativeq.compile._tvm import relax, tvm
+from nativeq.compile._tvm import Analyzer, relax, tvm
 from nativeq.compile.passes import result_dtype, rewrite_functions
 from nativeq.compile.passes.lut_elementwise import call_lut, lut_call_operands
 from nativeq.compile.schedules.conv_as_matmul import ConvGeometry, conv_as_matmul
@@ -53,6 +54,13 @@ _ELEMENTWISE = {
     "relax.greater", "relax.greater_equal", "relax.equal", "relax.not_equal",
 }
 _SPATIAL_MEANS = {"relax.mean", "relax.variance", "relax.sum", "relax.max"}
+# Windowed pooling: channels-first layout -> its channels-last twin (TOPI's pool takes either).
+_POOLS = {
+    "relax.nn.max_pool1d": (relax.op.nn.max_pool1d, "NCW", "NWC"),
+    "relax.nn.max_pool2d": (relax.op.nn.max_pool2d, "NCHW", "NHWC"),
+    "relax.nn.avg_pool1d": (relax.op.nn.avg_pool1d, "NCW", "NWC"),
+    "relax.nn.avg_pool2d": (relax.op.nn.avg_pool2d, "NCHW", "NHWC"),
+}
 # Taps along the last axis from which a depthwise conv multiplies 4 per `vpdpbusd` lane. Measured on AVX-512 VNNI:
 # QuartzNet's k = 33..63 0.85-0.92x time, DS-CNN's 3x3 1.18x (a word serves one output position there).
 QUAD_TAPS_FROM = 8
@@ -119,6 +127,9 @@ class _ChannelsLast(relax.PyExprMutator):
         self.channels_last: dict = {}  # new channels-first var -> its channels-last twin
         self.padded: dict = {}  # var made by nn.pad -> (source, spatial pad pairs, pad value, channels_last)
         self.with_constants_only: set = set()  # vars whose every reader is elementwise with constant other operands
+        # channels-first var [N, 1, X] flattened from a [N, C, *S] value -> (the same flattening of its twin, the
+        # twin's [N, *S, C] shape): the elements in another order, which a whole-tensor normalization does not see
+        self.flat: dict = {}
 
     def prepare(self, func) -> None:
         """Find the vars of `func` that only elementwise ops with constant other operands (a quantize's scale, a
@@ -180,11 +191,17 @@ class _ChannelsLast(relax.PyExprMutator):
             return
         if name == "relax.permute_dims" and self._permute(binding, value):
             return
+        if name == "relax.reshape" and self._reshape(binding, value):
+            return
+        if any(self._flat(arg) is not None for arg in getattr(value, "args", ())) and self._flat_op(binding, value):
+            return
         if name in _ELEMENTWISE and self._elementwise(binding, value):
             return
         if name == "relax.nn.pad" and self._pad(binding, value):
             return
         if name in _SPATIAL_MEANS and self._spatial_reduction(binding, value):
+            return
+        if name in _POOLS and self._pool(binding, value):
             return
         if name == "relax.call_tir" and self._table_lookup(binding, value):
             return
@@ -217,6 +234,69 @@ class _ChannelsLast(relax.PyExprMutator):
             return True
         return False
 
+    def _flat(self, expr):
+        """(flat twin, twin shape) of a flattened channels-first var, or None."""
+        return self.flat.get(expr) if isinstance(expr, relax.Var) else None
+
+    def _bind_flat(self, binding, flat_twin, twin_shape) -> None:
+        """Bind `flat_twin` and, for channels-first users, the flattening of the channels-first tensor as
+        `binding.var`."""
+        twin = flat_twin if isinstance(flat_twin, relax.Var) else self.builder_.emit(flat_twin)
+        first = relax.op.permute_dims(relax.op.reshape(twin, twin_shape), to_channels_first(len(twin_shape)))
+        plain = self._bind_plain(binding, relax.op.reshape(first, binding.var.ty.shape))
+        self.flat[plain] = (twin, twin_shape)
+
+    def _reshape(self, binding, call) -> bool:
+        """GroupNorm with one group, as torch exports it: [N, C, *S] -> [N, 1, C x S] -> normalized -> [N, C, *S].
+        The statistics are over the whole tensor and the ops between the reshapes are elementwise, so the
+        flattening of the channels-last twin ([N, 1, S x C], another element order) goes through them instead of
+        a transpose to channels first and one back."""
+        source = call.args[0]
+        shape = getattr(call.ty, "shape", None)
+        if not isinstance(shape, relax.ShapeExpr):
+            return False
+        dims = list(shape.values)
+        twin, flat = self._twin(source), self._flat(source)
+        if twin is not None and _ndim(source) >= 3 and len(dims) == 3 and _is_one(dims[1]) and _same_dim(
+                dims[0], source.ty.shape.values[0]):
+            self._bind_flat(binding, relax.op.reshape(twin, dims), list(twin.ty.shape.values))
+            return True
+        if flat is not None and len(dims) >= 3 and _same_dim(dims[0], flat[1][0]):
+            twin_shape = [dims[0], *dims[2:], dims[1]]
+            if _same_shape(twin_shape, flat[1]):
+                self._define(binding, relax.op.reshape(flat[0], twin_shape))
+                return True
+        return False
+
+    def _flat_op(self, binding, call) -> bool:
+        """An op on a flattened value (`_reshape`) that does not see the element order: elementwise with other
+        operands of one element per batch (a scalar, the statistics), a per-tensor quantize / dequantize, or a
+        mean / variance / sum / max / min over the flattened axis (whose result is the same [N, 1, 1])."""
+        name = _op_name(call)
+        (twin, twin_shape) = next(self._flat(a) for a in call.args if self._flat(a) is not None)
+        if name in _SPATIAL_MEANS | {"relax.min"}:
+            axes = None if call.attrs.axis is None else sorted(int(a) % 3 for a in call.attrs.axis)
+            if axes not in ([2], [1, 2]) or not bool(call.attrs.keepdims):
+                return False
+            self._bind_plain(binding, relax.Call(call.op, [twin], call.attrs, call.ty_args))
+            return True
+        qdq = name in ("relax.quantize", "relax.dequantize")
+        if name not in _ELEMENTWISE or (qdq and not all(_one_value(a) for a in call.args[1:])):
+            return False
+        args = []
+        for arg in call.args[:1] if qdq else call.args:
+            if self._flat(arg) is not None:
+                if not _same_shape(self._flat(arg)[1], twin_shape):
+                    return False
+                args.append(self._flat(arg)[0])
+            elif _one_value(arg) or tvm.ir.is_prim_expr(arg):
+                args.append(arg)
+            else:
+                return False
+        args += list(call.args[1:]) if qdq else []
+        self._bind_flat(binding, relax.Call(call.op, args, call.attrs, call.ty_args), twin_shape)
+        return True
+
     def _elementwise(self, binding, call) -> bool:
         """Rewrite when some operand has a twin and every other operand is a constant, a scalar or a twin.
         (Quantize/dequantize: only the data operand; their scale and zero point are per tensor or 1-D.)"""
@@ -233,7 +313,7 @@ class _ChannelsLast(relax.PyExprMutator):
                 args.append(twin)
             elif _is_const(arg):
                 args.append(_permute_constant(arg, ndim))
-            elif _ndim(arg) == 0:
+            elif _ndim(arg) == 0 or tvm.ir.is_prim_expr(arg):  # a scalar, a clip's bound
                 args.append(arg)
             elif _is_per_channel(arg, ndim):  # e.g. a bias not folded yet, a squeeze-excite gate: tiny to move
                 shape = [int(d) for d in arg.ty.shape.values]
@@ -301,6 +381,19 @@ class _ChannelsLast(relax.PyExprMutator):
         self._bind_plain(binding, pooled)
         return True
 
+    def _pool(self, binding, call) -> bool:
+        """A max / average pool over a channels-last source pools the twin (channels innermost: the window's
+        reduction vectorizes over channels) instead of transposing back for it and forward after it."""
+        op, channels_first, channels_last = _POOLS[_op_name(call)]
+        twin = self._twin(call.args[0])
+        attrs = call.attrs
+        if twin is None or str(attrs.layout) != channels_first or str(attrs.out_layout) != channels_first:
+            return False
+        self._define(binding, op(twin, _int_list(attrs.pool_size), _int_list(attrs.strides), _int_list(attrs.padding),
+                                 _int_list(attrs.dilation), bool(attrs.ceil_mode), bool(attrs.count_include_pad),
+                                 layout=channels_last, out_layout=channels_last))
+        return True
+
     def _quad_taps(self, x, weight) -> bool:
         """Whether an int8 depthwise conv runs 4 taps per `vpdpbusd` lane (`depthwise_te(quad_taps=True)`): AVX-512
         VNNI, uint8 activations, int8 weights, channels a multiple of its 16 lanes, `QUAD_TAPS_FROM` taps or more
@@ -356,6 +449,28 @@ class _ChannelsLast(relax.PyExprMutator):
                                   rows_past_end=copied)
         intrin = self.fma if kind == "float-matmul" else self.intrin
         return conv_as_matmul(self.builder_, x_cl, weight, out_spatial, geometry, intrin)
+
+
+def _is_one(dim) -> bool:
+    return isinstance(dim, tvm.tirx.IntImm) and int(dim) == 1
+
+
+def _same_dim(a, b) -> bool:
+    """Two shape dims the analyzer proves equal."""
+    return bool(Analyzer().can_prove_equal(a, b))
+
+
+def _same_shape(a, b) -> bool:
+    return len(a) == len(b) and all(_same_dim(x, y) for x, y in zip(a, b))
+
+
+def _one_value(expr) -> bool:
+    """An operand that broadcasts against a flattened [N, 1, X] value as one value per batch element: [], [1],
+    [1, 1] or [N, 1, 1] (whatever order the X elements are in)."""
+    shape = getattr(expr.ty, "shape", None)
+    if not isinstance(shape, relax.ShapeExpr) or len(shape.values) > 3:
+        return False
+    return all(_is_one(d) for d in list(shape.values)[-2:])
 
 
 def _is_per_channel(expr, ndim: int) -> bool:

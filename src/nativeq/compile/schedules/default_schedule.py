@@ -11,7 +11,8 @@ lowers TIR. Rules, first that applies wins:
    `conv_as_matmul.schedule_im2col`: a conv's im2col gather (parallel rows, unrolled taps);
 2. dlight's CPU `Reduction` rule: softmax / layer norm style reductions (not convolutions:
    blocks reducing over 2+ axes go to the generic rule, which vectorizes their output axis, and so do
-   reductions to one value that a later block broadcasts, which the dlight rule recomputes per element);
+   reductions to one value that a later block broadcasts, which the dlight rule recomputes per element,
+   and pools, small windows read along an output axis, which it leaves scalar);
 3. `generic.schedule_generic`: parallel outer loops, vectorized inner loops.
 
 A kernel of static shape too small to pay for a parallel launch runs its schedule serially
@@ -29,7 +30,7 @@ from nativeq.compile._tvm import DlightCpuReduction, TVMTarget, tirx, tvm
 from nativeq.compile.schedules.conv_as_matmul import schedule_im2col
 from nativeq.compile.schedules.depthwise import DEPTHWISE_BLOCK, schedule_depthwise
 from nativeq.compile.schedules.generic import (block_dtype, has_integer_matmul, has_multi_axis_reduction,
-                                               has_whole_tensor_reduction, schedule_generic)
+                                               has_whole_tensor_reduction, has_window_reduction, schedule_generic)
 from nativeq.compile.schedules.intrinsics import depthwise_quad_intrin_for, dot_intrin_for, fma_intrin_for
 from nativeq.compile.schedules.matmul import is_float_matmul, schedule_int8_matmul, schedule_int8_pack
 from nativeq.compile.schedules.pack_activations import PACK_BLOCK
@@ -98,7 +99,8 @@ class DefaultCpuSchedule:
         sch = schedule_softmax(func, bits)
         if sch is not None:
             return "softmax", sch
-        if has_multi_axis_reduction(func) or has_integer_matmul(func) or has_whole_tensor_reduction(func):
+        if (has_multi_axis_reduction(func) or has_integer_matmul(func) or has_whole_tensor_reduction(func)
+                or has_window_reduction(func)):
             sch = schedule_generic(func, bits)
             if sch is not None:
                 return "generic", sch

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
+
 from nativeq.compile._tvm import Schedule, s_tir, tirx
 
 logger = logging.getLogger(__name__)
@@ -144,6 +146,9 @@ def parallel_vectorize(sch: Schedule, block, vector_bits: int) -> None:
         sch.parallel(outer)
 
 
+MIN_VECTOR_BITS = 128  # the narrowest register a reduction's output axis is vectorized over (SSE, NEON)
+
+
 def reduction_vectorize(sch: Schedule, block, vector_bits: int) -> None:
     """Reduction block S..S R..R: spatial[:-1] parallel, reductions, innermost spatial vectorized."""
     kinds = _iter_kinds(sch, block)
@@ -155,10 +160,12 @@ def reduction_vectorize(sch: Schedule, block, vector_bits: int) -> None:
         full_reduction_vectorize(sch, block)
         return
     spatial, reduction = loops[:n_spatial], loops[n_spatial:]
-    lanes = max(2, vector_bits // _block_dtype_bits(sch, block))
+    bits = _block_dtype_bits(sch, block)
+    lanes = max(2, vector_bits // bits)
     last_extent = _extent(sch, spatial[-1])
-    if last_extent is None or last_extent < lanes // 2 or n_spatial == 1:
-        # Vectorizing over a short axis is not worth it, nor over a symbolic one (its tail predicate
+    if last_extent is None or last_extent * bits < MIN_VECTOR_BITS or n_spatial == 1:
+        # Vectorizing over an axis shorter than a 128-bit register is not worth it (a max pool over 16 uint8
+        # channels is: one SSE / NEON register per window tap), nor over a symbolic one (its tail predicate
         # scalarizes the vector loop, which then runs outside the reduction): only parallelize, over the
         # outer loops when the last one is symbolic (a fused index over it costs a division per element).
         outer = spatial[:-1] if last_extent is None and n_spatial > 1 else spatial
@@ -248,6 +255,33 @@ def has_whole_tensor_reduction(func) -> bool:
 
     whole = [b for b in blocks if "R" in _iter_kinds(sch, b) and all(is_one(e) for e in spatial_extents(b))]
     return bool(whole) and any(not all(is_one(e) for e in spatial_extents(b)) for b in blocks)
+
+
+WINDOW_TAPS = 64  # the most elements a reduction reduces per output to count as a window (a pool), static
+
+
+def has_window_reduction(func) -> bool:
+    """Whether a block reduces a small static window (at most `WINDOW_TAPS` elements) of a tensor read along an
+    output axis in its last index: a max / average pool over a channels-last tensor. dlight's reduction rule (for
+    softmax and layer norm rows, reduced along the last index) leaves such a block scalar; the generic rule
+    vectorizes the channels."""
+    sch, blocks = _root_blocks(func)
+    for block in blocks:
+        stmt = sch.get(block)
+        reduce = [iv for iv in stmt.iter_vars if iv.iter_type == tirx.IterVar.CommReduce]
+        spatial = {iv.var.name for iv in stmt.iter_vars if iv.iter_type == tirx.IterVar.DataPar}
+        extents = [iv.dom.extent for iv in reduce]
+        if not reduce or not all(isinstance(e, tirx.IntImm) for e in extents):
+            continue
+        if int(np.prod([int(e) for e in extents])) > WINDOW_TAPS:
+            continue
+        for region in stmt.reads:
+            if region.source.same_as(stmt.writes[0].source) or not len(region.region):
+                continue
+            last = {v.name for v in tirx.analysis.undefined_vars(region.region[-1].min, [])}
+            if last and last <= spatial:
+                return True
+    return False
 
 
 def dividing_lanes(extent: int, lanes: int) -> int | None:
