@@ -4,7 +4,8 @@ Two hooks, called by `compile/pipeline.py`:
 
 - `kernel_relax_passes(target)`: Relax passes run before LegalizeOps. Runs int8 convs channels-last
   (`channels_last.py`: full convs as im2col + matmul, `conv_as_matmul.py`; depthwise convs as their own
-  kernel, `depthwise.py`), packs the constant weights of int8 matmuls for the
+  kernel, `depthwise.py`), moves a 2-D conv's epilogue before the reshape of its GEMM rows
+  (`epilogues_on_rows.py`), packs the constant weights of int8 matmuls for the
   target's dot intrinsic (`pack_weights.py`; 4-bit packed or block-sparse where the values allow,
   `weight_formats.py`) and, at run time, the int8 activation rhs of
   activation x activation matmuls (attention's Q.K^T, P.V; `pack_activations.py`). Float32 convs and
@@ -30,6 +31,7 @@ def kernel_relax_passes(target, compressed_weights: bool = True) -> list:
 
     compressed_weights: 4-bit packed / block-sparse weights where the values allow (`weight_formats.py`)."""
     from nativeq.compile.schedules.channels_last import Int8ConvsChannelsLast
+    from nativeq.compile.schedules.epilogues_on_rows import EpiloguesOnRows
     from nativeq.compile.schedules.pack_activations import PackInt8Activations
     from nativeq.compile.schedules.pack_weights import PackInt8Weights
 
@@ -38,7 +40,7 @@ def kernel_relax_passes(target, compressed_weights: bool = True) -> list:
         return []
     packing = PackInt8Weights(intrin, sparse=compressed_weights, int4=compressed_weights)
     float_packing = PackInt8Weights(fma, sparse=False, int4=False)
-    return [Int8ConvsChannelsLast(intrin, fma), packing, float_packing, PackInt8Activations(intrin),
+    return [Int8ConvsChannelsLast(intrin, fma), EpiloguesOnRows(), packing, float_packing, PackInt8Activations(intrin),
             PackInt8Activations(fma)]
 
 
