@@ -82,6 +82,46 @@ def test_another_scale_is_left_alone(scale2):
     tvm.ir.assert_structural_equal(_fold(Before), Before)
 
 
+def test_a_max_pool_between_one_scale_runs_on_the_integers():
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(q: R.Tensor((1, 8, 6, 16), "uint8")):
+            with R.dataflow():
+                x = R.dequantize(q, R.const(0.04, "float32"), R.const(3, "uint8"), axis=-1)
+                y = R.nn.max_pool2d(x, [2, 2], [2, 2], layout="NHWC")
+                z = R.quantize(y, R.const(0.04, "float32"), R.const(3, "uint8"), axis=-1, out_dtype="uint8")
+                R.output(z)
+            return z
+
+    @I.ir_module
+    class Expected:
+        @R.function
+        def main(q: R.Tensor((1, 8, 6, 16), "uint8")):
+            with R.dataflow():
+                z = R.nn.max_pool2d(q, [2, 2], [2, 2], layout="NHWC")
+                R.output(z)
+            return z
+
+    tvm.ir.assert_structural_equal(_fold(Before), Expected)
+
+
+def test_a_max_under_a_negative_scale_is_left_in_float():
+    """max(s * (q - z)) is s * (min(q) - z) when s < 0: no fold."""
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(q: R.Tensor((1, 16, 9), "int8")):
+            with R.dataflow():
+                x = R.dequantize(q, R.const(-0.04, "float32"), R.const(0, "int8"), axis=-1)
+                y = R.nn.max_pool1d(x, [3], [1])
+                z = R.quantize(y, R.const(-0.04, "float32"), R.const(0, "int8"), axis=-1, out_dtype="int8")
+                R.output(z)
+            return z
+
+    tvm.ir.assert_structural_equal(_fold(Before), Before)
+
+
 def _moves_model(act_dtype: str, out_dtype: str) -> onnx.ModelProto:
     """x -> Q -> DQ -> Reshape -> Q/DQ -> Transpose -> Slice -> Q(out_dtype) -> DQ -> y, one scale throughout."""
     in_np = np.uint8 if act_dtype == "uint8" else np.int8

@@ -18,12 +18,9 @@ import qdq_models
 from kernel_rules import scheduled
 
 from nativeq.compile import CompileConfig, compile_model
-from nativeq.compile._tvm import s_tir, tirx, tvm
+from nativeq.compile._tvm import s_tir, tirx
 from nativeq.compile.tir_rewrite import rewrite_stmt
-from nativeq.compile.passes.fold_dequantize_quantize import FoldDequantizeQuantize
 from nativeq.verify import VerifyConfig, verify_artifact
-from tvm.script import ir as I  # noqa: E402
-from tvm.script import relax as R  # noqa: E402
 
 CASES = {
     "max2d-k2-s2": (dict(pool="MaxPool", ndim=2, kernel=2, stride=2), {"T": 30}),
@@ -82,46 +79,6 @@ def test_a_conv_im2col_copies_16_uint8_channels_as_one_vector(tmp_path):
     im2col = _kernels(mod, "im2col")
     assert im2col and all(rules[gvar.name_hint] == "im2col" for gvar in mod.get_global_vars() if "im2col" in gvar.name_hint)
     assert all(16 in _vector_lanes(func) for func in im2col), im2col
-
-
-def test_a_max_pool_between_one_scale_runs_on_the_integers():
-    @I.ir_module
-    class Before:
-        @R.function
-        def main(q: R.Tensor((1, 8, 6, 16), "uint8")):
-            with R.dataflow():
-                x = R.dequantize(q, R.const(0.04, "float32"), R.const(3, "uint8"), axis=-1)
-                y = R.nn.max_pool2d(x, [2, 2], [2, 2], layout="NHWC")
-                z = R.quantize(y, R.const(0.04, "float32"), R.const(3, "uint8"), axis=-1, out_dtype="uint8")
-                R.output(z)
-            return z
-
-    @I.ir_module
-    class Expected:
-        @R.function
-        def main(q: R.Tensor((1, 8, 6, 16), "uint8")):
-            with R.dataflow():
-                z = R.nn.max_pool2d(q, [2, 2], [2, 2], layout="NHWC")
-                R.output(z)
-            return z
-
-    tvm.ir.assert_structural_equal(FoldDequantizeQuantize()(Before), Expected)
-
-
-def test_a_max_under_a_negative_scale_is_left_in_float():
-    """max(s * (q - z)) is s * (min(q) - z) when s < 0: no fold."""
-    @I.ir_module
-    class Before:
-        @R.function
-        def main(q: R.Tensor((1, 16, 9), "int8")):
-            with R.dataflow():
-                x = R.dequantize(q, R.const(-0.04, "float32"), R.const(0, "int8"), axis=-1)
-                y = R.nn.max_pool1d(x, [3], [1])
-                z = R.quantize(y, R.const(-0.04, "float32"), R.const(0, "int8"), axis=-1, out_dtype="int8")
-                R.output(z)
-            return z
-
-    tvm.ir.assert_structural_equal(FoldDequantizeQuantize()(Before), Before)
 
 
 @pytest.mark.arm

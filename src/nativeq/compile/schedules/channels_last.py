@@ -46,7 +46,8 @@ from nativeq.compile.schedules.depthwise import (
 from nativeq.compile.schedules.intrinsics import VNNI, DotIntrin
 
 _CONVS = {"relax.nn.conv1d": ("NCW", "OIW"), "relax.nn.conv2d": ("NCHW", "OIHW")}
-_ELEMENTWISE = {
+# Elementwise ops (operands broadcast against each other): they compute the same in any layout.
+ELEMENTWISE = {
     "relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.maximum", "relax.minimum",
     "relax.astype", "relax.clip", "relax.nn.relu", "relax.nn.silu", "relax.nn.gelu", "relax.nn.gelu_tanh",
     "relax.sigmoid", "relax.tanh", "relax.exp", "relax.negative", "relax.round", "relax.abs", "relax.sqrt",
@@ -143,7 +144,7 @@ class _ChannelsLast(relax.PyExprMutator):
                 for arg in args:
                     if isinstance(arg, relax.Var):
                         others = [a for a in args if not a.same_as(arg)]
-                        ok = name in _ELEMENTWISE | {"relax.reshape"} and all(not isinstance(a, relax.Var) for a in others)
+                        ok = name in ELEMENTWISE | {"relax.reshape"} and all(not isinstance(a, relax.Var) for a in others)
                         readers.setdefault(arg, set()).add(ok)
                 relax.analysis.post_order_visit(value, lambda e: readers.setdefault(e, set()).add(False) if (
                     isinstance(e, relax.Var) and not any(e.same_as(a) for a in args)) else None)
@@ -195,7 +196,7 @@ class _ChannelsLast(relax.PyExprMutator):
             return
         if any(self._flat(arg) is not None for arg in getattr(value, "args", ())) and self._flat_op(binding, value):
             return
-        if name in _ELEMENTWISE and self._elementwise(binding, value):
+        if name in ELEMENTWISE and self._elementwise(binding, value):
             return
         if name == "relax.nn.pad" and self._pad(binding, value):
             return
@@ -263,7 +264,7 @@ class _ChannelsLast(relax.PyExprMutator):
             return True
         if flat is not None and len(dims) >= 3 and _same_dim(dims[0], flat[1][0]):
             twin_shape = [dims[0], *dims[2:], dims[1]]
-            if _same_shape(twin_shape, flat[1]):
+            if same_shape(twin_shape, flat[1]):
                 self._define(binding, relax.op.reshape(flat[0], twin_shape))
                 return True
         return False
@@ -281,12 +282,12 @@ class _ChannelsLast(relax.PyExprMutator):
             self._bind_plain(binding, relax.Call(call.op, [twin], call.attrs, call.ty_args))
             return True
         qdq = name in ("relax.quantize", "relax.dequantize")
-        if name not in _ELEMENTWISE or (qdq and not all(_one_value(a) for a in call.args[1:])):
+        if name not in ELEMENTWISE or (qdq and not all(_one_value(a) for a in call.args[1:])):
             return False
         args = []
         for arg in call.args[:1] if qdq else call.args:
             if self._flat(arg) is not None:
-                if not _same_shape(self._flat(arg)[1], twin_shape):
+                if not same_shape(self._flat(arg)[1], twin_shape):
                     return False
                 args.append(self._flat(arg)[0])
             elif _one_value(arg) or tvm.ir.is_prim_expr(arg):
@@ -460,7 +461,8 @@ def _same_dim(a, b) -> bool:
     return bool(Analyzer().can_prove_equal(a, b))
 
 
-def _same_shape(a, b) -> bool:
+def same_shape(a, b) -> bool:
+    """Two shapes whose dims the analyzer proves equal."""
     return len(a) == len(b) and all(_same_dim(x, y) for x, y in zip(a, b))
 
 

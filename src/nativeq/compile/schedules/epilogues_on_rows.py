@@ -27,32 +27,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from nativeq.compile._tvm import Analyzer, relax, tvm
+from nativeq.compile._tvm import relax, tvm
 from nativeq.compile.passes import rewrite_functions
-
-_ELEMENTWISE = {
-    "relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.maximum", "relax.minimum",
-    "relax.astype", "relax.clip", "relax.nn.relu", "relax.nn.silu", "relax.nn.gelu", "relax.nn.gelu_tanh",
-    "relax.sigmoid", "relax.tanh", "relax.exp", "relax.negative", "relax.round", "relax.abs", "relax.sqrt",
-    "relax.erf", "relax.where", "relax.quantize", "relax.dequantize", "relax.less", "relax.less_equal",
-    "relax.greater", "relax.greater_equal", "relax.equal", "relax.not_equal",
-}
-
-
-def _op_name(expr) -> str | None:
-    if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
-        return expr.op.name
-    return None
+from nativeq.compile.passes.qdq_sites import op_name
+from nativeq.compile.schedules.channels_last import ELEMENTWISE, same_shape
 
 
 def _dims(expr) -> list | None:
     shape = getattr(expr.ty, "shape", None)
     return list(shape.values) if isinstance(shape, relax.ShapeExpr) else None
-
-
-def _same_dims(a, b) -> bool:
-    analyzer = Analyzer()
-    return len(a) == len(b) and all(bool(analyzer.can_prove_equal(x, y)) for x, y in zip(a, b))
 
 
 def _one_element(expr) -> bool:
@@ -100,10 +83,10 @@ class _EpiloguesOnRows(relax.PyExprMutator):
 
     def visit_var_binding_(self, binding):
         value = self.visit_expr(binding.value)
-        name = _op_name(value)
+        name = op_name(value)
         if name == "relax.reshape" and self._split(binding, value):
             return
-        if name in _ELEMENTWISE and any(self._rows_of(a) is not None for a in value.args) and self._elementwise(
+        if name in ELEMENTWISE and any(self._rows_of(a) is not None for a in value.args) and self._elementwise(
                 binding, value):
             return
         self._bind(binding, value)
@@ -113,7 +96,7 @@ class _EpiloguesOnRows(relax.PyExprMutator):
         source, dims, source_dims = call.args[0], _dims(call), _dims(call.args[0])
         if dims is None or source_dims is None or len(source_dims) != 3 or len(dims) < 4:
             return False
-        if not _same_dims([dims[0], dims[-1]], [source_dims[0], source_dims[-1]]):
+        if not same_shape([dims[0], dims[-1]], [source_dims[0], source_dims[-1]]):
             return False
         rows = self._rows_of(source)
         plain = self._bind(binding, call)
@@ -121,7 +104,7 @@ class _EpiloguesOnRows(relax.PyExprMutator):
         return True
 
     def _elementwise(self, binding, call) -> bool:
-        name = _op_name(call)
+        name = op_name(call)
         dims = _dims(call)
         rows_dims = next(_dims(self._rows_of(a)) for a in call.args if self._rows_of(a) is not None)
         qdq = name in ("relax.quantize", "relax.dequantize")
@@ -133,7 +116,7 @@ class _EpiloguesOnRows(relax.PyExprMutator):
         args = []
         for arg in call.args[:1] if qdq else call.args:
             rows, arg_dims = self._rows_of(arg), _dims(arg)
-            if rows is not None and _same_dims(arg_dims, dims):
+            if rows is not None and same_shape(arg_dims, dims):
                 args.append(rows)
             elif _is_const(arg) and _channel_constant(arg, len(dims)) is not None:
                 args.append(_channel_constant(arg, len(dims)))
@@ -141,7 +124,7 @@ class _EpiloguesOnRows(relax.PyExprMutator):
                 args.append(self.builder_.emit(relax.op.reshape(arg, [1, 1, arg_dims[-1]])))
             elif tvm.ir.is_prim_expr(arg) or (arg_dims is not None and len(arg_dims) == 0):
                 args.append(arg)
-            elif arg_dims is not None and _same_dims(arg_dims, dims):  # another full-shape operand: its rows
+            elif arg_dims is not None and same_shape(arg_dims, dims):  # another full-shape operand: its rows
                 args.append(self.builder_.emit(relax.op.reshape(arg, rows_dims)))
             else:
                 return False
