@@ -99,3 +99,12 @@ def test_max_pool_between_int8_convs_on_the_pi_matches_onnxruntime(tmp_path):
     expected = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     (got,) = run_emulated(tmp_path / "rpi5", {"x": x})
     np.testing.assert_array_equal(got, expected)
+
+
+def test_a_pool_over_half_a_neon_register_of_channels_is_vectorized(tmp_path):
+    """On the Pi (128-bit NEON) a max pool over 8 int8 channels still runs 8-lane vectors: the 128-bit floor that
+    lets AVX-512 vectorize 16 uint8 channels does not raise the target's own half-vector threshold."""
+    model = qdq_models.qdq_conv_pool(pool="MaxPool", ndim=1, c=8, kernel=3, stride=2, pads=1, act_dtype="int8")
+    rules, mod = scheduled(model, tmp_path, target="rpi5")
+    (kernel,) = [func for func in mod.functions.values() if isinstance(func, tirx.PrimFunc) and "pool_max" in str(func)]
+    assert 8 in _vector_lanes(kernel), kernel

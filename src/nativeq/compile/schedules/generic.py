@@ -146,7 +146,7 @@ def parallel_vectorize(sch: Schedule, block, vector_bits: int) -> None:
         sch.parallel(outer)
 
 
-MIN_VECTOR_BITS = 128  # the narrowest register a reduction's output axis is vectorized over (SSE, NEON)
+MIN_VECTOR_BITS = 128  # a reduction's output axis this wide is vectorized on any target (one SSE / NEON register)
 
 
 def reduction_vectorize(sch: Schedule, block, vector_bits: int) -> None:
@@ -163,9 +163,9 @@ def reduction_vectorize(sch: Schedule, block, vector_bits: int) -> None:
     bits = _block_dtype_bits(sch, block)
     lanes = max(2, vector_bits // bits)
     last_extent = _extent(sch, spatial[-1])
-    if last_extent is None or last_extent * bits < MIN_VECTOR_BITS or n_spatial == 1:
-        # Vectorizing over an axis shorter than a 128-bit register is not worth it (a max pool over 16 uint8
-        # channels is: one SSE / NEON register per window tap), nor over a symbolic one (its tail predicate
+    if last_extent is None or last_extent * bits < min(MIN_VECTOR_BITS, vector_bits // 2) or n_spatial == 1:
+        # Vectorizing over an axis shorter than half a vector or a 128-bit register is not worth it (a max pool
+        # over 16 uint8 channels is: one SSE / NEON register per window tap), nor over a symbolic one (its tail predicate
         # scalarizes the vector loop, which then runs outside the reduction): only parallelize, over the
         # outer loops when the last one is symbolic (a fused index over it costs a division per element).
         outer = spatial[:-1] if last_extent is None and n_spatial > 1 else spatial
