@@ -125,21 +125,17 @@ def conv_as_matmul(builder, x_cl, weight: np.ndarray, out_spatial, geometry: Con
 
 
 
-# The narrowest vector a tap's channels are copied with (an SSE / NEON register): 16 uint8 channels are one
-# 128-bit load and store, where byte-by-byte copies were 3x slower and depended on where the arena put the buffers.
-MIN_COPY_BITS = 128
-
-
 def schedule_im2col(func, vector_bits: int):
     """The schedule of an `im2col_channels_last_te` kernel (and nothing else: None).
 
     Loops [n, *out, *kernel, c]: batch x first output axis in parallel, the other output axes and the
     taps serial, so no index is recovered by div/mod per element (the generic rule fuses them all).
-    Channels filling at least a 128-bit register are vectorized; fewer (a conv on a 1-channel spectrogram) are unrolled together
-    with the innermost tap, whose input elements are adjacent (`[..., w*s + kw - p, c]`).
+    Channels filling at least a 128-bit register (`MIN_VECTOR_BITS`) are vectorized; fewer (a conv on a 1-channel
+    spectrogram) are unrolled together with the innermost tap, whose input elements are adjacent
+    (`[..., w*s + kw - p, c]`).
     """
     from nativeq.compile._tvm import Schedule, s_tir, tvm
-    from nativeq.compile.schedules.generic import dividing_lanes, find_block
+    from nativeq.compile.schedules.generic import MIN_VECTOR_BITS, dividing_lanes, find_block
 
     sch = Schedule(func)
     block = find_block(sch, IM2COL_BLOCK)
@@ -154,7 +150,7 @@ def schedule_im2col(func, vector_bits: int):
         bits = tvm.runtime.DataType(str(sch.get(block).writes[0].source.dtype)).bits
         lanes = max(2, vector_bits // bits)
         width = dividing_lanes(int(c), lanes) if isinstance(c, tirx.IntImm) else None
-        if width is not None and width * bits >= MIN_COPY_BITS:
+        if width is not None and width * bits >= MIN_VECTOR_BITS:
             sch.vectorize(sch.split(channels, factors=[None, width])[1])
         elif isinstance(c, tirx.IntImm) and int(c) * int(sch.get(taps[-1]).extent) <= 64:
             sch.unroll(sch.fuse(taps[-1], channels))

@@ -20,8 +20,7 @@ so the function always stays correct.
 from __future__ import annotations
 
 import logging
-
-import numpy as np
+import math
 
 from nativeq.compile._tvm import Schedule, s_tir, tirx
 
@@ -146,7 +145,9 @@ def parallel_vectorize(sch: Schedule, block, vector_bits: int) -> None:
         sch.parallel(outer)
 
 
-MIN_VECTOR_BITS = 128  # a reduction's output axis this wide is vectorized on any target (one SSE / NEON register)
+# An axis this wide is worth a vector on any target (one SSE / NEON register): a reduction's output axis, a conv's
+# im2col channels (16 uint8 channels copied byte by byte were 3x slower on AVX-512).
+MIN_VECTOR_BITS = 128
 
 
 def reduction_vectorize(sch: Schedule, block, vector_bits: int) -> None:
@@ -164,9 +165,9 @@ def reduction_vectorize(sch: Schedule, block, vector_bits: int) -> None:
     lanes = max(2, vector_bits // bits)
     last_extent = _extent(sch, spatial[-1])
     if last_extent is None or last_extent * bits < min(MIN_VECTOR_BITS, vector_bits // 2) or n_spatial == 1:
-        # Vectorizing over an axis shorter than half a vector or a 128-bit register is not worth it (a max pool
-        # over 16 uint8 channels is: one SSE / NEON register per window tap), nor over a symbolic one (its tail predicate
-        # scalarizes the vector loop, which then runs outside the reduction): only parallelize, over the
+        # Vectorizing over an axis shorter than half a vector and than a 128-bit register is not worth it (a max
+        # pool over 16 uint8 channels is: one SSE / NEON register per window tap), nor over a symbolic one (its tail
+        # predicate scalarizes the vector loop, which then runs outside the reduction): only parallelize, over the
         # outer loops when the last one is symbolic (a fused index over it costs a division per element).
         outer = spatial[:-1] if last_extent is None and n_spatial > 1 else spatial
         sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
@@ -273,7 +274,7 @@ def has_window_reduction(func) -> bool:
         extents = [iv.dom.extent for iv in reduce]
         if not reduce or not all(isinstance(e, tirx.IntImm) for e in extents):
             continue
-        if int(np.prod([int(e) for e in extents])) > WINDOW_TAPS:
+        if math.prod(int(e) for e in extents) > WINDOW_TAPS:
             continue
         for region in stmt.reads:
             if region.source.same_as(stmt.writes[0].source) or not len(region.region):
