@@ -9,6 +9,9 @@ transpose stands between consecutive convs.
 
 from __future__ import annotations
 
+import re
+
+import kernel_rules
 import numpy as np
 import onnx
 import pytest
@@ -65,6 +68,14 @@ CASES = {
                                                               residual=False), {}),
     "separable2d-w3-s8": (lambda: qdq_models.qdq_separable_block(2, channels=32, kernel=3, spatial=(12, 3),
                                                                  act_dtype="int8", residual=False), {}),
+    # grouped convs (1 < groups < channels): one im2col + matmul per group; wav2vec2's positional conv shape (16
+    # groups, a long odd kernel), int8 activations and ragged per-group widths
+    "grouped1d-g4": (lambda: qdq_models.qdq_conv1d(c_in=32, c_out=48, kernel=5, groups=4, act_dtype="uint8"),
+                     {"T": 37}),
+    "grouped1d-g16-k31-s8": (lambda: qdq_models.qdq_conv1d(c_in=64, c_out=64, kernel=31, groups=16, act_dtype="int8"),
+                             {"T": 45}),
+    "grouped1d-g2-stride2": (lambda: qdq_models.qdq_conv1d(c_in=24, c_out=10, kernel=3, groups=2, stride=2,
+                                                           act_dtype="uint8"), {"T": 29}),
     # x86 VNNI: 4 taps per `vpdpbusd` lane (kernels of 8 taps and more): ragged tap groups, stride, dilation,
     # no padding, 2-D, a symbolic length the register blocks crop
     "quad-taps-1d-k15-stride2-dilated": (lambda: qdq_models.qdq_separable_block(1, channels=32, kernel=15, stride=2,
@@ -143,7 +154,8 @@ def test_depthwise_conv_becomes_the_depthwise_kernel(tmp_path):
 def test_separable_block_has_no_transpose_between_convs(ndim, tmp_path):
     """The depthwise result feeds the 1x1 conv channels-last: the only transposes left are the graph's
     input and output ones (the ONNX model is channels first), the depthwise kernel reads one padded
-    channels-last copy of its input and the 1x1 conv reads its input without im2col."""
+    channels-last copy of its input (a kernel of its own in 1-D, a stage of the depthwise kernel in 2-D) and
+    the 1x1 conv reads its input without im2col."""
     spatial = ("T",) if ndim == 1 else (25, 5)
     mod = _kernel_level(qdq_models.qdq_separable_block(ndim, channels=32, kernel=3, spatial=spatial), tmp_path)
     main = mod["main"].script()
@@ -151,8 +163,43 @@ def test_separable_block_has_no_transpose_between_convs(ndim, tmp_path):
     assert main.count("R.call_tir(transpose") == 2, main
     names = _primfunc_names(mod)
     assert not any(n.startswith("im2col") for n in names), names
-    assert main.count("R.call_tir(pad") == 1, main
+    assert main.count("R.call_tir(pad") == (1 if ndim == 1 else 0), main
     assert any(n.startswith("int8_depthwise") for n in names) and any(n.startswith("int8_matmul_packed") for n in names)
+
+
+@pytest.mark.parametrize("target_name, act_dtype, spatial, dims", [
+    ("host", "uint8", (25, 5), {}),
+    ("host", "uint8", ("T", 12), {"T": 23}),
+    pytest.param("rpi5", "int8", ("T", 12), {"T": 23}, marks=pytest.mark.arm),
+])
+def test_2d_depthwise_pads_each_row_of_outputs_inputs_inside_its_kernel(target_name, act_dtype, spatial, dims,
+                                                                        tmp_path):
+    """A 2-D depthwise conv copies the zero-point padded input rows one row of outputs reads inside its own
+    kernel, per parallel task and into a buffer of the task's (kernel rows x padded width x C), not in a kernel
+    before it: DS-CNN / MobileNet blocks launch one kernel less per layer. The outputs equal ORT's."""
+    from nativeq.compile.schedules.depthwise import DEPTHWISE_PAD
+
+    model = qdq_models.qdq_separable_block(2, channels=32, kernel=3, spatial=spatial, act_dtype=act_dtype,
+                                           residual=False)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    rules, scheduled = kernel_rules.scheduled(model, tmp_path, target_name)
+    main = scheduled["main"].script()
+    assert "R.call_tir(pad" not in main and "fused_pad" not in main and "_pad," not in main, main
+    (name,) = [n for n in rules if "depthwise" in n]
+    assert rules[name] == "depthwise", rules
+    text = scheduled[name].script()
+    assert f'{DEPTHWISE_PAD}_local = T.sblock_alloc_buffer' in text, text
+    # the rows loop (parallel over a symbolic T; a static DS-CNN-sized kernel runs on the calling thread) encloses
+    # the copy, then the taps: TVM places and sizes the buffer per row (3 kernel rows of the padded width)
+    rows = re.search(r"for n_i0_fused in (T.parallel|range)\((T_1|T.int64\(25\))\)", text)
+    assert rows is not None and (rows.group(1) == "T.parallel") == isinstance(spatial[0], str), text
+    assert rows.start() < text.index(f'T.sblock("{DEPTHWISE_PAD}")') < text.index('T.sblock("nativeq_int8_depthwise_update")')
+    art = tmp_path / "art"
+    compile_model(path, art, CompileConfig(target=target_name, use_tuning=False))
+    report = verify_artifact(art, path, VerifyConfig(dims=dims, runs=2))
+    out = report.outputs[0]
+    assert report.passed and out.max_steps == 0 and out.exact_pct == 100.0, report.table()
 
 
 @pytest.mark.parametrize("ndim, spatial, dims", [(2, (25, 5), {}), (1, ("T",), {"T": 37})])
@@ -188,6 +235,41 @@ def test_long_depthwise_kernels_multiply_four_taps_per_vnni_lane(tmp_path):
                           capture_output=True, text=True, check=True).stdout
     depthwise = re.search(r"<[^>]*int8_depthwise[^>]*_compute_>:\n(.*?)\n\n", text, re.S).group(1)
     assert "vpdpbusd" in depthwise and "vpmaddwd" not in depthwise, depthwise[:2000]
+
+
+@pytest.mark.parametrize("target_name", ["host", pytest.param("rpi5", marks=pytest.mark.arm)])
+def test_a_grouped_conv_runs_one_int8_matmul_per_group(target_name, tmp_path):
+    """A grouped conv (wav2vec2 / HuBERT's positional conv: 16 groups) was left to TVM's generic conv loop nest (2-2.5x
+    ONNX Runtime's time); each group now runs the packed int8 matmul on its slice of the channels, and nothing
+    contracts on the generic path. The Pi 5 build equals ONNX Runtime under qemu too."""
+    model = qdq_models.qdq_conv1d(c_in=64, c_out=64, kernel=31, groups=16, act_dtype="int8")
+    rules = schedule_rules(model, tmp_path, target=target_name)
+    assert sum(rule == "int8-matmul" for rule in rules.values()) >= 1, rules
+    assert not any("conv1d" in name for name in rules), rules
+    path = tmp_path / "g.onnx"
+    onnx.save(model, path)
+    compile_model(path, tmp_path / "art", CompileConfig(target=target_name, use_tuning=False))
+    report = verify_artifact(tmp_path / "art", path, VerifyConfig(dims={"T": 45}, runs=2))
+    out = report.outputs[0]
+    assert report.passed and out.max_steps == 0 and out.exact_pct == 100.0, report.table()
+
+
+def test_a_float_grouped_conv_runs_float_matmuls(tmp_path):
+    """A grouped conv a model keeps in float (what `quantize_dynamic` leaves): one float matmul per group, within
+    float rounding of ONNX Runtime."""
+    import torch
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(32, 32, kernel_size=9, padding=4, groups=4)
+    path = tmp_path / "f.onnx"
+    with torch.no_grad():
+        torch.onnx.export(conv.eval(), (torch.randn(1, 32, 20),), str(path), input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {2: "T"}}, opset_version=17, dynamo=False)
+    rules = schedule_rules(onnx.load(path), tmp_path)
+    assert "float-matmul" in rules.values() and not any("conv1d" in name for name in rules), rules
+    compile_model(path, tmp_path / "art", CompileConfig(target="host", use_tuning=False))
+    report = verify_artifact(tmp_path / "art", path, VerifyConfig(dims={"T": 50}, runs=2))
+    assert report.passed, report.table()
 
 
 def test_depthwise_and_separable_kernels_get_their_schedules(tmp_path):

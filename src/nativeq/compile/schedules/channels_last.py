@@ -10,8 +10,9 @@ rewrite give it (channels first):
     y   = R.quantize(R.multiply(R.astype(R.subtract(acc, b)), s))  # requantize epilogue, per-channel constants
 
 Output: every such conv works on channels-last tensors `[N, *S, C]`: a full conv as im2col + int8
-matmul (`conv_as_matmul.py`) with its producer's zero-point `nn.pad` folded into the im2col, a
-depthwise conv as the `depthwise.py` kernel reading one channels-last padded copy of its input.
+matmul (`conv_as_matmul.py`) with its producer's zero-point `nn.pad` folded into the im2col, a grouped
+conv as one such matmul per group on its slice of the channels, a depthwise conv as the `depthwise.py`
+kernel reading one channels-last padded copy of its input.
 The ops around them (requantize epilogues, quantize/dequantize, residual adds, activations, pads,
 a mean over all spatial axes to [N, C], max and average pools, the 8-bit table lookups of
 `LutElementwise`, GroupNorm with one group between its [N, 1, C x S] reshapes) are rewritten to
@@ -21,9 +22,9 @@ still needed (an op this pass does not know, a graph output), a `permute_dims` b
 `permute_dims` pairs that cancel (the model's own [N, T, C] <-> [N, C, T] transposes) vanish.
 
 Float32 convs with a constant weight (a model's float stem, every conv a `quantize_dynamic` model
-keeps in float) take the same routes: groups 1 as im2col + float matmul on the packed kernel with the
-float multiply-add intrinsic, depthwise as the depthwise kernel with float32 accumulators, instead of
-TVM's scalar conv loop nest over a symbolic time axis.
+keeps in float) take the same routes: groups 1 (and each group of a grouped conv) as im2col + float matmul
+on the packed kernel with the float multiply-add intrinsic, depthwise as the depthwise kernel with float32
+accumulators, instead of TVM's scalar conv loop nest over a symbolic time axis.
 
 Why: channels-last is the layout both int8 kernels want. The im2col rows are contiguous
 C-vectors and the matmul result is already the next layer's input (no int32 transpose kernel
@@ -96,8 +97,8 @@ def _int_list(values) -> list[int]:
 
 
 def _conv_kind(call, intrin: DotIntrin, fma: DotIntrin | None = None) -> str | None:
-    """"matmul" / "depthwise" for an int8 conv this pass rewrites, "float-matmul" / "depthwise" for a float32
-    one (with the float intrinsic `fma`), else None."""
+    """"matmul" / "depthwise" / "grouped" for an int8 conv this pass rewrites, "float-matmul" / "depthwise" /
+    "float-grouped" for a float32 one (with the float intrinsic `fma`), else None."""
     layouts = _CONVS.get(_op_name(call))
     if layouts is None:
         return None
@@ -109,14 +110,14 @@ def _conv_kind(call, intrin: DotIntrin, fma: DotIntrin | None = None) -> str | N
     out_channels, in_per_group = (int(d) for d in w.ty.shape.values[:2])
     depthwise = in_per_group == 1 and out_channels == groups
     if fma is not None and str(x.ty.dtype) == str(w.ty.dtype) == result_dtype(call) == "float32":
-        return "float-matmul" if groups == 1 else "depthwise" if depthwise else None
+        return "float-matmul" if groups == 1 else "depthwise" if depthwise else "float-grouped"
     if result_dtype(call) != "int32" or str(x.ty.dtype) != intrin.act_dtype or str(w.ty.dtype) != "int8":
         return None
     if groups == 1:
         return "matmul"
     if depthwise:
         return "depthwise"
-    return None
+    return "grouped"
 
 
 @relax.expr_functor.mutator
@@ -403,7 +404,7 @@ class _ChannelsLast(relax.PyExprMutator):
                 and weight.shape[0] % 16 == 0 and weight.shape[-1] >= QUAD_TAPS_FROM)
 
     def _conv(self, call, kind: str):
-        """The channels-last lowering of a conv `_conv_kind` called `kind` ("matmul" / "depthwise" / "float-matmul")."""
+        """The channels-last lowering of a conv `_conv_kind` called `kind`."""
         x, w = call.args
         attrs = call.attrs
         weight = w.value.numpy()  # [O, C/groups, *K]
@@ -437,6 +438,7 @@ class _ChannelsLast(relax.PyExprMutator):
                                       geometry, rows_past_end=True, quad_taps=True)
             w_cl = relax.const(w_taps if paired is None else paired, str(weight.dtype))
             copied = geometry.padded or paired is not None
+            copy_padding = None
             if copied:
                 # NOTE: one padded copy of the input (a cheap vectorized kernel) rather than a bounds check
                 # per tap in the depthwise kernel's inner loop, which keeps it branch-free; it also holds the
@@ -444,12 +446,36 @@ class _ChannelsLast(relax.PyExprMutator):
                 before, after = list(geometry.padding[:ndim]), list(geometry.padding[ndim:])
                 after[-1] += extra_rows(w_taps.shape[-2], geometry.strides[-1], geometry.dilation[-1], out_spatial[-1],
                                         pair_taps=paired is not None)
-                x_cl = self.builder_.emit(call_pad_channels_last(self.builder_, x_cl, before, after, geometry.pad_value))
-                geometry = ConvGeometry(geometry.strides, geometry.dilation, (0,) * (2 * ndim))
+                # A 2-D conv copies each row of outputs' input rows inside its kernel (kernel rows / stride copies
+                # of a small input, no kernel launch); a 1-D one reads a block of 4 outputs' taps per task, which
+                # would copy its input kernel / 4 times: it keeps a pad kernel of its own.
+                if ndim >= 2:
+                    copy_padding = [*before, *after]
+                else:
+                    x_cl = self.builder_.emit(call_pad_channels_last(self.builder_, x_cl, before, after,
+                                                                     geometry.pad_value))
+                geometry = ConvGeometry(geometry.strides, geometry.dilation, (0,) * (2 * ndim), geometry.pad_value)
             return call_depthwise(self.builder_, x_cl, w_cl, out_spatial, geometry, pair_taps=paired is not None,
-                                  rows_past_end=copied)
-        intrin = self.fma if kind == "float-matmul" else self.intrin
+                                  rows_past_end=copied, copy_padding=copy_padding)
+        intrin = self.fma if kind.startswith("float-") else self.intrin
+        if kind.endswith("grouped"):
+            return self._grouped(x_cl, weight, int(attrs.groups), out_spatial, geometry, intrin)
         return conv_as_matmul(self.builder_, x_cl, weight, out_spatial, geometry, intrin)
+
+    def _grouped(self, x_cl, weight: np.ndarray, groups: int, out_spatial, geometry: ConvGeometry, intrin):
+        """A grouped conv (1 < groups < channels: wav2vec2 / HuBERT's positional conv) as one im2col + matmul per
+        group on its slice of the channels, the groups' results concatenated along the channels. One matmul over
+        all channels with a block-diagonal weight would multiply `groups` times as many zeros as values."""
+        out_channels, per_group = weight.shape[:2]
+        per_group_out = out_channels // groups
+        ndim = weight.ndim - 2
+        results = []
+        for g in range(groups):
+            channels = relax.op.strided_slice(x_cl, axes=[ndim + 1], begin=[g * per_group], end=[(g + 1) * per_group])
+            x_g = self.builder_.emit(channels)
+            w_g = np.ascontiguousarray(weight[g * per_group_out:(g + 1) * per_group_out])
+            results.append(self.builder_.emit(conv_as_matmul(self.builder_, x_g, w_g, out_spatial, geometry, intrin)))
+        return relax.op.concat(results, axis=ndim + 1)
 
 
 def _is_one(dim) -> bool:

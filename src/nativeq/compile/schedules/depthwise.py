@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 DEPTHWISE_BLOCK = "nativeq_int8_depthwise"
 DEPTHWISE_CROP = "nativeq_int8_depthwise_crop"
+DEPTHWISE_PAD = "nativeq_int8_depthwise_pad"
 POSITIONS = 4  # output positions along the last spatial axis per register block (`positions_for`)
 _POSITION_CHOICES = (4, 5, 6, 3)  # block sizes that fit the registers; a static axis takes the first dividing it
 # NOTE: at least 16 channels per vector step, also where a register holds 4 int32 (NEON): 16 int8 activations
@@ -62,7 +63,7 @@ def positions_for(last) -> int:
 
 
 def depthwise_te(x: te.Tensor, w: te.Tensor, out_spatial, pair_taps: bool = False, rows_past_end: bool = False,
-                 quad_taps: bool = False, **geometry_kwargs) -> te.Tensor:
+                 quad_taps: bool = False, copy_padding=None, **geometry_kwargs) -> te.Tensor:
     """int32 depthwise conv of `x` [N, *S, C] (8-bit) with `w` [*K, C] (int8): [N, *out_spatial, C]
     (float32 when x and w are float32).
 
@@ -79,11 +80,18 @@ def depthwise_te(x: te.Tensor, w: te.Tensor, out_spatial, pair_taps: bool = Fals
     last axis by `extra_rows(..., pair_taps=True)` past what the conv reads (a zero tap the pairing added past
     the kernel, the output block padding).
 
+    `copy_padding` (before per spatial axis, then after; the geometry's own padding zero): the padded copy of `x`
+    that `rows_past_end` reads is a stage of this kernel (`DEPTHWISE_PAD`), computed per row of outputs by the
+    schedule, instead of a kernel of its own before it.
+
     `quad_taps` (x86 AVX-512 VNNI, uint8 x): `x` is `interleave_taps_te`'s uint32 [N, *S, C] (each channel's 4
     neighbouring taps along the last axis as the bytes of one word) and `w` is `quad_taps_weight`'s
     [*K', G, C, 4]: one `vpdpbusd` lane multiplies 4 taps of one channel.
     """
     geometry = ConvGeometry.from_te_kwargs(**geometry_kwargs)
+    if copy_padding:
+        ndim = len(copy_padding) // 2
+        x = pad_channels_last_te(x, copy_padding[:ndim], copy_padding[ndim:], geometry.pad_value, name=DEPTHWISE_PAD)
     *kernel, channels = w.shape[:-1] if quad_taps else w.shape
     *outer, last = out_spatial
     input_last = x.shape[-2]
@@ -210,7 +218,7 @@ def _quad_taps(x4, w4, geometry):
     return compute
 
 
-def pad_channels_last_te(x: te.Tensor, before, after, pad_value: float) -> te.Tensor:
+def pad_channels_last_te(x: te.Tensor, before, after, pad_value: float, name: str = "pad") -> te.Tensor:
     """x [N, *S, C] zero-point padded along the spatial axes. The padded sizes are simplified here: the kernel
     that reads the result is specialized to its shape, which must equal what the Relax graph spells later
     (FuseTIR refuses `(T - 1) // 2 + 1 + 32` for `(T - 1) // 2 + 33`)."""
@@ -219,7 +227,7 @@ def pad_channels_last_te(x: te.Tensor, before, after, pad_value: float) -> te.Te
     def compute(n, *index):
         return gather_padded(x, n, [i - b for i, b in zip(index[:-1], before)], index[-1], geometry)
 
-    return te.compute(shape, compute, name="pad")
+    return te.compute(shape, compute, name=name)
 
 
 def _padded(x: te.Tensor, before, after, pad_value: float):
@@ -237,12 +245,12 @@ def call_pad_channels_last(builder, x_cl, before, after, pad_value: float):
 
 
 def call_depthwise(builder, x_cl, w_cl, out_spatial, geometry: ConvGeometry, pair_taps: bool = False,
-                   rows_past_end: bool = False, quad_taps: bool = False):
+                   rows_past_end: bool = False, quad_taps: bool = False, copy_padding=None):
     """`builder.call_te` of `depthwise_te`, marked so FuseOps fuses the requantize epilogue into it."""
     float_kernel = str(w_cl.ty.dtype) == "float32"
     return builder.call_te(
         depthwise_te, x_cl, w_cl, out_spatial=list(out_spatial), pair_taps=pair_taps, rows_past_end=rows_past_end,
-        quad_taps=quad_taps, **geometry.as_te_kwargs(),
+        quad_taps=quad_taps, copy_padding=list(copy_padding) if copy_padding else None, **geometry.as_te_kwargs(),
         primfunc_name_hint="f32_depthwise" if float_kernel else "int8_depthwise", primfunc_attrs={"op_pattern": _OUT_EWISE_FUSABLE},
     )
 
@@ -269,8 +277,10 @@ def _schedule(sch: Schedule, block, vector_bits: int, quad_intrin: str | None) -
     children = list(sch.get_child_blocks(sch.get_sblock("root")))
     names = [sch.get(b).name_hint for b in children]
     position = names.index(DEPTHWISE_BLOCK)
+    pad = children[names.index(DEPTHWISE_PAD)] if DEPTHWISE_PAD in names[:position] else None
     for producer in reversed(children[:position]):
-        sch.compute_inline(producer)
+        if producer is not pad:
+            sch.compute_inline(producer)
     epilogue = children[position + 1:]
     for consumer in epilogue[:-1]:
         sch.compute_inline(consumer)
@@ -293,8 +303,14 @@ def _schedule(sch: Schedule, block, vector_bits: int, quad_intrin: str | None) -
     position_block, position = sch.split(last_axis, factors=[None, positions_for(sch.get(last_axis).extent)])
     c_outer, c_lane = sch.split(channel, factors=[None, lanes])
     sch.reorder(*outer, position_block, c_outer, *taps, position, c_lane, *([quad_loop] if quad else []))
-    tile = sch.fuse(*outer, position_block)
-    sch.parallel(tile)
+    if pad is None:
+        sch.parallel(sch.fuse(*outer, position_block))
+    else:  # a row of outputs per task, its input rows padded first: the copy is made kernel rows / stride times
+        rows = sch.fuse(*outer)
+        sch.compute_at(pad, rows)
+        sch.set_scope(pad, 0, "local")  # each task's own rows
+        _vectorize_channels(sch, pad, vector_bits)
+        sch.parallel(rows)
     # NOTE: vectorize before decompose_reduction: after it the update block has no init and no longer
     # counts as a reduction block, which vectorize requires.
     if not quad:
@@ -309,6 +325,14 @@ def _schedule(sch: Schedule, block, vector_bits: int, quad_intrin: str | None) -
     if quad:
         sch.tensorize(c_lane, quad_intrin)
     return sch
+
+
+def _vectorize_channels(sch: Schedule, block, vector_bits: int) -> None:
+    """Vectorize the channel loop (innermost) of an 8-bit copy `block` in whole vectors where they divide it."""
+    channel = sch.get_loops(block)[-1]
+    lanes = dividing_lanes(int(sch.get(channel).extent), vector_bits // 8)
+    if lanes is not None:
+        sch.vectorize(sch.split(channel, factors=[None, lanes])[1])
 
 
 def _is_quad(sch: Schedule, block) -> bool:
