@@ -74,6 +74,37 @@ def test_a_constant_varying_along_a_spatial_axis_stops_the_move():
     tvm.ir.assert_structural_equal(after, Before)
 
 
+def test_a_broadcast_gate_with_rows_of_its_own_leaves_the_full_tensor_unmoved():
+    """A squeeze-excite gate (MobileNetV3: a 1x1 conv on the pooled [N, 1, 1, C], HardSigmoid as elementwise ops)
+    has rows [N, 1, C] of its own; multiplying the full [N, H, W, C] activation by it must not reshape that
+    activation to the gate's rows (an invalid reshape: the compile failed), it stays where it is."""
+
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(acc: R.Tensor((1, 1, 16), "int32"), x: R.Tensor((1, 3, 4, 16), "float32")):
+            with R.dataflow():
+                g = R.reshape(acc, R.shape([1, 1, 1, 16]))
+                gate = R.astype(g, "float32")
+                y = R.multiply(x, gate)
+                R.output(y)
+            return y
+
+    @I.ir_module
+    class Expected:
+        @R.function
+        def main(acc: R.Tensor((1, 1, 16), "int32"), x: R.Tensor((1, 3, 4, 16), "float32")):
+            with R.dataflow():
+                rows = R.astype(acc, "float32")
+                gate = R.reshape(rows, R.shape([1, 1, 1, 16]))
+                y = R.multiply(x, gate)
+                R.output(y)
+            return y
+
+    after = relax.transform.Normalize()(EpiloguesOnRows()(Before))
+    tvm.ir.assert_structural_equal(after, relax.transform.Normalize()(Expected))
+
+
 CASES = {
     "conv2d-3x3-stride1-relu": (lambda: qdq_models.qdq_conv2d(c_in=16, c_out=32, h="T", w=12, stride=1,
                                                               act_dtype="uint8"), {"T": 23}),

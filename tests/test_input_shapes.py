@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from nativeq.compile import CompileConfig, compile_model
 from nativeq.compile.input_shapes import fix_input_shapes, parse_input_shapes
@@ -148,6 +148,50 @@ def test_traced_reshape_is_recorded_and_checked(traced_artifact):
         session.run(None, {"x": short})
     with pytest.raises(NativeqError, match="input sizes T=40 do not fit Reshape node 'traced_reshape'"):
         model.run({"x": short})
+
+
+def _skip_concat_model() -> onnx.ModelProto:
+    """A U-Net skip connection: x[1, 4, T] -> two stride-2 convs -> ConvTranspose (stride 2) back up, concatenated
+    with the first conv's output and fed to a ConvTranspose. The two lengths, (T - 1) // 2 + 1 and
+    2 * ((T - 1) // 4 + 1), are equal for some T only."""
+    rng = np.random.default_rng(3)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, "T"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, "T_out"])
+    conv = {"kernel_shape": [3], "strides": [2], "pads": [1, 1]}
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["e1"], name="enc1", **conv),
+        helper.make_node("Conv", ["e1", "w2"], ["e2"], name="enc2", **conv),
+        helper.make_node("ConvTranspose", ["e2", "wu"], ["up"], name="up", kernel_shape=[2], strides=[2]),
+        helper.make_node("Concat", ["up", "e1"], ["skip"], name="skip_concat", axis=1),
+        helper.make_node("ConvTranspose", ["skip", "wd"], ["y"], name="dec", kernel_shape=[2], strides=[2]),
+    ]
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, shape).astype(np.float32), name) for name, shape in
+             [("w1", (8, 4, 3)), ("w2", (8, 8, 3)), ("wu", (8, 8, 2)), ("wd", (16, 4, 2))]]
+    graph = helper.make_graph(nodes, "skip", [x], [y], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_concat_of_lengths_equal_for_some_inputs_only_compiles_and_is_checked(tmp_path):
+    """The concat's other dims are unified to one spelling (its shape was unknown and the ConvTranspose after it
+    failed to compile with an internal error); inputs that fit run as ONNX Runtime runs them, the others are
+    refused with the node named, as ONNX Runtime refuses them."""
+    import nativeq
+
+    path = tmp_path / "skip.onnx"
+    onnx.save(_skip_concat_model(), path)
+    with pytest.warns(UserWarning, match="Concat node 'skip_concat' needs"):
+        result = compile_model(path, tmp_path / "art", CompileConfig(target="host", use_tuning=False))
+    assert [c["node"] for c in result.manifest["shape_checks"]] == ["skip_concat"]
+    model = nativeq.load(result.out_dir)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 4, 40)).astype(np.float32)  # 20 == 2 * 10
+    np.testing.assert_allclose(model.run({"x": x})["y"], session.run(None, {"x": x})[0], rtol=1e-5, atol=1e-5)
+    odd = rng.standard_normal((1, 4, 42)).astype(np.float32)  # 21 != 2 * 11
+    with pytest.raises(Exception):
+        session.run(None, {"x": odd})
+    with pytest.raises(NativeqError, match="input sizes T=42 do not fit Concat node 'skip_concat'"):
+        model.run({"x": odd})
 
 
 def test_traced_reshape_fixed_by_dim_needs_no_check(tmp_path):

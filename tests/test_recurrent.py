@@ -85,16 +85,17 @@ def test_torch_batch_first_stack_matches_ort(tmp_path):
     _assert_float_close(_compile_and_verify_lengths(model, tmp_path), expected_outputs=1)
 
 
-def test_time_steps_split_over_threads_match_ort(tmp_path):
+def test_time_steps_split_over_threads_match_ort(tmp_path, monkeypatch):
     """Hidden sizes whose time step runs as several parallel slices of the hidden units (72: slices of 32, 32
-    and 8 units; 136: 48, 48 and 40), LSTM -> GRU -> RNN, batch 2: the same sums per unit as one thread,
-    within ORT's few ulps."""
+    and 8 units; 136: 48, 48 and 40; split here whatever their size), LSTM -> GRU -> RNN, batch 2: the same sums
+    per unit as one thread, within ORT's few ulps."""
     import torch
     from torch import nn
 
-    from nativeq.compile.recurrent import _part_bounds
+    from nativeq.compile import recurrent
 
-    assert _part_bounds(72)[0] == 3 and _part_bounds(136)[0] == 3
+    monkeypatch.setattr(recurrent, "_MIN_PARALLEL_STEP_MACS", 0)
+    assert recurrent._part_bounds(72, 4)[0] == 3 and recurrent._part_bounds(136, 3)[0] == 3
     torch.manual_seed(2)
 
     class Wide(nn.Module):
@@ -112,9 +113,27 @@ def test_time_steps_split_over_threads_match_ort(tmp_path):
     _assert_float_close(_compile_and_verify_lengths(model, tmp_path), expected_outputs=1)
 
 
+@pytest.mark.parametrize("op, hidden, parallel", [("LSTM", 64, False), ("LSTM", 128, False), ("GRU", 128, False),
+                                                 ("LSTM", 256, True), ("GRU", 256, True)])
+def test_a_small_time_step_runs_on_the_calling_thread(op, hidden, parallel, tmp_path):
+    """A time step of fewer than `_MIN_PARALLEL_STEP_MACS` multiply-adds (Silero VAD's 64-unit LSTM, DeepSpeech2's
+    128-unit ones) runs without a parallel launch per step, which cost more than the step (a 128-unit
+    bidirectional LSTM at T = 1000: 123 -> 35 ms); a 256-unit LSTM or GRU still splits its steps over threads."""
+    import torch
+    from torch import nn
+
+    from nativeq.compile.api import import_model
+
+    module = (nn.LSTM if op == "LSTM" else nn.GRU)(32, hidden, batch_first=True)
+    model = _torch_export(module, torch.randn(1, 10, 32), {1: "T"}, tmp_path)
+    mod = import_model(model, tmp_path / "model.onnx")
+    (recurrence,) = [f for gv, f in mod.functions_items() if gv.name_hint.startswith(f"{op.lower()}_forward")]
+    assert ("T.parallel(" in recurrence.script()) == parallel
+
+
 def test_packed_recurrent_weights_give_the_same_sums(tmp_path, monkeypatch):
-    """Hidden sizes whose Rᵀ is packed in column panels (LSTM 64: panels of 16; GRU 128, linear_before_reset=1 as
-    torch exports it: 32; RNN 32: 16) compute
+    """Hidden sizes whose Rᵀ is packed in column panels (LSTM 64, GRU 128 with linear_before_reset=1 as torch exports
+    it: panels of 64, one thread a step; RNN 32: 32) compute
     bit-identically to Rᵀ read row by row (the same FMAs in the same order), and within ORT's few ulps."""
     import torch
     from torch import nn

@@ -243,6 +243,10 @@ class _Importer(onnx_frontend.ONNXGraphImporter):
             renamed = []
             inputs = _unify_operand_shapes(self.bb, _immediates_as_tensor_constants(inputs), renamed)
             self._checks.extend((node, op_name, old, new) for old, new in renamed)
+        elif op_name == "Concat":
+            renamed = []
+            inputs = _unify_concat_operands(self.bb, inputs, int(attrs.get("axis", 0)), renamed)
+            self._checks.extend((node, op_name, old, new) for old, new in renamed)
         fixed = _CONVERTER_FIXES.get(op_name)
         if fixed is None:
             result = super()._convert_operator(op_name, inputs, attrs, opset)
@@ -340,6 +344,28 @@ def _expr_text(expr, names: dict) -> str | None:
     if kind in ("Min", "Max"):
         return f"{kind.lower()}({operands[0]}, {operands[1]})"
     return None
+
+
+def _unify_concat_operands(bb, inputs, axis: int, renamed: list):
+    """Reshape a Concat's operands to the first one's spelling of every axis but `axis`.
+
+    Those dims must be equal at run time; where TVM cannot prove it (a U-Net's skip connection: an upsampled
+    `2 * ((T - 1) // 8 + 1)` beside the encoder's `(T - 1) // 4 + 1`) the concat's shape would be unknown and no
+    later op could be built. The condition is recorded (`renamed`, as `ShapeCheck`s): inputs that break it are
+    refused, as ONNX Runtime refuses them.
+    """
+    shapes = [list(inp.ty.shape.values) if isinstance(getattr(inp, "ty", None), relax.TensorType)
+              and inp.ty.shape is not None and hasattr(inp.ty.shape, "values") else None for inp in inputs]
+    if len(shapes) < 2 or any(s is None or len(s) != len(shapes[0]) for s in shapes):
+        return inputs
+    axis %= len(shapes[0])
+    for k, dims in enumerate(shapes[1:], start=1):
+        new_dims = [d if i == axis else shapes[0][i] for i, d in enumerate(dims)]
+        differ = [(old, new) for old, new in zip(dims, new_dims) if not Analyzer().can_prove_equal(old, new)]
+        if differ:
+            renamed.extend(differ)
+            inputs[k] = bb.normalize(relax.op.reshape(inputs[k], relax.ShapeExpr(new_dims)))
+    return inputs
 
 
 def _unify_operand_shapes(bb, inputs, renamed: list | None = None):

@@ -317,6 +317,10 @@ _RT_ROWS = 4
 # already updated). Only when every gate comes from H_{t-1} alone (LSTM, RNN, GRU with
 # linear_before_reset): a GRU without it needs all of r before its candidate's products.
 _PARTS = 4
+# ...but a time step of fewer multiply-adds than this (H_{t-1}·Rᵀ: gates x hidden x hidden) runs on the calling
+# thread: a parallel launch and join costs ~3-4 us, more than such a step's work (a 64-unit LSTM's is ~16k
+# multiply-adds: Silero VAD's spent 3.2 us a step, ORT 1.8 us).
+_MIN_PARALLEL_STEP_MACS = 1 << 17
 # The projection's register tile: rows x columns, accumulated over all of k. Each weight vector loaded
 # serves 4 rows (a row at a time re-read all of Wᵀ from L2 per row, L2-bound at ~23 GMAC/s); 4 x 16 floats
 # are 4 AVX-512 / 8 AVX2 / 16 NEON registers, so the tile fits every target's register file.
@@ -389,7 +393,7 @@ def _panel_width(spec) -> int | None:
     columns after its reset gate, outside the panels' loop."""
     if spec.op == "GRU" and not spec.linear_before_reset:
         return None
-    _, units = _part_bounds(spec.hidden)
+    _, units = _part_bounds(spec.hidden, _OP_GATES[spec.op])
     for panel in (_PANEL, 32, 16):
         if spec.hidden % panel == 0 and units % panel == 0:
             return panel
@@ -404,9 +408,12 @@ def _rt_layout(spec, gate_width: int):
     return (gate_width // panel, spec.hidden, panel), _state_times_rt_panels
 
 
-def _part_bounds(hidden: int) -> tuple[int, int]:
+def _part_bounds(hidden: int, gates: int) -> tuple[int, int]:
     """(parts, units per part) of a time step split over threads: `_PARTS` slices of the hidden units, each a
-    whole number of 16-float vectors (fewer parts when the hidden size is small)."""
+    whole number of 16-float vectors (fewer parts when the hidden size is small; one below
+    `_MIN_PARALLEL_STEP_MACS`)."""
+    if gates * hidden * hidden < _MIN_PARALLEL_STEP_MACS:
+        return 1, hidden
     per_part = -(-hidden // _PARTS)
     units = max(16, -(-per_part // 16) * 16)
     return -(-hidden // units), units
@@ -493,7 +500,8 @@ def _projection_kernel(input_size: int, gate_width: int):
 def _lstm_kernel(spec: _Spec, activations, reverse: bool, has_lens: bool):
     """PrimFunc(X·Wᵀ[T,B,4H], Rᵀ[H,4H], Wb+Rb[4H], P[3H], h0[B,H], c0[B,H], lens) -> (Y[T,B,H], Y_h[B,H], Y_c[B,H])."""
     hidden, gate_width = spec.hidden, 4 * spec.hidden
-    parts, units = _part_bounds(hidden)
+    parts, units = _part_bounds(hidden, 4)
+    step_loop = T.parallel if parts > 1 else T.serial
     rt_shape, times_rt = _rt_layout(spec, gate_width)
     gate_act, cell_act, hidden_act = (_ACTIVATIONS[name] for name in activations)
     clip = _clipper(spec.clip)
@@ -533,7 +541,7 @@ def _lstm_kernel(spec: _Spec, activations, reverse: bool, has_lens: bool):
                         step = length - 1 - t
                     else:
                         step = t
-                    for part in T.parallel(parts):
+                    for part in step_loop(parts):
                         lo = part * units
                         hi = T.min(lo + units, hidden)
                         times_rt(gates, state_h, rt, b, hidden, 4, lo, hi)
@@ -572,7 +580,8 @@ def _gru_kernel(spec: _Spec, activations, reverse: bool, has_lens: bool):
     gate_act, candidate_act = (_ACTIVATIONS[name] for name in activations)
     clip = _clipper(spec.clip)
     linear_before_reset = spec.linear_before_reset
-    parts, units = _part_bounds(hidden)
+    parts, units = _part_bounds(hidden, 3)
+    step_loop = T.parallel if parts > 1 else T.serial
     rt_shape, times_rt = _rt_layout(spec, gate_width)
 
     @T.prim_func(private=True, s_tir=True)
@@ -609,7 +618,7 @@ def _gru_kernel(spec: _Spec, activations, reverse: bool, has_lens: bool):
                         step = t
                     # gate rows: z = [0, H), r = [H, 2H), h = [2H, 3H)
                     if linear_before_reset:
-                        for part in T.parallel(parts):
+                        for part in step_loop(parts):
                             lo = part * units
                             hi = T.min(lo + units, hidden)
                             times_rt(gates, state_h, rt, b, hidden, 3, lo, hi)
@@ -650,7 +659,8 @@ def _gru_kernel(spec: _Spec, activations, reverse: bool, has_lens: bool):
 def _rnn_kernel(spec: _Spec, activations, reverse: bool, has_lens: bool):
     """PrimFunc(X·Wᵀ[T,B,H], Rᵀ[H,H], Wb+Rb[H], h0[B,H], lens) -> (Y[T,B,H], Y_h[B,H])."""
     hidden = spec.hidden
-    parts, units = _part_bounds(hidden)
+    parts, units = _part_bounds(hidden, 1)
+    step_loop = T.parallel if parts > 1 else T.serial
     rt_shape, times_rt = _rt_layout(spec, hidden)
     (act,) = (_ACTIVATIONS[name] for name in activations)
     clip = _clipper(spec.clip)
@@ -684,7 +694,7 @@ def _rnn_kernel(spec: _Spec, activations, reverse: bool, has_lens: bool):
                         step = length - 1 - t
                     else:
                         step = t
-                    for part in T.parallel(parts):
+                    for part in step_loop(parts):
                         lo = part * units
                         hi = T.min(lo + units, hidden)
                         times_rt(gates, state_h, rt, b, hidden, 1, lo, hi)

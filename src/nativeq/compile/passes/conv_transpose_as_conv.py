@@ -118,6 +118,8 @@ class _Rewriter(relax.PyExprMutator):
                 or str(attrs.out_layout) not in (data_layout, "") or int(attrs.groups) != 1
                 or any(d != 1 for d in _ints(attrs.dilation)) or str(call.ty.dtype) != "float32"):
             return None
+        if not isinstance(getattr(call.ty, "shape", None), relax.ShapeExpr):
+            return None  # the output shape is not known here (e.g. the input a concat of unprovably equal lengths)
         weight = _Weight.of(call.args[1], self.var2val)
         if weight is None or weight.values.ndim != len(data_layout):
             return None

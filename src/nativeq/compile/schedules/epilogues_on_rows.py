@@ -106,10 +106,15 @@ class _EpiloguesOnRows(relax.PyExprMutator):
     def _elementwise(self, binding, call) -> bool:
         name = op_name(call)
         dims = _dims(call)
-        rows_dims = next(_dims(self._rows_of(a)) for a in call.args if self._rows_of(a) is not None)
-        qdq = name in ("relax.quantize", "relax.dequantize")
         if dims is None:
             return False
+        # the rows of an operand of the result's own shape; one with rows that broadcasts (a squeeze-excite gate
+        # [N, 1, 1, C] over [N, H, W, C]) does not say how the others' positions are laid out
+        rows_dims = next((_dims(self._rows_of(a)) for a in call.args
+                          if self._rows_of(a) is not None and same_shape(_dims(a), dims)), None)
+        if rows_dims is None:
+            return False
+        qdq = name in ("relax.quantize", "relax.dequantize")
         if qdq and int(call.attrs.axis) % len(dims) != len(dims) - 1 and not all(
                 _one_element(a) for a in call.args[1:3]):
             return False  # per-channel along a spatial axis
