@@ -203,6 +203,21 @@ def test_traced_reshape_fixed_by_dim_needs_no_check(tmp_path):
     assert result.manifest["build"]["dims"] == {"T": 50}
 
 
+def test_verify_takes_the_size_an_artifact_was_compiled_for(tmp_path):
+    """`verify` / `bench` of an artifact compiled with `--dim T=50` accept `--dim T=50` (the ONNX model itself is
+    symbolic; a user passes the same sizes to both commands) and refuse another T in one line."""
+    from nativeq.verify import VerifyConfig, verify_artifact
+
+    onnx.save(_traced_reshape_model(), tmp_path / "m.onnx")
+    compile_model(tmp_path / "m.onnx", tmp_path / "art", CompileConfig(target="host", use_tuning=False, dims={"T": 50}))
+    report = verify_artifact(tmp_path / "art", tmp_path / "m.onnx", VerifyConfig(dims={"T": 50}, runs=1))
+    assert report.passed and report.outputs[0].max_abs == 0.0, report.table()
+    with pytest.raises(NativeqError, match=r"--dim T=60: the artifact was compiled for T=50 \(compile --dim\)"):
+        verify_artifact(tmp_path / "art", tmp_path / "m.onnx", VerifyConfig(dims={"T": 60}, runs=1))
+    with pytest.raises(NativeqError, match="--dim S: the model has no symbolic dim 'S'"):
+        verify_artifact(tmp_path / "art", tmp_path / "m.onnx", VerifyConfig(dims={"S": 60}, runs=1))
+
+
 def test_cli_input_shapes_and_dim(nativeq_cli, tmp_path):
     onnx.save(_relu_model(), tmp_path / "m.onnx")
     res = nativeq_cli("compile", "m.onnx", "-t", "host", "-o", "out", "--no-tuning", "--dim", "B=1",

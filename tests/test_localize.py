@@ -343,3 +343,14 @@ def test_value_before_rounding_of_a_float32_op_with_constant_node_inputs(tmp_pat
     expected = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
     expected = expected * gamma[:, None] + beta[:, None]
     assert frontier == ["xq"] and np.allclose(pre, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("nativeq, onnxruntime, tie", [(80, 81, "80.5"), (-9, -8, "-8.5"), (-1, 0, "-0.5")])
+def test_a_tie_is_named_by_the_half_between_the_two_integers(nativeq, onnxruntime, tie):
+    """The tie of two neighbouring integers is their midpoint, negative ones too (-9 and -8: -8.5, not -9.5)."""
+    from nativeq.verify.localize import Localization
+
+    text = Localization(kind="tie", site="s", node="n", op="MatMul", index=[0], nativeq=nativeq,
+                        onnxruntime=onnxruntime, exact=float(tie), rounded=onnxruntime, differing=1,
+                        outputs=["y"]).paragraph()
+    assert f"within float32 error of {tie}," in " ".join(text.split()), text

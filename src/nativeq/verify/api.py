@@ -10,6 +10,8 @@ loads only with optimizations off gets a warning (and a report note): its defaul
 
 from __future__ import annotations
 
+import dataclasses
+
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,7 +141,7 @@ def verify_artifact(artifact, onnx_path, cfg: VerifyConfig = VerifyConfig()) -> 
     manifest = read_manifest(artifact)
     model = _read_onnx(onnx_path)
     in_specs, out_specs = input_specs(manifest), output_specs(manifest)
-    check_dims(in_specs, cfg.dims)
+    cfg = dataclasses.replace(cfg, dims=check_dims(in_specs, cfg.dims, manifest.get("build", {}).get("dims")))
     if cfg.runs < 1:
         raise NativeqError(f"--runs must be at least 1, got {cfg.runs}")
     rtol = DEFAULT_RTOL if cfg.rtol is None else cfg.rtol

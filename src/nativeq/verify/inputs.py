@@ -29,13 +29,22 @@ def resolve_shape(spec: TensorSpec, dims: dict[str, int]) -> tuple[int, ...]:
     return tuple(d if isinstance(d, int) else int(dims.get(d, DEFAULT_DIM)) for d in spec.shape)
 
 
-def check_dims(specs, dims: dict[str, int]) -> None:
-    """Every `--dim` names a symbolic dim of some input."""
+def check_dims(specs, dims: dict[str, int], fixed: dict | None = None) -> dict[str, int]:
+    """Every `--dim` names a symbolic dim of some input, or a dim the artifact was compiled for (`compile --dim`,
+    its manifest's `build.dims`) at that same size; returns the `--dim`s of the symbolic dims."""
     symbolic = sorted({d for s in specs for d in s.shape if isinstance(d, str)})
-    for name in dims:
-        if name not in symbolic:
-            known = ", ".join(symbolic) if symbolic else "none"
-            raise NativeqError(f"--dim {name}: the model has no symbolic dim {name!r} (its symbolic dims: {known})")
+    fixed = fixed or {}
+    for name, size in dims.items():
+        if name in symbolic:
+            continue
+        if name in fixed:
+            if int(fixed[name]) != int(size):
+                raise NativeqError(f"--dim {name}={size}: the artifact was compiled for {name}={fixed[name]} "
+                                   f"(compile --dim) and runs that size only")
+            continue
+        known = ", ".join(symbolic) if symbolic else "none"
+        raise NativeqError(f"--dim {name}: the model has no symbolic dim {name!r} (its symbolic dims: {known})")
+    return {name: size for name, size in dims.items() if name in symbolic}
 
 
 def quantizer_ranges(model: onnx.ModelProto) -> dict[str, tuple[float, float]]:

@@ -99,7 +99,7 @@ class Localization:
         if self.exact is not None:
             text += f", value before rounding {self.exact:.9g}"
         if self.kind == "tie":
-            text += (f": a rounding tie, within float32 error of {min(self.nativeq, self.onnxruntime)}.5, where the two "
+            text += (f": a rounding tie, within float32 error of {(self.nativeq + self.onnxruntime) / 2:g}, where the two "
                      f"engines' arithmetic may round either way (rounded exactly: {self.rounded})")
         elif self.kind == "error":
             text += f": not a tie: an error (rounded exactly: {self.rounded})"
