@@ -3,15 +3,16 @@
 The zoo is about operators and fusion patterns, not accuracy: every module here is an
 edge-ASR-sized instance (d_model 144, 4 heads, ff 576, 2 blocks; conv channels 64-256) of a
 published architecture, built deterministically from a seed. Inputs are log-mel features
-[1, T, 80] (waveform [1, S] for the wav2vec2 feature extractor, MFCC [1, 1, 49, 10] for the
-keyword spotter); `export_float_onnx` writes the TorchScript ONNX export (opset 17) with the
-time axis symbolic.
+[1, T, 80] (waveform [1, S] for the wav2vec2 feature extractor, the separator and the VAD, MFCC
+[1, 1, 49, 10] for the DS-CNN keyword spotter, log-mel [1, 1, T, 40] for the MobileNetV3 one); `export_float_onnx` writes the TorchScript
+ONNX export (opset 17) with the time axis symbolic.
 
 Papers: Vaswani et al. 2017 (transformer, post-norm) and Xiong et al. 2020 (pre-norm);
 Gulati et al. 2020 (Conformer); Kriman et al. 2020 (QuartzNet) and Majumdar et al. 2021
 (Citrinet squeeze-excite); Zhang et al. 2017 "Hello Edge" (DS-CNN); Graves et al. 2013
 (LSTM acoustic model); Radford et al. 2022 (Whisper encoder); Baevski et al. 2020 (wav2vec 2.0
-feature encoder).
+feature encoder); Howard et al. 2019 (MobileNetV3); Silero Team 2021 (Silero VAD, v4/v5
+architecture).
 """
 
 from __future__ import annotations
@@ -413,6 +414,98 @@ class ResNetSpeaker(nn.Module):
         return self.head(x.mean(2).flatten(1))
 
 
+# ----------------------------------------------------------------------------- MobileNetV3 keyword spotting
+class HardSqueezeExcite(nn.Module):
+    """MobileNetV3 SE: global average pool -> 1x1 conv -> ReLU -> 1x1 conv -> Hardsigmoid -> channel scale."""
+
+    def __init__(self, channels: int, squeeze: int):
+        super().__init__()
+        self.reduce, self.expand = nn.Conv2d(channels, squeeze, 1), nn.Conv2d(squeeze, channels, 1)
+
+    def forward(self, x):
+        pooled = nn.functional.adaptive_avg_pool2d(x, 1)
+        return x * nn.functional.hardsigmoid(self.expand(torch.relu(self.reduce(pooled))))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV3 bneck: 1x1 expand + BN + act, depthwise 3x3 (stride s) + BN + act, squeeze-excite, linear
+    1x1 projection + BN; the input is added back where stride and channels allow it."""
+
+    def __init__(self, c_in: int, expand: int, c_out: int, stride: int, activation: str):
+        super().__init__()
+        act = {"relu": nn.ReLU, "hswish": nn.Hardswish}[activation]
+        self.expand = nn.Sequential(nn.Conv2d(c_in, expand, 1, bias=False), nn.BatchNorm2d(expand), act())
+        self.depthwise = nn.Sequential(nn.Conv2d(expand, expand, 3, stride, 1, groups=expand, bias=False),
+                                       nn.BatchNorm2d(expand), act())
+        self.se = HardSqueezeExcite(expand, expand // 4)
+        self.project = nn.Sequential(nn.Conv2d(expand, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
+        self.residual = stride == 1 and c_in == c_out
+
+    def forward(self, x):
+        h = self.project(self.se(self.depthwise(self.expand(x))))
+        return x + h if self.residual else h
+
+
+class MobileNetV3KWS(nn.Module):
+    """MobileNetV3-small-style keyword spotter (Howard et al. 2019) on log-mel [1, 1, T, 40]: Conv2d 3x3 /2 + BN +
+    Hardswish, 4 bnecks (ReLU, /2; ReLU, residual; Hardswish, /2; Hardswish, residual), 1x1 conv + BN + Hardswish,
+    global average pool over time and frequency, Linear to 12 classes."""
+
+    BLOCKS = ((16, 64, 24, 2, "relu"), (24, 72, 24, 1, "relu"), (24, 96, 40, 2, "hswish"), (40, 120, 40, 1, "hswish"))
+
+    def __init__(self, last: int = 128, classes: int = 12):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.Hardswish())
+        self.blocks = nn.Sequential(*(InvertedResidual(*cfg) for cfg in self.BLOCKS))
+        self.last = nn.Sequential(nn.Conv2d(self.BLOCKS[-1][2], last, 1, bias=False), nn.BatchNorm2d(last),
+                                  nn.Hardswish())
+        self.fc = nn.Linear(last, classes)
+
+    def forward(self, feats):  # [1, 1, T, 40]
+        x = self.last(self.blocks(self.stem(feats)))  # [1, 128, T/8, 5]
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+# ----------------------------------------------------------------------------- Silero-VAD-style detector
+def stft_basis(filter_length: int) -> torch.Tensor:
+    """A periodic-Hann-windowed real DFT as Conv1d weights [2 * (n/2 + 1), 1, n]: the cosines (real parts) of bins
+    0..n/2, then the negated sines (imaginary parts)."""
+    n = torch.arange(filter_length, dtype=torch.float64)
+    k = torch.arange(filter_length // 2 + 1, dtype=torch.float64)
+    angle = 2 * math.pi * k[:, None] * n[None, :] / filter_length
+    window = torch.hann_window(filter_length, periodic=True, dtype=torch.float64)
+    basis = torch.cat([torch.cos(angle), -torch.sin(angle)]) * window
+    return basis.unsqueeze(1).float()
+
+
+class SileroVAD(nn.Module):
+    """Silero-VAD-style voice activity detector on 16 kHz audio [1, S]: an STFT as a strided Conv1d with a fixed
+    DFT basis (256 taps, hop 128: 129 bins), magnitude sqrt(re^2 + im^2), 4 Conv1d k3 + ReLU (the second /2), a
+    1-layer LSTM (64), Linear + sigmoid: a speech probability per 16 ms frame [1, T_out]."""
+
+    FILTER, HOP = 256, 128
+
+    def __init__(self, channels: tuple = (128, 64, 64, 64), hidden: int = 64):
+        super().__init__()
+        self.bins = self.FILTER // 2 + 1
+        self.register_buffer("stft_basis", stft_basis(self.FILTER))
+        widths = (self.bins, *channels)
+        self.convs = nn.ModuleList(nn.Conv1d(c_in, c_out, 3, stride=2 if i == 1 else 1, padding=1)
+                                   for i, (c_in, c_out) in enumerate(zip(widths, widths[1:])))
+        for conv in self.convs:  # He init: with no BatchNorm to rescale, torch's default init shrinks the signal
+            nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")  # ~3x per ReLU conv (a constant output)
+        self.lstm = nn.LSTM(channels[-1], hidden, batch_first=True)
+        self.head = nn.Linear(hidden, 1)
+
+    def forward(self, waveform):  # [1, S]
+        spectrum = nn.functional.conv1d(waveform.unsqueeze(1), self.stft_basis, stride=self.HOP)
+        real, imag = spectrum[:, :self.bins], spectrum[:, self.bins:]
+        x = torch.sqrt(real * real + imag * imag)
+        for conv in self.convs:
+            x = torch.relu(conv(x))
+        return torch.sigmoid(self.head(self.lstm(x.transpose(1, 2))[0])).squeeze(-1)
+
+
 # ----------------------------------------------------------------------------- construction and export
 def seeded(factory, seed: int) -> nn.Module:
     """`factory()` with weights drawn from `seed` (global RNG state is left untouched), in eval mode."""
@@ -501,4 +594,6 @@ BUILDERS = {
     "wav2vec2_fe": Wav2Vec2FeatureExtractor,
     "convtasnet": ConvTasNet,
     "resnet_speaker": ResNetSpeaker,
+    "mobilenetv3_kws": MobileNetV3KWS,
+    "silero_vad": SileroVAD,
 }

@@ -112,6 +112,13 @@ ZOO: dict[str, ZooModel] = {
     "resnet_speaker": ZooModel("ResNet speaker embedding: Conv2d stem + MaxPool, 3 basic blocks (stride 2, 1x1 "
                                "shortcuts), mean over time, Linear", "resnet_speaker", "feats", (1, "T", 80),
                                "embedding", {}, "logmel", ORT_STATIC),
+    "mobilenetv3_kws": ZooModel("MobileNetV3 keyword spotting on log-mel [T, 40]: Conv2d /2 + Hardswish, 4 inverted "
+                                "residual blocks (1x1 expand, depthwise 3x3, Hardsigmoid squeeze-excite, ReLU or "
+                                "Hardswish, linear 1x1 projection), global average pool, 12 classes", "mobilenetv3_kws",
+                                "feats", (1, 1, "T", 40), "logits", {}, "logmel", ORT_STATIC),
+    "silero_vad": ZooModel("Silero-VAD-style detector: STFT as a Conv1d with a fixed DFT basis (256 taps, hop 128), "
+                           "magnitude, 4 Conv1d + ReLU, 1-layer LSTM (64), Linear + sigmoid per frame", "silero_vad",
+                           "waveform", (1, "S"), "speech_prob", {1: "T_out"}, "waveform", ORT_STATIC),
     "shipped_conformer": ZooModel(f"nativeq's shipped {SHIPPED} (float export: nativeq.export.float_onnx)", None,
                                   "feats", ("B", "T", 80), "logits", {0: "B", 1: "T_out"}, "shipped_logmel",
                                   ("qat", "qdq_u8_pc", "qdq_s8_pc", "dynamic", "qoperator")),
