@@ -24,7 +24,8 @@ FRAMES = (50, 123)  # two lengths of the time axis (S = 160 * frames for the wav
 # after propagation through Reshape, see nativeq.verify.bench.ort_session): "basic" is then used.
 ORT_LEVELS = {"disabled": ("disabled",), "enabled": ("all", "basic")}
 # Measured on every entry (seed 0, frames 50 and 123, both ORT levels): centered correlation >= 0.998,
-# RMS error <= 0.086 of the float output's standard deviation. The bounds leave room, not slack for garbage.
+# RMS error <= 0.086 of the float output's standard deviation, but for the Silero-VAD-style detector (0.985,
+# 0.178: a sigmoid per frame after an LSTM, quantized at its input). The bounds leave room, not slack for garbage.
 MIN_CORRELATION = 0.95
 MAX_RELATIVE_RMS = 0.25
 

@@ -464,7 +464,7 @@ class _ChannelsLast(relax.PyExprMutator):
 
     def _grouped(self, x_cl, weight: np.ndarray, groups: int, out_spatial, geometry: ConvGeometry, intrin):
         """A grouped conv (1 < groups < channels: wav2vec2 / HuBERT's positional conv) as one im2col + matmul per
-        group on its slice of the channels, the groups' results concatenated along the channels. One matmul over
+        group on its slice of the channels, the groups' results side by side along the channels. One matmul over
         all channels with a block-diagonal weight would multiply `groups` times as many zeros as values."""
         out_channels, per_group = weight.shape[:2]
         per_group_out = out_channels // groups

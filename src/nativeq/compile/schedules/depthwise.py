@@ -21,6 +21,9 @@ Schedule (`schedule_depthwise`, schedule_passes, after FuseTIR; the rule `Defaul
                 for t in unroll(P): acc[t] += widen(x[.., t0*P + t .., c0*lanes:]) * widen(w[k, c0*lanes:])
             out[n, *o, t0*P:, c0*lanes:] = epilogue(acc)    # requantize, vectorized; cropped to T
 
+A 2-D conv's zero-point padded input (`copy_padding`) is a stage of the kernel: the rows loop (n, *o) alone is
+parallel, and each row of outputs first copies the kernel rows of padded input it reads into a buffer of its own.
+
 On AVX-512 VNNI a uint8 conv of 8+ taps along its last axis (QuartzNet's 33-63, a Conformer's 15) runs 4 taps
 per instruction instead: its padded input is written once as 32-bit words of 4 neighbouring taps per channel
 (`interleave_taps_te`), the weight as [*K', G, C, 4], and each tap step of the loop above is one `vpdpbusd`
