@@ -4,7 +4,7 @@ The zoo is about operators and fusion patterns, not accuracy: every module here 
 edge-ASR-sized instance (d_model 144, 4 heads, ff 576, 2 blocks; conv channels 64-256) of a
 published architecture, built deterministically from a seed. Inputs are log-mel features
 [1, T, 80] (waveform [1, S] for the wav2vec2 feature extractor, the separator and the VAD, MFCC
-[1, 1, 49, 10] for the DS-CNN keyword spotter, log-mel [1, 1, T, 40] for the MobileNetV3 one); `export_float_onnx` writes the TorchScript
+[1, 1, 49, 10] for the DS-CNN keyword spotter, log-mel [1, 1, T, 40] for the MobileNetV3 one, feature frames [1, T, 144] for the HuBERT encoder); `export_float_onnx` writes the TorchScript
 ONNX export (opset 17) with the time axis symbolic.
 
 Papers: Vaswani et al. 2017 (transformer, post-norm) and Xiong et al. 2020 (pre-norm);
@@ -12,7 +12,7 @@ Gulati et al. 2020 (Conformer); Kriman et al. 2020 (QuartzNet) and Majumdar et a
 (Citrinet squeeze-excite); Zhang et al. 2017 "Hello Edge" (DS-CNN); Graves et al. 2013
 (LSTM acoustic model); Radford et al. 2022 (Whisper encoder); Baevski et al. 2020 (wav2vec 2.0
 feature encoder); Howard et al. 2019 (MobileNetV3); Silero Team 2021 (Silero VAD, v4/v5
-architecture).
+architecture); Hsu et al. 2021 (HuBERT, the wav2vec 2.0 transformer encoder).
 """
 
 from __future__ import annotations
@@ -506,6 +506,37 @@ class SileroVAD(nn.Module):
         return torch.sigmoid(self.head(self.lstm(x.transpose(1, 2))[0])).squeeze(-1)
 
 
+# ----------------------------------------------------------------------------- HuBERT / wav2vec 2.0 encoder
+class HubertEncoder(nn.Module):
+    """The HuBERT / wav2vec 2.0 transformer encoder on feature frames [1, T, 144]: feature projection (LayerNorm +
+    Linear), the convolutional positional embedding (grouped Conv1d k31, 16 groups, GELU; HF drops the last frame
+    only for an even kernel) added to its input, LayerNorm, 2 post-norm nn.TransformerEncoderLayer (GELU),
+    Linear head to the vocabulary."""
+
+    def __init__(self, blocks: int = 2, pos_kernel: int = 31, pos_groups: int = 16):
+        super().__init__()
+        self.feature_norm = nn.LayerNorm(D_MODEL)
+        self.feature_projection = nn.Linear(D_MODEL, D_MODEL)
+        self.pos_conv = nn.Conv1d(D_MODEL, D_MODEL, pos_kernel, padding=pos_kernel // 2, groups=pos_groups)
+        self.trim = 1 if pos_kernel % 2 == 0 else 0
+        self.norm = nn.LayerNorm(D_MODEL)
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(D_MODEL, HEADS, FF_DIM, dropout=0.0, activation="gelu", batch_first=True)
+            for _ in range(blocks)
+        )
+        self.head = nn.Linear(D_MODEL, VOCAB)
+
+    def forward(self, features):  # [1, T, 144]
+        x = self.feature_projection(self.feature_norm(features))
+        position = self.pos_conv(x.transpose(1, 2))
+        if self.trim:
+            position = position[:, :, :-self.trim]
+        x = self.norm(x + nn.functional.gelu(position).transpose(1, 2))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
 # ----------------------------------------------------------------------------- construction and export
 def seeded(factory, seed: int) -> nn.Module:
     """`factory()` with weights drawn from `seed` (global RNG state is left untouched), in eval mode."""
@@ -596,4 +627,5 @@ BUILDERS = {
     "resnet_speaker": ResNetSpeaker,
     "mobilenetv3_kws": MobileNetV3KWS,
     "silero_vad": SileroVAD,
+    "hubert_encoder": HubertEncoder,
 }

@@ -36,12 +36,15 @@ SAMPLES_PER_FRAME = 160  # 10 ms hop at 16 kHz: a waveform of S = 160 * T sample
 CALIBRATION_FRAMES = (64, 100, 150, 80)  # one calibration input per entry, seeded
 PARITY_FRAMES = 123  # the float export is checked against PyTorch at a length other than the example's
 EXAMPLE_FRAMES = 100
+D_FEATURES = 144  # the HuBERT encoder's input: feature frames of models.D_MODEL channels
 
 ORT_STATIC = ("qdq_u8_pc", "qdq_u8_pt", "qdq_s8_pc", "qoperator")
 
 # input kind -> (scale, offset) of the seeded normal inputs: log-mel-like, MFCC-like, waveform,
-# and the shipped model's features (its training statistics: mean ~14, std ~4.4).
-INPUT_SCALES = {"logmel": (2.0, 0.0), "mfcc": (2.0, 0.0), "waveform": (0.1, 0.0), "shipped_logmel": (4.0, 14.0)}
+# the shipped model's features (its training statistics: mean ~14, std ~4.4), and feature frames
+# (a conv feature encoder's output, unit scale) for an encoder that starts at them.
+INPUT_SCALES = {"logmel": (2.0, 0.0), "mfcc": (2.0, 0.0), "waveform": (0.1, 0.0), "shipped_logmel": (4.0, 14.0),
+                "features": (1.0, 0.0)}
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,10 @@ ZOO: dict[str, ZooModel] = {
     "silero_vad": ZooModel("Silero-VAD-style detector: STFT as a Conv1d with a fixed DFT basis (256 taps, hop 128), "
                            "magnitude, 4 Conv1d + ReLU, 1-layer LSTM (64), Linear + sigmoid per frame", "silero_vad",
                            "waveform", (1, "S"), "speech_prob", {1: "T_out"}, "waveform", ORT_STATIC),
+    "hubert_encoder": ZooModel("HuBERT/wav2vec2 transformer encoder on feature frames: LayerNorm + Linear projection, "
+                               "grouped Conv1d k31 positional embedding + GELU, LayerNorm, 2 post-norm "
+                               "nn.TransformerEncoderLayer, Linear head", "hubert_encoder", "features", (1, "T", D_FEATURES),
+                               "logits", {1: "T_out"}, "features", ORT_STATIC + ("dynamic",)),
     "shipped_conformer": ZooModel(f"nativeq's shipped {SHIPPED} (float export: nativeq.export.float_onnx)", None,
                                   "feats", ("B", "T", 80), "logits", {0: "B", 1: "T_out"}, "shipped_logmel",
                                   ("qat", "qdq_u8_pc", "qdq_s8_pc", "dynamic", "qoperator")),

@@ -52,6 +52,11 @@ def node_span(node: tuple[str, str]):
     return tvm.ir.Span(tvm.ir.SourceName(f"{_SPAN_PREFIX}{op}:{name}"), 0, 0, 0, 0)
 
 
+def with_span(call, span):
+    """`call` carrying `span` (a rewrite's call computing the node a replaced call's span names; None: as it is)."""
+    return call if span is None else relax.Call(call.op, call.args, call.attrs, call.ty_args, span=span)
+
+
 def span_node(span) -> tuple[str, str] | None:
     """The ONNX node (op type, node name) a span names, or None (no span, or not one of `node_span`'s)."""
     if span is None:

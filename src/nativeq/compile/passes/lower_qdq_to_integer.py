@@ -42,6 +42,7 @@ from __future__ import annotations
 import numpy as np
 
 from nativeq.compile._tvm import relax, tvm
+from nativeq.compile.provenance import with_span
 from nativeq.compile.passes.qdq_sites import (
     ActivationProductSite,
     QdqSite,
@@ -122,14 +123,16 @@ def _int32_const(values: np.ndarray, shape) -> relax.Expr:
     return relax.const(per_channel.astype(np.int32).reshape(shape))
 
 
-def lower_site(site: QdqSite, x_k: relax.Expr, kernel_dtype: str, visit=lambda e: e) -> relax.Expr:
+def lower_site(site: QdqSite, x_k: relax.Expr, kernel_dtype: str, visit=lambda e: e, emit=lambda e: e) -> relax.Expr:
     """The integer expression replacing `site.call`; `x_k` is the activation already in `kernel_dtype`.
 
     acc = Σ_k (x - zx)(W - zw) = Σ_k x·W - zx·(Σ_k W - K·zw) - zw·Σ_k x; the middle term is a
     compile-time constant per output channel (times zx when zx is a runtime scalar), the last one a
     sum of the activation (per row, or per receptive field for a conv), only needed when the weight
     zero point could not be folded into W.
-    `visit` maps expressions of the original function (runtime scales, zero points) to the new one.
+    `visit` maps expressions of the original function (runtime scales, zero points) to the new one; `emit` binds
+    an expression (the conv's input: the integer conv then keeps the ONNX node's span, which normalizing a call
+    with nested arguments drops; a pass that splits the conv names its node with it).
     """
     shift = _SHIFT.get((site.x_dtype, kernel_dtype), 0)
     if isinstance(site.x_zero_point, relax.Expr):
@@ -145,7 +148,9 @@ def lower_site(site: QdqSite, x_k: relax.Expr, kernel_dtype: str, visit=lambda e
         acc = relax.op.matmul(x_k, relax.const(site.weight, "int8"), out_dtype="int32")
     else:
         x_k, padding = _padded_input(site, x_k, zero_point)
-        acc = _conv(site, x_k, site.weight, padding, int(site.call.attrs.groups))
+        if not isinstance(x_k, relax.Var):
+            x_k = emit(x_k)
+        acc = with_span(_conv(site, x_k, site.weight, padding, int(site.call.attrs.groups)), site.call.span)
     weight_terms = site.weight_sums() - site.reduction_size * site.weight_zero_point
     if isinstance(zero_point, relax.Expr):
         acc = relax.op.subtract(acc, relax.op.multiply(zero_point, _int32_const(weight_terms, channels)))
@@ -229,7 +234,7 @@ class _Rewriter(relax.PyExprMutator):
         if isinstance(site, QdqSite):
             kernel_dtype = self.activation_dtype or site.x_dtype
             x_k = self._as_dtype(site.x_q, site.x_dtype, kernel_dtype)
-            return lower_site(site, x_k, kernel_dtype, self.visit_expr)
+            return lower_site(site, x_k, kernel_dtype, self.visit_expr, self.builder_.emit)
         product = match_activation_product(call, self.var2val)
         if isinstance(product, ActivationProductSite):
             kernel_dtype = self.activation_dtype or product.lhs_dtype

@@ -39,6 +39,7 @@ import numpy as np
 from nativeq.compile._tvm import Analyzer, relax, tvm
 from nativeq.compile.passes import result_dtype, rewrite_functions
 from nativeq.compile.passes.lut_elementwise import call_lut, lut_call_operands
+from nativeq.compile.provenance import with_span
 from nativeq.compile.schedules.conv_as_matmul import ConvGeometry, conv_as_matmul
 from nativeq.compile.schedules.depthwise import (
     call_depthwise, call_interleave_taps, call_pad_channels_last, extra_rows, pair_taps_weight, quad_extra_rows,
@@ -459,10 +460,10 @@ class _ChannelsLast(relax.PyExprMutator):
                                   rows_past_end=copied, copy_padding=copy_padding)
         intrin = self.fma if kind.startswith("float-") else self.intrin
         if kind.endswith("grouped"):
-            return self._grouped(x_cl, weight, int(attrs.groups), out_spatial, geometry, intrin)
+            return self._grouped(x_cl, weight, int(attrs.groups), out_spatial, geometry, intrin, call.span)
         return conv_as_matmul(self.builder_, x_cl, weight, out_spatial, geometry, intrin)
 
-    def _grouped(self, x_cl, weight: np.ndarray, groups: int, out_spatial, geometry: ConvGeometry, intrin):
+    def _grouped(self, x_cl, weight: np.ndarray, groups: int, out_spatial, geometry: ConvGeometry, intrin, span):
         """A grouped conv (1 < groups < channels: wav2vec2 / HuBERT's positional conv) as one im2col + matmul per
         group on its slice of the channels, the groups' results side by side along the channels. One matmul over
         all channels with a block-diagonal weight would multiply `groups` times as many zeros as values."""
@@ -472,9 +473,9 @@ class _ChannelsLast(relax.PyExprMutator):
         results = []
         for g in range(groups):
             channels = relax.op.strided_slice(x_cl, axes=[ndim + 1], begin=[g * per_group], end=[(g + 1) * per_group])
-            x_g = self.builder_.emit(channels)
+            x_g = self.builder_.emit(with_span(channels, span))
             w_g = np.ascontiguousarray(weight[g * per_group_out:(g + 1) * per_group_out])
-            result = self.builder_.emit(conv_as_matmul(self.builder_, x_g, w_g, out_spatial, geometry, intrin))
+            result = self.builder_.emit(conv_as_matmul(self.builder_, x_g, w_g, out_spatial, geometry, intrin, span))
             results.append(self.builder_.emit(relax.op.expand_dims(result, 0)))
         # NOTE: stacked along a new first axis (each group's sums one contiguous copy), then the groups moved next to
         # their channels: a concat along the channel axis picks its input by a chain of selects per element

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from nativeq.compile._tvm import relax, te, tirx
+from nativeq.compile.provenance import with_span
 from nativeq.compile.schedules.intrinsics import DotIntrin
 
 IM2COL_BLOCK = "im2col"
@@ -91,9 +92,11 @@ def im2col_channels_last_te(x: te.Tensor, kernel, out_spatial, **geometry_kwargs
     return te.compute((batch, *out_spatial, *kernel, channels), compute, name=IM2COL_BLOCK)
 
 
-def conv_as_matmul(builder, x_cl, weight: np.ndarray, out_spatial, geometry: ConvGeometry, intrin: DotIntrin):
+def conv_as_matmul(builder, x_cl, weight: np.ndarray, out_spatial, geometry: ConvGeometry, intrin: DotIntrin,
+                   span=None):
     """Emit the channels-last conv of `x_cl` [N, *S, C] with `weight` [O, C, *K]; returns the [N, *S', O] expr
-    (int32 for an int8 weight, float32 for a float32 one)."""
+    (int32 for an int8 weight, float32 for a float32 one). `span`: the ONNX node's, for the calls it emits
+    (`compile/provenance.py`; a grouped conv becomes many)."""
     out_channels, channels, *kernel = weight.shape
     ndim = len(kernel)
     batch = x_cl.ty.shape.values[0]
@@ -106,10 +109,10 @@ def conv_as_matmul(builder, x_cl, weight: np.ndarray, out_spatial, geometry: Con
     if pointwise:
         cols = x_cl
     else:
-        cols = builder.emit(builder.call_te(
+        cols = builder.emit(with_span(builder.call_te(
             im2col_channels_last_te, x_cl, kernel=list(kernel), out_spatial=list(out_spatial), **geometry.as_te_kwargs(),
             primfunc_name_hint="im2col", primfunc_attrs={"op_pattern": _OPAQUE},
-        ))
+        ), span))
     rows = 1
     for extent in out_spatial:
         rows = rows * extent
@@ -117,7 +120,9 @@ def conv_as_matmul(builder, x_cl, weight: np.ndarray, out_spatial, geometry: Con
         cols = relax.op.reshape(cols, [batch, rows, reduction])
     if padded_reduction != reduction:  # the dot intrinsic's k-step: zero columns x zero weight rows
         cols = relax.op.nn.pad(cols, [0, 0, 0, 0, 0, padded_reduction - reduction])
-    acc = builder.emit(relax.op.matmul(cols, relax.const(w2, str(w2.dtype)), out_dtype=intrin.acc_dtype))
+    if span is not None and not isinstance(cols, relax.Var):
+        cols = builder.emit(cols)  # a nested argument would make the normalizer rebuild the call without its span
+    acc = builder.emit(with_span(relax.op.matmul(cols, relax.const(w2, str(w2.dtype)), out_dtype=intrin.acc_dtype), span))
     if ndim == 1:
         return acc
     return relax.op.reshape(acc, [batch, *out_spatial, out_channels])
