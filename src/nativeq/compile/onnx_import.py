@@ -318,12 +318,18 @@ def _int_scalar(expr) -> int | None:
     return None
 
 
-def _numel(expr):
-    """The element count of a tensor expression (a PrimExpr), or None if its shape is unknown."""
+def _dims(expr) -> list | None:
+    """The dims of a tensor expression (PrimExprs), or None if its shape is unknown."""
     ty = getattr(expr, "ty", None)
     if not isinstance(ty, relax.TensorType) or ty.shape is None or not hasattr(ty.shape, "values"):
         return None
-    return functools.reduce(operator.mul, ty.shape.values, tvm.tirx.IntImm("int64", 1))
+    return list(ty.shape.values)
+
+
+def _numel(expr):
+    """The element count of a tensor expression (a PrimExpr), or None if its shape is unknown."""
+    dims = _dims(expr)
+    return None if dims is None else functools.reduce(operator.mul, dims, tvm.tirx.IntImm("int64", 1))
 
 
 _TEXT_OPS = {"Add": "+", "Sub": "-", "Mul": "*", "FloorDiv": "//", "FloorMod": "%"}
@@ -354,8 +360,7 @@ def _unify_concat_operands(bb, inputs, axis: int, renamed: list):
     later op could be built. The condition is recorded (`renamed`, as `ShapeCheck`s): inputs that break it are
     refused, as ONNX Runtime refuses them.
     """
-    shapes = [list(inp.ty.shape.values) if isinstance(getattr(inp, "ty", None), relax.TensorType)
-              and inp.ty.shape is not None and hasattr(inp.ty.shape, "values") else None for inp in inputs]
+    shapes = [_dims(inp) for inp in inputs]
     if len(shapes) < 2 or any(s is None or len(s) != len(shapes[0]) for s in shapes):
         return inputs
     axis %= len(shapes[0])

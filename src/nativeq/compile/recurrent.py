@@ -393,7 +393,7 @@ def _panel_width(spec) -> int | None:
     columns after its reset gate, outside the panels' loop."""
     if spec.op == "GRU" and not spec.linear_before_reset:
         return None
-    _, units = _part_bounds(spec.hidden, _OP_GATES[spec.op])
+    _, units, _ = _step_split(spec)
     for panel in (_PANEL, 32, 16):
         if spec.hidden % panel == 0 and units % panel == 0:
             return panel
@@ -417,6 +417,12 @@ def _part_bounds(hidden: int, gates: int) -> tuple[int, int]:
     per_part = -(-hidden // _PARTS)
     units = max(16, -(-per_part // 16) * 16)
     return -(-hidden // units), units
+
+
+def _step_split(spec):
+    """(parts, units per part, the TVMScript loop kind over the parts) of `spec`'s time step (`_part_bounds`)."""
+    parts, units = _part_bounds(spec.hidden, _OP_GATES[spec.op])
+    return parts, units, T.parallel if parts > 1 else T.serial
 
 
 def _clipper(clip: float | None):
@@ -500,8 +506,7 @@ def _projection_kernel(input_size: int, gate_width: int):
 def _lstm_kernel(spec: _Spec, activations, reverse: bool, has_lens: bool):
     """PrimFunc(X·Wᵀ[T,B,4H], Rᵀ[H,4H], Wb+Rb[4H], P[3H], h0[B,H], c0[B,H], lens) -> (Y[T,B,H], Y_h[B,H], Y_c[B,H])."""
     hidden, gate_width = spec.hidden, 4 * spec.hidden
-    parts, units = _part_bounds(hidden, 4)
-    step_loop = T.parallel if parts > 1 else T.serial
+    parts, units, step_loop = _step_split(spec)
     rt_shape, times_rt = _rt_layout(spec, gate_width)
     gate_act, cell_act, hidden_act = (_ACTIVATIONS[name] for name in activations)
     clip = _clipper(spec.clip)
@@ -580,8 +585,7 @@ def _gru_kernel(spec: _Spec, activations, reverse: bool, has_lens: bool):
     gate_act, candidate_act = (_ACTIVATIONS[name] for name in activations)
     clip = _clipper(spec.clip)
     linear_before_reset = spec.linear_before_reset
-    parts, units = _part_bounds(hidden, 3)
-    step_loop = T.parallel if parts > 1 else T.serial
+    parts, units, step_loop = _step_split(spec)
     rt_shape, times_rt = _rt_layout(spec, gate_width)
 
     @T.prim_func(private=True, s_tir=True)
@@ -659,8 +663,7 @@ def _gru_kernel(spec: _Spec, activations, reverse: bool, has_lens: bool):
 def _rnn_kernel(spec: _Spec, activations, reverse: bool, has_lens: bool):
     """PrimFunc(X·Wᵀ[T,B,H], Rᵀ[H,H], Wb+Rb[H], h0[B,H], lens) -> (Y[T,B,H], Y_h[B,H])."""
     hidden = spec.hidden
-    parts, units = _part_bounds(hidden, 1)
-    step_loop = T.parallel if parts > 1 else T.serial
+    parts, units, step_loop = _step_split(spec)
     rt_shape, times_rt = _rt_layout(spec, hidden)
     (act,) = (_ACTIVATIONS[name] for name in activations)
     clip = _clipper(spec.clip)

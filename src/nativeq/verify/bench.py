@@ -250,7 +250,6 @@ def bench_model(model_path, cfg: BenchConfig):
     os.environ["TVM_NUM_THREADS"] = str(cfg.threads)
     from nativeq.compile import CompileConfig, compile_model, load_onnx
     from nativeq.runtime import load
-    from nativeq.runtime.manifest import read_manifest
     from nativeq.verify.inputs import check_dims, random_inputs
 
     onnx_model = load_onnx(model_path)
@@ -261,7 +260,7 @@ def bench_model(model_path, cfg: BenchConfig):
             artifact = Path(tmp) / "artifact"
             compile_model(model_path, artifact, CompileConfig(target=cfg.target))
         compiled = load(artifact)
-        dims = check_dims(compiled.inputs, cfg.dims, read_manifest(artifact).get("build", {}).get("dims"))
+        dims = check_dims(compiled.inputs, cfg.dims, compiled.manifest.get("build", {}).get("dims"))
         feeds = random_inputs(compiled.inputs, onnx_model, dims, cfg.seed)
         runners = {f"nativeq int8 ({compiled.target})": lambda: compiled.run(feeds)}
         for engine, path, levels in (("ort qdq", model_path, ("all", "basic")), ("ort qdq", model_path, ("disabled",)),
