@@ -810,3 +810,38 @@ def qdq_conv_pool(pool: str = "MaxPool", ndim: int = 2, c: int = 16, kernel=2, s
     nodes.append(helper.make_node("Identity", [out], ["y"], name="out"))
     out_shape = [f"{d}_out" if isinstance(d, str) else f"S{i}_out" for i, d in enumerate(spatial)]
     return _model(nodes, inits, [1, c, *spatial], [1, c, *out_shape], f"qdq_conv_{pool.lower()}")
+
+
+def skip_concat(channels: int = 16, spatial=(12, 16), seed: int = 0) -> onnx.ModelProto:
+    """A U-Net level (uint8 QDQ, per-channel int8 weights, as ORT's quantize_static writes it): x[1, 4, *spatial] ->
+    3x3 Conv (e) -> stride-2 3x3 Conv -> LeakyRelu -> ConvTranspose k4 s2 p1 -> PRelu per channel -> Concat with e
+    along the channels -> 1x1 Conv -> y[1, channels, *spatial]. Channels-last, the concat and the transposed conv's
+    phase interleave are both along the innermost axis of one elementwise kernel. Even spatial sizes."""
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+    n = len(spatial)
+
+    def conv(name, src, c_in, c_out, kernel, stride=1, pad=0, op="Conv"):
+        shape = (c_in, c_out) if op == "ConvTranspose" else (c_out, c_in)
+        w = _weight_dq(nodes, inits, name, rng.normal(0, 0.4 / np.sqrt(c_in), (*shape, *[kernel] * n)).astype(np.float32),
+                       axis=1 if op == "ConvTranspose" else 0)
+        inits.append(numpy_helper.from_array(rng.normal(0, 0.1, c_out).astype(np.float32), f"{name}_b"))
+        nodes.append(helper.make_node(op, [src, w, f"{name}_b"], [name], name=f"{name}_{op}", kernel_shape=[kernel] * n,
+                                      strides=[stride] * n, pads=[pad] * 2 * n))
+        return name
+
+    x = _q_dq(nodes, inits, "x", "x", 0.05, "uint8")
+    e = _q_dq(nodes, inits, "e", conv("enc", x, 4, channels, 3, pad=1), 0.06, "uint8")
+    down = _q_dq(nodes, inits, "down", conv("down", e, channels, channels, 3, stride=2, pad=1), 0.07, "uint8")
+    nodes.append(helper.make_node("LeakyRelu", [down], ["leaky"], name="leaky_LeakyRelu", alpha=0.2))
+    leaky = _q_dq(nodes, inits, "leaky", "leaky", 0.05, "uint8")
+    up = _q_dq(nodes, inits, "up", conv("up", leaky, channels, channels, 4, stride=2, pad=1, op="ConvTranspose"), 0.08,
+               "uint8")
+    inits.append(numpy_helper.from_array(rng.uniform(0.05, 0.5, (channels, *[1] * n)).astype(np.float32), "slope"))
+    nodes.append(helper.make_node("PRelu", [up, "slope"], ["act"], name="act_PRelu"))
+    act = _q_dq(nodes, inits, "act", "act", 0.06, "uint8")
+    nodes.append(helper.make_node("Concat", [act, e], ["cat"], name="cat_Concat", axis=1))
+    cat = _q_dq(nodes, inits, "cat", "cat", 0.06, "uint8")
+    out = _q_dq(nodes, inits, "y", conv("head", cat, 2 * channels, channels, 1), 0.1, "uint8")
+    nodes.append(helper.make_node("Identity", [out], ["y"], name="out"))
+    return _model(nodes, inits, [1, 4, *spatial], [1, channels, *spatial], "skip_concat")

@@ -537,6 +537,29 @@ class HubertEncoder(nn.Module):
         return self.head(x)
 
 
+# ----------------------------------------------------------------------------- U-Net speech enhancer
+class UNetEnhancer(nn.Module):
+    """Spectral-mask U-Net on a magnitude spectrogram [1, 1, T, 64]: 3 stride-2 Conv2d (LeakyReLU, BatchNorm), 3
+    ConvTranspose2d k4 s2 (BatchNorm, PReLU per channel), skip connections concatenated along the channels, a
+    sigmoid mask times the input. T a multiple of 8 (the skips' lengths must meet)."""
+
+    def __init__(self):
+        super().__init__()
+        self.e1 = nn.Sequential(nn.Conv2d(1, 32, 3, 2, 1), nn.LeakyReLU(0.2))
+        self.e2 = nn.Sequential(nn.Conv2d(32, 64, 3, 2, 1), nn.BatchNorm2d(64), nn.LeakyReLU(0.2))
+        self.e3 = nn.Sequential(nn.Conv2d(64, 128, 3, 2, 1), nn.BatchNorm2d(128), nn.LeakyReLU(0.2))
+        self.d3 = nn.Sequential(nn.ConvTranspose2d(128, 64, 4, 2, 1), nn.BatchNorm2d(64), nn.PReLU(64))
+        self.d2 = nn.Sequential(nn.ConvTranspose2d(128, 32, 4, 2, 1), nn.BatchNorm2d(32), nn.PReLU(32))
+        self.d1 = nn.ConvTranspose2d(64, 1, 4, 2, 1)
+
+    def forward(self, spec):
+        e1 = self.e1(spec)
+        e2 = self.e2(e1)
+        e3 = self.e3(e2)
+        d = self.d2(torch.cat([self.d3(e3), e2], dim=1))
+        return spec * torch.sigmoid(self.d1(torch.cat([d, e1], dim=1)))
+
+
 # ----------------------------------------------------------------------------- construction and export
 def seeded(factory, seed: int) -> nn.Module:
     """`factory()` with weights drawn from `seed` (global RNG state is left untouched), in eval mode."""
@@ -628,4 +651,5 @@ BUILDERS = {
     "mobilenetv3_kws": MobileNetV3KWS,
     "silero_vad": SileroVAD,
     "hubert_encoder": HubertEncoder,
+    "unet_enhancer": UNetEnhancer,
 }

@@ -41,6 +41,7 @@ from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock  # noqa: F401,E40
 from tvm import topi  # noqa: F401,E402
 from tvm.relax.transform.legalize_ops.manipulate import _reshape as reshape_legalization  # noqa: F401,E402
 from tvm.sym import Analyzer  # noqa: F401,E402  (was tvm.arith.Analyzer: proofs on symbolic shapes)
+from tvm.sym import detect_linear_equation  # noqa: F401,E402  (was tvm.arith.detect_linear_equation)
 from tvm_ffi import structural_equal  # noqa: F401,E402  (was tvm.ir.structural_equal)
 
 

@@ -1,15 +1,17 @@
-"""Rewrite a TIR statement tree bottom-up (TVM 0.27 has no Python statement mutator).
+"""Rewrite a TIR statement tree bottom-up, and walk an expression tree (TVM 0.27 has no Python statement mutator
+and no TIR expression visitor).
 
 `rewrite_stmt(stmt, fn)` rebuilds every statement that holds other statements (sequences, loops,
 attributes, whiles, branches, s-TIR blocks and their realizes) around its rewritten children, then
 returns `fn(rebuilt)`; `fn` returns the statement to use (the same one to keep it).
+`expr_nodes(node)` yields every expression node under an expression or a buffer store.
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
-from nativeq.compile._tvm import s_tir, tirx
+from nativeq.compile._tvm import s_tir, tirx, tvm
 
 
 def rewrite_stmt(stmt, fn: Callable):
@@ -36,3 +38,25 @@ def rewrite_stmt(stmt, fn: Callable):
         stmt = s_tir.SBlock(stmt.iter_vars, stmt.reads, stmt.writes, stmt.name_hint, visit(stmt.body), stmt.init,
                             stmt.alloc_buffers, stmt.match_buffers, stmt.annotations)
     return fn(stmt)
+
+
+# The fields of TIR expression nodes (and of a block's store) that hold sub-expressions.
+_EXPR_FIELDS = ("a", "b", "args", "value", "condition", "true_value", "false_value", "indices", "body")
+
+
+def expr_nodes(node):
+    """Every expression node in `node` (an expression or a buffer store), parents before children."""
+    pending = [node]
+    while pending:
+        current = pending.pop()
+        if isinstance(current, (list, tuple)) or type(current).__name__ == "Array":
+            pending.extend(current)
+            continue
+        if not isinstance(current, (tvm.ir.expr.Expr, tirx.BufferStore)):
+            continue
+        if isinstance(current, tvm.ir.expr.Expr):
+            yield current
+        for name in _EXPR_FIELDS:
+            child = getattr(current, name, None)
+            if child is not None:
+                pending.append(child)

@@ -10,13 +10,17 @@ between samples, most of its products zero) on the generic path: a speech separa
 s and K taps (zero taps appended so that m = ceil((K + output_padding) / s) taps cover each phase):
 
     y[n, o, q*s + r] = sum_c sum_j x[n, c, q - j] * w[c, o, j*s + r]             (j < m, r < s)
-                     = conv(x, w')[n, (o, r), q],  w'[(o, r), c, m-1-j] = w[c, o, j*s + r],  padding m - 1
+                     = conv(x, w')[n, (r, o), q],  w'[(r, o), c, m-1-j] = w[c, o, j*s + r],  padding m - 1
 
-then the s phases (o, r) interleave into [n, o, q*s + r] and the result is cropped to ONNX's output
+then the s phases (r, o) interleave into [n, o, q*s + r] and the result is cropped to ONNX's output
 (`pads` at the start, the output length `(T - 1) s + K - pads + output_padding`). The same products: a float
 model gets its float sums in another order, a quantized one exact int32 sums. The weight must be a constant
 or a dequantized constant (per tensor or per output channel): the phases of an output channel share its scale
 and zero point. Grouped and dilated transposed convolutions are left to TVM.
+
+The conv's output channels are phase-major, (r, o): once the conv runs channels-last (a GEMM whose columns are its
+channels), an output position's channels o are one contiguous run of a phase's columns, so the interleave reads
+whole vectors (channel-major, (o, r), it gathered every s-th column).
 """
 
 from __future__ import annotations
@@ -64,26 +68,26 @@ class _Weight:
         return self.zero_point.reshape(shape).astype(self.values.dtype)
 
     def as_conv(self, polyphase: np.ndarray, phases: int, builder):
-        """The convolution's weight expression: `polyphase` [(O, phases), C, *m], dequantized like the original."""
+        """The convolution's weight expression: `polyphase` [(phases, O), C, *m], dequantized like the original."""
         if self.scale is None:
             return relax.const(polyphase)
 
         def per_phase(param):
-            return relax.const(np.repeat(param.reshape(-1), phases) if param.size > 1 else param)
+            return relax.const(np.tile(param.reshape(-1), phases) if param.size > 1 else param)
 
         return builder.emit(relax.op.dequantize(relax.const(polyphase), per_phase(self.scale),
                                                 per_phase(self.zero_point), axis=0, out_dtype="float32"))
 
 
 def polyphase_weight(weight: np.ndarray, strides: list[int], taps: list[int], fill) -> np.ndarray:
-    """w[c, o, *k] -> w'[(o, *r), c, *(m - 1 - j)] with k = j * s + r per axis (missing taps = `fill`)."""
+    """w[c, o, *k] -> w'[(*r, o), c, *(m - 1 - j)] with k = j * s + r per axis (missing taps = `fill`)."""
     channels_in, channels_out, *kernel = weight.shape
     padded = np.broadcast_to(fill, (channels_in, channels_out, *[m * s for m, s in zip(taps, strides)])).copy()
     padded[(slice(None), slice(None), *[slice(0, k) for k in kernel])] = weight
-    # [C, O, j0, r0, j1, r1, ...] -> [O, r0, r1, ..., C, j0, j1, ...], taps j reversed
+    # [C, O, j0, r0, j1, r1, ...] -> [r0, r1, ..., O, C, j0, j1, ...], taps j reversed
     split = padded.reshape(channels_in, channels_out, *[d for m, s in zip(taps, strides) for d in (m, s)])
     spatial = len(strides)
-    order = [1] + [3 + 2 * i for i in range(spatial)] + [0] + [2 + 2 * i for i in range(spatial)]
+    order = [3 + 2 * i for i in range(spatial)] + [1, 0] + [2 + 2 * i for i in range(spatial)]
     phased = split.transpose(order)[(Ellipsis, *[slice(None, None, -1)] * spatial)]
     return np.ascontiguousarray(phased.reshape(channels_out * int(np.prod(strides)), channels_in, *taps))
 
@@ -140,15 +144,16 @@ class _Rewriter(relax.PyExprMutator):
 
 
 def interleave_phases_te(y, shape, strides: list[int], begin: list[int]):
-    """out[n, o, *t] = y[n, (o, *((t + begin) % s)), *((t + begin) // s)]: the phases of a polyphase convolution
+    """out[n, o, *t] = y[n, (*((t + begin) % s), o), *((t + begin) // s)]: the phases of a polyphase convolution
     interleaved along each spatial axis, from `begin` on, for the output `shape`."""
+    channels = shape[1]
 
     def value(n, o, *t):
         shifted = [ti + b for ti, b in zip(t, begin)]
-        channel = o
+        phase = 0
         for ti, s in zip(shifted, strides):
-            channel = channel * s + ti % s
-        return y(n, channel, *[ti // s for ti, s in zip(shifted, strides)])
+            phase = phase * s + ti % s
+        return y(n, phase * channels + o, *[ti // s for ti, s in zip(shifted, strides)])
 
     return te.compute(shape, value, name="interleave_phases")
 

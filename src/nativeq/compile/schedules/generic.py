@@ -22,7 +22,8 @@ from __future__ import annotations
 import logging
 import math
 
-from nativeq.compile._tvm import Schedule, s_tir, tirx
+from nativeq.compile._tvm import Schedule, detect_linear_equation, s_tir, tirx, tvm
+from nativeq.compile.tir_rewrite import expr_nodes
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +130,8 @@ def parallel_vectorize(sch: Schedule, block, vector_bits: int) -> None:
     if len(loops) > 1:
         sch.parallel(sch.fuse(*loops[:-1]))
     extent = _extent(sch, inner)
+    if len(loops) > 1 and _vectorize_in_pieces(sch, block, inner, lanes):
+        return
     if extent is not None and extent <= lanes:
         if extent > 1:
             sch.vectorize(inner)
@@ -143,6 +146,81 @@ def parallel_vectorize(sch: Schedule, block, vector_bits: int) -> None:
     sch.vectorize(vec)
     if len(loops) == 1:
         sch.parallel(outer)
+
+
+# At most this many pieces of an innermost axis (`_vectorize_in_pieces`): a concat of as many inputs, or a pad.
+_MAX_PIECES = 8
+
+
+def select_boundaries(body, var, extent: int) -> list[int]:
+    """The points 0 < b < `extent` at which a condition of an `if_then_else` in `body` that compares `var` (linearly,
+    coefficient +-1) with a constant changes its value: a concat's choice of input along `var`, a pad's border."""
+    points = set()
+
+    def comparison_point(cond) -> int | None:
+        kinds = {tirx.LT: (False, 0), tirx.LE: (False, 1), tirx.GT: (True, 0), tirx.GE: (True, 1)}
+        for kind, (flipped, closed) in kinds.items():
+            if isinstance(cond, kind):
+                a, b = (cond.b, cond.a) if flipped else (cond.a, cond.b)  # a < b (closed: a <= b)
+                coeffs = detect_linear_equation(a - b, [var])
+                if len(coeffs) != 2 or not all(isinstance(c, tirx.IntImm) for c in coeffs):
+                    return None
+                coeff, const = int(coeffs[0]), int(coeffs[1])
+                if coeff == 1:  # var < -const (+1 when closed)
+                    return -const + closed
+                if coeff == -1:  # var > const (-1 when closed)
+                    return const + 1 - closed
+        return None
+
+    for node in expr_nodes(body):
+        if not (isinstance(node, tvm.ir.Call) and getattr(node.op, "name", "") == "prim.if_then_else"):
+            continue
+        pending = [node.args[0]]
+        while pending:
+            cond = pending.pop()
+            if isinstance(cond, (tirx.And, tirx.Or)):
+                pending += [cond.a, cond.b]
+            elif isinstance(cond, tirx.Not):
+                pending.append(cond.a)
+            else:
+                point = comparison_point(cond)
+                if point is not None and 0 < point < extent:
+                    points.add(point)
+    return sorted(points)
+
+
+def _vectorize_in_pieces(sch: Schedule, block, loop, lanes: int) -> bool:
+    """Vectorize a static innermost `loop` in pieces split at the points where its block's `if_then_else` conditions
+    change value (`select_boundaries`: a concat's inputs, a pad's borders), so that in each piece the condition is a
+    constant. A condition that varies across the lanes of a vector makes TVM's vectorizer scalarize the whole loop
+    (a channels-last concat in a requantize chain: 7 ns per element, every divide and round done one lane at a
+    time). The loop is split by a lane count that divides it and every point, its vector loop vectorized, and the
+    loop of vectors partitioned (a partitioned loop starts at its piece's first index, and TVM splits only loops
+    that start at 0); a loop of at most `lanes` is partitioned and each piece vectorized whole. False, and `sch`
+    untouched, when it does not apply."""
+    extent = _extent(sch, loop)
+    realize = sch.get(loop).body
+    if extent is None or not isinstance(realize, s_tir.SBlockRealize):
+        return False
+    stmt, loop_var = realize.block, sch.get(loop).loop_var
+    block_var = next((iv.var for iv, b in zip(stmt.iter_vars, realize.iter_values) if b.same_as(loop_var)), None)
+    if block_var is None:
+        return False
+    points = select_boundaries(stmt.body, block_var, extent)
+    if not points or len(points) >= _MAX_PIECES:
+        return False
+    sizes = [b - a for a, b in zip([0, *points], [*points, extent])]
+    if extent <= lanes:
+        for piece in sch.loop_partition(loop, factors=sizes[:-1]):
+            sch.vectorize(piece)
+        return True
+    width = next((w for w in (lanes, lanes // 2, lanes // 4) if w >= 4 and all(n % w == 0 for n in sizes)), None)
+    if width is None:
+        return False
+    vectors, lane = sch.split(loop, factors=[None, width])
+    sch.vectorize(lane)
+    sch.loop_partition(vectors, factors=[n // width for n in sizes[:-1]])
+    return True
 
 
 # An axis this wide is worth a vector on any target (one SSE / NEON register): a reduction's output axis, a conv's
@@ -341,7 +419,10 @@ def schedule_generic(func, vector_bits: int) -> Schedule | None:
         logger.debug("generic schedule does not apply: %s", err)
         return None
     changed = False
-    for block in blocks:
+    # NOTE: by name: a loop partition (`_vectorize_in_pieces`) rebuilds the root's children, so block handles taken
+    # before it no longer resolve.
+    for name in [sch.get(b).name_hint for b in blocks]:
+        block = sch.get_sblock(name)
         if not _is_perfect_nest(sch, block):
             continue
         kinds = _iter_kinds(sch, block)
@@ -351,6 +432,6 @@ def schedule_generic(func, vector_bits: int) -> Schedule | None:
             step(sch, block, vector_bits)
             changed = True
         except _ERRORS as err:
-            logger.debug("generic schedule skips block %s: %s", sch.get(block).name_hint, err)
+            logger.debug("generic schedule skips block %s: %s", name, err)
             sch = trial
     return sch if changed else None
