@@ -560,6 +560,91 @@ class UNetEnhancer(nn.Module):
         return spec * torch.sigmoid(self.d1(torch.cat([d, e1], dim=1)))
 
 
+# ----------------------------------------------------------------------------- ECAPA-TDNN speaker embedding
+class ChannelSqueezeExcite(nn.Module):
+    """Squeeze-excite over time: mean, 1x1 Conv1d + ReLU, 1x1 Conv1d + sigmoid, channel gate."""
+
+    def __init__(self, c: int, bottleneck: int = 64):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Conv1d(c, bottleneck, 1), nn.Conv1d(bottleneck, c, 1)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean(dim=2, keepdim=True)))))
+
+
+class Res2Conv1d(nn.Module):
+    """Res2Net's hierarchical conv: 4 channel chunks, each after the first a dilated Conv1d (ReLU, BatchNorm) of
+    itself plus the previous chunk's output, concatenated back along the channels."""
+
+    def __init__(self, c: int, kernel: int, dilation: int, scale: int = 4):
+        super().__init__()
+        self.scale, width = scale, c // scale
+        self.convs = nn.ModuleList(nn.Conv1d(width, width, kernel, dilation=dilation, padding=dilation * (kernel // 2))
+                                   for _ in range(scale - 1))
+        self.bns = nn.ModuleList(nn.BatchNorm1d(width) for _ in range(scale - 1))
+
+    def forward(self, x):
+        chunks = torch.chunk(x, self.scale, dim=1)
+        out, y = [chunks[0]], None
+        for i in range(1, self.scale):
+            y = self.bns[i - 1](torch.relu(self.convs[i - 1](chunks[i] if y is None else chunks[i] + y)))
+            out.append(y)
+        return torch.cat(out, dim=1)
+
+
+class SERes2Block(nn.Module):
+    def __init__(self, c: int, kernel: int, dilation: int):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv1d(c, c, 1), nn.BatchNorm1d(c)
+        self.res2 = Res2Conv1d(c, kernel, dilation)
+        self.conv2, self.bn2 = nn.Conv1d(c, c, 1), nn.BatchNorm1d(c)
+        self.se = ChannelSqueezeExcite(c)
+
+    def forward(self, x):
+        y = self.bn2(torch.relu(self.conv2(self.res2(self.bn1(torch.relu(self.conv1(x)))))))
+        return x + self.se(y)
+
+
+class AttentiveStatsPool(nn.Module):
+    """ECAPA's channel- and context-dependent attentive statistics pooling: attention weights over time from the
+    frames and their global mean and std, then the weighted mean and std."""
+
+    def __init__(self, c: int, attention: int = 64):
+        super().__init__()
+        self.att1, self.bn, self.att2 = nn.Conv1d(3 * c, attention, 1), nn.BatchNorm1d(attention), nn.Conv1d(attention, c, 1)
+
+    def forward(self, x):  # [1, C, T]
+        mean = x.mean(dim=2, keepdim=True)
+        std = torch.sqrt(torch.clamp(x.var(dim=2, keepdim=True, unbiased=False), min=1e-4))
+        context = torch.cat([x, mean.expand_as(x), std.expand_as(x)], dim=1)
+        w = torch.softmax(self.att2(torch.tanh(self.bn(torch.relu(self.att1(context))))), dim=2)
+        mu = torch.sum(x * w, dim=2)
+        sigma = torch.sqrt(torch.clamp(torch.sum(x * x * w, dim=2) - mu * mu, min=1e-4))
+        return torch.cat([mu, sigma], dim=1)
+
+
+class ECAPATDNN(nn.Module):
+    """ECAPA-TDNN on MFCC-like frames [1, 80, T]: Conv1d k5, 3 SE-Res2Net blocks (dilation 2, 3, 4), their outputs
+    concatenated into a 1x1 Conv1d, attentive statistics pooling, Linear to a 192-d embedding (BatchNorms between)."""
+
+    def __init__(self, c: int = 128, embedding: int = 192):
+        super().__init__()
+        self.conv, self.bn = nn.Conv1d(N_MELS, c, 5, padding=2), nn.BatchNorm1d(c)
+        self.blocks = nn.ModuleList([SERes2Block(c, 3, 2), SERes2Block(c, 3, 3), SERes2Block(c, 3, 4)])
+        self.mfa = nn.Conv1d(3 * c, 3 * c, 1)
+        self.pool, self.bn_pool = AttentiveStatsPool(3 * c), nn.BatchNorm1d(6 * c)
+        self.fc, self.bn_embedding = nn.Linear(6 * c, embedding), nn.BatchNorm1d(embedding)
+
+    def forward(self, feats):
+        x = self.bn(torch.relu(self.conv(feats)))
+        outs = []
+        for block in self.blocks:
+            x = block(x)
+            outs.append(x)
+        x = self.bn_pool(self.pool(torch.relu(self.mfa(torch.cat(outs, dim=1)))))
+        return self.bn_embedding(self.fc(x))
+
+
 # ----------------------------------------------------------------------------- construction and export
 def seeded(factory, seed: int) -> nn.Module:
     """`factory()` with weights drawn from `seed` (global RNG state is left untouched), in eval mode."""
@@ -652,4 +737,5 @@ BUILDERS = {
     "silero_vad": SileroVAD,
     "hubert_encoder": HubertEncoder,
     "unet_enhancer": UNetEnhancer,
+    "ecapa_tdnn": ECAPATDNN,
 }

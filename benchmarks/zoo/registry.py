@@ -129,6 +129,9 @@ ZOO: dict[str, ZooModel] = {
     "unet_enhancer": ZooModel("U-Net speech enhancer on 128-frame chunks of a 64-bin magnitude spectrogram: 3 stride-2 "
                               "Conv2d, 3 ConvTranspose2d k4 s2 (BatchNorm, PReLU), channel-concatenated skips, sigmoid "
                               "mask", "unet_enhancer", "spec", (1, 1, 128, 64), "enhanced", {}, "logmel", ORT_STATIC),
+    "ecapa_tdnn": ZooModel("ECAPA-TDNN speaker embedding on [80, T]: Conv1d k5, 3 SE-Res2Net blocks (channel "
+                           "chunks, dilated Conv1d, concat), multi-layer feature concat, attentive statistics pooling, "
+                           "Linear", "ecapa_tdnn", "feats", (1, 80, "T"), "embedding", {}, "mfcc", ORT_STATIC),
     "shipped_conformer": ZooModel(f"nativeq's shipped {SHIPPED} (float export: nativeq.export.float_onnx)", None,
                                   "feats", ("B", "T", 80), "logits", {0: "B", 1: "T_out"}, "shipped_logmel",
                                   ("qat", "qdq_u8_pc", "qdq_s8_pc", "dynamic", "qoperator")),

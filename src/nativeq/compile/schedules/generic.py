@@ -8,10 +8,11 @@ the int8 rule could not take) the basic shape of a CPU kernel:
 
 - non-output elementwise blocks are inlined into their consumers;
 - elementwise blocks: all but the innermost loop fused and parallel, the innermost split by
-  the vector width and vectorized;
+  the vector width and vectorized (in pieces where a concat or pad selects along it);
 - reduction blocks (`S...S R...R`): the innermost spatial loop is moved below the reduction
   loops and vectorized (a float matmul becomes rows x vector-of-columns FMAs), the other
-  spatial loops fused and parallel, the reduction init decomposed out.
+  spatial loops fused and parallel, the reduction init decomposed out; a reduction along the
+  rows it reads (a sum over time, channels first) sums each row in vector partial sums instead.
 
 Every transformation is tried per block; one that TVM refuses leaves that block as it was,
 so the function always stays correct.
@@ -250,6 +251,9 @@ def reduction_vectorize(sch: Schedule, block, vector_bits: int) -> None:
         outer = spatial[:-1] if last_extent is None and n_spatial > 1 else spatial
         sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
         return
+    if _reads_along_reduction(sch, block):  # a vector of outputs would gather each lane from another row
+        row_reduction_vectorize(sch, block)
+        return
     sch.reorder(*spatial[:-1], *reduction, spatial[-1])
     outer = sch.fuse(*spatial[:-1]) if n_spatial > 2 else spatial[0]
     sch.parallel(outer)
@@ -267,6 +271,47 @@ def reduction_vectorize(sch: Schedule, block, vector_bits: int) -> None:
 
 
 REDUCTION_LANES = 16  # partial results of a whole-tensor reduction, whatever the target's vector width
+
+
+def _reads_along_reduction(sch: Schedule, block) -> bool:
+    """Whether a `S..S R` block reads along its one reduction axis: every read that depends on it indexes its
+    innermost dimension with it (a sum over time of a channels-first [C, T] tensor), and one of them has rows. Then
+    vectorizing the innermost spatial axis, as a matmul wants, would gather every lane from another row."""
+    stmt = sch.get(block)
+    reduce_vars = [iv.var for iv in stmt.iter_vars if iv.iter_type == tirx.IterVar.CommReduce]
+    if len(reduce_vars) != 1:
+        return False
+    (k,) = reduce_vars
+
+    def uses_k(expr) -> bool:
+        return any(isinstance(n, tvm.ir.expr.Var) and n.same_as(k) for n in expr_nodes(expr))
+
+    reads = [r for r in stmt.reads if any(uses_k(rng.min) for rng in r.region)]
+    if not reads or not any(len(r.region) >= 2 for r in reads):
+        return False
+    return all(r.region[-1].min.same_as(k) and not any(uses_k(rng.min) for rng in r.region[:-1]) for r in reads)
+
+
+def row_reduction_vectorize(sch: Schedule, block) -> None:
+    """A reduction along the rows it reads (`_reads_along_reduction`): rows in parallel, each row's values summed in
+    `REDUCTION_LANES` partial results (`full_reduction_vectorize`'s lanes, so x86 and the Pi add in the same order)
+    by contiguous vector loads, the lanes then reduced. Left as it is when no lane count divides a static extent."""
+    *spatial, reduction = sch.get_loops(block)
+    extent = _extent(sch, reduction)
+    lanes = dividing_lanes(extent, REDUCTION_LANES) if extent else REDUCTION_LANES
+    if lanes is None:
+        return
+    sch.parallel(sch.fuse(*spatial) if len(spatial) > 1 else spatial[0])
+    rows, lane = sch.split(reduction, factors=[None, lanes])
+    if extent is None:
+        split_off_guards(sch, rows)
+    partial = sch.rfactor(lane, factor_axis=len(spatial))
+    row, partial_rows, lane = sch.get_loops(partial)
+    sch.reverse_compute_at(block, row)  # the lanes reduced in the same parallel loop, from a per-row buffer
+    sch.set_scope(partial, 0, "local")
+    sch.vectorize(lane)
+    init = sch.decompose_reduction(partial, partial_rows)
+    sch.vectorize(sch.get_loops(init)[-1])
 
 
 def full_reduction_vectorize(sch: Schedule, block) -> None:
