@@ -94,3 +94,26 @@ def test_grouped_transposed_convolution_is_left_to_tvm(tmp_path):
     assert _transposed_convs(model, tmp_path) == 1
     expected, got = _run_both(model, {"T": 11}, tmp_path)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel, strides", [((4,), (2,)), ((5,), (2,)), ((16,), (8,)), ((3, 4), (2, 2)), ((2, 3), (2, 3))])
+def test_polyphase_weight_is_phase_major(kernel, strides):
+    """w'[(*r, o), c, *(m - 1 - j)] = w[c, o, *(j * s + r)] (0 past the kernel): the phases' output channels are
+    phase-major, so a channels-last interleave reads one phase's channels as a contiguous run."""
+    from itertools import product
+
+    from nativeq.compile.passes.conv_transpose_as_conv import polyphase_weight
+
+    channels_in, channels_out = 3, 5
+    w = np.random.default_rng(0).normal(size=(channels_in, channels_out, *kernel)).astype(np.float32)
+    taps = [-(-k // s) for k, s in zip(kernel, strides)]
+    got = polyphase_weight(w, list(strides), taps, np.float32(0))
+    assert got.shape == (int(np.prod(strides)) * channels_out, channels_in, *taps)
+    for phase in product(*[range(s) for s in strides]):
+        flat_phase = int(np.ravel_multi_index(phase, strides))
+        for o, c in product(range(channels_out), range(channels_in)):
+            for j in product(*[range(m) for m in taps]):
+                k = [jj * s + r for jj, s, r in zip(j, strides, phase)]
+                expected = w[(c, o, *k)] if all(kk < kk_max for kk, kk_max in zip(k, kernel)) else 0.0
+                flipped = tuple(m - 1 - jj for m, jj in zip(taps, j))
+                assert got[(flat_phase * channels_out + o, c, *flipped)] == expected
