@@ -131,7 +131,7 @@ def parallel_vectorize(sch: Schedule, block, vector_bits: int) -> None:
     if len(loops) > 1:
         sch.parallel(sch.fuse(*loops[:-1]))
     extent = _extent(sch, inner)
-    if len(loops) > 1 and _vectorize_in_pieces(sch, block, inner, lanes):
+    if len(loops) > 1 and _vectorize_in_pieces(sch, inner, lanes):
         return
     if extent is not None and extent <= lanes:
         if extent > 1:
@@ -190,7 +190,7 @@ def select_boundaries(body, var, extent: int) -> list[int]:
     return sorted(points)
 
 
-def _vectorize_in_pieces(sch: Schedule, block, loop, lanes: int) -> bool:
+def _vectorize_in_pieces(sch: Schedule, loop, lanes: int) -> bool:
     """Vectorize a static innermost `loop` in pieces split at the points where its block's `if_then_else` conditions
     change value (`select_boundaries`: a concat's inputs, a pad's borders), so that in each piece the condition is a
     constant. A condition that varies across the lanes of a vector makes TVM's vectorizer scalarize the whole loop
@@ -215,7 +215,7 @@ def _vectorize_in_pieces(sch: Schedule, block, loop, lanes: int) -> bool:
         for piece in sch.loop_partition(loop, factors=sizes[:-1]):
             sch.vectorize(piece)
         return True
-    width = next((w for w in (lanes, lanes // 2, lanes // 4) if w >= 4 and all(n % w == 0 for n in sizes)), None)
+    width = dividing_lanes(math.gcd(*sizes), lanes)  # divides every piece
     if width is None:
         return False
     vectors, lane = sch.split(loop, factors=[None, width])
@@ -284,7 +284,7 @@ def _reads_along_reduction(sch: Schedule, block) -> bool:
     (k,) = reduce_vars
 
     def uses_k(expr) -> bool:
-        return any(isinstance(n, tvm.ir.expr.Var) and n.same_as(k) for n in expr_nodes(expr))
+        return any(v.same_as(k) for v in tirx.analysis.undefined_vars(expr, []))
 
     reads = [r for r in stmt.reads if any(uses_k(rng.min) for rng in r.region)]
     if not reads or not any(len(r.region) >= 2 for r in reads):
