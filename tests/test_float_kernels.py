@@ -1,6 +1,7 @@
 """Float32 contractions a model keeps in float (a float stem, what `quantize_dynamic` leaves in float) run the
 int8 kernels' float twins: convs as im2col + the packed matmul with the float multiply-add intrinsic, depthwise
-convs as the depthwise kernel with float32 accumulators, activation products packed at run time. Checked
+convs as the depthwise kernel with float32 accumulators, attention as one kernel over blocks of query rows
+(schedules/attention.py), other activation products packed at run time. Checked
 against ONNX Runtime at sizes that are not multiples of the register tile, and for the schedule they get."""
 
 from __future__ import annotations
@@ -76,10 +77,10 @@ CASES = {
                              {"float32 depthwise", "float32 tensorized"}),
     "depthwise_conv2d_3x3": (_float_conv(16, 16, (3, 3), (21, 10), pad=1, groups=16), {},
                              {"float32 depthwise", "float32 tensorized"}),
-    "attention": (_float_attention(), {"T": 45}, {"float32 tensorized"}),
+    "attention": (_float_attention(), {"T": 45}, {"float32 attention"}),
     # the sliced time axis is legalized to another expression of T than the one inferred: the run-time pack
     # fused with the transpose of K once met two shapes for one tensor (an internal error in FuseTIR)
-    "attention_on_every_second_frame": (_float_attention(time_step=2), {"T": 45}, {"float32 tensorized"}),
+    "attention_on_every_second_frame": (_float_attention(time_step=2), {"T": 45}, {"float32 attention"}),
 }
 
 

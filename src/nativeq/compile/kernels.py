@@ -27,6 +27,7 @@ PrimFunc::
 from __future__ import annotations
 
 from nativeq.compile._tvm import Analyzer, Schedule, relax, structural_equal, tirx, tvm
+from nativeq.compile.schedules.attention import MACS_ATTR, RULE_ATTR
 
 CONTRACTION, REDUCTION, ELEMENTWISE = "contraction", "reduction", "elementwise"
 SCHEDULE_WORDS = {
@@ -38,6 +39,7 @@ SCHEDULE_WORDS = {
     "float-pack": "float32 pack",
     "im2col": "im2col",
     "softmax": "softmax",
+    "float-attention": "float32 attention",
     "reduction": "reduction",
     "generic": "generic",
     "none": "unscheduled",
@@ -80,10 +82,12 @@ def report_dims(names, given: dict[str, int] | None = None, default: int = DEFAU
 
 
 def size_names(functions: dict) -> list[str]:
-    """The names of the symbolic sizes the PrimFuncs of `functions` take."""
+    """The names of the model's symbolic sizes the PrimFuncs of `functions` take."""
     from nativeq.tuning.template import size_vars
 
-    return sorted({name for f in functions.values() if isinstance(f, tirx.PrimFunc) for name in size_vars(f)})
+    # NOTE: a hand-written kernel's own size names (`RULE_ATTR`) are not the model's; its MACs are stated in the model's
+    return sorted({name for f in functions.values() if isinstance(f, tirx.PrimFunc) and _attr(f, RULE_ATTR) is None
+                   for name in size_vars(f)})
 
 
 def kernel_table(lowered: dict, built: dict | None, tuned: dict, rules: dict, dims: dict[str, int]) -> list[dict]:
@@ -103,7 +107,7 @@ def kernel_table(lowered: dict, built: dict | None, tuned: dict, rules: dict, di
             continue
         source = lowered.get(name, func)
         kind, macs = analyze(source if isinstance(source, tirx.PrimFunc) else func, dims)
-        rule = "tuned" if name in tuned else rules.get(name)
+        rule = "tuned" if name in tuned else rules.get(name) or _attr(func, RULE_ATTR)
         records.append({"name": name, "kind": kind, "schedule": schedule_word(rule, kind), "rule": rule,
                         "macs": macs, "calls": calls.get(name, 0), "share": 0.0})
     total = sum(r["macs"] * r["calls"] for r in records)
@@ -146,8 +150,17 @@ def count_calls(functions: dict) -> dict[str, int]:
     return counts
 
 
+def _attr(func, name: str):
+    return func.attrs[name] if func.attrs is not None and name in func.attrs else None
+
+
 def analyze(func, dims: dict[str, int]) -> tuple[str, int]:
-    """(kind, multiply-accumulates of one call) of a PrimFunc, symbolic sizes bound to `dims` by name."""
+    """(kind, multiply-accumulates of one call) of a PrimFunc, symbolic sizes bound to `dims` by name.
+
+    A hand-written kernel that states its multiply-accumulates (`MACS_ATTR`, e.g. the attention kernel of
+    schedules/attention.py) is a contraction of that many."""
+    if (macs := _attr(func, MACS_ATTR)) is not None:
+        return CONTRACTION, _bound(macs, dims)
     blocks = _blocks(func)
     kind, macs = ELEMENTWISE, 0
     for block in blocks:
@@ -216,19 +229,26 @@ def _multiply_accumulates(block) -> int:
     return 0
 
 
+def _bound(expr, dims: dict[str, int]) -> int:
+    """`expr` with its symbolic sizes bound to `dims` by name (0 if it stays unknown; at least 0)."""
+    if isinstance(expr, int):
+        return max(expr, 0)
+    analyzer = Analyzer()
+    for var in tirx.analysis.undefined_vars(expr, []):
+        value = dims.get(var.name, BATCH_SIZE if var.name.lower() in _BATCH_NAMES else DEFAULT_SIZE)
+        analyzer.bind(var, tirx.IntImm(var.ty.dtype, int(value)))
+    expr = analyzer.simplify(expr)
+    return max(int(expr), 0) if isinstance(expr, tirx.IntImm) else 0
+
+
 def _iterations(block, dims: dict[str, int]) -> int:
     """The product of a block's iteration extents, symbolic sizes bound to `dims` (0 if one stays unknown)."""
-    analyzer = Analyzer()
     total = 1
     for iv in block.iter_vars:
-        extent = iv.dom.extent
-        for var in tirx.analysis.undefined_vars(extent, []):
-            value = dims.get(var.name, BATCH_SIZE if var.name.lower() in _BATCH_NAMES else DEFAULT_SIZE)
-            analyzer.bind(var, tirx.IntImm(var.ty.dtype, int(value)))
-        extent = analyzer.simplify(extent)
-        if not isinstance(extent, tirx.IntImm):
+        extent = _bound(iv.dom.extent, dims)
+        if extent == 0:
             return 0
-        total *= max(int(extent), 0)
+        total *= extent
     return total
 
 

@@ -30,6 +30,7 @@ def kernel_relax_passes(target, compressed_weights: bool = True) -> list:
     """Relax-level passes that choose int8 kernel layouts (pack weights), run before legalization.
 
     compressed_weights: 4-bit packed / block-sparse weights where the values allow (`weight_formats.py`)."""
+    from nativeq.compile.schedules.attention import FloatAttentionInRowBlocks
     from nativeq.compile.schedules.channels_last import Int8ConvsChannelsLast
     from nativeq.compile.schedules.epilogues_on_rows import EpiloguesOnRows
     from nativeq.compile.schedules.pack_activations import PackInt8Activations
@@ -40,7 +41,7 @@ def kernel_relax_passes(target, compressed_weights: bool = True) -> list:
         return []
     packing = PackInt8Weights(intrin, sparse=compressed_weights, int4=compressed_weights)
     float_packing = PackInt8Weights(fma, sparse=False, int4=False)
-    return [Int8ConvsChannelsLast(intrin, fma), EpiloguesOnRows(), packing, float_packing, PackInt8Activations(intrin),
+    return [FloatAttentionInRowBlocks(fma), Int8ConvsChannelsLast(intrin, fma), EpiloguesOnRows(), packing, float_packing, PackInt8Activations(intrin),
             PackInt8Activations(fma)]
 
 
