@@ -283,6 +283,20 @@ def test_ort_quantized_encoder_verifies_under_qemu(tmp_path, target):
     assert report.passed, report.table()
 
 
+@pytest.mark.parametrize("target", ["rpi4", "rpi5"])
+def test_dynamically_quantized_matmul_runs_the_int8_kernel_and_matches_onnxruntime(tmp_path, target):
+    """`quantize_dynamic`'s DynamicQuantizeLinear -> MatMulInteger: the run-time zero point's correction (scalar blocks
+    of the kernel) once made TVM's rfactor fail on the Pi 4's k-along-the-lanes kernel, so the matmul ran on the
+    generic path (a dynamic Conformer: 662 M instructions per inference for 78 M)."""
+    onnx_path = tmp_path / "dynamic.onnx"
+    onnx.save(qdq_models.dynamic_quantize_matmul(k=144, n=64), onnx_path)
+    result = compile_model(onnx_path, tmp_path / target, CompileConfig(target=target, use_tuning=False))
+    [matmul] = [k for k in result.manifest["kernels"] if k["kind"] == "contraction"]
+    assert matmul["schedule"] == "int8 tensorized", matmul
+    report = verify_artifact(tmp_path / target, onnx_path, VerifyConfig(runs=1, dims={"T": 37}))
+    assert report.passed, report.table()
+
+
 def test_runtime_of_another_tvm_release_is_refused(built, tmp_path):
     artifact, _ = built["matmul", "rpi4"]
     older = tmp_path / "older"

@@ -233,6 +233,7 @@ def _schedule(sch: Schedule, intrin: DotIntrin, knobs: TileKnobs | None = None) 
     dot = _grouped_dot(sch, intrin, kdim)
     partial_sums = None  # the block adding each output's partial sums (k along the lanes)
     if dot.partial_sums > 1:
+        _inline_scalars(sch, matmul)
         partial_sums = matmul
         matmul, k_outer, k_inner = _partial_sums_rfactor(sch, matmul, dot)
         *row_loops, j, _ = sch.get_loops(matmul)[:-len(k_inner)]
@@ -324,6 +325,18 @@ def _schedule(sch: Schedule, intrin: DotIntrin, knobs: TileKnobs | None = None) 
     sch.unroll(row_inner)
     sch.unroll(col_block)
     return sch
+
+
+def _inline_scalars(sch: Schedule, matmul) -> None:
+    """Inline the blocks of the kernel that compute one scalar (no loops) and that the matmul does not read: a
+    run-time zero point's int32 value and its shift to int8 (`quantize_dynamic`'s activations on a kernel with int8
+    activations), consumed by the epilogue. NOTE: TVM's rfactor fails an internal check on a function holding a
+    block without loops (`block_realize == old_block_realize_`), which left such kernels on the generic path."""
+    reads = {r.source.name for r in sch.get(matmul).reads}
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        stmt = sch.get(block)
+        if not sch.get_loops(block) and not any(w.source.name in reads for w in stmt.writes):
+            sch.compute_inline(block)
 
 
 def _partial_sums_rfactor(sch: Schedule, matmul, dot: DotIntrin):
