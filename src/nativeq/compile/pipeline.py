@@ -22,6 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from nativeq.compile._tvm import TVMTarget, relax, tvm
+from nativeq.compile.passes.canonical_shape_func import CanonicalShapeFunc
 from nativeq.compile.passes.int8 import int8_passes
 from nativeq.compile.passes.legalize_like_ort import legalize_like_ort
 from nativeq.compile.passes.lut_elementwise import MarkLutElementwise
@@ -82,6 +83,7 @@ def _passes(target, *, int8: bool, tuning_database: Path | None, compressed_weig
         relax.transform.LowerRuntimeBuiltin(),
         relax.transform.ComputePrimValue(),
         relax.transform.VMShapeLower(),
+        CanonicalShapeFunc(),  # VMShapeLower's stores in a fixed order: the same model, the same bytes
         relax.transform.AttachGlobalSymbol(),
     ]
 
