@@ -391,6 +391,14 @@ def _mlas_sum_exp_element(value, dtype):
     return _horner(dtype, value, ort.EXP_POLY) * scale
 
 
+def mlas_lane_sum(lanes):
+    """MLAS's reduction of its 16 softmax lane sums (expressions): halves 16 -> 8, then adjacent pairs 8 -> 4 -> 2 -> 1."""
+    a = [lanes[i] + lanes[i + 8] for i in range(8)]
+    while len(a) > 1:
+        a = [a[2 * i] + a[2 * i + 1] for i in range(len(a) // 2)]
+    return a[0]
+
+
 def _mlas_softmax(x, axis, log: bool = False, dequantize: tuple | None = None):
     """Softmax along `axis` as MLAS computes it; with `log`, log-softmax: (x - max) - log(sum), MLAS's
     `Input + NegativeMaximum - Logarithm` with the same maximum and sum of exps.
@@ -486,11 +494,8 @@ def _mlas_softmax(x, axis, log: bool = False, dequantize: tuple | None = None):
     tail_sums = tail_lanes(exp_at, lambda value, inside: value * inside.astype(dtype), SOFTMAX_SUM_TAIL_BLOCK)
 
     def inverse_sum(*outer):
-        a = [lanes(*outer, lane) + tail_sums(*outer, lane) for lane in range(_SOFTMAX_LANES)]
-        a = [a[i] + a[i + 8] for i in range(8)]
-        while len(a) > 1:
-            a = [a[2 * i] + a[2 * i + 1] for i in range(len(a) // 2)]
-        return tirx.log(a[0]) if log else tirx.const(1.0, dtype) / a[0]
+        total = mlas_lane_sum([lanes(*outer, lane) + tail_sums(*outer, lane) for lane in range(_SOFTMAX_LANES)])
+        return tirx.log(total) if log else tirx.const(1.0, dtype) / total
 
     # NOTE: log-softmax keeps the block's name: the softmax schedule computes the row's blocks up to it per row
     inverse = te.compute(outer_shape, inverse_sum, name=SOFTMAX_INVERSE_BLOCK)

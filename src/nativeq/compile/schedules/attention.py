@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from nativeq import _ort_formulas as ort
 from nativeq.compile._tvm import Analyzer, T, relax, tirx, tvm
 from nativeq.compile.passes import rewrite_functions, use_counts
-from nativeq.compile.passes.legalize_like_ort import _mlas_sum_exp_element
+from nativeq.compile.passes.legalize_like_ort import _fma as fma
+from nativeq.compile.passes.legalize_like_ort import _mlas_sum_exp_element, mlas_lane_sum
 from nativeq.compile.passes.qdq_sites import op_name, resolve, static_scalar
 
 ATTENTION_KERNEL = "float_attention"
@@ -68,26 +69,13 @@ def tile_plan(lanes: int) -> TilePlan:
     return TilePlan(lanes=lanes, rows=rows, score_columns=score_columns, panel=panel)
 
 
-def _fma(a, b, c):
-    """a * b + c with one rounding."""
-    return tirx.call_intrin("float32", "tirx.fma", a, b, c)
-
-
-def _pairwise_lane_sum(lanes):
-    """MLAS's reduction of its 16 lane sums: halves 16 -> 8, then adjacent pairs 8 -> 4 -> 2 -> 1."""
-    a = [lanes[i] + lanes[i + 8] for i in range(8)]
-    while len(a) > 1:
-        a = [a[2 * i] + a[2 * i + 1] for i in range(len(a) // 2)]
-    return a[0]
-
-
 def attention_kernel(dk: int, dv: int, plan: TilePlan, scale: float | None = None, divide: bool = False):
     """PrimFunc(q[H, Tq, dk], kt[H, dk, Tk], v[H, Tk, dv]) -> o[H, Tq, dv] = softmax(q·kt (* or / scale))·v.
 
     The last row block repeats its last row and stores only the real ones. A block's scores are padded to
-    whole passes of `plan.score_columns` and whole chunks of 16 with copies of each row's last column (computed from a clamped copy of
-    Kᵀ's last columns): that leaves the row maximum as it is, and the padded lanes add +0 to the sums, as
-    MLAS's masked last chunk does.
+    whole passes of `plan.score_columns` and whole chunks of 16 with copies of each row's last column
+    (computed from a clamped copy of Kᵀ's last columns): that leaves the row maximum as it is, and the
+    padded lanes add +0 to the sums, as MLAS's masked last chunk does.
     """
     rows, lanes, columns = plan.rows, plan.lanes, plan.score_columns
     chunk = _CHUNK
@@ -110,7 +98,7 @@ def attention_kernel(dk: int, dv: int, plan: TilePlan, scale: float | None = Non
         for k in T.serial(dk):
             for r in T.unroll(rows):
                 for j in T.vectorized(columns):
-                    acc[r, j] = _fma(q_tile[r, k], kt_columns[head, k, column_of + j], acc[r, j])
+                    acc[r, j] = fma("float32", q_tile[r, k], kt_columns[head, k, column_of + j], acc[r, j])
         for r in T.unroll(rows):
             for j in T.vectorized(columns):
                 s[r, first + j] = scaled(acc[r, j])
@@ -121,15 +109,16 @@ def attention_kernel(dk: int, dv: int, plan: TilePlan, scale: float | None = Non
         for r in T.unroll(rows):
             for d in T.vectorized(width):
                 acc[r, d] = T.float32(0)
+        tail = width // lanes * lanes  # a last vector of fewer lanes
         for j in T.serial(tk):
             for r in T.unroll(rows):
                 for dc in T.unroll(width // lanes):
                     for d in T.vectorized(lanes):
-                        acc[r, dc * lanes + d] = _fma(s[r, j], v[h, j, start + dc * lanes + d], acc[r, dc * lanes + d])
+                        acc[r, dc * lanes + d] = fma("float32", s[r, j], v[h, j, start + dc * lanes + d],
+                                                     acc[r, dc * lanes + d])
                 if width % lanes > 0:
                     for d in T.vectorized(width % lanes):
-                        acc[r, width // lanes * lanes + d] = _fma(s[r, j], v[h, j, start + width // lanes * lanes + d],
-                                                                  acc[r, width // lanes * lanes + d])
+                        acc[r, tail + d] = fma("float32", s[r, j], v[h, j, start + tail + d], acc[r, tail + d])
         for r in T.serial(rows):
             if row0 + r < tq:
                 for d in T.vectorized(width):
@@ -187,7 +176,7 @@ def attention_kernel(dk: int, dv: int, plan: TilePlan, scale: float | None = Non
                                                                               "float32")
                         sums[j] = sums[j] + s[r, tk // chunk * chunk + j] * T.Cast("float32", T.Cast("int64", j) < tk % chunk)
                 inverse = T.alloc_buffer((1,), "float32", scope="local")
-                inverse[0] = T.float32(1) / _pairwise_lane_sum(sums)
+                inverse[0] = T.float32(1) / mlas_lane_sum(sums)
                 for c in T.serial((tk + chunk - 1) // chunk):
                     for j in T.vectorized(chunk):
                         s[r, c * chunk + j] = s[r, c * chunk + j] * inverse[0]
