@@ -96,9 +96,14 @@ def attention_kernel(dk: int, dv: int, plan: TilePlan, scale: float | None = Non
             for j in T.vectorized(columns):
                 acc[r, j] = T.float32(0)
         for k in T.serial(dk):
+            # the rows' q values at k as one vector, read by lane (NEON: one load and `fmla` by element; x86 folds
+            # the lanes back into broadcast loads)
+            q_k = T.alloc_buffer((rows,), "float32", scope="local")
+            for r in T.vectorized(rows):
+                q_k[r] = q_tile[k, r]
             for r in T.unroll(rows):
                 for j in T.vectorized(columns):
-                    acc[r, j] = fma("float32", q_tile[r, k], kt_columns[head, k, column_of + j], acc[r, j])
+                    acc[r, j] = fma("float32", q_k[r], kt_columns[head, k, column_of + j], acc[r, j])
         for r in T.unroll(rows):
             for j in T.vectorized(columns):
                 s[r, first + j] = scaled(acc[r, j])
@@ -137,10 +142,10 @@ def attention_kernel(dk: int, dv: int, plan: TilePlan, scale: float | None = Non
         for task in T.parallel(heads * ((tq + rows - 1) // rows)):
             h = task // ((tq + rows - 1) // rows)
             row0 = task % ((tq + rows - 1) // rows) * rows
-            q_tile = T.alloc_buffer((rows, dk), "float32", scope="local")
+            q_tile = T.alloc_buffer((dk, rows), "float32", scope="local")  # k-major: a k's rows adjacent
             for r in T.unroll(rows):
                 for k in T.serial(dk):
-                    q_tile[r, k] = q[h, T.min(row0 + r, tq - 1), k]
+                    q_tile[k, r] = q[h, T.min(row0 + r, tq - 1), k]
             # the block's scores, padded to a whole number of `padded` columns; then, in place, their exps, then P
             s = T.alloc_buffer((rows, (tk + padded - 1) // padded * padded), "float32")
             for c in T.serial(tk // padded * padded // columns):
