@@ -56,7 +56,7 @@ def _ops(mod):
 
 
 @pytest.mark.parametrize("scale", ["multiply", "divide", None])
-@pytest.mark.parametrize("batch", [(4,), (2, 4)], ids=["heads", "batch x heads"])
+@pytest.mark.parametrize("batch", [(4,), (2, 4), (2, 3, 4)], ids=["heads", "batch x heads", "3 batch dims"])
 def test_the_chain_becomes_one_kernel_call(scale, batch):
     shapes = ((*batch, 10, 36), (*batch, 36, 12), (*batch, 12, 20))
     after = PASS(_chain(*shapes, scale=scale))
@@ -83,9 +83,10 @@ def test_left_alone(case):
 
 
 def _run(lib, q, kt, v):
-    out = tvm.runtime.tensor(np.zeros((q.shape[0], q.shape[1], v.shape[2]), np.float32))
-    lib["main"](*(tvm.runtime.tensor(x) for x in (q, kt, v)), out)
-    return out.numpy()
+    """The kernel on [heads, T, d] operands, as a batch of one."""
+    out = tvm.runtime.tensor(np.zeros((1, q.shape[0], q.shape[1], v.shape[2]), np.float32))
+    lib["main"](*(tvm.runtime.tensor(x[None]) for x in (q, kt, v)), out)
+    return out.numpy()[0]
 
 
 def _build(lanes: int, dk: int, dv: int):
@@ -152,6 +153,9 @@ def test_attention_matches_onnxruntime_exactly(dk, dv, scale, tmp_path):
     result = compile_model(path, tmp_path / "art", CompileConfig(target="host", use_tuning=False))
     [kernel] = [k for k in result.manifest["kernels"] if k["name"] == ATTENTION_KERNEL]
     assert kernel["kind"] == "contraction" and kernel["schedule"] == "float32 attention"
+    # the report names every node the kernel computes (the scores' and the softmax's too, whose bindings it replaced)
+    expected_nodes = ["MatMul", *({"divide": ["Div"], "multiply": ["Mul"]}.get(scale, [])), "Softmax", "MatMul"]
+    assert sorted(n["op"] for n in kernel["onnx_nodes"]) == sorted(expected_nodes), kernel["onnx_nodes"]
     assert kernel["macs"] == 3 * 64 * 64 * (dk + dv)  # the report's default T = 64
     assert not any("softmax" in k["name"] for k in result.manifest["kernels"])
     compiled = load(tmp_path / "art")

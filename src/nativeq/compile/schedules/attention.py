@@ -70,7 +70,7 @@ def tile_plan(lanes: int) -> TilePlan:
 
 
 def attention_kernel(dk: int, dv: int, plan: TilePlan, scale: float | None = None, divide: bool = False):
-    """PrimFunc(q[H, Tq, dk], kt[H, dk, Tk], v[H, Tk, dv]) -> o[H, Tq, dv] = softmax(q·kt (* or / scale))·v.
+    """PrimFunc(q[B, H, Tq, dk], kt[B, H, dk, Tk], v[B, H, Tk, dv]) -> o[B, H, Tq, dv] = softmax(q·kt (* or / scale))·v.
 
     The last row block repeats its last row and stores only the real ones. A block's scores are padded to
     whole passes of `plan.score_columns` and whole chunks of 16 with copies of each row's last column
@@ -90,7 +90,7 @@ def attention_kernel(dk: int, dv: int, plan: TilePlan, scale: float | None = Non
         return value / T.float32(scale) if divide else value * T.float32(scale)
 
     @T.macro
-    def score_pass(s, q_tile, kt_columns, head, column_of, first):
+    def score_pass(s, q_tile, kt_columns, b, h, column_of, first):
         acc = T.alloc_buffer((rows, columns), "float32", scope="local")
         for r in T.unroll(rows):
             for j in T.vectorized(columns):
@@ -103,13 +103,13 @@ def attention_kernel(dk: int, dv: int, plan: TilePlan, scale: float | None = Non
                 q_k[r] = q_tile[k, r]
             for r in T.unroll(rows):
                 for j in T.vectorized(columns):
-                    acc[r, j] = fma("float32", q_k[r], kt_columns[head, k, column_of + j], acc[r, j])
+                    acc[r, j] = fma("float32", q_k[r], kt_columns[b, h, k, column_of + j], acc[r, j])
         for r in T.unroll(rows):
             for j in T.vectorized(columns):
                 s[r, first + j] = scaled(acc[r, j])
 
     @T.macro
-    def times_v(o, s, v, h, row0, tq, tk, start, width):
+    def times_v(o, s, v, b, h, row0, tq, tk, start, width):
         acc = T.alloc_buffer((rows, width), "float32", scope="local")
         for r in T.unroll(rows):
             for d in T.vectorized(width):
@@ -119,44 +119,46 @@ def attention_kernel(dk: int, dv: int, plan: TilePlan, scale: float | None = Non
             for r in T.unroll(rows):
                 for dc in T.unroll(width // lanes):
                     for d in T.vectorized(lanes):
-                        acc[r, dc * lanes + d] = fma("float32", s[r, j], v[h, j, start + dc * lanes + d],
+                        acc[r, dc * lanes + d] = fma("float32", s[r, j], v[b, h, j, start + dc * lanes + d],
                                                      acc[r, dc * lanes + d])
                 if width % lanes > 0:
                     for d in T.vectorized(width % lanes):
-                        acc[r, tail + d] = fma("float32", s[r, j], v[h, j, start + tail + d], acc[r, tail + d])
+                        acc[r, tail + d] = fma("float32", s[r, j], v[b, h, j, start + tail + d], acc[r, tail + d])
         for r in T.serial(rows):
             if row0 + r < tq:
                 for d in T.vectorized(width):
-                    o[h, row0 + r, start + d] = acc[r, d]
+                    o[b, h, row0 + r, start + d] = acc[r, d]
 
     @T.prim_func(private=True, s_tir=True)
     def attention(q_handle: T.handle, kt_handle: T.handle, v_handle: T.handle, o_handle: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, RULE_ATTR: ATTENTION_RULE})
+        batch = T.int64()
         heads = T.int64()
         tq = T.int64()
         tk = T.int64()
-        q = T.match_buffer(q_handle, (heads, tq, dk), "float32")
-        kt = T.match_buffer(kt_handle, (heads, dk, tk), "float32")
-        v = T.match_buffer(v_handle, (heads, tk, dv), "float32")
-        o = T.match_buffer(o_handle, (heads, tq, dv), "float32")
-        for task in T.parallel(heads * ((tq + rows - 1) // rows)):
-            h = task // ((tq + rows - 1) // rows)
+        q = T.match_buffer(q_handle, (batch, heads, tq, dk), "float32")
+        kt = T.match_buffer(kt_handle, (batch, heads, dk, tk), "float32")
+        v = T.match_buffer(v_handle, (batch, heads, tk, dv), "float32")
+        o = T.match_buffer(o_handle, (batch, heads, tq, dv), "float32")
+        for task in T.parallel(batch * heads * ((tq + rows - 1) // rows)):
+            b = task // ((tq + rows - 1) // rows) // heads
+            h = task // ((tq + rows - 1) // rows) % heads
             row0 = task % ((tq + rows - 1) // rows) * rows
             q_tile = T.alloc_buffer((dk, rows), "float32", scope="local")  # k-major: a k's rows adjacent
             for r in T.unroll(rows):
                 for k in T.serial(dk):
-                    q_tile[k, r] = q[h, T.min(row0 + r, tq - 1), k]
+                    q_tile[k, r] = q[b, h, T.min(row0 + r, tq - 1), k]
             # the block's scores, padded to a whole number of `padded` columns; then, in place, their exps, then P
             s = T.alloc_buffer((rows, (tk + padded - 1) // padded * padded), "float32")
             for c in T.serial(tk // padded * padded // columns):
-                score_pass(s, q_tile, kt, h, c * columns, c * columns)
+                score_pass(s, q_tile, kt, b, h, c * columns, c * columns)
             if tk % padded > 0:
-                kt_last = T.alloc_buffer((1, dk, padded), "float32", scope="local")
+                kt_last = T.alloc_buffer((1, 1, dk, padded), "float32", scope="local")
                 for k in T.serial(dk):
                     for j in T.serial(padded):
-                        kt_last[0, k, j] = kt[h, k, T.min(tk // padded * padded + j, tk - 1)]
+                        kt_last[0, 0, k, j] = kt[b, h, k, T.min(tk // padded * padded + j, tk - 1)]
                 for c in T.unroll(padded // columns):
-                    score_pass(s, q_tile, kt_last, 0, c * columns, tk // padded * padded + c * columns)
+                    score_pass(s, q_tile, kt_last, 0, 0, c * columns, tk // padded * padded + c * columns)
             for r in T.serial(rows):
                 maxima = T.alloc_buffer((chunk,), "float32", scope="local")
                 for j in T.vectorized(chunk):
@@ -186,9 +188,9 @@ def attention_kernel(dk: int, dv: int, plan: TilePlan, scale: float | None = Non
                     for j in T.vectorized(chunk):
                         s[r, c * chunk + j] = s[r, c * chunk + j] * inverse[0]
             for p in T.serial(full_panels):
-                times_v(o, s, v, h, row0, tq, tk, p * panel_width, panel_width)
+                times_v(o, s, v, b, h, row0, tq, tk, p * panel_width, panel_width)
             if last_width > 0:
-                times_v(o, s, v, h, row0, tq, tk, full_panels * panel_width, last_width)
+                times_v(o, s, v, b, h, row0, tq, tk, full_panels * panel_width, last_width)
 
     return attention
 
@@ -272,26 +274,32 @@ class _Rewriter(relax.PyExprMutator):
         bb = self.builder_
         q_shape, kt_shape, v_shape = (list(t.ty.shape.values) for t in (q, kt, v))
         batch = q_shape[:-2]
-        heads = 1
-        for dim in batch:
-            heads = heads * dim
+        # the kernel's [B, H] batch dims: the model's two (exporters' [batch, heads, T, d]), else views folding them
+        if len(batch) == 2:
+            kernel_batch = batch
+        else:
+            leading = 1
+            for dim in batch[:-1]:
+                leading = leading * dim
+            kernel_batch = [leading, batch[-1]]
         dk, dv = int(q_shape[-1]), int(v_shape[-1])
 
-        def flat(x, shape):
-            if len(batch) == 1:
+        def as_kernel_batch(x, shape):
+            if len(batch) == 2:
                 return x
-            return bb.emit(relax.op.reshape(x, relax.ShapeExpr([heads, *shape])))
+            return bb.emit(relax.op.reshape(x, relax.ShapeExpr([*kernel_batch, *shape])))
 
-        macs = heads * q_shape[-2] * kt_shape[-1] * (dk + dv)
+        macs = kernel_batch[0] * kernel_batch[1] * q_shape[-2] * kt_shape[-1] * (dk + dv)
         kernel = attention_kernel(dk, dv, self.plan, scale, divide).with_attr(MACS_ATTR, macs)
         gvar = bb.add_func(kernel, ATTENTION_KERNEL)
-        out = relax.TensorType([heads, q_shape[-2], dv], "float32")
-        args = [flat(q, q_shape[-2:]), flat(kt, kt_shape[-2:]), flat(v, v_shape[-2:])]
-        result = bb.emit(relax.call_tir(gvar, args, out))
-        if len(batch) != 1:
-            result = bb.emit(relax.op.reshape(result, relax.ShapeExpr([*batch, q_shape[-2], dv])))
+        args = [as_kernel_batch(q, q_shape[-2:]), as_kernel_batch(kt, kt_shape[-2:]), as_kernel_batch(v, v_shape[-2:])]
+        result = relax.call_tir(gvar, args, relax.TensorType([*kernel_batch, q_shape[-2], dv], "float32"))
+        if len(batch) != 2:
+            result = relax.op.reshape(bb.emit(result), relax.ShapeExpr([*batch, q_shape[-2], dv]))
         self.rewritten += 1
-        self.set_var_remap(binding.var, result)
+        # NOTE: bound to the P·V's own variable: the kernel report's provenance (compile/provenance.py) then gives the
+        # kernel the nodes of the Q·Kᵀ and softmax bindings it replaces, which reach the P·V through their users
+        bb.emit_normalized(relax.VarBinding(binding.var, bb.normalize(result)))
 
 
 @tvm.transform.module_pass(opt_level=0, name="nativeq.FloatAttentionInRowBlocks")
