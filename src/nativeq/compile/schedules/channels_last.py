@@ -133,6 +133,7 @@ class _ChannelsLast(relax.PyExprMutator):
         # channels-first var [N, 1, X] flattened from a [N, C, *S] value -> (the same flattening of its twin, the
         # twin's [N, *S, C] shape): the elements in another order, which a whole-tensor normalization does not see
         self.flat: dict = {}
+        self.batch_norms: dict = {}  # channels-first BatchNorm tuple var -> the BatchNorm of its data's twin
 
     def prepare(self, func) -> None:
         """Find the vars of `func` that only elementwise ops with constant other operands (a quantize's scale, a
@@ -208,7 +209,57 @@ class _ChannelsLast(relax.PyExprMutator):
             return
         if name == "relax.call_tir" and self._table_lookup(binding, value):
             return
+        if name == "relax.nn.batch_norm" and self._batch_norm(binding, value):
+            return
+        if name == "relax.strided_slice" and self._channel_slice(binding, value):
+            return
+        if name == "relax.concat" and self._channel_concat(binding, value):
+            return
+        if isinstance(value, relax.TupleGetItem) and value.tuple_value in self.batch_norms and value.index == 0:
+            self._define(binding, relax.TupleGetItem(self.batch_norms[value.tuple_value], 0))
+            return
         self._bind_plain(binding, value)
+
+    def _channel_slice(self, binding, call) -> bool:
+        """A slice of the channels alone (Res2Net's channel chunks) slices the twin's last axis."""
+        data, axes, begin, end, *strides = call.args
+        twin, ndim = self._twin(data), _ndim(data)
+        if twin is None or ndim < 3 or not all(hasattr(a, "fields") for a in (axes, begin, end, *strides)):
+            return False
+        if [int(a) % ndim for a in axes.fields] != [1]:
+            return False
+        self._define(binding, relax.op.strided_slice(
+            twin, axes=[ndim - 1], begin=list(begin.fields), end=list(end.fields),
+            strides=list(strides[0].fields) if strides else None, assume_inbound=bool(call.attrs.assume_inbound)))
+        return True
+
+    def _channel_concat(self, binding, call) -> bool:
+        """A concat of channels-last values along the channels (Res2Net's chunks joined again, ECAPA's multi-layer
+        aggregation) concatenates the twins along their last axis."""
+        (tensors,) = call.args
+        ndim = _ndim(call)
+        if not hasattr(tensors, "fields") or ndim < 3 or int(call.attrs.axis) % ndim != 1:
+            return False
+        twins = [self._twin(t) for t in tensors.fields]
+        if any(t is None for t in twins):
+            return False
+        self._define(binding, relax.op.concat(twins, axis=ndim - 1))
+        return True
+
+    def _batch_norm(self, binding, call) -> bool:
+        """An inference BatchNorm over the channels of a channels-last source (a speaker model's conv -> ReLU -> BN,
+        which cannot fold into the conv) normalizes the twin along its last axis; its output (item 0 of the tuple)
+        is that value's twin."""
+        data = call.args[0]
+        twin, ndim = self._twin(data), _ndim(data)
+        if twin is None or ndim < 3 or int(call.attrs.axis) % ndim != 1 or bool(call.attrs.training):
+            return False
+        attrs = call.attrs
+        normalized = relax.op.nn.batch_norm(twin, *call.args[1:], axis=ndim - 1, epsilon=float(attrs.epsilon),
+                                            center=bool(attrs.center), scale=bool(attrs.scale),
+                                            momentum=float(attrs.momentum), training=False)
+        self.batch_norms[self._bind_plain(binding, call)] = self.builder_.emit(normalized)
+        return True
 
     def _table_lookup(self, binding, call) -> bool:
         """An 8-bit table lookup (`LutElementwise`: an elementwise chain such as GELU as one gather)."""
