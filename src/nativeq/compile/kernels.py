@@ -27,7 +27,7 @@ PrimFunc::
 from __future__ import annotations
 
 from nativeq.compile._tvm import Analyzer, Schedule, relax, structural_equal, tirx, tvm
-from nativeq.compile.schedules.attention import MACS_ATTR, RULE_ATTR
+from nativeq.compile.tir_rewrite import LOAD, loaded_buffer
 
 CONTRACTION, REDUCTION, ELEMENTWISE = "contraction", "reduction", "elementwise"
 SCHEDULE_WORDS = {
@@ -53,13 +53,9 @@ BATCH_SIZE = 1  # ... when its name says batch
 _BATCH_NAMES = ("batch", "batch_size", "n", "b", "bs")
 _CALL_OPS = ("relax.call_tir", "relax.call_tir_inplace", "relax.call_tir_with_grad")
 _REDUCE = 2  # IterVar kCommReduce
-# NOTE: TVM 0.27's buffer load node is `tvm.ir.TensorLoad` (`.source` is the buffer); `tirx.BufferLoad` is
-# now a constructor function, not a class
-_LOAD = getattr(tvm.ir, "TensorLoad", None) or tirx.BufferLoad
-
-
-def _loaded_buffer(load):
-    return getattr(load, "source", None) if hasattr(load, "source") else load.buffer
+# PrimFunc attributes a hand-written kernel the report cannot analyse states itself (e.g. schedules/attention.py):
+RULE_ATTR = "nativeq.rule"  # the schedule, as `DefaultCpuSchedule.applied` names rules
+MACS_ATTR = "nativeq.macs"  # multiply-accumulates of one call, over the model's symbolic sizes
 
 
 @tvm.transform.module_pass(opt_level=0, name="nativeq.CaptureModule")
@@ -198,10 +194,10 @@ def _strip_casts(expr):
 def _is_operand(expr) -> bool:
     """A buffer load, possibly cast or shifted by a zero point (`a[i] - zp`)."""
     expr = _strip_casts(expr)
-    if isinstance(expr, _LOAD):
+    if isinstance(expr, LOAD):
         return True
     if isinstance(expr, (tirx.Sub, tirx.Add)):
-        return any(isinstance(_strip_casts(side), _LOAD) for side in (expr.a, expr.b))
+        return any(isinstance(_strip_casts(side), LOAD) for side in (expr.a, expr.b))
     return False
 
 
@@ -219,7 +215,7 @@ def _multiply_accumulates(block) -> int:
     if not isinstance(store, tirx.BufferStore) or not isinstance(store.value, tirx.Add):
         return 0
     for acc, term in ((store.value.a, store.value.b), (store.value.b, store.value.a)):
-        if not (isinstance(acc, _LOAD) and _loaded_buffer(acc).same_as(store.buffer)):
+        if not (isinstance(acc, LOAD) and loaded_buffer(acc).same_as(store.buffer)):
             continue
         term = _strip_casts(term)
         if _is_product(term):

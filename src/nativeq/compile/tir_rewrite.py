@@ -4,7 +4,8 @@ and no TIR expression visitor).
 `rewrite_stmt(stmt, fn)` rebuilds every statement that holds other statements (sequences, loops,
 attributes, whiles, branches, s-TIR blocks and their realizes) around its rewritten children, then
 returns `fn(rebuilt)`; `fn` returns the statement to use (the same one to keep it).
-`expr_nodes(node)` yields every expression node under an expression or a buffer store.
+`expr_nodes(node)` yields every expression node under an expression or a buffer store; `LOAD` is the class
+of its buffer loads, `loaded_buffer(load)` the buffer one reads.
 """
 
 from __future__ import annotations
@@ -38,6 +39,16 @@ def rewrite_stmt(stmt, fn: Callable):
         stmt = s_tir.SBlock(stmt.iter_vars, stmt.reads, stmt.writes, stmt.name_hint, visit(stmt.body), stmt.init,
                             stmt.alloc_buffers, stmt.match_buffers, stmt.annotations)
     return fn(stmt)
+
+
+# NOTE: TVM 0.27's buffer load node is `tvm.ir.TensorLoad` (`.source` is the buffer); `tirx.BufferLoad` is
+# now a constructor function, not a class
+LOAD = getattr(tvm.ir, "TensorLoad", None) or tirx.BufferLoad
+
+
+def loaded_buffer(load):
+    """The buffer a load node (`LOAD`) reads."""
+    return load.source if hasattr(load, "source") else load.buffer
 
 
 # The fields of TIR expression nodes (and of a block's store) that hold sub-expressions.

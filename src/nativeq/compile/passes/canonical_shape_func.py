@@ -18,10 +18,7 @@ kept after the stores of the slots it reads (the lowest ready slot first: a stab
 from __future__ import annotations
 
 from nativeq.compile._tvm import tirx, tvm
-from nativeq.compile.tir_rewrite import expr_nodes, rewrite_stmt
-
-# NOTE: TVM 0.27's buffer load node is `tvm.ir.TensorLoad` (`tirx.BufferLoad` builds one)
-_LOAD = getattr(tvm.ir, "TensorLoad", None) or tirx.BufferLoad
+from nativeq.compile.tir_rewrite import LOAD, expr_nodes, loaded_buffer, rewrite_stmt
 
 
 def _slot(store) -> int | None:
@@ -36,10 +33,9 @@ def _loaded_slots(store) -> set:
     """The (buffer, slot) pairs the stored value loads (slot None: an index not known at compile time)."""
     slots = set()
     for node in expr_nodes(store.value):
-        if isinstance(node, _LOAD):
-            buffer = node.source if hasattr(node, "source") else node.buffer
+        if isinstance(node, LOAD):
             index = node.indices[0] if len(node.indices) == 1 else None
-            slots.add((buffer.name, int(index) if isinstance(index, tirx.IntImm) else None))
+            slots.add((loaded_buffer(node).name, int(index) if isinstance(index, tirx.IntImm) else None))
     return slots
 
 
@@ -69,9 +65,9 @@ def _canonical_seq(stmt):
         return stmt
     out, run = [], []
 
-    def flush():
+    def flush():  # a run holds stores into one buffer (the loop below starts a new run at another buffer)
         slots = [_slot(s) for s in run]
-        if len(run) > 1 and len({s.buffer.name for s in run}) == 1 and len(set(slots)) == len(slots):
+        if len(run) > 1 and len(set(slots)) == len(slots):
             out.extend(_ordered(run))
         else:
             out.extend(run)
@@ -99,12 +95,8 @@ class CanonicalShapeFunc:
     """Reorder the stores of host shape functions (`VMShapeLower`'s) by slot (see the module docstring)."""
 
     def transform_module(self, mod, _ctx):
-        updates = {}
-        for gvar, func in mod.functions_items():
-            if isinstance(func, tirx.PrimFunc) and _is_host_func(func):
-                body = rewrite_stmt(func.body, _canonical_seq)
-                if not body.same_as(func.body):
-                    updates[gvar] = func.with_body(body)
-        for gvar, func in updates.items():
-            mod[gvar] = func
+        host_funcs = [(gvar, func) for gvar, func in mod.functions_items()
+                      if isinstance(func, tirx.PrimFunc) and _is_host_func(func)]
+        for gvar, func in host_funcs:
+            mod[gvar] = func.with_body(rewrite_stmt(func.body, _canonical_seq))
         return mod

@@ -30,15 +30,13 @@ from dataclasses import dataclass
 
 from nativeq import _ort_formulas as ort
 from nativeq.compile._tvm import Analyzer, T, relax, tirx, tvm
+from nativeq.compile.kernels import MACS_ATTR, RULE_ATTR
 from nativeq.compile.passes import rewrite_functions, use_counts
 from nativeq.compile.passes.legalize_like_ort import _fma as fma
 from nativeq.compile.passes.legalize_like_ort import _mlas_sum_exp_element, mlas_lane_sum
 from nativeq.compile.passes.qdq_sites import op_name, resolve, static_scalar
 
 ATTENTION_KERNEL = "float_attention"
-# PrimFunc attributes the kernel report reads (compile/kernels.py) on a hand-written kernel it cannot analyse:
-RULE_ATTR = "nativeq.rule"  # the schedule, as `DefaultCpuSchedule.applied` names rules
-MACS_ATTR = "nativeq.macs"  # multiply-accumulates of one call, over the model's symbolic sizes
 ATTENTION_RULE = "float-attention"
 _CHUNK = ort.SOFTMAX_LANES  # score columns per chunk: MLAS's 16 softmax lane accumulators
 _VECTOR_REGISTERS = {4: 32, 8: 16, 16: 32}  # float lanes per vector -> vector registers (NEON, AVX2, AVX-512)
