@@ -102,6 +102,40 @@ def test_layer_norm_large_mean_stays_accurate(tmp_path):
     assert np.abs(out - (exact * scale + bias)).max() < 1e-3
 
 
+@pytest.mark.parametrize("n, schedule", [(144, "layer norm"), (100, "layer norm"), (4, "vectorized elementwise")])
+def test_layer_norm_rows_get_the_row_schedule_with_the_float64_sum_in_vector_lanes(n, schedule, tmp_path):
+    """n >= 8: `schedules/layer_norm.py` (the float64 sum in 8 vector lanes over whole chunks, the normalize and
+    its epilogue vectorized along the row); rows of widely spread magnitudes (1e-6 .. 1e3: the float64 sum is
+    still exact) stay bit-identical to ORT. n < 8 (Welford, unrolled: no reduction block) is elementwise."""
+    path = tmp_path / "ln.onnx"
+    onnx.save(layer_norm_model((1, "T", n)), path)
+    result = compile_model(path, tmp_path / "art", CompileConfig(target="host", use_tuning=False))
+    assert [k["schedule"] for k in result.kernels] == [schedule]
+    rng = np.random.default_rng(n)
+    x = (rng.normal(0, 1, (1, 64, n)) * 10.0 ** rng.integers(-6, 4, (1, 64, n))).astype(np.float32)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    ref = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    out = load(tmp_path / "art").run({"x": x})
+    np.testing.assert_array_equal(np.asarray(out["y"] if isinstance(out, dict) else out[0]), ref)
+
+
+def test_layer_norm_schedule_sums_float64_lanes_with_the_chunks_outside():
+    from nativeq.compile._tvm import relax as rx, te, tvm
+    from nativeq.compile.passes.legalize_like_ort import _ort_layer_norm
+    from nativeq.compile.schedules.layer_norm import schedule_layer_norm
+
+    x = te.placeholder((1, 200, 144), "float32", name="x")
+    gamma, beta = te.placeholder((144,), "float32", name="g"), te.placeholder((144,), "float32", name="b")
+    func = te.create_prim_func([x, gamma, beta, _ort_layer_norm(x, gamma, beta, [-1], 1e-5)])
+    text = schedule_layer_norm(func, vector_bits=128).mod["main"].script()
+    lines = [line.strip() for line in text.splitlines()]
+    chunks = lines.index("for ax1 in range(18):")  # 144 = 18 chunks of 8
+    assert lines[chunks + 1] == "for ax0 in T.vectorized(8):"
+    assert "ln_sum_lanes_update" in lines[chunks + 2] and "T.parallel(200)" in text
+    assert "T.vectorized(16)" in text  # the normalize along the row: 16 floats per step
+
+
 @pytest.mark.arm
 def test_layer_norm_on_rpi5_under_qemu_is_bit_identical(tmp_path):
     from nativeq.verify import VerifyConfig, verify_artifact

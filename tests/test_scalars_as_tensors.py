@@ -120,7 +120,7 @@ def _int8_kernels_and_calls(model, monkeypatch=None, share: bool = True):
     from nativeq.targets import get_target
 
     if not share:
-        monkeypatch.setattr(pipeline, "scalars_as_tensors", lambda: {})
+        monkeypatch.setattr(pipeline, "scalars_as_tensors", lambda target=None: {})
     target = get_target("host")
     mod = import_model(model, None)
     with make_tvm_target(target):
@@ -145,3 +145,41 @@ def test_the_blocks_of_an_encoder_share_their_int8_kernels(monkeypatch):
     # shared by both blocks: qkv, P.V, proj, ff_in, ff_out; Q.Kt ([B, H, T, T], no static last axis) stays
     # one per block; conv and head are single: 5 + 2 + 2 kernels
     assert sorted(calls.count(k) for k in kernels) == [1, 1, 1, 1, 2, 2, 2, 2, 2]
+
+
+def test_a_flattened_axis_longer_than_a_channel_axis_keeps_the_immediates():
+    """GroupNorm with one group reshapes to [1, 1, C x T]: a scale repeated along that axis would be two vectors of
+    C x T floats read per element; past `MAX_VECTOR` the constants stay immediates."""
+    from nativeq.compile.passes.scalars_as_tensors import MAX_VECTOR
+
+    def module(length):
+        x = relax.Var("x", relax.TensorType((1, 1, length), "float32"))
+        bb = relax.BlockBuilder()
+        with bb.function("main", [x]):
+            bb.emit_func_output(bb.normalize(relax.op.quantize(x, relax.const(0.5, "float32"),
+                                                               relax.const(3, "int8"), 1, "int8")))
+        return bb.get()
+
+    long = module(MAX_VECTOR + 8)
+    tvm.ir.assert_structural_equal(_legalize(long, scalars_as_tensors()), _legalize(long, None))
+    (kernel,) = _prim_funcs(_legalize(module(MAX_VECTOR), scalars_as_tensors()))
+    assert kernel.script().count(f'T.Buffer((T.int64({MAX_VECTOR}),), "float32")') == 2  # scale, zero point
+
+
+def test_aarch64_keeps_the_immediates_and_still_rounds_a_product_of_two_tensors():
+    """No memory operands on AArch64: a repeated scale would be one load per use in every loop. The scalars stay
+    TVM's immediates there; a product of two computed tensors is still rounded on its own (an FMA with a zero
+    addend, which LLVM cannot contract into the add after it), as ORT does."""
+    from nativeq.targets import get_target
+
+    rules = scalars_as_tensors(get_target("rpi5"))
+    requantize = _requantize_module(0.3, 0.7)
+    tvm.ir.assert_structural_equal(_legalize(requantize, rules), _legalize(requantize, None))
+    assert len(_prim_funcs(_legalize(requantize, scalars_as_tensors(get_target("x86-avx2"))))) == 1
+
+    bb = relax.BlockBuilder()
+    x, y = relax.Var("x", relax.TensorType((4, 32), "float32")), relax.Var("y", relax.TensorType((4, 32), "float32"))
+    with bb.function("main", [x, y]):
+        bb.emit_func_output(bb.normalize(relax.op.add(relax.op.multiply(x, y), x)))
+    products = [f.script() for f in _prim_funcs(_legalize(bb.get(), rules)) if "multiply" in f.script()]
+    assert len(products) == 1 and "T.fma(x[v_i0, v_i1], y[v_i0, v_i1], T.float32(0.0))" in products[0]

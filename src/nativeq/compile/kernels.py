@@ -39,6 +39,7 @@ SCHEDULE_WORDS = {
     "float-pack": "float32 pack",
     "im2col": "im2col",
     "softmax": "softmax",
+    "layer-norm": "layer norm",
     "float-attention": "float32 attention",
     "reduction": "reduction",
     "generic": "generic",

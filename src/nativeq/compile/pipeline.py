@@ -60,7 +60,7 @@ def _passes(target, *, int8: bool, tuning_database: Path | None, compressed_weig
         # library dispatch and legalization to TIR, then fusion
         relax.backend.DispatchSampling(),
         relax.backend.DispatchSortScan(),
-        relax.transform.LegalizeOps(customize_legalize_map={**scalars_as_tensors(), **legalize_like_ort(),
+        relax.transform.LegalizeOps(customize_legalize_map={**scalars_as_tensors(target), **legalize_like_ort(),
                                                            **symbolic_reshapes_as_views()}),
         *([RepackAfterLegalize()] if int8 else []),
         relax.transform.AnnotateTIROpPattern(),

@@ -59,6 +59,16 @@ def _rounded(dtype, value):
     return tirx.call_llvm_pure_intrin(dtype, "llvm.arithmetic.fence", value)
 
 
+LAYER_NORM_SUM_LANES_BLOCK = "ln_sum_lanes"  # the row's float64 sum in lanes (the schedule vectorizes them)
+LAYER_NORM_LANES_BLOCK = "ln_lanes"  # MLAS's 8 lane accumulators of the squared deviations
+LAYER_NORM_BLOCK = "layer_norm"
+
+
+def _lane_tree(a):
+    """MLAS's fixed pairwise sum of 8 lanes."""
+    return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
+
+
 def _ort_layer_norm(x, gamma, beta, axes, epsilon):
     ndim = len(x.shape)
     axes = sorted(int(a) % ndim for a in axes)
@@ -102,9 +112,20 @@ def _ort_layer_norm(x, gamma, beta, axes, epsilon):
     if n < _LANES:
         return _layer_norm_welford(x, gamma, beta, epsilon, outer_shape, n, element, param, split, f)
 
+    # NOTE: a sum of float32 values in float64 is exact (the same in any order) unless the row's magnitudes span
+    # more than ~2^(29 - log2 n): summed in lanes, so the schedule (`schedules/layer_norm.py`) can vectorize it.
+    def lane_sum(*index):
+        outer, lane = index[:-1], index[-1]
+        chunk = te.reduce_axis((0, n // _LANES), name="chunk")
+        return te.sum(element(outer, chunk * _LANES + lane).astype("float64"), axis=chunk)
+
+    sum_lanes = te.compute([*outer_shape, _LANES], lane_sum, name=LAYER_NORM_SUM_LANES_BLOCK)
+
     def row_sum(*outer):
-        k = te.reduce_axis((0, n), name="k")
-        return te.sum(element(outer, k).astype("float64"), axis=k)
+        s = _lane_tree([sum_lanes(*outer, lane) for lane in range(_LANES)])
+        for i in range(n // _LANES * _LANES, n):
+            s = s + element(outer, i).astype("float64")
+        return s
 
     total = te.compute(outer_shape, row_sum, name="ln_sum")
     mean = te.compute(outer_shape, lambda *o: (total(*o) / tirx.const(n, "float64")).astype(f32), name="ln_mean")
@@ -117,11 +138,10 @@ def _ort_layer_norm(x, gamma, beta, axes, epsilon):
             acc = _fma(f32, d, d, acc)
         return acc
 
-    lanes = te.compute([*outer_shape, _LANES], lane_sum_of_squares, name="ln_lanes")
+    lanes = te.compute([*outer_shape, _LANES], lane_sum_of_squares, name=LAYER_NORM_LANES_BLOCK)
 
     def inv_std(*outer):
-        a = [lanes(*outer, lane) for lane in range(_LANES)]
-        s = ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
+        s = _lane_tree([lanes(*outer, lane) for lane in range(_LANES)])
         for i in range(n // _LANES * _LANES, n):
             d = element(outer, i) - mean(*outer)
             s = s + _rounded(f32, d * d)
@@ -134,7 +154,7 @@ def _ort_layer_norm(x, gamma, beta, axes, epsilon):
         d = x(*index) - mean(*outer)
         return _fma(f32, d * inv(*outer), param(gamma, index), param(beta, index))
 
-    return te.compute(x.shape, normalize, name="layer_norm")
+    return te.compute(x.shape, normalize, name=LAYER_NORM_BLOCK)
 
 
 def _layer_norm_welford(x, gamma, beta, epsilon, outer_shape, n, element, param, split, f):

@@ -9,10 +9,13 @@ lowers TIR. Rules, first that applies wins:
    (`pack_activations.py`) with its fused producers;
    `depthwise.schedule_depthwise`: an int8 depthwise conv (channels-last) + fused epilogue;
    `conv_as_matmul.schedule_im2col`: a conv's im2col gather (parallel rows, unrolled taps);
+   `softmax.schedule_softmax` and `layer_norm.schedule_layer_norm`: MLAS-order softmax and ORT-order
+   LayerNorm rows with their fused epilogues;
 2. dlight's CPU `Reduction` rule: softmax / layer norm style reductions (not convolutions:
    blocks reducing over 2+ axes go to the generic rule, which vectorizes their output axis, and so do
    reductions to one value that a later block broadcasts, which the dlight rule recomputes per element,
-   and pools, small windows read along an output axis, which it leaves scalar);
+   pools, small windows read along an output axis, and reductions whose result is not broadcast back
+   (a mean over time), which it leaves scalar);
 3. `generic.schedule_generic`: parallel outer loops, vectorized inner loops.
 
 A kernel of static shape too small to pay for a parallel launch runs its schedule serially
@@ -30,8 +33,10 @@ from nativeq.compile._tvm import DlightCpuReduction, TVMTarget, tirx, tvm
 from nativeq.compile.schedules.conv_as_matmul import schedule_im2col
 from nativeq.compile.schedules.depthwise import DEPTHWISE_BLOCK, schedule_depthwise
 from nativeq.compile.schedules.generic import (block_dtype, has_integer_matmul, has_multi_axis_reduction,
-                                               has_whole_tensor_reduction, has_window_reduction, schedule_generic)
+                                               has_unbroadcast_reduction, has_whole_tensor_reduction,
+                                               has_window_reduction, schedule_generic)
 from nativeq.compile.schedules.intrinsics import depthwise_quad_intrin_for, dot_intrin_for, fma_intrin_for
+from nativeq.compile.schedules.layer_norm import schedule_layer_norm
 from nativeq.compile.schedules.matmul import is_float_matmul, schedule_int8_matmul, schedule_int8_pack
 from nativeq.compile.schedules.pack_activations import PACK_BLOCK
 from nativeq.compile.schedules.parallel import without_parallel, worth_parallel
@@ -99,8 +104,11 @@ class DefaultCpuSchedule:
         sch = schedule_softmax(func, bits)
         if sch is not None:
             return "softmax", sch
+        sch = schedule_layer_norm(func, bits)
+        if sch is not None:
+            return "layer-norm", sch
         if (has_multi_axis_reduction(func) or has_integer_matmul(func) or has_whole_tensor_reduction(func)
-                or has_window_reduction(func)):
+                or has_window_reduction(func) or has_unbroadcast_reduction(func)):
             sch = schedule_generic(func, bits)
             if sch is not None:
                 return "generic", sch

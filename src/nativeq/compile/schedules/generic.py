@@ -12,7 +12,9 @@ the int8 rule could not take) the basic shape of a CPU kernel:
 - reduction blocks (`S...S R...R`): the innermost spatial loop is moved below the reduction
   loops and vectorized (a float matmul becomes rows x vector-of-columns FMAs), the other
   spatial loops fused and parallel, the reduction init decomposed out; a reduction along the
-  rows it reads (a sum over time, channels first) sums each row in vector partial sums instead.
+  rows it reads (a sum over time, channels first) sums each row in vector partial sums instead, and one with a
+  single output axis that its reads are contiguous along (a sum over time, channels last) sums vectors of outputs;
+- elementwise loops on a 128-bit target (NEON) step over 4 registers.
 
 Every transformation is tried per block; one that TVM refuses leaves that block as it was,
 so the function always stays correct.
@@ -23,7 +25,7 @@ from __future__ import annotations
 import logging
 import math
 
-from nativeq.compile._tvm import Schedule, detect_linear_equation, s_tir, tirx, tvm
+from nativeq.compile._tvm import Analyzer, Schedule, detect_linear_equation, s_tir, tirx, tvm
 from nativeq.compile.tir_rewrite import expr_nodes
 
 logger = logging.getLogger(__name__)
@@ -116,6 +118,11 @@ def transpose_vectorize(sch: Schedule, block, vector_bits: int) -> bool:
     return True
 
 
+# NEON's registers are 128 bits: an elementwise loop steps over 512 bits of its output (4 registers, 16 floats or 64
+# bytes) at a time, so that its counter, compare and branch are amortized and the registers' operations independent.
+NEON_STEP_BITS = 512
+
+
 def parallel_vectorize(sch: Schedule, block, vector_bits: int) -> None:
     """Elementwise block: fuse all but the innermost loop -> parallel; innermost -> vectorized
     (a transpose: along the axis its source is contiguous in, `transpose_vectorize`)."""
@@ -126,7 +133,8 @@ def parallel_vectorize(sch: Schedule, block, vector_bits: int) -> None:
     # the one to vectorize, and the parallel index then need not be split by div/mod per element
     while len(loops) > 1 and _extent(sch, loops[-1]) == 1:
         loops = [*loops[:-2], sch.fuse(loops[-2], loops[-1])]
-    lanes = max(2, vector_bits // _block_dtype_bits(sch, block))
+    bits = _block_dtype_bits(sch, block)
+    lanes = max(2, (NEON_STEP_BITS if vector_bits == 128 else vector_bits) // bits)
     inner = loops[-1]
     if len(loops) > 1:
         sch.parallel(sch.fuse(*loops[:-1]))
@@ -243,6 +251,13 @@ def reduction_vectorize(sch: Schedule, block, vector_bits: int) -> None:
     bits = _block_dtype_bits(sch, block)
     lanes = max(2, vector_bits // bits)
     last_extent = _extent(sch, spatial[-1])
+    if last_extent is not None and _writes_float32(sch, block) and _reads_along_reduction(sch, block):
+        # a float row sum (adds in partial sums need a schedule; LLVM vectorizes an integer one by itself)
+        row_reduction_vectorize(sch, block)
+        return
+    if len(reduction) == 1 and last_extent is not None and _reads_along_output(sch, block):
+        column_reduction_vectorize(sch, block, lanes)
+        return
     if last_extent is None or last_extent * bits < min(MIN_VECTOR_BITS, vector_bits // 2) or n_spatial == 1:
         # Vectorizing over an axis shorter than half a vector and than a 128-bit register is not worth it (a max
         # pool over 16 uint8 channels is: one SSE / NEON register per window tap), nor over a symbolic one (its tail
@@ -314,6 +329,50 @@ def row_reduction_vectorize(sch: Schedule, block) -> None:
     sch.vectorize(sch.get_loops(init)[-1])
 
 
+def _writes_float32(sch: Schedule, block) -> bool:
+    return str(sch.get(block).writes[0].source.dtype) == "float32"
+
+
+def _extent_of(iter_var) -> int | None:
+    extent = iter_var.dom.extent
+    return int(extent) if isinstance(extent, tirx.IntImm) else None
+
+
+def _reads_along_output(sch: Schedule, block) -> bool:
+    """Whether a `S..S R` block with one output axis (the others of extent 1) reads along it: every read that depends
+    on the output index indexes its innermost dimension with that index alone (a sum over time of a channels-last
+    [T, C] tensor)."""
+    stmt = sch.get(block)
+    outputs = [iv for iv in stmt.iter_vars if iv.iter_type == tirx.IterVar.DataPar]
+    if not outputs or any(_extent_of(iv) != 1 for iv in outputs[:-1]):
+        return False
+    i = outputs[-1].var
+
+    def uses(expr, var) -> bool:
+        return any(v.same_as(var) for v in tirx.analysis.undefined_vars(expr, []))
+
+    reads = [r for r in stmt.reads if not r.source.same_as(stmt.writes[0].source) and len(r.region)]
+    return bool(reads) and all(r.region[-1].min.same_as(i) and not any(uses(rng.min, i) for rng in r.region[:-1])
+                               for r in reads if any(uses(rng.min, i) for rng in r.region))
+
+
+def column_reduction_vectorize(sch: Schedule, block, lanes: int) -> None:
+    """A one-output-axis reduction along the output it reads (`_reads_along_output`): vectors of outputs, each
+    summed over the reduction from contiguous loads (a mean over time of a channels-last tensor), the vectors in
+    parallel. Each output adds its terms in order, as the scalar loop did. Left as it is when no lane count
+    divides the output axis."""
+    *units, spatial, reduction = sch.get_loops(block)
+    lanes = dividing_lanes(_extent(sch, spatial), max(lanes, REDUCTION_LANES))
+    if lanes is None:
+        return
+    outer, vec = sch.split(spatial, factors=[None, lanes])
+    sch.reorder(*units, outer, reduction, vec)
+    sch.parallel(outer)
+    sch.vectorize(vec)
+    init = sch.decompose_reduction(block, reduction)
+    sch.vectorize(sch.get_loops(init)[-1])
+
+
 def full_reduction_vectorize(sch: Schedule, block) -> None:
     """A reduction of a whole tensor to one value (the min and max of a run-time quantization): one
     partial result per vector lane (`rfactor` over the innermost axis split by the vector width),
@@ -379,6 +438,26 @@ def has_whole_tensor_reduction(func) -> bool:
 
     whole = [b for b in blocks if "R" in _iter_kinds(sch, b) and all(is_one(e) for e in spatial_extents(b))]
     return bool(whole) and any(not all(is_one(e) for e in spatial_extents(b)) for b in blocks)
+
+
+def has_unbroadcast_reduction(func) -> bool:
+    """Whether the function reduces over one axis and nothing after the reduction reads its result across more
+    elements than it has: a mean or sum over time, with at most elementwise work on the reduced values (ECAPA's
+    pooling statistics, a squeeze-excite mean). dlight's reduction rule, made for softmax and norm rows whose
+    reductions are broadcast back over the row, sums such a block one scalar at a time; the generic rule
+    vectorizes it (along the rows it reads, or across its outputs)."""
+    sch, blocks = _root_blocks(func)
+    kinds = [_iter_kinds(sch, b) for b in blocks]
+    reductions = [i for i, k in enumerate(kinds) if "R" in k]
+    if not reductions or any(kinds[i].count("R") != 1 for i in reductions):
+        return False
+
+    def elements(block):
+        return math.prod(sch.get(block).writes[0].source.shape)
+
+    largest = max((elements(blocks[i]) for i in reductions), key=lambda n: int(n) if isinstance(n, tirx.IntImm) else 0)
+    analyzer = Analyzer()
+    return all(analyzer.can_prove(elements(b) <= largest) for b in blocks[reductions[0] + 1:])
 
 
 WINDOW_TAPS = 64  # the most elements a reduction reduces per output to count as a window (a pool), static
