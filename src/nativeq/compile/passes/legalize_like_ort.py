@@ -112,8 +112,8 @@ def _ort_layer_norm(x, gamma, beta, axes, epsilon):
     if n < _LANES:
         return _layer_norm_welford(x, gamma, beta, epsilon, outer_shape, n, element, param, split, f)
 
-    # NOTE: a sum of float32 values in float64 is exact (the same in any order) unless the row's magnitudes span
-    # more than ~2^(29 - log2 n): summed in lanes, so the schedule (`schedules/layer_norm.py`) can vectorize it.
+    # NOTE: a sum of n float32 values in float64 is exact, so the same in any order, unless the row's magnitudes span
+    # more than 29 - log2(n) binades: summed in lanes, which the schedule (`schedules/layer_norm.py`) vectorizes.
     def lane_sum(*index):
         outer, lane = index[:-1], index[-1]
         chunk = te.reduce_axis((0, n // _LANES), name="chunk")

@@ -19,7 +19,9 @@ NOTE: a vector along the last axis, not a one-element tensor: with `c[0]` the en
 loops compiled to scalar `vdivss` (1.1-1.8x slower kernels), while `c[i]` along the vectorized axis
 stays a vector load, as per-channel scales already are.
 
-On aarch64 targets the constants stay immediates (see `scalars_as_tensors`). The arithmetic is unchanged: a value read from memory is the same float32 or integer as the
+On aarch64 targets the constants stay immediates (see `scalars_as_tensors`: no memory operands there).
+
+The arithmetic is unchanged: a value read from memory is the same float32 or integer as the
 immediate, and LLVM only rewrites an operation on an immediate when the result is exact (e.g. a
 division by a power of two into a multiplication).
 """
