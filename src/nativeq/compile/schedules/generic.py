@@ -33,7 +33,8 @@ logger = logging.getLogger(__name__)
 _ERRORS = (s_tir.ScheduleError, RuntimeError, ValueError)
 
 
-def _extent(sch: Schedule, loop) -> int | None:
+def loop_extent(sch: Schedule, loop) -> int | None:
+    """A loop's extent when static, else None."""
     extent = sch.get(loop).extent
     return int(extent) if isinstance(extent, tirx.IntImm) else None
 
@@ -106,7 +107,7 @@ def transpose_vectorize(sch: Schedule, block, vector_bits: int) -> bool:
         return False
     loops = sch.get_loops(block)
     lanes = max(2, vector_bits // _block_dtype_bits(sch, block))
-    extent = _extent(sch, loops[axis])
+    extent = loop_extent(sch, loops[axis])
     if extent is None or extent % lanes:
         return False
     outer, lane = sch.split(loops[axis], factors=[None, lanes])
@@ -131,14 +132,14 @@ def parallel_vectorize(sch: Schedule, block, vector_bits: int) -> None:
     loops = sch.get_loops(block)
     # a trailing unit axis (a channels-last layout of one channel) joins the axis before it: that axis is
     # the one to vectorize, and the parallel index then need not be split by div/mod per element
-    while len(loops) > 1 and _extent(sch, loops[-1]) == 1:
+    while len(loops) > 1 and loop_extent(sch, loops[-1]) == 1:
         loops = [*loops[:-2], sch.fuse(loops[-2], loops[-1])]
     bits = _block_dtype_bits(sch, block)
     lanes = max(2, (NEON_STEP_BITS if vector_bits == 128 else vector_bits) // bits)
     inner = loops[-1]
     if len(loops) > 1:
         sch.parallel(sch.fuse(*loops[:-1]))
-    extent = _extent(sch, inner)
+    extent = loop_extent(sch, inner)
     if len(loops) > 1 and _vectorize_in_pieces(sch, inner, lanes):
         return
     if extent is not None and extent <= lanes:
@@ -207,7 +208,7 @@ def _vectorize_in_pieces(sch: Schedule, loop, lanes: int) -> bool:
     loop of vectors partitioned (a partitioned loop starts at its piece's first index, and TVM splits only loops
     that start at 0); a loop of at most `lanes` is partitioned and each piece vectorized whole. False, and `sch`
     untouched, when it does not apply."""
-    extent = _extent(sch, loop)
+    extent = loop_extent(sch, loop)
     realize = sch.get(loop).body
     if extent is None or not isinstance(realize, s_tir.SBlockRealize):
         return False
@@ -244,13 +245,13 @@ def reduction_vectorize(sch: Schedule, block, vector_bits: int) -> None:
     n_spatial = len(kinds) - len(kinds.lstrip("S"))
     if kinds != "S" * n_spatial + "R" * (len(kinds) - n_spatial) or n_spatial == len(kinds):
         return
-    if all(_extent(sch, loop) == 1 for loop in loops[:n_spatial]):
+    if all(loop_extent(sch, loop) == 1 for loop in loops[:n_spatial]):
         full_reduction_vectorize(sch, block)
         return
     spatial, reduction = loops[:n_spatial], loops[n_spatial:]
     bits = _block_dtype_bits(sch, block)
     lanes = max(2, vector_bits // bits)
-    last_extent = _extent(sch, spatial[-1])
+    last_extent = loop_extent(sch, spatial[-1])
     if last_extent is not None and _writes_float32(sch, block) and _reads_along_reduction(sch, block):
         # a float row sum (adds in partial sums need a schedule; LLVM vectorizes an integer one by itself)
         row_reduction_vectorize(sch, block)
@@ -288,6 +289,11 @@ def reduction_vectorize(sch: Schedule, block, vector_bits: int) -> None:
 REDUCTION_LANES = 16  # partial results of a whole-tensor reduction, whatever the target's vector width
 
 
+def _uses(expr, var) -> bool:
+    """Whether `expr` depends on `var`."""
+    return any(v.same_as(var) for v in tirx.analysis.undefined_vars(expr, []))
+
+
 def _reads_along_reduction(sch: Schedule, block) -> bool:
     """Whether a `S..S R` block reads along its one reduction axis: every read that depends on it indexes its
     innermost dimension with it (a sum over time of a channels-first [C, T] tensor), and one of them has rows. Then
@@ -297,14 +303,10 @@ def _reads_along_reduction(sch: Schedule, block) -> bool:
     if len(reduce_vars) != 1:
         return False
     (k,) = reduce_vars
-
-    def uses_k(expr) -> bool:
-        return any(v.same_as(k) for v in tirx.analysis.undefined_vars(expr, []))
-
-    reads = [r for r in stmt.reads if any(uses_k(rng.min) for rng in r.region)]
+    reads = [r for r in stmt.reads if any(_uses(rng.min, k) for rng in r.region)]
     if not reads or not any(len(r.region) >= 2 for r in reads):
         return False
-    return all(r.region[-1].min.same_as(k) and not any(uses_k(rng.min) for rng in r.region[:-1]) for r in reads)
+    return all(r.region[-1].min.same_as(k) and not any(_uses(rng.min, k) for rng in r.region[:-1]) for r in reads)
 
 
 def row_reduction_vectorize(sch: Schedule, block) -> None:
@@ -312,7 +314,7 @@ def row_reduction_vectorize(sch: Schedule, block) -> None:
     `REDUCTION_LANES` partial results (`full_reduction_vectorize`'s lanes, so x86 and the Pi add in the same order)
     by contiguous vector loads, the lanes then reduced. Left as it is when no lane count divides a static extent."""
     *spatial, reduction = sch.get_loops(block)
-    extent = _extent(sch, reduction)
+    extent = loop_extent(sch, reduction)
     lanes = dividing_lanes(extent, REDUCTION_LANES) if extent else REDUCTION_LANES
     if lanes is None:
         return
@@ -347,13 +349,9 @@ def _reads_along_output(sch: Schedule, block) -> bool:
     if not outputs or any(_extent_of(iv) != 1 for iv in outputs[:-1]):
         return False
     i = outputs[-1].var
-
-    def uses(expr, var) -> bool:
-        return any(v.same_as(var) for v in tirx.analysis.undefined_vars(expr, []))
-
     reads = [r for r in stmt.reads if not r.source.same_as(stmt.writes[0].source) and len(r.region)]
-    return bool(reads) and all(r.region[-1].min.same_as(i) and not any(uses(rng.min, i) for rng in r.region[:-1])
-                               for r in reads if any(uses(rng.min, i) for rng in r.region))
+    return bool(reads) and all(r.region[-1].min.same_as(i) and not any(_uses(rng.min, i) for rng in r.region[:-1])
+                               for r in reads if any(_uses(rng.min, i) for rng in r.region))
 
 
 def column_reduction_vectorize(sch: Schedule, block, lanes: int) -> None:
@@ -362,7 +360,7 @@ def column_reduction_vectorize(sch: Schedule, block, lanes: int) -> None:
     parallel. Each output adds its terms in order, as the scalar loop did. Left as it is when no lane count
     divides the output axis."""
     *units, spatial, reduction = sch.get_loops(block)
-    lanes = dividing_lanes(_extent(sch, spatial), max(lanes, REDUCTION_LANES))
+    lanes = dividing_lanes(loop_extent(sch, spatial), max(lanes, REDUCTION_LANES))
     if lanes is None:
         return
     outer, vec = sch.split(spatial, factors=[None, lanes])
@@ -384,7 +382,7 @@ def full_reduction_vectorize(sch: Schedule, block) -> None:
     split off (`split_off_guards`: a lane predicate would scalarize the vector loop). Otherwise the block is left
     as it is. Spatial loops of extent 1 (a mean kept as [1, 1, 1]) stay outside."""
     loops = sch.get_loops(block)
-    innermost = _extent(sch, loops[-1])
+    innermost = loop_extent(sch, loops[-1])
     lanes = dividing_lanes(innermost, REDUCTION_LANES) if innermost else REDUCTION_LANES
     if lanes is None:
         return

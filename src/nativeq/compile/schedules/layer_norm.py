@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import logging
 
-from nativeq.compile._tvm import Schedule, s_tir, tirx
+from nativeq.compile._tvm import Schedule, s_tir
 from nativeq.compile.passes.legalize_like_ort import (LAYER_NORM_BLOCK, LAYER_NORM_LANES_BLOCK,
                                                       LAYER_NORM_SUM_LANES_BLOCK)
-from nativeq.compile.schedules.generic import dividing_lanes, has_block
+from nativeq.compile.schedules.generic import dividing_lanes, has_block, loop_extent
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +39,6 @@ def schedule_layer_norm(func, vector_bits: int) -> Schedule | None:
         logger.debug("layer norm schedule does not apply: %s", err)
         return None
 
-
-def _extent(sch, loop):
-    extent = sch.get(loop).extent
-    return int(extent) if isinstance(extent, tirx.IntImm) else None
 
 
 def _schedule(sch: Schedule, vector_bits: int) -> Schedule:
@@ -64,10 +60,10 @@ def _schedule(sch: Schedule, vector_bits: int) -> Schedule:
     sch.vectorize(lane)
     sch.vectorize(sch.get_loops(sch.get_sblock(LAYER_NORM_LANES_BLOCK))[-1])
     row = sch.fuse(*row) if len(row) > 1 else row[0]
-    lanes = dividing_lanes(_extent(sch, row), max(ROW_LANES, vector_bits // 32)) if _extent(sch, row) else None
+    lanes = dividing_lanes(loop_extent(sch, row), max(ROW_LANES, vector_bits // 32)) if loop_extent(sch, row) else None
     if lanes is not None:
         sch.vectorize(sch.split(row, factors=[None, lanes])[1])
-    sch.parallel(next((loop for loop in outer if _extent(sch, loop) != 1), outer[0]))
+    sch.parallel(next((loop for loop in outer if loop_extent(sch, loop) != 1), outer[0]))
     # NOTE: last: vectorize/parallel need the lanes block whole (a reduction block with its init).
     sch.decompose_reduction(sum_lanes, chunk)
     return sch

@@ -45,7 +45,7 @@ import logging
 from dataclasses import dataclass
 
 from nativeq.compile._tvm import Analyzer, Schedule, cached_flags, s_tir, tirx
-from nativeq.compile.schedules.generic import block_dtype, find_block, split_off_guards
+from nativeq.compile.schedules.generic import block_dtype, find_block, loop_extent, split_off_guards
 from nativeq.compile.schedules.intrinsics import DotIntrin, grouped_of, partial_sums_intrin, row_tile
 from nativeq.compile.schedules.pack_activations import PACK_BLOCK
 from nativeq.compile.schedules.pack_weights import (INT4_UNPACK_BLOCK, LISTED_GATHER_BLOCK, REDUCTION_BLOCK,
@@ -61,10 +61,6 @@ LISTED_TILES = "nativeq_listed_tiles"  # reduction block annotation: the weight 
 def _largest_divisor_at_most(n: int, limit: int) -> int:
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
-
-def _extent(sch: Schedule, loop) -> int | None:
-    extent = sch.get(loop).extent
-    return int(extent) if isinstance(extent, tirx.IntImm) else None
 
 
 @dataclass(frozen=True)
@@ -203,14 +199,14 @@ def kernel_intrin(func, intrin: DotIntrin) -> DotIntrin:
     kernel allows it (`_grouped_dot`). Its tile budget is what `register_tile` and `tile_choices` need."""
     sch = func if isinstance(func, Schedule) else Schedule(func)
     *_, k = sch.get_loops(sch.get_sblock(REDUCTION_BLOCK))
-    return _grouped_dot(sch, packed_intrin(sch, intrin), _extent(sch, k))
+    return _grouped_dot(sch, packed_intrin(sch, intrin), loop_extent(sch, k))
 
 
 def int8_matmul_n_blocks(func, intrin: DotIntrin) -> int | None:
     """N/lanes of an int8 matmul PrimFunc with a static N (what `tile_choices` needs), else None."""
     sch = Schedule(func)
     *_, j, _ = sch.get_loops(sch.get_sblock(REDUCTION_BLOCK))
-    n = _extent(sch, j)
+    n = loop_extent(sch, j)
     return None if n is None or n % intrin.lanes else n // intrin.lanes
 
 
@@ -229,7 +225,7 @@ def _schedule(sch: Schedule, intrin: DotIntrin, knobs: TileKnobs | None = None) 
     n_extent, k_extent = sch.get(j).extent, sch.get(k).extent
     if not _divisible(n_extent, lanes) or not _divisible(k_extent, kstep):
         return None
-    n, kdim = _extent(sch, j), _extent(sch, k)
+    n, kdim = loop_extent(sch, j), loop_extent(sch, k)
     dot = _grouped_dot(sch, intrin, kdim)
     partial_sums = None  # the block adding each output's partial sums (k along the lanes)
     if dot.partial_sums > 1:

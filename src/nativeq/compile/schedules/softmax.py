@@ -30,7 +30,7 @@ from nativeq.compile.passes.legalize_like_ort import (
     SOFTMAX_MAX_TAIL_BLOCK,
     SOFTMAX_SUM_TAIL_BLOCK,
 )
-from nativeq.compile.schedules.generic import has_block, split_off_guards
+from nativeq.compile.schedules.generic import has_block, loop_extent, split_off_guards
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +51,6 @@ def schedule_softmax(func, vector_bits: int) -> Schedule | None:
         logger.debug("softmax schedule does not apply: %s", err)
         return None
 
-
-def _extent(sch, loop):
-    extent = sch.get(loop).extent
-    return int(extent) if isinstance(extent, tirx.IntImm) else None
 
 
 def _schedule(sch: Schedule, vector_bits: int) -> Schedule:
@@ -83,16 +79,16 @@ def _schedule(sch: Schedule, vector_bits: int) -> Schedule:
     for name in (SOFTMAX_MAX_TAIL_BLOCK, SOFTMAX_SUM_TAIL_BLOCK):
         sch.vectorize(sch.get_loops(sch.get_sblock(name))[-1])
     exp_row = sch.get_loops(sch.get_sblock(SOFTMAX_EXP_BLOCK))[-1]
-    if _extent(sch, exp_row) is not None:
+    if loop_extent(sch, exp_row) is not None:
         sch.vectorize(sch.split(exp_row, factors=[None, max(2, vector_bits // 32)])[1])
     else:  # placed per row, a guarded loop: without the split, a scalar MLAS exp per element on NEON
         split_off_guards(sch, exp_row)
-    if _extent(sch, row) is not None:
+    if loop_extent(sch, row) is not None:
         _, vec = sch.split(row, factors=[None, max(2, vector_bits // 32)])
         sch.vectorize(vec)
     # NOTE: a symbolic row stays one plain loop: split, its tail would need a lane predicate, which TVM
     # scalarizes; unsplit, LLVM's loop vectorizer vectorizes it with a scalar remainder.
-    sch.parallel(next((loop for loop in outer if _extent(sch, loop) != 1), outer[0]))
+    sch.parallel(next((loop for loop in outer if loop_extent(sch, loop) != 1), outer[0]))
     # NOTE: last: vectorize/parallel need the lanes blocks whole (reduction blocks with their init).
     for lane_block, chunk in chunks:
         sch.decompose_reduction(lane_block, chunk)
