@@ -233,13 +233,14 @@ def test_cli_input_shapes_and_dim(nativeq_cli, tmp_path):
 # ----------------------------------------------------------------------------- symbolic batch
 BATCH_ZOO = [pytest.param("transformer_postnorm"), pytest.param("conformer"),
              pytest.param("lstm_am", marks=pytest.mark.slow), pytest.param("quartznet", marks=pytest.mark.slow),
-             pytest.param("whisper_encoder", marks=pytest.mark.slow)]
+             pytest.param("whisper_encoder", marks=pytest.mark.slow),
+             pytest.param("relpos_conformer", marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("name", BATCH_ZOO)
 def test_zoo_model_with_symbolic_batch(name, tmp_path_factory, monkeypatch):
     """The zoo architecture exported with batch *and* time symbolic: no contraction kernel on the generic path,
-    every batch row bit-identical to a batch-1 run, and equal to ONNX Runtime at B=2."""
+    every batch row bit-identical to a batch-1 run, and equal to ONNX Runtime at B=2 (rounding ties accepted)."""
     from benchmarks import zoo
     from benchmarks.zoo import registry
     from nativeq.compile.kernels import GENERIC_PATH
@@ -256,7 +257,7 @@ def test_zoo_model_with_symbolic_batch(name, tmp_path_factory, monkeypatch):
     result = compile_model(path, root / "art", CompileConfig(target="host", use_tuning=False))
     generic = [k["name"] for k in result.kernels if k["kind"] == "contraction" and k["schedule"] == GENERIC_PATH]
     assert generic == []
-    report = verify_artifact(result.out_dir, path, VerifyConfig(runs=1, dims={"B": 2, "T": 37}))
+    report = verify_artifact(result.out_dir, path, VerifyConfig(runs=1, dims={"B": 2, "T": 37}, accept_ties=True))
     assert report.passed, report.table()
     model = nativeq.load(result.out_dir)
     x = registry.get_model(name).random_input(37, np.random.default_rng(1))

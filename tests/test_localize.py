@@ -354,3 +354,24 @@ def test_a_tie_is_named_by_the_half_between_the_two_integers(nativeq, onnxruntim
                         onnxruntime=onnxruntime, exact=float(tie), rounded=onnxruntime, differing=1,
                         outputs=["y"]).paragraph()
     assert f"within float32 error of {tie}," in " ".join(text.split()), text
+
+
+# value before rounding (as x / scale + zero point), zero point, the two engines' integers -> a tie?
+TIE_TABLE = [
+    (125.49997, 128, (125, 126), True),  # 3e-5 from k + 0.5 near the zero point: a float32 conv's sum error
+    (125.4991, 128, (125, 126), True),  # under a thousandth of a step: the allowance is 2^-17 x 128 = 0.00098
+    (125.4985, 128, (125, 126), False),
+    (125.4, 128, (125, 126), False),  # a tenth of a step: an error
+    (125.49997, 128, (124, 126), False),  # not the two neighbours of the boundary
+    (-3000.5001, 0, (-3001, -3000), True),  # far from the zero point the allowance grows with the value
+    (-3000.53, 0, (-3001, -3000), False),  # 0.03 > 2^-17 x 3000.5 = 0.023
+]
+
+
+@pytest.mark.parametrize("exact, zero_point, engines, tie", TIE_TABLE)
+def test_tie_allowance_table(exact, zero_point, engines, tie):
+    from nativeq.verify.localize import _tie_mask
+
+    a, b = (np.array([v]) for v in engines)
+    info = np.iinfo(np.int16)
+    assert bool(_tie_mask(np.array([exact]), np.array([float(zero_point)]), a, b, info)[0]) is tie

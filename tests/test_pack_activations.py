@@ -94,6 +94,8 @@ SHAPES = {
     "p_v": ((1, 3, "T", "T"), (1, 3, "T", 20)),  # attention context: K symbolic, N not a multiple of 16
     "odd": ((3, "T", 30), (3, 30, 20)),  # K, N multiples of neither 4 nor 16
     "shared_rhs": ((2, "T", 30), (30, "T")),  # one rhs for every batch entry
+    "rhs_fewer_batch_axes": ((2, 3, "T", 24), (3, 24, "T")),  # a relative-position table [H, dk, P], broadcast
+    "rhs_unit_batch_axis": ((2, 3, "T", 24), (1, 3, 24, 40)),  # over the queries' batch
 }
 
 
@@ -394,3 +396,52 @@ def test_int8_attention_on_a_sliced_time_axis_compiles_and_matches_onnxruntime(t
     for frames in (45, 200):
         report = verify_artifact(tmp_path / "art", tmp_path / "qdq.onnx", VerifyConfig(dims={"T": frames}, accept_ties=True))
         assert report.passed, report.table()
+
+
+def _scores_plus_bias_module():
+    """acc = uint8 Q [1, 4, T, 36] . int8 Kᵀ [1, 4, 36, T] (int32), + a float32 [1, 4, T, T] term (relative-position
+    scores, a mask) in the epilogue: N = T symbolic, a tile-shaped side input."""
+    t = tvm.tirx.Var("T", "int64")
+    bb = relax.BlockBuilder()
+    q = relax.Var("q", R.Tensor((1, 4, t, 36), "uint8"))
+    kt = relax.Var("kt", R.Tensor((1, 4, 36, t), "int8"))
+    bias = relax.Var("bias", R.Tensor((1, 4, t, t), "float32"))
+    with bb.function("main", [q, kt, bias]):
+        with bb.dataflow():
+            acc = bb.emit(R.matmul(q, kt, out_dtype="int32"))
+            out = bb.emit_output(R.add(R.multiply(R.astype(acc, "float32"), R.const(0.125, "float32")), bias))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def test_symbolic_n_epilogue_rows_unrolled_and_side_input_copied_by_vectors():
+    """The padded epilogue reads its accumulator tile row by row in an unrolled loop (the tile stays in registers),
+    and the tile-shaped side input's zero-padded copy is one vector per row, in a loop LoopPartition splits into
+    the whole column tiles and the last (its per-lane guard would scalarize the vector); values exact."""
+    target = get_target("x86-avx512-vnni")
+    if not _can_run(target):
+        pytest.skip("this CPU cannot run x86-avx512-vnni code")
+    mod = _scores_plus_bias_module()
+    passes = _passes(target, upto="nativeq.DefaultCpuSchedule")
+    with tvm.transform.PassContext(opt_level=3):
+        scheduled = tvm.transform.Sequential(passes)(mod)
+    [text] = [func.script() for gvar, func in scheduled.functions_items()
+              if isinstance(func, tvm.tirx.PrimFunc) and "int8_matmul_packed" in gvar.name_hint]
+    lines = text.splitlines()
+    side = next(i for i, line in enumerate(lines) if 'T.sblock("bias_pad")' in line)
+    assert "T.vectorized(T.int64(16))" in lines[side - 1], lines[side - 3:side + 1]
+    assert "pragma_loop_partition_hint" in "".join(lines[side - 3:side]), lines[side - 3:side + 1]
+    matmul = next(i for i, line in enumerate(lines) if "nativeq_int8_matmul_update_o" in line)
+    epilogue = next(i for i in range(matmul + 1, len(lines)) if "with T.sblock(" in lines[i])
+    assert "T.unroll(T.int64(6))" in lines[epilogue - 2], lines[epilogue - 2:epilogue + 1]
+    ex = relax.build(mod, tvm.target.Target(target.tvm_dict(num_cores=1)),
+                     relax_pipeline=tvm.transform.Sequential(_passes(target)))
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    rng = np.random.default_rng(3)
+    for t in (5, 16, 37):
+        q = rng.integers(0, 256, (1, 4, t, 36), dtype=np.uint8)
+        kt = rng.integers(-128, 128, (1, 4, 36, t), dtype=np.int8)
+        bias = rng.standard_normal((1, 4, t, t)).astype(np.float32)
+        got = vm["main"](tvm.runtime.tensor(q), tvm.runtime.tensor(kt), tvm.runtime.tensor(bias)).numpy()
+        want = (q.astype(np.int64) @ kt.astype(np.int64)).astype(np.float32) * np.float32(0.125) + bias
+        np.testing.assert_array_equal(got, want)

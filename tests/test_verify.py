@@ -43,6 +43,16 @@ def test_integer_outputs_count_integer_steps():
     assert not _compare(np.array([[-126, 0, 5, 127]], np.int8), ref).passed
 
 
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.bool_])
+def test_wide_integer_and_boolean_outputs_must_be_exact(dtype):
+    """Token ids from an ArgMax, lengths, masks: not quantized values, so one off is wrong, not a step."""
+    ref = np.array([[3, 0, 1, 1]], dtype)
+    assert _compare(ref.copy(), ref).passed
+    comp = _compare(np.array([[3, 1, 1, 1]], dtype), ref)
+    assert comp.quantized and comp.tolerance == "exact" and comp.exact_pct == 75.0 and not comp.passed
+    assert not _compare(np.array([[3, 1, 1, 1]], dtype), ref, tol_steps=2.0).passed
+
+
 def test_plain_float_outputs_use_relative_tolerance():
     ref = np.linspace(-10, 10, 50, dtype=np.float32)
     assert _compare(ref + 0.009, ref).passed  # 0.009 <= 1e-3 * 10

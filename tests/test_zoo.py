@@ -62,7 +62,7 @@ def _generic_contractions(manifest: dict) -> list[str]:
 
 # ONNX ops that multiply-accumulate: each is computed by a contraction kernel that names it
 _CONTRACTION_OPS = {"MatMul", "Gemm", "QGemm", "Conv", "ConvTranspose", "QLinearMatMul", "QLinearConv", "MatMulInteger",
-                    "ConvInteger", "LSTM", "GRU", "RNN"}
+                    "ConvInteger", "LSTM", "GRU", "RNN", "Einsum"}
 
 
 def _unnamed_contractions(manifest: dict, model_path) -> list[str]:
@@ -80,8 +80,9 @@ def _unnamed_contractions(manifest: dict, model_path) -> list[str]:
 
 
 _X86_DOT = re.compile(r"\t(vpdpbusd|vpdpwssd|vfmadd\w*ps) ")
-# a vector store to a stack slot at a run-time index: `vmovups %zmm1,0xf0(%rsp,%rax,4)`
-_X86_STACK_INDEXED_STORE = re.compile(r"\tvmov\w+ +%[xyz]mm\d+,(-?0x[0-9a-f]+)?\(%rsp,%r\w+")
+# a vector store to a stack slot at a run-time index: `vmovups %zmm1,0xf0(%rsp,%rax,4)` (a register tile's row is
+# a whole ymm / zmm vector; scalar `vmovss %xmm2` stores are a guarded tail's element copies, not a tile)
+_X86_STACK_INDEXED_STORE = re.compile(r"\tvmov\w+ +%[yz]mm\d+,(-?0x[0-9a-f]+)?\(%rsp,%r\w+")
 
 
 def _tiles_in_memory(library: Path) -> list[str]:

@@ -137,10 +137,12 @@ class ConformerBlock(nn.Module):
         self.conv = ConvModule()
         self.final_norm = nn.LayerNorm(D_MODEL)
 
+    def attend(self, h):
+        return self.attn(h, h, h, need_weights=False)[0]
+
     def forward(self, x):
         x = x + 0.5 * self.ff1(x)
-        h = self.attn_norm(x)
-        x = x + self.attn(h, h, h, need_weights=False)[0]
+        x = x + self.attend(self.attn_norm(x))
         x = x + self.conv(x)
         x = x + 0.5 * self.ff2(x)
         return self.final_norm(x)
@@ -149,11 +151,64 @@ class ConformerBlock(nn.Module):
 class ConformerCTC(StemBlocksHead):
     """Linear stem + Conformer blocks + linear head + log-softmax (full frame rate)."""
 
-    def __init__(self, blocks: int = 2):
+    def __init__(self, blocks: int = 2, block=None):
         super().__init__()
         self.stem = nn.Linear(N_MELS, D_MODEL)
-        self.blocks = nn.ModuleList(ConformerBlock() for _ in range(blocks))
+        self.blocks = nn.ModuleList((block or ConformerBlock)() for _ in range(blocks))
         self.head = nn.Linear(D_MODEL, VOCAB)
+
+
+# ----------------------------------------------------------------------------- relative-position Conformer
+class RelPositionAttention(nn.Module):
+    """Multi-head self-attention with relative positions (Transformer-XL, Dai et al. 2019; ESPnet / NeMo
+    RelPositionMultiHeadedAttention): 2T-1 sinusoidal relative positions computed in the graph from the input's
+    length, a position projection, learned content and position biases (u, v), content scores as `torch.einsum`
+    (Transformer-XL's code), position scores as a matmul against the position table shared by every batch entry,
+    aligned by `rel_shift` (a zero column, a reshape to [2T, T], the first row dropped)."""
+
+    def __init__(self):
+        super().__init__()
+        self.d_k = D_MODEL // HEADS
+        self.query, self.key, self.value = (nn.Linear(D_MODEL, D_MODEL) for _ in range(3))
+        self.position = nn.Linear(D_MODEL, D_MODEL, bias=False)
+        self.out = nn.Linear(D_MODEL, D_MODEL)
+        self.content_bias = nn.Parameter(0.1 * torch.randn(HEADS, self.d_k))
+        self.position_bias = nn.Parameter(0.1 * torch.randn(HEADS, self.d_k))
+
+    @staticmethod
+    def relative_positions(frames: int) -> torch.Tensor:
+        """[2T-1, D_MODEL]: sin / cos of the offsets T-1 .. -(T-1)."""
+        offsets = torch.arange(frames - 1, -frames, -1.0).unsqueeze(1)
+        inverse_frequency = torch.exp(torch.arange(0, D_MODEL, 2).float() * (-math.log(10000.0) / D_MODEL))
+        return torch.cat([torch.sin(offsets * inverse_frequency), torch.cos(offsets * inverse_frequency)], dim=1)
+
+    @staticmethod
+    def rel_shift(scores):  # [B, H, T, 2T-1] -> [B, H, T, T]
+        b, h, t, n = scores.shape
+        padded = torch.cat([scores.new_zeros(b, h, t, 1), scores], dim=-1).view(b, h, n + 1, t)
+        return padded[:, :, 1:].view(b, h, t, n)[:, :, :, : n // 2 + 1]
+
+    def forward(self, x):  # [B, T, d]
+        b, t, _ = x.shape
+        q = self.query(x).view(b, t, HEADS, self.d_k)
+        k = self.key(x).view(b, t, HEADS, self.d_k)
+        v = self.value(x).view(b, t, HEADS, self.d_k)
+        p = self.position(self.relative_positions(t)).view(-1, HEADS, self.d_k).permute(1, 2, 0)  # [H, d_k, 2T-1]
+        content = torch.einsum("bind,bjnd->bnij", q + self.content_bias, k)
+        position = self.rel_shift(torch.matmul((q + self.position_bias).transpose(1, 2), p))
+        weights = ((content + position) / math.sqrt(self.d_k)).softmax(dim=-1)
+        return self.out(torch.einsum("bnij,bjnd->bind", weights, v).reshape(b, t, D_MODEL))
+
+
+class RelPositionConformerBlock(ConformerBlock):
+    """The Conformer block with relative-position self-attention (Gulati et al. 2020 use Transformer-XL's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = RelPositionAttention()
+
+    def attend(self, h):
+        return self.attn(h)
 
 
 # ----------------------------------------------------------------------------- QuartzNet / Citrinet
@@ -725,6 +780,7 @@ BUILDERS = {
     "transformer_postnorm": lambda: TransformerCTC(norm_first=False),
     "transformer_prenorm": lambda: TransformerCTC(norm_first=True),
     "conformer": ConformerCTC,
+    "relpos_conformer": lambda: ConformerCTC(block=RelPositionConformerBlock),
     "quartznet": QuartzNetCTC,
     "dscnn_kws": DSCNN,
     "lstm_am": lambda: RecurrentCTC("lstm"),

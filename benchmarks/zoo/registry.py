@@ -98,6 +98,9 @@ ZOO: dict[str, ZooModel] = {
                                 "transformer_prenorm", ORT_STATIC + ("dynamic",)),
     "conformer": _ctc("linear stem + 2 Conformer blocks (macaron SiLU FFN, MHSA, GLU/depthwise k15/BN conv) + CTC head",
                       "conformer", ORT_STATIC + ("dynamic",)),
+    "relpos_conformer": _ctc("linear stem + 2 Conformer blocks with relative-position MHSA (Transformer-XL / ESPnet: "
+                             "2T-1 sinusoidal positions from the input length, content and position biases, einsum "
+                             "scores, rel_shift) + CTC head", "relpos_conformer", ORT_STATIC + ("dynamic",)),
     "quartznet": _ctc("QuartzNet/Citrinet: separable Conv1d k33/39/51/63, BN, ReLU, residuals, one squeeze-excite",
                       "quartznet", ORT_STATIC),
     "dscnn_kws": ZooModel("DS-CNN keyword spotting: conv 10x4 /2 + 4 depthwise-separable Conv2d, 12 classes",

@@ -7,7 +7,8 @@ time axis (`pos_emb(arange(T))`, `x[:, :-1]`), after which it cannot build them
 importer used here differs from `tvm.relax.frontend.onnx.from_onnx` only in:
 
 - `Range` with a constant start and delta and a symbolic limit keeps the symbolic length
-  (TVM's converter creates a fresh, unrelated length variable);
+  (TVM's converter creates a fresh, unrelated length variable, which FuseOps may then use before the
+  binding that defines it), also as a float Range to a cast length (`torch.arange(T, dtype=float)`);
 - `Gather` on a shape value that is not a literal `ShapeExpr` converts it to a tensor first, and
   clips run-time indices (TVM's "fast" take reads out of bounds on a bad index);
 - scalar immediates folded from shape arithmetic become constants of the other operand's
@@ -16,7 +17,8 @@ importer used here differs from `tvm.relax.frontend.onnx.from_onnx` only in:
   reshaped (a free view) to one spelling of each dimension;
 - a constant `Pad` becomes `R.nn.pad` (TVM's converter emits an opaque TE call, which the int8 and
   layout passes cannot see through);
-- `LSTM`, `GRU` and `RNN`, for which TVM has no converter, convert through `recurrent.py`.
+- `LSTM`, `GRU` and `RNN`, for which TVM has no converter, convert through `recurrent.py`;
+- a two-operand `Einsum` is a batched matmul (`einsum.py`): TVM's converter emits one opaque kernel.
 
 It also collects the shape conditions TVM's Relax does not check at run time (`ShapeCheck`): a
 `Reshape` whose element counts are not provably equal (a length the exporter traced into a constant
@@ -34,9 +36,10 @@ from dataclasses import dataclass
 import onnx
 
 from nativeq._text import first_line
-from nativeq.compile._tvm import Analyzer, onnx_convert_map, onnx_frontend, relax, tvm
+from nativeq.compile._tvm import Analyzer, onnx_convert_map, onnx_frontend, relax, tirx, tvm
 from nativeq.compile.onnx_legalize import IMPORTER_BUILTIN_OPS, check_importable, legalize
 from nativeq.compile.provenance import node_span, span_node, used_vars, with_node_spans
+from nativeq.compile.einsum import CONVERTERS as EINSUM_CONVERTERS
 from nativeq.compile.recurrent import CONVERTERS as RECURRENT_CONVERTERS, check_node as check_recurrent_node
 from nativeq.errors import NativeqError
 
@@ -99,7 +102,9 @@ class _Range(onnx_frontend.Range):
     @classmethod
     def _impl_v12(cls, bb, inputs, attr, params):
         start, limit, delta = (onnx_frontend.get_constant(i, params) for i in inputs[:3])
-        start_value, delta_value = _int_scalar(start), _int_scalar(delta)
+        start_value, delta_value = _integral_scalar(start), _integral_scalar(delta)
+        if isinstance(limit, tvm.tirx.Cast):  # `torch.arange(x.shape[1], dtype=torch.float32)`: to a cast length
+            limit = limit.value if "int" in str(limit.value.ty) else None
         if start_value is not None and delta_value is not None and tvm.ir.is_prim_expr(limit):
             return relax.op.arange(start_value, limit, delta_value, str(start.ty.dtype))
         return super()._impl_v12(bb, inputs, attr, params)
@@ -141,8 +146,54 @@ class _Reshape(onnx_frontend.Reshape):
         return super()._impl_v13(bb, inputs, attr, params)
 
 
-# Converters used instead of TVM's; LSTM/GRU/RNN have none in TVM 0.27 (see recurrent.py).
-_CONVERTER_FIXES = {"Range": _Range, "Gather": _Gather, "Pad": _Pad, "Reshape": _Reshape, **RECURRENT_CONVERTERS}
+# An end at or past this is "to the end of the axis" (torch writes INT64_MAX for `x[..., k:]`).
+_SLICE_TO_END = 2**31 - 1
+
+
+class _Slice(onnx_frontend.Slice):
+    @classmethod
+    def _impl_v13(cls, bb, inputs, attr, params):
+        """A constant Slice of a symbolic axis (torch's `x[:, :, -4:]` of a cache concatenated to a chunk, [1, C, 4 + T])
+        with its bounds resolved against the axis's length, as an in-bound slice, when they provably are for every
+        non-negative size. TVM sizes it `min(max(..., 0), n) - min(max(n - 4, 0), n)`, which reduces to 4 only
+        where the dims are known non-negative: at import, not when a later pass re-derives the shape, after which
+        FuseTIR fails matching that expression to 4."""
+        result = super()._impl_v13(bb, inputs, attr, params)
+        if not (isinstance(result, relax.Call) and getattr(result.op, "name", "") == "relax.strided_slice"):
+            return result
+        data, axes, begins, ends, steps = result.args
+        dims = _dims(data)
+        if dims is None:
+            return result
+        resolved = []
+        for axis, begin, end, step in zip(axes, begins, ends, steps):
+            values = [_int_value(v) for v in (axis, begin, end, step)]
+            if None in values or values[3] <= 0:
+                return result
+            axis_value, begin_value, end_value, _ = values
+            dim = dims[axis_value]
+            begin_value = dim + begin_value if begin_value < 0 else begin_value
+            end_value = dim if end_value >= _SLICE_TO_END else (dim + end_value if end_value < 0 else end_value)
+            resolved.append((begin_value, end_value))
+        if not any(_int_value(dims[_int_value(a)]) is None for a in axes):
+            return result  # static axes: TVM's sizes are exact
+        analyzer = Analyzer()
+        free = {v.name: v for a in axes for v in tirx.analysis.undefined_vars(dims[_int_value(a)], [])}
+        in_bounds = tvm.tirx.all(*(v >= 0 for v in free.values())) if free else tvm.tirx.const(True)
+        with analyzer.constraint_scope(in_bounds):
+            if not all(analyzer.can_prove(0 <= b) and analyzer.can_prove(b <= e) and analyzer.can_prove(e <= dims[_int_value(a)])
+                       for a, (b, e) in zip(axes, resolved)):
+                return result
+            resolved = [(_as_int64(analyzer.simplify(b)), _as_int64(analyzer.simplify(e))) for b, e in resolved]
+        return relax.op.strided_slice(data, list(axes), [b for b, _ in resolved], [e for _, e in resolved], list(steps),
+                                      assume_inbound=True)
+
+
+# Converters used instead of TVM's; LSTM/GRU/RNN have none in TVM 0.27 (see recurrent.py), Einsum's is one opaque
+# kernel (see einsum.py).
+_CONVERTER_FIXES = {"Range": _Range, "Gather": _Gather, "Pad": _Pad, "Reshape": _Reshape, "Slice": _Slice,
+                    **RECURRENT_CONVERTERS,
+                    **EINSUM_CONVERTERS}
 
 
 def with_computed_output_dims(model: onnx.ModelProto, mod) -> onnx.ModelProto:
@@ -316,6 +367,28 @@ def _int_scalar(expr) -> int | None:
     if isinstance(expr, tvm.ir.GenericConst) and expr.value.numpy().size == 1 and "int" in str(expr.ty.dtype):
         return int(expr.value.numpy().item())
     return None
+
+
+def _as_int64(value):
+    """An int or integer PrimExpr as an int64 PrimExpr (what `strided_slice` takes)."""
+    if isinstance(value, int):
+        return tvm.tirx.IntImm("int64", value)
+    return value if "int64" in str(value.ty) else tvm.tirx.Cast("int64", value)
+
+
+def _integral_scalar(expr) -> int | None:
+    """The value of a one-element constant holding an integer (of an integer or float dtype), else None."""
+    if isinstance(expr, tvm.ir.GenericConst) and expr.value.numpy().size == 1:
+        value = expr.value.numpy().item()
+        if float(value).is_integer():
+            return int(value)
+    return None
+
+
+def _int_value(expr) -> int | None:
+    """The value of an integer immediate (an IntImm, or a PrimValue holding one), else None."""
+    value = getattr(expr, "value", expr)
+    return int(value) if isinstance(value, (int, tvm.tirx.IntImm)) else None
 
 
 def _dims(expr) -> list | None:

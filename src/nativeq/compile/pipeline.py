@@ -24,6 +24,7 @@ from pathlib import Path
 from nativeq.compile._tvm import TVMTarget, relax, tvm
 from nativeq.compile.passes.canonical_shape_func import CanonicalShapeFunc
 from nativeq.compile.passes.int8 import int8_passes
+from nativeq.compile.passes.kernel_argument_shapes import KernelArgumentShapes
 from nativeq.compile.passes.legalize_like_ort import legalize_like_ort
 from nativeq.compile.passes.lut_elementwise import MarkLutElementwise
 from nativeq.compile.passes.repack_after_legalize import RepackAfterLegalize
@@ -63,6 +64,7 @@ def _passes(target, *, int8: bool, tuning_database: Path | None, compressed_weig
         relax.transform.LegalizeOps(customize_legalize_map={**scalars_as_tensors(target), **legalize_like_ort(),
                                                            **symbolic_reshapes_as_views()}),
         *([RepackAfterLegalize()] if int8 else []),
+        KernelArgumentShapes(),
         relax.transform.AnnotateTIROpPattern(),
         MarkLutElementwise(),
         relax.transform.FoldConstant(),

@@ -22,8 +22,8 @@ Run by `verify_artifact` when an output is beyond tolerance, on the input set th
    value before rounding is evaluated in float64 (dequantized operands are exact in float64;
    the subgraph runs in float64 in ONNX Runtime) as x / scale + zero_point. A DynamicQuantizeLinear
    site is the node alone: x is ONNX Runtime's input to it, scale and zero point its run-time ones.
-3. An element is a tie when that value lies within `TIE_RTOL` · max(1, |value - zero_point|) of
-   k + 0.5 and the two engines' integers are k and k + 1. The site's kind is `tie` when every
+3. An element is a tie when that value lies within `TIE_RTOL` · max(`TIE_SUM_SIZE`, |value - zero_point|)
+   of k + 0.5 (about a thousandth of a step for 8-bit values) and the two engines' integers are k and k + 1. The site's kind is `tie` when every
    element that differs, in the full model and in isolation, is a tie; `error` otherwise;
    `unlocalized` when no site was found or its value could not be evaluated.
 
@@ -48,9 +48,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from nativeq._text import first_line
 
-# Float32 error allowance around k + 0.5, relative to the size of the value: 2^-17 is 64 float32 ulps,
-# the order of the error of a float32 dot product of a few hundred terms (ORT's unoptimized MatMul).
+# Float32 error allowance around k + 0.5, relative to the size of the sums rounded: 2^-17 is 64 float32 ulps,
+# the order of the error of a float32 dot product of a few hundred terms (ORT's unoptimized MatMul / Conv).
+# A float engine rounds its partial sums at their own size, and a result near the zero point can be the
+# difference of larger ones: the size counted is at least TIE_SUM_SIZE steps (half an 8-bit range).
 TIE_RTOL = 2.0 ** -17
+TIE_SUM_SIZE = 128.0
 MAX_SUBGRAPH_NODES = 32
 MAX_SITES = 3
 MAX_CUT_COMPILES = 8
@@ -436,7 +439,7 @@ def _tie_mask(exact: np.ndarray, zp: np.ndarray, a: np.ndarray, b: np.ndarray, i
     """Elements where `exact` is within float32 error of k + 0.5 and {a, b} are its two neighbours."""
     clipped = np.clip(exact, info.min, info.max)
     low = np.floor(clipped)
-    near = np.abs(clipped - low - 0.5) <= TIE_RTOL * np.maximum(1.0, np.abs(exact - zp))
+    near = np.abs(clipped - low - 0.5) <= TIE_RTOL * np.maximum(TIE_SUM_SIZE, np.abs(exact - zp))
     a, b = a.astype(np.int64), b.astype(np.int64)
     neighbours = (np.minimum(a, b) == low) & (np.maximum(a, b) == low + 1)
     return near & neighbours

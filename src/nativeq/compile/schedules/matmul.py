@@ -216,9 +216,9 @@ def _schedule(sch: Schedule, intrin: DotIntrin, knobs: TileKnobs | None = None) 
     matmul = sch.get_sblock(REDUCTION_BLOCK)
     *row_loops, j, k = sch.get_loops(matmul)
     # the packed operand: [N/lanes, K/kstep, lanes, kstep] (a constant weight) or, packed at run time
-    # (`pack_activations.py`), the same with the batch dims in front
+    # (`pack_activations.py`), the same with batch dims in front (those of the rows or fewer, which broadcast)
     packed = [r.source for r in sch.get(matmul).reads
-              if len(r.source.shape) in (4, len(row_loops) + 3) and _static_dims(r.source.shape[-2:]) == [lanes, kstep]]
+              if 4 <= len(r.source.shape) <= len(row_loops) + 3 and _static_dims(r.source.shape[-2:]) == [lanes, kstep]]
     if len(packed) != 1:
         return None  # packed for another intrinsic (or ambiguous)
     # N and K: static, or symbolic and padded to whole tiles (the run-time packing pads them)
@@ -501,8 +501,16 @@ def _schedule_padded_epilogue(sch: Schedule, intrin: DotIntrin, last_name: str, 
         row_block = sch.fuse(*batch, row_outer)
         sch.parallel(row_block)
         sch.vectorize(col_lane)
+        # NOTE: the epilogue reads the accumulator tile row by row: unrolled, its rows are registers; a loop left to
+        # LLVM stays a loop when the epilogue is long (two requantizes around a residual add), and the tile is then
+        # stored to the stack and reloaded at run-time indices.
+        sch.unroll(row_inner)
         for block in inputs:
             sch.compute_at(block, col_outer)
+            *_, input_lanes = sch.get_loops(block)
+            if loop_extent(sch, input_lanes) == lanes:  # a tile-shaped input (a residual, the scores' bias):
+                sch.vectorize(input_lanes)  # its zero-padded copy is guarded per column: a guard-free loop
+                split_off_guards(sch, col_outer)  # for the whole column tiles (the guard scalarizes the vector)
         sch.compute_at(matmul, col_outer)
         partial_sums = None
         if dot is not None and dot.partial_sums > 1:  # k along the lanes: the partial sums, then their write-back

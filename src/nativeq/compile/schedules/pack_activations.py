@@ -29,8 +29,9 @@ activation products (attention a `quantize_dynamic` model keeps in float): packe
 lanes, 1]`, run on the packed float kernel.
 
 Matmuls left alone: constant rhs (PackInt8Weights' job), other dtypes, rank < 2, unknown shapes,
-K of lhs and rhs not provably equal, rhs batch dims neither absent nor provably equal to lhs's
-(no broadcasting).
+K of lhs and rhs not provably equal, rhs batch dims that lhs's do not broadcast them to (rhs may have
+fewer batch axes or unit ones, as a relative-position table [H, dk, P] against queries [B, H, T, dk]; not
+more).
 """
 
 from __future__ import annotations
@@ -106,11 +107,12 @@ def is_activation_product(call, intrin: DotIntrin) -> bool:
     analyzer = Analyzer()
     if not analyzer.can_prove_equal(lhs_shape[-1], rhs_shape[-2]):
         return False
-    if len(rhs_shape) == 2:
-        return True
-    return len(rhs_shape) == len(lhs_shape) and all(
-        analyzer.can_prove_equal(a, b) for a, b in zip(lhs_shape[:-2], rhs_shape[:-2])
-    )
+    lhs_batch, rhs_batch = lhs_shape[:-2], rhs_shape[:-2]
+    if len(rhs_batch) > len(lhs_batch):
+        return False
+    # rhs's batch dims broadcast to lhs's (right-aligned, unit axes repeated); the result has lhs's batch dims
+    return all(analyzer.can_prove_equal(a, b) or (isinstance(b, tirx.IntImm) and int(b) == 1)
+               for a, b in zip(lhs_batch[len(lhs_batch) - len(rhs_batch):], rhs_batch))
 
 
 @relax.expr_functor.mutator

@@ -52,8 +52,8 @@ def packed_matmul_te(x: te.Tensor, wp: te.Tensor, lanes: int, kstep: int, row_ti
                      list_group: int = 1, list_unit: int | None = None, intrin_name: str = "") -> te.Tensor:
     """int32 (float32: float32) matmul of `x` [..., rows, K] with a packed operand `wp` [*wbatch, N/lanes, K/kstep, lanes, kstep].
 
-    `wbatch` is empty (a constant weight shared by every batch entry of `x`) or `x`'s batch dims (an
-    activation packed at run time, `pack_activations.py`: one packed matrix per batch entry).
+    `wbatch` is empty (a constant weight shared by every batch entry of `x`) or batch dims `x`'s broadcast to
+    (an activation packed at run time, `pack_activations.py`: one packed matrix per batch entry it has).
     When `rows` is symbolic or not a multiple of `row_tile`, or `x`'s K is shorter than the packed
     K (padded to the k-step), `x` is zero-padded (`nativeq_int8_rows_pad`, computed per tile by the
     schedule) and the result cropped back to `rows` x `n_out` (`nativeq_int8_rows_crop`, inlined into
@@ -81,8 +81,8 @@ def packed_matmul_te(x: te.Tensor, wp: te.Tensor, lanes: int, kstep: int, row_ti
     n, kdim = n_blocks * lanes, k_blocks * kstep  # kdim: the reduction's extent (W k-steps when sparse)
     x_kdim = kdim if blocks is None else k_in
     *batch, rows, x_k = x.shape
-    if wbatch and len(wbatch) != len(batch):
-        raise ValueError(f"packed operand batch {wbatch} does not match the activation batch {batch}")
+    if len(wbatch) > len(batch):
+        raise ValueError(f"packed operand batch {wbatch} has more axes than the activation batch {batch}")
     analyzer = Analyzer()
     source = x
     read = source.__getitem__
@@ -123,7 +123,7 @@ def packed_matmul_te(x: te.Tensor, wp: te.Tensor, lanes: int, kstep: int, row_ti
 
     def compute(*idx):
         *row_idx, j = idx
-        w_batch = row_idx[:-1] if wbatch else []
+        w_batch = _broadcast_index(row_idx[:-1], batch, wbatch)
         if gathered is not None:
             activation = gathered[(*row_idx, j // (lanes * list_group), k)]
         else:
@@ -144,6 +144,18 @@ def packed_matmul_te(x: te.Tensor, wp: te.Tensor, lanes: int, kstep: int, row_ti
     if unit_rows:
         return te.compute((*batch, rows, 1, cols), lambda *i: acc[(*i[:-2], i[-1])], name=ROWS_CROP_BLOCK)
     return te.compute((*batch, rows, cols), lambda *i: acc[i], name=ROWS_CROP_BLOCK)
+
+
+def _broadcast_index(index, batch, wbatch) -> list:
+    """The packed operand's batch index for the activation's batch `index`, numpy's broadcasting: `wbatch`
+    right-aligned with `batch`, a unit axis of `wbatch` read at 0 (the relative-position table [H, dk, P] of
+    queries [B, H, T, dk])."""
+    index = list(index)[len(batch) - len(wbatch):]
+    return [0 if _is_one(w) and not _is_one(x) else i for i, w, x in zip(index, wbatch, batch[len(batch) - len(wbatch):])]
+
+
+def _is_one(dim) -> bool:
+    return isinstance(dim, (int, tvm.tirx.IntImm)) and int(dim) == 1
 
 
 def _listed_block(block, k_blocks: int):
