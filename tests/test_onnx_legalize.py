@@ -427,3 +427,51 @@ def test_a_length_computed_as_a_scalar_and_reshaped_imports(tmp_path):
         got = loaded.run(feeds)["y"]
         assert got.shape == expected.shape == (1, (t + 1) // 2, 8)
         np.testing.assert_array_equal(got, expected)
+
+
+def _stft_model(rank: int, onesided: int, window: bool) -> onnx.ModelProto:
+    """STFT of a waveform [1, S] (as torch.stft exports it) or [1, S, 1], frame step 160, frame length 400."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    length = 400
+    signal_shape = [1, "S"] if rank == 2 else [1, "S", 1]
+    inputs = ["wav", "step", "window" if window else "", "length"]
+    initializers = [numpy_helper.from_array(np.array(160, np.int64), "step"),
+                    numpy_helper.from_array(np.array(length, np.int64), "length")]
+    if window:
+        initializers.append(numpy_helper.from_array(np.hanning(length + 1)[:-1].astype(np.float32), "window"))
+    bins = length // 2 + 1 if onesided else length
+    graph = helper.make_graph(
+        [helper.make_node("STFT", inputs, ["spec"], onesided=onesided)], "stft",
+        [helper.make_tensor_value_info("wav", TensorProto.FLOAT, signal_shape)],
+        [helper.make_tensor_value_info("spec", TensorProto.FLOAT, [1, "F", bins, 2])], initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("rank, onesided, window", [(2, 1, True), (3, 1, True), (2, 0, True), (2, 1, False)])
+def test_stft_becomes_a_dft_conv_and_matches_onnxruntime(rank, onesided, window, tmp_path):
+    import onnxruntime as ort
+
+    from nativeq.compile import CompileConfig, compile_model
+    from nativeq.runtime import load
+
+    model = _stft_model(rank, onesided, window)
+    assert [n.op_type for n in legalize(model).graph.node][1:3] == ["Conv", "Reshape"]
+    onnx.save(model, tmp_path / "stft.onnx")
+    compile_model(tmp_path / "stft.onnx", tmp_path / "art", CompileConfig(target="host", use_tuning=False))
+    compiled = load(tmp_path / "art")
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(rank + 2 * onesided)
+    for samples in (400, 1234, 16000):
+        wav = (0.1 * rng.standard_normal((1, samples) if rank == 2 else (1, samples, 1))).astype(np.float32)
+        got, want = compiled.run({"wav": wav})["spec"], session.run(None, {"wav": wav})[0]
+        assert got.shape == want.shape == (1, (samples - 400) // 160 + 1, 201 if onesided else 400, 2)
+        # the exact DFT in float64 to float32 rounding of 400-term sums; ORT's float32 FFT of a 400-point (not a
+        # power of two) frame is itself off by up to ~1e-4 of the largest magnitude
+        frames = np.lib.stride_tricks.sliding_window_view(wav.reshape(-1).astype(np.float64), 400)[::160]
+        taper = np.hanning(401)[:-1] if window else np.ones(400)
+        exact = np.fft.fft(frames * taper, axis=-1)[:, : got.shape[2]]
+        exact = np.stack([exact.real, exact.imag], axis=-1)[None]
+        scale = float(np.abs(exact).max())
+        np.testing.assert_allclose(got, exact, rtol=0, atol=4e-6 * scale)
+        np.testing.assert_allclose(got, want, rtol=0, atol=3e-4 * scale)

@@ -33,6 +33,8 @@ user could run anywhere:
 
 - PRelu -> Less, Mul, Where (the importer puts a one-element slope on the last axis, which must then be
   static, and runs a per-channel one between two transposes of the whole tensor).
+- STFT of a real signal with constant framing -> a strided Conv with the windowed DFT basis (the importer has
+  no STFT; `torch.stft` exports one).
 
 MatMulInteger and DynamicQuantizeLinear are left alone: TVM's converters compute them
 exactly (int32 matmul; the same rounding as ORT).
@@ -889,6 +891,58 @@ def prelu_to_where(node: onnx.NodeProto, ctx: _Context):
             helper.make_node("Where", [negative, scaled, x], list(node.output), name=ctx.fresh(f"{base}_Where"))]
 
 
+def stft_to_conv(node: onnx.NodeProto, ctx: _Context):
+    """STFT of a real signal with a constant frame step, window and frame length -> one strided Conv with the
+    windowed DFT basis (the rows cos and -sin of 2πkn/N times the window), reshaped and transposed to ONNX's
+    [batch, frames, bins, 2]. TVM's importer has no STFT (`torch.stft` exports one at opset 17: a waveform model's
+    spectrogram front end); a conv is also what runs fast. The sums are the DFT's; ORT computes them by an FFT, so
+    they agree to float32 rounding."""
+    if node.op_type != "STFT" or node.domain not in ("", "ai.onnx"):
+        return None
+    signal, step_name = node.input[0], node.input[1]
+    window = _constant(ctx, _input(node, 2))
+    frame_length = _constant(ctx, _input(node, 3))
+    step = _constant(ctx, step_name)
+    rank = ctx.rank(signal)
+    last = (ctx.static_dims.get(signal) or [None])[-1] if rank == 3 else 1
+    if step is None or (window is None and frame_length is None) or rank not in (2, 3) or last != 1:
+        return None  # complex or unknown signals, run-time framing: check_importable names the node
+    if (_input(node, 2) and window is None) or (_input(node, 3) and frame_length is None):
+        return None
+    length = int(frame_length) if frame_length is not None else int(window.shape[0])
+    window = np.ones(length) if window is None else np.asarray(window, np.float64)
+    if window.shape != (length,):
+        return None
+    bins = length // 2 + 1 if _attr(node, "onesided", 1) else length
+    angle = 2 * np.pi * np.outer(np.arange(bins), np.arange(length)) / length
+    basis = np.concatenate([np.cos(angle) * window, -np.sin(angle) * window])[:, None, :].astype(np.float32)
+    base = node.name or node.output[0]
+    frames_in, spectrum, split = (ctx.fresh(f"{node.output[0]}_{tag}") for tag in ("frames_in", "spectrum", "split"))
+    if rank == 2:
+        to_channels = helper.make_node("Unsqueeze", [signal, ctx.const(f"{base}_axis", np.array([1], np.int64))],
+                                       [frames_in], name=ctx.fresh(f"{base}_Unsqueeze"))
+    else:
+        to_channels = helper.make_node("Transpose", [signal], [frames_in], perm=[0, 2, 1], name=ctx.fresh(f"{base}_T"))
+    return [to_channels,
+            helper.make_node("Conv", [frames_in, ctx.const(f"{base}_dft", basis)], [spectrum], kernel_shape=[length],
+                             strides=[int(step)], name=ctx.fresh(f"{base}_Conv")),
+            helper.make_node("Reshape", [spectrum, ctx.const(f"{base}_shape", np.array([0, 2, bins, -1], np.int64))],
+                             [split], name=ctx.fresh(f"{base}_Reshape")),
+            helper.make_node("Transpose", [split], list(node.output), perm=[0, 3, 2, 1], name=ctx.fresh(f"{base}_Out"))]
+
+
+def _constant(ctx: _Context, name: str) -> np.ndarray | None:
+    """The value of `name`: an initializer or a Constant node's output; None when computed at run time or absent."""
+    if not name:
+        return None
+    value = ctx.array(name)
+    if value is not None:
+        return value
+    producer = next((n for n in ctx.graph.node if name in n.output and n.op_type == "Constant"), None)
+    attribute = None if producer is None else next((a for a in producer.attribute if a.name == "value"), None)
+    return None if attribute is None else numpy_helper.to_array(attribute.t)
+
+
 def _input(node: onnx.NodeProto, index: int) -> str:
     return "" if _is_absent(node, index) else node.input[index]
 
@@ -919,4 +973,5 @@ _NODE_REWRITES = (
     ms_qlinear_concat_to_qdq,
     ms_qgemm_to_qdq,
     prelu_to_where,
+    stft_to_conv,
 )
