@@ -134,10 +134,10 @@ def einsum_as_matmul(bb, a, b, equation: str):
     analyzer = Analyzer()
     for c in sizes_a.keys() & sizes_b.keys():
         a_dim, b_dim = sizes_a[c], sizes_b[c]
-        if not analyzer.can_prove_equal(a_dim, b_dim) and not (_is_one(a_dim) or _is_one(b_dim)) or (
-                c not in output and not analyzer.can_prove_equal(a_dim, b_dim)):
-            return None  # sizes that differ, or a contracted letter broadcast: TVM's converter decides
-        size[c] = b_dim if _is_one(a_dim) else a_dim  # a batch letter of size 1 on one side broadcasts
+        broadcast = c in output and (_is_one(a_dim) or _is_one(b_dim))  # a batch letter of size 1 on one side
+        if not (analyzer.can_prove_equal(a_dim, b_dim) or broadcast):
+            return None  # sizes that differ (a contracted letter included): TVM's converter decides
+        size[c] = b_dim if _is_one(a_dim) else a_dim
     for c, dim in (*sizes_a.items(), *sizes_b.items()):
         size.setdefault(c, dim)
 

@@ -153,11 +153,11 @@ _SLICE_TO_END = 2**31 - 1
 class _Slice(onnx_frontend.Slice):
     @classmethod
     def _impl_v13(cls, bb, inputs, attr, params):
-        """A constant Slice of a symbolic axis (torch's `x[:, :, -4:]` of a cache concatenated to a chunk, [1, C, 4 + T])
-        with its bounds resolved against the axis's length, as an in-bound slice, when they provably are for every
-        non-negative size. TVM sizes it `min(max(..., 0), n) - min(max(n - 4, 0), n)`, which reduces to 4 only
-        where the dims are known non-negative: at import, not when a later pass re-derives the shape, after which
-        FuseTIR fails matching that expression to 4."""
+        """A constant Slice of a symbolic axis (torch's `x[:, :, -4:]` of a cache concatenated before a chunk,
+        [1, C, 4 + T]; an end of INT64_MAX) with its bounds resolved against the axis's length, as an in-bound slice,
+        when they provably are for every non-negative size. TVM sizes it `min(INT64_MAX, n) - ...`, which its
+        simplifier cannot reduce (n + 4 might overflow): the new cache was typed [1, C, INT64_MAX - max(T, INT64_MAX
+        - 4)], and the manifest would describe that output so."""
         result = super()._impl_v13(bb, inputs, attr, params)
         if not (isinstance(result, relax.Call) and getattr(result.op, "name", "") == "relax.strided_slice"):
             return result
@@ -165,7 +165,7 @@ class _Slice(onnx_frontend.Slice):
         dims = _dims(data)
         if dims is None:
             return result
-        resolved = []
+        resolved, axis_dims = [], []
         for axis, begin, end, step in zip(axes, begins, ends, steps):
             values = [_int_value(v) for v in (axis, begin, end, step)]
             if None in values or values[3] <= 0:
@@ -175,14 +175,14 @@ class _Slice(onnx_frontend.Slice):
             begin_value = dim + begin_value if begin_value < 0 else begin_value
             end_value = dim if end_value >= _SLICE_TO_END else (dim + end_value if end_value < 0 else end_value)
             resolved.append((begin_value, end_value))
-        if not any(_int_value(dims[_int_value(a)]) is None for a in axes):
+            axis_dims.append(dim)
+        if all(_int_value(dim) is not None for dim in axis_dims):
             return result  # static axes: TVM's sizes are exact
         analyzer = Analyzer()
-        free = {v.name: v for a in axes for v in tirx.analysis.undefined_vars(dims[_int_value(a)], [])}
-        in_bounds = tvm.tirx.all(*(v >= 0 for v in free.values())) if free else tvm.tirx.const(True)
-        with analyzer.constraint_scope(in_bounds):
-            if not all(analyzer.can_prove(0 <= b) and analyzer.can_prove(b <= e) and analyzer.can_prove(e <= dims[_int_value(a)])
-                       for a, (b, e) in zip(axes, resolved)):
+        free = {v.name: v for dim in axis_dims for v in tirx.analysis.undefined_vars(dim, [])}
+        with analyzer.constraint_scope(tvm.tirx.all(*(v >= 0 for v in free.values()))):
+            if not all(analyzer.can_prove(0 <= b) and analyzer.can_prove(b <= e) and analyzer.can_prove(e <= dim)
+                       for dim, (b, e) in zip(axis_dims, resolved)):
                 return result
             resolved = [(_as_int64(analyzer.simplify(b)), _as_int64(analyzer.simplify(e))) for b, e in resolved]
         return relax.op.strided_slice(data, list(axes), [b for b, _ in resolved], [e for _, e in resolved], list(steps),
@@ -361,12 +361,6 @@ def _immediates_as_tensor_constants(inputs):
         if isinstance(inp, (tvm.tirx.FloatImm, tvm.tirx.IntImm)):
             inputs[k] = relax.const(inp.value, dtypes[0])
     return inputs
-
-
-def _int_scalar(expr) -> int | None:
-    if isinstance(expr, tvm.ir.GenericConst) and expr.value.numpy().size == 1 and "int" in str(expr.ty.dtype):
-        return int(expr.value.numpy().item())
-    return None
 
 
 def _as_int64(value):
