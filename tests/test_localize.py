@@ -356,22 +356,42 @@ def test_a_tie_is_named_by_the_half_between_the_two_integers(nativeq, onnxruntim
     assert f"within float32 error of {tie}," in " ".join(text.split()), text
 
 
-# value before rounding (as x / scale + zero point), zero point, the two engines' integers -> a tie?
+# value before rounding (as x / scale + zero point), zero point, the two engines' integers, output type -> a tie?
 TIE_TABLE = [
-    (125.49997, 128, (125, 126), True),  # 3e-5 from k + 0.5 near the zero point: a float32 conv's sum error
-    (125.4991, 128, (125, 126), True),  # under a thousandth of a step: the allowance is 2^-17 x 128 = 0.00098
-    (125.4985, 128, (125, 126), False),
-    (125.4, 128, (125, 126), False),  # a tenth of a step: an error
-    (125.49997, 128, (124, 126), False),  # not the two neighbours of the boundary
-    (-3000.5001, 0, (-3001, -3000), True),  # far from the zero point the allowance grows with the value
-    (-3000.53, 0, (-3001, -3000), False),  # 0.03 > 2^-17 x 3000.5 = 0.023
+    (125.49997, 128, (125, 126), np.uint8, True),  # 3e-5 from k + 0.5 near the zero point: a float32 conv's sum error
+    (125.4991, 128, (125, 126), np.uint8, True),  # under a thousandth of a step: the allowance is 2^-17 x 128 = 0.00098
+    (125.4985, 128, (125, 126), np.uint8, False),
+    (125.4, 128, (125, 126), np.uint8, False),  # a tenth of a step: an error
+    (125.49997, 128, (124, 126), np.uint8, False),  # not the two neighbours of the boundary
+    (250.4985, 0, (250, 251), np.uint8, True),  # far from the zero point the allowance grows with the value
+    (250.497, 0, (250, 251), np.uint8, False),  # 0.003 > 2^-17 x 250.5 = 0.0019
+    (-100.4992, 0, (-101, -100), np.int8, True),
+    (30421.4973, 30100, (30421, 30422), np.uint16, True),  # 16 bits: 2^-17 x 32768 = a quarter of a step
+    (-1200.3, 0, (-1201, -1200), np.int16, True),
+    (-1200.2, 0, (-1201, -1200), np.int16, False),  # 0.3 steps from the boundary
 ]
 
 
-@pytest.mark.parametrize("exact, zero_point, engines, tie", TIE_TABLE)
-def test_tie_allowance_table(exact, zero_point, engines, tie):
+@pytest.mark.parametrize("exact, zero_point, engines, dtype, tie", TIE_TABLE)
+def test_tie_allowance_table(exact, zero_point, engines, dtype, tie):
     from nativeq.verify.localize import _tie_mask
 
     a, b = (np.array([v]) for v in engines)
-    info = np.iinfo(np.int16)
+    info = np.iinfo(dtype)
     assert bool(_tie_mask(np.array([exact]), np.array([float(zero_point)]), a, b, info)[0]) is tie
+
+
+@pytest.mark.parametrize("low, high, row_sum", [(-128, 127, 127 * 64), (-32768, 32767, 127 * 64), (0, 65535, 127 * 300),
+                                                (-65535, 65535, 127 * 500)])
+def test_integer_pieces_reconstruct_and_keep_each_conv_exact_in_float32(low, high, row_sum):
+    """A Conv's integer input split into pieces whose float32 Conv with weights of absolute row sum `row_sum` is
+    exact (below 2^24): one piece for 8-bit values, a few digits for 16-bit ones (the localization of A16W8 sites
+    evaluates their value before rounding through these)."""
+    from nativeq.verify.localize import _exact_pieces
+
+    x = np.random.default_rng(0).integers(low, high + 1, 5000)
+    x[:2] = low, high
+    pieces = _exact_pieces(x, row_sum)
+    assert (len(pieces) == 1) == (max(-low, high) * row_sum < 2 ** 24) and len(pieces) <= 3
+    assert all(np.abs(p).max() * row_sum < 2 ** 24 for p, _ in pieces)
+    np.testing.assert_array_equal(sum(p.astype(np.int64) * int(w) for p, w in pieces), x)

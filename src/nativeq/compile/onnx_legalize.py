@@ -12,6 +12,11 @@ user could run anywhere:
   converts the (ml_dtypes) arrays at the call.
 - QuantizeLinear/DequantizeLinear of float8, float4 or 2-bit types are refused with a
   one-line `NativeqError` naming the op, node and type.
+- com.microsoft QuantizeLinear/DequantizeLinear (ONNX Runtime's quantizer writes them for 4-bit weights below
+  opset 21) -> the standard ops, the opset raised to 21 when they carry 16- or 4-bit types: shape inference, and
+  the static shape folding below, see through them.
+- QuantizeLinear of a float initializer (float weights behind a Q/DQ pair: NNCF, PT2E, `AddQDQPairToWeight`) ->
+  the integer initializer ONNX Runtime computes, so the weight reads as `quantize_static` writes it.
 - QLinearMatMul with float16/bfloat16 scales -> MatMulInteger, then the requantize in float64
   as ONNX defines it (the QDQ form, computed in float16, comes out a step off).
 - blocked DequantizeLinear (`block_size`) of constants -> a float initializer, folded here
@@ -71,6 +76,7 @@ def legalize(model: onnx.ModelProto, origins: dict[str, str] | None = None) -> o
     out = onnx.ModelProto()
     out.CopyFrom(model)
     _check_default_opset(out)
+    out = standard_domain_qdq(out)
     ctx = _Context(out)
     names = {node.name for node in out.graph.node}
     for node in out.graph.node:
@@ -102,6 +108,34 @@ def legalize(model: onnx.ModelProto, origins: dict[str, str] | None = None) -> o
     if ctx.opset < ctx.needs_opset:
         out = _upgrade_opset(out, ctx.needs_opset)
     return out
+
+
+# The opset from which the standard QuantizeLinear / DequantizeLinear take 16- and 4-bit types.
+_WIDE_QDQ_OPSET = 21
+_WIDE_QDQ_TYPES = (TensorProto.INT16, TensorProto.UINT16, TensorProto.INT4, TensorProto.UINT4)
+
+
+def standard_domain_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
+    """com.microsoft QuantizeLinear / DequantizeLinear -> the standard ops (the same definition), the opset raised to
+    21 when they carry 16- or 4-bit types.
+
+    ONNX Runtime's quantizer writes the contrib ops below opset 21 for 4-bit weights and 16-bit activations
+    (`quantize_static(weight_type=QInt4)`, `extra_options={"UseQDQContribOps": True}`). ONNX shape inference does
+    not know them: every shape computed after one (attention's head reshapes) would stay a run-time tensor, which
+    TVM's Reshape converter refuses.
+    """
+    nodes = [n for n in model.graph.node
+             if n.domain == "com.microsoft" and n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    if not nodes:
+        return model
+    types = {i.name: i.data_type for i in model.graph.initializer}
+    types.update((vi.name, vi.type.tensor_type.elem_type) for vi in [*model.graph.input, *model.graph.output])
+    wide = any(types.get(name) in _WIDE_QDQ_TYPES for n in nodes for name in (n.input[0], *n.input[2:3]))
+    for node in nodes:
+        node.domain = ""
+    if wide and _default_opset(model) < _WIDE_QDQ_OPSET:
+        return _upgrade_opset(model, _WIDE_QDQ_OPSET, "16- and 4-bit QuantizeLinear/DequantizeLinear")
+    return model
 
 
 def check_importable(model: onnx.ModelProto) -> None:
@@ -253,14 +287,14 @@ def _drop_stale_value_info(model: onnx.ModelProto) -> None:
     model.graph.value_info.extend(keep)
 
 
-def _upgrade_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
+def _upgrade_opset(model: onnx.ModelProto, version: int, needed_for: str = "per-channel DequantizeLinear") -> onnx.ModelProto:
     from onnx import version_converter
 
     try:
         return version_converter.convert_version(model, version)
     except Exception as err:  # noqa: BLE001
         raise NativeqError(
-            f"model opset {_default_opset(model)} is too old for per-channel DequantizeLinear and "
+            f"model opset {_default_opset(model)} is too old for {needed_for} and "
             f"converting it to opset {version} failed: {str(err).splitlines()[0]}") from None
 
 
@@ -444,6 +478,46 @@ def widen_int4_initializers(ctx: _Context) -> None:
         if tensor_type.elem_type in _INT4_TO_INT8:
             ctx.widened_int4[info.name] = tensor_type.elem_type
             tensor_type.elem_type = _INT4_TO_INT8[tensor_type.elem_type]
+
+
+def fold_constant_quantize(node: onnx.NodeProto, ctx: _Context):
+    """QuantizeLinear of a float initializer (per-tensor or per-axis) -> the integer initializer ORT computes.
+
+    Producers that keep float weights behind a Q/DQ pair (NNCF, PyTorch's PT2E export, fake-quant graphs)
+    write `W_float -> QuantizeLinear -> DequantizeLinear -> MatMul`; folded, the weight is the integer
+    initializer behind a DequantizeLinear that `quantize_static` writes, and the int8 rewrite takes the site.
+    Computed as ONNX Runtime's kernel does: saturate(round_half_even(x / scale) + zero_point), the division
+    in float32. 4-bit outputs are stored widened to 8 bits with the 4-bit range (as `widen_int4_initializers`).
+    """
+    if node.op_type != "QuantizeLinear" or _attr(node, "block_size", 0):
+        return None
+    x, scale = ctx.array(node.input[0]), ctx.array(node.input[1])
+    zp = None if _is_absent(node, 2) else ctx.array(node.input[2])
+    if x is None or scale is None or (zp is None and not _is_absent(node, 2)):
+        return None
+    if x.dtype != np.float32 or scale.dtype != np.float32 or x.ndim == 0:
+        return None
+    four_bit = ctx.widened_int4.get(node.input[2]) if zp is not None else None
+    out_type = _attr(node, "output_dtype", 0)
+    if out_type in _INT4_TO_INT8:
+        four_bit = out_type
+    if zp is not None:
+        dtype = zp.dtype
+    elif four_bit is not None:
+        dtype = helper.tensor_dtype_to_np_dtype(_INT4_TO_INT8[four_bit])
+    else:
+        dtype = helper.tensor_dtype_to_np_dtype(out_type) if out_type else np.dtype(np.uint8)
+    if np.dtype(dtype) not in (np.int8, np.uint8, np.int16, np.uint16):
+        return None
+    lo, hi = _INT4_RANGE[four_bit] if four_bit is not None else (np.iinfo(dtype).min, np.iinfo(dtype).max)
+    shape = [1] * x.ndim
+    if scale.size > 1:
+        shape[_attr(node, "axis", 1) % x.ndim] = -1
+    offset = np.zeros(()) if zp is None else zp.astype(np.float64).reshape(shape if zp.size > 1 else ())
+    rounded = np.rint(x / scale.reshape(shape if scale.size > 1 else ())).astype(np.float64)
+    value = np.clip(rounded + offset, lo, hi).astype(dtype)
+    folded = ctx.const(node.output[0] + "_folded", value)
+    return [helper.make_node("Identity", [folded], list(node.output), name=node.name or ctx.fresh("folded_q"))]
 
 
 def quantize_int4_to_int8_clip(node: onnx.NodeProto, ctx: _Context):
@@ -964,6 +1038,7 @@ def _quantize(ctx: _Context, node, y_f: str, scale: str, zp: str) -> onnx.NodePr
 
 _NODE_REWRITES = (
     blocked_to_elementwise,
+    fold_constant_quantize,
     quantize_int4_to_int8_clip,
     fold_blocked_dequantize,
     qlinear_matmul_to_qdq,

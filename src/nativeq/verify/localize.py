@@ -22,8 +22,9 @@ Run by `verify_artifact` when an output is beyond tolerance, on the input set th
    value before rounding is evaluated in float64 (dequantized operands are exact in float64;
    the subgraph runs in float64 in ONNX Runtime) as x / scale + zero_point. A DynamicQuantizeLinear
    site is the node alone: x is ONNX Runtime's input to it, scale and zero point its run-time ones.
-3. An element is a tie when that value lies within `TIE_RTOL` · max(`TIE_SUM_SIZE`, |value - zero_point|)
-   of k + 0.5 (about a thousandth of a step for 8-bit values) and the two engines' integers are k and k + 1. The site's kind is `tie` when every
+3. An element is a tie when that value lies within `TIE_RTOL` · max(half the type's range (at least
+   `TIE_SUM_SIZE`), |value - zero_point|) of k + 0.5 (about a thousandth of a step for 8-bit values, a quarter
+   of a step for 16-bit ones) and the two engines' integers are k and k + 1. The site's kind is `tie` when every
    element that differs, in the full model and in isolation, is a tie; `error` otherwise;
    `unlocalized` when no site was found or its value could not be evaluated.
 
@@ -51,7 +52,8 @@ from nativeq._text import first_line
 # Float32 error allowance around k + 0.5, relative to the size of the sums rounded: 2^-17 is 64 float32 ulps,
 # the order of the error of a float32 dot product of a few hundred terms (ORT's unoptimized MatMul / Conv).
 # A float engine rounds its partial sums at their own size, and a result near the zero point can be the
-# difference of larger ones: the size counted is at least TIE_SUM_SIZE steps (half an 8-bit range).
+# difference of larger ones: the size counted is at least half the output type's range (TIE_SUM_SIZE = 128 steps
+# for 8 and 4 bits; 32768 for 16-bit outputs, whose sums float32 resolves to about a quarter of a step).
 TIE_RTOL = 2.0 ** -17
 TIE_SUM_SIZE = 128.0
 MAX_SUBGRAPH_NODES = 32
@@ -380,23 +382,31 @@ def _integer_conv(node, parts, constants, feeds: dict, inputs: list) -> list:
     (x, sx), (w, sw) = parts[node.input[0]], parts[node.input[1]]
     if sx.size != 1 or (sw.size != 1 and sw.size != w.shape[0]):
         raise ValueError("Conv with a per-channel activation scale")
-    if np.abs(x).max(initial=0) * np.abs(w).reshape(w.shape[0], -1).sum(1).max(initial=0) >= 2 ** 24:
-        raise ValueError("Conv of integers too large for an exact float32 sum")
     name = node.output[0]
-    for suffix, value in (("x", x), ("w", w)):
-        feeds[f"{name}.int_{suffix}"] = value.astype(np.float32)
-        inputs.append(helper.make_tensor_value_info(f"{name}.int_{suffix}", TensorProto.FLOAT, value.shape))
+    pieces = _exact_pieces(x, np.abs(w).reshape(w.shape[0], -1).sum(1).max(initial=0))
+    feeds[f"{name}.int_w"] = w.astype(np.float32)
+    inputs.append(helper.make_tensor_value_info(f"{name}.int_w", TensorProto.FLOAT, w.shape))
     view = [1, -1] + [1] * (x.ndim - 2)
     feeds[f"{name}.scale"] = (sx.reshape(()) * sw.reshape(-1)).reshape(view)
     inputs.append(helper.make_tensor_value_info(f"{name}.scale", TensorProto.DOUBLE, feeds[f"{name}.scale"].shape))
-    conv = onnx.NodeProto()
-    conv.CopyFrom(node)
-    del conv.input[:]
-    conv.input.extend([f"{name}.int_x", f"{name}.int_w"])
-    del conv.output[:]
-    conv.output.append(f"{name}.int")
-    out = [conv, helper.make_node("Cast", [f"{name}.int"], [f"{name}.double"], to=TensorProto.DOUBLE),
-           helper.make_node("Mul", [f"{name}.double", f"{name}.scale"], [name if len(node.input) < 3 else f"{name}.nobias"])]
+    out, terms = [], []
+    for j, (piece, weight) in enumerate(pieces):
+        feeds[f"{name}.int_x{j}"] = piece.astype(np.float32)
+        inputs.append(helper.make_tensor_value_info(f"{name}.int_x{j}", TensorProto.FLOAT, piece.shape))
+        conv = onnx.NodeProto()
+        conv.CopyFrom(node)
+        del conv.input[:]
+        conv.input.extend([f"{name}.int_x{j}", f"{name}.int_w"])
+        del conv.output[:]
+        conv.output.append(f"{name}.int{j}")
+        conv.name = f"{node.name or name}.piece{j}"
+        feeds[f"{name}.weight{j}"] = np.array(weight, np.float64)
+        inputs.append(helper.make_tensor_value_info(f"{name}.weight{j}", TensorProto.DOUBLE, []))
+        out += [conv, helper.make_node("Cast", [f"{name}.int{j}"], [f"{name}.double{j}"], to=TensorProto.DOUBLE),
+                helper.make_node("Mul", [f"{name}.double{j}", f"{name}.weight{j}"], [f"{name}.term{j}"])]
+        terms.append(f"{name}.term{j}")
+    out += [helper.make_node("Sum", terms, [f"{name}.double"]),
+            helper.make_node("Mul", [f"{name}.double", f"{name}.scale"], [name if len(node.input) < 3 else f"{name}.nobias"])]
     if len(node.input) > 2 and node.input[2]:
         bias = feeds.get(node.input[2], constants.get(node.input[2]))
         if bias is None:
@@ -405,6 +415,24 @@ def _integer_conv(node, parts, constants, feeds: dict, inputs: list) -> list:
         inputs.append(helper.make_tensor_value_info(f"{name}.bias", TensorProto.DOUBLE, feeds[f"{name}.bias"].shape))
         out.append(helper.make_node("Add", [f"{name}.nobias", f"{name}.bias"], [name]))
     return out
+
+
+def _exact_pieces(x: np.ndarray, row_sum: float) -> list[tuple[np.ndarray, float]]:
+    """`x` (integers) as pieces p_j with x = sum of p_j * weight_j, each small enough that a float32 Conv of it with
+    weights whose absolute row sums reach `row_sum` is exact (below 2^24): one piece for 8-bit activations, digits
+    of a few bits each for 16-bit ones (their Conv sums pass 2^24)."""
+    limit = 2 ** 24
+    if np.abs(x).max(initial=0) * row_sum < limit:
+        return [(x, 1.0)]
+    bits = int(np.floor(np.log2((limit - 1) / max(row_sum, 1))))
+    if bits < 1:
+        raise ValueError("Conv of integers too large for an exact float32 sum")
+    pieces, rest, weight = [], np.asarray(x, np.int64), 1.0
+    while np.abs(rest).max(initial=0) * row_sum >= limit:
+        digit = np.mod(rest, 2 ** bits)
+        pieces.append((digit, weight))
+        rest, weight = (rest - digit) // 2 ** bits, weight * 2 ** bits
+    return [*pieces, (rest, weight)]
 
 
 def _isolated_model(nodes, q, constants, opsets, feeds: dict, out_type: int, out_shape) -> onnx.ModelProto:
@@ -439,7 +467,8 @@ def _tie_mask(exact: np.ndarray, zp: np.ndarray, a: np.ndarray, b: np.ndarray, i
     """Elements where `exact` is within float32 error of k + 0.5 and {a, b} are its two neighbours."""
     clipped = np.clip(exact, info.min, info.max)
     low = np.floor(clipped)
-    near = np.abs(clipped - low - 0.5) <= TIE_RTOL * np.maximum(TIE_SUM_SIZE, np.abs(exact - zp))
+    sum_size = max(TIE_SUM_SIZE, (int(info.max) - int(info.min) + 1) / 2)
+    near = np.abs(clipped - low - 0.5) <= TIE_RTOL * np.maximum(sum_size, np.abs(exact - zp))
     a, b = a.astype(np.int64), b.astype(np.int64)
     neighbours = (np.minimum(a, b) == low) & (np.maximum(a, b) == low + 1)
     return near & neighbours

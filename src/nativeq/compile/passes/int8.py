@@ -9,6 +9,7 @@ from __future__ import annotations
 from nativeq.compile._tvm import relax
 from nativeq.compile.passes.conv_transpose_as_conv import ConvTransposeAsConv
 from nativeq.compile.passes.fold_bias_into_accumulator import FoldBiasIntoAccumulator
+from nativeq.compile.passes.fold_constant_dequantize import FoldConstantDequantize
 from nativeq.compile.passes.fold_dequantize_quantize import FoldDequantizeQuantize
 from nativeq.compile.passes.fold_quantize_dequantize import FoldQuantizeDequantize
 from nativeq.compile.passes.lower_qdq_to_integer import LowerQDQToInteger
@@ -44,6 +45,7 @@ def lowering_passes(kernel_activation_dtype: str | None) -> list:
         LutElementwise(),
         SoftmaxReadsIntegers(),
         FoldQuantizeDequantize(),
+        FoldConstantDequantize(),
     ]
 
 
