@@ -6,7 +6,8 @@ register tile stays in memory.
 
 Default suite: every architecture as ORT's `quantize_static` makes it (QDQ, per-channel, u8
 activations), verified at 64 frames, and the Conformer as `quantize_dynamic` makes it. The other quantizers (per-tensor, s8 activations, dynamic,
-QOperator, nativeq's QAT export) are marked slow. Speed lives in `python -m benchmarks.zoo`, not here.
+QOperator, nativeq's QAT export, and the `quantize_static` options: int4 weights, 16-bit activations, float
+weights behind Q/DQ pairs) are marked slow. Speed lives in `python -m benchmarks.zoo`, not here.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ DEFAULT_ALSO = {("conformer", "dynamic")}
 REFUSED = {("lstm_am", "dynamic"): "com.microsoft.DynamicQuantizeLSTM"}
 def _params():
     params = []
-    for name, quantizer in zoo.entries():
+    for name, quantizer in zoo.entries() + zoo.entries(quantizers=zoo.OPTION_QUANTIZERS):
         if (name, quantizer) in REFUSED:
             continue
         marks = [] if quantizer == DEFAULT_QUANTIZER or (name, quantizer) in DEFAULT_ALSO else [pytest.mark.slow]
@@ -162,3 +163,14 @@ def test_zoo_model_exported_by_dynamo_compiles_and_verifies(name, tmp_path):
     exported = {d.dim_param for d in onnx.load(model).graph.input[0].type.tensor_type.shape.dim if d.dim_param}
     dims = {new: size for (old, size), new in zip(spec.dims(FRAMES).items(), sorted(exported))}
     _check_verify(verify_artifact(tmp_path / "host", model, VerifyConfig(runs=1, dims=dims, accept_ties=True)))
+
+
+def test_quantizer_options_are_entries_only_when_asked_for():
+    """`python -m benchmarks.zoo` without --quantizers runs the matrix users quantize to by default; the
+    `quantize_static` options (int4, A16W8, weight Q/DQ pairs) are there for every model with static entries when
+    named, and refused by name for a model without them."""
+    default = zoo.entries()
+    assert not {q for _, q in default} & set(zoo.OPTION_QUANTIZERS)
+    asked = zoo.entries(quantizers=("qdq_int4",))
+    assert {name for name, _ in asked} == {name for name, q in default if q in zoo.ORT_STATIC}
+    zoo.check_entry("conformer", "qdq_a16w8")

@@ -12,6 +12,9 @@ verify and bench every entry and print a table.
 """
 
 from benchmarks.zoo.quantize import QUANTIZERS
-from benchmarks.zoo.registry import ZOO, ZooModel, build, calibration_feeds, entries, float_model, get_model
+from benchmarks.zoo.registry import (
+    OPTION_QUANTIZERS, ORT_STATIC, ZOO, ZooModel, build, calibration_feeds, check_entry, entries, float_model, get_model,
+)
 
-__all__ = ["QUANTIZERS", "ZOO", "ZooModel", "build", "calibration_feeds", "entries", "float_model", "get_model"]
+__all__ = ["OPTION_QUANTIZERS", "ORT_STATIC", "QUANTIZERS", "ZOO", "ZooModel", "build", "calibration_feeds",
+           "check_entry", "entries", "float_model", "get_model"]

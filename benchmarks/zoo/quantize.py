@@ -10,6 +10,14 @@ ONNX Runtime (`onnxruntime.quantization`), called the way `tests/qdq_models.py` 
     dynamic     quantize_dynamic: DynamicQuantizeLinear + MatMulInteger (and DynamicQuantizeLSTM);
                 convolutions stay float
 
+Options users pass to quantize_static (QDQ, per channel, uint8 activations otherwise), run only when asked for
+with `--quantizers` (`registry.OPTION_QUANTIZERS`):
+
+    qdq_int4          weight_type=QInt4: below opset 21 ORT writes contrib-domain (com.microsoft) Q/DQ
+    qdq_a16w8         activation_type=QUInt16: 16-bit activations, int8 weights
+    qdq_weight_pairs  extra_options={"AddQDQPairToWeight": True}: float weights behind a Q/DQ pair (the
+                      encoding NNCF and PyTorch's PT2E export write too)
+
 and nativeq's own path for the shipped model:
 
     qat         nativeq's integer QAT model (`qat.quantize.quantize_` with the `nativeq finetune`
@@ -41,11 +49,14 @@ DYNAMIC_OP_TYPES = ("MatMul", "Gemm", "LSTM")
 
 @dataclass(frozen=True)
 class StaticQuantizer:
-    """`quantize_static` with calibration: format "qdq" or "qoperator", activation "uint8" or "int8"."""
+    """`quantize_static` with calibration: format "qdq" or "qoperator", activation "uint8", "int8" or "uint16",
+    weight "int8" or "int4"; weight_pairs: float weights behind a Q/DQ pair (`AddQDQPairToWeight`)."""
 
     quant_format: str
     activation: str
     per_channel: bool
+    weight: str = "int8"
+    weight_pairs: bool = False
 
     def quantize(self, float_path: Path, out_path: Path, feeds: list[dict]) -> None:
         from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
@@ -54,8 +65,10 @@ class StaticQuantizer:
             str(float_path), str(out_path), CalibrationFeeds(feeds),
             quant_format={"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}[self.quant_format],
             per_channel=self.per_channel,
-            activation_type={"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[self.activation],
-            weight_type=QuantType.QInt8,
+            activation_type={"uint8": QuantType.QUInt8, "int8": QuantType.QInt8,
+                             "uint16": QuantType.QUInt16}[self.activation],
+            weight_type={"int8": QuantType.QInt8, "int4": QuantType.QInt4}[self.weight],
+            extra_options={"AddQDQPairToWeight": True} if self.weight_pairs else None,
         )
 
 
@@ -89,6 +102,9 @@ QUANTIZERS = {
     "qoperator": StaticQuantizer("qoperator", "uint8", per_channel=True),
     "dynamic": DynamicQuantizer(),
     "qat": NativeqQat(),
+    "qdq_int4": StaticQuantizer("qdq", "uint8", per_channel=True, weight="int4"),
+    "qdq_a16w8": StaticQuantizer("qdq", "uint16", per_channel=True),
+    "qdq_weight_pairs": StaticQuantizer("qdq", "uint8", per_channel=True, weight_pairs=True),
 }
 
 

@@ -39,6 +39,8 @@ EXAMPLE_FRAMES = 100
 D_FEATURES = 144  # the HuBERT encoder's input: feature frames of models.D_MODEL channels
 
 ORT_STATIC = ("qdq_u8_pc", "qdq_u8_pt", "qdq_s8_pc", "qoperator")
+# quantize_static options (quantize.py): every model with a static entry has them, run only when asked for by name
+OPTION_QUANTIZERS = ("qdq_int4", "qdq_a16w8", "qdq_weight_pairs")
 
 # input kind -> (scale, offset) of the seeded normal inputs: log-mel-like, MFCC-like, waveform,
 # the shipped model's features (its training statistics: mean ~14, std ~4.4), and feature frames
@@ -153,9 +155,16 @@ def check_entry(name: str, quantizer: str) -> ZooModel:
 
     model = get_model(name)
     get_quantizer(quantizer)
-    if quantizer not in model.quantizers:
-        raise NativeqError(f"zoo model {name!r} has no {quantizer!r} variant; its quantizers: {', '.join(model.quantizers)}")
+    if quantizer not in _quantizers(model, asked=True):
+        raise NativeqError(f"zoo model {name!r} has no {quantizer!r} variant; its quantizers: "
+                           f"{', '.join(_quantizers(model, asked=True))}")
     return model
+
+
+def _quantizers(model: ZooModel, asked: bool) -> tuple[str, ...]:
+    """The model's quantizers, and the `OPTION_QUANTIZERS` when they are asked for by name and it has static ones."""
+    static = any(q in ORT_STATIC for q in model.quantizers)
+    return model.quantizers + (OPTION_QUANTIZERS if asked and static else ())
 
 
 def entries(models=None, quantizers=None) -> list[tuple[str, str]]:
@@ -167,7 +176,7 @@ def entries(models=None, quantizers=None) -> list[tuple[str, str]]:
     for q in quantizers or ():
         get_quantizer(q)
     return [(name, q) for name, spec in ZOO.items() if not models or name in models
-            for q in spec.quantizers if not quantizers or q in quantizers]
+            for q in _quantizers(spec, asked=bool(quantizers)) if not quantizers or q in quantizers]
 
 
 def calibration_feeds(name: str, seed: int = SEED) -> list[dict]:
