@@ -497,10 +497,8 @@ def fold_constant_quantize(node: onnx.NodeProto, ctx: _Context):
         return None
     if x.dtype != np.float32 or scale.dtype != np.float32 or x.ndim == 0:
         return None
-    four_bit = ctx.widened_int4.get(node.input[2]) if zp is not None else None
+    four_bit = _four_bit_output(node, ctx)
     out_type = _attr(node, "output_dtype", 0)
-    if out_type in _INT4_TO_INT8:
-        four_bit = out_type
     if zp is not None:
         dtype = zp.dtype
     elif four_bit is not None:
@@ -520,14 +518,21 @@ def fold_constant_quantize(node: onnx.NodeProto, ctx: _Context):
     return [helper.make_node("Identity", [folded], list(node.output), name=node.name or ctx.fresh("folded_q"))]
 
 
+def _four_bit_output(node: onnx.NodeProto, ctx: _Context) -> int | None:
+    """INT4/UINT4 when the QuantizeLinear `node` produces 4-bit values (its output_dtype, else its zero point's type
+    before widening), else None."""
+    out_type = _attr(node, "output_dtype", 0)
+    if out_type in _INT4_TO_INT8:
+        return out_type
+    return None if _is_absent(node, 2) else ctx.widened_int4.get(node.input[2])
+
+
 def quantize_int4_to_int8_clip(node: onnx.NodeProto, ctx: _Context):
     """QuantizeLinear to INT4/UINT4 -> QuantizeLinear to INT8/UINT8 -> Clip to the 4-bit range."""
     if node.op_type != "QuantizeLinear":
         return None
     out_type = _attr(node, "output_dtype", 0)
-    four_bit = out_type if out_type in _INT4_TO_INT8 else None
-    if four_bit is None and not _is_absent(node, 2):
-        four_bit = ctx.widened_int4.get(node.input[2])  # the zero point's type before widening
+    four_bit = _four_bit_output(node, ctx)
     if four_bit is None:
         return None
     lo, hi = _INT4_RANGE[four_bit]
