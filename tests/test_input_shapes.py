@@ -231,7 +231,8 @@ def test_cli_input_shapes_and_dim(nativeq_cli, tmp_path):
 
 
 # ----------------------------------------------------------------------------- symbolic batch
-BATCH_ZOO = [pytest.param("transformer_postnorm"), pytest.param("conformer"),
+# the Conformer (attention + conv module) in the default suite; the rest slow
+BATCH_ZOO = [pytest.param("transformer_postnorm", marks=pytest.mark.slow), pytest.param("conformer"),
              pytest.param("lstm_am", marks=pytest.mark.slow), pytest.param("quartznet", marks=pytest.mark.slow),
              pytest.param("whisper_encoder", marks=pytest.mark.slow),
              pytest.param("relpos_conformer", marks=pytest.mark.slow)]

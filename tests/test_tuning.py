@@ -274,6 +274,7 @@ def test_bad_options_are_one_line_errors(tmp_path):
         tune_model(model, TuneConfig(target="rpi5", progress=False))
 
 
+@pytest.mark.slow  # ~95 s; the default suite resumes a run in `test_rerun_resumes_only_missing_trials`
 def test_kill_and_resume(tmp_path):
     """SIGKILL `nativeq tune` mid-run: the database loads, keeps its records, and a rerun resumes."""
     model = _tiny_model(tmp_path / "mm.onnx", n=256)  # 10 tiles to measure: the run is still going when killed

@@ -121,6 +121,7 @@ def test_tune_over_tracker_then_compile_verifies(model, loopback, tmp_path):
     assert report.passed, report.table()
 
 
+@pytest.mark.slow  # ~60 s; one server over the tracker runs in the default suite
 def test_two_servers_share_the_measurements(model, loopback, tmp_path):
     lb = loopback(2)
     result = tune_model(model, TuneConfig(target="host", trials=6, min_trials_per_task=6, trials_per_iter=6,

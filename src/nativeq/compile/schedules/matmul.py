@@ -20,8 +20,9 @@ Schedule (rows = the row axis, tiled; batch axes fused into the parallel tile lo
                 acc[r, c*lanes:(c+1)*lanes] += dot(A[r, k0*kstep:], Wp[c, k0])   # tensorized
         out[tile] = epilogue(acc)                       # reverse_compute_at: no int32 tensor in memory
 
-With a symbolic N (activation products such as Q·Kᵀ) the epilogue is instead padded to whole tiles
-and cropped afterwards (`_schedule_padded_epilogue`), so that no lane predicate scalarizes it.
+With a symbolic N (activation products such as Q·Kᵀ), or for an operand packed at run time a static N of static
+rows that fills no whole tile (`_ragged_columns`: the same products in a model with static shapes), the epilogue is instead padded to whole
+tiles and cropped afterwards (`_schedule_padded_epilogue`), so that no lane predicate scalarizes it.
 
 With k along the vector lanes (`intrinsics.NEON_K_LANES`, the Pi 4's kernel for dense and block-sparse constant
 weights) every output accumulates 4 int32 partial sums: the reduction is `rfactor`ed into a partial-sum block
@@ -251,7 +252,10 @@ def _schedule(sch: Schedule, intrin: DotIntrin, knobs: TileKnobs | None = None) 
     for block in epilogue[:-1]:
         sch.compute_inline(block)
     last = epilogue[-1] if epilogue else None
-    if last is not None and n is None:
+    # NOTE: a ragged static N only for an operand packed at run time (with its batch dims: Q·Kᵀ, P·V): a constant
+    # weight's tiles measured faster in the fused row x column tile loop (static MobileNetV3 1.05x padded)
+    run_time_packed = len(packed[0].shape) > 4
+    if last is not None and (n is None or run_time_packed and _ragged_columns(sch, last, lanes)):
         padded = _schedule_padded_epilogue(sch, intrin, sch.get(last).name_hint, kdim, dot)
         if padded is not None:
             return padded
@@ -456,9 +460,20 @@ def _inline_epilogue_inputs(sch: Schedule, matmul) -> None:
         sch.compute_inline(block)
 
 
+def _ragged_columns(sch: Schedule, last, lanes: int) -> bool:
+    """Whether epilogue block `last` is static with a column count that is no multiple of `lanes` (N padded by the
+    packing, e.g. Q·Kᵀ of a static-length model at T = 200, N = 200): the lane predicate of its last column tile
+    scalarized every tile's epilogue (that Q·Kᵀ 0.31 ms per call; padded 0.10-0.14 ms, as with a symbolic T).
+    NOTE: static rows only: with symbolic rows and a static N `pad_einsum`'s padded epilogue fails TVM's lowering
+    (int32 vs int64 extents)."""
+    extents = [loop_extent(sch, loop) for loop in sch.get_loops(last)]
+    return None not in extents and extents[-1] % lanes != 0
+
+
 def _schedule_padded_epilogue(sch: Schedule, intrin: DotIntrin, last_name: str, kdim: int | None,
                               dot: DotIntrin | None = None) -> Schedule | None:
-    """The schedule for a symbolic N: the epilogue on whole register tiles, then a crop; None if it does not apply.
+    """The schedule for a symbolic or ragged N: the epilogue on whole register tiles, then a crop; None if it does not
+    apply.
 
     With N symbolic the tile's epilogue would carry a `col < N` predicate on its vector lanes, which
     TVM scalarizes (Q·Kᵀ of the benchmark encoder at T=1000: 0.73 ms, against 0.21 ms for P·V).
