@@ -17,25 +17,14 @@ import time
 import numpy as np
 
 from nativeq.runtime import load
-
-
-def seeded_inputs(manifest: dict, dims: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
-    """Standard normal float inputs (integers in [0, 16)) of the manifest's shapes, symbolic sizes from `dims`."""
-    rng = np.random.default_rng(seed)
-    inputs = {}
-    for spec in manifest["inputs"]:
-        shape = [dims[d] if isinstance(d, str) else d for d in spec["shape"]]
-        if spec["dtype"].startswith("float"):
-            inputs[spec["name"]] = rng.standard_normal(shape).astype(spec["dtype"])
-        else:
-            inputs[spec["name"]] = rng.integers(0, 16, shape).astype(spec["dtype"])
-    return inputs
+from nativeq.runtime.manifest import input_specs
+from nativeq.runtime.profile import random_inputs
 
 
 def alternate(artifacts: list[str], dims: dict[str, int], turns: int, threads: int) -> list[dict]:
     """Per artifact: median ms per run over `turns` alternating turns, and whether its outputs equal the first's."""
     models = [load(path, threads=threads) for path in artifacts]
-    inputs = seeded_inputs(models[0].manifest, dims)
+    inputs = random_inputs(input_specs(models[0].manifest), dims)  # what `nativeq profile --dim` feeds
     reference = models[0].run(inputs)
     identical = [all(np.array_equal(np.asarray(out[k]), np.asarray(reference[k])) for k in reference)
                  for out in (model.run(inputs) for model in models)]

@@ -40,14 +40,13 @@ from nativeq.compile._tvm import Analyzer, relax, topi, tvm
 from nativeq.compile.passes import result_dtype, rewrite_functions
 from nativeq.compile.passes.lut_elementwise import call_lut, lut_call_operands
 from nativeq.compile.provenance import with_span
-from nativeq.compile.schedules.conv_as_matmul import ConvGeometry, conv_as_matmul
+from nativeq.compile.schedules.conv_as_matmul import OPAQUE, ConvGeometry, conv_as_matmul
 from nativeq.compile.schedules.depthwise import (
     call_depthwise, call_interleave_taps, call_pad_channels_last, extra_rows, pair_taps_weight, quad_extra_rows,
     quad_taps_weight,
 )
 from nativeq.compile.schedules.intrinsics import VNNI, DotIntrin
 
-_OPAQUE = 8  # TVM OpPatternKind.kOpaque
 _CONVS = {"relax.nn.conv1d": ("NCW", "OIW"), "relax.nn.conv2d": ("NCHW", "OIHW")}
 # Elementwise ops (operands broadcast against each other): they compute the same in any layout.
 ELEMENTWISE = {
@@ -535,7 +534,7 @@ class _ChannelsLast(relax.PyExprMutator):
         # the requantize after it into the stack, which then selected among the groups per element again (a
         # static-length HuBERT-style positional conv: 0.44 ms, against 0.07 ms for the stack and the rest apart).
         stacked = self.builder_.emit(self.builder_.call_te(  # [G, N, *S', O / G]
-            topi.concatenate, results, 0, primfunc_name_hint="stack_groups", primfunc_attrs={"op_pattern": _OPAQUE}))
+            topi.concatenate, results, 0, primfunc_name_hint="stack_groups", primfunc_attrs={"op_pattern": OPAQUE}))
         moved = self.builder_.emit(relax.op.permute_dims(stacked, [*range(1, ndim + 2), 0, ndim + 2]))  # [N, *S', G, O/G]
         return relax.op.reshape(moved, [*list(moved.ty.shape.values)[:-2], out_channels])
 

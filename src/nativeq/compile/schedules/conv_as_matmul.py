@@ -29,7 +29,7 @@ from nativeq.compile.schedules.intrinsics import DotIntrin
 IM2COL_BLOCK = "im2col"
 # NOTE: opaque to FuseOps: fused into its producer (e.g. a requantize), im2col would recompute
 # the producer once per kernel tap; materializing the 8-bit input once is cheaper.
-_OPAQUE = 8  # TVM OpPatternKind.kOpaque
+OPAQUE = 8  # TVM OpPatternKind.kOpaque
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ def conv_as_matmul(builder, x_cl, weight: np.ndarray, out_spatial, geometry: Con
     else:
         cols = builder.emit(with_span(builder.call_te(
             im2col_channels_last_te, x_cl, kernel=list(kernel), out_spatial=list(out_spatial), **geometry.as_te_kwargs(),
-            primfunc_name_hint="im2col", primfunc_attrs={"op_pattern": _OPAQUE},
+            primfunc_name_hint="im2col", primfunc_attrs={"op_pattern": OPAQUE},
         ), span))
     rows = 1
     for extent in out_spatial:

@@ -38,7 +38,7 @@ import logging
 import numpy as np
 
 from nativeq.compile._tvm import Analyzer, Schedule, s_tir, te, tirx
-from nativeq.compile.schedules.conv_as_matmul import ConvGeometry, gather_padded, tap_position
+from nativeq.compile.schedules.conv_as_matmul import OPAQUE, ConvGeometry, gather_padded, tap_position
 from nativeq.compile.schedules.generic import dividing_lanes, find_block
 
 logger = logging.getLogger(__name__)
@@ -53,7 +53,6 @@ _POSITION_CHOICES = (4, 5, 6, 3)  # block sizes that fit the registers; a static
 # of a 4-byte load widened twice per 4 products.
 _MIN_LANES = 16
 _OUT_EWISE_FUSABLE = 4  # TVM OpPatternKind.kOutEWiseFusable
-_OPAQUE = 8  # TVM OpPatternKind.kOpaque
 _ERRORS = (s_tir.ScheduleError, RuntimeError, ValueError, TypeError)
 
 
@@ -205,7 +204,7 @@ def call_interleave_taps(builder, x_cl, before, after, pad_value: float, dilatio
     # transposes) each word would recompute the producer for its 4 taps (a static-length Conformer's conv module:
     # 0.17 ms for the fused kernel, 0.045 ms for the chain and the interleave apart).
     return builder.call_te(interleave_taps_te, x_cl, before=list(before), after=list(after), pad_value=pad_value,
-                           dilation=dilation, primfunc_name_hint="interleave_taps", primfunc_attrs={"op_pattern": _OPAQUE})
+                           dilation=dilation, primfunc_name_hint="interleave_taps", primfunc_attrs={"op_pattern": OPAQUE})
 
 
 def _quad_taps(x4, w4, geometry):
