@@ -170,8 +170,7 @@ def _reshape_split(sch: Schedule, block, inner) -> int | None:
     stmt = sch.get(block)
     if extent is None or len(stmt.iter_vars) == 0:
         return None
-    if any(isinstance(node, tvm.ir.Call) and getattr(node.op, "name", "") == "prim.if_then_else"
-           for node in expr_nodes(stmt.body)):
+    if any(_is_if_then_else(node) for node in expr_nodes(stmt.body)):
         return None  # a concat or a pad: `_vectorize_in_pieces` splits the axis at its selects' boundaries
     var = stmt.iter_vars[-1].var
     analyzer = Analyzer()  # the indices simplified within the block's ranges (`i // E` of an i < E is 0)
@@ -196,6 +195,10 @@ _MIN_RESHAPE_ROW = 8
 _MAX_PIECES = 8
 
 
+def _is_if_then_else(node) -> bool:
+    return isinstance(node, tvm.ir.Call) and getattr(node.op, "name", "") == "prim.if_then_else"
+
+
 def select_boundaries(body, var, extent: int) -> list[int]:
     """The points 0 < b < `extent` at which a condition of an `if_then_else` in `body` that compares `var` (linearly,
     coefficient +-1) with a constant changes its value: a concat's choice of input along `var`, a pad's border."""
@@ -217,7 +220,7 @@ def select_boundaries(body, var, extent: int) -> list[int]:
         return None
 
     for node in expr_nodes(body):
-        if not (isinstance(node, tvm.ir.Call) and getattr(node.op, "name", "") == "prim.if_then_else"):
+        if not _is_if_then_else(node):
             continue
         pending = [node.args[0]]
         while pending:

@@ -21,8 +21,9 @@ Schedule (rows = the row axis, tiled; batch axes fused into the parallel tile lo
         out[tile] = epilogue(acc)                       # reverse_compute_at: no int32 tensor in memory
 
 With a symbolic N (activation products such as Q·Kᵀ), or for an operand packed at run time a static N of static
-rows that fills no whole tile (`_ragged_columns`: the same products in a model with static shapes), the epilogue is instead padded to whole
-tiles and cropped afterwards (`_schedule_padded_epilogue`), so that no lane predicate scalarizes it.
+rows that fills no whole tile (`_ragged_columns`: the same products in a model with static shapes), the epilogue
+is instead padded to whole tiles and cropped afterwards (`_schedule_padded_epilogue`), so that no lane predicate
+scalarizes it.
 
 With k along the vector lanes (`intrinsics.NEON_K_LANES`, the Pi 4's kernel for dense and block-sparse constant
 weights) every output accumulates 4 int32 partial sums: the reduction is `rfactor`ed into a partial-sum block
