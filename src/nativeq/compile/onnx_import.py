@@ -6,7 +6,7 @@ time axis (`pos_emb(arange(T))`, `x[:, :-1]`), after which it cannot build them
 ("shape_of expects a tensor input", "CodeGenVM cannot emit this Relax operator"). The
 importer used here differs from `tvm.relax.frontend.onnx.from_onnx` only in:
 
-- `Range` with a constant start and delta and a symbolic limit keeps the symbolic length
+- `Range` with a constant delta and a symbolic limit (and start) keeps the symbolic length
   (TVM's converter creates a fresh, unrelated length variable, which FuseOps may then use before the
   binding that defines it), also as a float Range to a cast length (`torch.arange(T, dtype=float)`);
 - `Gather` on a shape value that is not a literal `ShapeExpr` converts it to a tensor first, and
@@ -33,10 +33,11 @@ import functools
 import operator
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
 
 from nativeq._text import first_line
-from nativeq.compile._tvm import Analyzer, onnx_convert_map, onnx_frontend, relax, tirx, tvm
+from nativeq.compile._tvm import Analyzer, onnx_convert_map, onnx_frontend, relax, tirx, topi, tvm
 from nativeq.compile.onnx_legalize import IMPORTER_BUILTIN_OPS, check_importable, legalize
 from nativeq.compile.provenance import node_span, span_node, used_vars, with_node_spans
 from nativeq.compile.einsum import CONVERTERS as EINSUM_CONVERTERS
@@ -102,12 +103,41 @@ class _Range(onnx_frontend.Range):
     @classmethod
     def _impl_v12(cls, bb, inputs, attr, params):
         start, limit, delta = (onnx_frontend.get_constant(i, params) for i in inputs[:3])
-        start_value, delta_value = _integral_scalar(start), _integral_scalar(delta)
-        if isinstance(limit, tvm.tirx.Cast):  # `torch.arange(x.shape[1], dtype=torch.float32)`: to a cast length
-            limit = limit.value if "int" in str(limit.value.ty) else None
-        if start_value is not None and delta_value is not None and tvm.ir.is_prim_expr(limit):
-            return relax.op.arange(start_value, limit, delta_value, str(start.ty.dtype))
-        return super()._impl_v12(bb, inputs, attr, params)
+        start_value, limit_value, delta_value = _range_bound(start), _range_bound(limit), _integral_scalar(delta)
+        if None in (start_value, limit_value) or not delta_value or isinstance(limit_value, int):
+            return super()._impl_v12(bb, inputs, attr, params)
+        dtype = str(start.ty.dtype) if isinstance(start, tvm.ir.GenericConst) else str(start.ty)
+        if delta_value > 0:
+            return relax.op.arange(start_value, limit_value, delta_value, dtype)
+        # NOTE: Relax sizes a symbolic arange with a negative step as if it were positive ((limit - start + step - 1)
+        # // step: 2T + 1 for `arange(T - 1, -T, -1)`, which has 2T - 1 values). Counted down as the flip of the
+        # same values counted up, the size is exact.
+        step = -delta_value
+        count = (start_value - limit_value + step - 1) // step
+        if not _provably_non_negative(count):
+            count = tvm.tirx.max(count, 0)
+        first = start_value - (count - 1) * step
+        return relax.op.flip(relax.op.arange(first, start_value + 1, step, dtype), axis=0)
+
+
+def _provably_non_negative(expr) -> bool:
+    """`expr` >= 0 for every input size: its symbolic dims are at least 1 (the runtime refuses empty inputs)."""
+    analyzer = Analyzer()
+    free = tirx.analysis.undefined_vars(expr, [])
+    with analyzer.constraint_scope(tvm.tirx.all(*(v >= 1 for v in free)) if free else tvm.tirx.const(True)):
+        return analyzer.can_prove(expr >= 0)
+
+
+def _range_bound(expr):
+    """A Range bound as an int (a constant) or an integer PrimExpr (a length from the input's shape, also under a
+    cast: `torch.arange(x.shape[1], dtype=torch.float32)`, or `arange(T - 1, -T, -1)` of relative positions);
+    None for anything else."""
+    value = _integral_scalar(expr)
+    if value is not None:
+        return value
+    if isinstance(expr, tvm.tirx.Cast):
+        expr = expr.value
+    return expr if tvm.ir.is_prim_expr(expr) and "int" in str(expr.ty) else None
 
 
 class _Gather(onnx_frontend.Gather):
@@ -130,9 +160,76 @@ class _Pad(onnx_frontend.Pad):
         """A constant Pad as `R.nn.pad` (TVM emits an opaque `topi.nn.pad` call that later passes cannot read)."""
         if attr.get("mode", b"constant").decode("utf-8") != "constant":
             return super()._lower_pad(bb, inputs, attr, params, allowed_modes)
+        pads = _values_from_shapes(bb, inputs[1])
+        if pads is not None and pads.ndim == 1 and len(inputs) < 4 and not all(isinstance(p, int) for p in pads):
+            # pads computed from the input's size (`F.pad(x, (0, 0, 0, n - x.shape[1]))`, padding to a multiple of a
+            # chunk): TVM's converter refuses run-time pads; their values are expressions of the symbolic dims
+            constant = onnx_frontend.get_constant(inputs[2], params) if len(inputs) > 2 else None
+            value = 0.0 if constant is None else constant.value.numpy().item()
+            before, after = list(pads[: len(pads) // 2]), list(pads[len(pads) // 2:])
+            return bb.emit_te(topi.nn.pad, inputs[0], [_as_int64(p) for p in before], [_as_int64(p) for p in after],
+                              value, primfunc_name_hint="pad")
         pad_before, pad_after, constant_value = cls._parse_pads_and_axes(inputs, params)
         pad_width = [int(p) for pair in zip(pad_before, pad_after) for p in pair]
         return relax.op.nn.pad(inputs[0], pad_width, "constant", float(constant_value))
+
+
+# Ops `_values_from_shapes` evaluates on object arrays: a size computation's tensor ops (TorchScript's pads idiom:
+# Concat, Reshape [-1, 2], a reversing Slice, Transpose, Reshape [-1], Cast).
+_SHAPE_VALUE_ARITHMETIC = {"relax.add": operator.add, "relax.subtract": operator.sub, "relax.multiply": operator.mul,
+                           "relax.floor_divide": operator.floordiv}
+
+
+def _elements(expr) -> list:
+    """The fields of a Relax tuple or the values of a shape."""
+    return list(getattr(expr, "fields", None) or getattr(expr, "values", None) or [])
+
+
+def _values_from_shapes(bb, expr, depth: int = 0):
+    """The values of a small integer tensor computed from the graph's shapes and constants, as a numpy object array
+    of ints and PrimExprs over the symbolic dims; None when any part is data or an op this does not evaluate."""
+    if depth > 32:
+        return None
+    if isinstance(expr, relax.Var):
+        bound = bb.lookup_binding(expr)
+        return None if bound is None else _values_from_shapes(bb, bound, depth + 1)
+    if isinstance(expr, tvm.ir.GenericConst):
+        value = expr.value.numpy()
+        return value.astype(object) if value.dtype.kind in "iu" and value.size <= 64 else None
+    if isinstance(expr, relax.ShapeExpr):
+        return np.array([_int_value(v) if _int_value(v) is not None else v for v in expr.values] or [], dtype=object)
+    if tvm.ir.is_prim_expr(expr):
+        return np.array(expr if _int_value(expr) is None else _int_value(expr), dtype=object)
+    if not (isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op)):
+        return None
+    name, args = expr.op.name, expr.args
+    if name in ("relax.shape_to_tensor", "relax.astype"):
+        return _values_from_shapes(bb, args[0], depth + 1)
+    if name == "relax.concat":
+        parts = [_values_from_shapes(bb, a, depth + 1) for a in args[0].fields]
+        return None if any(p is None for p in parts) else np.concatenate(parts, axis=int(expr.attrs.axis))
+    if name in _SHAPE_VALUE_ARITHMETIC:
+        a, b = (_values_from_shapes(bb, arg, depth + 1) for arg in args[:2])
+        return None if a is None or b is None else _SHAPE_VALUE_ARITHMETIC[name](a, b)
+    x = _values_from_shapes(bb, args[0], depth + 1)
+    if x is None:
+        return None
+    if name == "relax.reshape":
+        shape = [_int_value(v) for v in getattr(args[1], "values", [None])]
+        return None if None in shape else x.reshape(shape)
+    if name == "relax.permute_dims":
+        return np.transpose(x, None if expr.attrs.axes is None else [int(a) for a in expr.attrs.axes])
+    if name == "relax.flip":
+        return np.flip(x, int(expr.attrs.axis))
+    if name == "relax.strided_slice":
+        axes, begins, ends, steps = ([_int_value(v) for v in _elements(a)] for a in args[1:5])
+        if None in axes + begins + ends + steps:
+            return None
+        index = [slice(None)] * x.ndim
+        for axis, begin, end, step in zip(axes, begins, ends, steps):
+            index[axis] = slice(begin, end, step)
+        return x[tuple(index)]
+    return None
 
 
 class _Reshape(onnx_frontend.Reshape):
@@ -143,7 +240,85 @@ class _Reshape(onnx_frontend.Reshape):
         its converter refuses ("Reshape expects the input data to be a Tensor")."""
         if tvm.ir.is_prim_expr(inputs[0]):
             inputs = [relax.ShapeExpr([inputs[0]]), *inputs[1:]]
+        target = _target_with_inferred_dim(inputs[0], onnx_frontend.get_constant(inputs[1], params),
+                                           attr.get("allowzero", 0))
+        if target is not None:
+            return relax.op.reshape(inputs[0], target)
         return super()._impl_v13(bb, inputs, attr, params)
+
+
+def _target_with_inferred_dim(data, new_shape, allowzero: int):
+    """The Reshape target `new_shape` with its -1 worked out by cancelling the dims it shares with `data`'s shape, as
+    a ShapeExpr; None when nothing is to be gained (static dims, no -1, unknown shapes).
+
+    Relax sizes a -1 as numel // (product of the other dims), which TVM's simplifier cannot reduce once both are
+    products of symbolic lengths: `view(1, 2T - 1, -1, 36)` of a [1, 2T - 1, 144] position table (Transformer-XL
+    style relative attention) had the size `(288 T + 144) // (72 T + 36)`, every op after it an unknown shape and
+    the next shape-built Reshape failed to import. Cancelled first, the size is 144 // 36 = 4."""
+    dims = _dims(data)
+    if isinstance(new_shape, relax.ShapeExpr):
+        values = list(new_shape.values)
+    elif isinstance(new_shape, tvm.ir.GenericConst) and new_shape.ty.ndim == 1:
+        values = [tvm.tirx.IntImm("int64", int(v)) for v in new_shape.value.numpy().tolist()]
+    else:
+        return None
+    if dims is None or all(_int_value(d) is not None for d in dims):
+        return None
+    unknown = [k for k, v in enumerate(values) if _int_value(v) == -1]
+    if len(unknown) != 1:
+        return None
+    if not allowzero:
+        values = [dims[k] if _int_value(v) == 0 and k < len(dims) else v for k, v in enumerate(values)]
+    numerator, denominator = _without_common_dims(dims, [v for k, v in enumerate(values) if k != unknown[0]])
+    values[unknown[0]] = Analyzer().simplify(_product(numerator) // _product(denominator))
+    return relax.ShapeExpr(values)
+
+
+def _product(dims):
+    return functools.reduce(operator.mul, dims, tvm.tirx.IntImm("int64", 1))
+
+
+def _without_common_dims(a: list, b: list) -> tuple[list, list]:
+    """`a` and `b` (lists of dims) without the symbolic dims provably equal in both: what is left of each side of
+    `product(a) == product(b)` or of `product(a) // product(b)`. TVM's simplifier does not expand a product of sums,
+    so `4 * (T + 1) * (2 * T + 2)` and `4 * (2 * T + 2) * (T + 1)` are not provably equal until cancelled."""
+    analyzer = Analyzer()
+    rest_a, rest_b = list(a), []
+    for d in b:
+        match = next((i for i, n in enumerate(rest_a) if _int_value(d) is None and analyzer.can_prove_equal(n, d)),
+                     None)
+        if match is None:
+            rest_b.append(d)
+        else:
+            del rest_a[match]
+    return rest_a, rest_b
+
+
+class _Expand(onnx_frontend.Expand):
+    @classmethod
+    def _impl_v13(cls, bb, inputs, attr, params):
+        """Expand of a tensor with symbolic dims to a constant shape (torch's `x.expand(1, -1, -1)`: the exporter
+        computes `Where(shape == -1, 1, shape)`, which folds to [1, 1, 1]) by ONNX's broadcasting rules. TVM's
+        converter reads every dim of the data as a number on that path and fails on a symbolic one."""
+        data, shape = inputs[0], onnx_frontend.get_constant(inputs[1], params)
+        dims = _dims(data)
+        if not isinstance(shape, tvm.ir.GenericConst) or dims is None or all(_int_value(d) is not None for d in dims):
+            return super()._impl_v13(bb, inputs, attr, params)
+        target = [int(v) for v in shape.value.numpy().tolist()]
+        rank = max(len(target), len(dims))
+        target = [1] * (rank - len(target)) + target
+        dims = [tvm.tirx.IntImm("int64", 1)] * (rank - len(dims)) + dims
+        out = []
+        for d, t in zip(dims, target):
+            if t in (1, -1):  # -1: TVM's reading (keep the data's dim); ONNX defines only 1 to do so
+                out.append(d)
+            elif _int_value(d) in (1, None) or _int_value(d) == t:
+                out.append(tvm.tirx.IntImm("int64", t))  # a symbolic dim must be 1 or t, as ORT requires
+            else:
+                raise ValueError(f"Expand cannot broadcast a dim of {_int_value(d)} to {t}")
+        if len(out) == len(_dims(data)) and all(Analyzer().can_prove_equal(a, b) for a, b in zip(out, _dims(data))):
+            return data
+        return relax.op.broadcast_to(data, relax.ShapeExpr(out))
 
 
 # An end at or past this is "to the end of the axis" (torch writes INT64_MAX for `x[..., k:]`).
@@ -155,7 +330,7 @@ class _Slice(onnx_frontend.Slice):
     def _impl_v13(cls, bb, inputs, attr, params):
         """A constant Slice of a symbolic axis (torch's `x[:, :, -4:]` of a cache concatenated before a chunk,
         [1, C, 4 + T]; an end of INT64_MAX) with its bounds resolved against the axis's length, as an in-bound slice,
-        when they provably are for every non-negative size. TVM sizes it `min(INT64_MAX, n) - ...`, which its
+        when they provably are for every input size (dims >= 1). TVM sizes it `min(INT64_MAX, n) - ...`, which its
         simplifier cannot reduce (n + 4 might overflow): the new cache was typed [1, C, INT64_MAX - max(T, INT64_MAX
         - 4)], and the manifest would describe that output so."""
         result = super()._impl_v13(bb, inputs, attr, params)
@@ -180,7 +355,7 @@ class _Slice(onnx_frontend.Slice):
             return result  # static axes: TVM's sizes are exact
         analyzer = Analyzer()
         free = {v.name: v for dim in axis_dims for v in tirx.analysis.undefined_vars(dim, [])}
-        with analyzer.constraint_scope(tvm.tirx.all(*(v >= 0 for v in free.values()))):
+        with analyzer.constraint_scope(tvm.tirx.all(*(v >= 1 for v in free.values()))):  # no empty inputs
             if not all(analyzer.can_prove(0 <= b) and analyzer.can_prove(b <= e) and analyzer.can_prove(e <= dim)
                        for dim, (b, e) in zip(axis_dims, resolved)):
                 return result
@@ -192,6 +367,7 @@ class _Slice(onnx_frontend.Slice):
 # Converters used instead of TVM's; LSTM/GRU/RNN have none in TVM 0.27 (see recurrent.py), Einsum's is one opaque
 # kernel (see einsum.py).
 _CONVERTER_FIXES = {"Range": _Range, "Gather": _Gather, "Pad": _Pad, "Reshape": _Reshape, "Slice": _Slice,
+                    "Expand": _Expand,
                     **RECURRENT_CONVERTERS,
                     **EINSUM_CONVERTERS}
 
@@ -348,7 +524,8 @@ class _Importer(onnx_frontend.ONNXGraphImporter):
         before, after = _numel(data), _numel(result)
         if before is None or after is None:
             return
-        if not Analyzer().can_prove_equal(before, after):
+        rest_before, rest_after = _without_common_dims(_dims(data), _dims(result))
+        if not Analyzer().can_prove_equal(_product(rest_before), _product(rest_after)):
             self._checks.append((node, "Reshape", before, after))
 
 
@@ -396,7 +573,7 @@ def _dims(expr) -> list | None:
 def _numel(expr):
     """The element count of a tensor expression (a PrimExpr), or None if its shape is unknown."""
     dims = _dims(expr)
-    return None if dims is None else functools.reduce(operator.mul, dims, tvm.tirx.IntImm("int64", 1))
+    return None if dims is None else _product(dims)
 
 
 _TEXT_OPS = {"Add": "+", "Sub": "-", "Mul": "*", "FloorDiv": "//", "FloorMod": "%"}

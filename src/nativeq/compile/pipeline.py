@@ -28,6 +28,7 @@ from nativeq.compile.passes.kernel_argument_shapes import KernelArgumentShapes
 from nativeq.compile.passes.legalize_like_ort import legalize_like_ort
 from nativeq.compile.passes.lut_elementwise import MarkLutElementwise
 from nativeq.compile.passes.repack_after_legalize import RepackAfterLegalize
+from nativeq.compile.passes.rewrite_dataflow_reshape import RewriteDataflowReshape
 from nativeq.compile.passes.scalars_as_tensors import scalars_as_tensors
 from nativeq.compile.passes.symbolic_reshapes_as_views import symbolic_reshapes_as_views
 from nativeq.compile.schedules import kernel_relax_passes, schedule_passes
@@ -74,7 +75,7 @@ def _passes(target, *, int8: bool, tuning_database: Path | None, compressed_weig
         *tuning_passes(tuning_database, target),
         *schedule_passes(target),
         # dataflow lowering (TVM's CPU backend)
-        relax.transform.RewriteDataflowReshape(),
+        RewriteDataflowReshape(),  # TVM's, with kernels its analysis cannot decide left as kernels
         relax.transform.ToNonDataflow(),
         relax.transform.RemovePurityChecking(),
         relax.transform.CallTIRRewrite(),
