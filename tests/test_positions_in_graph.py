@@ -15,7 +15,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from nativeq.compile import CompileConfig, compile_model
-from nativeq.compile.onnx_import import import_onnx, import_onnx_with_checks
+from nativeq.compile._tvm import Analyzer, tirx
+from nativeq.compile.onnx_import import _product, _without_common_dims, import_onnx
 from nativeq.runtime import load
 
 VOCAB, DIM = 20, 8
@@ -184,8 +185,33 @@ def test_pads_computed_from_the_length_match_onnxruntime(module, tmp_path):
                                 rtol=1e-6)
 
 
-def test_the_relative_shift_holds_for_every_length():
-    """The shift's reshapes keep their element counts for every input length (a product of sums in another order,
-    a slice from 1 of a length of at least 2): no shape condition for the runtime to check, no warning."""
-    _, checks = import_onnx_with_checks(_torchscript_onnx(_RelativeScores(), 16))
-    assert checks == []
+def test_reshape_sizes_equal_up_to_the_order_of_their_factors_are_proven_equal():
+    """A relative shift's reshape of a waveform model's scores, [1, 4, n, 2n] -> [1, 4, 2n, n] with n a length after
+    the conv front end: TVM's simplifier does not expand the products of sums, the cancelled dims prove it (no shape
+    condition for the runtime to check, no warning)."""
+    samples = tirx.Var("S", "int64")
+    n = (samples - 400) // 320 + 1
+    before, after = [_int64(1), _int64(4), n, n * 2], [_int64(1), _int64(4), n * 2, n]
+    assert not Analyzer().can_prove_equal(_product(before), _product(after))
+    rest_before, rest_after = _without_common_dims(before, after)
+    assert len(rest_before) == len(rest_after) == 2  # the static 1 and 4 are left
+    assert Analyzer().can_prove_equal(_product(rest_before), _product(rest_after))
+
+
+def _int64(value: int):
+    return tirx.IntImm("int64", value)
+
+
+class _RepeatedByLength(torch.nn.Module):
+    """A tensor repeated a number of times computed from the length (SEW-D's relative positions repeated per head:
+    `x.repeat(q.size(0) // heads, 1, 1)`; a Tile of a shape value, which TVM's importer refuses outright)."""
+
+    def forward(self, x):
+        return x.repeat(x.shape[1] // 2 + 1, 1, 1)
+
+
+def test_repeats_computed_from_the_length_match_onnxruntime(tmp_path):
+    rng = np.random.default_rng(4)
+    _assert_matches_onnxruntime(_torchscript_onnx(_RepeatedByLength(), 8), tmp_path,
+                                [{"x": rng.standard_normal((1, length, 8)).astype(np.float32)} for length in (1, 6, 13)],
+                                rtol=0)

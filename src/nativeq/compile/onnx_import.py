@@ -37,13 +37,16 @@ import numpy as np
 import onnx
 
 from nativeq._text import first_line
-from nativeq.compile._tvm import Analyzer, onnx_convert_map, onnx_frontend, relax, tirx, topi, tvm
+from nativeq.compile._tvm import Analyzer, onnx_convert_map, onnx_frontend, relax, te, tirx, topi, tvm
 from nativeq.compile.onnx_legalize import IMPORTER_BUILTIN_OPS, check_importable, legalize
 from nativeq.compile.provenance import node_span, span_node, used_vars, with_node_spans
 from nativeq.compile.einsum import CONVERTERS as EINSUM_CONVERTERS
 from nativeq.compile.recurrent import CONVERTERS as RECURRENT_CONVERTERS, check_node as check_recurrent_node
 from nativeq.errors import NativeqError
 
+# The ops TVM's importer lets read a shape value (`ONNXGraphImporter._construct_nodes`); it refuses any other.
+_SHAPE_VALUE_OPS = {"Reshape", "Resize", "ConstantOfShape", "Gather", "Slice", "Shape", "Expand", "Concat", "Equal",
+                    "Where", "Cast", "CastLike", "Squeeze"}
 _BROADCAST_OPS = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Where", "Equal", "Less", "Greater", "And", "Or"}
 
 
@@ -172,6 +175,25 @@ class _Pad(onnx_frontend.Pad):
         pad_before, pad_after, constant_value = cls._parse_pads_and_axes(inputs, params)
         pad_width = [int(p) for pair in zip(pad_before, pad_after) for p in pair]
         return relax.op.nn.pad(inputs[0], pad_width, "constant", float(constant_value))
+
+
+class _Tile(onnx_frontend.Tile):
+    @classmethod
+    def _impl_v13(cls, bb, inputs, attr, params):
+        """Tile with repeats computed from shapes (`x.repeat(q.size(0) // heads, 1, 1)`), by their values: TVM's
+        converter takes constant repeats only."""
+        repeats = _values_from_shapes(bb, onnx_frontend.get_constant(inputs[1], params))
+        if repeats is None or repeats.ndim != 1 or all(isinstance(r, int) for r in repeats) and isinstance(
+                onnx_frontend.get_constant(inputs[1], params), tvm.ir.GenericConst):
+            return super()._impl_v13(bb, inputs, attr, params)
+        return bb.emit_te(_tile, inputs[0], [_as_int64(r) for r in repeats], primfunc_name_hint="tile")
+
+
+def _tile(x, repeats: list):
+    """ONNX Tile with repeats that may be PrimExprs (`topi.tile` takes ints): out[i] = x[i % x.shape]."""
+    shape = list(x.shape)
+    return te.compute([d * r for d, r in zip(shape, repeats)],
+                      lambda *index: x(*(i % d for i, d in zip(index, shape))), name="tile")
 
 
 # Ops `_values_from_shapes` evaluates on object arrays: a size computation's tensor ops (TorchScript's pads idiom:
@@ -330,7 +352,7 @@ class _Slice(onnx_frontend.Slice):
     def _impl_v13(cls, bb, inputs, attr, params):
         """A constant Slice of a symbolic axis (torch's `x[:, :, -4:]` of a cache concatenated before a chunk,
         [1, C, 4 + T]; an end of INT64_MAX) with its bounds resolved against the axis's length, as an in-bound slice,
-        when they provably are for every input size (dims >= 1). TVM sizes it `min(INT64_MAX, n) - ...`, which its
+        when they provably are for every non-negative size. TVM sizes it `min(INT64_MAX, n) - ...`, which its
         simplifier cannot reduce (n + 4 might overflow): the new cache was typed [1, C, INT64_MAX - max(T, INT64_MAX
         - 4)], and the manifest would describe that output so."""
         result = super()._impl_v13(bb, inputs, attr, params)
@@ -355,7 +377,7 @@ class _Slice(onnx_frontend.Slice):
             return result  # static axes: TVM's sizes are exact
         analyzer = Analyzer()
         free = {v.name: v for dim in axis_dims for v in tirx.analysis.undefined_vars(dim, [])}
-        with analyzer.constraint_scope(tvm.tirx.all(*(v >= 1 for v in free.values()))):  # no empty inputs
+        with analyzer.constraint_scope(tvm.tirx.all(*(v >= 0 for v in free.values()))):
             if not all(analyzer.can_prove(0 <= b) and analyzer.can_prove(b <= e) and analyzer.can_prove(e <= dim)
                        for dim, (b, e) in zip(axis_dims, resolved)):
                 return result
@@ -367,7 +389,7 @@ class _Slice(onnx_frontend.Slice):
 # Converters used instead of TVM's; LSTM/GRU/RNN have none in TVM 0.27 (see recurrent.py), Einsum's is one opaque
 # kernel (see einsum.py).
 _CONVERTER_FIXES = {"Range": _Range, "Gather": _Gather, "Pad": _Pad, "Reshape": _Reshape, "Slice": _Slice,
-                    "Expand": _Expand,
+                    "Expand": _Expand, "Tile": _Tile,
                     **RECURRENT_CONVERTERS,
                     **EINSUM_CONVERTERS}
 
@@ -448,6 +470,12 @@ class _Importer(onnx_frontend.ONNXGraphImporter):
         """TVM's check, counting the ops of `_CONVERTER_FIXES` as supported; refuses recurrent attributes early."""
         known = set(onnx_convert_map()) | set(_CONVERTER_FIXES) | IMPORTER_BUILTIN_OPS
         unsupported = {node.op_type for node in graph.node if node.op_type not in known}
+        consumers: dict[str, set] = {}
+        for node in graph.node:
+            for name in node.input:
+                consumers.setdefault(name, set()).add(node.op_type)
+        self.outputs_for_tensor_ops = {node.name: [o for o in node.output if consumers.get(o, set()) - _SHAPE_VALUE_OPS]
+                                       for node in graph.node}
         for node in graph.node:
             if node.op_type in RECURRENT_CONVERTERS:
                 check_recurrent_node(node)
@@ -481,6 +509,10 @@ class _Importer(onnx_frontend.ONNXGraphImporter):
             result = self.bb.normalize(fixed.get_converter(opset)(self.bb, inputs, attrs, [self._nodes, self._params]))
         if op_name == "Reshape":
             self._check_same_size(node, inputs[0], result)
+        if isinstance(getattr(result, "ty", None), relax.ShapeType) and getattr(self, "outputs_for_tensor_ops", {}).get(name):
+            # a shape value read by an op TVM's importer refuses shape values for ("cannot handle ShapeExpr
+            # inputs": Tile, Mul, ...) becomes the tensor of its values, which those ops take
+            result = self.bb.normalize(relax.op.shape_to_tensor(result))
         return self._attribute(result, self.origins.get(name, (op_name, name)))
 
     def _attribute(self, expr, node: tuple[str, str]):
