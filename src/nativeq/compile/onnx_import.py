@@ -1,4 +1,4 @@
-"""ONNX -> Relax import: `legalize`, `check_importable`, then TVM's importer with five fixes and the recurrent ops.
+"""ONNX -> Relax import: `legalize`, `check_importable`, then TVM's importer with its fixes and the recurrent ops.
 
 This is the entry of `compile/`: everything after it works on the Relax module it returns.
 TVM 0.27's ONNX importer loses the static shape of typical exported models with a dynamic
@@ -16,7 +16,12 @@ importer used here differs from `tvm.relax.frontend.onnx.from_onnx` only in:
 - operands of a broadcasting elementwise op whose shapes are equal but not provably so are
   reshaped (a free view) to one spelling of each dimension;
 - a constant `Pad` becomes `R.nn.pad` (TVM's converter emits an opaque TE call, which the int8 and
-  layout passes cannot see through);
+  layout passes cannot see through); pads, a Tile's repeats, computed from shapes (`F.pad(x, (0, n - x.shape[1]))`)
+  are evaluated as expressions of the symbolic dims (TVM refuses run-time pads and repeats);
+- a Reshape's -1 is worked out after cancelling the dims both shapes share (Relax's quotient of two products of
+  symbolic lengths does not simplify), and an Expand of symbolic dims to a constant shape follows ONNX's
+  broadcasting (TVM's converter reads every dim as a number);
+- a shape value read by an op outside the thirteen TVM lets read one becomes the tensor of its values;
 - `LSTM`, `GRU` and `RNN`, for which TVM has no converter, convert through `recurrent.py`;
 - a two-operand `Einsum` is a batched matmul (`einsum.py`): TVM's converter emits one opaque kernel.
 
@@ -183,8 +188,8 @@ class _Tile(onnx_frontend.Tile):
         """Tile with repeats computed from shapes (`x.repeat(q.size(0) // heads, 1, 1)`), by their values: TVM's
         converter takes constant repeats only."""
         repeats = _values_from_shapes(bb, onnx_frontend.get_constant(inputs[1], params))
-        if repeats is None or repeats.ndim != 1 or all(isinstance(r, int) for r in repeats) and isinstance(
-                onnx_frontend.get_constant(inputs[1], params), tvm.ir.GenericConst):
+        constant = isinstance(onnx_frontend.get_constant(inputs[1], params), tvm.ir.GenericConst)
+        if repeats is None or repeats.ndim != 1 or constant:
             return super()._impl_v13(bb, inputs, attr, params)
         return bb.emit_te(_tile, inputs[0], [_as_int64(r) for r in repeats], primfunc_name_hint="tile")
 
@@ -509,7 +514,8 @@ class _Importer(onnx_frontend.ONNXGraphImporter):
             result = self.bb.normalize(fixed.get_converter(opset)(self.bb, inputs, attrs, [self._nodes, self._params]))
         if op_name == "Reshape":
             self._check_same_size(node, inputs[0], result)
-        if isinstance(getattr(result, "ty", None), relax.ShapeType) and getattr(self, "outputs_for_tensor_ops", {}).get(name):
+        read_as_tensor = getattr(self, "outputs_for_tensor_ops", {}).get(name)
+        if read_as_tensor and isinstance(getattr(result, "ty", None), relax.ShapeType):
             # a shape value read by an op TVM's importer refuses shape values for ("cannot handle ShapeExpr
             # inputs": Tile, Mul, ...) becomes the tensor of its values, which those ops take
             result = self.bb.normalize(relax.op.shape_to_tensor(result))
