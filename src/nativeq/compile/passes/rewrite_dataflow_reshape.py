@@ -85,13 +85,15 @@ class _Rewriter(relax.PyExprMutator):
             self._in_dataflow = False
 
     def visit_var_binding_(self, binding):
+        if not (getattr(self, "_in_dataflow", False) and isinstance(binding.var, relax.DataflowVar)):
+            return super().visit_var_binding_(binding)  # TVM's conditions: only dataflow vars of dataflow blocks
         value = self.visit_expr(binding.value)
-        reshape = self._as_reshape(value) if getattr(self, "_in_dataflow", False) else None
-        if reshape is not None and isinstance(binding.var, relax.DataflowVar):
+        reshape = self._as_reshape(value)
+        if reshape is not None:
             value = reshape
             self.rewritten += 1
-        emit = self.builder_.emit if isinstance(binding.var, relax.DataflowVar) else self.builder_.emit_output
-        self.set_var_remap(binding.var, emit(value, name_hint=str(binding.var.name)))
+        self.set_var_remap(binding.var, self.builder_.emit(value, name_hint=str(binding.var.name)))
+        return None
 
 
 @tvm.transform.module_pass(opt_level=0, name="nativeq.RewriteDataflowReshape")
