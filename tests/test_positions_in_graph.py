@@ -16,7 +16,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from nativeq.compile import CompileConfig, compile_model
 from nativeq.compile._tvm import Analyzer, tirx
-from nativeq.compile.onnx_import import _product, _without_common_dims, import_onnx
+from nativeq.compile.onnx_import import _without_common_dims, import_onnx
+from nativeq.compile.passes import dims_product
 from nativeq.runtime import load
 
 VOCAB, DIM = 20, 8
@@ -192,10 +193,10 @@ def test_reshape_sizes_equal_up_to_the_order_of_their_factors_are_proven_equal()
     samples = tirx.Var("S", "int64")
     n = (samples - 400) // 320 + 1
     before, after = [_int64(1), _int64(4), n, n * 2], [_int64(1), _int64(4), n * 2, n]
-    assert not Analyzer().can_prove_equal(_product(before), _product(after))
+    assert not Analyzer().can_prove_equal(dims_product(before), dims_product(after))
     rest_before, rest_after = _without_common_dims(before, after)
     assert len(rest_before) == len(rest_after) == 2  # the static 1 and 4 are left
-    assert Analyzer().can_prove_equal(_product(rest_before), _product(rest_after))
+    assert Analyzer().can_prove_equal(dims_product(rest_before), dims_product(rest_after))
 
 
 def _int64(value: int):

@@ -34,7 +34,6 @@ inputs before running (`runtime/shape_checks.py`) instead of returning a wrongly
 
 from __future__ import annotations
 
-import functools
 import operator
 from dataclasses import dataclass
 
@@ -44,6 +43,7 @@ import onnx
 from nativeq._text import first_line
 from nativeq.compile._tvm import Analyzer, onnx_convert_map, onnx_frontend, relax, te, tirx, topi, tvm
 from nativeq.compile.onnx_legalize import IMPORTER_BUILTIN_OPS, check_importable, legalize
+from nativeq.compile.passes import dims_product
 from nativeq.compile.provenance import node_span, span_node, used_vars, with_node_spans
 from nativeq.compile.einsum import CONVERTERS as EINSUM_CONVERTERS
 from nativeq.compile.recurrent import CONVERTERS as RECURRENT_CONVERTERS, check_node as check_recurrent_node
@@ -187,9 +187,9 @@ class _Tile(onnx_frontend.Tile):
     def _impl_v13(cls, bb, inputs, attr, params):
         """Tile with repeats computed from shapes (`x.repeat(q.size(0) // heads, 1, 1)`), by their values: TVM's
         converter takes constant repeats only."""
-        repeats = _values_from_shapes(bb, onnx_frontend.get_constant(inputs[1], params))
-        constant = isinstance(onnx_frontend.get_constant(inputs[1], params), tvm.ir.GenericConst)
-        if repeats is None or repeats.ndim != 1 or constant:
+        given = onnx_frontend.get_constant(inputs[1], params)
+        repeats = _values_from_shapes(bb, given)
+        if repeats is None or repeats.ndim != 1 or isinstance(given, tvm.ir.GenericConst):
             return super()._impl_v13(bb, inputs, attr, params)
         return bb.emit_te(_tile, inputs[0], [_as_int64(r) for r in repeats], primfunc_name_hint="tile")
 
@@ -297,12 +297,8 @@ def _target_with_inferred_dim(data, new_shape, allowzero: int):
     if not allowzero:
         values = [dims[k] if _int_value(v) == 0 and k < len(dims) else v for k, v in enumerate(values)]
     numerator, denominator = _without_common_dims(dims, [v for k, v in enumerate(values) if k != unknown[0]])
-    values[unknown[0]] = Analyzer().simplify(_product(numerator) // _product(denominator))
+    values[unknown[0]] = Analyzer().simplify(dims_product(numerator) // dims_product(denominator))
     return relax.ShapeExpr(values)
-
-
-def _product(dims):
-    return functools.reduce(operator.mul, dims, tvm.tirx.IntImm("int64", 1))
 
 
 def _without_common_dims(a: list, b: list) -> tuple[list, list]:
@@ -334,16 +330,16 @@ class _Expand(onnx_frontend.Expand):
         target = [int(v) for v in shape.value.numpy().tolist()]
         rank = max(len(target), len(dims))
         target = [1] * (rank - len(target)) + target
-        dims = [tvm.tirx.IntImm("int64", 1)] * (rank - len(dims)) + dims
+        aligned = [tvm.tirx.IntImm("int64", 1)] * (rank - len(dims)) + dims
         out = []
-        for d, t in zip(dims, target):
+        for d, t in zip(aligned, target):
             if t in (1, -1):  # -1: TVM's reading (keep the data's dim); ONNX defines only 1 to do so
                 out.append(d)
             elif _int_value(d) in (1, None) or _int_value(d) == t:
                 out.append(tvm.tirx.IntImm("int64", t))  # a symbolic dim must be 1 or t, as ORT requires
             else:
                 raise ValueError(f"Expand cannot broadcast a dim of {_int_value(d)} to {t}")
-        if len(out) == len(_dims(data)) and all(Analyzer().can_prove_equal(a, b) for a, b in zip(out, _dims(data))):
+        if len(out) == len(dims) and all(Analyzer().can_prove_equal(a, b) for a, b in zip(out, dims)):
             return data
         return relax.op.broadcast_to(data, relax.ShapeExpr(out))
 
@@ -455,6 +451,7 @@ class _Importer(onnx_frontend.ONNXGraphImporter):
         self._checks: list[tuple[str, str, object, object]] = []  # (node, op, lhs PrimExpr, rhs PrimExpr)
         self.origins: dict[str, tuple[str, str]] = {}  # legalized node name -> the user's node (op type, name)
         self.var_nodes: dict = {}  # Relax variable bound while converting a node -> that node (op type, name)
+        self.outputs_for_tensor_ops: dict[str, list] = {}  # node name -> outputs an op reads that takes no shape value
 
     def checks_by_onnx_name(self, graph: onnx.GraphProto, mod) -> list[ShapeCheck]:
         """The collected conditions with TVM's dim variables renamed to the graph inputs' ONNX dim names.
@@ -514,7 +511,7 @@ class _Importer(onnx_frontend.ONNXGraphImporter):
             result = self.bb.normalize(fixed.get_converter(opset)(self.bb, inputs, attrs, [self._nodes, self._params]))
         if op_name == "Reshape":
             self._check_same_size(node, inputs[0], result)
-        read_as_tensor = getattr(self, "outputs_for_tensor_ops", {}).get(name)
+        read_as_tensor = self.outputs_for_tensor_ops.get(name)
         if read_as_tensor and isinstance(getattr(result, "ty", None), relax.ShapeType):
             # a shape value read by an op TVM's importer refuses shape values for ("cannot handle ShapeExpr
             # inputs": Tile, Mul, ...) becomes the tensor of its values, which those ops take
@@ -563,7 +560,7 @@ class _Importer(onnx_frontend.ONNXGraphImporter):
         if before is None or after is None:
             return
         rest_before, rest_after = _without_common_dims(_dims(data), _dims(result))
-        if not Analyzer().can_prove_equal(_product(rest_before), _product(rest_after)):
+        if not Analyzer().can_prove_equal(dims_product(rest_before), dims_product(rest_after)):
             self._checks.append((node, "Reshape", before, after))
 
 
@@ -611,7 +608,7 @@ def _dims(expr) -> list | None:
 def _numel(expr):
     """The element count of a tensor expression (a PrimExpr), or None if its shape is unknown."""
     dims = _dims(expr)
-    return None if dims is None else _product(dims)
+    return None if dims is None else dims_product(dims)
 
 
 _TEXT_OPS = {"Add": "+", "Sub": "-", "Mul": "*", "FloorDiv": "//", "FloorMod": "%"}

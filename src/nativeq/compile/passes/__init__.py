@@ -18,6 +18,16 @@ def rewrite_functions(mutator, prepare=None, remove_unused: bool = False) -> "ob
     return mutator.builder_.get()
 
 
+def dims_product(dims):
+    """The product of tensor dims (ints or PrimExprs) as an int64 PrimExpr: an element count."""
+    import functools
+    import operator
+
+    from nativeq.compile._tvm import tirx
+
+    return functools.reduce(operator.mul, dims, tirx.IntImm("int64", 1))
+
+
 def use_counts(func) -> dict:
     """Relax Var -> how many times the body of `func` reads it."""
     from nativeq.compile._tvm import relax

@@ -14,11 +14,8 @@ a reshape: here it stays the kernel it is.
 
 from __future__ import annotations
 
-import functools
-import operator
-
 from nativeq.compile._tvm import Analyzer, relax, tirx, tvm
-from nativeq.compile.passes import rewrite_functions
+from nativeq.compile.passes import dims_product, rewrite_functions
 
 
 def is_reshape_kernel(func) -> bool:
@@ -37,10 +34,6 @@ def _read_tensors(func, args) -> list:
             if isinstance(arg.ty, relax.TensorType) and any(var.same_as(param) for var in free)]
 
 
-def _numel(ty):
-    return functools.reduce(operator.mul, ty.shape.values, tirx.IntImm("int64", 1))
-
-
 @relax.expr_functor.mutator
 class _Rewriter(relax.PyExprMutator):
     def __init__(self, mod):
@@ -48,6 +41,7 @@ class _Rewriter(relax.PyExprMutator):
         self.mod = mod
         self.reshape_kernels: dict = {}
         self.rewritten = 0
+        self.in_dataflow = False
 
     def _is_reshape_kernel(self, gvar) -> bool:
         if gvar not in self.reshape_kernels:
@@ -66,26 +60,26 @@ class _Rewriter(relax.PyExprMutator):
         if len(read) != 1:
             return None
         arg = read[0]
-        arg_ty, out_ty = arg.ty, call.ty
-        if not (isinstance(arg_ty, relax.TensorType) and isinstance(out_ty, relax.TensorType)):
+        arg_ty, out_ty = arg.ty, call.ty  # the argument is a tensor (`_read_tensors`)
+        if not isinstance(out_ty, relax.TensorType):
             return None
         if arg_ty.dtype != out_ty.dtype or arg_ty.shape is None or out_ty.shape is None:
             return None
         if not hasattr(arg_ty.shape, "values") or not hasattr(out_ty.shape, "values"):
             return None
-        if not Analyzer().can_prove_equal(_numel(arg_ty), _numel(out_ty)):
+        if not Analyzer().can_prove_equal(dims_product(arg_ty.shape.values), dims_product(out_ty.shape.values)):
             return None
         return relax.op.reshape(arg, out_ty.shape)
 
     def visit_dataflow_block_(self, block):
-        self._in_dataflow = True
+        self.in_dataflow = True
         try:
             return super().visit_dataflow_block_(block)
         finally:
-            self._in_dataflow = False
+            self.in_dataflow = False
 
     def visit_var_binding_(self, binding):
-        if not (getattr(self, "_in_dataflow", False) and isinstance(binding.var, relax.DataflowVar)):
+        if not (self.in_dataflow and isinstance(binding.var, relax.DataflowVar)):
             return super().visit_var_binding_(binding)  # TVM's conditions: only dataflow vars of dataflow blocks
         value = self.visit_expr(binding.value)
         reshape = self._as_reshape(value)
