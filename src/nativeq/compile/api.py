@@ -147,8 +147,71 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as e:  # noqa: BLE001  (ValidationError, InferenceError, ...)
-        raise NativeqError(f"{path} fails onnx.checker: {first_line(e)}") from None
+        if "topologically sorted" not in str(e):
+            raise NativeqError(f"{path} fails onnx.checker: {first_line(e)}{checker_hint(model, e)}") from None
+        # ONNX Runtime sorts a graph's nodes itself (its quantizer can write them out of order around If nodes).
+        model = topologically_sorted(model)
+        try:
+            onnx.checker.check_model(model, full_check=True)
+        except Exception as e2:  # noqa: BLE001
+            raise NativeqError(f"{path} fails onnx.checker: {first_line(e2)}{checker_hint(model, e2)}") from None
     return model
+
+
+def checker_hint(model: onnx.ModelProto, err: Exception) -> str:
+    """What to do about a checker failure users meet, as a sentence to append ('' when there is none)."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if "Unrecognized attribute: axis for operator" in str(err) and opset < 13:
+        return (f" (per-channel QuantizeLinear/DequantizeLinear need opset >= 13, the model has {opset}; "
+                "ONNX Runtime refuses it too: convert the float model with "
+                "onnx.version_converter.convert_version(model, 13) before quantizing it)")
+    return ""
+
+
+def topologically_sorted(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` whose nodes (and those of its subgraphs) come after the nodes producing what they read,
+    in their original order otherwise. A subgraph's reads from the scope around it count as its node's reads."""
+    import heapq
+
+    def reads(node) -> set[str]:
+        names = {i for i in node.input if i}
+        for attr in node.attribute:
+            for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs):
+                sort_graph(g)
+                defined = {i.name for i in g.input} | {t.name for t in g.initializer}
+                for inner in g.node:
+                    names |= reads(inner) - defined
+                    defined.update(inner.output)
+                names |= {o.name for o in g.output} - defined
+        return names
+
+    def sort_graph(graph) -> None:
+        nodes = list(graph.node)
+        producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
+        waits_on = [{producer[r] for r in reads(node) if r in producer} - {i} for i, node in enumerate(nodes)]
+        readers: dict[int, list[int]] = {}
+        for i, deps in enumerate(waits_on):
+            for d in deps:
+                readers.setdefault(d, []).append(i)
+        ready = [i for i, deps in enumerate(waits_on) if not deps]
+        heapq.heapify(ready)
+        order = []
+        while ready:
+            i = heapq.heappop(ready)
+            order.append(i)
+            for r in readers.get(i, ()):
+                waits_on[r].discard(i)
+                if not waits_on[r]:
+                    heapq.heappush(ready, r)
+        if len(order) != len(nodes):
+            raise NativeqError("the graph has a cycle: its nodes cannot be ordered")
+        del graph.node[:]
+        graph.node.extend(nodes[i] for i in order)
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    sort_graph(out.graph)
+    return out
 
 
 def import_model(model: onnx.ModelProto, path: Path):

@@ -50,6 +50,8 @@ TVM importer cannot convert.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -87,10 +89,13 @@ def legalize(model: onnx.ModelProto, origins: dict[str, str] | None = None) -> o
     origins.update((node.name, (node.op_type, node.name)) for node in out.graph.node)
     refuse_unsupported_quantized_types(ctx)
     widen_int4_initializers(ctx)
-    # Each folding round can make more dimensions static for shape inference: repeat to a fixed point.
-    while fold_static_shape_arithmetic(ctx):
+    # Each folding round can make more dimensions static for shape inference, and each inlined If branch brings
+    # its nodes to the top level where they fold: repeat to a fixed point. An If whose condition stays a run-time
+    # value runs both branches and selects.
+    while fold_static_shape_arithmetic(ctx) | inline_constant_ifs(ctx, origins) or select_runtime_ifs(ctx, origins):
         ctx.flush_initializers()
         ctx.shapes, ctx.static_dims = _infer_shapes(out)
+    check_selected_ifs(ctx)
     new_nodes = []
     for node in out.graph.node:
         replacement = None
@@ -180,6 +185,7 @@ class _Context:
         self.opset = _default_opset(model)
         self.needs_opset = 0
         self.widened_int4: dict[str, int] = {}
+        self.selected_ifs: list[tuple] = []  # (If node, output index, then name, else name) made by a select
         self.elem_types: dict[str, int] | None = None  # of the input graph, inferred on first use
         self.initializers = {t.name: t for t in self.graph.initializer}
         self._new_inits: list[onnx.TensorProto] = []
@@ -340,7 +346,8 @@ def _as_scalar(ctx: _Context, name: str) -> str:
 _SHAPE_ARITHMETIC_OPS = {
     "Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Cast", "Add", "Sub", "Mul", "Div", "Slice", "Reshape",
     "Range", "Equal", "Where", "Expand", "ConstantOfShape", "Identity", "Floor", "Ceil", "Sqrt", "Pow", "Neg",
-    "ReduceProd", "Max", "Min", "Mod", "Less", "Greater", "Not", "Size",
+    "ReduceProd", "Max", "Min", "Mod", "Less", "Greater", "Not", "Size", "Transpose", "LessOrEqual", "GreaterOrEqual",
+    "And", "Or",
 }
 # NOTE: only tensors this small are folded: shape arithmetic, never weights (their Q/DQ must stay visible).
 _FOLD_MAX_ELEMENTS = 64
@@ -369,6 +376,8 @@ def fold_static_shape_arithmetic(ctx: _Context) -> bool:
                 value = [numpy_helper.to_array(_attr(node, "value"))] if _attr(node, "value") is not None else None
             elif node.op_type == "Shape":
                 value = _static_shape(node, static_dims, partial_shapes)
+            elif node.op_type == "Size" and node.input[0] in partial_shapes:  # a rank: `x.dim()`
+                value = [np.array(len(partial_shapes[node.input[0]]), np.int64)]
             elif node.op_type == "Gather" and node.input[0] in partial_shapes and node.input[1] in consts:
                 value = _gather_static_dims(partial_shapes[node.input[0]], consts[node.input[1]])
             elif node.op_type in _SHAPE_ARITHMETIC_OPS and node.input and all(i == "" or i in consts for i in node.input):
@@ -384,6 +393,143 @@ def fold_static_shape_arithmetic(ctx: _Context) -> bool:
     del ctx.graph.node[:]
     ctx.graph.node.extend(kept)
     return folded
+
+
+def inline_constant_ifs(ctx: _Context, origins: dict) -> bool:
+    """An If whose condition is a constant (often folded from shapes: `if x.dim() == 3`, a squeeze when a size
+    is 1) -> the nodes of the branch it takes. Returns whether any If was inlined.
+
+    TVM's importer turns If into Relax control flow outside any dataflow block, where nothing is fused or
+    lowered to int8; the exporters' Ifs on shapes are decided once the sizes are known.
+    """
+    kept, inlined = [], False
+    for node in ctx.graph.node:
+        cond = ctx.array(node.input[0]) if node.op_type == "If" and node.domain in ("", "ai.onnx") else None
+        if cond is None or cond.size != 1:
+            kept.append(node)
+            continue
+        branch = _attr(node, "then_branch" if bool(cond.reshape(-1)[0]) else "else_branch")
+        outputs, nodes = _inline_branch(ctx, branch, node.name)
+        nodes += [helper.make_node("Identity", [src], [dst], name=ctx.fresh(f"{node.name}/{dst}"))
+                  for src, dst in zip(outputs, node.output)]
+        for new_node in nodes:
+            origins[new_node.name] = origins.get(node.name, (node.op_type, node.name))
+        kept.extend(nodes)
+        inlined = True
+    if inlined:
+        del ctx.graph.node[:]
+        ctx.graph.node.extend(kept)
+    return inlined
+
+
+def select_runtime_ifs(ctx: _Context, origins: dict) -> bool:
+    """An If whose condition is computed at run time (a value of the data, an input such as a sample rate) ->
+    both branches, then `Where(condition, then, else)` per output. ONNX ops have no side effects, so this
+    computes the same values; it costs the branch not taken. Refused, naming the node, when shape inference
+    cannot show the branches' outputs to be tensors of one type and shape (a select could not reproduce them).
+    """
+    if not any(node.op_type == "If" and node.domain in ("", "ai.onnx") for node in ctx.graph.node):
+        return False
+    kept, pairs = [], []
+    for node in ctx.graph.node:
+        if node.op_type != "If" or node.domain not in ("", "ai.onnx"):
+            kept.append(node)
+            continue
+        then_out, nodes = _inline_branch(ctx, _attr(node, "then_branch"), f"{node.name}/then")
+        else_out, else_nodes = _inline_branch(ctx, _attr(node, "else_branch"), f"{node.name}/else")
+        nodes += else_nodes
+        cond = node.input[0]
+        if ctx.rank(cond) != 0:  # a one-element tensor of any rank: Where needs the scalar
+            scalar = ctx.fresh(f"{cond}/scalar")
+            nodes.append(helper.make_node("Reshape", [cond, ctx.const(f"{cond}/no_dims", np.zeros(0, np.int64))],
+                                          [scalar], name=scalar))
+            cond = scalar
+        nodes += [helper.make_node("Where", [cond, t, e], [dst], name=ctx.fresh(f"{node.name}/{dst}"))
+                  for t, e, dst in zip(then_out, else_out, node.output)]
+        pairs += [(node, i, t, e) for i, (t, e) in enumerate(zip(then_out, else_out))]
+        for new_node in nodes:
+            origins[new_node.name] = origins.get(node.name, (node.op_type, node.name))
+        kept.extend(nodes)
+    del ctx.graph.node[:]
+    ctx.graph.node.extend(kept)
+    ctx.selected_ifs += pairs
+    return True
+
+
+def check_selected_ifs(ctx: _Context) -> None:
+    """After folding: every output `select_runtime_ifs` made must select between tensors of one type and shape."""
+    if not ctx.selected_ifs:
+        return
+    types = _value_types(ctx.model)
+    for node, i, then_name, else_name in ctx.selected_ifs:
+        then_type, else_type = types.get(then_name), types.get(else_name)
+        if then_type is None or then_type != else_type:
+            raise NativeqError(
+                f"If node '{node.name}': its condition '{node.input[0]}' is computed at run time and its branches "
+                f"give output {i} as {_type_text(then_type)} and {_type_text(else_type)}; nativeq compiles such an "
+                "If only when both give the same type and shape (fix the sizes the condition depends on with --dim "
+                "to decide it at compile time)")
+        if i == 0:
+            warnings.warn(f"If node '{node.name}': condition '{node.input[0]}' is computed at run time; both "
+                          "branches run and the result is selected", stacklevel=3)
+
+
+def _inline_branch(ctx: _Context, branch: onnx.GraphProto, tag: str) -> tuple[list[str], list[onnx.NodeProto]]:
+    """The nodes of an If branch for the graph around it, every name the branch defines made fresh (outer-scope
+    names it reads are kept), its initializers moved to the graph; returns (its output names, its nodes)."""
+    renamed: dict[str, str] = {}
+    for init in branch.initializer:
+        renamed[init.name] = ctx.const(f"{tag}/{init.name}", numpy_helper.to_array(init))
+    nodes = []
+    for old in branch.node:
+        node = onnx.NodeProto()
+        node.CopyFrom(old)
+        node.name = ctx.fresh(f"{tag}/{old.name or old.output[0]}")
+        for i, name in enumerate(node.input):
+            node.input[i] = renamed.get(name, name)
+        _rename_reads(node, renamed)
+        for i, name in enumerate(node.output):
+            if name:
+                renamed[name] = node.output[i] = ctx.fresh(f"{tag}/{name}")
+        nodes.append(node)
+    return [renamed.get(o.name, o.name) for o in branch.output], nodes
+
+
+def _rename_reads(node: onnx.NodeProto, renamed: dict[str, str]) -> None:
+    """Names a node's subgraphs read from the scope around them, renamed."""
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for g in graphs:
+            for inner in g.node:
+                for i, name in enumerate(inner.input):
+                    inner.input[i] = renamed.get(name, name)
+                _rename_reads(inner, renamed)
+            for out in g.output:
+                out.name = renamed.get(out.name, out.name)
+
+
+def _value_types(model: onnx.ModelProto) -> dict[str, tuple]:
+    """Tensor name -> (elem type, dims) from shape inference, a dim an int or its symbol; names with an unknown
+    dim are left out."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # noqa: BLE001 - an untyped tensor is refused by the caller
+        inferred = model
+    types = {}
+    for value in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        t = value.type
+        if not t.HasField("tensor_type") or not t.tensor_type.HasField("shape"):
+            continue
+        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.tensor_type.shape.dim)
+        if None not in dims:
+            types[value.name] = (t.tensor_type.elem_type, dims)
+    for init in model.graph.initializer:
+        types[init.name] = (init.data_type, tuple(init.dims))
+    return types
+
+
+def _type_text(t) -> str:
+    return "an untyped value" if t is None else f"{TensorProto.DataType.Name(t[0]).lower()}[{', '.join(map(str, t[1]))}]"
 
 
 def _static_shape(node: onnx.NodeProto, static_dims: dict[str, list], partial_shapes: dict) -> list[np.ndarray] | None:
