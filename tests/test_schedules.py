@@ -263,6 +263,35 @@ def test_qdq_matmul_with_odd_k_or_n_is_tensorized_and_exact(k, n, act_dtype, tmp
     assert report.passed and report.outputs[0].max_steps == 0, report.table()
 
 
+@pytest.mark.parametrize("n", [1, 3])
+def test_a_one_row_head_with_a_lookup_epilogue_is_tensorized_and_exact(n, tmp_path):
+    """A classifier head on one pooled vector (a wake-word or VAD score: 1 row, N = 1 or 3 outputs) whose
+    epilogue requantizes through a sigmoid table: its tile has one row and fewer columns than a vector, and
+    the table is read at any index (not one entry per column): on the int8 kernel, 0 steps from ORT."""
+    import onnx
+    import qdq_models
+    from kernel_rules import schedule_rules
+    from onnx import helper
+
+    from nativeq.compile import CompileConfig, compile_model
+    from nativeq.verify import VerifyConfig, verify_artifact
+
+    model = qdq_models.qdq_matmul(k=128, n=n, t=1, act_dtype="uint8")
+    graph = model.graph
+    graph.node[-1].output[0] = "logit"  # the head's Identity -> a sigmoid, quantized
+    nodes, inits = [helper.make_node("Sigmoid", ["logit"], ["score"], name="score")], []
+    score = qdq_models._q_dq(nodes, inits, "score", "score", 1 / 256, "uint8")
+    nodes.append(helper.make_node("Identity", [score], ["y"], name="y"))
+    graph.node.extend(nodes)
+    graph.initializer.extend(inits)
+    rules = schedule_rules(model, tmp_path)
+    assert [v for name, v in rules.items() if "matmul" in name] == ["int8-matmul"], rules
+    onnx.save(model, tmp_path / "m.onnx")
+    compile_model(tmp_path / "m.onnx", tmp_path / "art", CompileConfig(target="host", use_tuning=False))
+    report = verify_artifact(tmp_path / "art", tmp_path / "m.onnx", VerifyConfig(runs=3))
+    assert report.passed and report.outputs[0].max_steps == 0, report.table()
+
+
 @pytest.mark.parametrize("n", [36, 48, "T"])
 def test_float_batched_matmul_runs_on_the_packed_float_kernel(n, tmp_path):
     """Attention's float P·V ([B, H, T, T] x [B, H, T, 36], as `quantize_dynamic` leaves it): V packed at

@@ -311,9 +311,7 @@ def _schedule(sch: Schedule, intrin: DotIntrin, knobs: TileKnobs | None = None) 
     if last is not None:
         # NOTE: before tensorize: reverse_compute_at after it trips over the replaced inner block.
         sch.reverse_compute_at(last, tile)
-        *_, epi_cols = sch.get_loops(last)
-        _, epi_lane = sch.split(epi_cols, factors=[None, lanes])
-        sch.vectorize(epi_lane)
+        _vectorize_epilogue_columns(sch, last, tile, lanes)
         _column_inputs_on_stack(sch, last, tile)
     # a 4-bit weight: the register tile's k-step of weights unpacked right before its dot products
     unpack = _unpack_int4_at(sch, k_outer)
@@ -429,9 +427,14 @@ def _column_inputs_on_stack(sch: Schedule, last, tile) -> None:
             continue
         if isinstance(shape[-1], tirx.IntImm) and int(shape[-1]) == 1:
             continue
+        last_extent = region.region[-1].extent
+        if not isinstance(last_extent, tirx.IntImm) or int(last_extent) != 1:
+            continue  # read at any index (a lookup table), not at the block's column
         copy = sch.cache_read(last, index, "local")
         sch.compute_at(copy, tile)
-        sch.vectorize(sch.get_loops(copy)[-1])
+        loops = sch.get_loops(copy)
+        if not sch.get(loops[-1]).same_as(sch.get(tile)):  # a tile of one column has no loop of its own
+            sch.vectorize(loops[-1])
 
 
 def _unpack_int4_at(sch: Schedule, loop):
@@ -617,6 +620,22 @@ def _pad_vector_width(kdim: int) -> int:
 
 def _static_dims(shape) -> list[int | None]:
     return [int(d) if isinstance(d, tirx.IntImm) else None for d in shape]
+
+
+def _vectorize_epilogue_columns(sch: Schedule, epilogue, tile, lanes: int) -> None:
+    """Vectorize the columns of the epilogue computed at `tile`, by `lanes`; a tile of fewer real columns (a
+    one-output head: the unit loops of its single element are gone after `reverse_compute_at`) as they are."""
+    loops = sch.get_loops(epilogue)
+    own = loops[[sch.get(loop).same_as(sch.get(tile)) for loop in loops].index(True) + 1:]
+    if not own:
+        return
+    extent = loop_extent(sch, own[-1])
+    if extent is not None and extent <= lanes:
+        if extent > 1:
+            sch.vectorize(own[-1])
+        return
+    _, epi_lane = sch.split(own[-1], factors=[None, lanes])
+    sch.vectorize(epi_lane)
 
 
 def _divisible(extent, factor: int) -> bool:
