@@ -785,10 +785,12 @@ def scalar_length_slice(c: int = 8) -> onnx.ModelProto:
 
 
 def qdq_conv_pool(pool: str = "MaxPool", ndim: int = 2, c: int = 16, kernel=2, stride=2, pads=0, ceil_mode: int = 0,
-                  spatial=("T", 20), act_dtype: str = "uint8", seed: int = 0) -> onnx.ModelProto:
-    """x[1, c, *spatial] -> Q/DQ -> 3x3 (3-tap) Conv + Relu -> Q/DQ -> MaxPool / AveragePool (kernel, stride, pads on
-    every spatial axis) -> Q/DQ -> 1x1 Conv -> Q/DQ -> y: a CNN stem as ORT's quantize_static leaves it (the pool's
-    output quantized with its input's scale and zero point)."""
+                  spatial=("T", 20), act_dtype: str = "uint8", activation: str = "Relu", seed: int = 0) -> onnx.ModelProto:
+    """x[1, c, *spatial] -> Q/DQ -> 3x3 (3-tap) Conv + activation -> Q/DQ -> MaxPool / AveragePool (kernel, stride,
+    pads on every spatial axis) -> Q/DQ -> 1x1 Conv -> Q/DQ -> y: a CNN stem as ORT's quantize_static leaves it (the
+    pool's output quantized with its input's scale and zero point). activation: "Relu", "LeakyRelu" (alpha 0.1), or
+    "Max" (Keras' leaky ReLU as tf2onnx writes `tf.math.maximum(x, 0.2 x)`: the conv's output and its scaled copy
+    quantized, then Max)."""
     rng = np.random.default_rng(seed)
     nodes, inits = [], []
     spatial = tuple(spatial[:ndim])
@@ -796,7 +798,15 @@ def qdq_conv_pool(pool: str = "MaxPool", ndim: int = 2, c: int = 16, kernel=2, s
     w1 = _weight_dq(nodes, inits, "conv1", rng.normal(0, 0.2, (c, c, *[3] * ndim)).astype(np.float32), axis=0)
     nodes.append(helper.make_node("Conv", [xa, w1], ["conv1"], name="conv1_Conv", kernel_shape=[3] * ndim,
                                   pads=[1] * (2 * ndim)))
-    nodes.append(helper.make_node("Relu", ["conv1"], ["relu"], name="conv1_Relu"))
+    if activation == "Max":
+        conv1 = _q_dq(nodes, inits, "conv1_out", "conv1", 0.05, act_dtype)
+        inits.append(numpy_helper.from_array(np.array(0.2, np.float32), "slope"))
+        nodes.append(helper.make_node("Mul", [conv1, "slope"], ["scaled"], name="conv1_Mul"))
+        scaled = _q_dq(nodes, inits, "scaled", "scaled", 0.01, act_dtype)
+        nodes.append(helper.make_node("Max", [conv1, scaled], ["relu"], name="conv1_Max"))
+    else:
+        nodes.append(helper.make_node(activation, ["conv1"], ["relu"], name=f"conv1_{activation}",
+                                      **({"alpha": 0.1} if activation == "LeakyRelu" else {})))
     act = _q_dq(nodes, inits, "act", "relu", 0.04, act_dtype)
     attrs = {"kernel_shape": [kernel] * ndim, "strides": [stride] * ndim, "pads": [pads] * (2 * ndim),
              "ceil_mode": ceil_mode}

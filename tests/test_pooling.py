@@ -72,6 +72,22 @@ def test_pool_between_int8_convs_runs_channels_last_and_matches_onnxruntime(case
         assert report.outputs[0].max_abs == 0.0, report.table()
 
 
+@pytest.mark.parametrize("activation", ["LeakyRelu", "Max"])
+def test_leaky_relu_and_max_stay_channels_last_and_match_onnxruntime(activation, tmp_path):
+    """A conv's LeakyRelu (PLCMOS, AECMOS) or Keras' `maximum(x, 0.2 x)` (openWakeWord's embedding model) before a
+    max pool: elementwise in the channels-last layout (a transpose to channels-first and back around it took 45%
+    of PLCMOS's time), Max as `maximum` (not a stacked reduction kernel); ORT's result."""
+    model = qdq_models.qdq_conv_pool(pool="MaxPool", activation=activation)
+    rules, mod = scheduled(model, tmp_path)
+    assert sum("transpose" in name for name in rules) == 2, rules  # the input's and the output's
+    assert not [name for name in rules if "stack" in name], rules
+    path = tmp_path / "pool.onnx"
+    onnx.save(model, path)
+    compile_model(path, tmp_path / "art", CompileConfig(target="host", use_tuning=False))
+    report = verify_artifact(tmp_path / "art", path, VerifyConfig(dims={"T": 30}, runs=2))
+    assert report.passed and report.outputs[0].max_steps == 0, report.table()
+
+
 def test_a_conv_im2col_copies_16_uint8_channels_as_one_vector(tmp_path):
     """A 3x3 conv over 16 uint8 channels: each tap's channels are one 128-bit copy (byte-by-byte copies were 3x
     slower on AVX-512, where 16 channels are a quarter of a register)."""

@@ -387,10 +387,29 @@ class _Slice(onnx_frontend.Slice):
                                       assume_inbound=True)
 
 
+class _PairwiseMultiInput:
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        """Max / Min of run-time tensors as a chain of `maximum` / `minimum` (elementwise: fused, and carried
+        through channels-last layouts), not TVM's stack of the inputs and a reduction over it (a kernel of its
+        own, with transposes around it in a channels-last model). Exact either way."""
+        if len(inputs) > 1 and not all(isinstance(i, tvm.ir.GenericConst) for i in inputs):
+            return cls._impl_dynamic(bb, inputs)
+        return super()._impl_v1(bb, inputs, attr, params)
+
+
+class _Max(_PairwiseMultiInput, onnx_frontend.Max):
+    pass
+
+
+class _Min(_PairwiseMultiInput, onnx_frontend.Min):
+    pass
+
+
 # Converters used instead of TVM's; LSTM/GRU/RNN have none in TVM 0.27 (see recurrent.py), Einsum's is one opaque
 # kernel (see einsum.py).
 _CONVERTER_FIXES = {"Range": _Range, "Gather": _Gather, "Pad": _Pad, "Reshape": _Reshape, "Slice": _Slice,
-                    "Expand": _Expand, "Tile": _Tile,
+                    "Expand": _Expand, "Tile": _Tile, "Max": _Max, "Min": _Min,
                     **RECURRENT_CONVERTERS,
                     **EINSUM_CONVERTERS}
 

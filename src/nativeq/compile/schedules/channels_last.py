@@ -54,7 +54,9 @@ ELEMENTWISE = {
     "relax.astype", "relax.clip", "relax.nn.relu", "relax.nn.silu", "relax.nn.gelu", "relax.nn.gelu_tanh",
     "relax.sigmoid", "relax.tanh", "relax.exp", "relax.negative", "relax.round", "relax.abs", "relax.sqrt",
     "relax.erf", "relax.where", "relax.quantize", "relax.dequantize", "relax.less", "relax.less_equal",
-    "relax.greater", "relax.greater_equal", "relax.equal", "relax.not_equal",
+    "relax.greater", "relax.greater_equal", "relax.equal", "relax.not_equal", "relax.nn.leakyrelu",
+    "relax.nn.softplus", "relax.log", "relax.power", "relax.floor", "relax.ceil", "relax.sign", "relax.square",
+    "relax.rsqrt", "relax.sin", "relax.cos", "relax.logical_not",
 }
 _SPATIAL_MEANS = {"relax.mean", "relax.variance", "relax.sum", "relax.max"}
 # Windowed pooling: channels-first layout -> its channels-last twin (TOPI's pool takes either).
