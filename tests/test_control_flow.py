@@ -198,3 +198,69 @@ def test_per_channel_qdq_below_opset_13_is_refused_with_the_fix(tmp_path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)]), path)
     with pytest.raises(NativeqError, match=r"need opset >= 13, the model has 12.*convert_version\(model, 13\)"):
         load_onnx(path)
+
+
+def _sample_rate_model() -> onnx.ModelProto:
+    """Silero VAD's shape: one model per sample rate behind `If(sr == 16000)`; the 8 kHz branch reads half the
+    window and returns another shape, so no select can stand for the If."""
+    rng = np.random.default_rng(5)
+    at_16k = helper.make_graph([helper.make_node("MatMul", ["x", "w16"], ["y16"], name="mm16")], "at_16k", [],
+                               [helper.make_tensor_value_info("y16", TensorProto.FLOAT, [1, 4])])
+    at_8k = helper.make_graph([helper.make_node("Slice", ["x", "zero", "half", "one_axis"], ["x8"], name="half"),
+                               helper.make_node("MatMul", ["x8", "w8"], ["y8"], name="mm8")], "at_8k", [],
+                              [helper.make_tensor_value_info("y8", TensorProto.FLOAT, [1, 2])])
+    nodes = [helper.make_node("Equal", ["sr", "rate16k"], ["is_16k"], name="is_16k"),
+             helper.make_node("If", ["is_16k"], ["y"], name="by_rate", then_branch=at_16k, else_branch=at_8k)]
+    inits = [_const("w16", rng.standard_normal((D_IN, 4)).astype(np.float32)),
+             _const("w8", rng.standard_normal((D_IN // 2, 2)).astype(np.float32)),
+             _const("rate16k", np.array(16000, np.int64)), _const("zero", np.array([0], np.int64)),
+             _const("half", np.array([D_IN // 2], np.int64)), _const("one_axis", np.array([1], np.int64))]
+    graph = helper.make_graph(nodes, "by_rate", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, D_IN]),
+                                                 helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "N"])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_an_input_fixed_at_compile_time_decides_its_if(tmp_path):
+    from nativeq.verify import VerifyConfig, verify_artifact
+
+    model = _sample_rate_model()
+    path = tmp_path / "by_rate.onnx"
+    onnx.save(model, path)
+    with pytest.raises(NativeqError, match=r"If node .by_rate.*--input-value sr=VALUE"):
+        compile_model(path, tmp_path / "any", CompileConfig(target="host", use_tuning=False))
+    result = compile_model(path, tmp_path / "art", CompileConfig(target="host", use_tuning=False,
+                                                                 input_values={"sr": (16000,)}))
+    assert {"name": "sr", "dtype": "int64", "shape": [], "value": [16000]} in result.manifest["inputs"]
+    compiled = load(tmp_path / "art")
+    x = np.random.default_rng(6).standard_normal((1, D_IN)).astype(np.float32)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    expected = session.run(None, {"x": x, "sr": np.array(16000, np.int64)})[0]
+    np.testing.assert_allclose(compiled.run({"x": x, "sr": np.array(16000, np.int64)})["y"], expected, rtol=1e-5)
+    with pytest.raises(NativeqError, match=r"input 'sr' was fixed to 16000 when the artifact was compiled "
+                                           r"\(compile --input-value\); got 8000"):
+        compiled.run({"x": x, "sr": np.array(8000, np.int64)})
+    report = verify_artifact(tmp_path / "art", path, VerifyConfig(runs=2))  # random inputs take the fixed value
+    assert report.passed and report.outputs[0].max_abs < 1e-5, report.table()
+
+
+@pytest.mark.parametrize("values, fragment", [
+    ({"rate": (16000,)}, "the model has no input 'rate'"),
+    ({"sr": (16000, 8000)}, r"2 value\(s\) given for shape \[\]"),
+    ({"sr": (16000.5,)}, "16000.5 is not a int64 value"),
+])
+def test_input_values_are_refused_in_one_line(values, fragment, tmp_path):
+    from nativeq.compile.input_shapes import fix_input_values
+
+    with pytest.raises(NativeqError, match=fragment):
+        fix_input_values(_sample_rate_model(), values)
+
+
+def test_cli_input_value(nativeq_cli, tmp_path):
+    onnx.save(_sample_rate_model(), tmp_path / "m.onnx")
+    res = nativeq_cli("compile", "m.onnx", "-t", "host", "-o", "out", "--no-tuning", "--input-value", "sr=16000")
+    assert res.returncode == 0, res.stderr
+    assert "sr: int64[] = 16000 (fixed)" in res.stdout, res.stdout
+    res = nativeq_cli("compile", "m.onnx", "-t", "host", "-o", "out2", "--input-value", "sr")
+    assert res.returncode == 2 and res.stderr.startswith("error: ") and res.stderr.count("\n") == 1, res.stderr
+    assert "expected NAME=VALUE" in res.stderr

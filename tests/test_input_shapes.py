@@ -230,6 +230,21 @@ def test_cli_input_shapes_and_dim(nativeq_cli, tmp_path):
     assert not (tmp_path / "out2").exists()
 
 
+def test_cli_input_shapes_given_once_per_input(nativeq_cli, tmp_path):
+    """`--input-shapes` repeated, as `--dim` is: every one applies (click kept only the last one)."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Add", ["x", "y"], ["z"])], "add",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["A", 8]),
+                               helper.make_tensor_value_info("y", TensorProto.FLOAT, ["A", 8])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["A", 8])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    res = nativeq_cli("compile", "m.onnx", "-t", "host", "-o", "out", "--no-tuning",
+                      "--input-shapes", "x:[3,8]", "--input-shapes", "y:[3,8]")
+    assert res.returncode == 0, res.stderr
+    assert "x: float32[3, 8]" in res.stdout and "y: float32[3, 8]" in res.stdout, res.stdout
+
+
 # ----------------------------------------------------------------------------- symbolic batch
 # the Conformer (attention + conv module) in the default suite; the rest slow
 BATCH_ZOO = [pytest.param("transformer_postnorm", marks=pytest.mark.slow), pytest.param("conformer"),

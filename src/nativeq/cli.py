@@ -146,21 +146,26 @@ def models_cmd(as_json):
 @click.option("--dim", "dims", multiple=True,
               help="Fix a symbolic input size by name, e.g. --dim B=1: the artifact is specialized to it "
                    "(and the kernel report counts MACs at it; others at 64, batch 1).")
-@click.option("--input-shapes", default=None,
-              help='Input shapes, e.g. "feats:[1,T,80]": an integer fixes that axis, a name renames its symbolic dim.')
+@click.option("--input-shapes", multiple=True,
+              help='Input shapes, e.g. "feats:[1,T,80] state:[2,1,128]" (or the option once per input): an integer '
+                   'fixes that axis, a name renames its symbolic dim.')
+@click.option("--input-value", "input_values", multiple=True,
+              help="Fix an input's value, e.g. --input-value sr=16000 (a sample rate, a mode flag): If nodes on it are "
+                   "decided at compile time; the artifact refuses other values.")
 @click.option("--debug", is_flag=True, help="Keep the DWARF debug sections in model.so (default: none, a smaller library).")
 @click.option("--dense-weights", is_flag=True,
               help="Store every int8 weight dense and 8-bit (default: 4-bit packed and block-sparse where the values allow).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result (manifest with its kernel table and sizes) as JSON.")
-def compile_cmd(model, target, out, force, explain, no_int8, tuning_log, no_tuning, dims, input_shapes, debug,
-                dense_weights, as_json):
+def compile_cmd(model, target, out, force, explain, no_int8, tuning_log, no_tuning, dims, input_shapes, input_values,
+                debug, dense_weights, as_json):
     """Compile a (QDQ) ONNX MODEL for a target into an artifact directory OUT."""
     from nativeq.compile import CompileConfig, compile_model
-    from nativeq.compile.input_shapes import parse_input_shapes
+    from nativeq.compile.input_shapes import parse_input_shapes, parse_input_values
 
     cfg = CompileConfig(
         target=target, int8=not no_int8, tuning_log=tuning_log, use_tuning=not no_tuning, explain=explain,
-        dims=_parse_dims(dims), input_shapes=parse_input_shapes(input_shapes) if input_shapes else {}, debug=debug,
+        dims=_parse_dims(dims), input_shapes=parse_input_shapes(" ".join(input_shapes)),
+        input_values=parse_input_values(input_values), debug=debug,
         dense_weights=dense_weights,
     )
     result = compile_model(model, out, cfg, force=force)

@@ -23,7 +23,7 @@ from nativeq._data import missing_model_message, onnx_model_path
 from nativeq._fs import atomic_directory, sha256_file
 from nativeq._log import Stages, held_native_output
 from nativeq._text import aligned_table, first_line
-from nativeq.compile.input_shapes import fix_input_shapes
+from nativeq.compile.input_shapes import fix_input_shapes, fix_input_values
 from nativeq.compile.memory_bound import memory_bound
 from nativeq.compile.validate import validate_model
 from nativeq.errors import NativeqError
@@ -49,6 +49,8 @@ class CompileConfig:
         count as 64 (batch-like names as 1).
     input_shapes: input name -> shape, an int fixing that axis, a name renaming its symbolic dim
         (e.g. {"feats": (1, "T", 80)}).
+    input_values: input name -> its values, fixed at compile time (e.g. {"sr": (16000,)}: a sample rate or mode
+        flag): nodes read the constant, so If nodes on it are decided; the artifact refuses other values.
     debug: keep the DWARF debug sections TVM's code generator emits in the library (default: none).
     dense_weights: store every int8 matmul weight dense and 8-bit, multiplying zeros (default: 4-bit
         packed and block-sparse where the values allow, `schedules/weight_formats.py`).
@@ -61,6 +63,7 @@ class CompileConfig:
     explain: bool = False
     dims: dict[str, int] = field(default_factory=dict)
     input_shapes: dict[str, tuple] = field(default_factory=dict)
+    input_values: dict[str, tuple] = field(default_factory=dict)
     debug: bool = False
     dense_weights: bool = False
 
@@ -126,6 +129,8 @@ class CompileResult:
 def _spec_text(spec: dict) -> str:
     shape = "?" if spec.get("shape") is None else ", ".join(str(d) for d in spec["shape"])
     text = f"{spec['name']}: {spec['dtype']}[{shape}]"
+    if spec.get("value") is not None:
+        text += " = " + ", ".join(str(v) for v in spec["value"]) + " (fixed)"
     if spec.get("quant"):
         text += f" (from {spec['quant']['dtype']} DequantizeLinear)"
     return text
@@ -331,7 +336,7 @@ def compile_model(model_path, out_dir, cfg: CompileConfig, force: bool = False, 
     database = tuning_database(cfg, target)
     model = load_onnx(model_path)
     validate_model(model)
-    model = fix_input_shapes(model, cfg.dims, cfg.input_shapes)
+    model = fix_input_values(fix_input_shapes(model, cfg.dims, cfg.input_shapes), cfg.input_values)
     stages = Stages("compile", enabled=progress)
     with stages.stage(f"import {model_path.name}"):
         mod, shape_checks = import_model_with_checks(model, model_path)
@@ -402,6 +407,7 @@ def compile_model(model_path, out_dir, cfg: CompileConfig, force: bool = False, 
                 "compiler": cross_compiler or "host",
                 "dims": dict(cfg.dims),
                 "input_shapes": {name: list(shape) for name, shape in cfg.input_shapes.items()},
+                "input_values": {name: [float(v) for v in values] for name, values in cfg.input_values.items()},
                 "debug": cfg.debug,
                 "seconds": {stage: round(value, 3) for stage, value in seconds.items()},
             },

@@ -7,6 +7,7 @@ runtime side must read it without importing the compiler.
 from __future__ import annotations
 
 import platform
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +111,9 @@ def build_manifest(*, out_dir: Path, library: str, target, model_path: Path, mod
     "kernels" with the symbolic sizes its MAC counts assume as "kernel_dims"; None leaves both out.
     """
     inputs, outputs = io_specs(model)
+    fixed = build.get("input_values") or {}
+    inputs = [replace(spec, value=tuple(np.asarray(fixed[spec.name]).astype(spec.dtype).tolist()))
+              if spec.name in fixed else spec for spec in inputs]
     files = {
         p.name: sha256_file(p)
         for p in sorted(out_dir.iterdir())

@@ -1,4 +1,5 @@
-"""Fix or rename the symbolic input sizes of an ONNX model before import (`compile --dim`, `--input-shapes`).
+"""Fix or rename the symbolic input sizes of an ONNX model before import (`compile --dim`, `--input-shapes`), and
+fix the values of inputs that select a mode (`--input-value sr=16000`).
 
 The first step of `compile/`, on the ONNX model, before `onnx_import`: what ONNX Runtime's
 `make_dynamic_shape_fixed` does, by dim name (`--dim B=1`) or by input (`--input-shapes
@@ -12,6 +13,9 @@ from __future__ import annotations
 import re
 
 import onnx
+
+import numpy as np
+from onnx import helper, numpy_helper
 
 from nativeq.errors import NativeqError
 
@@ -114,3 +118,69 @@ def _dims(value_info: onnx.ValueInfoProto) -> list:
 
 def _text(dims) -> str:
     return "[" + ", ".join(d.dim_param or str(d.dim_value) if (d.dim_param or d.dim_value) else "?" for d in dims) + "]"
+
+
+def parse_input_values(items) -> dict[str, tuple[float, ...]]:
+    """`["sr=16000", "mode=1,0"]` -> {"sr": (16000.0,), "mode": (1.0, 0.0)}; one-line error if malformed."""
+    values: dict[str, tuple[float, ...]] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        try:
+            numbers = tuple(float(v) for v in text.split(","))
+        except ValueError:
+            numbers = ()
+        if not sep or not name or not numbers:
+            raise NativeqError(f"--input-value {item!r}: expected NAME=VALUE or NAME=V1,V2,... (e.g. sr=16000)")
+        if name in values:
+            raise NativeqError(f"--input-value names input {name!r} twice")
+        values[name] = numbers
+    return values
+
+
+def fix_input_values(model: onnx.ModelProto, values: dict[str, tuple[float, ...]]) -> onnx.ModelProto:
+    """A copy of `model` in which every node reads the constant `values[name]` instead of input `name` (a sample
+    rate, a mode flag): If nodes on it are then decided at compile time. The input stays in the signature; the
+    artifact's manifest records the value and the runtime refuses any other. Refused with a one-line error: an
+    unknown input, a symbolic shape, a value count or type the input cannot hold."""
+    if not values:
+        return model
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    graph = fixed.graph
+    initializers = {init.name for init in graph.initializer}
+    inputs = {vi.name: vi for vi in graph.input if vi.name not in initializers}
+    renamed, constants = {}, []
+    for name, numbers in values.items():
+        if name not in inputs:
+            raise NativeqError(f"--input-value {name}: the model has no input {name!r} (its inputs: {', '.join(inputs)})")
+        dims = _dims(inputs[name])
+        if any(not d.HasField("dim_value") for d in dims):
+            raise NativeqError(f"--input-value {name}: its shape {_text(dims)} is not static (fix it with --dim or "
+                               "--input-shapes)")
+        shape = [d.dim_value for d in dims]
+        if int(np.prod(shape)) != len(numbers):
+            raise NativeqError(f"--input-value {name}: {len(numbers)} value(s) given for shape {shape}")
+        dtype = helper.tensor_dtype_to_np_dtype(inputs[name].type.tensor_type.elem_type)
+        array = np.asarray(numbers).astype(dtype)
+        if not np.array_equal(array.astype(np.float64), np.asarray(numbers)):
+            raise NativeqError(f"--input-value {name}: {', '.join(map(str, numbers))} is not a {dtype} value")
+        used = {o for node in graph.node for o in node.output} | set(initializers) | set(inputs)
+        renamed[name] = next(f"{name}__fixed{i or ''}" for i in range(len(used) + 1) if f"{name}__fixed{i or ''}" not in used)
+        constants.append(helper.make_node("Constant", [], [renamed[name]], name=renamed[name],
+                                          value=numpy_helper.from_array(array.reshape(shape))))
+    _read_renamed(graph, renamed)
+    for node in reversed(constants):
+        graph.node.insert(0, node)
+    return fixed
+
+
+def _read_renamed(graph: onnx.GraphProto, renamed: dict[str, str]) -> None:
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            node.input[i] = renamed.get(name, name)
+        for attr in node.attribute:
+            for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs):
+                _read_renamed(g, renamed)
+    for out in graph.output:  # an output that is the input itself: an Identity of the constant would be needed
+        if out.name in renamed:
+            raise NativeqError(f"--input-value {out.name}: the input is also a graph output")

@@ -467,11 +467,33 @@ def check_selected_ifs(ctx: _Context) -> None:
             raise NativeqError(
                 f"If node '{node.name}': its condition '{node.input[0]}' is computed at run time and its branches "
                 f"give output {i} as {_type_text(then_type)} and {_type_text(else_type)}; nativeq compiles such an "
-                "If only when both give the same type and shape (fix the sizes the condition depends on with --dim "
-                "to decide it at compile time)")
+                "If only when both give the same type and shape (decide it at compile time: fix the sizes the "
+                "condition depends on with --dim, or an input it reads with "
+                f"--input-value {(_mode_inputs(ctx, node.input[0]) or ['NAME'])[0]}=VALUE)")
         if i == 0:
+            modes = _mode_inputs(ctx, node.input[0])
+            hint = f" (to decide it at compile time: --input-value {modes[0]}=VALUE)" if modes else ""
             warnings.warn(f"If node '{node.name}': condition '{node.input[0]}' is computed at run time; both "
-                          "branches run and the result is selected", stacklevel=3)
+                          f"branches run and the result is selected{hint}", stacklevel=3)
+
+
+def _mode_inputs(ctx: _Context, name: str) -> list[str]:
+    """Graph inputs of at most 4 elements (a sample rate, a mode flag) that tensor `name` is computed from."""
+    producers = {out: node for node in ctx.graph.node for out in node.output}
+    inputs = {vi.name: vi for vi in ctx.graph.input}
+    found, seen, todo = [], set(), [name]
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if current in inputs:
+            dims = ctx.static_dims.get(current)
+            if dims is not None and None not in dims and int(np.prod(dims)) <= 4:
+                found.append(current)
+        elif current in producers:
+            todo.extend(i for i in producers[current].input if i)
+    return sorted(found)
 
 
 def _inline_branch(ctx: _Context, branch: onnx.GraphProto, tag: str) -> tuple[list[str], list[onnx.NodeProto]]:

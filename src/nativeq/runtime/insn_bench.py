@@ -123,7 +123,9 @@ def random_inputs(specs: tuple[TensorSpec, ...], dims: dict, seed: int) -> dict[
     for spec in specs:
         shape = tuple(d if isinstance(d, int) else int(dims.get(d, DEFAULT_DIM)) for d in spec.shape)
         dtype = np.dtype(spec.dtype)
-        if dtype.kind == "f":
+        if spec.value is not None:  # fixed at compile time: its only value
+            out[spec.name] = np.asarray(spec.value, dtype).reshape(shape)
+        elif dtype.kind == "f":
             out[spec.name] = rng.normal(0, 1, shape).astype(dtype)
         elif dtype.kind == "b":
             out[spec.name] = rng.integers(0, 2, shape).astype(bool)

@@ -82,16 +82,19 @@ class TensorSpec:
     dtype: str
     shape: tuple[int | str, ...] | None  # None: the ONNX graph does not declare it
     quant: dict | None = None
+    value: tuple | None = None  # an input fixed at compile time (`--input-value`): its only accepted value, flat
 
     @classmethod
     def from_json(cls, d: dict) -> "TensorSpec":
         return cls(name=d["name"], dtype=d["dtype"], shape=None if d.get("shape") is None else tuple(d["shape"]),
-                   quant=d.get("quant"))
+                   quant=d.get("quant"), value=None if d.get("value") is None else tuple(d["value"]))
 
     def to_json(self) -> dict:
         d = {"name": self.name, "dtype": self.dtype, "shape": None if self.shape is None else list(self.shape)}
         if self.quant is not None:
             d["quant"] = self.quant
+        if self.value is not None:
+            d["value"] = list(self.value)
         return d
 
     def __str__(self) -> str:
@@ -99,7 +102,8 @@ class TensorSpec:
         if self.shape is None:
             return f"{name}: {self.dtype}[?]"
         dims = ", ".join(str(d) for d in self.shape)
-        return f"{name}: {self.dtype}[{dims}]"
+        fixed = "" if self.value is None else " = " + ", ".join(str(v) for v in self.value)
+        return f"{name}: {self.dtype}[{dims}]{fixed}"
 
 
 # ----------------------------------------------------------------------------- the seal

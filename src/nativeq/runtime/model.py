@@ -158,7 +158,11 @@ def checked_structure(specs: tuple[TensorSpec, ...], inputs: Mapping[str, object
 
 
 def checked_values(spec: TensorSpec, array: np.ndarray) -> np.ndarray:
-    """`array` (which passed `checked_structure`) refused if a float input holds NaN or infinity; C-contiguous."""
+    """`array` (which passed `checked_structure`) refused if a float input holds NaN or infinity, or if the input
+    was fixed at compile time to other values; C-contiguous."""
+    if spec.value is not None and not np.array_equal(array.reshape(-1), np.asarray(spec.value, array.dtype)):
+        raise NativeqError(f"input {spec.name!r} was fixed to {', '.join(map(str, spec.value))} when the artifact "
+                           f"was compiled (compile --input-value); got {_values_text(array)}")
     if array.dtype.kind == "f" and not _all_finite(array):
         bad = array.size - int(np.count_nonzero(np.isfinite(array)))
         raise NativeqError(
@@ -167,6 +171,11 @@ def checked_values(spec: TensorSpec, array: np.ndarray) -> np.ndarray:
         )
     # NOTE: not np.ascontiguousarray, which returns a 0-d array as shape (1,) and the VM refuses it.
     return array if array.flags.c_contiguous else np.ascontiguousarray(array)
+
+
+def _values_text(array: np.ndarray) -> str:
+    flat = array.reshape(-1)
+    return ", ".join(str(v) for v in flat[:4]) + (f" ... ({flat.size} values)" if flat.size > 4 else "")
 
 
 def _numpy_dtype(spec: TensorSpec) -> np.dtype:

@@ -91,7 +91,9 @@ def random_inputs(specs: tuple[TensorSpec, ...], dims: Mapping[str, int], seed: 
                                    f"--dim {d}=SIZE")
             shape.append(int(dims[d]) if isinstance(d, str) else d)
         dtype = np.dtype(spec.dtype) if spec.dtype in np.sctypeDict else None
-        if dtype is not None and dtype.kind == "f":
+        if spec.value is not None:  # fixed at compile time: its only value
+            value = np.asarray(spec.value).reshape(shape)
+        elif dtype is not None and dtype.kind == "f":
             value = rng.standard_normal(shape)
         elif dtype is not None and dtype.kind in "iu":
             info = np.iinfo(dtype)

@@ -85,6 +85,9 @@ def random_inputs(specs, model: onnx.ModelProto, dims: dict[str, int], seed: int
     for spec in specs:
         shape = resolve_shape(spec, dims)
         dtype = np.dtype(spec.dtype)
+        if spec.value is not None:  # fixed at compile time: its only value
+            inputs[spec.name] = np.asarray(spec.value, dtype).reshape(shape)
+            continue
         if dtype.kind == "f":
             if spec.name in ranges:
                 low, high = ranges[spec.name]
