@@ -102,6 +102,9 @@ MODELS = {
 }
 # inputs whose symbolic dims the file leaves unnamed (spox writes dims without a name): given as --input-shapes
 UNNAMED_DIMS = {"silero_vad": {"input": (1, 576), "state": (2, 1, 128)}}
+# the sample-rate input Silero's If nodes choose the 16 kHz or the 8 kHz weights by: fixed as --input-value (the
+# compile's warning or refusal names it), so only the 16 kHz model is compiled
+INPUT_VALUES = {name: {"sr": (16000,)} for name in ("silero_vad", "silero_vad_op18_ifless", "oww_silero_vad")}
 
 
 def fetch(wheel_key: str, cache: Path) -> Path:
@@ -194,7 +197,7 @@ def probe(name: str, out_dir: Path, cache: Path, bench: bool) -> dict:
         result["quantized"] = _quantize(name, float_path, quantized, cache)
         artifact = out_dir / f"{name}.host"
         started = time.perf_counter()
-        _compile(quantized, artifact, dims, UNNAMED_DIMS.get(name, {}))
+        _compile(quantized, artifact, dims, UNNAMED_DIMS.get(name, {}), INPUT_VALUES.get(name, {}))
         result["compile_s"] = round(time.perf_counter() - started, 1)
         result["generic_contraction_kernels"] = generic_contraction_kernels(
             json.loads((artifact / "manifest.json").read_text()))
@@ -211,10 +214,11 @@ def probe(name: str, out_dir: Path, cache: Path, bench: bool) -> dict:
     return result
 
 
-def _compile(model_path: Path, artifact: Path, dims: dict, input_shapes: dict) -> None:
+def _compile(model_path: Path, artifact: Path, dims: dict, input_shapes: dict, input_values: dict) -> None:
     from nativeq.compile.api import CompileConfig, compile_model
 
-    compile_model(model_path, artifact, CompileConfig(target="host", dims=dims, input_shapes=input_shapes), force=True)
+    compile_model(model_path, artifact, CompileConfig(target="host", dims=dims, input_shapes=input_shapes,
+                                                      input_values=input_values), force=True)
 
 
 def _verify(artifact: Path, model_path: Path, inputs: Path) -> tuple[str, str | None]:

@@ -270,7 +270,7 @@ def test_a_one_row_head_with_a_lookup_epilogue_is_tensorized_and_exact(n, tmp_pa
     the table is read at any index (not one entry per column): on the int8 kernel, 0 steps from ORT."""
     import onnx
     import qdq_models
-    from kernel_rules import schedule_rules
+    from kernel_rules import scheduled
     from onnx import helper
 
     from nativeq.compile import CompileConfig, compile_model
@@ -284,12 +284,25 @@ def test_a_one_row_head_with_a_lookup_epilogue_is_tensorized_and_exact(n, tmp_pa
     nodes.append(helper.make_node("Identity", [score], ["y"], name="y"))
     graph.node.extend(nodes)
     graph.initializer.extend(inits)
-    rules = schedule_rules(model, tmp_path)
+    rules, mod = scheduled(model, tmp_path)
     assert [v for name, v in rules.items() if "matmul" in name] == ["int8-matmul"], rules
     onnx.save(model, tmp_path / "m.onnx")
     compile_model(tmp_path / "m.onnx", tmp_path / "art", CompileConfig(target="host", use_tuning=False))
     report = verify_artifact(tmp_path / "art", tmp_path / "m.onnx", VerifyConfig(runs=3))
     assert report.passed and report.outputs[0].max_steps == 0, report.table()
+
+
+@pytest.mark.parametrize("rows, parallel", [(1, False), (64, True)])
+def test_a_dense_layer_on_one_row_runs_on_the_calling_thread(rows, parallel, tmp_path):
+    """A wake-word model's dense layer on its one flattened window ([1, 1536] x [1536, 128], 197k multiply-adds:
+    a few microseconds) is not worth a parallel launch (~3-4 us), though its register tile pads it to 6 rows; 64
+    rows are."""
+    import qdq_models
+    from kernel_rules import scheduled
+
+    rules, mod = scheduled(qdq_models.qdq_matmul(k=1536, n=128, t=rows, act_dtype="uint8"), tmp_path)
+    (name,) = [name for name, rule in rules.items() if rule == "int8-matmul"]
+    assert ("T.parallel" in mod[name].script()) == parallel
 
 
 @pytest.mark.parametrize("n", [36, 48, "T"])

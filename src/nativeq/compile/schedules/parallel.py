@@ -32,19 +32,35 @@ def vector_instructions(func, vector_bits: int) -> int | None:
         logger.debug("no work estimate: %s", err)
         return None
     total = 0
+    result = _static_elements(sch.get(blocks[-1]).writes[0].source.shape) if blocks else None
     for block in blocks:
         stmt = sch.get(block)
-        instances = 1
-        for iter_var in stmt.iter_vars:
-            extent = iter_var.dom.extent
-            if not isinstance(extent, tirx.IntImm):
-                return None
-            instances *= int(extent)
-        int8_reduction = any(iv.iter_type == tirx.IterVar.CommReduce for iv in stmt.iter_vars) and any(
-            str(region.source.dtype) in ("int8", "uint8") for region in stmt.reads)
+        extents = [iv.dom.extent for iv in stmt.iter_vars]
+        if not all(isinstance(e, tirx.IntImm) for e in extents):
+            return None
+        spatial = reduced = 1
+        for iter_var, extent in zip(stmt.iter_vars, extents):
+            if iter_var.iter_type == tirx.IterVar.CommReduce:
+                reduced *= int(extent)
+            else:
+                spatial *= int(extent)
+        int8_reduction = reduced > 1 and any(str(region.source.dtype) in ("int8", "uint8") for region in stmt.reads)
+        if int8_reduction and result is not None and result < spatial:
+            # NOTE: a matmul's rows and columns are padded to whole register tiles (a one-row head: 6 rows x 16
+            # columns for 1 x 1); the kernel's result counts the outputs whose sums it needs.
+            spatial = result
         lanes = vector_bits // 8 if int8_reduction else vector_bits // 32
-        total += -(-instances // lanes)
+        total += -(-(spatial * reduced) // lanes)
     return total
+
+
+def _static_elements(shape) -> int | None:
+    count = 1
+    for dim in shape:
+        if not isinstance(dim, tirx.IntImm):
+            return None
+        count *= int(dim)
+    return count
 
 
 def worth_parallel(func, vector_bits: int) -> bool:
