@@ -236,7 +236,7 @@ def _verify(artifact: Path, model_path: Path, inputs: Path) -> tuple[str, str | 
     worst = [o for o in report.outputs if o.quantized and o.max_steps is not None]
     if worst:
         return f"pass (≤{max(o.max_steps for o in worst):.3g} step)", None
-    return f"pass (max |diff| {max(o.max_abs for o in report.outputs):.2g})", None
+    return f"pass (max diff {max(o.max_abs for o in report.outputs):.2g})", None
 
 
 def markdown_row(r: dict) -> str:

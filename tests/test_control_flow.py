@@ -264,3 +264,18 @@ def test_cli_input_value(nativeq_cli, tmp_path):
     res = nativeq_cli("compile", "m.onnx", "-t", "host", "-o", "out2", "--input-value", "sr")
     assert res.returncode == 2 and res.stderr.startswith("error: ") and res.stderr.count("\n") == 1, res.stderr
     assert "expected NAME=VALUE" in res.stderr
+
+
+@pytest.mark.arm
+def test_a_scalar_input_fixed_at_compile_time_runs_on_the_pi(tmp_path):
+    """The Pi 5 build of the sample-rate model under qemu: the 0-d `sr` input reaches the VM as 0-d (numpy's
+    `ascontiguousarray` made it 1-d and the VM refused it), and the result is ONNX Runtime's."""
+    from nativeq.runtime.emulate import run_emulated
+
+    path = tmp_path / "by_rate.onnx"
+    onnx.save(_sample_rate_model(), path)
+    compile_model(path, tmp_path / "rpi5", CompileConfig(target="rpi5", use_tuning=False, input_values={"sr": (16000,)}))
+    feeds = {"x": np.random.default_rng(7).standard_normal((1, D_IN)).astype(np.float32), "sr": np.array(16000, np.int64)}
+    expected = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    (got,) = run_emulated(tmp_path / "rpi5", feeds)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)

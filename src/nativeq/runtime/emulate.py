@@ -146,7 +146,7 @@ def rpc_server_command(port: int, work_dir: str | Path, cpu: str = "max", host: 
 
 def _write_npy(path: Path, array: np.ndarray) -> None:
     with open(path, "wb") as f:
-        np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+        np.save(f, np.require(array, requirements="C"), allow_pickle=False)  # 0-d stays 0-d
 
 
 def _qemu_command(cpu: str, program: list[str], plugin: list[str] | None = None) -> list[str]:

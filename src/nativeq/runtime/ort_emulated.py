@@ -161,7 +161,7 @@ def run_ort_emulated(model, inputs: Mapping[str, np.ndarray], *, cpu: str = "cor
         raise NativeqError(f"model {model} does not exist")
     with tempfile.TemporaryDirectory(prefix="nativeq-ort-emulated-") as tmp:
         work = Path(tmp)
-        np.savez(work / "inputs.npz", **{k: np.ascontiguousarray(v) for k, v in inputs.items()})
+        np.savez(work / "inputs.npz", **{k: np.require(v, requirements="C") for k, v in inputs.items()})
         log = work / "plugin.log"
         plugin_args = ["-plugin", str(plugin), "-d", "plugin", "-D", str(log)] if plugin else []
         args = [str(RUNNER_SCRIPT), str(model.resolve()), str(work / "inputs.npz"), str(work / "outputs.npz"),

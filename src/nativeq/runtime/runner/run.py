@@ -113,7 +113,10 @@ def read_inputs(args: list[str], specs: list[dict]) -> list[np.ndarray]:
             isinstance(want, int) and want != got for want, got in zip(spec["shape"], array.shape)
         ):
             fail(f"input {spec['name']!r} has shape {list(array.shape)}; the model takes {spec['shape']}")
-        arrays.append(np.ascontiguousarray(array))
+        if spec.get("value") is not None and not np.array_equal(array.reshape(-1), np.asarray(spec["value"], array.dtype)):
+            fail(f"input {spec['name']!r} was fixed to {spec['value']} when the artifact was compiled "
+                 "(compile --input-value)")
+        arrays.append(np.require(array, requirements="C"))  # 0-d stays 0-d (ascontiguousarray: 1-d)
     if named:
         fail(f"unknown inputs {sorted(named)}; the model's inputs are {[s['name'] for s in specs]}")
     return arrays
