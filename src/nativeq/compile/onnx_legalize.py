@@ -36,6 +36,11 @@ user could run anywhere:
   and the slices are summed in int32. A run-time weight is accepted when its static shape
   bounds every sum within 2**24 (C/group * kernel size * 255 * 255), refused otherwise.
 
+- If whose condition folds (from static sizes, ranks, constants, inputs fixed by `--input-value`) -> the nodes of the
+  branch it takes (`inline_constant_ifs`); an If on a run-time value -> both branches and a `Where` per output
+  (`select_runtime_ifs`), refused by name when the branches' outputs differ in type or shape. TVM's importer would
+  make Relax control flow outside any dataflow block, where nothing is fused or lowered to int8.
+
 - PRelu -> Less, Mul, Where (the importer puts a one-element slope on the last axis, which must then be
   static, and runs a per-channel one between two transposes of the whole tensor).
 - STFT of a real signal with constant framing -> a strided Conv with the windowed DFT basis (the importer has
