@@ -43,6 +43,7 @@ from tvm.relax.transform.legalize_ops.manipulate import _reshape as reshape_lega
 from tvm.sym import Analyzer  # noqa: F401,E402  (was tvm.arith.Analyzer: proofs on symbolic shapes)
 from tvm.sym import detect_linear_equation  # noqa: F401,E402  (was tvm.arith.detect_linear_equation)
 from tvm_ffi import structural_equal  # noqa: F401,E402  (was tvm.ir.structural_equal)
+from tvm_ffi import structural_hash  # noqa: F401,E402  (was tvm.ir.structural_hash)
 
 
 def cached_flags(sch, block):

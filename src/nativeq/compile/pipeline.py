@@ -23,6 +23,7 @@ from pathlib import Path
 
 from nativeq.compile._tvm import TVMTarget, relax, tvm
 from nativeq.compile.passes.canonical_shape_func import CanonicalShapeFunc
+from nativeq.compile.passes.fold_constant import FoldConstant
 from nativeq.compile.passes.int8 import int8_passes
 from nativeq.compile.passes.kernel_argument_shapes import KernelArgumentShapes
 from nativeq.compile.passes.legalize_like_ort import legalize_like_ort
@@ -68,7 +69,7 @@ def _passes(target, *, int8: bool, tuning_database: Path | None, compressed_weig
         KernelArgumentShapes(),
         relax.transform.AnnotateTIROpPattern(),
         MarkLutElementwise(),
-        relax.transform.FoldConstant(),
+        FoldConstant(),  # TVM's, each distinct kernel built once
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),  # one PrimFunc per distinct fused kernel (BlockBuilder.add_func deduplicates)
         # schedules: tuned ones first, then nativeq's defaults for the rest
