@@ -17,11 +17,9 @@ per model (the table of docs/zoo.md, "A seventh probe set").
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 import wave
@@ -32,7 +30,7 @@ import numpy as np
 import onnx
 
 from benchmarks.zoo.quantize import CalibrationFeeds, _quiet_root_logger
-from benchmarks.zoo.run import RunConfig, bench_ratio, generic_contraction_kernels
+from benchmarks.zoo.run import RunConfig, bench_ratio, generic_contraction_kernels, probe_main
 
 WHEELS = {"silero": "silero-vad==6.2.3", "faster_whisper": "faster-whisper==1.2.1",
           "openwakeword": "openwakeword==0.5.1", "speechmos": "speechmos==0.0.1.1"}
@@ -251,28 +249,9 @@ def markdown_row(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", help="comma-separated names (default: all)")
-    parser.add_argument("--out", type=Path, help="directory for the wheels, ONNX files and artifacts (default: a "
-                                                 "temporary one)")
-    parser.add_argument("--no-bench", action="store_true")
-    args = parser.parse_args(argv)
-    names = args.models.split(",") if args.models else list(MODELS)
-    unknown = sorted(set(names) - set(MODELS))
-    if unknown:
-        parser.error(f"unknown models {unknown}; known: {', '.join(MODELS)}")
-    with tempfile.TemporaryDirectory(prefix="nativeq-pretrained-") as tmp:
-        out_dir = args.out or Path(tmp)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        print("| model | exporter | opset | verify x86 | quantize_static | compile s | generic contraction kernels "
-              "| nativeq / ORT best ms | ratio |")
-        print("|---|---|---|---|---|---|---|---|---|")
-        results = []
-        for name in names:
-            results.append(probe(name, out_dir, out_dir, bench=not args.no_bench))
-            print(markdown_row(results[-1]), flush=True)
-    failed = [r["model"] for r in results if "error" in r]
-    return 1 if failed else 0
+    return probe_main(__doc__.splitlines()[0], list(MODELS), lambda name, out, bench: probe(name, out, out, bench),
+                      markdown_row, ["model", "exporter", "opset", "verify x86", "quantize_static", "compile s",
+                                     "generic contraction kernels", "nativeq / ORT best ms", "ratio"], argv)
 
 
 if __name__ == "__main__":

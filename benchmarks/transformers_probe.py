@@ -14,9 +14,7 @@ engine). Prints one Markdown row per model (the table of docs/zoo.md, "A sixth p
 
 from __future__ import annotations
 
-import argparse
 import json
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -28,7 +26,7 @@ import torch
 
 from benchmarks.zoo.models import OnnxIO, export_dynamo_onnx, export_float_onnx
 from benchmarks.zoo.quantize import CalibrationFeeds, quantize_model
-from benchmarks.zoo.run import RunConfig, bench_ratio, compile_for, generic_contraction_kernels, verify_cell
+from benchmarks.zoo.run import RunConfig, bench_ratio, compile_for, generic_contraction_kernels, probe_main, verify_cell
 
 SAMPLES_PER_FRAME = 160
 CALIBRATION_FRAMES = (64, 100, 150)
@@ -190,27 +188,9 @@ def markdown_row(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", help="comma-separated names (default: all)")
-    parser.add_argument("--out", type=Path, help="directory for the ONNX files and artifacts (default: a temporary one)")
-    parser.add_argument("--no-bench", action="store_true")
-    args = parser.parse_args(argv)
-    names = args.models.split(",") if args.models else list(_models())
-    unknown = sorted(set(names) - set(_models()))
-    if unknown:
-        parser.error(f"unknown models {unknown}; known: {', '.join(_models())}")
-    with tempfile.TemporaryDirectory(prefix="nativeq-transformers-") as tmp:
-        out_dir = args.out or Path(tmp)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        print("| model | exporter | verify x86 | compile s | generic contraction kernels "
-              "| T=200: nativeq / ORT QDQ / ORT float ms | ratio T=200 | ratio T=1000 |")
-        print("|---|---|---|---|---|---|---|---|")
-        results = []
-        for name in names:
-            results.append(probe(name, out_dir, bench=not args.no_bench))
-            print(markdown_row(results[-1]), flush=True)
-    failed = [r["model"] for r in results if "error" in r]
-    return 1 if failed else 0
+    return probe_main(__doc__.splitlines()[0], list(_models()), probe, markdown_row,
+                      ["model", "exporter", "verify x86", "compile s", "generic contraction kernels",
+                       "T=200: nativeq / ORT QDQ / ORT float ms", "ratio T=200", "ratio T=1000"], argv)
 
 
 if __name__ == "__main__":

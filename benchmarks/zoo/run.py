@@ -309,3 +309,31 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def probe_main(description: str, known: list[str], probe, markdown_row, header: list[str], argv=None) -> int:
+    """The command line of a probe set (`transformers_probe`, `pretrained_probe`): `--models`, `--out`,
+    `--no-bench`; runs `probe(name, out_dir, bench)` per model and prints a Markdown table with `header`'s
+    columns, one `markdown_row(result)` per model. Exit 1 if any model failed."""
+    import argparse
+    import tempfile
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--models", help="comma-separated names (default: all)")
+    parser.add_argument("--out", type=Path, help="directory for the files the probe writes (default: a temporary one)")
+    parser.add_argument("--no-bench", action="store_true")
+    args = parser.parse_args(argv)
+    names = args.models.split(",") if args.models else list(known)
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        parser.error(f"unknown models {unknown}; known: {', '.join(known)}")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="nativeq-probe-") as tmp:
+        out_dir = args.out or Path(tmp)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        print("| " + " | ".join(header) + " |")
+        print("|" + "---|" * len(header))
+        for name in names:
+            results.append(probe(name, out_dir, not args.no_bench))
+            print(markdown_row(results[-1]), flush=True)
+    return 1 if any("error" in r for r in results) else 0

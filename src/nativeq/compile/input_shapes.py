@@ -56,11 +56,7 @@ def fix_input_shapes(model: onnx.ModelProto, dims: dict[str, int] | None = None,
     dims, input_shapes = dict(dims or {}), dict(input_shapes or {})
     if not dims and not input_shapes:
         return model
-    fixed = onnx.ModelProto()
-    fixed.CopyFrom(model)
-    graph = fixed.graph
-    initializers = {init.name for init in graph.initializer}
-    inputs = {vi.name: vi for vi in graph.input if vi.name not in initializers}
+    fixed, inputs = _copy_with_inputs(model)
     symbolic = sorted({d.dim_param for vi in inputs.values() for d in _dims(vi) if d.dim_param})
     for name, size in dims.items():
         if name not in symbolic:
@@ -105,6 +101,14 @@ def fix_input_shapes(model: onnx.ModelProto, dims: dict[str, int] | None = None,
     return fixed
 
 
+def _copy_with_inputs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
+    """A copy of `model`, and its run-time inputs (graph inputs that are not initializers) by name."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    initializers = {init.name for init in fixed.graph.initializer}
+    return fixed, {vi.name: vi for vi in fixed.graph.input if vi.name not in initializers}
+
+
 def _bind(dims: dict[str, int], name: str, size: int, input_name: str) -> None:
     if dims.get(name, size) != size:
         raise NativeqError(f"--input-shapes {input_name}: dim {name!r} given as both {dims[name]} and {size}")
@@ -144,11 +148,9 @@ def fix_input_values(model: onnx.ModelProto, values: dict[str, tuple[float, ...]
     unknown input, a symbolic shape, a value count or type the input cannot hold."""
     if not values:
         return model
-    fixed = onnx.ModelProto()
-    fixed.CopyFrom(model)
+    fixed, inputs = _copy_with_inputs(model)
     graph = fixed.graph
     initializers = {init.name for init in graph.initializer}
-    inputs = {vi.name: vi for vi in graph.input if vi.name not in initializers}
     renamed, constants = {}, []
     for name, numbers in values.items():
         if name not in inputs:
