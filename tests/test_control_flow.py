@@ -279,3 +279,17 @@ def test_a_scalar_input_fixed_at_compile_time_runs_on_the_pi(tmp_path):
     expected = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     (got,) = run_emulated(tmp_path / "rpi5", feeds)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_tune_takes_the_fixed_input_value(tmp_path):
+    """`nativeq tune --input-value sr=16000` lowers the model as compile does (the tuned kernels are the ones compile
+    makes); without it the If is refused, naming the option."""
+    from nativeq.targets import get_target
+    from nativeq.tuning.tune import lower_for_tuning
+
+    path = tmp_path / "by_rate.onnx"
+    onnx.save(_sample_rate_model(), path)
+    with pytest.raises(NativeqError, match="--input-value sr=VALUE"):
+        lower_for_tuning(path, get_target("host"))
+    mod, _ = lower_for_tuning(path, get_target("host"), input_values={"sr": (16000,)})
+    assert any("matmul" in gvar.name_hint for gvar in mod.get_global_vars())

@@ -534,13 +534,17 @@ def bench_emulated_cmd(artifacts, dims, repeat, cpu, as_json):
 @click.option("--no-int8", is_flag=True, help="Tune TVM's float QDQ path (as compile --no-int8).")
 @click.option("--dim", "dims", multiple=True,
               help="Tune a symbolic size at this value, e.g. --dim T=300 (the length you deploy; default 256, batch 1).")
+@click.option("--input-shapes", multiple=True,
+              help='Input shapes, as compile takes them (e.g. "feats:[1,T,80]"): tune the kernels compile makes.')
+@click.option("--input-value", "input_values", multiple=True,
+              help="Fix an input's value, as compile takes it (e.g. --input-value sr=16000).")
 @click.option("--threads", type=int, default=None,
               help="Threads a local measurement uses (default: the target's cores, as deployed).")
 @click.option("--quiet", is_flag=True, help="No progress display (as `nativeq -q tune`, but warnings still shown).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result (tasks, trials, best latencies) as JSON.")
 @click.option("--status", is_flag=True, help="Show what is tuned for which target/model (under --work-dir, else ./tuning_logs/ and the shipped databases).")
 def tune(model, target, trials, work_dir, rpc_tracker, rpc_key, rpc_server, rpc_workers, rpc_timeout, trials_per_iter,
-         no_int8, dims, threads, quiet, as_json, status):
+         no_int8, dims, input_shapes, input_values, threads, quiet, as_json, status):
     """MetaSchedule-tune MODEL's int8 kernels for TARGET; `compile` then applies tuning_logs/<target>/ automatically."""
     if status:
         from nativeq.tuning import tuning_status
@@ -550,11 +554,14 @@ def tune(model, target, trials, work_dir, rpc_tracker, rpc_key, rpc_server, rpc_
         return
     if model is None or target is None:
         raise NativeqError("tune needs MODEL and --target (or --status)")
+    from nativeq.compile.input_shapes import parse_input_shapes, parse_input_values
     from nativeq.tuning import TuneConfig, tune_model
 
     cfg = TuneConfig(target=target, trials=trials, work_dir=work_dir, rpc_tracker=rpc_tracker, rpc_key=rpc_key,
                      rpc=rpc_server, rpc_workers=rpc_workers, rpc_timeout=rpc_timeout,
-                     trials_per_iter=trials_per_iter, int8=not no_int8, dims=_parse_dims(dims), threads=threads, progress=not quiet)
+                     trials_per_iter=trials_per_iter, int8=not no_int8, dims=_parse_dims(dims),
+                     input_shapes=parse_input_shapes(" ".join(input_shapes)),
+                     input_values=parse_input_values(input_values), threads=threads, progress=not quiet)
     result = tune_model(model, cfg)
     if as_json:
         import dataclasses

@@ -46,6 +46,7 @@ class TuneConfig:
     int8: tune the int8-lowered kernels (False: TVM's float QDQ path, as `compile --no-int8`).
     dims: the values to tune symbolic sizes at, by name (e.g. {"T": 300}: tune at the length you
         deploy); unnamed ones get `template.default_dims` (1 for batch, 256 otherwise).
+    input_shapes / input_values: as `CompileConfig` takes them, so the tuned kernels are the ones compile makes.
     threads: threads a local measurement runs with (default: the target's cores); an RPC device
         measures with its own default.
     progress: show a progress display on stderr.
@@ -61,6 +62,8 @@ class TuneConfig:
     rpc_timeout: float = 60.0
     int8: bool = True
     dims: dict[str, int] = field(default_factory=dict)
+    input_shapes: dict[str, tuple] = field(default_factory=dict)
+    input_values: dict[str, tuple] = field(default_factory=dict)
     threads: int | None = None
     min_trials_per_task: int = 8
     trials_per_iter: int = 32
@@ -148,13 +151,16 @@ def remote_spec(cfg: TuneConfig) -> RemoteSpec | None:
     return None
 
 
-def lower_for_tuning(model_path: Path, target: Target, int8: bool = True):
+def lower_for_tuning(model_path: Path, target: Target, int8: bool = True, input_shapes: dict | None = None,
+                     input_values: dict | None = None):
     """(Relax module right before scheduling, TVM target): what `compile` applies the database to."""
     from nativeq.compile.api import import_model, load_onnx, make_tvm_target
     from nativeq.compile._tvm import tvm
+    from nativeq.compile.input_shapes import fix_input_shapes, fix_input_values
     from nativeq.compile.pipeline import compile_passes
 
-    mod = import_model(load_onnx(model_path), model_path)
+    model = fix_input_values(fix_input_shapes(load_onnx(model_path), {}, input_shapes), input_values or {})
+    mod = import_model(model, model_path)
     passes = compile_passes(target, int8=int8, tuning_database=None)
     names = [p.info.name for p in passes]
     # NOTE: the database is applied right after FuseTIR in compile's pipeline (pipeline.py);
@@ -275,7 +281,7 @@ def tune_model(model_path, cfg: TuneConfig) -> TuneResult:
 
     from nativeq.tuning.template import default_dims
 
-    mod, tvm_target = lower_for_tuning(model_path, target, cfg.int8)
+    mod, tvm_target = lower_for_tuning(model_path, target, cfg.int8, cfg.input_shapes, cfg.input_values)
     names = size_names(mod)
     unknown = sorted(set(cfg.dims) - set(names))
     if unknown:
