@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import re
 
-import onnx
-
 import numpy as np
+import onnx
 from onnx import helper, numpy_helper
 
 from nativeq.errors import NativeqError
@@ -150,7 +149,7 @@ def fix_input_values(model: onnx.ModelProto, values: dict[str, tuple[float, ...]
         return model
     fixed, inputs = _copy_with_inputs(model)
     graph = fixed.graph
-    initializers = {init.name for init in graph.initializer}
+    used = {o for node in graph.node for o in node.output} | {init.name for init in graph.initializer} | set(inputs)
     renamed, constants = {}, []
     for name, numbers in values.items():
         if name not in inputs:
@@ -166,8 +165,12 @@ def fix_input_values(model: onnx.ModelProto, values: dict[str, tuple[float, ...]
         array = np.asarray(numbers).astype(dtype)
         if not np.array_equal(array.astype(np.float64), np.asarray(numbers)):
             raise NativeqError(f"--input-value {name}: {', '.join(map(str, numbers))} is not a {dtype} value")
-        used = {o for node in graph.node for o in node.output} | set(initializers) | set(inputs)
-        renamed[name] = next(f"{name}__fixed{i or ''}" for i in range(len(used) + 1) if f"{name}__fixed{i or ''}" not in used)
+        constant, i = f"{name}__fixed", 0
+        while constant in used:
+            i += 1
+            constant = f"{name}__fixed{i}"
+        used.add(constant)
+        renamed[name] = constant
         constants.append(helper.make_node("Constant", [], [renamed[name]], name=renamed[name],
                                           value=numpy_helper.from_array(array.reshape(shape))))
     _read_renamed(graph, renamed)
