@@ -2,8 +2,9 @@
 int8 matmul (conv_as_matmul.py), depthwise convs as their own kernel (depthwise.py).
 
 Numbers: every case compiled for `host` and checked against ONNX Runtime (0 steps). Structure:
-after the pipeline's kernel passes, a full conv is an `im2col` + `int8_matmul_packed` pair (a 1x1
-conv without im2col), a depthwise conv an `int8_depthwise` kernel, no conv is left, and no
+after the pipeline's kernel passes, a full conv is one `int8_matmul_packed` kernel gathering its rows
+from the conv's input where the channels fill whole vectors, else an `im2col` + `int8_matmul_packed`
+pair (a 1x1 conv without im2col), a depthwise conv an `int8_depthwise` kernel, no conv is left, and no
 transpose stands between consecutive convs.
 """
 
@@ -136,11 +137,72 @@ def _primfunc_names(mod) -> list[str]:
     return [gv.name_hint for gv, f in mod.functions_items() if not isinstance(f, relax.Function)]
 
 
-def test_int8_conv_becomes_im2col_and_packed_matmul(tmp_path):
-    names = _primfunc_names(_kernel_level(qdq_models.qdq_conv1d(c_in=32, c_out=48, act_dtype="uint8"), tmp_path))
-    assert any(n.startswith("im2col") for n in names), names
-    assert any(n.startswith("int8_matmul_packed") for n in names), names
+@pytest.mark.parametrize("c_in, implicit", [(32, True), (16, True), (8, False), (5, False)])
+def test_int8_conv_becomes_a_packed_matmul_reading_its_input_or_im2col_and_packed_matmul(c_in, implicit, tmp_path):
+    """A conv whose input channels fill whole 16-byte vectors is one packed matmul kernel reading the conv's
+    channels-last input [N, T, C] itself (its im2col dropped); fewer channels keep the im2col kernel, whose
+    [N, T, taps x C] rows the matmul reads."""
+    mod = _kernel_level(qdq_models.qdq_conv1d(c_in=c_in, c_out=48, act_dtype="uint8"), tmp_path)
+    names = _primfunc_names(mod)
+    assert any(n.startswith("im2col") for n in names) != implicit, names
+    (lhs,) = [binding.value.args[1].fields[0] for block in mod["main"].body.blocks for binding in block.bindings
+              if isinstance(binding.value, relax.Call) and binding.value.op == tvm.ir.Op.get("relax.call_tir")
+              and binding.value.args[0].name_hint.startswith("int8_matmul_packed")]
+    assert int(lhs.ty.shape.values[-1]) == (c_in if implicit else -(-3 * c_in // 4) * 4), lhs.ty
     assert not any("conv1d" in n for n in names), names
+
+
+IMPLICIT_CASES = {
+    # 48 channels: a 16-byte vector is a third of a tap; 2 column tiles of 48; 117 rows (not whole 6-row tiles)
+    "conv2d-c48-two-column-tiles": ("host", lambda: qdq_models.qdq_conv2d(c_in=48, c_out=96, h=13, w=9, stride=1,
+                                                                          act_dtype="uint8"), {}),
+    # symbolic rows (T/2 x 5), stride 2, zero-point padding on every side
+    "conv2d-c16-stride2-symbolic": ("host", lambda: qdq_models.qdq_conv2d(c_in=16, c_out=32, h="T", w=10,
+                                                                          act_dtype="uint8"), {"T": 23}),
+    "conv1d-c32-stride2-s8": ("host", lambda: qdq_models.qdq_conv1d(c_in=32, c_out=48, kernel=5, stride=2,
+                                                                    act_dtype="int8"), {"T": 41}),
+    # a grouped conv: each group's 16 channels (a slice of the input) gathered by its own matmul
+    "grouped1d-g4-c16": ("host", lambda: qdq_models.qdq_conv1d(c_in=64, c_out=32, kernel=5, groups=4,
+                                                               act_dtype="uint8"), {"T": 29}),
+    "conv2d-rpi4": ("rpi4", lambda: qdq_models.qdq_conv2d(c_in=16, c_out=32, h="T", w=10, act_dtype="int8"),
+                    {"T": 23}),
+    "conv2d-rpi5": ("rpi5", lambda: qdq_models.qdq_conv2d(c_in=48, c_out=32, h="T", w=7, stride=1,
+                                                          act_dtype="int8"), {"T": 11}),
+}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.arm) if IMPLICIT_CASES[n][0] != "host" else n
+                                  for n in IMPLICIT_CASES])
+def test_conv_rows_are_gathered_inside_the_matmul_kernel(name, tmp_path):
+    """An implicit im2col: no im2col kernel and no [rows, taps x C] buffer; the matmul kernel gathers a register
+    tile's rows (each tap a contiguous copy of C channels, zero-point padded at the borders) into a stack buffer,
+    inside its parallel loop over row tiles and before the tile's dot products, once for all its column tiles.
+    The outputs equal ONNX Runtime's (x86 natively, the Pis under qemu)."""
+    from nativeq.compile.schedules.conv_as_matmul import IM2COL_CHANNELS
+    from nativeq.compile.schedules.pack_weights import ROWS_PAD_BLOCK, REDUCTION_BLOCK
+
+    target_name, build, dims = IMPLICIT_CASES[name]
+    model = build()
+    rules, scheduled = kernel_rules.scheduled(model, tmp_path, target_name)
+    assert not any("im2col" in n for n in rules), rules
+    matmuls = [n for n in rules if "int8_matmul_packed" in n]
+    assert matmuls and all(rules[n] == "int8-matmul" for n in matmuls), rules
+    for kernel in matmuls:
+        text = scheduled[kernel].script()
+        assert IM2COL_CHANNELS in text, text
+        assert f'{ROWS_PAD_BLOCK}_local = T.sblock_alloc_buffer' in text, text  # on the stack
+        parallel = text.index("T.parallel(")
+        assert parallel < text.index(f'T.sblock("{ROWS_PAD_BLOCK}")') < text.index(f'T.sblock("{REDUCTION_BLOCK}_update')
+        assert text.count(f'T.sblock("{ROWS_PAD_BLOCK}")') == 1
+        # the parallel loop is over row tiles only: the column tiles run inside it, after the rows are built
+        column_loop = re.search(r"for i2_0 in range\(", text)
+        assert column_loop is None or text.index(f'T.sblock("{ROWS_PAD_BLOCK}")') < column_loop.start(), text
+    path = tmp_path / f"{name}.onnx"
+    onnx.save(model, path)
+    compile_model(path, tmp_path / "art", CompileConfig(target=target_name, use_tuning=False))
+    report = verify_artifact(tmp_path / "art", path, VerifyConfig(dims=dims, runs=2))
+    out = report.outputs[0]
+    assert report.passed and out.max_steps == 0 and out.exact_pct == 100.0, report.table()
 
 
 def test_depthwise_conv_becomes_the_depthwise_kernel(tmp_path):

@@ -88,13 +88,22 @@ def test_leaky_relu_and_max_stay_channels_last_and_match_onnxruntime(activation,
     assert report.passed and report.outputs[0].max_steps == 0, report.table()
 
 
-def test_a_conv_im2col_copies_16_uint8_channels_as_one_vector(tmp_path):
+def test_a_conv_gathers_16_uint8_channels_as_one_vector(tmp_path):
     """A 3x3 conv over 16 uint8 channels: each tap's channels are one 128-bit copy (byte-by-byte copies were 3x
-    slower on AVX-512, where 16 channels are a quarter of a register)."""
+    slower on AVX-512, where 16 channels are a quarter of a register), gathered inside its matmul kernel."""
+    from nativeq.compile.schedules.pack_weights import ROWS_PAD_BLOCK
+
     rules, mod = scheduled(qdq_models.qdq_conv_pool(pool="MaxPool"), tmp_path)
-    im2col = _kernels(mod, "im2col")
-    assert im2col and all(rules[gvar.name_hint] == "im2col" for gvar in mod.get_global_vars() if "im2col" in gvar.name_hint)
-    assert all(16 in _vector_lanes(func) for func in im2col), im2col
+    assert not _kernels(mod, "im2col"), rules
+    gathers = [loop for func in _kernels(mod, "int8_matmul_packed") for loop in _statements(func, tirx.For)
+               if loop.kind == tirx.ForKind.VECTORIZED and _block_names(loop.body) == [ROWS_PAD_BLOCK]]
+    assert gathers and all(int(loop.extent) == 16 for loop in gathers), gathers
+
+
+def _block_names(stmt) -> list[str]:
+    names = []
+    rewrite_stmt(stmt, lambda s: names.append(s.name_hint) or s if isinstance(s, s_tir.SBlock) else s)
+    return names
 
 
 @pytest.mark.arm

@@ -55,15 +55,17 @@ def _conv_and_matmul(matmul: bool = True) -> onnx.ModelProto:
 
 
 def _conv_kernel(model) -> str:
-    """The name of the conv's kernel (im2col x int8 matmul, K = 32 channels x 3 taps = 96) in `model`."""
+    """The name of the conv's kernel in `model`: the int8 matmul gathering its rows (3 taps of 32 channels) from the
+    conv's input."""
     from nativeq.compile._tvm import tirx
+    from nativeq.compile.schedules.conv_as_matmul import IM2COL_CHANNELS
     from nativeq.compile.schedules.matmul import is_int8_matmul
     from nativeq.targets import get_target
     from nativeq.tuning.tune import lower_for_tuning
 
     mod, _ = lower_for_tuning(model, get_target("host"))
     (name,) = [gv.name_hint for gv, f in mod.functions_items()
-               if isinstance(f, tirx.PrimFunc) and is_int8_matmul(f) and int(f.params[0].ty.shape[-1]) == 96]
+               if isinstance(f, tirx.PrimFunc) and is_int8_matmul(f) and IM2COL_CHANNELS in f.script()]
     return name
 
 

@@ -44,9 +44,11 @@ the generic rule applies.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 from nativeq.compile._tvm import Analyzer, Schedule, cached_flags, s_tir, tirx
+from nativeq.compile.schedules.conv_as_matmul import IM2COL_CHANNELS
 from nativeq.compile.schedules.generic import block_dtype, find_block, loop_extent, split_off_guards
 from nativeq.compile.schedules.intrinsics import DotIntrin, grouped_of, partial_sums_intrin, row_tile
 from nativeq.compile.schedules.pack_activations import PACK_BLOCK
@@ -281,7 +283,8 @@ def _schedule(sch: Schedule, intrin: DotIntrin, knobs: TileKnobs | None = None) 
     # NOTE: a symbolic batch stays a serial loop around the parallel tiles: fused with symbolic rows, the
     # tile index divides by a product of two symbolic extents, which tensorize's blockize cannot invert.
     parallel_batch = batch_loops if all(isinstance(sch.get(loop).extent, tirx.IntImm) for loop in batch_loops) else []
-    if (kdim is None or lanes == 4) and find_block(sch, ROWS_PAD_BLOCK) is not None or partial_sums is not None:
+    pad = find_block(sch, ROWS_PAD_BLOCK)
+    if (kdim is None or lanes == 4 or _gathers_conv_rows(sch, pad)) and pad is not None or partial_sums is not None:
         # zero-padded activation rows (of a run-time K: P·V, K = T, N = a head's width; on NEON of any K) and
         # a kernel with k along the lanes (one column block per tile): the rows built once per row tile, for all
         # its column tiles (a serial loop). NOTE: on NEON a copy per tile was a `memcpy` call per 6 x 8 tile (zoo
@@ -291,6 +294,8 @@ def _schedule(sch: Schedule, intrin: DotIntrin, knobs: TileKnobs | None = None) 
         # extent, and the tile's accumulator region is a constant offset from it (batch outermost, it divides
         # by the symbolic row-tile count, the accumulator's index stays a run-time offset, and LLVM keeps the
         # tile in memory, one load and one store per multiply-add).
+        # NOTE: a conv's rows gathered from its input (an implicit im2col) are built once per row tile on x86
+        # too: per column tile, ECAPA-TDNN's 512-channel convs gathered each row 8 times (1.11x its time).
         if parallel_batch:
             sch.reorder(row_outer, *parallel_batch)
         rows_at = sch.fuse(row_outer, *parallel_batch) if parallel_batch else row_outer
@@ -559,6 +564,36 @@ def _schedule_padded_epilogue(sch: Schedule, intrin: DotIntrin, last_name: str, 
     return sch
 
 
+def _gathers_conv_rows(sch: Schedule, pad) -> bool:
+    """Whether rows block `pad` gathers a conv's rows from its input (`conv_as_matmul.ConvRows`)."""
+    return pad is not None and IM2COL_CHANNELS in sch.get(pad).annotations
+
+
+# NOTE: unrolled, a tile's taps (and rows) compute their input positions and border checks from constants: fewer
+# instructions than the im2col kernel and the copy of its rows (the zoo's ResNet, Pi 5: 8.59 -> 8.36 M; looped,
+# 9.14 M) and 0.87-0.95x the looped gather's time on x86
+MAX_UNROLLED_TAPS = 16
+MAX_UNROLLED_COPIES = 64
+
+
+def _schedule_conv_rows(sch: Schedule, pad, loops) -> None:
+    """Schedule rows block `pad` gathering a conv's rows (`loops`: its [rows,] K loops under the row tile): per tap a
+    contiguous vector copy of the input's channels. The split by C lets TVM prove the vector's index (tap * C + c) % C
+    a ramp (a 16-byte vector of 48 channels split from K directly was a gather)."""
+    *rows, k = loops
+    channels = int(sch.get(pad).annotations[IM2COL_CHANNELS])
+    tap_loop, channel_loop = sch.split(k, factors=[None, channels])
+    sch.vectorize(sch.split(channel_loop, factors=[None, _pad_vector_width(channels)])[1])
+    taps = loop_extent(sch, tap_loop)
+    if taps is None or taps > MAX_UNROLLED_TAPS:
+        return
+    sch.unroll(tap_loop)
+    row_extents = [loop_extent(sch, loop) for loop in rows]
+    if None not in row_extents and taps * math.prod(row_extents) <= MAX_UNROLLED_COPIES:
+        for loop in rows:
+            sch.unroll(loop)
+
+
 def _tensorize_tile(sch: Schedule, intrin: DotIntrin, lane_loop, init, rows_at, kdim: int | None) -> None:
     """Build the zero-padded activation rows at loop `rows_at` (vectorized copy), tensorize the dot
     products at `lane_loop`, and keep the accumulator (and, for a static K, the rows) on the stack."""
@@ -567,7 +602,9 @@ def _tensorize_tile(sch: Schedule, intrin: DotIntrin, lane_loop, init, rows_at, 
         sch.compute_at(pad, rows_at)
         pad_loops = sch.get_loops(pad)
         # NOTE: the vector width divides K: a lane predicate (K % width != 0) scalarizes the copy.
-        if kdim is not None:
+        if _gathers_conv_rows(sch, pad):
+            _schedule_conv_rows(sch, pad, pad_loops[[sch.get(loop) for loop in pad_loops].index(sch.get(rows_at)) + 1:])
+        elif kdim is not None:
             sch.vectorize(sch.split(pad_loops[-1], factors=[None, _pad_vector_width(kdim)])[1])
         elif intrin.lanes == 4:  # 128-bit vectors (NEON): no masked stores, the guarded copy went byte by byte
             # NOTE: x86 copies the guarded loop with masked vectors; split there, attention at T = 1000 ran 17% slower

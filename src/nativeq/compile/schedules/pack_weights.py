@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from nativeq.compile._tvm import Analyzer, relax, te, tvm
 from nativeq.compile.passes import result_dtype, rewrite_functions
+from nativeq.compile.schedules.conv_as_matmul import IM2COL_ATTR, IM2COL_CHANNELS, ConvRows, implicit_im2col
 from nativeq.compile.schedules.intrinsics import (DotIntrin, dense_form_of, intrin_for_weights, is_twin, packed_forms,
                                                   row_tile)
 from nativeq.compile.schedules.weight_formats import (TILE_LIST_DTYPE, WIDE_SPARSE_MAX_DENSITY, PackedWeight,
@@ -49,7 +50,8 @@ LISTED_GATHER_BLOCK = "nativeq_int8_listed_gather"
 
 def packed_matmul_te(x: te.Tensor, wp: te.Tensor, lanes: int, kstep: int, row_tile: int, n_out=None,
                      blocks: te.Tensor | None = None, int4_tiles: int | None = None, k_in: int | None = None,
-                     list_group: int = 1, list_unit: int | None = None, intrin_name: str = "") -> te.Tensor:
+                     list_group: int = 1, list_unit: int | None = None, intrin_name: str = "",
+                     im2col: dict | None = None) -> te.Tensor:
     """int32 (float32: float32) matmul of `x` [..., rows, K] with a packed operand `wp` [*wbatch, N/lanes, K/kstep, lanes, kstep].
 
     `wbatch` is empty (a constant weight shared by every batch entry of `x`) or batch dims `x`'s broadcast to
@@ -74,21 +76,28 @@ def packed_matmul_te(x: te.Tensor, wp: te.Tensor, lanes: int, kstep: int, row_ti
 
     `intrin_name` (annotated on the reduction block, which FuseTIR keeps) names the intrinsic the
     operand was packed for when the weights chose it (`intrinsics.intrin_for_weights`).
+
+    With `im2col` (a conv's geometry, `conv_as_matmul.implicit_im2col`) `x` is the conv's channels-last input
+    [N, *S, C] and the matmul's rows are gathered from it inside the kernel: the rows block reads each row's taps
+    (`conv_as_matmul.gather_rows`), and the schedule builds a register tile's rows once, for all its column tiles,
+    on the stack (an implicit im2col: no [N, rows, taps x C] buffer in memory).
     """
     if int4_tiles is not None:
         wp = _unpack_int4(wp, int4_tiles)
     *wbatch, n_blocks, k_blocks, _, _ = wp.shape
     n, kdim = n_blocks * lanes, k_blocks * kstep  # kdim: the reduction's extent (W k-steps when sparse)
     x_kdim = kdim if blocks is None else k_in
-    *batch, rows, x_k = x.shape
+    rows_view = None if im2col is None else ConvRows(x, **im2col)  # x: the conv's input, the rows gathered from it
+    *batch, rows, x_k = x.shape if rows_view is None else rows_view.shape
     if len(wbatch) > len(batch):
         raise ValueError(f"packed operand batch {wbatch} has more axes than the activation batch {batch}")
     analyzer = Analyzer()
     source = x
-    read = source.__getitem__
+    read = source.__getitem__ if rows_view is None else rows_view.read
     # A single row behind batch dims (time-major [T, 1, K], the layout torch's MultiheadAttention exports):
     # the last batch axis becomes the row axis, so the register tiles hold T rows instead of 1 + padding.
-    unit_rows = not wbatch and bool(batch) and isinstance(rows, tvm.tirx.IntImm) and int(rows) == 1
+    unit_rows = (rows_view is None and not wbatch and bool(batch) and isinstance(rows, tvm.tirx.IntImm)
+                 and int(rows) == 1)
     if unit_rows:
         *batch, rows = batch
 
@@ -97,7 +106,7 @@ def packed_matmul_te(x: te.Tensor, wp: te.Tensor, lanes: int, kstep: int, row_ti
 
     pad_rows = unit_rows or not (isinstance(rows, tvm.tirx.IntImm) and int(rows) % row_tile == 0)
     pad_k = not analyzer.can_prove_equal(x_k, x_kdim)
-    if pad_rows or pad_k:
+    if pad_rows or pad_k or rows_view is not None:
         padded_rows = (rows + (row_tile - 1)) // row_tile * row_tile if pad_rows else rows
 
         def pad(*i):
@@ -108,7 +117,8 @@ def packed_matmul_te(x: te.Tensor, wp: te.Tensor, lanes: int, kstep: int, row_ti
                 value = read(i)
             return tvm.tirx.if_then_else(i[-2] < rows, value, zero) if pad_rows else value
 
-        x = te.compute((*batch, padded_rows, x_kdim), pad, name=ROWS_PAD_BLOCK)
+        attrs = None if rows_view is None else {IM2COL_CHANNELS: rows_view.channels}
+        x = te.compute((*batch, padded_rows, x_kdim), pad, name=ROWS_PAD_BLOCK, attrs=attrs)
     k = te.reduce_axis((0, kdim), name="k")
     acc_dtype = "float32" if wp.dtype == "float32" else "int32"
     gathered = None
@@ -201,12 +211,14 @@ def _is_packable(call: relax.Call, intrin: DotIntrin) -> bool:
     return isinstance(x_k, tvm.tirx.IntImm) and int(x_k) == k
 
 
-def call_packed_matmul(builder, x, packed, intrin: DotIntrin, n_out=None, weight: PackedWeight | None = None):
+def call_packed_matmul(builder, x, packed, intrin: DotIntrin, n_out=None, weight: PackedWeight | None = None,
+                       im2col: dict | None = None):
     """`builder.call_te` of `packed_matmul_te`, marked so FuseOps fuses its epilogue and matmul.py tensorizes it.
 
     `packed`: a run-time packed activation (`pack_activations.py`), or None with `weight`, a constant
-    weight in one of the formats of `weight_formats.py`."""
-    formats = {}
+    weight in one of the formats of `weight_formats.py`. `im2col`: `x` is a conv's input, the rows gathered
+    from it in the kernel (`conv_as_matmul.implicit_im2col`)."""
+    formats = {} if im2col is None else {"im2col": im2col}
     if weight is not None:
         packed = relax.const(weight.values, str(weight.values.dtype))
         if weight.blocks is not None:
@@ -246,6 +258,18 @@ def _in_wider_tiles(values, weight: PackedWeight, form: DotIntrin, allow_int4: b
     return pack_for_kernel(values, form.lanes, form.kstep, allow_sparse=False, allow_int4=allow_int4)
 
 
+def _without_unused_im2col(mod):
+    """`mod` without the im2col kernels no Relax function calls any more (their convs gather their rows in the
+    matmul kernel)."""
+    used = {gv for func in mod.functions.values() if isinstance(func, relax.Function)
+            for gv in relax.analysis.all_global_vars(func)}
+    mod = mod.clone()
+    for gv, func in list(mod.functions_items()):
+        if gv not in used and func.attrs is not None and IM2COL_ATTR in func.attrs:
+            del mod[gv]
+    return mod
+
+
 @relax.expr_functor.mutator
 class _Packer(relax.PyExprMutator):
     def __init__(self, mod, intrin: DotIntrin, sparse: bool, int4: bool):
@@ -254,6 +278,7 @@ class _Packer(relax.PyExprMutator):
         self.sparse, self.int4 = sparse, int4
         self.packed = 0
         self.formats: list[str] = []
+        self.dropped_im2col = 0
 
     def visit_call_(self, call):
         call = self.visit_expr_post_order(call)
@@ -272,6 +297,11 @@ class _Packer(relax.PyExprMutator):
             intrin, weight = dense_form, _in_wider_tiles(values, weight, dense_form, self.int4 and integer)
         self.packed += 1
         self.formats.append(weight.format_name())
+        source = implicit_im2col(self.lookup_binding, self.builder_.get(), x) if weight.blocks is None else None
+        if source is not None:  # the conv's rows gathered in the kernel: its im2col kernel is left unused
+            x, im2col = source
+            self.dropped_im2col += 1
+            return call_packed_matmul(self.builder_, x, None, intrin, weight=weight, im2col=im2col)
         return call_packed_matmul(self.builder_, x, None, intrin, weight=weight)
 
 
@@ -290,7 +320,9 @@ class PackInt8Weights:
 
     def transform_module(self, mod, _ctx):
         packer = _Packer(mod, self.intrin, self.sparse, self.int4)
-        new_mod = rewrite_functions(packer)
+        new_mod = rewrite_functions(packer, remove_unused=True)
+        if packer.dropped_im2col:
+            new_mod = _without_unused_im2col(new_mod)
         self.packed = packer.packed
         self.formats = packer.formats
         return new_mod
