@@ -3,7 +3,8 @@
 Two hooks, called by `compile/pipeline.py`:
 
 - `kernel_relax_passes(target)`: Relax passes run before LegalizeOps. Runs int8 convs channels-last
-  (`channels_last.py`: full convs as im2col + matmul, `conv_as_matmul.py`; depthwise convs as their own
+  (`channels_last.py`: full convs as im2col + matmul, `conv_as_matmul.py`, the im2col implicit where the
+  channels fill whole vectors; depthwise convs as their own
   kernel, `depthwise.py`), moves a 2-D conv's epilogue before the reshape of its GEMM rows
   (`epilogues_on_rows.py`), packs the constant weights of int8 matmuls for the
   target's dot intrinsic (`pack_weights.py`; 4-bit packed or block-sparse where the values allow,

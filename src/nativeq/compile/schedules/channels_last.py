@@ -10,7 +10,8 @@ rewrite give it (channels first):
     y   = R.quantize(R.multiply(R.astype(R.subtract(acc, b)), s))  # requantize epilogue, per-channel constants
 
 Output: every such conv works on channels-last tensors `[N, *S, C]`: a full conv as im2col + int8
-matmul (`conv_as_matmul.py`) with its producer's zero-point `nn.pad` folded into the im2col, a grouped
+matmul (`conv_as_matmul.py`) with its producer's zero-point `nn.pad` folded into the im2col (which
+`PackInt8Weights` makes implicit where the channels fill whole vectors: the matmul gathers its rows), a grouped
 conv as one such matmul per group on its slice of the channels, a depthwise conv as the `depthwise.py`
 kernel reading one channels-last padded copy of its input.
 The ops around them (requantize epilogues, quantize/dequantize, residual adds, activations, pads,

@@ -32,6 +32,9 @@ column block wide, so the parallel loop runs over row tiles and builds their act
 or for a block-sparse weight the listed blocks of each list gathered contiguous: `_gather_at`), the column tiles
 inside.
 
+A conv's rows gathered from its input (`conv_as_matmul.ConvRows`, an implicit im2col) are built once per row tile
+as well, for all its column tiles, each tap a contiguous vector copy of the input's channels (`_schedule_conv_rows`).
+
 The int32 accumulator is the fused function's intermediate buffer; after `reverse_compute_at`
 buffer compaction shrinks it to the `mr x nr*lanes` tile. Row tiles divide the (padded)
 rows exactly, because TVM's tensorize rejects predicated blocks; the zero-padded activation
