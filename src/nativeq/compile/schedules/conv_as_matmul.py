@@ -24,9 +24,8 @@ the float multiply-add intrinsic) becomes a float32 matmul the same way.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import json
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -140,7 +139,6 @@ def conv_as_matmul(builder, x_cl, weight: np.ndarray, out_spatial, geometry: Con
     return relax.op.reshape(acc, [batch, *out_spatial, out_channels])
 
 
-
 class ConvRows:
     """The GEMM rows of a channels-last conv, read from its input `x` [N, *S, C] without materializing them:
     row r = the output position `r` (row-major over `out_spatial`), column k = tap k // C (row-major over `kernel`),
@@ -152,7 +150,6 @@ class ConvRows:
         self.out_spatial = list(out_spatial)
         self.geometry = ConvGeometry.from_te_kwargs(**geometry_kwargs)
         self.channels = int(x.shape[-1])
-        self.dtype = x.dtype
         self.shape = [x.shape[0], rows, int(np.prod(self.kernel)) * self.channels]
 
     def read(self, index):

@@ -79,7 +79,7 @@ def packed_matmul_te(x: te.Tensor, wp: te.Tensor, lanes: int, kstep: int, row_ti
 
     With `im2col` (a conv's geometry, `conv_as_matmul.implicit_im2col`) `x` is the conv's channels-last input
     [N, *S, C] and the matmul's rows are gathered from it inside the kernel: the rows block reads each row's taps
-    (`conv_as_matmul.gather_rows`), and the schedule builds a register tile's rows once, for all its column tiles,
+    (`conv_as_matmul.ConvRows`), and the schedule builds a register tile's rows once, for all its column tiles,
     on the stack (an implicit im2col: no [N, rows, taps x C] buffer in memory).
     """
     if int4_tiles is not None:
