@@ -297,12 +297,12 @@ class _Packer(relax.PyExprMutator):
             intrin, weight = dense_form, _in_wider_tiles(values, weight, dense_form, self.int4 and integer)
         self.packed += 1
         self.formats.append(weight.format_name())
+        im2col = None
         source = implicit_im2col(self.lookup_binding, self.builder_.get(), x) if weight.blocks is None else None
         if source is not None:  # the conv's rows gathered in the kernel: its im2col kernel is left unused
             x, im2col = source
             self.dropped_im2col += 1
-            return call_packed_matmul(self.builder_, x, None, intrin, weight=weight, im2col=im2col)
-        return call_packed_matmul(self.builder_, x, None, intrin, weight=weight)
+        return call_packed_matmul(self.builder_, x, None, intrin, weight=weight, im2col=im2col)
 
 
 @tvm.transform.module_pass(opt_level=0, name="nativeq.PackInt8Weights")
