@@ -98,9 +98,12 @@ def _models() -> dict:
 
 
 def _shape(kind, frames: int) -> tuple[list[int], dict, float]:
-    """(input shape, symbolic axes, input scale) of an input `frames` 10 ms frames long."""
+    """(input shape, symbolic axes, input scale) of an input `frames` 10 ms frames long: kind "S" a waveform
+    [1, S], "T80" features [1, T, 80], "F80" features channels first [1, 80, T], a tuple a static shape."""
     if kind == "S":
         return [1, SAMPLES_PER_FRAME * frames], {1: "S"}, 0.1
+    if isinstance(kind, str) and kind.startswith("F"):
+        return [1, int(kind[1:]), frames], {2: "T"}, 1.0
     if isinstance(kind, str):
         return [1, frames, int(kind[1:])], {1: "T"}, 1.0
     return list(kind), {}, 1.0
@@ -150,6 +153,12 @@ def _quantize(name: str, kind, float_path: Path, out: Path) -> None:
 
 def probe(name: str, out_dir: Path, bench: bool) -> dict:
     builder, kind = _models()[name]
+    return probe_module(name, builder, kind, out_dir, bench)
+
+
+def probe_module(name: str, builder, kind, out_dir: Path, bench: bool) -> dict:
+    """Export `builder()` (a torch module taking one tensor of `kind`), quantize, compile for the host, verify and
+    (with `bench`) bench it; a dict of what was measured, or of the first failure ("error", "traceback")."""
     result: dict = {"model": name}
     try:
         torch.manual_seed(0)

@@ -112,7 +112,7 @@ def verify_cell(artifact: Path, model_path: Path, dims: dict, localize: bool = T
     worst = [o for o in report.outputs if o.quantized and o.max_steps is not None]
     if worst:
         steps = max(o.max_steps for o in worst)
-        exact = min(o.exact_pct for o in worst if o.exact_pct is not None)
+        exact = min((o.exact_pct for o in worst if o.exact_pct is not None), default=100.0)
         return f"pass (≤{steps:.3g} step, {exact:.1f}% exact)", None, details
     return f"pass (max |diff| {max(o.max_abs for o in report.outputs):.2g})", None, details
 

@@ -351,11 +351,17 @@ _SLICE_TO_END = 2**31 - 1
 class _Slice(onnx_frontend.Slice):
     @classmethod
     def _impl_v13(cls, bb, inputs, attr, params):
-        """A constant Slice of a symbolic axis (torch's `x[:, :, -4:]` of a cache concatenated before a chunk,
-        [1, C, 4 + T]; an end of INT64_MAX) with its bounds resolved against the axis's length, as an in-bound slice,
-        when they provably are for every non-negative size. TVM sizes it `min(INT64_MAX, n) - ...`, which its
-        simplifier cannot reduce (n + 4 might overflow): the new cache was typed [1, C, INT64_MAX - max(T, INT64_MAX
-        - 4)], and the manifest would describe that output so."""
+        """A Slice of a symbolic axis with its bounds resolved against the axis's length and clamped to it as ONNX
+        clamps them, as an in-bound slice (a clamp the analyzer proves needless for every non-negative size is left
+        out; a symbolic bound whose sign it cannot tell keeps TVM's slice). Two cases TVM gets wrong:
+
+        - a constant bound: torch's `x[:, :, -4:]` of a cache concatenated before a chunk, [1, C, 4 + T], ends at
+          INT64_MAX, which TVM sizes `min(INT64_MAX, n) - ...` and its simplifier cannot reduce (n + 4 might
+          overflow): the new cache was typed [1, C, INT64_MAX - max(T, INT64_MAX - 4)];
+        - a bound computed from the sizes: DPRNN's `x[:, :, :-rest]` with `rest` from the length modulo its chunk
+          size ends at `-rest`, which TVM takes as the end itself (its "assume in bounds" skips ONNX's negative-index
+          rule): the slice was sized `-rest`, a negative length. A bound provably negative counts from the end.
+        """
         result = super()._impl_v13(bb, inputs, attr, params)
         if not (isinstance(result, relax.Call) and getattr(result.op, "name", "") == "relax.strided_slice"):
             return result
@@ -363,28 +369,50 @@ class _Slice(onnx_frontend.Slice):
         dims = _dims(data)
         if dims is None:
             return result
-        resolved, axis_dims = [], []
-        for axis, begin, end, step in zip(axes, begins, ends, steps):
-            values = [_int_value(v) for v in (axis, begin, end, step)]
-            if None in values or values[3] <= 0:
-                return result
-            axis_value, begin_value, end_value, _ = values
-            dim = dims[axis_value]
-            begin_value = dim + begin_value if begin_value < 0 else begin_value
-            end_value = dim if end_value >= _SLICE_TO_END else (dim + end_value if end_value < 0 else end_value)
-            resolved.append((begin_value, end_value))
-            axis_dims.append(dim)
-        if all(_int_value(dim) is not None for dim in axis_dims):
-            return result  # static axes: TVM's sizes are exact
+        axis_dims = [dims[value] for value in map(_int_value, axes) if value is not None]
+        if len(axis_dims) != len(axes) or any(_int_value(step) is None or _int_value(step) <= 0 for step in steps):
+            return result
+        if all(_int_value(v) is not None for v in (*axis_dims, *begins, *ends)):
+            return result  # static: TVM's sizes are exact
         analyzer = Analyzer()
         free = {v.name: v for dim in axis_dims for v in tirx.analysis.undefined_vars(dim, [])}
+        for bound in (*begins, *ends):
+            if _int_value(bound) is None:
+                free.update({v.name: v for v in tirx.analysis.undefined_vars(bound, [])})
         with analyzer.constraint_scope(tvm.tirx.all(*(v >= 0 for v in free.values()))):
-            if not all(analyzer.can_prove(0 <= b) and analyzer.can_prove(b <= e) and analyzer.can_prove(e <= dim)
-                       for dim, (b, e) in zip(axis_dims, resolved)):
+            resolved = [(_slice_bound(analyzer, begin, dim), _slice_bound(analyzer, end, dim))
+                        for dim, begin, end in zip(axis_dims, begins, ends)]
+            if any(b is None or e is None for b, e in resolved):
                 return result
-            resolved = [(_as_int64(analyzer.simplify(b)), _as_int64(analyzer.simplify(e))) for b, e in resolved]
-        return relax.op.strided_slice(data, list(axes), [b for b, _ in resolved], [e for _, e in resolved], list(steps),
-                                      assume_inbound=True)
+            resolved = [_clamped(analyzer, b, e, dim) for (b, e), dim in zip(resolved, axis_dims)]
+        return relax.op.strided_slice(data, [_int_value(a) for a in axes], [b for b, _ in resolved],
+                                      [e for _, e in resolved], [_int_value(s) for s in steps], assume_inbound=True)
+
+
+def _clamped(analyzer, begin, end, dim):
+    """(begin, end) of a positive-step slice of an axis of length `dim` clamped as ONNX clamps them (to [0, dim], an
+    end before the begin an empty slice), as int64 PrimExprs; a clamp the analyzer proves needless is left out."""
+    begin, end = _as_int64(begin), _as_int64(end)
+    if not analyzer.can_prove(0 <= begin):
+        begin = tirx.max(begin, tirx.IntImm("int64", 0))
+    if not analyzer.can_prove(begin <= dim):
+        begin = tirx.min(begin, dim)
+    if not analyzer.can_prove(end <= dim):
+        end = tirx.min(end, dim)
+    if not analyzer.can_prove(begin <= end):
+        end = tirx.max(end, begin)
+    return _as_int64(analyzer.simplify(begin)), _as_int64(analyzer.simplify(end))
+
+
+def _slice_bound(analyzer, bound, dim):
+    """A Slice start or end (an integer PrimExpr) as a position in an axis of length `dim` (ONNX: a negative one counts from
+    the end, INT64_MAX is the end), or None when a symbolic one's sign is unknown."""
+    value = _int_value(bound)
+    if value is not None:
+        return dim if value >= _SLICE_TO_END else (dim + value if value < 0 else value)
+    if analyzer.can_prove(bound < 0):
+        return dim + bound
+    return bound if analyzer.can_prove(bound >= 0) else None
 
 
 class _PairwiseMultiInput:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from nativeq.compile._tvm import TVMTarget, relax, tvm
 from nativeq.compile.passes.canonical_shape_func import CanonicalShapeFunc
+from nativeq.compile.passes.empty_constants import EmptyConstantsAsAllocations
 from nativeq.compile.passes.fold_constant import FoldConstant
 from nativeq.compile.passes.int8 import int8_passes
 from nativeq.compile.passes.kernel_argument_shapes import KernelArgumentShapes
@@ -80,6 +81,7 @@ def _passes(target, *, int8: bool, tuning_database: Path | None, compressed_weig
         relax.transform.ToNonDataflow(),
         relax.transform.RemovePurityChecking(),
         relax.transform.CallTIRRewrite(),
+        EmptyConstantsAsAllocations(),  # TVM's loader refuses a serialized [1, 0] tensor
         # finalization: memory planning and the VM calling convention (TVM's CPU backend)
         relax.transform.StaticPlanBlockMemory(),
         relax.transform.LowerAllocTensor(),

@@ -84,7 +84,7 @@ def accumulate(comp: OutputComparison, got: np.ndarray, ref: np.ndarray, quant: 
         steps = diff if is_int else diff / _step_sizes(quant, ref.shape)
         comp._exact += int((steps < 0.5).sum())
         comp.max_steps = max(comp.max_steps or 0.0, float(steps.max()) if steps.size else 0.0)
-        comp.exact_pct = 100.0 * comp._exact / max(comp._elements, 1)
+        comp.exact_pct = 100.0 * comp._exact / comp._elements if comp._elements else None  # an empty output: "-"
         # NOTE: 8- and 16-bit integers are quantized values, a step apart; wider integers and booleans (an ArgMax's
         # token ids, lengths, masks) are not: one off is as wrong as any other value, so they must be exact.
         tolerance = tol_steps if not is_int or ref.dtype.itemsize <= 2 and ref.dtype != np.bool_ else 0.0
