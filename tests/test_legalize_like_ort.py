@@ -237,6 +237,39 @@ def test_softmax_is_bit_identical_to_onnxruntime(shape, t, tmp_path):
     np.testing.assert_array_equal(out, ref)
 
 
+@pytest.mark.parametrize("op", ["Softmax", "LogSoftmax"])
+def test_a_softmax_over_time_runs_on_contiguous_rows_and_is_bit_identical(op, tmp_path):
+    """Attentive pooling's weights: a softmax over T of [1, T, C] (axis 1). It runs between two transposes, as ONNX
+    Runtime runs it, so each row's maximum and sum are computed once: in place along T, the row schedule (which takes
+    the last loop for the row) recomputed them for every element, quadratic in T."""
+    from nativeq.compile._tvm import relax, tirx
+    from nativeq.compile.passes.legalize_like_ort import legalize_like_ort
+
+    x = relax.Var("x", relax.TensorType((1, tirx.Var("T", "int64"), 24), "float32"))
+    builder = relax.BlockBuilder()
+    with builder.function("main", [x]):
+        call = relax.op.nn.softmax(x, axis=1) if op == "Softmax" else relax.op.nn.log_softmax(x, axis=1)
+        builder.emit_func_output(builder.emit(call))
+    legalized = relax.transform.LegalizeOps(customize_legalize_map=legalize_like_ort())(builder.get())
+    kernels = [str(call.args[0].name_hint) for call in _calls(legalized["main"])]
+    expected = "softmax" if op == "Softmax" else "log_softmax"
+    assert [k.rstrip("0123456789") for k in kernels] == ["transpose", expected, "transpose"], kernels
+    model = unary_model(op, [1, "T", 24], axis=1)
+    x_value = (np.random.default_rng(9).normal(0, 3, (1, 77, 24))).astype(np.float32)
+    out, ref = run_both(model, x_value, tmp_path)
+    np.testing.assert_array_equal(out, ref)
+
+
+def _calls(func):
+    """The call_tir calls of a Relax function, in order."""
+    from nativeq.compile._tvm import relax
+
+    calls = []
+    relax.analysis.post_order_visit(func, lambda e: calls.append(e) if isinstance(e, relax.Call)
+                                    and getattr(e.op, "name", "") == "relax.call_tir" else None)
+    return calls
+
+
 @pytest.mark.arm
 @pytest.mark.parametrize("target", ["rpi4", "rpi5"])
 def test_softmax_over_symbolic_rows_vectorizes_its_exps_on_arm(target, tmp_path):
