@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.transformers_probe import markdown_row, probe_module
+from benchmarks.transformers_probe import HEADER, markdown_row, probe_module
 from benchmarks.zoo.run import probe_main
 
 TORCHAUDIO = "torchaudio==2.11.1"
@@ -125,9 +125,7 @@ def probe(name: str, out_dir: Path, bench: bool) -> dict:
 
 
 def main(argv=None) -> int:
-    return probe_main(__doc__.splitlines()[0], list(_models()), probe, markdown_row,
-                      ["model", "exporter", "verify x86", "compile s", "generic contraction kernels",
-                       "T=200: nativeq / ORT QDQ / ORT float ms", "ratio T=200", "ratio T=1000"], argv)
+    return probe_main(__doc__.splitlines()[0], list(_models()), probe, markdown_row, HEADER, argv)
 
 
 if __name__ == "__main__":

@@ -196,10 +196,13 @@ def markdown_row(r: dict) -> str:
             f"| {ms_cell} | {ratio('ratio_200')} | {ratio('ratio_1000')} |")
 
 
+# the columns of `markdown_row`
+HEADER = ["model", "exporter", "verify x86", "compile s", "generic contraction kernels",
+          "T=200: nativeq / ORT QDQ / ORT float ms", "ratio T=200", "ratio T=1000"]
+
+
 def main(argv=None) -> int:
-    return probe_main(__doc__.splitlines()[0], list(_models()), probe, markdown_row,
-                      ["model", "exporter", "verify x86", "compile s", "generic contraction kernels",
-                       "T=200: nativeq / ORT QDQ / ORT float ms", "ratio T=200", "ratio T=1000"], argv)
+    return probe_main(__doc__.splitlines()[0], list(_models()), probe, markdown_row, HEADER, argv)
 
 
 if __name__ == "__main__":

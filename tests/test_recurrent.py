@@ -131,13 +131,8 @@ def test_a_small_time_step_runs_on_the_calling_thread(op, hidden, parallel, tmp_
     assert ("T.parallel(" in recurrence.script()) == parallel
 
 
-def test_an_lstm_step_reads_each_panel_of_rt_once_for_the_whole_batch():
-    """A batch of sequences (a dual-path model's LSTM over its chunks): time steps outermost, each panel of Rᵀ taken
-    by every batch element in turn while it is in L1 (each element over all of Rᵀ before the next streamed it again
-    from L2, once per batch element and step: SQUIM's LSTMs 1.7x their time)."""
-    from nativeq.compile.onnx_import import import_onnx
-
-    hidden, inputs = 64, 16
+def _lstm_model(hidden: int = 64, inputs: int = 16) -> onnx.ModelProto:
+    """One forward LSTM, x [T, B, inputs] (time-major), random weights."""
     rng = np.random.default_rng(0)
     weights = [numpy_helper.from_array(rng.standard_normal((1, 4 * hidden, size)).astype(np.float32), name)
                for name, size in (("W", inputs), ("R", hidden))]
@@ -145,7 +140,16 @@ def test_an_lstm_step_reads_each_panel_of_rt_once_for_the_whole_batch():
         [helper.make_node("LSTM", ["x", "W", "R"], ["y"], hidden_size=hidden)], "lstm",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", "B", inputs])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", 1, "B", hidden])], weights)
-    mod = import_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_an_lstm_step_reads_each_panel_of_rt_once_for_the_whole_batch():
+    """A batch of sequences (a dual-path model's LSTM over its chunks): time steps outermost, each panel of Rᵀ taken
+    by every batch element in turn while it is in L1 (each element over all of Rᵀ before the next streamed it again
+    from L2, once per batch element and step: SQUIM's LSTMs 1.7x their time)."""
+    from nativeq.compile.onnx_import import import_onnx
+
+    mod = import_onnx(_lstm_model())
     (recurrence,) = [f for gv, f in mod.functions_items() if gv.name_hint.startswith("lstm_forward")]
     loops = [(len(line) - len(line.lstrip()), line.strip()) for line in recurrence.script().splitlines()
              if line.strip().startswith("for ")]
@@ -153,6 +157,51 @@ def test_an_lstm_step_reads_each_panel_of_rt_once_for_the_whole_batch():
     panel_loop = next(i for i, (_, text) in enumerate(loops) if i > time_loop and text.startswith("for q, p in"))
     assert loops[panel_loop + 1][1] == "for b in range(batch):" and loops[panel_loop + 1][0] > loops[panel_loop][0]
     assert loops[time_loop][0] < loops[panel_loop][0]
+
+
+@pytest.mark.parametrize("vector_bits, rows", [(512, 8), (256, 4), (128, 4)])
+def test_the_projection_gets_the_register_tile_of_the_target(vector_bits, rows):
+    """Built at import with 4 rows x 16 columns (16 NEON / 8 AVX2 registers); on AVX-512 that is 4 independent FMA
+    chains, half of what two FMA units need, so `RecurrentProjectionTiles` rebuilds it with 8 rows there."""
+    from nativeq.compile.onnx_import import import_onnx
+    from nativeq.compile.schedules.recurrent_projection import RecurrentProjectionTiles
+
+    tiles = RecurrentProjectionTiles(vector_bits)
+    mod = tiles(import_onnx(_lstm_model()))
+    (projection,) = [f for gv, f in mod.functions_items() if gv.name_hint.startswith("lstm_projection")]
+    assert f"acc = T.alloc_local(({rows}, 16))" in projection.script()
+    assert tiles.rebuilt == (rows != 4)
+
+
+def test_projection_tiles_of_8_and_4_rows_give_the_same_sums(tmp_path):
+    """The AVX-512 build (8-row tiles) and the AVX2 build (4-row tiles) of an LSTM and a GRU, on this machine:
+    bit-identical outputs at a length that leaves a partial last row block."""
+    import torch
+    from torch import nn
+
+    import nativeq
+    from nativeq.runtime.cpu import cpu_features
+
+    if "avx512_vnni" not in cpu_features():
+        pytest.skip("needs an AVX-512 VNNI host")
+    torch.manual_seed(5)
+
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(40, 64, batch_first=True)
+            self.gru = nn.GRU(64, 48, batch_first=True, bidirectional=True)
+
+        def forward(self, x):
+            return self.gru(self.lstm(x)[0])[0]
+
+    model = _torch_export(Stack(), torch.randn(3, 10, 40), {1: "T"}, tmp_path)
+    onnx.save(model, tmp_path / "stack.onnx")
+    for target in ("x86-avx512-vnni", "x86-avx2"):
+        compile_model(tmp_path / "stack.onnx", tmp_path / target, CompileConfig(target=target))
+    x = np.random.default_rng(2).standard_normal((3, 29, 40)).astype(np.float32)
+    wide, narrow = (nativeq.load(tmp_path / target).run({"x": x}) for target in ("x86-avx512-vnni", "x86-avx2"))
+    assert np.array_equal(wide["y"], narrow["y"])
 
 
 def test_packed_recurrent_weights_give_the_same_sums(tmp_path, monkeypatch):

@@ -8,13 +8,14 @@ Lowering, per direction `d`:
 
 1. the input projection `X·W[d]ᵀ` for every time step at once, as a TIR PrimFunc (blocks of 4
    rows in parallel, their X rows interleaved k-major, 4 x 16 accumulator tiles kept in registers,
-   `W[d]ᵀ` packed in panels of 16 gate columns contiguous over k);
+   `W[d]ᵀ` packed in panels of 16 gate columns contiguous over k; 8 rows on AVX-512, rebuilt for the
+   target by `schedules/recurrent_projection.py`);
    a Relax matmul would get the default
    CPU schedules, which run a float matmul with a symbolic row count as one strided serial dot
    product per output (10x slower);
 2. one `relax.call_tir` to a TIR PrimFunc (built here, added with `bb.add_func`) that runs the
-   recurrence: batch elements one after the other (they are independent), a serial loop over
-   time inside, `H·R[d]ᵀ` with `R[d]ᵀ` packed in panels of gate columns, each contiguous over all of
+   recurrence: a serial loop over time, the batch elements one after the other inside (an LSTM's
+   take each panel of `R[d]ᵀ` in turn; they are independent), `H·R[d]ᵀ` with `R[d]ᵀ` packed in panels of gate columns, each contiguous over all of
    k and accumulated in registers (`_state_times_rt_panels`; `R[d]ᵀ` row by row, 4 rows per pass over
    the gates, when the hidden size is not a multiple of 16), then the biases, peepholes and activations in contiguous
    per-gate loops. Each time step runs in parallel over slices of the hidden units (`_PARTS`): a
@@ -438,18 +439,43 @@ def _clipper(clip: float | None):
     return lambda value: T.max(T.min(value, T.float32(clip)), T.float32(-clip))
 
 
-def _projection_kernel(input_size: int, gate_width: int):
+# The attribute that names a projection PrimFunc's sizes ([input size, gate width]): `projection_for_target`
+# rebuilds it with the target's register tile.
+PROJECTION_ATTR = "nativeq.recurrent_projection"
+
+
+def projection_rows(vector_bits: int) -> int:
+    """Rows of the projection's register tile on a target with `vector_bits`-wide registers: each output is one FMA
+    chain in k order (ORT's sums), so independent chains come from rows x 16 columns only. 4 rows are 16 NEON / 8 AVX2
+    registers; on AVX-512 they are 4 chains, half of what two FMA units with a latency of 4 need: 8 rows there."""
+    return 2 * _PROJECTION_ROWS if vector_bits >= 512 else _PROJECTION_ROWS
+
+
+def projection_for_target(func, vector_bits: int):
+    """A projection PrimFunc (`PROJECTION_ATTR`) rebuilt with the register tile of `projection_rows(vector_bits)`
+    (the same sums, in the same order), or `func` itself when that is the tile it has."""
+    input_size, gate_width = (int(v) for v in func.attrs[PROJECTION_ATTR])
+    rows = projection_rows(vector_bits)
+    if rows == _PROJECTION_ROWS:
+        return func
+    rebuilt = _projection_kernel(input_size, gate_width, rows)
+    for key, value in func.attrs.items():
+        rebuilt = rebuilt.with_attr(key, value)
+    return rebuilt
+
+
+def _projection_kernel(input_size: int, gate_width: int, rows_per_tile: int = _PROJECTION_ROWS):
     """PrimFunc(X[T,B,I], Wᵀ panels[P,I,16]) -> X·Wᵀ [T,B,G]: every time step at once, row blocks in parallel.
 
     Why not a Relax matmul: the default CPU schedules give a float matmul with a symbolic row count
     dlight's reduction rule, a serial dot product per output over a strided weight column (3 ms of
-    the 3.4 ms of a T=200, 64 -> 256 LSTM projection). Here a tile of `_PROJECTION_ROWS` rows x
+    the 3.4 ms of a T=200, 64 -> 256 LSTM projection). Here a tile of `rows_per_tile` rows (`projection_rows`) x
     `_PROJECTION_COLUMNS` columns (one panel of `_projection_panels`) is accumulated in registers over
     all of k (one FMA per term, in k order), each weight vector loaded once for the tile's rows; the
     last row block repeats its last row and stores only the real ones, the last panel of a gate width
     that is not a multiple of 16 stores only its real columns.
     """
-    rows_per_tile, columns = _PROJECTION_ROWS, _PROJECTION_COLUMNS
+    columns = _PROJECTION_COLUMNS
     chunks, tail = divmod(gate_width, columns)
     panels = chunks + (tail > 0)
 
@@ -475,7 +501,7 @@ def _projection_kernel(input_size: int, gate_width: int):
 
     @T.prim_func(private=True, s_tir=True)
     def projection(x_handle: T.handle, wt_handle: T.handle, out_handle: T.handle):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, PROJECTION_ATTR: [input_size, gate_width]})
         steps = T.int64()
         batch = T.int64()
         x = T.match_buffer(x_handle, (steps, batch, input_size), "float32")
@@ -548,24 +574,26 @@ def _lstm_kernel(spec: _Spec, activations, reverse: bool, has_lens: bool):
                 state_c[b, j] = T.if_then_else(length > 0, c0[b, j], T.float32(0))
         # time steps outermost, every batch element in each: a batch shares each panel of Rᵀ (the products of an
         # element past its length are computed and not used: its states stay as they were)
+        step_at = T.alloc_buffer((batch,), "int64")  # the step of X each batch element is at, -1 past its length
         for t in T.serial(steps):
+            for b in T.serial(batch):
+                if has_lens:
+                    length = T.Cast("int64", lens[b])
+                else:
+                    length = steps
+                if reverse:
+                    step_at[b] = T.if_then_else(t < length, length - 1 - t, T.int64(-1))
+                else:
+                    step_at[b] = T.if_then_else(t < length, t, T.int64(-1))
             for part in step_loop(parts):
                 lo = part * units
                 hi = T.min(lo + units, hidden)
                 times_rt(gates, state_h, rt, 0, batch, hidden, 4, lo, hi)
                 for b in T.serial(batch):
-                    if has_lens:
-                        length = T.Cast("int64", lens[b])
-                    else:
-                        length = steps
-                    if t < length:
-                        if reverse:
-                            step = length - 1 - t
-                        else:
-                            step = t
+                    if step_at[b] >= 0:
                         for q in T.serial(4):
                             for g in T.serial(lo, hi):
-                                gates[b, q * hidden + g] = gates[b, q * hidden + g] + projected[step, b, q * hidden + g]
+                                gates[b, q * hidden + g] = gates[b, q * hidden + g] + projected[step_at[b], b, q * hidden + g]
                         for j in T.serial(lo, hi):
                             # gate rows: i = [0, H), o = [H, 2H), f = [2H, 3H), c = [3H, 4H)
                             input_gate = gate_act(clip((gates[b, j] + peephole[j] * state_c[b, j]) + bias[j]))
@@ -582,18 +610,10 @@ def _lstm_kernel(spec: _Spec, activations, reverse: bool, has_lens: bool):
                             state_c[b, j] = cell
                             next_h[b, j] = hidden_act(cell) * output_gate
             for b in T.serial(batch):
-                if has_lens:
-                    length = T.Cast("int64", lens[b])
-                else:
-                    length = steps
-                if t < length:
-                    if reverse:
-                        step = length - 1 - t
-                    else:
-                        step = t
+                if step_at[b] >= 0:
                     for j in T.serial(hidden):
                         state_h[b, j] = next_h[b, j]
-                        y[step, b, j] = next_h[b, j]
+                        y[step_at[b], b, j] = next_h[b, j]
                 else:
                     for j in T.serial(hidden):
                         y[t, b, j] = T.float32(0)

@@ -13,7 +13,8 @@ Two hooks, called by `compile/pipeline.py`:
   matmuls with constant weights run the same packed kernel with a float multiply-add intrinsic. (Float `erf`,
   GELU's, is legalized by `compile/passes/legalize_like_ort.py` as MLAS computes it: vectorizable
   and bit-identical.)
-- `schedule_passes(target)`: TIR passes run after FuseOps/FuseTIR. Gives every PrimFunc a
+- `schedule_passes(target)`: TIR passes run after FuseOps/FuseTIR. Rebuilds the recurrent input projections with
+  the target's register tile (`recurrent_projection.py`), then gives every PrimFunc a
   schedule without tuning (`default_schedule.py`): tensorized int8 matmuls (`matmul.py`), channels-vectorized
   int8 depthwise convs (`depthwise.py`),
   dlight's CPU reduction rule (softmax, layer norm), and a parallel + vectorized fallback for
@@ -48,6 +49,7 @@ def kernel_relax_passes(target, compressed_weights: bool = True) -> list:
 
 def schedule_passes(target) -> list:
     """TIR-level passes, run after FuseTIR, that give every PrimFunc a good default schedule for `target`."""
-    from nativeq.compile.schedules.default_schedule import DefaultCpuSchedule
+    from nativeq.compile.schedules.default_schedule import DefaultCpuSchedule, vector_bits
+    from nativeq.compile.schedules.recurrent_projection import RecurrentProjectionTiles
 
-    return [DefaultCpuSchedule(target)]
+    return [RecurrentProjectionTiles(vector_bits(target)), DefaultCpuSchedule(target)]

@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 _SCHEDULED = "tirx.is_scheduled"
 
 
-def _vector_bits(target) -> int:
+def vector_bits(target) -> int:
     """Widest vector register the target's int8 family implies (the schedules' vector width)."""
     return {"avx512-vnni": 512, "avx2": 256}.get(target.int8, 128)
 
@@ -77,13 +77,13 @@ class DefaultCpuSchedule:
         rule, sch = self._rule_schedule(func)
         if sch is None:
             return None, func
-        if not worth_parallel(func, _vector_bits(self.target)):
+        if not worth_parallel(func, vector_bits(self.target)):
             sch = without_parallel(sch, func)
         return rule, sch.mod["main"]
 
     def _rule_schedule(self, func):
         """(rule name, Schedule) of the first rule that applies, or (None, None)."""
-        bits = _vector_bits(self.target)
+        bits = vector_bits(self.target)
         if self.intrin is not None:
             if is_float_matmul(func):
                 sch = schedule_int8_matmul(func, self.fma)
