@@ -309,40 +309,6 @@ def test_a_dense_layer_on_one_row_runs_on_the_calling_thread(rows, parallel, tmp
     assert ("T.parallel" in mod[name].script()) == parallel
 
 
-@pytest.mark.parametrize("k, n, columns_outer", [(2048, 1024, True), (576, 144, False), (8192, 64, False)])
-def test_a_weight_larger_than_the_l2_is_read_once_per_column_tile(k, n, columns_outer, tmp_path, monkeypatch):
-    """A 2 MB constant weight (Wav2Letter's 2000-channel layers are 4-16 MB) over a few hundred rows: the column
-    tiles are the parallel loop and every row tile takes its turn on one while it is in cache (row tiles
-    outermost, the whole weight is streamed from memory again for each). A weight that stays in L2 (576 x 144) keeps
-    the fused row x column tile loop, and so does a large one with too few column tiles to share (8192 x 64).
-    The outputs are those of the fused order, bit for bit, and pass against ONNX Runtime."""
-    import onnx
-    import qdq_models
-    from kernel_rules import scheduled
-    from nativeq.compile import CompileConfig, compile_model
-    from nativeq.compile.schedules import matmul
-    from nativeq.runtime import load
-    from nativeq.verify import VerifyConfig, verify_artifact
-
-    model = qdq_models.qdq_matmul(k=k, n=n, t="T", act_dtype="uint8")
-    rules, mod = scheduled(model, tmp_path)
-    (name,) = [name for name, rule in rules.items() if rule == "int8-matmul"]
-    parallel = next(line.strip() for line in mod[name].script().splitlines() if "T.parallel" in line)
-    assert parallel.endswith(f"in T.parallel(T.int64({n // 64})):") == columns_outer, parallel
-    if not columns_outer:
-        return
-    onnx_path = tmp_path / "m.onnx"
-    onnx.save(model, onnx_path)
-    compile_model(onnx_path, tmp_path / "columns", CompileConfig(target="host", use_tuning=False))
-    report = verify_artifact(tmp_path / "columns", onnx_path, VerifyConfig(dims={"T": 203}, runs=2))
-    assert report.passed, report.table()
-    monkeypatch.setattr(matmul, "_STREAMED_WEIGHT_BYTES", 1 << 40)
-    compile_model(onnx_path, tmp_path / "fused", CompileConfig(target="host", use_tuning=False))
-    x = np.random.default_rng(3).uniform(-2, 2, (1, 203, k)).astype(np.float32)
-    columns, fused = (load(tmp_path / art).run({"x": x}) for art in ("columns", "fused"))
-    assert np.array_equal(columns["y"], fused["y"])
-
-
 @pytest.mark.parametrize("n", [36, 48, "T"])
 def test_float_batched_matmul_runs_on_the_packed_float_kernel(n, tmp_path):
     """Attention's float P·V ([B, H, T, T] x [B, H, T, 36], as `quantize_dynamic` leaves it): V packed at

@@ -308,14 +308,6 @@ def _schedule(sch: Schedule, intrin: DotIntrin, knobs: TileKnobs | None = None) 
             # the row tile's activations at the listed blocks of one list, gathered before its column tiles
             band, tile = sch.split(col_outer, factors=[None, blocks_per_list // knobs.nr])
             _gather_at(sch, gather, band)
-    elif (all(loop_extent(sch, loop) == 1 for loop in batch_loops) and not run_time_packed
-          and _streams_from_memory(packed[0], n // (knobs.nr * lanes))):
-        # NOTE: a weight larger than the L2 (Wav2Letter's 250 -> 2000-channel k=32 conv: 16 MB over 200 rows) is
-        # read once per column tile for all row tiles, which take turns on it while it is in cache; row tiles
-        # outermost, all of it streamed from memory once per row tile. The column tiles are the parallel loop.
-        sch.reorder(col_outer, row_outer)
-        sch.parallel(col_outer)
-        tile = rows_at = row_outer
     else:
         tile = rows_at = sch.fuse(*parallel_batch, row_outer, col_outer)
         sch.parallel(tile)
@@ -340,22 +332,6 @@ def _schedule(sch: Schedule, intrin: DotIntrin, knobs: TileKnobs | None = None) 
     sch.unroll(row_inner)
     sch.unroll(col_block)
     return sch
-
-
-# A constant weight above this many bytes does not stay in a core's L2 between row tiles (x86 server cores: 1-2 MB);
-# with at least this many column tiles there are enough to share among the threads.
-_STREAMED_WEIGHT_BYTES = 1 << 20
-_MIN_STREAMED_COLUMN_TILES = 8
-
-
-def _streams_from_memory(weight, column_tiles: int) -> bool:
-    """Whether the packed constant `weight` is too large for a core's L2 and has enough column tiles to run them in
-    parallel (the column-tiles-outer order of `_schedule`)."""
-    dims = _static_dims(weight.shape)
-    if None in dims:
-        return False
-    bits = int("".join(ch for ch in str(weight.dtype) if ch.isdigit()))  # int8, uint8, float32 ...
-    return math.prod(dims) * bits // 8 > _STREAMED_WEIGHT_BYTES and column_tiles >= _MIN_STREAMED_COLUMN_TILES
 
 
 def _inline_scalars(sch: Schedule, matmul) -> None:
