@@ -405,8 +405,8 @@ def _clamped(analyzer, begin, end, dim):
 
 
 def _slice_bound(analyzer, bound, dim):
-    """A Slice start or end (an integer PrimExpr) as a position in an axis of length `dim` (ONNX: a negative one counts from
-    the end, INT64_MAX is the end), or None when a symbolic one's sign is unknown."""
+    """A Slice start or end (an integer PrimExpr) as a position in an axis of length `dim` (ONNX: a negative one
+    counts from the end, INT64_MAX is the end), or None when a symbolic one's sign is unknown."""
     value = _int_value(bound)
     if value is not None:
         return dim if value >= _SLICE_TO_END else (dim + value if value < 0 else value)

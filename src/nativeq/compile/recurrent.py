@@ -15,9 +15,10 @@ Lowering, per direction `d`:
    product per output (10x slower);
 2. one `relax.call_tir` to a TIR PrimFunc (built here, added with `bb.add_func`) that runs the
    recurrence: a serial loop over time, the batch elements one after the other inside (an LSTM's
-   take each panel of `R[d]ᵀ` in turn; they are independent), `H·R[d]ᵀ` with `R[d]ᵀ` packed in panels of gate columns, each contiguous over all of
-   k and accumulated in registers (`_state_times_rt_panels`; `R[d]ᵀ` row by row, 4 rows per pass over
-   the gates, when the hidden size is not a multiple of 16), then the biases, peepholes and activations in contiguous
+   take each panel of `R[d]ᵀ` in turn; they are independent), `H·R[d]ᵀ` with `R[d]ᵀ` packed in
+   panels of gate columns, each contiguous over all of k and accumulated in registers
+   (`_state_times_rt_panels`; `R[d]ᵀ` row by row, 4 rows per pass over the gates, when the hidden
+   size is not a multiple of 16), then the biases, peepholes and activations in contiguous
    per-gate loops. Each time step runs in parallel over slices of the hidden units (`_PARTS`): a
    thread streams only its slice's columns of `R[d]ᵀ` (which alone exceeds L1 and, for a 256-unit
    LSTM, a core's L2) and writes its units of the next state to a second buffer, so the sums are
@@ -369,7 +370,7 @@ def _state_times_rt_panels(gates, state_h, rt, b_lo, b_hi, hidden, blocks, lo, h
     panel of gate columns is accumulated in registers over all of k, by FMAs in k order (the same sums),
     reading each panel contiguously; H_{t-1}[k] is loaded once per panel instead of once per 4 columns. The
     batch elements take the panel one after another while it is in L1 (one after another over all of Rᵀ, each
-    streamed it from L2 again: a dual-path model's LSTMs over 30-70 chunks at a time ran 1.6x ORT's time)."""
+    streamed it from L2 again: SQUIM's dual-path LSTMs, over 30-70 chunks at a time, 60 ms against 35 ms now)."""
     for q in T.serial(blocks):
         for p in T.serial((hi - lo) // rt.shape[2]):
             panel = (q * hidden + lo) // rt.shape[2] + p
