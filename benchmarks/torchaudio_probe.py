@@ -47,15 +47,17 @@ def _torchaudio_models():
 
 
 class _Lengths(torch.nn.Module):
-    """`model(x, lengths)` with every batch element full length -> the first output."""
+    """`model.<method>(x, lengths)` with every batch element full length (x [B, T, ...]) -> the first output: the
+    forward of a Conformer or Emformer, an Emformer RNN-T's `transcribe` (time reduction, Emformer, output linear and
+    LayerNorm)."""
 
-    def __init__(self, model, time_axis: int = 1):
+    def __init__(self, model, method: str = "forward"):
         super().__init__()
-        self.model, self.time_axis = model, time_axis
+        self.model, self.method = model, method
 
     def forward(self, x):
-        lengths = torch.full((x.shape[0],), x.shape[self.time_axis], dtype=torch.int64)
-        return self.model(x, lengths)[0]
+        lengths = torch.full((x.shape[0],), x.shape[1], dtype=torch.int64)
+        return getattr(self.model, self.method)(x, lengths)[0]
 
 
 class _First(torch.nn.Module):
@@ -68,18 +70,6 @@ class _First(torch.nn.Module):
     def forward(self, x):
         out = self.model(x if self.unsqueeze is None else x.unsqueeze(self.unsqueeze))
         return out[0] if isinstance(out, (tuple, list)) else out
-
-
-class _Transcriber(torch.nn.Module):
-    """An Emformer RNN-T's transcriber (time reduction, Emformer, output linear and LayerNorm) on [1, T, 80]."""
-
-    def __init__(self, rnnt):
-        super().__init__()
-        self.rnnt = rnnt
-
-    def forward(self, x):
-        lengths = torch.full((x.shape[0],), x.shape[1], dtype=torch.int64)
-        return self.rnnt.transcribe(x, lengths)[0]
 
 
 def _models() -> dict:
@@ -98,13 +88,14 @@ def _models() -> dict:
         "emformer": (lambda: _Lengths(models.Emformer(
             input_dim=144, **small, segment_length=16, left_context_length=32, right_context_length=4,
             max_memory_size=4, tanh_on_mem=True)), (1, 204, 144)),
-        "emformer_rnnt_transcriber": (lambda: _Transcriber(models.emformer_rnnt_model(
+        "emformer_rnnt_transcriber": (lambda: _Lengths(models.emformer_rnnt_model(
             input_dim=80, encoding_dim=256, num_symbols=64, segment_length=16, right_context_length=4,
             time_reduction_input_dim=128, time_reduction_stride=4, transformer_num_heads=4, transformer_ffn_dim=576,
             transformer_num_layers=2, transformer_dropout=0.0, transformer_activation="gelu",
             transformer_left_context_length=30, transformer_max_memory_size=0,
             transformer_weight_init_scale_strategy="depthwise", transformer_tanh_on_mem=True, symbol_embedding_dim=128,
-            num_lstm_layers=2, lstm_layer_norm=True, lstm_layer_norm_epsilon=1e-3, lstm_dropout=0.0)), (1, 204, 80)),
+            num_lstm_layers=2, lstm_layer_norm=True, lstm_layer_norm_epsilon=1e-3, lstm_dropout=0.0),
+            "transcribe"), (1, 204, 80)),
         "conv_tasnet": (lambda: _First(models.ConvTasNet(
             num_sources=2, enc_kernel_size=16, enc_num_feats=128, msk_kernel_size=3, msk_num_feats=64,
             msk_num_hidden_feats=128, msk_num_layers=4, msk_num_stacks=2), unsqueeze=1), "S"),
