@@ -33,7 +33,7 @@ from nativeq.compile._tvm import Analyzer, relax, te, tvm
 from nativeq.compile.passes import result_dtype, rewrite_functions
 from nativeq.compile.schedules.conv_as_matmul import IM2COL_ATTR, IM2COL_CHANNELS, ConvRows, implicit_im2col
 from nativeq.compile.schedules.intrinsics import (DotIntrin, dense_form_of, intrin_for_weights, is_twin, packed_forms,
-                                                  row_tile)
+                                                  padded_column_blocks, row_tile)
 from nativeq.compile.schedules.weight_formats import (TILE_LIST_DTYPE, WIDE_SPARSE_MAX_DENSITY, PackedWeight,
                                                       pack_for_kernel, to_int4, with_wider_tiles)
 
@@ -286,12 +286,14 @@ class _Packer(relax.PyExprMutator):
             return call
         x, w = call.args
         # zero rows up to whole k-steps (the kernel zero-pads x's K to match) and zero columns up to whole
-        # vectors (the kernel's epilogue crops them); 4-bit / block-sparse when the values allow
+        # vectors, or register tiles (the kernel's epilogue crops them); 4-bit / block-sparse when the values allow
         integer = not self.intrin.is_float
         values = w.value.numpy()
         intrin = intrin_for_weights(self.intrin, values) if integer else self.intrin
-        weight = pack_for_kernel(values, intrin.lanes, intrin.kstep,
-                                 allow_sparse=self.sparse and integer, allow_int4=self.int4 and integer)
+        k, n = values.shape
+        n_blocks = padded_column_blocks(-(-n // intrin.lanes), -(-k // intrin.kstep), intrin)
+        weight = pack_for_kernel(values, intrin.lanes, intrin.kstep, allow_sparse=self.sparse and integer,
+                                 allow_int4=self.int4 and integer, n_blocks=n_blocks)
         dense_form = dense_form_of(intrin)
         if dense_form is not None:
             intrin, weight = dense_form, _in_wider_tiles(values, weight, dense_form, self.int4 and integer)

@@ -26,6 +26,10 @@ sparsity leaves almost no zero tile, so those weights stay dense (their zeros ar
 
 4-bit is chosen when every value lies in [-8, 7] (an int4 QDQ weight, widened to int8 on import):
 lossless, so the choice needs no flag either.
+
+N is padded with zero columns to whole column blocks, on x86 a few blocks further when their count has no divisor
+a full-rate register tile can use (`intrinsics.padded_column_blocks`: 2000 columns are 125 blocks of 16, which only
+a tile one block wide divides); the kernel's epilogue crops them.
 """
 
 from __future__ import annotations
@@ -125,11 +129,12 @@ def nonzero_tiles(dense: np.ndarray) -> np.ndarray:
 
 
 def pack_for_kernel(weight: np.ndarray, lanes: int, kstep: int, *, allow_sparse: bool = True,
-                    allow_int4: bool = True) -> PackedWeight:
+                    allow_int4: bool = True, n_blocks: int = 0) -> PackedWeight:
     """The weight [K, N] int8 in the best format the kernel reads (see the module docstring); a float32
-    weight (the float kernel) is packed dense."""
+    weight (the float kernel) is packed dense. `n_blocks`: column blocks to pack N as, at least ceil(N / lanes)
+    (`intrinsics.padded_column_blocks`); 0: that many."""
     k, n = weight.shape
-    padded_k, padded_n = -(-k // kstep) * kstep, -(-n // lanes) * lanes
+    padded_k, padded_n = -(-k // kstep) * kstep, max(-(-n // lanes), n_blocks) * lanes
     dense = pack_weight(np.pad(weight, ((0, padded_k - k), (0, padded_n - n))), lanes, kstep)
     int4 = allow_int4 and weight.dtype == np.int8 and weight.size > 0 and INT4_MIN <= int(weight.min()) and int(weight.max()) <= INT4_MAX
     values, blocks = dense, None
