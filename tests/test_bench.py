@@ -69,3 +69,23 @@ def test_time_interleaved_splits_each_turn_into_first_and_steady_runs():
     timings = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, warmup=1, repeat=2, burst=3)
     assert calls == ["a", "b"] + ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3
     assert [len(t.times_ms) for t in timings] == [4, 4] and [len(t.after_switch_ms) for t in timings] == [2, 2]
+
+
+@pytest.mark.parametrize("engines", [2, 3, 4, 5])
+def test_switch_order_follows_each_engine_by_each_other_equally_often(engines):
+    """Round-robin in a fixed order has each engine always follow the same one (nativeq always right after ORT's
+    float session, whose weights evict the most); the cycle has every ordered pair once, never one engine twice in a
+    row, also where the cycle repeats."""
+    from collections import Counter
+
+    from nativeq.verify.bench import switch_order, time_interleaved
+
+    cycle = switch_order(engines)
+    pairs = Counter(zip(cycle, cycle[1:] + cycle[:1]))
+    assert set(pairs) == {(i, j) for i in range(engines) for j in range(engines) if i != j}
+    assert set(pairs.values()) == {1}
+    calls = []
+    runners = {name: (lambda name=name: calls.append(name)) for name in "abcde"[:engines]}
+    timings = time_interleaved(runners, warmup=0, repeat=5)
+    assert all(a != b for a, b in zip(calls, calls[1:]))
+    assert len({len(t.times_ms) for t in timings}) == 1 and len(timings[0].times_ms) >= 5

@@ -1,8 +1,10 @@
 """`nativeq bench`: latency of a compiled artifact next to ONNX Runtime, measured side by side.
 
 Every engine runs on the same inputs with the same thread count, and the engines take turns
-round-robin (engine A, B, C, A, B, C, ...) so that noise from a shared machine hits all engines
-alike. A turn is `burst` consecutive timed runs. With burst 1 every run follows another engine's
+round-robin so that noise from a shared machine hits all engines alike: in an order where each engine's turn
+follows each other engine's equally often (A, B, C, A, C, B, ...: `switch_order`), since what the previous engine
+left in the caches differs (ORT's float session, 80 MB of weights for Wav2Letter, evicts the most). A turn is
+`burst` consecutive timed runs. With burst 1 every run follows another engine's
 run ("after switch": caches and thread pools cold, as in a streaming app that does other work
 between chunks); with burst > 1 the report's median, p10 and p90 come from the 2nd..Nth run of
 each turn ("steady": back-to-back inferences, as in batch transcription), and the median of
@@ -181,20 +183,42 @@ def _ort_runner(path, levels: tuple[str, ...], threads: int, feeds: dict):
     return f"opt {level}", lambda: session.run(None, own_feeds)
 
 
+def switch_order(engines: int) -> list[int]:
+    """One cycle of turns over `engines` engines (indices) in which every turn follows another engine's and each
+    ordered pair (i, then j != i) occurs once, the last turn followed by the first: a closed walk over every edge of
+    the complete directed graph (Hierholzer's algorithm). Each engine has `engines - 1` turns per cycle; for two
+    engines, A, B."""
+    if engines < 2:
+        return [0] * engines
+    successors = {i: [j for j in range(engines) if j != i] for i in range(engines)}
+    stack, walk = [0], []
+    while stack:
+        if successors[stack[-1]]:
+            stack.append(successors[stack[-1]].pop(0))
+        else:
+            walk.append(stack.pop())
+    return walk[::-1][:-1]  # the walk ends where it starts: the cycle repeats from its first turn
+
+
 def time_interleaved(runners: dict, warmup: int, repeat: int, burst: int = 1) -> list[EngineTiming]:
-    """Warm up every engine, then time `repeat` turns of `burst` runs each, round-robin, so load
-    changes hit every engine alike. With burst > 1 the first run of each turn is kept apart."""
+    """Warm up every engine, then time at least `repeat` turns of `burst` runs each per engine, whole cycles of
+    `switch_order`, so load changes and each other's cache footprint hit every engine alike. With burst > 1 the
+    first run of each turn is kept apart."""
     if burst < 1:
         raise NativeqError(f"--burst must be ≥ 1, got {burst}")
     for run in runners.values():
         for _ in range(warmup):
             run()
+    names = list(runners)
+    cycle = switch_order(len(names))
+    turns_per_cycle = max(len(names) - 1, 1)
     times = {name: [] for name in runners}
-    for _ in range(repeat):
-        for name, run in runners.items():
+    for _ in range(-(-repeat // turns_per_cycle)):
+        for index in cycle:
+            name = names[index]
             for _ in range(burst):
                 start = time.perf_counter()
-                run()
+                runners[name]()
                 times[name].append((time.perf_counter() - start) * 1e3)
     if burst == 1:
         return [EngineTiming(name, t) for name, t in times.items()]
