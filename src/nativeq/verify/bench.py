@@ -2,7 +2,7 @@
 
 Every engine runs on the same inputs with the same thread count, and the engines take turns
 round-robin so that noise from a shared machine hits all engines alike: in an order where each engine's turn
-follows each other engine's equally often (A, B, C, A, C, B, ...: `switch_order`), since what the previous engine
+follows each other engine's equally often (A, B, A, C, B, C, ...: `switch_order`), since what the previous engine
 left in the caches differs (ORT's float session, 80 MB of weights for Wav2Letter, evicts the most). A turn is
 `burst` consecutive timed runs. With burst 1 every run follows another engine's
 run ("after switch": caches and thread pools cold, as in a streaming app that does other work
